@@ -1,0 +1,53 @@
+//! `pylon`, the Pylon operator CLI.
+//!
+//! - `pylon demo` starts a small mesh on loopback (three endpoints behind their own inbound
+//!   proxies, a client's outbound proxy, a load generator) and prints what the proxies see:
+//!   request rate, success rate and latency per endpoint, read from their `/metrics`.
+//! - `pylon proxy ...` (hidden) runs the sidecar proxy itself with the given flags, so the demo
+//!   can start proxies from this same binary without anything else installed.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser, Debug)]
+#[command(name = "pylon", version, about = "The Pylon service mesh operator CLI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a small mesh on loopback and watch what its proxies see.
+    Demo(demo::DemoArgs),
+
+    /// Run the sidecar proxy (`pylon-proxy`) with the given flags.
+    #[command(hide = true, disable_help_flag = true)]
+    Proxy {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Proxy { args } => {
+            let mut argv = Vec::with_capacity(args.len() + 1);
+            argv.push(OsString::from("pylon-proxy"));
+            argv.extend(args);
+            pylon_proxy::main_with_args(argv)
+        }
+        Command::Demo(args) => match demo::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pylon demo: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

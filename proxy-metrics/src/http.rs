@@ -1,0 +1,164 @@
+//! HTTP families (`request_total`, `response_total`, `response_latency_ms`)
+//! and the per-target [`HttpTarget`] handle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::histogram::{MsHistogram, LATENCY_MS_BUCKETS};
+use crate::labels::{LatencyLabels, ResponseKey, ResponseLabels, TargetKey, TargetLabels};
+use crate::slots::{IndexedSlots, SlotTable};
+
+type HistCtor = fn() -> MsHistogram;
+
+fn latency_histogram() -> MsHistogram {
+    MsHistogram::new(LATENCY_MS_BUCKETS)
+}
+
+/// The HTTP families, shared by every [`HttpTarget`].
+#[derive(Clone, Debug)]
+pub(crate) struct HttpFamilies {
+    pub(crate) requests: Family<TargetKey, Counter>,
+    pub(crate) responses: Family<ResponseLabels, Counter>,
+    pub(crate) latency: Family<LatencyLabels, MsHistogram, HistCtor>,
+}
+
+impl HttpFamilies {
+    pub(crate) fn new() -> Self {
+        Self {
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram as HistCtor),
+        }
+    }
+}
+
+/// The metrics one response combination updates.
+#[derive(Debug)]
+struct ResponseSlot {
+    total: Counter,
+    latency: MsHistogram,
+}
+
+impl ResponseSlot {
+    fn record(&self, latency: Duration) {
+        self.total.inc();
+        self.latency.observe(latency);
+    }
+}
+
+/// Lowest status code with a pre-resolved slot.
+const STATUS_MIN: u16 = 100;
+/// Status codes 100..=599, in groups of a hundred.
+const STATUS_GROUPS: usize = 5;
+/// gRPC status codes 0..=16 (OK..UNAUTHENTICATED).
+const GRPC_CODES: usize = 17;
+/// Other combinations (proxy errors, responses without a status, gRPC on a
+/// non-200 status...) cached per target before falling back to the family.
+const OTHER_SLOTS: usize = 16;
+
+/// A resolved HTTP label set: records requests and responses without
+/// building label sets, locking or allocating (after the first occurrence of
+/// each status / grpc-status / error combination). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct HttpTarget(Arc<HttpInner>);
+
+#[derive(Debug)]
+struct HttpInner {
+    labels: Arc<TargetLabels>,
+    families: HttpFamilies,
+    requests: Counter,
+    /// Plain HTTP: status 100..=599, no grpc-status, no proxy error.
+    by_status: IndexedSlots<ResponseSlot, 100>,
+    /// gRPC: status 200, grpc-status 0..=16, no proxy error.
+    by_grpc: [std::sync::OnceLock<ResponseSlot>; GRPC_CODES],
+    other: SlotTable<ResponseKey, ResponseSlot, OTHER_SLOTS>,
+}
+
+impl HttpTarget {
+    pub(crate) fn new(families: &HttpFamilies, labels: TargetLabels) -> Self {
+        let labels = Arc::new(labels);
+        let requests = families
+            .requests
+            .get_or_create_owned(&TargetKey(labels.clone()));
+        Self(Arc::new(HttpInner {
+            labels,
+            families: families.clone(),
+            requests,
+            by_status: IndexedSlots::new(STATUS_GROUPS),
+            by_grpc: std::array::from_fn(|_| std::sync::OnceLock::new()),
+            other: SlotTable::default(),
+        }))
+    }
+
+    /// The labels this handle records under.
+    pub fn labels(&self) -> &TargetLabels {
+        &self.0.labels
+    }
+
+    /// Counts a request (`request_total`).
+    pub fn request(&self) {
+        self.0.requests.inc();
+    }
+
+    /// Counts a response (`response_total`) and records its latency
+    /// (`response_latency_ms`).
+    ///
+    /// `grpc_status`: `Some(code)` when the response carried `grpc-status`;
+    /// `error`: `Some(reason)` when the proxy made this response itself (a
+    /// bounded set of reasons, e.g. `"response_timeout"`).
+    pub fn response(
+        &self,
+        status: Option<u16>,
+        grpc_status: Option<u32>,
+        error: Option<&'static str>,
+        latency: Duration,
+    ) {
+        let key = ResponseKey {
+            status,
+            grpc_status,
+            error,
+        };
+        let inner = &*self.0;
+        let init = || inner.resolve(key);
+        let slot = match (status, grpc_status, error) {
+            (Some(s), None, None) => s
+                .checked_sub(STATUS_MIN)
+                .and_then(|i| inner.by_status.get_or_init(usize::from(i), init)),
+            (Some(200), Some(g), None) => usize::try_from(g)
+                .ok()
+                .and_then(|g| inner.by_grpc.get(g))
+                .map(|slot| slot.get_or_init(init)),
+            _ => None,
+        };
+        match slot {
+            Some(slot) => slot.record(latency),
+            None => match inner.other.get_or_init(key, init) {
+                Some(slot) => slot.record(latency),
+                // More distinct combinations than cached slots: resolve
+                // through the families (hash + read lock), still correct.
+                None => inner.resolve(key).record(latency),
+            },
+        }
+    }
+}
+
+impl HttpInner {
+    fn resolve(&self, key: ResponseKey) -> ResponseSlot {
+        let total = self
+            .families
+            .responses
+            .get_or_create_owned(&ResponseLabels {
+                target: self.labels.clone(),
+                key,
+            });
+        let latency = self.families.latency.get_or_create_owned(&LatencyLabels {
+            target: self.labels.clone(),
+            classification: key.classification(),
+            status: key.status,
+        });
+        ResponseSlot { total, latency }
+    }
+}

@@ -1,0 +1,262 @@
+//! Pylon's metrics: this crate owns the metric families, with
+//! Linkerd-compatible names and labels (so Linkerd's dashboards, queries and
+//! alerts work), and the per-target handles the proxy records through.
+//!
+//! It knows nothing of sockets, HTTP libraries or configuration: callers pass
+//! plain `u16` status codes, `Duration`s and `&'static str` reasons.
+//!
+//! - [`Metrics`] holds the registry; [`Metrics::encode`] renders it in the
+//!   OpenMetrics text format via `prometheus-client` (never by hand).
+//! - [`Metrics::http_target`] / [`Metrics::tcp_target`] resolve a
+//!   [`TargetLabels`] once into an [`HttpTarget`] / [`TcpTarget`] handle.
+//!   Recording through a handle builds no label set, takes no lock and
+//!   allocates nothing (after the first occurrence of a status / error
+//!   combination, whose series is then cached in lock-free slots).
+//! - [`classify`] is the shared success/failure rule.
+//! - `process_*`, `config_errors_total` and `proxy_build_info` are produced
+//!   at scrape time by collectors, with no background task.
+//!
+//! The proxy's own `namespace`, `deployment` and `pod` ([`ProxyLabels`]) are
+//! constant labels on every series.
+//!
+//! Series are never removed: keep the cardinality of [`TargetLabels`]
+//! bounded (known authorities and endpoints, a fixed set of error reasons).
+//!
+//! ```
+//! use std::time::Duration;
+//! use pylon_proxy_metrics::{Direction, Metrics, ProxyLabels, TargetLabels, Tls};
+//!
+//! let metrics = Metrics::new(ProxyLabels {
+//!     namespace: Some("default".into()),
+//!     deployment: Some("web".into()),
+//!     pod: Some("web-0".into()),
+//! });
+//! // Once per (route, endpoint), off the hot path:
+//! let target = metrics.http_target(
+//!     TargetLabels::new(
+//!         Direction::Outbound,
+//!         "books.default.svc.cluster.local:8080",
+//!         "10.1.2.3:8080",
+//!         Tls::NoIdentity("not_provided_by_service_discovery"),
+//!     )
+//!     .with_dst_service("books")
+//!     .with_dst_namespace("default"),
+//! );
+//! // Per request:
+//! target.request();
+//! target.response(Some(504), None, Some("response_timeout"), Duration::from_secs(10));
+//!
+//! // Per TCP connection:
+//! let tcp = metrics.tcp_target(TargetLabels::new(
+//!     Direction::Inbound,
+//!     "web.default.svc.cluster.local:80",
+//!     "127.0.0.1:8080",
+//!     Tls::Secured,
+//! ));
+//! let conn = tcp.open();
+//! conn.read_bytes(512);
+//! conn.close(Some("ECONNRESET"));
+//!
+//! let mut body = String::new();
+//! metrics.encode(&mut body)?;
+//! assert!(body.contains("error=\"response_timeout\""));
+//! # Ok::<(), std::fmt::Error>(())
+//! ```
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+mod histogram;
+mod http;
+mod labels;
+mod process;
+mod slots;
+mod tcp;
+
+pub use histogram::{LATENCY_MS_BUCKETS, TCP_DURATION_MS_BUCKETS};
+pub use http::HttpTarget;
+pub use labels::{classify, Classification, Direction, TargetLabels, Tls};
+pub use process::ProcessStats;
+pub use tcp::{TcpConnMetrics, TcpTarget};
+
+use labels::BuildLabels;
+
+/// The proxy's own identity, added as constant labels to every series.
+/// `None` fields are left out.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyLabels {
+    /// `namespace`.
+    pub namespace: Option<String>,
+    /// `deployment`.
+    pub deployment: Option<String>,
+    /// `pod`.
+    pub pod: Option<String>,
+}
+
+/// The registry and every family; share it as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    http: http::HttpFamilies,
+    tcp: tcp::TcpFamilies,
+    config_errors: Arc<ConfigErrors>,
+}
+
+impl Metrics {
+    /// `Content-Type` of [`Metrics::encode`]'s output (OpenMetrics text 1.0).
+    pub const CONTENT_TYPE: &'static str =
+        "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+    /// Builds the registry with every family, the `process_*` collector and
+    /// `proxy_build_info` (version of this build).
+    pub fn new(proxy: ProxyLabels) -> Arc<Metrics> {
+        let constant: Vec<(Cow<'static, str>, Cow<'static, str>)> = [
+            ("namespace", proxy.namespace),
+            ("deployment", proxy.deployment),
+            ("pod", proxy.pod),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((Cow::Borrowed(k), Cow::Owned(v?))))
+        .collect();
+        let mut registry = Registry::with_labels(constant.into_iter());
+
+        let http = http::HttpFamilies::new();
+        // Counters are registered without `_total` (the encoder adds it) and
+        // help texts without a final period (the registry adds one).
+        registry.register(
+            "request",
+            "Total count of HTTP requests",
+            http.requests.clone(),
+        );
+        registry.register(
+            "response",
+            "Total count of HTTP responses",
+            http.responses.clone(),
+        );
+        registry.register(
+            "response_latency_ms",
+            "Elapsed times between a request's headers being received and its response stream completing, in milliseconds",
+            http.latency.clone(),
+        );
+
+        let tcp = tcp::TcpFamilies::new();
+        registry.register(
+            "tcp_open",
+            "Total count of opened connections",
+            tcp.open_total.clone(),
+        );
+        registry.register(
+            "tcp_close",
+            "Total count of closed connections",
+            tcp.close_total.clone(),
+        );
+        registry.register(
+            "tcp_open_connections",
+            "Number of currently-open connections",
+            tcp.open_connections.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Total count of bytes read from peers",
+            tcp.read_bytes.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Total count of bytes written to peers",
+            tcp.write_bytes.clone(),
+        );
+        registry.register(
+            "tcp_connection_duration_ms",
+            "Connection lifetimes, in milliseconds",
+            tcp.duration.clone(),
+        );
+
+        let config_errors = Arc::new(ConfigErrors::default());
+        registry.register_collector(Box::new(config_errors.clone()));
+
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "proxy_build_info",
+            "Proxy build info (always 1)",
+            build_info,
+        );
+
+        registry.register_collector(Box::new(process::ProcessCollector));
+
+        Arc::new(Metrics {
+            registry,
+            http,
+            tcp,
+            config_errors,
+        })
+    }
+
+    /// Resolve an HTTP label set once; keep the handle.
+    pub fn http_target(&self, labels: TargetLabels) -> HttpTarget {
+        HttpTarget::new(&self.http, labels)
+    }
+
+    /// Resolve a TCP label set once; keep the handle.
+    pub fn tcp_target(&self, labels: TargetLabels) -> TcpTarget {
+        TcpTarget::new(&self.tcp, labels)
+    }
+
+    /// `config_errors_total` reports `src`'s value at each scrape (the Store
+    /// owns and increments it). Replaces any previous source; before one is
+    /// set the counter reads 0.
+    pub fn set_config_errors_source(&self, src: Arc<AtomicU64>) {
+        let mut slot = self
+            .config_errors
+            .source
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *slot = Some(src);
+    }
+
+    /// OpenMetrics text for `/metrics` (ends with `# EOF`); serve it with
+    /// [`Metrics::CONTENT_TYPE`].
+    pub fn encode(&self, out: &mut String) -> std::fmt::Result {
+        prometheus_client::encoding::text::encode(out, &self.registry)
+    }
+}
+
+/// `config_errors_total`, read from the Store's counter at scrape time.
+#[derive(Debug, Default)]
+struct ConfigErrors {
+    source: RwLock<Option<Arc<AtomicU64>>>,
+}
+
+impl Collector for ConfigErrors {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let value = self
+            .source
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .map_or(0, |src| src.load(Ordering::Relaxed));
+        let metric = encoder.encode_descriptor(
+            "config_errors",
+            "Total count of invalid mesh objects rejected by the config store.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(value).encode(metric)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,516 @@
+//! Immutable snapshots of the mesh, with lookup indexes precomputed at build time so the
+//! data path resolves a destination with a couple of hash lookups and no allocation.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::objects::{
+    AddressType, Endpoint, EndpointSlice, MeshObject, ObjectKey, Protocol, ResolvedService,
+    Service, ServicePort, ServiceRef, TargetPort,
+};
+use crate::store::ConfigError;
+
+/// One published view of the mesh. Never changes once built.
+#[derive(Debug)]
+pub struct Snapshot {
+    generation: u64,
+    default_namespace: Arc<str>,
+    cluster_domain: Arc<str>,
+    /// The validated objects in force, by identity.
+    objects: BTreeMap<ObjectKey, Arc<MeshObject>>,
+    errors: Vec<ConfigError>,
+    /// namespace -> name -> service. Nested so lookups borrow `&str` without allocating.
+    services: HashMap<Arc<str>, HashMap<Arc<str>, ServiceEntry>>,
+    by_cluster_ip: HashMap<IpAddr, ServiceRef>,
+}
+
+#[derive(Debug)]
+struct ServiceEntry {
+    service: Arc<MeshObject>,
+    has_endpoint_slices: bool,
+    /// Service port -> its resolution, built once per snapshot.
+    ports: HashMap<u16, ResolvedService>,
+}
+
+impl Snapshot {
+    pub(crate) fn empty(default_namespace: Arc<str>, cluster_domain: Arc<str>) -> Self {
+        Self::build(
+            0,
+            default_namespace,
+            cluster_domain,
+            BTreeMap::new(),
+            Vec::new(),
+        )
+    }
+
+    pub(crate) fn build(
+        generation: u64,
+        default_namespace: Arc<str>,
+        cluster_domain: Arc<str>,
+        objects: BTreeMap<ObjectKey, Arc<MeshObject>>,
+        errors: Vec<ConfigError>,
+    ) -> Self {
+        let mut slices_by_service: HashMap<ServiceRef, Vec<&EndpointSlice>> = HashMap::new();
+        for object in objects.values() {
+            if let MeshObject::EndpointSlice(slice) = &**object {
+                match slice.service_ref() {
+                    Some(svc) => slices_by_service.entry(svc).or_default().push(slice),
+                    None => tracing::debug!(
+                        slice = %object.key(),
+                        "EndpointSlice has no kubernetes.io/service-name label; unused"
+                    ),
+                }
+            }
+        }
+
+        let mut services: HashMap<Arc<str>, HashMap<Arc<str>, ServiceEntry>> = HashMap::new();
+        let mut by_cluster_ip: HashMap<IpAddr, ServiceRef> = HashMap::new();
+        for object in objects.values() {
+            let MeshObject::Service(svc) = &**object else {
+                continue;
+            };
+            let svc_ref = svc.service_ref();
+            let slices = slices_by_service
+                .get(&svc_ref)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let ports = svc
+                .ports
+                .iter()
+                // The proxy carries TCP; a UDP or SCTP port with the same number is not it.
+                .filter(|p| p.protocol == Protocol::Tcp)
+                .map(|p| {
+                    let resolved = ResolvedService {
+                        service: svc_ref.clone(),
+                        port: p.port,
+                        authority: format!("{}:{}", svc_ref.fqdn(&cluster_domain), p.port).into(),
+                        endpoints: endpoints_for_port(p, slices).into(),
+                    };
+                    (p.port, resolved)
+                })
+                .collect();
+            for ip in &svc.cluster_ips {
+                // Objects are visited in key order, so the winner of a clash is stable.
+                if let Some(first) = by_cluster_ip.get(ip) {
+                    tracing::warn!(
+                        cluster_ip = %ip,
+                        service = %svc_ref,
+                        already = %first,
+                        "cluster IP used by two Services; ignoring the second"
+                    );
+                    continue;
+                }
+                by_cluster_ip.insert(*ip, svc_ref.clone());
+            }
+            services
+                .entry(svc_ref.namespace.clone())
+                .or_default()
+                .insert(
+                    svc_ref.name.clone(),
+                    ServiceEntry {
+                        service: object.clone(),
+                        has_endpoint_slices: !slices.is_empty(),
+                        ports,
+                    },
+                );
+        }
+
+        Self {
+            generation,
+            default_namespace,
+            cluster_domain,
+            objects,
+            errors,
+            services,
+            by_cluster_ip,
+        }
+    }
+
+    /// Increases by one with every published snapshot (0 for an empty Store).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Resolves `NAME`, `NAME.NS`, `NAME.NS.svc` or `NAME.NS.svc.<cluster-domain>`
+    /// (case-insensitive, optional trailing dot) and a service port.
+    ///
+    /// Returns `None` if the service or the port does not exist. A service port with no
+    /// usable endpoints resolves with an empty endpoint list.
+    pub fn resolve_name(&self, host: &str, port: u16) -> Option<ResolvedService> {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        // Kubernetes names are lowercase, so only mixed-case input pays for a copy.
+        let host: Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(host.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(host)
+        };
+        let mut labels = host.splitn(4, '.');
+        let name = labels.next()?;
+        let namespace = labels.next().unwrap_or(&self.default_namespace);
+        match (labels.next(), labels.next()) {
+            (None, _) | (Some("svc"), None) => {}
+            (Some("svc"), Some(domain)) if domain == &*self.cluster_domain => {}
+            _ => return None,
+        }
+        self.entry(namespace, name)?.ports.get(&port).cloned()
+    }
+
+    /// Maps a `ClusterIP:port` to the service behind it, as kube-proxy would.
+    pub fn resolve_cluster_ip(&self, addr: SocketAddr) -> Option<ResolvedService> {
+        // A dual-stack socket reports IPv4 peers as IPv4-mapped IPv6.
+        let svc = self.by_cluster_ip.get(&addr.ip().to_canonical())?;
+        self.entry(&svc.namespace, &svc.name)?
+            .ports
+            .get(&addr.port())
+            .cloned()
+    }
+
+    /// Every current configuration problem (the objects they affect keep their last good
+    /// version, if they had one).
+    pub fn errors(&self) -> &[ConfigError] {
+        &self.errors
+    }
+
+    /// The Service object, if it exists.
+    pub fn service(&self, svc: &ServiceRef) -> Option<&Service> {
+        match &*self.entry(&svc.namespace, &svc.name)?.service {
+            MeshObject::Service(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether any EndpointSlice names this service. The proxy falls back to DNS for a
+    /// destination without one, rather than failing on an empty endpoint list.
+    pub fn has_endpoint_slices(&self, svc: &ServiceRef) -> bool {
+        self.entry(&svc.namespace, &svc.name)
+            .is_some_and(|e| e.has_endpoint_slices)
+    }
+
+    /// All validated objects in force, in key order.
+    pub fn objects(&self) -> impl Iterator<Item = &MeshObject> + '_ {
+        self.objects.values().map(|o| &**o)
+    }
+
+    pub fn cluster_domain(&self) -> &str {
+        &self.cluster_domain
+    }
+
+    pub fn default_namespace(&self) -> &str {
+        &self.default_namespace
+    }
+
+    pub(crate) fn object_map(&self) -> &BTreeMap<ObjectKey, Arc<MeshObject>> {
+        &self.objects
+    }
+
+    fn entry(&self, namespace: &str, name: &str) -> Option<&ServiceEntry> {
+        self.services.get(namespace)?.get(name)
+    }
+}
+
+/// Endpoints of one service port across all of the service's slices, following kube-proxy:
+/// the slice port with the same name (and protocol) gives the endpoint port, falling back
+/// to a numeric `targetPort`; ready endpoints are used, or, when none is ready, the serving
+/// terminating ones.
+fn endpoints_for_port(svc_port: &ServicePort, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
+    let mut ready = Vec::new();
+    let mut terminating = Vec::new();
+    for slice in slices {
+        if slice.address_type == AddressType::Fqdn {
+            continue;
+        }
+        let slice_port = slice
+            .ports
+            .iter()
+            .find(|p| p.name == svc_port.name && p.protocol == svc_port.protocol)
+            .and_then(|p| p.port);
+        let fallback = match svc_port.target_port {
+            TargetPort::Number(n) => Some(n),
+            // A named port can only be resolved through the slice.
+            TargetPort::Name(_) => None,
+        };
+        let Some(port) = slice_port.or(fallback) else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            let Some(ip) = e.address else {
+                continue;
+            };
+            let endpoint = Endpoint {
+                addr: SocketAddr::new(ip, port),
+                pod: e.pod.clone(),
+                zone: e.zone.clone(),
+            };
+            if e.ready {
+                ready.push(endpoint);
+            } else if e.serving && e.terminating {
+                terminating.push(endpoint);
+            }
+        }
+    }
+    let mut endpoints = if ready.is_empty() { terminating } else { ready };
+    endpoints.sort();
+    endpoints.dedup_by(|a, b| a.addr == b.addr);
+    endpoints
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::{addrs, endpoint, load, web_slice, WEB_SERVICE};
+    use crate::StoreConfig;
+
+    fn shop_cfg() -> StoreConfig {
+        StoreConfig {
+            default_namespace: "shop".into(),
+            ..StoreConfig::default()
+        }
+    }
+
+    #[test]
+    fn all_name_forms_resolve_case_insensitively() {
+        let slice = web_slice("web-a", &endpoint("10.0.0.1", "web-1"));
+        let (_dir, store) = load(
+            &[("web.yaml", WEB_SERVICE), ("slice.yaml", &slice)],
+            shop_cfg(),
+        );
+        let snap = store.snapshot();
+        for host in [
+            "web",
+            "web.shop",
+            "web.shop.svc",
+            "web.shop.svc.cluster.local",
+            "web.shop.svc.cluster.local.",
+            "WEB.Shop.SVC.Cluster.Local.",
+            "Web.",
+        ] {
+            let resolved = snap
+                .resolve_name(host, 80)
+                .unwrap_or_else(|| panic!("{host} should resolve"));
+            assert_eq!(&*resolved.service.name, "web");
+            assert_eq!(&*resolved.service.namespace, "shop");
+            assert_eq!(resolved.port, 80);
+            assert_eq!(&*resolved.authority, "web.shop.svc.cluster.local:80");
+            assert_eq!(addrs(&resolved), ["10.0.0.1:8080"]);
+        }
+        for host in [
+            "web.other",
+            "web.shop.svc.example.org",
+            "web.shop.svc.cluster",
+            "web.shop.pod.cluster.local",
+            "api",
+            "",
+            ".",
+        ] {
+            assert_eq!(snap.resolve_name(host, 80), None, "{host}");
+        }
+        // A port the service does not have.
+        assert_eq!(snap.resolve_name("web", 8080), None);
+    }
+
+    #[test]
+    fn default_namespace_and_cluster_domain_are_configurable() {
+        let cfg = StoreConfig {
+            default_namespace: "default".into(),
+            cluster_domain: "Corp.Example.".into(),
+        };
+        let (_dir, store) = load(&[("web.yaml", WEB_SERVICE)], cfg);
+        let snap = store.snapshot();
+        // Bare names use the Store's default namespace, and web lives in shop.
+        assert_eq!(snap.resolve_name("web", 80), None);
+        let resolved = snap
+            .resolve_name("web.shop.svc.corp.example", 80)
+            .expect("custom domain");
+        assert_eq!(&*resolved.authority, "web.shop.svc.corp.example:80");
+        assert_eq!(snap.resolve_name("web.shop.svc.cluster.local", 80), None);
+        assert_eq!(
+            resolved.service.fqdn("corp.example"),
+            "web.shop.svc.corp.example"
+        );
+    }
+
+    #[test]
+    fn service_ports_map_to_slice_ports_by_name() {
+        let slice = web_slice("web-a", &endpoint("10.0.0.1", "web-1"));
+        let unnamed = "\
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec:
+  ports: [{port: 5000}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: plain-a
+  namespace: shop
+  labels: {kubernetes.io/service-name: plain}
+addressType: IPv4
+ports: [{port: 5555}]
+endpoints: [{addresses: [10.0.1.1]}]
+";
+        let (_dir, store) = load(
+            &[
+                ("web.yaml", WEB_SERVICE),
+                ("slice.yaml", &slice),
+                ("plain.yaml", unnamed),
+            ],
+            shop_cfg(),
+        );
+        let snap = store.snapshot();
+        // Named targetPort, resolved through the slice's port of the same name.
+        assert_eq!(
+            addrs(&snap.resolve_name("web", 80).expect("80")),
+            ["10.0.0.1:8080"]
+        );
+        // No slice port named "admin": the numeric targetPort is used.
+        assert_eq!(
+            addrs(&snap.resolve_name("web", 9000).expect("9000")),
+            ["10.0.0.1:9990"]
+        );
+        // Named targetPort with no matching slice port: the port exists, no endpoints.
+        let metrics = snap.resolve_name("web", 9100).expect("9100");
+        assert!(metrics.endpoints.is_empty());
+        // Unnamed matches unnamed.
+        assert_eq!(
+            addrs(&snap.resolve_name("plain", 5000).expect("5000")),
+            ["10.0.1.1:5555"]
+        );
+    }
+
+    #[test]
+    fn only_ready_endpoints_are_used_and_nil_means_ready() {
+        let endpoints = "\
+- addresses: [10.0.0.1]
+- addresses: [10.0.0.2]
+  conditions: {ready: true}
+- addresses: [10.0.0.3]
+  conditions: {ready: false}
+- addresses: [10.0.0.4]
+  conditions: {ready: false, serving: true, terminating: true}
+";
+        let slice = web_slice("web-a", endpoints);
+        let (_dir, store) = load(
+            &[("web.yaml", WEB_SERVICE), ("slice.yaml", &slice)],
+            shop_cfg(),
+        );
+        let resolved = store.snapshot().resolve_name("web", 80).expect("web");
+        assert_eq!(addrs(&resolved), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_are_used_when_none_is_ready() {
+        let endpoints = "\
+- addresses: [10.0.0.3]
+  conditions: {ready: false}
+- addresses: [10.0.0.4]
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: [10.0.0.5]
+  conditions: {ready: false, serving: false, terminating: true}
+";
+        let slice = web_slice("web-a", endpoints);
+        let (_dir, store) = load(
+            &[("web.yaml", WEB_SERVICE), ("slice.yaml", &slice)],
+            shop_cfg(),
+        );
+        let resolved = store.snapshot().resolve_name("web", 80).expect("web");
+        assert_eq!(addrs(&resolved), ["10.0.0.4:8080"]);
+    }
+
+    #[test]
+    fn slices_merge_sorted_and_deduplicated() {
+        let a = web_slice(
+            "web-a",
+            &(endpoint("10.0.0.9", "web-9") + &endpoint("10.0.0.2", "web-2")),
+        );
+        let b = web_slice(
+            "web-b",
+            &(endpoint("10.0.0.2", "web-2") + &endpoint("10.0.0.10", "web-10")),
+        );
+        let (_dir, store) = load(
+            &[("web.yaml", WEB_SERVICE), ("a.yaml", &a), ("b.yml", &b)],
+            shop_cfg(),
+        );
+        let snap = store.snapshot();
+        let resolved = snap.resolve_name("web", 80).expect("web");
+        assert_eq!(
+            addrs(&resolved),
+            ["10.0.0.2:8080", "10.0.0.9:8080", "10.0.0.10:8080"]
+        );
+        assert_eq!(resolved.endpoints[0].pod.as_deref(), Some("web-2"));
+        assert_eq!(resolved.endpoints[0].zone.as_deref(), Some("zone-a"));
+        assert!(snap.has_endpoint_slices(&resolved.service));
+    }
+
+    #[test]
+    fn slices_of_other_services_and_namespaces_do_not_leak() {
+        let other_ns = web_slice("web-x", &endpoint("10.0.0.7", "x"))
+            .replace("namespace: shop", "namespace: other");
+        let other_svc = web_slice("api-a", &endpoint("10.0.0.8", "y"))
+            .replace("service-name: web", "service-name: api");
+        let (_dir, store) = load(
+            &[
+                ("web.yaml", WEB_SERVICE),
+                ("x.yaml", &other_ns),
+                ("y.yaml", &other_svc),
+            ],
+            shop_cfg(),
+        );
+        let snap = store.snapshot();
+        let resolved = snap.resolve_name("web", 80).expect("web");
+        assert!(resolved.endpoints.is_empty());
+        assert!(!snap.has_endpoint_slices(&resolved.service));
+    }
+
+    #[test]
+    fn cluster_ip_maps_to_service_port() {
+        let slice = web_slice("web-a", &endpoint("10.0.0.1", "web-1"));
+        let headless = "\
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None, ports: [{port: 5432}]}
+";
+        let (_dir, store) = load(
+            &[
+                ("web.yaml", WEB_SERVICE),
+                ("slice.yaml", &slice),
+                ("db.yaml", headless),
+            ],
+            shop_cfg(),
+        );
+        let snap = store.snapshot();
+        let by_ip = snap
+            .resolve_cluster_ip("10.96.0.10:80".parse().expect("addr"))
+            .expect("cluster ip");
+        assert_eq!(Some(by_ip.clone()), snap.resolve_name("web", 80));
+        let mapped = snap
+            .resolve_cluster_ip("[::ffff:10.96.0.10]:9000".parse().expect("addr"))
+            .expect("v4-mapped");
+        assert_eq!(addrs(&mapped), ["10.0.0.1:9990"]);
+        assert_eq!(
+            snap.resolve_cluster_ip("10.96.0.10:81".parse().expect("addr")),
+            None
+        );
+        assert_eq!(
+            snap.resolve_cluster_ip("10.96.0.11:80".parse().expect("addr")),
+            None
+        );
+        // Headless services resolve by name only.
+        assert!(snap.resolve_name("db", 5432).is_some());
+    }
+
+    #[test]
+    fn empty_store_resolves_nothing() {
+        let store = crate::Store::empty(StoreConfig::default());
+        let snap = store.snapshot();
+        assert_eq!(snap.generation(), 0);
+        assert_eq!(snap.resolve_name("web", 80), None);
+        assert_eq!(
+            snap.resolve_cluster_ip("10.96.0.10:80".parse().expect("addr")),
+            None
+        );
+        assert!(snap.errors().is_empty());
+    }
+}

@@ -1,0 +1,128 @@
+//! The admin server: `/metrics`, `/ready`, `/live`, `GET|PUT /proxy-log-level`, `POST /shutdown`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use pylon_proxy_metrics::Metrics;
+use tokio::net::TcpListener;
+
+use crate::logging::LogLevel;
+use crate::shutdown::Shutdown;
+
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub log_level: LogLevel,
+    pub shutdown: Shutdown,
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+impl Admin {
+    /// Serves until the process exits: the admin server keeps answering while the proxy drains,
+    /// so `/ready` can report it and `/metrics` sees the last requests.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.handle(req, peer).await) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(stream), svc);
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "admin connection error");
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> AdminResponse {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => {
+                let mut body = String::with_capacity(64 * 1024);
+                if let Err(e) = self.metrics.encode(&mut body) {
+                    return text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("encoding failed: {e}\n"),
+                    );
+                }
+                let mut rsp = Response::new(Full::new(Bytes::from(body)));
+                rsp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(Metrics::CONTENT_TYPE),
+                );
+                rsp
+            }
+            (&Method::GET, "/ready") => {
+                if self.shutdown.is_draining() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else {
+                    text(StatusCode::OK, "ready\n")
+                }
+            }
+            (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+            (&Method::GET, "/proxy-log-level") => {
+                text(StatusCode::OK, format!("{}\n", self.log_level.get()))
+            }
+            (&Method::PUT, "/proxy-log-level") => {
+                let body = match Limited::new(req.into_body(), 4096).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad body: {e}\n")),
+                };
+                let Ok(filter) = std::str::from_utf8(&body) else {
+                    return text(StatusCode::BAD_REQUEST, "log level must be UTF-8\n");
+                };
+                match self.log_level.set(filter) {
+                    Ok(()) => {
+                        tracing::info!(level = filter.trim(), "log level changed");
+                        text(StatusCode::NO_CONTENT, "")
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                }
+            }
+            (&Method::POST, "/shutdown") => {
+                // Like Linkerd: only from the pod itself.
+                if !peer.ip().is_loopback() {
+                    return text(
+                        StatusCode::FORBIDDEN,
+                        "shutdown is only allowed from localhost\n",
+                    );
+                }
+                tracing::info!("shutdown requested through the admin server");
+                self.shutdown.begin();
+                text(StatusCode::OK, "shutdown\n")
+            }
+            (_, "/metrics" | "/ready" | "/live" | "/proxy-log-level" | "/shutdown") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
+    let mut rsp = Response::new(Full::new(body.into()));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp
+}

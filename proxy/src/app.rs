@@ -1,0 +1,167 @@
+//! Start-up and shutdown: read flags, load the Store, bind listeners, serve, drain.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use pylon_proxy_metrics::{Metrics, ProxyLabels};
+use pylon_proxy_policy::{Store, StoreConfig};
+
+use crate::access_log;
+use crate::admin::Admin;
+use crate::args::ProxyArgs;
+use crate::discovery::Discovery;
+use crate::inbound::Inbound;
+use crate::listener::{accept_loop, bind};
+use crate::logging;
+use crate::outbound::Outbound;
+use crate::shutdown::Shutdown;
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Bind(#[from] crate::listener::BindError),
+    #[error("config dir: {0}")]
+    Store(#[from] pylon_proxy_policy::StoreError),
+    #[error("--inbound-forward {addr:?}: {reason}")]
+    InboundForward { addr: String, reason: String },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+pub fn main(args: ProxyArgs) -> ExitCode {
+    let log_level = logging::init();
+    let threads = args
+        .threads
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("pylon-proxy")
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime);
+    let result = match runtime {
+        Ok(rt) => rt.block_on(run(args, log_level)),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "pylon-proxy failed to start");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartError> {
+    let args = Arc::new(args);
+    let shutdown = Shutdown::new();
+
+    let store_cfg = StoreConfig {
+        default_namespace: args.namespace.clone(),
+        cluster_domain: args.cluster_domain.clone(),
+    };
+    let store = match &args.config_dir {
+        Some(dir) => Store::load_dir(dir, store_cfg)?,
+        None => Store::empty(store_cfg),
+    };
+    let _watch = match &args.config_dir {
+        Some(_) => Some(store.watch()?),
+        None => None,
+    };
+    let inbound_forward = args
+        .inbound_forward
+        .as_deref()
+        .map(resolve_forward)
+        .transpose()?;
+
+    let metrics = Metrics::new(ProxyLabels {
+        namespace: Some(args.namespace.clone()),
+        deployment: args
+            .workload
+            .as_deref()
+            .map(|w| w.strip_prefix("deployment/").unwrap_or(w).to_string()),
+        pod: args.pod.clone(),
+    });
+    metrics.set_config_errors_source(store.config_errors_counter());
+
+    // Bind everything before serving anything, so a bad address fails start-up cleanly.
+    let (admin_listener, _) = bind("admin", args.admin_addr).await?;
+    let (inbound_listener, inbound_local) = bind("inbound", args.inbound_addr).await?;
+    let (outbound_listener, outbound_local) = bind("outbound", args.outbound_addr).await?;
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(StartError::Signals)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(StartError::Signals)?;
+
+    let access_log = access_log::enabled_from_env();
+    let discovery = Discovery::new(
+        store.clone(),
+        metrics.clone(),
+        args.connect_timeout,
+        &args.cluster_domain,
+    );
+    discovery.spawn_updates();
+    let outbound = Outbound::new(
+        args.clone(),
+        discovery,
+        metrics.clone(),
+        access_log,
+        shutdown.clone(),
+    );
+    let inbound = Inbound::new(
+        args.clone(),
+        inbound_forward,
+        metrics.clone(),
+        access_log,
+        shutdown.clone(),
+    );
+    let admin = Arc::new(Admin {
+        metrics,
+        log_level,
+        shutdown: shutdown.clone(),
+    });
+
+    tokio::spawn(admin.serve(admin_listener));
+    tokio::spawn(accept_loop(
+        inbound_listener,
+        inbound_local,
+        shutdown.clone(),
+        move |stream, peer, local| inbound.clone().serve_connection(stream, peer, local),
+    ));
+    tokio::spawn(accept_loop(
+        outbound_listener,
+        outbound_local,
+        shutdown.clone(),
+        move |stream, peer, local| outbound.clone().serve_connection(stream, peer, local),
+    ));
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM received; draining"),
+        _ = sigint.recv() => tracing::info!("SIGINT received; draining"),
+        _ = shutdown.signaled() => {}
+    }
+    shutdown.begin();
+    if shutdown.drain(args.shutdown_grace).await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!(grace = ?args.shutdown_grace, "shutdown grace expired with connections still open; exiting");
+    }
+    Ok(())
+}
+
+fn resolve_forward(addr: &str) -> Result<SocketAddr, StartError> {
+    let err = |reason: String| StartError::InboundForward {
+        addr: addr.to_string(),
+        reason,
+    };
+    addr.to_socket_addrs()
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("resolved to no address".into()))
+}

@@ -1,0 +1,106 @@
+//! Command-line flags. Every flag has a `PYLON_*` environment twin; flags win.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Linkerd's default opaque ports: protocols where the server speaks first, so detection would
+/// only add the detect timeout to every connection.
+pub const DEFAULT_OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pylon-proxy",
+    version,
+    about = "Pylon's transparent sidecar proxy"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Install (or remove) the iptables rules that redirect a pod's TCP through the proxy.
+    Init(crate::init::InitArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// Listener for traffic to this workload.
+    #[arg(long, env = "PYLON_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
+    pub inbound_addr: SocketAddr,
+
+    /// Listener for traffic from this workload.
+    #[arg(long, env = "PYLON_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
+    pub outbound_addr: SocketAddr,
+
+    /// Admin server: /metrics, /ready, /live, /proxy-log-level, /shutdown.
+    #[arg(long, env = "PYLON_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
+    pub admin_addr: SocketAddr,
+
+    /// Tap gRPC server (reserved; served once tap lands).
+    #[arg(long, env = "PYLON_TAP_ADDR", default_value = "0.0.0.0:4190")]
+    pub tap_addr: SocketAddr,
+
+    /// Directory of mesh objects (Kubernetes YAML), watched and reloaded live.
+    #[arg(long, env = "PYLON_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// This workload, e.g. `deployment/web`.
+    #[arg(long, env = "PYLON_WORKLOAD")]
+    pub workload: Option<String>,
+
+    /// This workload's namespace; short service names resolve in it.
+    #[arg(long, env = "PYLON_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// This workload's pod name.
+    #[arg(long, env = "PYLON_POD")]
+    pub pod: Option<String>,
+
+    #[arg(long, env = "PYLON_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Where inbound traffic goes when it was not redirected by iptables (HOST:PORT).
+    #[arg(long, env = "PYLON_INBOUND_FORWARD")]
+    pub inbound_forward: Option<String>,
+
+    /// Ports whose traffic is proxied as opaque TCP without detection (added to Linkerd's
+    /// server-speaks-first defaults).
+    #[arg(long, env = "PYLON_OPAQUE_PORTS", value_delimiter = ',')]
+    pub opaque_ports: Vec<u16>,
+
+    /// How long to wait for a client's first bytes before treating the connection as TCP.
+    #[arg(long, env = "PYLON_DETECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub detect_timeout: Duration,
+
+    #[arg(long, env = "PYLON_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Time allowed for an endpoint's response headers (none by default).
+    #[arg(long, env = "PYLON_RESPONSE_TIMEOUT", value_parser = parse_duration)]
+    pub response_timeout: Option<Duration>,
+
+    /// How long shutdown waits for in-flight requests.
+    #[arg(long, env = "PYLON_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Worker threads (default: the number of CPUs).
+    #[arg(long, env = "PYLON_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ProxyArgs {
+    pub fn is_opaque_port(&self, port: u16) -> bool {
+        DEFAULT_OPAQUE_PORTS.contains(&port) || self.opaque_ports.contains(&port)
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::duration::parse(s).map_err(|e| e.to_string())
+}

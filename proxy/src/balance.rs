@@ -1,0 +1,213 @@
+//! Load balancing: power of two choices (P2C) over PeakEWMA latency, across the live EndpointSet.
+//!
+//! Why not `tower::balance::p2c`: tower's balancer is a `Service` that needs `&mut self` to pick,
+//! so every connection would share it through a `Buffer` (a channel hop and a task per request).
+//! Here the endpoint set is an immutable snapshot behind an `ArcSwap` and each endpoint's load is
+//! a pair of atomics, so any connection picks concurrently without a lock or a hop. The cost model
+//! is the one tower and Finagle use: `cost = rtt_ewma * (pending + 1)`, where the RTT estimate
+//! jumps to a new peak at once and decays towards lower samples.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+/// RTT assumed for an endpoint we have not measured yet (tower's and Linkerd's default).
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// How quickly old latency observations are forgotten.
+const DECAY: Duration = Duration::from_secs(10);
+
+/// The PeakEWMA load of one endpoint.
+pub struct PeakEwma {
+    /// RTT estimate in nanoseconds, as f64 bits.
+    rtt_ns: AtomicU64,
+    /// When the estimate was last updated, in nanoseconds since `epoch`.
+    updated_ns: AtomicU64,
+    pending: AtomicUsize,
+    epoch: Instant,
+}
+
+impl Default for PeakEwma {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PeakEwma {
+    pub fn new() -> Self {
+        Self {
+            rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            updated_ns: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Lower is better.
+    pub fn cost(&self) -> f64 {
+        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let pending = self.pending.load(Ordering::Relaxed) as f64;
+        rtt * (pending + 1.0)
+    }
+
+    /// Marks a request as in flight until the returned guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            load: self.clone(),
+            start: Instant::now(),
+            observed: false,
+        }
+    }
+
+    fn observe(&self, rtt: Duration) {
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        let last_ns = self.updated_ns.swap(now_ns, Ordering::Relaxed);
+        let sample = rtt.as_nanos() as f64;
+        let prev = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let next = if sample > prev {
+            // Peak: react to a slowdown at once.
+            sample
+        } else {
+            let elapsed = now_ns.saturating_sub(last_ns) as f64;
+            let w = (-elapsed / DECAY.as_nanos() as f64).exp();
+            prev * w + sample * (1.0 - w)
+        };
+        // Concurrent observers may overwrite each other; either value is a fair estimate.
+        self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+/// One request in flight on an endpoint. Record the RTT when response headers arrive; the request
+/// stays pending until the response body ends (the guard drops).
+pub struct InFlight {
+    load: Arc<PeakEwma>,
+    start: Instant,
+    observed: bool,
+}
+
+impl InFlight {
+    pub fn response_received(&mut self) {
+        if !self.observed {
+            self.observed = true;
+            self.load.observe(self.start.elapsed());
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Failures before headers still teach us the endpoint is slow.
+        self.response_received();
+        self.load.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Anything the balancer can pick.
+pub trait Balanced {
+    fn load(&self) -> &PeakEwma;
+}
+
+/// The live endpoints of one backend. Readers never lock; discovery swaps in a new set.
+pub struct EndpointSet<E> {
+    current: ArcSwap<Vec<Arc<E>>>,
+}
+
+impl<E: Balanced> EndpointSet<E> {
+    pub fn new(endpoints: Vec<Arc<E>>) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(endpoints),
+        }
+    }
+
+    pub fn update(&self, endpoints: Vec<Arc<E>>) {
+        self.current.store(Arc::new(endpoints));
+    }
+
+    pub fn snapshot(&self) -> Arc<Vec<Arc<E>>> {
+        self.current.load_full()
+    }
+
+    /// P2C: two distinct endpoints at random, the one with the lower cost wins.
+    pub fn pick(&self) -> Option<Arc<E>> {
+        let set = self.current.load();
+        match set.len() {
+            0 => None,
+            1 => Some(set[0].clone()),
+            n => {
+                let a = rand::random_range(0..n);
+                let mut b = rand::random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ea, eb) = (&set[a], &set[b]);
+                let winner = if eb.load().cost() < ea.load().cost() {
+                    eb
+                } else {
+                    ea
+                };
+                Some(winner.clone())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Ep(Arc<PeakEwma>, u16);
+    impl Balanced for Ep {
+        fn load(&self) -> &PeakEwma {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn empty_set_picks_nothing() {
+        let set: EndpointSet<Ep> = EndpointSet::new(vec![]);
+        assert!(set.pick().is_none());
+    }
+
+    #[test]
+    fn peak_is_taken_at_once_and_decays() {
+        let l = PeakEwma::new();
+        l.observe(Duration::from_millis(500));
+        assert!((l.cost() - 500e6).abs() < 1.0);
+        std::thread::sleep(Duration::from_millis(20));
+        l.observe(Duration::from_millis(1));
+        let c = l.cost();
+        assert!(c < 500e6 && c > 1e6, "decays gradually: {c}");
+    }
+
+    #[test]
+    fn prefers_the_cheaper_endpoint() {
+        let fast = Arc::new(Ep(Arc::new(PeakEwma::new()), 1));
+        let slow = Arc::new(Ep(Arc::new(PeakEwma::new()), 2));
+        fast.0.observe(Duration::from_millis(1));
+        slow.0.observe(Duration::from_millis(100));
+        let set = EndpointSet::new(vec![fast, slow]);
+        let fast_picks = (0..1000)
+            .filter(|_| set.pick().map(|e| e.1) == Some(1))
+            .count();
+        // With two endpoints P2C compares both every time.
+        assert_eq!(fast_picks, 1000);
+    }
+
+    #[test]
+    fn pending_requests_raise_cost() {
+        let l = Arc::new(PeakEwma::new());
+        let base = l.cost();
+        let g = l.start();
+        assert!(l.cost() > base);
+        assert_eq!(l.pending(), 1);
+        drop(g);
+        assert_eq!(l.pending(), 0);
+    }
+}

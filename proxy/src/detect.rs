@@ -1,0 +1,180 @@
+//! Protocol detection: read the client's first bytes for a bounded time and decide between
+//! HTTP/1.x, HTTP/2 prior knowledge and opaque TCP. The bytes read are replayed afterwards.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// A request line longer than this is not HTTP we want to parse; treat the stream as TCP.
+const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// How much of the first request's head we read to validate it before handing it to hyper.
+const MAX_HEAD: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    H2,
+    /// The head of an HTTP/1 request that could not be parsed: answer 400 and close.
+    MalformedHttp1,
+    Tcp,
+}
+
+/// Reads until the protocol is known or `timeout` passes. No data (a server-speaks-first
+/// protocol) or unrecognised data is TCP, never an error.
+pub async fn detect<I: AsyncRead + Unpin>(
+    io: &mut I,
+    timeout: Duration,
+) -> std::io::Result<(Protocol, Bytes)> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(p) = classify(&buf) {
+            return Ok((p, buf.freeze()));
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_elapsed) => {
+                // A partial request line that never completed is not something hyper can serve.
+                return Ok((Protocol::Tcp, buf.freeze()));
+            }
+            Ok(Ok(0)) => {
+                let p = classify_at_eof(&buf);
+                return Ok((p, buf.freeze()));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// `None` means "need more bytes".
+fn classify(buf: &[u8]) -> Option<Protocol> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(Protocol::H2);
+    }
+    let Some(line_end) = find_crlf(buf) else {
+        return (buf.len() >= MAX_REQUEST_LINE || !plausible_method_prefix(buf))
+            .then_some(Protocol::Tcp);
+    };
+    let line = &buf[..line_end];
+    if !(line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")) {
+        return Some(Protocol::Tcp);
+    }
+    // It claims to be HTTP/1: validate the head of the first request so a malformed one gets a
+    // proxy-made 400 that says why.
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => Some(Protocol::Http1),
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => None,
+        // Too large for us to validate; hyper enforces its own limits.
+        Ok(httparse::Status::Partial) => Some(Protocol::Http1),
+        // More headers than we validate is not malformed; let hyper judge.
+        Err(httparse::Error::TooManyHeaders) => Some(Protocol::Http1),
+        Err(_) => Some(Protocol::MalformedHttp1),
+    }
+}
+
+fn classify_at_eof(buf: &[u8]) -> Protocol {
+    match classify(buf) {
+        Some(p) => p,
+        // The client closed mid-head: HTTP that can't complete is still malformed HTTP.
+        None if find_crlf(buf).is_some() => Protocol::MalformedHttp1,
+        None => Protocol::Tcp,
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// While the request line is incomplete, keep reading only if it could still be HTTP: a token
+/// of upper-case letters (the method) and then a space. Binary protocols are decided at once.
+fn plausible_method_prefix(buf: &[u8]) -> bool {
+    for (i, &b) in buf.iter().enumerate() {
+        match b {
+            b'A'..=b'Z' | b'-' | b'_' => continue,
+            b' ' => return i > 0,
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn detect_bytes(input: &'static [u8], close: bool) -> (Protocol, Bytes) {
+        let (mut client, mut server) = tokio::io::duplex(1 << 20);
+        client.write_all(input).await.unwrap();
+        if close {
+            drop(client);
+            detect(&mut server, Duration::from_millis(200))
+                .await
+                .unwrap()
+        } else {
+            let r = detect(&mut server, Duration::from_millis(200))
+                .await
+                .unwrap();
+            drop(client);
+            r
+        }
+    }
+
+    #[tokio::test]
+    async fn http1_request() {
+        let (p, b) = detect_bytes(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", false).await;
+        assert_eq!(p, Protocol::Http1);
+        assert_eq!(&b[..], b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn h2_preface() {
+        let (p, _) = detect_bytes(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0", false).await;
+        assert_eq!(p, Protocol::H2);
+    }
+
+    #[tokio::test]
+    async fn binary_is_tcp_without_waiting() {
+        let start = std::time::Instant::now();
+        let (p, b) = detect_bytes(b"\x16\x03\x01\x02\x00", false).await;
+        assert_eq!(p, Protocol::Tcp);
+        assert_eq!(b.len(), 5);
+        assert!(
+            start.elapsed() < Duration::from_millis(150),
+            "decided without the timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn silence_is_tcp_after_timeout() {
+        let (p, b) = detect_bytes(b"", false).await;
+        assert_eq!(p, Protocol::Tcp);
+        assert!(b.is_empty());
+    }
+
+    #[tokio::test]
+    async fn text_protocol_is_tcp() {
+        let (p, _) = detect_bytes(b"PING\r\n", false).await;
+        assert_eq!(p, Protocol::Tcp);
+    }
+
+    #[tokio::test]
+    async fn malformed_header_is_detected() {
+        let (p, _) = detect_bytes(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n", false).await;
+        assert_eq!(p, Protocol::MalformedHttp1);
+    }
+
+    #[tokio::test]
+    async fn truncated_head_at_eof_is_malformed() {
+        let (p, _) = detect_bytes(b"GET / HTTP/1.1\r\nHost: a\r\n", true).await;
+        assert_eq!(p, Protocol::MalformedHttp1);
+    }
+}

@@ -1,0 +1,409 @@
+//! Discovery: from the authority a client named (or the address it dialled) to a **logical**
+//! destination whose live endpoint set is kept current from the Store, or from DNS re-resolved
+//! on its TTL. Logical destinations are cached so the request path does one lock-free map lookup.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::Authority;
+use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, TargetLabels, TcpTarget, Tls};
+use pylon_proxy_policy::{ServiceRef, Snapshot, Store};
+
+use crate::balance::{Balanced, EndpointSet, PeakEwma};
+use crate::http::client::H2Connection;
+use crate::http::ProxyError;
+
+/// Bound on cached authorities, so arbitrary Host headers can't grow memory without limit.
+const MAX_CACHED_AUTHORITIES: usize = 10_000;
+const DNS_MIN_TTL: Duration = Duration::from_secs(1);
+const DNS_MAX_TTL: Duration = Duration::from_secs(60);
+const DNS_RETRY: Duration = Duration::from_secs(5);
+
+/// One endpoint of one logical destination, with its load, metric handles and h2 connection.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once for the HTTP/1 client.
+    pub authority: Authority,
+    load: Arc<PeakEwma>,
+    pub http: HttpTarget,
+    pub tcp: TcpTarget,
+    pub h2: H2Connection,
+}
+
+impl Endpoint {
+    pub fn load_handle(&self) -> &Arc<PeakEwma> {
+        &self.load
+    }
+}
+
+impl Balanced for Endpoint {
+    fn load(&self) -> &PeakEwma {
+        &self.load
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum TargetKey {
+    /// A Service in the Store, by the name it resolves under and the service port.
+    Service { service: ServiceRef, port: u16 },
+    /// A name the Store doesn't know: DNS.
+    Dns { host: Arc<str>, port: u16 },
+    /// An address with no Service: forwarded as-is.
+    Addr(SocketAddr),
+}
+
+/// A destination as the client named it: a service, a DNS name or an address.
+pub struct Logical {
+    /// Canonical authority, the `authority` metric label (e.g. `web.default.svc.cluster.local:80`).
+    pub authority: Arc<str>,
+    key: TargetKey,
+    pub service: Option<ServiceRef>,
+    pub endpoints: EndpointSet<Endpoint>,
+    /// Where proxy-made responses for this destination are counted when no endpoint was chosen.
+    pub metrics: HttpTarget,
+}
+
+impl Logical {
+    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+        self.endpoints.pick()
+    }
+}
+
+pub struct Discovery {
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    connect_timeout: Duration,
+    cluster_domain: Arc<str>,
+    by_authority: ArcSwap<HashMap<Authority, Arc<Logical>>>,
+    by_target: Mutex<HashMap<TargetKey, Arc<Logical>>>,
+    dns: Option<hickory_resolver::TokioResolver>,
+}
+
+impl Discovery {
+    pub fn new(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        connect_timeout: Duration,
+        cluster_domain: &str,
+    ) -> Arc<Self> {
+        let dns = match hickory_resolver::TokioResolver::builder_tokio() {
+            Ok(b) => Some(b.build()),
+            Err(e) => {
+                tracing::warn!(error = %e, "no system DNS configuration; names outside the config dir won't resolve");
+                None
+            }
+        };
+        Arc::new(Self {
+            store,
+            metrics,
+            connect_timeout,
+            cluster_domain: cluster_domain.into(),
+            by_authority: ArcSwap::from_pointee(HashMap::new()),
+            by_target: Mutex::new(HashMap::new()),
+            dns,
+        })
+    }
+
+    /// Keeps every cached destination's endpoints current as the Store changes.
+    pub fn spawn_updates(self: &Arc<Self>) {
+        let mut rx = self.store.subscribe();
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let snapshot = rx.borrow_and_update().clone();
+                let Some(this) = this.upgrade() else { return };
+                this.apply(&snapshot);
+            }
+        });
+    }
+
+    /// The logical destination for a request's authority (`Host`, `:authority` or an
+    /// absolute-form URI).
+    pub async fn resolve_authority(
+        self: &Arc<Self>,
+        authority: &Authority,
+    ) -> Result<Arc<Logical>, ProxyError> {
+        if let Some(l) = self.by_authority.load().get(authority) {
+            return Ok(l.clone());
+        }
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let snapshot = self.store.snapshot();
+        let key = if let Ok(ip) = host.parse::<IpAddr>() {
+            self.key_for_addr(&snapshot, SocketAddr::new(ip, port))
+        } else if let Some(svc) = snapshot
+            .resolve_name(host, port)
+            .filter(|s| snapshot.has_endpoint_slices(&s.service))
+        {
+            // A Service without EndpointSlices has no endpoints we know of: DNS decides.
+            TargetKey::Service {
+                service: svc.service.clone(),
+                port,
+            }
+        } else {
+            TargetKey::Dns {
+                host: host.to_ascii_lowercase().into(),
+                port,
+            }
+        };
+        let logical = self.logical(key, &snapshot).await?;
+        self.by_authority.rcu(|map| {
+            let mut map = if map.len() >= MAX_CACHED_AUTHORITIES {
+                HashMap::new()
+            } else {
+                HashMap::clone(map)
+            };
+            map.insert(authority.clone(), logical.clone());
+            map
+        });
+        Ok(logical)
+    }
+
+    /// The logical destination for a connection's original destination (transparent mode):
+    /// a Service's cluster IP maps to the service, as kube-proxy would; anything else is
+    /// forwarded as-is.
+    pub async fn resolve_addr(self: &Arc<Self>, addr: SocketAddr) -> Arc<Logical> {
+        let snapshot = self.store.snapshot();
+        let key = self.key_for_addr(&snapshot, addr);
+        match self.logical(key, &snapshot).await {
+            Ok(l) => l,
+            // Only DNS keys can fail, and an address never becomes one.
+            Err(_) => self.addr_logical(addr),
+        }
+    }
+
+    fn key_for_addr(&self, snapshot: &Snapshot, addr: SocketAddr) -> TargetKey {
+        match snapshot.resolve_cluster_ip(addr) {
+            Some(svc) => TargetKey::Service {
+                service: svc.service.clone(),
+                port: addr.port(),
+            },
+            None => TargetKey::Addr(addr),
+        }
+    }
+
+    fn addr_logical(&self, addr: SocketAddr) -> Arc<Logical> {
+        let logical = self.new_logical(addr.to_string().into(), TargetKey::Addr(addr), None);
+        logical
+            .endpoints
+            .update(vec![self.endpoint(&logical, addr)]);
+        logical
+    }
+
+    async fn logical(
+        self: &Arc<Self>,
+        key: TargetKey,
+        snapshot: &Snapshot,
+    ) -> Result<Arc<Logical>, ProxyError> {
+        if let Some(l) = self.lock_targets().get(&key) {
+            return Ok(l.clone());
+        }
+        let logical = match &key {
+            TargetKey::Addr(addr) => self.addr_logical(*addr),
+            TargetKey::Service { service, port } => {
+                let authority = format!("{}:{port}", service.fqdn(&self.cluster_domain));
+                let logical =
+                    self.new_logical(authority.into(), key.clone(), Some(service.clone()));
+                self.refresh_service(&logical, snapshot);
+                logical
+            }
+            TargetKey::Dns { host, port } => {
+                let addrs = self.resolve_dns(host, *port).await?;
+                let logical = self.new_logical(format!("{host}:{port}").into(), key.clone(), None);
+                self.set_endpoints(&logical, &addrs.0);
+                self.spawn_dns_refresh(&logical, addrs.1);
+                logical
+            }
+        };
+        let mut targets = self.lock_targets();
+        // Another request may have built it meanwhile; keep the first.
+        Ok(targets.entry(key).or_insert(logical).clone())
+    }
+
+    fn lock_targets(&self) -> std::sync::MutexGuard<'_, HashMap<TargetKey, Arc<Logical>>> {
+        self.by_target.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn new_logical(
+        &self,
+        authority: Arc<str>,
+        key: TargetKey,
+        service: Option<ServiceRef>,
+    ) -> Arc<Logical> {
+        let metrics = self
+            .metrics
+            .http_target(self.labels(&authority, "", service.as_ref()));
+        Arc::new(Logical {
+            authority,
+            key,
+            service,
+            endpoints: EndpointSet::new(Vec::new()),
+            metrics,
+        })
+    }
+
+    fn labels(
+        &self,
+        authority: &Arc<str>,
+        target: &str,
+        service: Option<&ServiceRef>,
+    ) -> TargetLabels {
+        TargetLabels {
+            direction: Direction::Outbound,
+            authority: authority.clone(),
+            target_addr: target.into(),
+            tls: Tls::NoIdentity("not_provided_by_service_discovery"),
+            dst_service: service.map(|s| s.name.clone()),
+            dst_namespace: service.map(|s| s.namespace.clone()),
+            srv_port: None,
+        }
+    }
+
+    fn endpoint(&self, logical: &Logical, addr: SocketAddr) -> Arc<Endpoint> {
+        let target = addr.to_string();
+        let labels = self.labels(&logical.authority, &target, logical.service.as_ref());
+        let authority = Authority::try_from(target.as_str())
+            .unwrap_or_else(|_| Authority::from_static("invalid.endpoint"));
+        Arc::new(Endpoint {
+            addr,
+            authority,
+            load: Arc::new(PeakEwma::new()),
+            http: self.metrics.http_target(labels.clone()),
+            tcp: self.metrics.tcp_target(labels),
+            h2: H2Connection::new(addr, self.connect_timeout),
+        })
+    }
+
+    /// Swaps in a new endpoint set, keeping the state (load, connections) of endpoints that stay.
+    /// Endpoints that leave finish their in-flight requests: those hold their own `Arc`.
+    fn set_endpoints(&self, logical: &Logical, addrs: &[SocketAddr]) {
+        let current = logical.endpoints.snapshot();
+        if current.len() == addrs.len() && current.iter().zip(addrs).all(|(e, a)| e.addr == *a) {
+            return;
+        }
+        let next = addrs
+            .iter()
+            .map(|addr| {
+                current
+                    .iter()
+                    .find(|e| e.addr == *addr)
+                    .cloned()
+                    .unwrap_or_else(|| self.endpoint(logical, *addr))
+            })
+            .collect::<Vec<_>>();
+        tracing::info!(
+            authority = %logical.authority,
+            endpoints = next.len(),
+            "endpoint set updated"
+        );
+        logical.endpoints.update(next);
+    }
+
+    fn refresh_service(&self, logical: &Logical, snapshot: &Snapshot) -> bool {
+        let TargetKey::Service { service, port } = &logical.key else {
+            return true;
+        };
+        let name = format!("{}.{}", service.name, service.namespace);
+        match snapshot.resolve_name(&name, *port) {
+            Some(resolved) => {
+                let addrs: Vec<SocketAddr> = resolved.endpoints.iter().map(|e| e.addr).collect();
+                self.set_endpoints(logical, &addrs);
+                true
+            }
+            None => {
+                self.set_endpoints(logical, &[]);
+                false
+            }
+        }
+    }
+
+    fn apply(&self, snapshot: &Snapshot) {
+        let mut stale = Vec::new();
+        for (key, logical) in self.lock_targets().iter() {
+            let keep = match key {
+                TargetKey::Service { .. } => self.refresh_service(logical, snapshot),
+                // A name that is now a Service, or an address that is now a cluster IP, must
+                // be looked up again.
+                TargetKey::Dns { host, port } => snapshot.resolve_name(host, *port).is_none(),
+                TargetKey::Addr(addr) => snapshot.resolve_cluster_ip(*addr).is_none(),
+            };
+            if !keep {
+                stale.push(key.clone());
+            }
+        }
+        if !stale.is_empty() {
+            let mut targets = self.lock_targets();
+            for key in &stale {
+                targets.remove(key);
+            }
+            drop(targets);
+            self.by_authority.rcu(|map| {
+                let mut map = HashMap::clone(map);
+                map.retain(|_, l| !stale.contains(&l.key));
+                map
+            });
+        }
+    }
+
+    async fn resolve_dns(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(Vec<SocketAddr>, Duration), ProxyError> {
+        let Some(dns) = &self.dns else {
+            return Err(ProxyError::Unresolvable);
+        };
+        match dns.lookup_ip(host).await {
+            Ok(lookup) => {
+                let ttl = lookup
+                    .valid_until()
+                    .saturating_duration_since(std::time::Instant::now())
+                    .clamp(DNS_MIN_TTL, DNS_MAX_TTL);
+                let mut addrs: Vec<SocketAddr> =
+                    lookup.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+                addrs.sort();
+                addrs.dedup();
+                Ok((addrs, ttl))
+            }
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "DNS resolution failed");
+                Err(ProxyError::Unresolvable)
+            }
+        }
+    }
+
+    fn spawn_dns_refresh(self: &Arc<Self>, logical: &Arc<Logical>, first_ttl: Duration) {
+        let weak: Weak<Logical> = Arc::downgrade(logical);
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut wait = first_ttl;
+            loop {
+                tokio::time::sleep(wait).await;
+                let (Some(logical), Some(this)) = (weak.upgrade(), this.upgrade()) else {
+                    return;
+                };
+                let TargetKey::Dns { host, port } = &logical.key else {
+                    return;
+                };
+                // A destination evicted from the cache stops refreshing once unused.
+                if !this.lock_targets().contains_key(&logical.key) {
+                    return;
+                }
+                wait = match this.resolve_dns(host, *port).await {
+                    Ok((addrs, ttl)) => {
+                        this.set_endpoints(&logical, &addrs);
+                        ttl
+                    }
+                    // Keep the last answer rather than failing every request.
+                    Err(_) => DNS_RETRY,
+                };
+            }
+        });
+    }
+}

@@ -1,0 +1,141 @@
+//! Responses the proxy makes itself. Each carries `pylon-proxy-error: <reason>` so operators can
+//! tell a proxy's 504 from the app's, and each is logged once at warn where it happens.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use super::ResponseBody;
+
+pub const PROXY_ERROR_HEADER: &str = "pylon-proxy-error";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no endpoints")]
+    NoEndpoints,
+    #[error("endpoint connection refused")]
+    ConnectionRefused,
+    #[error("endpoint connection reset")]
+    ConnectionReset,
+    #[error("endpoint protocol error")]
+    EndpointProtocol,
+    #[error("connect timeout")]
+    ConnectTimeout,
+    #[error("response timeout")]
+    ResponseTimeout,
+    #[error("destination not resolvable")]
+    Unresolvable,
+    #[error("missing destination authority")]
+    MissingAuthority,
+    #[error("malformed request")]
+    MalformedRequest,
+}
+
+impl ProxyError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::NoEndpoints | Self::Unresolvable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectionRefused | Self::ConnectionReset | Self::EndpointProtocol => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::ConnectTimeout | Self::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::MissingAuthority | Self::MalformedRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The value of `pylon-proxy-error` and of the `error` metric label: a fixed vocabulary.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::NoEndpoints => "no endpoints",
+            Self::ConnectionRefused => "endpoint connection refused",
+            Self::ConnectionReset => "endpoint connection reset",
+            Self::EndpointProtocol => "endpoint protocol error",
+            Self::ConnectTimeout => "connect timeout",
+            Self::ResponseTimeout => "response timeout",
+            Self::Unresolvable => "destination not resolvable",
+            Self::MissingAuthority => "missing destination authority",
+            Self::MalformedRequest => "malformed request",
+        }
+    }
+
+    pub fn response(self) -> Response<ResponseBody> {
+        let mut rsp = Response::new(ResponseBody::full(Bytes::from(format!(
+            "{}\n",
+            self.reason()
+        ))));
+        *rsp.status_mut() = self.status();
+        let headers = rsp.headers_mut();
+        headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.reason()));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        rsp
+    }
+
+    /// Classifies a failure to get a response from an endpoint.
+    pub fn from_upstream(err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => Self::ConnectionRefused,
+                    std::io::ErrorKind::TimedOut => Self::ConnectTimeout,
+                    std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof => Self::ConnectionReset,
+                    _ => Self::EndpointProtocol,
+                };
+            }
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                    return Self::ConnectionReset;
+                }
+                if h.is_timeout() {
+                    return Self::ResponseTimeout;
+                }
+            }
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                if h2.is_reset() || h2.is_go_away() || h2.is_io() {
+                    return Self::ConnectionReset;
+                }
+            }
+            cur = e.source();
+        }
+        Self::EndpointProtocol
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_map_to_statuses() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            ProxyError::from_upstream(&refused),
+            ProxyError::ConnectionRefused
+        );
+        assert_eq!(
+            ProxyError::ConnectionRefused.status(),
+            StatusCode::BAD_GATEWAY
+        );
+        let timeout = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        assert_eq!(
+            ProxyError::from_upstream(&timeout),
+            ProxyError::ConnectTimeout
+        );
+        assert_eq!(
+            ProxyError::ConnectTimeout.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn responses_carry_the_reason() {
+        let rsp = ProxyError::NoEndpoints.response();
+        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(rsp.headers()[PROXY_ERROR_HEADER], "no endpoints");
+    }
+}

@@ -1,0 +1,93 @@
+//! Serving one accepted client connection as HTTP/1 or HTTP/2, with graceful shutdown: when the
+//! proxy drains, the connection stops taking new requests and finishes the ones in flight.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::{ProxyError, ResponseBody};
+use crate::shutdown::Shutdown;
+
+pub async fn serve_http1<I, S>(io: I, svc: S, shutdown: &Shutdown)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        res = conn.as_mut() => res,
+        _ = shutdown.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        log_conn_error("http/1", &e);
+    }
+}
+
+pub async fn serve_h2<I, S>(io: I, svc: S, shutdown: &Shutdown)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .max_concurrent_streams(10_000)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        res = conn.as_mut() => res,
+        _ = shutdown.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        log_conn_error("h2", &e);
+    }
+}
+
+fn log_conn_error(proto: &str, e: &hyper::Error) {
+    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+        tracing::warn!(protocol = proto, error = %e, "malformed request; answered 400 and closed");
+    } else {
+        tracing::debug!(protocol = proto, error = %e, "client connection closed with error");
+    }
+}
+
+/// The first request on the connection could not be parsed: answer 400 with the reason and
+/// close. hyper handles later malformed requests on a kept-alive connection the same way.
+pub async fn reject_malformed<I>(mut io: I, peer: std::net::SocketAddr)
+where
+    I: AsyncWrite + Unpin,
+{
+    let err = ProxyError::MalformedRequest;
+    tracing::warn!(client = %peer, error = %err, "malformed HTTP/1 request; answering 400");
+    let rsp = format!(
+        "HTTP/1.1 400 Bad Request\r\n{}: {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        super::errors::PROXY_ERROR_HEADER,
+        err.reason()
+    );
+    let _ = io.write_all(rsp.as_bytes()).await;
+    let _ = io.shutdown().await;
+}

@@ -1,0 +1,60 @@
+//! `pylon-proxy`: the Pylon sidecar.
+//!
+//! This crate owns the data plane: listeners, protocol detection, the inbound and outbound request
+//! paths, discovery of endpoints, load balancing, the endpoint clients, the admin server and the
+//! iptables set-up (`pylon-proxy init`). It reads the mesh through `pylon-proxy-policy`'s Store and
+//! records through `pylon-proxy-metrics`' handles; it must not parse mesh YAML or encode metrics
+//! itself.
+//!
+//! Reading order for a newcomer: `app.rs` (start-up and shutdown), `listener.rs` (accept and
+//! detect), then `outbound.rs` and `inbound.rs`, each of which reads top to bottom as the path a
+//! request takes in that direction.
+
+mod access_log;
+mod admin;
+mod app;
+mod args;
+mod balance;
+mod detect;
+mod discovery;
+mod duration;
+mod http;
+mod inbound;
+pub mod init;
+mod io;
+mod listener;
+mod logging;
+mod orig_dst;
+mod outbound;
+mod shutdown;
+mod tcp;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+pub use args::{Cli, Command, ProxyArgs};
+
+/// Entry point shared by the `pylon-proxy` binary and `pylon proxy` (the CLI runs the proxy in
+/// its own child processes for `pylon demo`). `args[0]` is the program name.
+pub fn main_with_args(args: Vec<OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version to stdout and errors to stderr with the right exit code.
+            let _ = e.print();
+            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+        }
+    };
+    match cli.command {
+        Some(Command::Init(init_args)) => match init::run(&init_args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pylon-proxy init: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        None => app::main(cli.proxy),
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    pylon_proxy::main_with_args(std::env::args_os().collect())
+}

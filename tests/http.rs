@@ -1,0 +1,819 @@
+//! End-to-end HTTP behaviour of the outbound and inbound listeners (non-transparent mode).
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::HeaderMap;
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A `web` service backed by `backends`, and a proxy using it.
+fn web_proxy(backends: &[&Backend], args: &[&str]) -> (ConfigDir, Proxy) {
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let cfg = ConfigDir::web(&addrs);
+    let proxy = Proxy::with_config(&cfg, args);
+    (cfg, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keep_alive_reuses_client_and_upstream_connections() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+
+        const N: usize = 50;
+        let mut client = h1_client(proxy.outbound()).await;
+        for i in 0..N {
+            let resp = send_h1(&mut client, h1_request("GET", WEB_FQDN, "/", empty()))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("request {i} on the kept-alive client connection failed: {e}")
+                });
+            assert_eq!(resp.status, 200, "request {i}: {resp:?}");
+            assert_eq!(resp.backend(), Some("web-a"), "request {i}: {resp:?}");
+        }
+        assert_eq!(backend.requests(), N, "backend request count");
+        let upstream = backend.connections();
+        assert!(
+            upstream < N,
+            "proxy opened {upstream} upstream connections for {N} sequential requests \
+             on one client connection: upstream connections are not pooled"
+        );
+        eprintln!("keep-alive: {N} requests used {upstream} upstream connection(s)");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn absolute_form_and_host_header_routing() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+
+        // Absolute-form request target, as `curl -x` sends it.
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        raw.send(format!(
+            "GET http://{WEB_FQDN}/abs HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\r\n"
+        ))
+        .await;
+        let resp = raw.response().await.expect("absolute-form response");
+        assert_eq!(resp.status, 200, "absolute-form GET: {resp:?}");
+        assert_eq!(resp.text(), "web-a", "absolute-form GET body");
+        let seen = backend.state.last().expect("backend saw the request");
+        assert!(
+            seen.uri.ends_with("/abs"),
+            "backend saw request-target {:?}, want path /abs",
+            seen.uri
+        );
+
+        // Origin-form with a Host header.
+        let resp = get(proxy.outbound(), WEB_FQDN, "/host")
+            .await
+            .expect("Host GET");
+        assert_eq!(resp.status, 200, "Host-header GET: {resp:?}");
+        assert_eq!(resp.backend(), Some("web-a"));
+
+        // RFC 9112 3.2.2: with absolute-form, the proxy ignores Host and uses the URI's authority.
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        raw.send(format!(
+            "GET http://{WEB_FQDN}/abs2 HTTP/1.1\r\nHost: other.invalid\r\n\r\n"
+        ))
+        .await;
+        let resp = raw.response().await.expect("absolute-form response");
+        assert_eq!(
+            resp.status, 200,
+            "absolute-form with a conflicting Host header must route by the URI: {resp:?}"
+        );
+        let seen = backend.state.last().unwrap();
+        let host = seen
+            .headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        assert!(
+            host.starts_with(WEB_FQDN),
+            "backend got Host {host:?}; the proxy must rewrite Host to the absolute URI's \
+             authority ({WEB_FQDN})"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2_prior_knowledge_multiplexes_streams() {
+    test_body(async {
+        let backend = Backend::with_delay("web-a", Duration::from_millis(300)).await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+
+        const STREAMS: usize = 40;
+        let client = h2_client(proxy.outbound()).await;
+        let mut tasks = Vec::new();
+        for i in 0..STREAMS {
+            let mut c = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let path = format!("/stream/{i}");
+                send_h2(&mut c, abs_request("GET", WEB_FQDN, &path, empty())).await
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            let resp = t
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("h2 stream {i} failed: {e}"));
+            assert_eq!(resp.status, 200, "h2 stream {i}: {resp:?}");
+            assert_eq!(resp.backend(), Some("web-a"));
+        }
+        assert_eq!(backend.requests(), STREAMS);
+        let max = backend.state.max_in_flight.load(Ordering::SeqCst);
+        assert!(
+            max >= 2,
+            "backend saw at most {max} request(s) in flight for {STREAMS} concurrent h2 \
+             streams on one client connection: the proxy serialized them"
+        );
+    })
+    .await
+}
+
+/// Samples the proxy's RSS every 100 ms until `stop` is set; returns the maximum in KiB.
+fn rss_sampler(pid: u32, stop: Arc<AtomicU64>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut max = 0;
+        while stop.load(Ordering::SeqCst) == 0 {
+            if let Some(kib) = rss_kib(pid) {
+                max = max.max(kib);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        max
+    })
+}
+
+const RSS_LIMIT_KIB: u64 = 100 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upload_1gib_streams_with_bounded_memory() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+        const LEN: u64 = 1 << 30;
+
+        let stop = Arc::new(AtomicU64::new(0));
+        let sampler = rss_sampler(proxy.pid(), stop.clone());
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut client = h1_client(proxy.outbound()).await;
+        let body = RepeatBody::new(LEN, 64 * 1024).counting(sent.clone());
+        let req = h1_request("POST", WEB_FQDN, "/count", body.boxed_body());
+        let result = within("1 GiB upload", Duration::from_secs(50), async {
+            client.ready().await?;
+            let resp = client.send_request(req).await?;
+            read_resp(resp).await
+        })
+        .await;
+        stop.store(1, Ordering::SeqCst);
+        let max_rss = sampler.await.unwrap();
+        let resp = result.unwrap_or_else(|e| {
+            panic!(
+                "1 GiB upload failed after {} bytes sent, {} received by the backend: {e}",
+                sent.load(Ordering::SeqCst),
+                backend.state.bytes_received.load(Ordering::SeqCst)
+            )
+        });
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.text(), LEN.to_string(), "backend byte count");
+        eprintln!("1 GiB upload: proxy max RSS {max_rss} KiB");
+        assert!(
+            max_rss < RSS_LIMIT_KIB,
+            "proxy RSS reached {max_rss} KiB while streaming a 1 GiB upload (limit \
+             {RSS_LIMIT_KIB} KiB): the body is buffered instead of streamed"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn download_backpressure_with_stalled_reader() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+        const LEN: u64 = 256 << 20;
+
+        let stop = Arc::new(AtomicU64::new(0));
+        let sampler = rss_sampler(proxy.pid(), stop.clone());
+        let mut client = h1_client(proxy.outbound()).await;
+        let path = format!("/generate?bytes={LEN}");
+        let resp = within("download headers", OP_TIMEOUT, async {
+            client.ready().await.unwrap();
+            client
+                .send_request(h1_request("GET", WEB_FQDN, &path, empty()))
+                .await
+        })
+        .await
+        .expect("download response");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut got: u64 = 0;
+        // Read a little, then stall: the backend keeps producing as fast as it can.
+        while got < 1 << 20 {
+            let f = within("first MiB", OP_TIMEOUT, body.frame())
+                .await
+                .expect("body ended early")
+                .expect("body error");
+            got += f.data_ref().map_or(0, |d| d.len() as u64);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_during_stall = proxy.rss_kib().unwrap_or(0);
+        within("rest of the download", Duration::from_secs(40), async {
+            while let Some(f) = body.frame().await {
+                got += f
+                    .expect("body error")
+                    .data_ref()
+                    .map_or(0, |d| d.len() as u64);
+            }
+        })
+        .await;
+        stop.store(1, Ordering::SeqCst);
+        let max_rss = sampler.await.unwrap();
+        assert_eq!(got, LEN, "downloaded byte count");
+        eprintln!("256 MiB download: RSS during stall {rss_during_stall} KiB, max {max_rss} KiB");
+        assert!(
+            max_rss < RSS_LIMIT_KIB,
+            "proxy RSS reached {max_rss} KiB while the client stalled a 256 MiB download \
+             (limit {RSS_LIMIT_KIB} KiB): no backpressure towards the backend"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunked_request_and_response_stream_full_duplex() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+
+        // 1. Ping-pong over /echo: each chunk must come back before the next is sent, which only
+        //    works if the proxy streams the chunked request and the response as they flow.
+        let mut client = h1_client(proxy.outbound()).await;
+        let (tx, body) = channel_body();
+        let req = h1_request("POST", WEB_FQDN, "/echo", body);
+        let resp = within("echo response headers", OP_TIMEOUT, async {
+            client.ready().await.unwrap();
+            let send = client.send_request(req);
+            tx.send(Frame::data(Bytes::from_static(b"ping-0")))
+                .await
+                .unwrap();
+            send.await
+        })
+        .await
+        .expect("echo response");
+        assert_eq!(resp.status(), 200);
+        let mut rbody = resp.into_body();
+        let mut echoed = Vec::new();
+        for round in 0..5 {
+            if round > 0 {
+                tx.send(Frame::data(Bytes::from(format!("ping-{round}"))))
+                    .await
+                    .unwrap();
+            }
+            let want = format!("ping-{round}");
+            while !String::from_utf8_lossy(&echoed).ends_with(&want) {
+                let f = within(
+                    &format!("echo of chunk {round} (is the proxy buffering?)"),
+                    OP_TIMEOUT,
+                    rbody.frame(),
+                )
+                .await
+                .expect("echo body ended early")
+                .expect("echo body error");
+                if let Some(d) = f.data_ref() {
+                    echoed.extend_from_slice(d);
+                }
+            }
+        }
+        drop(tx);
+        while let Some(f) = within("echo end", OP_TIMEOUT, rbody.frame()).await {
+            if let Some(d) = f.expect("echo body").data_ref() {
+                echoed.extend_from_slice(d);
+            }
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&echoed),
+            "ping-0ping-1ping-2ping-3ping-4"
+        );
+
+        // 2. A raw chunked request body is decoded and forwarded intact.
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        raw.send(format!(
+            "POST /count HTTP/1.1\r\nHost: {WEB_FQDN}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"
+        ))
+        .await;
+        let resp = raw.response().await.expect("chunked upload response");
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.text(), "11", "backend byte count of the chunked body");
+
+        // 3. A chunked response (no Content-Length) arrives intact.
+        raw.send(format!("GET /chunked HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\r\n"))
+            .await;
+        let resp = raw.response().await.expect("chunked response");
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.text(), "chunk-0;chunk-1;chunk-2;chunk-3;chunk-4;");
+        assert!(
+            resp.chunked,
+            "a streamed response without Content-Length should be chunked on HTTP/1.1, got \
+             headers {:?}",
+            resp.headers
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trailers_over_h2() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+
+        let mut client = h2_client(proxy.outbound()).await;
+        let (tx, body) = channel_body();
+        let mut req = abs_request("POST", WEB_FQDN, "/trailers", body);
+        req.headers_mut()
+            .insert("te", http::HeaderValue::from_static("trailers"));
+        tokio::spawn(async move {
+            let _ = tx.send(Frame::data(Bytes::from_static(b"abc"))).await;
+            let mut t = HeaderMap::new();
+            t.insert("x-client-trailer", http::HeaderValue::from_static("h2"));
+            let _ = tx.send(Frame::trailers(t)).await;
+        });
+        let resp = send_h2(&mut client, req)
+            .await
+            .expect("h2 trailers request");
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(&resp.body[..], b"trailers-ok");
+        let trailers = resp.trailers.clone().unwrap_or_default();
+        assert_eq!(
+            trailers.get("x-backend-trailer").map(|v| v.as_bytes()),
+            Some(&b"yes"[..]),
+            "response trailers lost through the proxy: got {:?}",
+            resp.trailers
+        );
+        let seen = backend.state.trailers.lock().unwrap().clone();
+        assert!(
+            seen.iter()
+                .any(|t| t.get("x-client-trailer").map(|v| v.as_bytes()) == Some(b"h2")),
+            "request trailers lost through the proxy: backend saw {seen:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trailers_over_h1_chunked() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        raw.send(format!(
+            "POST /trailers HTTP/1.1\r\nHost: {WEB_FQDN}\r\nTE: trailers\r\n\
+             Transfer-Encoding: chunked\r\nTrailer: x-client-trailer\r\n\r\n\
+             3\r\nabc\r\n0\r\nx-client-trailer: h1\r\n\r\n"
+        ))
+        .await;
+        let resp = raw.response().await.expect("h1 trailers response");
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.text(), "trailers-ok");
+        assert!(
+            resp.chunked,
+            "response with trailers must be chunked: {resp:?}"
+        );
+        assert_eq!(
+            resp.trailer("x-backend-trailer"),
+            Some("yes"),
+            "response trailers lost through the proxy (client sent TE: trailers): {resp:?}"
+        );
+        let seen = backend.state.trailers.lock().unwrap().clone();
+        assert!(
+            seen.iter()
+                .any(|t| t.get("x-client-trailer").map(|v| v.as_bytes()) == Some(b"h1")),
+            "request trailers lost through the proxy: backend saw {seen:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expect_100_continue() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        raw.send(format!(
+            "POST /count HTTP/1.1\r\nHost: {WEB_FQDN}\r\nContent-Length: 11\r\n\
+             Expect: 100-continue\r\n\r\n"
+        ))
+        .await;
+        // The client waits for the interim response before sending the body.
+        let interim = raw.head().await.expect("interim response");
+        assert_eq!(
+            interim.status, 100,
+            "expected `100 Continue` before sending the body, got {interim:?}"
+        );
+        raw.send("hello world").await;
+        let resp = raw.response().await.expect("final response");
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.text(), "11", "backend byte count");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hop_by_hop_headers_are_removed() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        raw.send(format!(
+            "GET /hop HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\
+             Connection: keep-alive, X-Custom-Hop\r\nKeep-Alive: timeout=5\r\n\
+             Proxy-Connection: keep-alive\r\nTE: gzip\r\nX-Custom-Hop: secret\r\n\
+             X-End-To-End: kept\r\n\r\n"
+        ))
+        .await;
+        let resp = raw.response().await.expect("response");
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let seen = backend.state.last().expect("backend saw the request");
+        for h in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "x-custom-hop",
+        ] {
+            assert!(
+                seen.headers.get(h).is_none(),
+                "hop-by-hop header {h:?} reached the backend: {:?}",
+                seen.headers
+            );
+        }
+        if let Some(te) = seen.headers.get("te") {
+            assert_eq!(
+                te.as_bytes(),
+                b"trailers",
+                "TE other than `trailers` reached the backend: {:?}",
+                seen.headers
+            );
+        }
+        assert_eq!(
+            seen.headers.get("x-end-to-end").map(|v| v.as_bytes()),
+            Some(&b"kept"[..]),
+            "end-to-end header lost: {:?}",
+            seen.headers
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_upgrade_is_tunnelled() {
+    use tokio_tungstenite::tungstenite::Message;
+    test_body(async {
+        let ws_server = WsServer::echo().await;
+        let cfg = ConfigDir::new();
+        cfg.write_service("ws", &[HTTP_PORT]);
+        cfg.set_endpoints("ws", "http", &[ws_server.addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+
+        let tcp = tokio::net::TcpStream::connect(proxy.outbound())
+            .await
+            .unwrap();
+        let (mut ws, resp) = within(
+            "websocket handshake",
+            OP_TIMEOUT,
+            tokio_tungstenite::client_async("ws://ws.default.svc.cluster.local/chat", tcp),
+        )
+        .await
+        .expect("websocket handshake through the proxy");
+        assert_eq!(resp.status(), 101);
+        for i in 0..5 {
+            let text = format!("hello {i}");
+            ws.send(Message::text(text.clone())).await.unwrap();
+            let got = within("ws echo", OP_TIMEOUT, ws.next())
+                .await
+                .expect("ws closed")
+                .expect("ws error");
+            assert_eq!(got, Message::text(text));
+        }
+        let blob: Vec<u8> = (0..100_000u32).map(|i| (i % 256) as u8).collect();
+        ws.send(Message::binary(blob.clone())).await.unwrap();
+        let got = within("ws binary echo", OP_TIMEOUT, ws.next())
+            .await
+            .expect("ws closed")
+            .expect("ws error");
+        assert_eq!(got.into_data().as_ref(), &blob[..], "binary echo");
+        ws.close(None).await.ok();
+        assert_eq!(ws_server.connections.load(Ordering::SeqCst), 1);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connect_is_tunnelled() {
+    test_body(async {
+        let echo = TcpServer::echo().await;
+        let proxy = Proxy::start(&[]);
+
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        raw.send(format!(
+            "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n",
+            echo.addr
+        ))
+        .await;
+        let head = raw.head().await.expect("CONNECT response");
+        assert_eq!(head.status, 200, "CONNECT response: {head:?}");
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let writer = {
+            let payload = payload.clone();
+            let mut w = raw.writer;
+            tokio::spawn(async move {
+                w.write_all(&payload).await.unwrap();
+                w
+            })
+        };
+        let mut got = vec![0u8; payload.len()];
+        within("tunnel echo", OP_TIMEOUT, raw.reader.read_exact(&mut got))
+            .await
+            .expect("read echoed bytes through the CONNECT tunnel");
+        assert!(got == payload, "bytes through the CONNECT tunnel differ");
+        let _w = writer.await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_request_gets_400_and_close_others_unaffected() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+
+        let mut good = h1_client(proxy.outbound()).await;
+        let r = send_h1(&mut good, h1_request("GET", WEB_FQDN, "/", empty()))
+            .await
+            .expect("well-formed request before");
+        assert_eq!(r.status, 200);
+
+        // A header line without a colon.
+        let mut bad = RawConn::connect(proxy.outbound()).await;
+        bad.send("GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+            .await;
+        let resp = bad
+            .response()
+            .await
+            .expect("response to a malformed header");
+        assert_eq!(resp.status, 400, "malformed header line: {resp:?}");
+        assert!(
+            bad.closed_within(Duration::from_secs(5)).await,
+            "connection not closed after a 400 for a malformed request"
+        );
+        let bad_header_error = resp.header("pylon-proxy-error").map(str::to_string);
+
+        // An invalid request line after the connection was detected as HTTP.
+        let mut bad2 = RawConn::connect(proxy.outbound()).await;
+        bad2.send(format!("GET / HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\r\n"))
+            .await;
+        let first = bad2.response().await.expect("first (valid) response");
+        assert_eq!(first.status, 200, "{first:?}");
+        bad2.send("BAD\x01REQUEST LINE\r\n\r\n").await;
+        let resp2 = bad2
+            .response()
+            .await
+            .expect("response to a bad request line");
+        assert_eq!(resp2.status, 400, "invalid request line: {resp2:?}");
+        assert!(
+            bad2.closed_within(Duration::from_secs(5)).await,
+            "connection not closed after a 400 for an invalid request line"
+        );
+
+        // The concurrent well-formed client keeps working, and new ones too.
+        let r = send_h1(&mut good, h1_request("GET", WEB_FQDN, "/", empty()))
+            .await
+            .expect("well-formed request after");
+        assert_eq!(r.status, 200);
+        let r = get(proxy.outbound(), WEB_FQDN, "/")
+            .await
+            .expect("fresh client");
+        assert_eq!(r.status, 200);
+
+        assert!(
+            bad_header_error.is_some(),
+            "the proxy's 400 lacks the `pylon-proxy-error` header: {resp:?}"
+        );
+        assert!(
+            resp2.header("pylon-proxy-error").is_some(),
+            "the proxy's 400 lacks the `pylon-proxy-error` header: {resp2:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_endpoint_is_502_with_proxy_error() {
+    test_body(async {
+        let cfg = ConfigDir::web(&[closed_port()]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let resp = get(proxy.outbound(), WEB_FQDN, "/")
+            .await
+            .expect("response");
+        assert_eq!(resp.status, 502, "refused endpoint: {resp:?}");
+        assert!(
+            resp.proxy_error().is_some_and(|v| !v.is_empty()),
+            "502 lacks `pylon-proxy-error`: {resp:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_ready_endpoints_is_503_with_proxy_error() {
+    test_body(async {
+        let cfg = ConfigDir::web(&[]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let resp = get(proxy.outbound(), WEB_FQDN, "/")
+            .await
+            .expect("response");
+        assert_eq!(resp.status, 503, "no endpoints: {resp:?}");
+        assert!(
+            resp.proxy_error().is_some_and(|v| !v.is_empty()),
+            "503 lacks `pylon-proxy-error`: {resp:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_backend_hits_response_timeout_504() {
+    test_body(async {
+        let backend = Backend::with_delay("slow", Duration::from_secs(5)).await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &["--response-timeout", "200ms"]);
+        let resp = get(proxy.outbound(), WEB_FQDN, "/")
+            .await
+            .expect("response");
+        assert_eq!(resp.status, 504, "response timeout: {resp:?}");
+        assert!(
+            resp.proxy_error().is_some_and(|v| !v.is_empty()),
+            "504 lacks `pylon-proxy-error`: {resp:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inbound_forwards_and_records_inbound_direction() {
+    test_body(async {
+        let backend = Backend::start("app").await;
+        let fwd = backend.addr.to_string();
+        let proxy = Proxy::start(&["--inbound-forward", &fwd]);
+        const N: usize = 5;
+        for i in 0..N {
+            let resp = get(proxy.inbound(), "app.example:8080", "/in")
+                .await
+                .unwrap_or_else(|e| panic!("inbound request {i}: {e}"));
+            assert_eq!(resp.status, 200, "inbound request {i}: {resp:?}");
+            assert_eq!(resp.backend(), Some("app"));
+        }
+        assert_eq!(backend.requests(), N);
+        let v = proxy
+            .wait_metric(
+                "request_total",
+                &[("direction", "inbound")],
+                N as f64,
+                Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(
+            v,
+            Some(N as f64),
+            "request_total{{direction=\"inbound\"}}; series:\n{}",
+            series_of(&proxy.metrics(), "request_total")
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outbound_request_and_response_metrics() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+        let target = backend.addr.to_string();
+
+        const OK: usize = 10;
+        const NOT_FOUND: usize = 3;
+        const FAIL: usize = 4;
+        let mut client = h1_client(proxy.outbound()).await;
+        for (n, status) in [(OK, "200"), (NOT_FOUND, "404"), (FAIL, "500")] {
+            for _ in 0..n {
+                let mut req = h1_request("GET", WEB_FQDN, "/m", empty());
+                req.headers_mut()
+                    .insert("x-status", http::HeaderValue::from_static(status));
+                let resp = send_h1(&mut client, req).await.expect("request");
+                assert_eq!(resp.status.as_str(), status);
+                assert!(
+                    resp.proxy_error().is_none(),
+                    "an application {status} must not carry pylon-proxy-error: {resp:?}"
+                );
+            }
+        }
+        let total = (OK + NOT_FOUND + FAIL) as f64;
+        let is_web = |s: &Sample| {
+            s.label("direction") == Some("outbound")
+                && s.label("authority")
+                    .is_some_and(|a| a.starts_with(WEB_FQDN))
+        };
+        let ok = wait_until(
+            || proxy.metric_sum("request_total", is_web) == Some(total),
+            Duration::from_secs(5),
+        )
+        .await;
+        let text = proxy.metrics();
+        assert!(
+            ok,
+            "request_total{{direction=outbound,authority={WEB_FQDN}[:80]}} != {total}; series:\n{}",
+            series_of(&text, "request_total")
+        );
+        assert_eq!(
+            metric_value(
+                &text,
+                "request_total",
+                &[("direction", "outbound"), ("target_addr", &target)]
+            ),
+            Some(total),
+            "request_total by target_addr={target}; series:\n{}",
+            series_of(&text, "request_total")
+        );
+        assert_eq!(
+            metric_value(
+                &text,
+                "request_total",
+                &[
+                    ("direction", "outbound"),
+                    ("dst_service", "web"),
+                    ("dst_namespace", "default")
+                ]
+            ),
+            Some(total),
+            "request_total by dst_service/dst_namespace; series:\n{}",
+            series_of(&text, "request_total")
+        );
+        let rt = series_of(&text, "response_total");
+        assert_eq!(
+            metric_value(
+                &text,
+                "response_total",
+                &[("direction", "outbound"), ("classification", "failure")]
+            ),
+            Some(FAIL as f64),
+            "response_total classification=failure (5xx); series:\n{rt}"
+        );
+        assert_eq!(
+            metric_value(
+                &text,
+                "response_total",
+                &[
+                    ("direction", "outbound"),
+                    ("classification", "failure"),
+                    ("status_code", "500")
+                ]
+            ),
+            Some(FAIL as f64),
+            "response_total failure status_code=500; series:\n{rt}"
+        );
+        assert_eq!(
+            metric_value(
+                &text,
+                "response_total",
+                &[("direction", "outbound"), ("classification", "success")]
+            ),
+            Some((OK + NOT_FOUND) as f64),
+            "response_total classification=success (2xx and 4xx); series:\n{rt}"
+        );
+        assert_eq!(
+            metric_value(
+                &text,
+                "response_latency_ms_count",
+                &[("direction", "outbound")]
+            ),
+            Some(total),
+            "response_latency_ms histogram count; series:\n{}",
+            series_of(&text, "response_latency_ms_count")
+        );
+    })
+    .await
+}
