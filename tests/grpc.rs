@@ -109,7 +109,7 @@ async fn grpc_backend() -> Backend {
                         .unwrap()
                 }
             };
-            resp.map(|b| b.map_err(|s| Box::new(s) as BoxError).boxed())
+            resp.map(|b| b.map_err(|s| Box::new(s) as BoxError).boxed_unsync())
         })
     });
     Backend::start_with("grpc", handler).await
@@ -139,10 +139,10 @@ impl Service<http::Uri> for ViaProxy {
 type Client = tonic::client::Grpc<tonic::transport::Channel>;
 
 async fn client(proxy: &Proxy) -> Client {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{GRPC_AUTHORITY}"))
-        .unwrap()
-        .connect_with_connector(ViaProxy(proxy.outbound()));
-    let channel = within("gRPC connect", OP_TIMEOUT, channel)
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{GRPC_AUTHORITY}")).unwrap();
+    let connect = endpoint.connect_with_connector(ViaProxy(proxy.outbound()));
+    let channel = within("gRPC connect", OP_TIMEOUT, connect)
         .await
         .expect("tonic channel to the proxy");
     tonic::client::Grpc::new(channel)

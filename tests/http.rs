@@ -582,8 +582,6 @@ async fn malformed_request_gets_400_and_close_others_unaffected() {
             bad.closed_within(Duration::from_secs(5)).await,
             "connection not closed after a 400 for a malformed request"
         );
-        let bad_header_error = resp.header("pylon-proxy-error").map(str::to_string);
-
         // An invalid request line after the connection was detected as HTTP.
         let mut bad2 = RawConn::connect(proxy.outbound()).await;
         bad2.send(format!("GET / HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\r\n"))
@@ -611,13 +609,14 @@ async fn malformed_request_gets_400_and_close_others_unaffected() {
             .expect("fresh client");
         assert_eq!(r.status, 200);
 
+        let missing: Vec<String> = [("bad header line", &resp), ("bad request line", &resp2)]
+            .iter()
+            .filter(|(_, r)| r.header("pylon-proxy-error").is_none())
+            .map(|(what, r)| format!("{what}: {} {:?}", r.status_line, r.headers))
+            .collect();
         assert!(
-            bad_header_error.is_some(),
-            "the proxy's 400 lacks the `pylon-proxy-error` header: {resp:?}"
-        );
-        assert!(
-            resp2.header("pylon-proxy-error").is_some(),
-            "the proxy's 400 lacks the `pylon-proxy-error` header: {resp2:?}"
+            missing.is_empty(),
+            "the proxy's 400 lacks the `pylon-proxy-error` header for: {missing:#?}"
         );
     })
     .await
@@ -635,6 +634,28 @@ async fn refused_endpoint_is_502_with_proxy_error() {
         assert!(
             resp.proxy_error().is_some_and(|v| !v.is_empty()),
             "502 lacks `pylon-proxy-error`: {resp:?}"
+        );
+        let warned = proxy
+            .wait_for_log(Duration::from_secs(5), |l| l.contains("\"level\":\"WARN\""))
+            .await;
+        assert!(
+            warned.is_some(),
+            "a proxy-generated 502 must be logged at warn; logs:\n{}",
+            proxy.log_tail(10)
+        );
+        let failure = |s: &Sample| {
+            s.label("direction") == Some("outbound")
+                && s.label("classification") == Some("failure")
+        };
+        let counted = wait_until(
+            || proxy.metric_sum("response_total", failure) == Some(1.0),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            counted,
+            "the proxy-generated 502 is not counted as response_total{{classification=failure}}:\n{}",
+            series_of(&proxy.metrics(), "response_total")
         );
     })
     .await
@@ -660,15 +681,23 @@ async fn no_ready_endpoints_is_503_with_proxy_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_backend_hits_response_timeout_504() {
     test_body(async {
-        let backend = Backend::with_delay("slow", Duration::from_secs(5)).await;
+        let backend = Backend::start("web-a").await;
         let (_cfg, proxy) = web_proxy(&[&backend], &["--response-timeout", "200ms"]);
-        let resp = get(proxy.outbound(), WEB_FQDN, "/")
+        let resp = get_with(proxy.outbound(), WEB_FQDN, "/", &[("x-delay-ms", "5000")])
             .await
             .expect("response");
         assert_eq!(resp.status, 504, "response timeout: {resp:?}");
         assert!(
             resp.proxy_error().is_some_and(|v| !v.is_empty()),
             "504 lacks `pylon-proxy-error`: {resp:?}"
+        );
+        // A fast request on the same proxy is unaffected by the timeout.
+        let resp = get(proxy.outbound(), WEB_FQDN, "/")
+            .await
+            .expect("response");
+        assert_eq!(
+            resp.status, 200,
+            "fast request under --response-timeout: {resp:?}"
         );
     })
     .await
@@ -772,6 +801,15 @@ async fn outbound_request_and_response_metrics() {
             "request_total by dst_service/dst_namespace; series:\n{}",
             series_of(&text, "request_total")
         );
+        let samples = parse_metrics(&text).unwrap();
+        let unlabelled: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.name == "request_total" && is_web(s) && s.label("tls").is_none())
+            .collect();
+        assert!(
+            unlabelled.is_empty(),
+            "request_total series without a `tls` label: {unlabelled:?}"
+        );
         let rt = series_of(&text, "response_total");
         assert_eq!(
             metric_value(
@@ -813,6 +851,157 @@ async fn outbound_request_and_response_metrics() {
             Some(total),
             "response_latency_ms histogram count; series:\n{}",
             series_of(&text, "response_latency_ms_count")
+        );
+    })
+    .await
+}
+
+/// A loopback address whose accept queue is full, so further SYNs are dropped and connects hang.
+/// Returns the listening socket and the queued connections (keep them alive).
+fn blackholed_addr() -> (
+    socket2::Socket,
+    Vec<std::net::TcpStream>,
+    std::net::SocketAddr,
+) {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => queued.push(s),
+            Err(_) => break,
+        }
+    }
+    let probe = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500));
+    assert!(
+        probe.is_err(),
+        "test setup: could not make a loopback port whose connects hang"
+    );
+    (sock, queued, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connect_timeout_is_504_with_proxy_error() {
+    test_body(async {
+        let (_sock, _queued, addr) = blackholed_addr();
+        let cfg = ConfigDir::web(&[addr]);
+        let proxy = Proxy::with_config(&cfg, &["--connect-timeout", "300ms"]);
+        let resp = get(proxy.outbound(), WEB_FQDN, "/")
+            .await
+            .expect("response");
+        assert_eq!(
+            resp.status, 504,
+            "connect to a hanging endpoint with --connect-timeout 300ms: {resp:?}"
+        );
+        assert!(
+            resp.proxy_error().is_some_and(|v| !v.is_empty()),
+            "504 lacks `pylon-proxy-error`: {resp:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn response_hop_by_hop_headers_are_removed() {
+    test_body(async {
+        let handler: Handler = Arc::new(|_req, _st| {
+            Box::pin(async move {
+                http::Response::builder()
+                    .header("connection", "x-resp-hop")
+                    .header("keep-alive", "timeout=5")
+                    .header("proxy-connection", "keep-alive")
+                    .header("x-resp-hop", "secret")
+                    .header("x-resp-e2e", "kept")
+                    .body(full("ok"))
+                    .unwrap()
+            })
+        });
+        let backend = Backend::start_with("web-a", handler).await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        raw.send(format!("GET / HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\r\n"))
+            .await;
+        let resp = raw.response().await.expect("response");
+        assert_eq!(resp.status, 200, "{resp:?}");
+        for h in ["keep-alive", "proxy-connection", "x-resp-hop"] {
+            assert!(
+                resp.header(h).is_none(),
+                "hop-by-hop response header {h:?} reached the client: {:?}",
+                resp.headers
+            );
+        }
+        if let Some(c) = resp.header("connection") {
+            assert!(
+                !c.to_ascii_lowercase().contains("x-resp-hop"),
+                "the backend's Connection header reached the client: {c:?}"
+            );
+        }
+        assert_eq!(
+            resp.header("x-resp-e2e"),
+            Some("kept"),
+            "{:?}",
+            resp.headers
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2_large_bodies_respect_flow_control() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let (_cfg, proxy) = web_proxy(&[&backend], &[]);
+        const LEN: u64 = 64 << 20;
+
+        let mut client = h2_client(proxy.outbound()).await;
+        // Upload 64 MiB (the backend counts it) on one stream...
+        let up = abs_request(
+            "POST",
+            WEB_FQDN,
+            "/count",
+            RepeatBody::new(LEN, 16 * 1024).boxed_body(),
+        );
+        let mut c2 = client.clone();
+        let upload = tokio::spawn(async move {
+            within("h2 64 MiB upload", Duration::from_secs(40), async {
+                c2.ready().await?;
+                read_resp(c2.send_request(up).await?).await
+            })
+            .await
+        });
+        // ...while downloading 64 MiB on another.
+        let path = format!("/generate?bytes={LEN}");
+        let down = within("h2 64 MiB download", Duration::from_secs(40), async {
+            client.ready().await?;
+            let resp = client
+                .send_request(abs_request("GET", WEB_FQDN, &path, empty()))
+                .await?;
+            let mut body = resp.into_body();
+            let mut n: u64 = 0;
+            while let Some(f) = body.frame().await {
+                n += f?.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            Ok::<_, BoxError>(n)
+        })
+        .await
+        .expect("h2 download");
+        assert_eq!(down, LEN, "h2 downloaded bytes");
+        let up = upload.await.unwrap().expect("h2 upload");
+        assert_eq!(up.status, 200, "{up:?}");
+        assert_eq!(
+            up.text(),
+            LEN.to_string(),
+            "h2 uploaded bytes counted by the backend"
         );
     })
     .await

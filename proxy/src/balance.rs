@@ -44,11 +44,15 @@ impl PeakEwma {
         }
     }
 
-    /// Lower is better.
+    /// Lower is better. The estimate decays with time since the last observation, so an
+    /// endpoint that stopped being picked (it was slow once) is tried again eventually.
     pub fn cost(&self) -> f64 {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        let idle_ns = now_ns.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
+        let decayed = rtt * (-idle_ns / DECAY.as_nanos() as f64).exp();
         let pending = self.pending.load(Ordering::Relaxed) as f64;
-        rtt * (pending + 1.0)
+        decayed * (pending + 1.0)
     }
 
     /// Marks a request as in flight until the returned guard drops.
@@ -65,14 +69,14 @@ impl PeakEwma {
         let now_ns = self.epoch.elapsed().as_nanos() as u64;
         let last_ns = self.updated_ns.swap(now_ns, Ordering::Relaxed);
         let sample = rtt.as_nanos() as f64;
-        let prev = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let elapsed = now_ns.saturating_sub(last_ns) as f64;
+        let w = (-elapsed / DECAY.as_nanos() as f64).exp();
+        let prev = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed)) * w;
         let next = if sample > prev {
             // Peak: react to a slowdown at once.
             sample
         } else {
-            let elapsed = now_ns.saturating_sub(last_ns) as f64;
-            let w = (-elapsed / DECAY.as_nanos() as f64).exp();
-            prev * w + sample * (1.0 - w)
+            prev + sample * (1.0 - w)
         };
         // Concurrent observers may overwrite each other; either value is a fair estimate.
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
@@ -179,7 +183,8 @@ mod tests {
     fn peak_is_taken_at_once_and_decays() {
         let l = PeakEwma::new();
         l.observe(Duration::from_millis(500));
-        assert!((l.cost() - 500e6).abs() < 1.0);
+        let c = l.cost();
+        assert!(c <= 500e6 && c > 490e6, "peak taken at once: {c}");
         std::thread::sleep(Duration::from_millis(20));
         l.observe(Duration::from_millis(1));
         let c = l.cost();
@@ -198,6 +203,23 @@ mod tests {
             .count();
         // With two endpoints P2C compares both every time.
         assert_eq!(fast_picks, 1000);
+    }
+
+    #[test]
+    fn idle_estimate_decays_towards_zero() {
+        // An endpoint last measured at 100 ms, one decay period (10 s) ago.
+        let l = PeakEwma {
+            rtt_ns: AtomicU64::new(100e6_f64.to_bits()),
+            updated_ns: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            epoch: Instant::now() - DECAY,
+        };
+        let c = l.cost();
+        let expected = 100e6 * (-1.0f64).exp();
+        assert!(
+            (c - expected).abs() / expected < 0.05,
+            "cost {c} ~ {expected}"
+        );
     }
 
     #[test]

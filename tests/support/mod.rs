@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-pub type Body = BoxBody<Bytes, BoxError>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Upper bound for one whole test (the brief: no test longer than 60 s).
@@ -475,10 +475,7 @@ pub fn blocking_http(
 
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
-    loop {
-        let Some((size_line, rest)) = s.split_once("\r\n") else {
-            break;
-        };
+    while let Some((size_line, rest)) = s.split_once("\r\n") {
         let size_hex = size_line.split(';').next().unwrap_or("").trim();
         let Ok(size) = usize::from_str_radix(size_hex, 16) else {
             break;
@@ -832,11 +829,11 @@ pub fn endpoint_slices_yaml(
 // ---------------------------------------------------------------------------------------------
 
 pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|e| match e {}).boxed()
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
 }
 
 pub fn empty() -> Body {
-    Empty::<Bytes>::new().map_err(|e| match e {}).boxed()
+    Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync()
 }
 
 /// A body of `len` bytes generated on the fly in `chunk`-sized frames (no allocation per frame).
@@ -863,7 +860,7 @@ impl RepeatBody {
     }
 
     pub fn boxed_body(self) -> Body {
-        BodyExt::boxed(self)
+        BodyExt::boxed_unsync(self)
     }
 }
 
@@ -901,7 +898,7 @@ pub fn channel_body() -> (tokio::sync::mpsc::Sender<Frame<Bytes>>, Body) {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|f| (Ok::<_, BoxError>(f), rx))
     });
-    (tx, http_body_util::StreamBody::new(stream).boxed())
+    (tx, http_body_util::StreamBody::new(stream).boxed_unsync())
 }
 
 /// Reads a body fully: (data, trailers).
@@ -1415,7 +1412,7 @@ fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
 }
 
 fn boxed_incoming(b: Incoming) -> Body {
-    b.map_err(|e| Box::new(e) as BoxError).boxed()
+    b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
 }
 
 /// Standard backend behaviour, by path:

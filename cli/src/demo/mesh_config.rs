@@ -78,17 +78,40 @@ mod tests {
                 },
             ],
         );
-        let docs: Vec<&str> = yaml.split("\n---\n").collect();
+        let docs: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(&yaml)
+            .map(|doc| serde::Deserialize::deserialize(doc).expect("valid YAML"))
+            .collect();
         assert_eq!(docs.len(), 3);
-        assert!(docs[0].contains("kind: Service\n"));
-        assert!(docs[0].contains("port: 80\n"));
-        assert!(docs[0].contains("targetPort: http\n"));
-        assert!(docs[1].contains("kind: EndpointSlice\n"));
-        assert!(docs[1].contains("kubernetes.io/service-name: ml-inference\n"));
-        assert!(docs[1].contains("- name: http\n  port: 4001\n"));
-        assert!(docs[1].contains("- \"127.0.0.1\"\n"));
-        assert!(docs[2].contains("name: ml-inference-2\n"));
-        assert!(docs[2].contains("port: 4002\n"));
+
+        let service = &docs[0];
+        assert_eq!(service["apiVersion"].as_str(), Some("v1"));
+        assert_eq!(service["kind"].as_str(), Some("Service"));
+        assert_eq!(service["metadata"]["name"].as_str(), Some("ml-inference"));
+        assert_eq!(service["metadata"]["namespace"].as_str(), Some("default"));
+        let port = &service["spec"]["ports"][0];
+        assert_eq!(port["name"].as_str(), Some("http"));
+        assert_eq!(port["port"].as_u64(), Some(80));
+        assert_eq!(port["targetPort"].as_str(), Some("http"));
+
+        for (slice, (pod, port)) in docs[1..]
+            .iter()
+            .zip([("ml-inference-1", 4001), ("ml-inference-2", 4002)])
+        {
+            assert_eq!(slice["apiVersion"].as_str(), Some("discovery.k8s.io/v1"));
+            assert_eq!(slice["kind"].as_str(), Some("EndpointSlice"));
+            assert_eq!(slice["metadata"]["name"].as_str(), Some(pod));
+            assert_eq!(
+                slice["metadata"]["labels"]["kubernetes.io/service-name"].as_str(),
+                Some("ml-inference")
+            );
+            assert_eq!(slice["addressType"].as_str(), Some("IPv4"));
+            assert_eq!(slice["ports"][0]["name"].as_str(), Some("http"));
+            assert_eq!(slice["ports"][0]["port"].as_u64(), Some(port));
+            let endpoint = &slice["endpoints"][0];
+            assert_eq!(endpoint["addresses"][0].as_str(), Some("127.0.0.1"));
+            assert_eq!(endpoint["conditions"]["ready"].as_bool(), Some(true));
+            assert_eq!(endpoint["targetRef"]["name"].as_str(), Some(pod));
+        }
     }
 
     #[test]

@@ -134,6 +134,7 @@ fn watch_for_interrupt() -> Result<watch::Receiver<bool>> {
 fn mesh_info(mesh: &Mesh, args: &DemoArgs, run_for: Option<Duration>) -> MeshInfo {
     MeshInfo {
         authority: format!("{}:{}", mesh::AUTHORITY, mesh::SERVICE_PORT),
+        host: mesh::AUTHORITY.to_owned(),
         config_dir: mesh.config_dir().display().to_string(),
         outbound_listener: mesh.client_proxy.addrs().outbound,
         outbound_admin: mesh.client_proxy.addrs().admin,
@@ -169,7 +170,10 @@ async fn watch_traffic(
         max_requests: u64::from(args.rps)
             .saturating_mul(run_for.unwrap_or(LONGEST_RUN).as_secs().max(1)),
     };
-    warm_up(&plan, printer).await;
+    tokio::select! {
+        _ = warm_up(&plan, printer) => {}
+        _ = interrupted.wait_for(|&i| i) => return Ok(()),
+    }
     printer.mesh(&info);
 
     let baseline = scrape_mesh(mesh).await?;

@@ -220,11 +220,11 @@ impl ProxyProcess {
         for drain in &mut self.log_drains {
             let _ = timeout(Duration::from_millis(500), drain).await;
         }
-        error.context(format!(
-            "the proxy for {} failed to start; its last output:\n{}",
+        anyhow!(
+            "the proxy for {} failed to start: {error:#}\n  its last output:\n{}",
             self.pod,
             self.log_tail()
-        ))
+        )
     }
 
     pub fn addrs(&self) -> ListenerAddrs {

@@ -31,7 +31,10 @@ pub struct EndpointInfo {
 /// The whole mesh, for the header.
 #[derive(Clone, Debug)]
 pub struct MeshInfo {
+    /// What the client calls, `host:port`.
     pub authority: String,
+    /// The same without the port, as the client writes it in URLs and `Host`.
+    pub host: String,
     pub config_dir: String,
     pub outbound_listener: SocketAddr,
     pub outbound_admin: SocketAddr,
@@ -124,7 +127,7 @@ pub fn endpoint_stats(
     let total = EndpointStats::from_counters(
         "TOTAL".to_owned(),
         "-",
-        mesh.authority.clone(),
+        "-".to_owned(),
         &total_out,
         inbound_complete.then_some(&total_in),
         elapsed,
@@ -195,6 +198,7 @@ fn render_table(headers: &[&str], rows: &[Vec<String>], left: usize) -> String {
 /// Prints the demo's output in the chosen format.
 pub struct Printer {
     format: OutputFormat,
+    authority: String,
     /// On a terminal each table redraws the screen; otherwise tables are appended.
     redraw: bool,
     mesh_info: String,
@@ -204,6 +208,7 @@ impl Printer {
     pub fn new(format: OutputFormat) -> Printer {
         Printer {
             format,
+            authority: String::new(),
             redraw: format == OutputFormat::Table && std::io::stdout().is_terminal(),
             mesh_info: String::new(),
         }
@@ -224,6 +229,7 @@ impl Printer {
     }
 
     pub fn mesh(&mut self, mesh: &MeshInfo) {
+        self.authority = mesh.authority.clone();
         match self.format {
             OutputFormat::Json => {
                 let event = json!({
@@ -252,7 +258,7 @@ impl Printer {
                 let _ = writeln!(
                     text,
                     "pylon demo: {} rps to http://{}/predict through the outbound proxy, {run}",
-                    mesh.rps, mesh.authority
+                    mesh.rps, mesh.host
                 );
                 let _ = writeln!(text, "config dir  {}", mesh.config_dir);
                 let _ = writeln!(
@@ -266,7 +272,7 @@ impl Printer {
                 let _ = writeln!(
                     text,
                     "try         curl -H 'Host: {}' http://{}/predict",
-                    mesh.authority, mesh.outbound_listener
+                    mesh.host, mesh.outbound_listener
                 );
                 self.emit(&format!("{text}\n"));
                 self.mesh_info = text;
@@ -321,7 +327,7 @@ impl Printer {
                     text,
                     "[{:>4.0}s] outbound proxy's view of {}, last second:",
                     since_start.as_secs_f64(),
-                    total.target_addr
+                    self.authority
                 );
                 text.push_str(&render_table(&headers, &table_rows, 3));
                 text.push('\n');
@@ -386,6 +392,19 @@ impl Printer {
                     run.as_secs_f64()
                 );
                 text.push_str(&render_table(&headers, &table_rows, 3));
+                for row in rows {
+                    let share = row.requests / total.requests;
+                    if total.requests > 0.0 && share < 0.1 {
+                        let _ = writeln!(
+                            text,
+                            "note: {} ({}) got {:.1}% of the requests: the outbound proxy balances \
+                             by latency (P2C over PeakEWMA) and prefers faster endpoints",
+                            row.name,
+                            row.behaviour,
+                            share * 100.0
+                        );
+                    }
+                }
                 let _ = writeln!(
                     text,
                     "load generator: sent {}, 2xx {}, app errors {}, proxy errors {}, \
@@ -427,6 +446,7 @@ mod tests {
     fn stats_are_rates_over_the_interval() {
         let mesh = MeshInfo {
             authority: "ml-inference.default.svc.cluster.local:80".to_owned(),
+            host: "ml-inference.default.svc.cluster.local".to_owned(),
             config_dir: "/tmp/x".to_owned(),
             outbound_listener: "127.0.0.1:4140".parse().expect("addr"),
             outbound_admin: "127.0.0.1:4191".parse().expect("addr"),
