@@ -466,3 +466,120 @@ async fn invalid_yaml_keeps_last_good_endpoints_and_warns() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn not_ready_endpoints_get_no_traffic() {
+    test_body(async {
+        let ready = Backend::start("ready").await;
+        let not_ready = Backend::start("not-ready").await;
+        let cfg = ConfigDir::new();
+        cfg.write_service("web", &[HTTP_PORT]);
+        let ip = ["127.0.0.1".parse().unwrap()];
+        let slices = [
+            slice_yaml(
+                "web-r",
+                "web",
+                "default",
+                &[("http", ready.addr.port())],
+                &ip,
+                true,
+            ),
+            slice_yaml(
+                "web-n",
+                "web",
+                "default",
+                &[("http", not_ready.addr.port())],
+                &ip,
+                false,
+            ),
+        ]
+        .join("---\n");
+        cfg.write("web-endpoints.yaml", &slices);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let mut client = h1_client(proxy.outbound()).await;
+        for i in 0..30 {
+            let resp = send_h1(&mut client, h1_request("GET", WEB_FQDN, "/", empty()))
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(resp.status, 200, "request {i}: {resp:?}");
+        }
+        assert_eq!(
+            not_ready.requests(),
+            0,
+            "an endpoint with conditions.ready=false received traffic"
+        );
+        assert_eq!(ready.requests(), 30);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn namespaces_are_respected() {
+    test_body(async {
+        let in_default = Backend::start("web-default").await;
+        let in_other = Backend::start("web-other").await;
+        let cfg = ConfigDir::web(&[in_default.addr]);
+        cfg.write(
+            "web-other-service.yaml",
+            &service_yaml("web", "other", &[HTTP_PORT]),
+        );
+        cfg.write(
+            "web-other-endpoints.yaml",
+            &endpoint_slices_yaml("web", "other", "http", &[in_other.addr]),
+        );
+        let proxy = Proxy::with_config(&cfg, &["--namespace", "default"]);
+        for (authority, want) in [
+            ("web", "web-default"),
+            ("web.default", "web-default"),
+            ("web.other", "web-other"),
+            ("web.other.svc.cluster.local", "web-other"),
+            ("web.default.svc.cluster.local", "web-default"),
+        ] {
+            let resp = get(proxy.outbound(), authority, "/")
+                .await
+                .unwrap_or_else(|e| panic!("Host: {authority}: {e}"));
+            assert_eq!(resp.status, 200, "Host: {authority}: {resp:?}");
+            assert_eq!(resp.backend(), Some(want), "Host: {authority}");
+        }
+        drop(proxy);
+
+        // `web` alone resolves in the proxy's own namespace.
+        let proxy = Proxy::with_config(&cfg, &["--namespace", "other"]);
+        let resp = get(proxy.outbound(), "web", "/").await.expect("response");
+        assert_eq!(
+            resp.backend(),
+            Some("web-other"),
+            "with --namespace other, `web` must mean web.other: {resp:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn service_added_at_runtime_is_picked_up() {
+    test_body(async {
+        let backend = Backend::start("api").await;
+        let cfg = ConfigDir::new();
+        let proxy = Proxy::with_config(&cfg, &[]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        cfg.write_service("api", &[HTTP_PORT]);
+        cfg.set_endpoints("api", "http", &[backend.addr]);
+        let written = Instant::now();
+        let mut last = None;
+        while written.elapsed() < Duration::from_secs(5) {
+            if let Ok(r) = get(proxy.outbound(), "api.default.svc.cluster.local", "/").await {
+                if r.status == 200 && r.backend() == Some("api") {
+                    eprintln!("new service usable after {:?}", written.elapsed());
+                    return;
+                }
+                last = Some(r);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "a Service + EndpointSlice written at runtime was not usable within 5 s; last {last:?}"
+        );
+    })
+    .await
+}

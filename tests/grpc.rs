@@ -139,9 +139,13 @@ impl Service<http::Uri> for ViaProxy {
 type Client = tonic::client::Grpc<tonic::transport::Channel>;
 
 async fn client(proxy: &Proxy) -> Client {
+    client_to(proxy.outbound()).await
+}
+
+async fn client_to(addr: SocketAddr) -> Client {
     let endpoint =
         tonic::transport::Endpoint::from_shared(format!("http://{GRPC_AUTHORITY}")).unwrap();
-    let connect = endpoint.connect_with_connector(ViaProxy(proxy.outbound()));
+    let connect = endpoint.connect_with_connector(ViaProxy(addr));
     let channel = within("gRPC connect", OP_TIMEOUT, connect)
         .await
         .expect("tonic channel to the proxy");
@@ -348,6 +352,40 @@ async fn grpc_error_status_is_counted_as_failure() {
             Some(1.0),
             "response_total classification=success; series:\n{}",
             series_of(&text, "response_total")
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_via_inbound_forward() {
+    test_body(async {
+        let backend = grpc_backend().await;
+        let fwd = backend.addr.to_string();
+        let proxy = Proxy::start(&["--inbound-forward", &fwd]);
+        let mut c = client_to(proxy.inbound()).await;
+        for i in 0..5 {
+            let m = unary(&mut c, UNARY, "in", i)
+                .await
+                .unwrap_or_else(|s| panic!("inbound unary call {i}: {s:?}"));
+            assert_eq!(m.text, "echo: in");
+        }
+        let err = unary(&mut c, FAIL, "x", 0).await.expect_err("Fail errors");
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        let inbound_failure = |s: &Sample| {
+            s.label("direction") == Some("inbound")
+                && s.label("classification") == Some("failure")
+                && s.label("grpc_status") == Some("5")
+        };
+        let ok = wait_until(
+            || proxy.metric_sum("response_total", inbound_failure) == Some(1.0),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            ok,
+            "inbound gRPC failure not counted; series:\n{}",
+            series_of(&proxy.metrics(), "response_total")
         );
     })
     .await

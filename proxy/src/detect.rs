@@ -22,7 +22,8 @@ pub enum Protocol {
 }
 
 /// Reads until the protocol is known or `timeout` passes. No data (a server-speaks-first
-/// protocol) or unrecognised data is TCP, never an error.
+/// protocol) or unrecognised data is TCP, never an error; a client that closes without sending
+/// anything is `UnexpectedEof`.
 pub async fn detect<I: AsyncRead + Unpin>(
     io: &mut I,
     timeout: Duration,
@@ -37,6 +38,10 @@ pub async fn detect<I: AsyncRead + Unpin>(
             Err(_elapsed) => {
                 // A partial request line that never completed is not something hyper can serve.
                 return Ok((Protocol::Tcp, buf.freeze()));
+            }
+            Ok(Ok(0)) if buf.is_empty() => {
+                // Closed without a byte (a health check, a pool warming up): nothing to proxy.
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
             Ok(Ok(0)) => {
                 let p = classify_at_eof(&buf);
@@ -158,6 +163,16 @@ mod tests {
         let (p, b) = detect_bytes(b"", false).await;
         assert_eq!(p, Protocol::Tcp);
         assert!(b.is_empty());
+    }
+
+    #[tokio::test]
+    async fn close_without_data_is_eof() {
+        let (client, mut server) = tokio::io::duplex(64);
+        drop(client);
+        let err = detect(&mut server, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
     #[tokio::test]

@@ -47,11 +47,8 @@ impl Forward<'_> {
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let is_h2 = req.version() == Version::HTTP_2;
-        if !is_h2 && !req.headers().contains_key(header::HOST) {
-            // HTTP/1.0 clients may omit Host; the endpoint should still learn the authority.
-            if let Ok(host) = HeaderValue::from_str(self.destination) {
-                req.headers_mut().insert(header::HOST, host);
-            }
+        if !is_h2 {
+            set_host(&mut req, self.destination);
         }
 
         let send = async {
@@ -122,6 +119,21 @@ impl Forward<'_> {
         );
         record_proxy_error(self.metrics, err, self.start, self.access.take());
         err.response()
+    }
+}
+
+/// An absolute-form request's authority replaces its `Host` (RFC 9112 §3.2.2); a request with
+/// neither (HTTP/1.0) gets the destination's, so the endpoint still learns it.
+fn set_host<B>(req: &mut Request<B>, destination: &str) {
+    let host = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None if !req.headers().contains_key(header::HOST) => {
+            HeaderValue::from_str(destination).ok()
+        }
+        None => None,
+    };
+    if let Some(host) = host {
+        req.headers_mut().insert(header::HOST, host);
     }
 }
 
