@@ -302,3 +302,81 @@ async fn log_lines_are_json_with_level_target_message() {
     })
     .await
 }
+
+/// The live `/metrics` of a proxy that carried real traffic (successes, a proxy-made 502 and
+/// 503, inbound requests, TCP) passes Prometheus' own `promtool check metrics`. The only notes
+/// allowed are the two purpose-made ones: Linkerd's abbreviated `_ms` unit, and promtool's HELP
+/// quirk on OpenMetrics counters (it reads `# HELP request` as not covering `request_total`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn live_metrics_pass_promtool() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let proxy = Proxy::with_config(&cfg, &["--inbound-forward", &backend.addr.to_string()]);
+        for _ in 0..3 {
+            let r = get(proxy.outbound(), "web.default.svc.cluster.local", "/")
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+            let r = get(proxy.inbound(), "app.local", "/").await.unwrap();
+            assert_eq!(r.status, 200);
+        }
+        let r = get(proxy.outbound(), "127.0.0.1:1", "/").await.unwrap();
+        assert_eq!(r.status, 502);
+        let text = proxy.metrics();
+
+        let out = match std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(mut child) => {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("promtool stdin")
+                    .write_all(text.as_bytes())
+                    .expect("write to promtool");
+                child.wait_with_output().expect("promtool output")
+            }
+            Err(e) => {
+                let msg = format!("promtool not runnable ({e}); install Debian's `prometheus`");
+                assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+                eprintln!("NOTICE: skipping: {msg}");
+                return;
+            }
+        };
+        // promtool exits 3 for lint notes only, 1 for parse errors.
+        let code = out.status.code();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            matches!(code, Some(0) | Some(3)),
+            "promtool failed ({code:?}):\n{report}\n--- /metrics ---\n{text}"
+        );
+        let unexpected: Vec<&str> = report
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| {
+                let abbreviated_ms = l
+                    .strip_suffix(" metric names should not contain abbreviated units")
+                    .is_some_and(|n| n.ends_with("_ms"));
+                let counter_help = l
+                    .strip_suffix("_total no help text")
+                    .is_some_and(|n| text.contains(&format!("# TYPE {n} counter\n")));
+                !(abbreviated_ms || counter_help)
+            })
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "promtool complained: {unexpected:#?}\n--- /metrics ---\n{text}"
+        );
+    })
+    .await
+}

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -29,13 +29,40 @@ pub struct Endpoint {
     pub authority: Authority,
     load: Arc<PeakEwma>,
     pub http: HttpTarget,
-    pub tcp: TcpTarget,
+    /// Only opaque connections need TCP handles; made on first use so unused series don't exist.
+    tcp: LazyTarget<TcpTarget>,
     pub h2: H2Connection,
 }
 
 impl Endpoint {
     pub fn load_handle(&self) -> &Arc<PeakEwma> {
         &self.load
+    }
+
+    pub fn tcp(&self) -> &TcpTarget {
+        self.tcp.get(|m, l| m.tcp_target(l))
+    }
+}
+
+/// A metric handle resolved on first use.
+struct LazyTarget<T> {
+    metrics: Arc<Metrics>,
+    labels: TargetLabels,
+    handle: OnceLock<T>,
+}
+
+impl<T> LazyTarget<T> {
+    fn new(metrics: &Arc<Metrics>, labels: TargetLabels) -> Self {
+        Self {
+            metrics: metrics.clone(),
+            labels,
+            handle: OnceLock::new(),
+        }
+    }
+
+    fn get(&self, make: impl FnOnce(&Metrics, TargetLabels) -> T) -> &T {
+        self.handle
+            .get_or_init(|| make(&self.metrics, self.labels.clone()))
     }
 }
 
@@ -62,13 +89,17 @@ pub struct Logical {
     key: TargetKey,
     pub service: Option<ServiceRef>,
     pub endpoints: EndpointSet<Endpoint>,
-    /// Where proxy-made responses for this destination are counted when no endpoint was chosen.
-    pub metrics: HttpTarget,
+    /// Where proxy-made responses are counted when no endpoint was chosen (first use only).
+    no_endpoint: LazyTarget<HttpTarget>,
 }
 
 impl Logical {
     pub fn pick(&self) -> Option<Arc<Endpoint>> {
         self.endpoints.pick()
+    }
+
+    pub fn no_endpoint_metrics(&self) -> &HttpTarget {
+        self.no_endpoint.get(|m, l| m.http_target(l))
     }
 }
 
@@ -236,15 +267,14 @@ impl Discovery {
         key: TargetKey,
         service: Option<ServiceRef>,
     ) -> Arc<Logical> {
-        let metrics = self
-            .metrics
-            .http_target(self.labels(&authority, "", service.as_ref()));
+        let no_endpoint =
+            LazyTarget::new(&self.metrics, self.labels(&authority, "", service.as_ref()));
         Arc::new(Logical {
             authority,
             key,
             service,
             endpoints: EndpointSet::new(Vec::new()),
-            metrics,
+            no_endpoint,
         })
     }
 
@@ -275,7 +305,7 @@ impl Discovery {
             authority,
             load: Arc::new(PeakEwma::new()),
             http: self.metrics.http_target(labels.clone()),
-            tcp: self.metrics.tcp_target(labels),
+            tcp: LazyTarget::new(&self.metrics, labels),
             h2: H2Connection::new(addr, self.connect_timeout),
         })
     }

@@ -142,7 +142,7 @@ impl Outbound {
         };
         let _in_flight = endpoint.load_handle().start();
         if let Err(e) =
-            tcp::forward(io, endpoint.addr, self.args.connect_timeout, &endpoint.tcp).await
+            tcp::forward(io, endpoint.addr, self.args.connect_timeout, endpoint.tcp()).await
         {
             tracing::warn!(destination = %logical.authority, endpoint = %endpoint.addr, error = %e, "opaque connection failed");
         }
@@ -179,7 +179,7 @@ impl Outbound {
             return fail_before_endpoint(
                 "outbound",
                 &logical.authority,
-                &logical.metrics,
+                logical.no_endpoint_metrics(),
                 ProxyError::NoEndpoints,
                 start,
                 access,
