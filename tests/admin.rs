@@ -380,3 +380,70 @@ async fn live_metrics_pass_promtool() {
     })
     .await
 }
+
+/// `PYLON_ACCESS_LOG=json` adds one JSON line per request with what an operator needs to find
+/// it again: method, authority, path, status, latency, endpoint and the trace id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn access_log_has_one_json_line_per_request() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let proxy = Proxy::builder()
+            .arg("--config-dir")
+            .arg(cfg.path_str())
+            .env("PYLON_ACCESS_LOG", "json")
+            .env("PYLON_LOG", "warn,pylon_proxy::listener=info")
+            .start();
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let r = get_with(
+            proxy.outbound(),
+            "web.default.svc.cluster.local",
+            "/orders/42",
+            &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        let r = get_with(
+            proxy.outbound(),
+            "web",
+            "/b3",
+            &[("x-b3-traceid", "80f198ee56343ba8")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+
+        let is_access = |l: &str| l.contains("\"message\":\"access\"");
+        let line = proxy
+            .wait_for_log(Duration::from_secs(5), |l| {
+                is_access(l) && l.contains("/orders/42")
+            })
+            .await
+            .unwrap_or_else(|| panic!("no access log line; logs:\n{}", proxy.log_tail(20)));
+        let v: serde_json::Value = serde_json::from_str(&line).expect("access line is JSON");
+        assert_eq!(v["method"], "GET", "{line}");
+        assert_eq!(v["authority"], "web.default.svc.cluster.local:80", "{line}");
+        assert_eq!(v["path"], "/orders/42", "{line}");
+        assert_eq!(v["status"], 200, "{line}");
+        assert_eq!(v["direction"], "outbound", "{line}");
+        assert_eq!(v["endpoint"], backend.addr.to_string(), "{line}");
+        assert_eq!(v["trace_id"], trace, "{line}");
+        assert!(
+            v["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{line}"
+        );
+
+        let b3 = proxy
+            .wait_for_log(Duration::from_secs(5), |l| {
+                is_access(l) && l.contains("/b3")
+            })
+            .await
+            .expect("access line for the B3 request");
+        let v: serde_json::Value = serde_json::from_str(&b3).expect("JSON");
+        assert_eq!(v["trace_id"], "80f198ee56343ba8", "{b3}");
+        // Exactly one line per request, whatever the log level.
+        assert_eq!(proxy.logs().iter().filter(|l| is_access(l)).count(), 2);
+    })
+    .await
+}
