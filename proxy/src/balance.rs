@@ -9,9 +9,16 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use http::Request;
+use tower::{Layer, Service};
+
+use crate::discovery::Logical;
+use crate::http::metrics::{fail_unrouted, MetricsTarget};
+use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 
 /// RTT assumed for an endpoint we have not measured yet (tower's and Linkerd's default).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -159,6 +166,80 @@ impl<E: Balanced> EndpointSet<E> {
                 Some(winner.clone())
             }
         }
+    }
+}
+
+/// `BalanceLayer`: picks the endpoint of the request's logical destination (P2C over PeakEWMA),
+/// hands its target and metric handle down as request extensions, and keeps the request in
+/// flight on that endpoint until the response ends. No endpoints at all fails fast with 503.
+#[derive(Clone, Copy, Debug)]
+pub struct BalanceLayer {
+    access_log: bool,
+}
+
+impl BalanceLayer {
+    pub fn new(access_log: bool) -> Self {
+        Self { access_log }
+    }
+}
+
+impl<S> Layer<S> for BalanceLayer {
+    type Service = Balance<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Balance {
+            inner,
+            access_log: self.access_log,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Balance<S> {
+    inner: S,
+    access_log: bool,
+}
+
+impl<S, B> Service<Request<B>> for Balance<S>
+where
+    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let Some(logical) = req.extensions().get::<Arc<Logical>>().cloned() else {
+            // LogicalLayer always runs first; without it there is nothing to balance over.
+            return Box::pin(std::future::ready(Err(ProxyError::NoEndpoints)));
+        };
+        let Some(endpoint) = logical.pick() else {
+            let err = fail_unrouted(
+                "outbound",
+                &logical.authority,
+                logical.no_endpoint_metrics(),
+                self.access_log,
+                &req,
+                ProxyError::NoEndpoints,
+            );
+            return Box::pin(std::future::ready(Err(err)));
+        };
+        let mut in_flight = endpoint.load_handle().start();
+        req.extensions_mut().insert(endpoint.target.clone());
+        req.extensions_mut()
+            .insert(MetricsTarget(endpoint.http.clone()));
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let result = response.await;
+            in_flight.response_received();
+            let mut rsp = result?;
+            rsp.body_mut().release_on_end(in_flight);
+            Ok(rsp)
+        })
     }
 }
 

@@ -13,8 +13,9 @@ use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, TargetLabels, TcpTarge
 use pylon_proxy_policy::{ServiceRef, Snapshot, Store};
 
 use crate::balance::{Balanced, EndpointSet, PeakEwma};
-use crate::http::client::H2Connection;
-use crate::http::ProxyError;
+use crate::http::client::EndpointTarget;
+use crate::http::headers::request_authority;
+use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 
 /// Bound on cached authorities, so arbitrary Host headers can't grow memory without limit.
 const MAX_CACHED_AUTHORITIES: usize = 10_000;
@@ -22,16 +23,14 @@ const DNS_MIN_TTL: Duration = Duration::from_secs(1);
 const DNS_MAX_TTL: Duration = Duration::from_secs(60);
 const DNS_RETRY: Duration = Duration::from_secs(5);
 
-/// One endpoint of one logical destination, with its load, metric handles and h2 connection.
+/// One endpoint of one logical destination, with its load, metric handles and connections.
 pub struct Endpoint {
     pub addr: SocketAddr,
-    /// `addr` as a URI authority, built once for the HTTP/1 client.
-    pub authority: Authority,
+    pub target: EndpointTarget,
     load: Arc<PeakEwma>,
     pub http: HttpTarget,
     /// Only opaque connections need TCP handles; made on first use so unused series don't exist.
     tcp: LazyTarget<TcpTarget>,
-    pub h2: H2Connection,
 }
 
 impl Endpoint {
@@ -296,17 +295,17 @@ impl Discovery {
     }
 
     fn endpoint(&self, logical: &Logical, addr: SocketAddr) -> Arc<Endpoint> {
-        let target = addr.to_string();
-        let labels = self.labels(&logical.authority, &target, logical.service.as_ref());
-        let authority = Authority::try_from(target.as_str())
-            .unwrap_or_else(|_| Authority::from_static("invalid.endpoint"));
+        let labels = self.labels(
+            &logical.authority,
+            &addr.to_string(),
+            logical.service.as_ref(),
+        );
         Arc::new(Endpoint {
             addr,
-            authority,
+            target: EndpointTarget::new(addr, logical.authority.clone(), self.connect_timeout),
             load: Arc::new(PeakEwma::new()),
             http: self.metrics.http_target(labels.clone()),
             tcp: LazyTarget::new(&self.metrics, labels),
-            h2: H2Connection::new(addr, self.connect_timeout),
         })
     }
 
@@ -435,5 +434,85 @@ impl Discovery {
                 };
             }
         });
+    }
+}
+
+/// `LogicalLayer`: the first step of an outbound request, naming its logical destination: the
+/// address the app dialled when iptables redirected it, else the request's authority (absolute
+/// URI, `:authority` or `Host`). The destination travels on as a request extension.
+#[derive(Clone)]
+pub struct LogicalLayer {
+    discovery: Arc<Discovery>,
+    dialled: Option<Arc<Logical>>,
+}
+
+impl LogicalLayer {
+    pub fn new(discovery: Arc<Discovery>, dialled: Option<Arc<Logical>>) -> Self {
+        Self { discovery, dialled }
+    }
+}
+
+impl<S> tower::Layer<S> for LogicalLayer {
+    type Service = LogicalService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        LogicalService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct LogicalService<S> {
+    inner: S,
+    layer: LogicalLayer,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for LogicalService<S>
+where
+    S: tower::Service<http::Request<B>, Response = ProxyResponse, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The inner service was made ready for this call; keep that one, leave a clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let logical = match layer.dialled {
+                Some(l) => l,
+                None => {
+                    let Some(authority) = request_authority(&req) else {
+                        let err = ProxyError::MissingAuthority;
+                        tracing::warn!(error = %err, "request names no destination");
+                        return Err(err);
+                    };
+                    layer
+                        .discovery
+                        .resolve_authority(&authority)
+                        .await
+                        .inspect_err(|err| {
+                            tracing::warn!(destination = %authority, error = %err, "proxy error response {}", err.status().as_u16());
+                        })?
+                }
+            };
+            req.extensions_mut().insert(logical);
+            inner.call(req).await
+        })
     }
 }

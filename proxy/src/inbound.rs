@@ -9,26 +9,26 @@
 //! ```
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::Authority;
 use http::Request;
 use hyper::body::Incoming;
-use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, TargetLabels, TcpTarget, Tls};
+use hyper_util::service::TowerToHyperService;
+use pylon_proxy_metrics::{Direction, Metrics, TargetLabels, TcpTarget, Tls};
 use tokio::net::TcpStream;
+use tower::{Service, ServiceBuilder};
 
-use crate::access_log::AccessEntry;
 use crate::args::ProxyArgs;
 use crate::detect::{self, Protocol};
-use crate::http::client::{H2Connection, Http1Client};
-use crate::http::forward::{request_authority, Forward};
+use crate::http::client::{EndpointClient, EndpointTarget};
+use crate::http::errors::RespondLayer;
+use crate::http::headers::request_authority;
+use crate::http::metrics::{HttpMetricsLayer, MetricsTarget};
+use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::{server, ProxyResponse};
 use crate::io::{CountingIo, PrefixedIo};
 use crate::orig_dst::original_dst;
@@ -36,27 +36,28 @@ use crate::shutdown::Shutdown;
 use crate::tcp;
 
 const NO_TLS: Tls = Tls::NoIdentity("no_tls_from_remote");
-/// Bound on per-authority metric handles per target (authorities come from clients).
+/// Bound on per-authority metric handles per port (authorities come from clients).
 const MAX_AUTHORITIES: usize = 1_000;
 
 pub struct Inbound {
     args: Arc<ProxyArgs>,
     forward: Option<SocketAddr>,
     metrics: Arc<Metrics>,
-    h1: Http1Client,
-    targets: Mutex<HashMap<SocketAddr, Arc<AppTarget>>>,
+    client: EndpointClient,
+    ports: Mutex<HashMap<SocketAddr, Arc<AppPort>>>,
     access_log: bool,
     shutdown: Shutdown,
 }
 
-/// One port of the workload, with its connection and metric handles.
-struct AppTarget {
+/// One port of the workload: its connections and metric handles.
+struct AppPort {
     addr: SocketAddr,
-    authority: Authority,
     target_label: Arc<str>,
-    h2: H2Connection,
     tcp: TcpTarget,
-    by_authority: ArcSwap<HashMap<Authority, HttpTarget>>,
+    /// Requests are recorded by the authority they name, each with a target that names it too.
+    by_authority: ArcSwap<HashMap<Authority, (MetricsTarget, EndpointTarget)>>,
+    /// For requests that name no authority.
+    unnamed: (MetricsTarget, EndpointTarget),
 }
 
 impl Inbound {
@@ -67,13 +68,13 @@ impl Inbound {
         access_log: bool,
         shutdown: Shutdown,
     ) -> Arc<Self> {
-        let h1 = Http1Client::new(args.connect_timeout);
+        let client = EndpointClient::new(args.connect_timeout, shutdown.tracker().clone());
         Arc::new(Self {
             args,
             forward,
             metrics,
-            h1,
-            targets: Mutex::new(HashMap::new()),
+            client,
+            ports: Mutex::new(HashMap::new()),
             access_log,
             shutdown,
         })
@@ -94,7 +95,7 @@ impl Inbound {
                 return;
             }
         };
-        let target = self.target(addr);
+        let port = self.app_port(addr);
 
         // 2. What the client speaks.
         let (protocol, prefix) = if self.args.is_opaque_port(addr.port()) {
@@ -112,17 +113,13 @@ impl Inbound {
 
         match protocol {
             Protocol::Tcp => {
-                if let Err(e) = tcp::forward(io, addr, self.args.connect_timeout, &target.tcp).await
-                {
+                if let Err(e) = tcp::forward(io, addr, self.args.connect_timeout, &port.tcp).await {
                     tracing::warn!(client = %peer, target = %addr, error = %e, "inbound opaque connection failed");
                 }
             }
             Protocol::Http1 | Protocol::H2 => {
-                let io = CountingIo::new(io, target.tcp.open());
-                let svc = InboundHttp {
-                    inbound: self.clone(),
-                    target,
-                };
+                let io = CountingIo::new(io, port.tcp.open());
+                let svc = TowerToHyperService::new(self.http_stack(port));
                 if protocol == Protocol::H2 {
                     server::serve_h2(io, svc, &self.shutdown).await
                 } else {
@@ -133,23 +130,52 @@ impl Inbound {
         }
     }
 
-    fn target(&self, addr: SocketAddr) -> Arc<AppTarget> {
-        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-        targets
+    /// The path of one inbound HTTP request, top to bottom.
+    fn http_stack(
+        self: &Arc<Self>,
+        port: Arc<AppPort>,
+    ) -> impl Service<
+        Request<Incoming>,
+        Response = ProxyResponse,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone
+           + Send
+           + 'static {
+        let this = self.clone();
+        ServiceBuilder::new()
+            // Proxy errors from any layer below become responses with `pylon-proxy-error`.
+            .layer(RespondLayer)
+            // The workload's port is the target; metrics are kept by the authority requested.
+            .map_request(move |mut req: Request<Incoming>| {
+                let (metrics, target) = this.target_for(&port, request_authority(&req));
+                req.extensions_mut().insert(metrics);
+                req.extensions_mut().insert(target);
+                req
+            })
+            // request_total, response_total, response_latency_ms and the access log.
+            .layer(HttpMetricsLayer::new("inbound", self.access_log))
+            .layer(ResponseTimeoutLayer::new(self.args.response_timeout))
+            // Pooled HTTP/1 or multiplexed h2 to the app; upgrades and CONNECT tunnel.
+            .service(self.client.clone())
+    }
+
+    fn app_port(&self, addr: SocketAddr) -> Arc<AppPort> {
+        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        ports
             .entry(addr)
             .or_insert_with(|| {
                 let target_label: Arc<str> = addr.to_string().into();
                 let tcp = self
                     .metrics
                     .tcp_target(self.labels("".into(), &target_label));
-                Arc::new(AppTarget {
+                let unnamed = self.target(addr, &target_label, target_label.clone());
+                Arc::new(AppPort {
                     addr,
-                    authority: Authority::try_from(addr.to_string().as_str())
-                        .unwrap_or_else(|_| Authority::from_static("localhost")),
                     target_label,
-                    h2: H2Connection::new(addr, self.args.connect_timeout),
                     tcp,
                     by_authority: ArcSwap::from_pointee(HashMap::new()),
+                    unnamed,
                 })
             })
             .clone()
@@ -167,73 +193,46 @@ impl Inbound {
         }
     }
 
-    /// The metric handle for `authority` on `target`, resolved once per authority.
-    fn http_metrics(&self, target: &AppTarget, authority: Option<&Authority>) -> HttpTarget {
-        let key = authority
-            .cloned()
-            .unwrap_or_else(|| target.authority.clone());
-        if let Some(h) = target.by_authority.load().get(&key) {
-            return h.clone();
+    fn target(
+        &self,
+        addr: SocketAddr,
+        target_label: &Arc<str>,
+        authority: Arc<str>,
+    ) -> (MetricsTarget, EndpointTarget) {
+        let metrics = MetricsTarget(
+            self.metrics
+                .http_target(self.labels(authority.clone(), target_label)),
+        );
+        let target = EndpointTarget::new(addr, authority, self.args.connect_timeout);
+        (metrics, target)
+    }
+
+    /// The metric handle and target for `authority` on `port`, made once per authority. All
+    /// authorities of a port share its h2 connection.
+    fn target_for(
+        &self,
+        port: &AppPort,
+        authority: Option<Authority>,
+    ) -> (MetricsTarget, EndpointTarget) {
+        let Some(authority) = authority else {
+            return port.unnamed.clone();
+        };
+        if let Some(t) = port.by_authority.load().get(&authority) {
+            return t.clone();
         }
-        let handle = self
-            .metrics
-            .http_target(self.labels(key.as_str().into(), &target.target_label));
-        target.by_authority.rcu(|map| {
+        let (metrics, mut target) =
+            self.target(port.addr, &port.target_label, authority.as_str().into());
+        target.h2 = port.unnamed.1.h2.clone();
+        let entry = (metrics, target);
+        port.by_authority.rcu(|map| {
             let mut map = if map.len() >= MAX_AUTHORITIES {
                 HashMap::new()
             } else {
                 HashMap::clone(map)
             };
-            map.insert(key.clone(), handle.clone());
+            map.insert(authority.clone(), entry.clone());
             map
         });
-        handle
-    }
-
-    async fn proxy(&self, target: &AppTarget, req: Request<Incoming>) -> ProxyResponse {
-        let start = Instant::now();
-        let authority = request_authority(&req);
-        let metrics = self.http_metrics(target, authority.as_ref());
-        let destination = authority
-            .as_ref()
-            .map(|a| a.as_str())
-            .unwrap_or(target.authority.as_str());
-        let access = self
-            .access_log
-            .then(|| AccessEntry::new("inbound", &req, destination));
-        Forward {
-            direction: "inbound",
-            destination,
-            endpoint: target.addr,
-            endpoint_authority: &target.authority,
-            h1: &self.h1,
-            h2: &target.h2,
-            metrics: &metrics,
-            response_timeout: self.args.response_timeout,
-            connect_timeout: self.args.connect_timeout,
-            tasks: self.shutdown.tracker(),
-            in_flight: None,
-            access,
-            start,
-        }
-        .send(req)
-        .await
-    }
-}
-
-#[derive(Clone)]
-struct InboundHttp {
-    inbound: Arc<Inbound>,
-    target: Arc<AppTarget>,
-}
-
-impl hyper::service::Service<Request<Incoming>> for InboundHttp {
-    type Response = ProxyResponse;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<ProxyResponse, Infallible>> + Send>>;
-
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.inbound.proxy(&this.target, req).await) })
+        entry
     }
 }

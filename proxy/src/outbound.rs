@@ -4,32 +4,33 @@
 //! accept ─ original destination (SO_ORIGINAL_DST) when iptables redirected the connection
 //!        ─ detect protocol (skipped for opaque ports)
 //!        ├ opaque TCP ─ logical destination of the dialled address ─ balancer ─ copy bytes
-//!        └ HTTP/1 or h2 server connection, then per request:
-//!            logical destination (dialled address, else Host / :authority / absolute URI)
+//!        └ HTTP/1 or h2 server connection, then per request the stack in `http_stack`:
+//!            proxy errors → responses
+//!            ─ logical destination (dialled address, else Host / :authority / absolute URI)
 //!            ─ balancer: P2C over PeakEWMA across the live endpoints
-//!            ─ endpoint client (pooled h1 or multiplexed h2), response timeout
-//!            ─ response body records metrics and load when it ends
+//!            ─ metrics (recorded when the response body ends) ─ response timeout
+//!            ─ endpoint client (pooled h1 or multiplexed h2)
 //! ```
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
+use hyper_util::service::TowerToHyperService;
 use pylon_proxy_metrics::{Direction, Metrics, TargetLabels, Tls};
 use tokio::net::TcpStream;
+use tower::{Service, ServiceBuilder};
 
-use crate::access_log::AccessEntry;
 use crate::args::ProxyArgs;
+use crate::balance::BalanceLayer;
 use crate::detect::{self, Protocol};
-use crate::discovery::{Discovery, Logical};
-use crate::http::client::Http1Client;
-use crate::http::forward::{fail_before_endpoint, request_authority, Forward};
+use crate::discovery::{Discovery, Logical, LogicalLayer};
+use crate::http::client::EndpointClient;
+use crate::http::errors::RespondLayer;
+use crate::http::metrics::HttpMetricsLayer;
+use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::{server, ProxyError, ProxyResponse};
 use crate::io::{CountingIo, PrefixedIo};
 use crate::orig_dst::original_dst;
@@ -40,7 +41,7 @@ pub struct Outbound {
     args: Arc<ProxyArgs>,
     discovery: Arc<Discovery>,
     metrics: Arc<Metrics>,
-    h1: Http1Client,
+    client: EndpointClient,
     access_log: bool,
     shutdown: Shutdown,
 }
@@ -53,12 +54,12 @@ impl Outbound {
         access_log: bool,
         shutdown: Shutdown,
     ) -> Arc<Self> {
-        let h1 = Http1Client::new(args.connect_timeout);
+        let client = EndpointClient::new(args.connect_timeout, shutdown.tracker().clone());
         Arc::new(Self {
             args,
             discovery,
             metrics,
-            h1,
+            client,
             access_log,
             shutdown,
         })
@@ -101,19 +102,17 @@ impl Outbound {
                     "opaque connection to the outbound listener has no original destination; closing"
                 ),
             },
-            // 3b. HTTP: every request finds its own destination.
+            // 3b. HTTP: each request goes down the stack below.
             Protocol::Http1 | Protocol::H2 => {
-                let target = orig_dst.unwrap_or(local).to_string();
-                let authority = dialled
-                    .as_ref()
-                    .map(|l| l.authority.clone())
-                    .unwrap_or_else(|| "".into());
                 let conn_metrics = self
                     .metrics
                     .tcp_target(TargetLabels {
                         direction: Direction::Outbound,
-                        authority,
-                        target_addr: target.into(),
+                        authority: dialled
+                            .as_ref()
+                            .map(|l| l.authority.clone())
+                            .unwrap_or_else(|| "".into()),
+                        target_addr: orig_dst.unwrap_or(local).to_string().into(),
                         tls: Tls::NoIdentity("not_provided_by_service_discovery"),
                         dst_service: None,
                         dst_namespace: None,
@@ -121,10 +120,7 @@ impl Outbound {
                     })
                     .open();
                 let io = CountingIo::new(io, conn_metrics);
-                let svc = OutboundHttp {
-                    outbound: self.clone(),
-                    dialled,
-                };
+                let svc = TowerToHyperService::new(self.http_stack(dialled));
                 if protocol == Protocol::H2 {
                     server::serve_h2(io, svc, &self.shutdown).await
                 } else {
@@ -133,6 +129,32 @@ impl Outbound {
             }
             Protocol::MalformedHttp1 => server::reject_malformed(io, peer).await,
         }
+    }
+
+    /// The path of one outbound HTTP request, top to bottom.
+    fn http_stack(
+        &self,
+        dialled: Option<Arc<Logical>>,
+    ) -> impl Service<
+        Request<Incoming>,
+        Response = ProxyResponse,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone
+           + Send
+           + 'static {
+        ServiceBuilder::new()
+            // Proxy errors from any layer below become responses with `pylon-proxy-error`.
+            .layer(RespondLayer)
+            // The logical destination: the dialled address, else the request's authority.
+            .layer(LogicalLayer::new(self.discovery.clone(), dialled))
+            // The endpoint: P2C over PeakEWMA across the destination's live endpoints.
+            .layer(BalanceLayer::new(self.access_log))
+            // request_total, response_total, response_latency_ms and the access log.
+            .layer(HttpMetricsLayer::new("outbound", self.access_log))
+            .layer(ResponseTimeoutLayer::new(self.args.response_timeout))
+            // Pooled HTTP/1 or multiplexed h2 to the endpoint; upgrades and CONNECT tunnel.
+            .service(self.client.clone())
     }
 
     async fn forward_tcp(&self, io: PrefixedIo<TcpStream>, logical: &Logical) {
@@ -146,80 +168,5 @@ impl Outbound {
         {
             tracing::warn!(destination = %logical.authority, endpoint = %endpoint.addr, error = %e, "opaque connection failed");
         }
-    }
-
-    /// One request, from the logical destination to the endpoint's response.
-    async fn proxy(&self, dialled: Option<&Arc<Logical>>, req: Request<Incoming>) -> ProxyResponse {
-        let start = Instant::now();
-
-        // The logical destination: the address the app dialled, else the name it asked for.
-        let logical = match dialled {
-            Some(l) => l.clone(),
-            None => {
-                let Some(authority) = request_authority(&req) else {
-                    let err = ProxyError::MissingAuthority;
-                    tracing::warn!(error = %err, "request names no destination");
-                    return err.response();
-                };
-                match self.discovery.resolve_authority(&authority).await {
-                    Ok(l) => l,
-                    Err(err) => {
-                        tracing::warn!(destination = %authority, error = %err, "proxy error response {}", err.status().as_u16());
-                        return err.response();
-                    }
-                }
-            }
-        };
-        let access = self
-            .access_log
-            .then(|| AccessEntry::new("outbound", &req, &logical.authority));
-
-        // The endpoint: P2C over PeakEWMA; none at all fails fast.
-        let Some(endpoint) = logical.pick() else {
-            return fail_before_endpoint(
-                "outbound",
-                &logical.authority,
-                logical.no_endpoint_metrics(),
-                ProxyError::NoEndpoints,
-                start,
-                access,
-            );
-        };
-
-        Forward {
-            direction: "outbound",
-            destination: &logical.authority,
-            endpoint: endpoint.addr,
-            endpoint_authority: &endpoint.authority,
-            h1: &self.h1,
-            h2: &endpoint.h2,
-            metrics: &endpoint.http,
-            response_timeout: self.args.response_timeout,
-            connect_timeout: self.args.connect_timeout,
-            tasks: self.shutdown.tracker(),
-            in_flight: Some(endpoint.load_handle().start()),
-            access,
-            start,
-        }
-        .send(req)
-        .await
-    }
-}
-
-/// The hyper service for one outbound client connection.
-#[derive(Clone)]
-struct OutboundHttp {
-    outbound: Arc<Outbound>,
-    dialled: Option<Arc<Logical>>,
-}
-
-impl hyper::service::Service<Request<Incoming>> for OutboundHttp {
-    type Response = ProxyResponse;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<ProxyResponse, Infallible>> + Send>>;
-
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.outbound.proxy(this.dialled.as_ref(), req).await) })
     }
 }

@@ -1,6 +1,6 @@
-//! The response body handed back to the client. A proxied body records the response's metrics,
-//! its gRPC status and the endpoint's load when its stream ends (or is dropped), because a
-//! response isn't over until its last frame: gRPC reports failure in trailers.
+//! The response body handed back to the client. Work that belongs to the end of a response (its
+//! metrics, its access-log line, releasing the endpoint's load) waits until the stream ends or is
+//! dropped, because a response isn't over until its last frame: gRPC reports failure in trailers.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pylon_proxy_metrics::HttpTarget;
 
+use super::ProxyError;
 use crate::access_log::AccessEntry;
 use crate::balance::InFlight;
 
@@ -21,7 +22,6 @@ pub struct Recorder {
     pub start: Instant,
     pub status: u16,
     pub grpc_status: Option<u32>,
-    pub in_flight: Option<InFlight>,
     pub access: Option<Box<AccessEntry>>,
 }
 
@@ -33,39 +33,76 @@ impl Recorder {
         if let Some(entry) = self.access {
             entry.emit(self.status, self.grpc_status, None, latency);
         }
-        drop(self.in_flight);
     }
 }
 
-pub enum ResponseBody {
-    Proxied {
-        inner: Incoming,
-        recorder: Option<Recorder>,
-    },
+/// A response the proxy made itself: record it at once.
+pub fn record_proxy_error(
+    metrics: &HttpTarget,
+    err: ProxyError,
+    start: Instant,
+    access: Option<Box<AccessEntry>>,
+) {
+    let latency: Duration = start.elapsed();
+    let status = err.status().as_u16();
+    metrics.response(Some(status), None, Some(err.reason()), latency);
+    if let Some(entry) = access {
+        entry.emit(status, None, Some(err.reason()), latency);
+    }
+}
+
+pub struct ResponseBody {
+    kind: Kind,
+    recorder: Option<Recorder>,
+    in_flight: Option<InFlight>,
+}
+
+enum Kind {
+    Proxied(Incoming),
     Full(Option<Bytes>),
 }
 
 impl ResponseBody {
+    pub fn proxied(inner: Incoming) -> Self {
+        Self::new(Kind::Proxied(inner))
+    }
+
     pub fn full(bytes: Bytes) -> Self {
-        Self::Full((!bytes.is_empty()).then_some(bytes))
+        Self::new(Kind::Full((!bytes.is_empty()).then_some(bytes)))
     }
 
     pub fn empty() -> Self {
-        Self::Full(None)
+        Self::new(Kind::Full(None))
     }
 
-    pub fn proxied(inner: Incoming, recorder: Recorder) -> Self {
-        if inner.is_end_stream() {
-            recorder.finish();
-            return Self::Proxied {
-                inner,
-                recorder: None,
-            };
+    fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            recorder: None,
+            in_flight: None,
         }
-        Self::Proxied {
-            inner,
-            recorder: Some(recorder),
+    }
+
+    /// Records the response's metrics when the stream ends.
+    pub fn record_on_end(&mut self, recorder: Recorder) {
+        self.recorder = Some(recorder);
+        if self.is_end_stream() {
+            self.finish();
         }
+    }
+
+    /// Keeps the endpoint's request in flight (for its load) until the stream ends.
+    pub fn release_on_end(&mut self, in_flight: InFlight) {
+        if !self.is_end_stream() {
+            self.in_flight = Some(in_flight);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(rec) = self.recorder.take() {
+            rec.finish();
+        }
+        self.in_flight = None;
     }
 }
 
@@ -84,56 +121,48 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Proxied { inner, recorder } => {
-                let polled = Pin::new(&mut *inner).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let (Some(trailers), Some(rec)) =
-                            (frame.trailers_ref(), recorder.as_mut())
-                        {
-                            if let Some(code) = grpc_status(trailers) {
-                                rec.grpc_status = Some(code);
-                            }
-                        }
-                        if inner.is_end_stream() {
-                            if let Some(rec) = recorder.take() {
-                                rec.finish();
-                            }
-                        }
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Proxied(inner) => Pin::new(inner).poll_frame(cx),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(trailers), Some(rec)) = (frame.trailers_ref(), this.recorder.as_mut())
+                {
+                    if let Some(code) = grpc_status(trailers) {
+                        rec.grpc_status = Some(code);
                     }
-                    Poll::Ready(None) => {
-                        if let Some(rec) = recorder.take() {
-                            rec.finish();
-                        }
-                    }
-                    Poll::Ready(Some(Err(_))) => {
-                        // The endpoint broke the stream mid-body: count it as a failure.
-                        if let Some(mut rec) = recorder.take() {
-                            rec.status = rec.status.max(502);
-                            rec.finish();
-                        }
-                    }
-                    Poll::Pending => {}
                 }
-                polled
+                if this.is_end_stream() {
+                    this.finish();
+                }
             }
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                // The endpoint broke the stream mid-body: count it as a failure.
+                if let Some(rec) = this.recorder.as_mut() {
+                    rec.status = rec.status.max(502);
+                }
+                this.finish();
+            }
+            Poll::Pending => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Full(b) => b.is_none(),
-            Self::Proxied { inner, .. } => inner.is_end_stream(),
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Proxied(inner) => inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            Self::Full(None) => SizeHint::with_exact(0),
-            Self::Proxied { inner, .. } => inner.size_hint(),
+        match &self.kind {
+            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Proxied(inner) => inner.size_hint(),
         }
     }
 }
@@ -141,29 +170,6 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // The client went away (or the server dropped the body) before the end: still record it.
-        if let Self::Proxied { recorder, .. } = self {
-            if let Some(rec) = recorder.take() {
-                rec.finish();
-            }
-        }
-    }
-}
-
-/// A response the proxy made itself: record it at once.
-pub fn record_proxy_error(
-    metrics: &HttpTarget,
-    err: super::ProxyError,
-    start: Instant,
-    access: Option<Box<AccessEntry>>,
-) {
-    let latency: Duration = start.elapsed();
-    metrics.response(
-        Some(err.status().as_u16()),
-        None,
-        Some(err.reason()),
-        latency,
-    );
-    if let Some(entry) = access {
-        entry.emit(err.status().as_u16(), None, Some(err.reason()), latency);
+        self.finish();
     }
 }

@@ -1,21 +1,141 @@
-//! Endpoint clients. HTTP/1 uses hyper-util's pooled client (keep-alive, upgrades). HTTP/2 keeps
-//! one multiplexed connection per endpoint so the request's own `:authority` travels unchanged
-//! (a pool keyed by authority would have to rewrite it to the endpoint's address).
+//! `EndpointClient`: the bottom of every HTTP stack, sending a request to the endpoint chosen
+//! above it. HTTP/1 uses hyper-util's pooled client (keep-alive, upgrades). HTTP/2 keeps one
+//! multiplexed connection per endpoint so the request's own `:authority` travels unchanged (a
+//! pool keyed by authority would have to rewrite it to the endpoint's address). Hop-by-hop
+//! headers stop here; `Upgrade` and `CONNECT` become tunnels.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
+use tower::Service;
 
-use super::ProxyError;
+use super::{headers, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody};
+
+/// Where a request goes, set by the layer that chose it (the balancer outbound, the workload's
+/// port inbound).
+#[derive(Clone)]
+pub struct EndpointTarget {
+    pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once for the HTTP/1 pool.
+    pub authority: Authority,
+    pub h2: Arc<H2Connection>,
+    /// The destination as the client named it: for logs and for a request without `Host`.
+    pub destination: Arc<str>,
+}
+
+impl EndpointTarget {
+    pub fn new(addr: SocketAddr, destination: Arc<str>, connect_timeout: Duration) -> Self {
+        let authority = Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|_| Authority::from_static("invalid.endpoint"));
+        Self {
+            addr,
+            authority,
+            h2: Arc::new(H2Connection::new(addr, connect_timeout)),
+            destination,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EndpointClient {
+    h1: Http1Client,
+    connect_timeout: Duration,
+    tunnels: TaskTracker,
+}
+
+impl EndpointClient {
+    /// `tunnels` tracks upgraded and CONNECT connections so shutdown can wait for them.
+    pub fn new(connect_timeout: Duration, tunnels: TaskTracker) -> Self {
+        Self {
+            h1: Http1Client::new(connect_timeout),
+            connect_timeout,
+            tunnels,
+        }
+    }
+
+    async fn send(
+        self,
+        target: EndpointTarget,
+        mut req: Request<Incoming>,
+    ) -> Result<ProxyResponse, ProxyError> {
+        if req.method() == Method::CONNECT {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            return upgrade::connect(&self.tunnels, on_upgrade, target.addr, self.connect_timeout)
+                .await;
+        }
+
+        let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+        headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let mut rsp = if req.version() == Version::HTTP_2 {
+            target.h2.send(req).await?
+        } else {
+            set_host(&mut req, &target.destination);
+            self.h1.send(&target.authority, req).await?
+        };
+
+        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client) = client_upgrade {
+                let upstream = hyper::upgrade::on(&mut rsp);
+                upgrade::splice(&self.tunnels, client, upstream, target.addr);
+            }
+        } else {
+            headers::strip_hop_by_hop(rsp.headers_mut(), false);
+        }
+        Ok(rsp.map(ResponseBody::proxied))
+    }
+}
+
+impl Service<Request<Incoming>> for EndpointClient {
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            // The layers above always choose a target; without one there is nowhere to go.
+            let target = req
+                .extensions()
+                .get::<EndpointTarget>()
+                .cloned()
+                .ok_or(ProxyError::NoEndpoints)?;
+            this.send(target, req).await
+        })
+    }
+}
+
+/// An absolute-form request's authority replaces its `Host` (RFC 9112 §3.2.2); a request with
+/// neither (HTTP/1.0) gets the destination's, so the endpoint still learns it.
+fn set_host<B>(req: &mut Request<B>, destination: &str) {
+    let host = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None if !req.headers().contains_key(header::HOST) => {
+            HeaderValue::from_str(destination).ok()
+        }
+        None => None,
+    };
+    if let Some(host) = host {
+        req.headers_mut().insert(header::HOST, host);
+    }
+}
 
 #[derive(Clone)]
 pub struct Http1Client {

@@ -1,10 +1,14 @@
 //! Responses the proxy makes itself. Each carries `pylon-proxy-error: <reason>` so operators can
 //! tell a proxy's 504 from the app's, and each is logged once at warn where it happens.
 
-use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use std::convert::Infallible;
+use std::task::{Context, Poll};
 
-use super::ResponseBody;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use tower::{Layer, Service, ServiceExt};
+
+use super::{BoxFuture, ProxyResponse, ResponseBody};
 
 pub const PROXY_ERROR_HEADER: &str = "pylon-proxy-error";
 
@@ -103,6 +107,50 @@ impl ProxyError {
             cur = e.source();
         }
         Self::EndpointProtocol
+    }
+}
+
+/// `RespondLayer`: the top of every HTTP stack. A `ProxyError` from below becomes the response
+/// the client sees (status, `pylon-proxy-error`, a short body); the layer that raised it has
+/// already logged and counted it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RespondLayer;
+
+impl<S> Layer<S> for RespondLayer {
+    type Service = Respond<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Respond { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Respond<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for Respond<S>
+where
+    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<ProxyResponse, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Readiness errors below become responses too, so this layer is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            Ok(match inner.oneshot(req).await {
+                Ok(rsp) => rsp,
+                Err(err) => err.response(),
+            })
+        })
     }
 }
 

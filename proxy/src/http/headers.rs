@@ -1,6 +1,17 @@
 //! Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and must not be forwarded.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::Request;
+
+/// The authority a request names: absolute-form URI or `:authority`, else `Host`.
+pub fn request_authority<B>(req: &Request<B>) -> Option<Authority> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.clone());
+    }
+    let host = req.headers().get(header::HOST)?;
+    Authority::try_from(host.as_bytes()).ok()
+}
 
 const HOP_BY_HOP: &[HeaderName] = &[
     header::CONNECTION,

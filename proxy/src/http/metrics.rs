@@ -1,0 +1,136 @@
+//! `HttpMetricsLayer`: counts the request, and records its response (status, gRPC status,
+//! latency, classification) when the response stream ends, or the proxy error at once. It also
+//! writes the access-log line, so every request is accounted for in exactly one place.
+
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::Request;
+use pylon_proxy_metrics::HttpTarget;
+use tower::{Layer, Service};
+
+use super::body::{grpc_status, record_proxy_error, Recorder};
+use super::client::EndpointTarget;
+use super::{BoxFuture, ProxyError, ProxyResponse};
+use crate::access_log::AccessEntry;
+
+/// The metric handle a request is recorded under, set by the layer that knows its target.
+#[derive(Clone)]
+pub struct MetricsTarget(pub HttpTarget);
+
+#[derive(Clone, Copy, Debug)]
+pub struct HttpMetricsLayer {
+    direction: &'static str,
+    access_log: bool,
+}
+
+impl HttpMetricsLayer {
+    pub fn new(direction: &'static str, access_log: bool) -> Self {
+        Self {
+            direction,
+            access_log,
+        }
+    }
+}
+
+impl<S> Layer<S> for HttpMetricsLayer {
+    type Service = HttpMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpMetrics {
+            inner,
+            layer: *self,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpMetrics<S> {
+    inner: S,
+    layer: HttpMetricsLayer,
+}
+
+impl<S, B> Service<Request<B>> for HttpMetrics<S>
+where
+    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let direction = self.layer.direction;
+        let metrics = req.extensions().get::<MetricsTarget>().map(|m| m.0.clone());
+        let target = req.extensions().get::<EndpointTarget>().cloned();
+        let access = match (&target, self.layer.access_log) {
+            (Some(t), true) => {
+                let mut entry = AccessEntry::new(direction, &req, &t.destination);
+                entry.set_endpoint(t.addr);
+                Some(entry)
+            }
+            _ => None,
+        };
+        if let Some(m) = &metrics {
+            m.request();
+        }
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            match response.await {
+                Ok(mut rsp) => {
+                    if let Some(metrics) = metrics {
+                        let recorder = Recorder {
+                            metrics,
+                            start,
+                            status: rsp.status().as_u16(),
+                            // A trailers-only gRPC response carries its status in the headers.
+                            grpc_status: grpc_status(rsp.headers()),
+                            access,
+                        };
+                        rsp.body_mut().record_on_end(recorder);
+                    }
+                    Ok(rsp)
+                }
+                Err(err) => {
+                    let (destination, endpoint) = match &target {
+                        Some(t) => (&*t.destination, Some(t.addr)),
+                        None => ("", None),
+                    };
+                    tracing::warn!(
+                        direction,
+                        destination,
+                        endpoint = ?endpoint,
+                        error = %err,
+                        "proxy error response {}",
+                        err.status().as_u16()
+                    );
+                    if let Some(m) = &metrics {
+                        record_proxy_error(m, err, start, access);
+                    }
+                    Err(err)
+                }
+            }
+        })
+    }
+}
+
+/// A request that fails before it has an endpoint (say, no endpoints at all): logged and counted
+/// under the destination's own handle, then answered by `RespondLayer`.
+pub fn fail_unrouted<B>(
+    direction: &'static str,
+    destination: &str,
+    metrics: &HttpTarget,
+    access_log: bool,
+    req: &Request<B>,
+    err: ProxyError,
+) -> ProxyError {
+    tracing::warn!(direction, destination, error = %err, "proxy error response {}", err.status().as_u16());
+    let access = access_log.then(|| AccessEntry::new(direction, req, destination));
+    metrics.request();
+    record_proxy_error(metrics, err, Instant::now(), access);
+    err
+}
