@@ -10,6 +10,7 @@
 //! It must not know about sockets, HTTP or metrics: it answers "which service and which
 //! endpoints does this name or cluster IP mean", and the proxy does the rest.
 
+pub mod duration;
 mod objects;
 mod snapshot;
 mod store;

@@ -102,5 +102,5 @@ impl ProxyArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::duration::parse(s).map_err(|e| e.to_string())
+    pylon_proxy_policy::duration::parse(s).map_err(|e| e.to_string())
 }

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
+
+use crate::io::PrefixedIo;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A request line longer than this is not HTTP we want to parse; treat the stream as TCP.
@@ -19,6 +22,28 @@ pub enum Protocol {
     /// The head of an HTTP/1 request that could not be parsed: answer 400 and close.
     MalformedHttp1,
     Tcp,
+}
+
+/// Detects an accepted connection's protocol, unless its port is opaque (then it is TCP at once).
+/// The returned IO replays what detection read. `None`: the client left before saying anything.
+pub async fn accept(
+    mut stream: TcpStream,
+    opaque: bool,
+    timeout: Duration,
+    peer: std::net::SocketAddr,
+) -> Option<(Protocol, PrefixedIo<TcpStream>)> {
+    let (protocol, prefix) = if opaque {
+        (Protocol::Tcp, Bytes::new())
+    } else {
+        match detect(&mut stream, timeout).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(client = %peer, error = %e, "connection closed during detection");
+                return None;
+            }
+        }
+    };
+    Some((protocol, PrefixedIo::new(prefix, stream)))
 }
 
 /// Reads until the protocol is known or `timeout` passes. No data (a server-speaks-first

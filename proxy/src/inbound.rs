@@ -13,7 +13,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::uri::Authority;
 use http::Request;
 use hyper::body::Incoming;
@@ -30,7 +29,7 @@ use crate::http::headers::request_authority;
 use crate::http::metrics::{HttpMetricsLayer, MetricsTarget};
 use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::{server, ProxyResponse};
-use crate::io::{CountingIo, PrefixedIo};
+use crate::io::CountingIo;
 use crate::orig_dst::original_dst;
 use crate::shutdown::Shutdown;
 use crate::tcp;
@@ -82,7 +81,7 @@ impl Inbound {
 
     pub async fn serve_connection(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
         peer: SocketAddr,
         local: SocketAddr,
     ) {
@@ -98,18 +97,12 @@ impl Inbound {
         let port = self.app_port(addr);
 
         // 2. What the client speaks.
-        let (protocol, prefix) = if self.args.is_opaque_port(addr.port()) {
-            (Protocol::Tcp, Bytes::new())
-        } else {
-            match detect::detect(&mut stream, self.args.detect_timeout).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::debug!(client = %peer, error = %e, "connection closed during detection");
-                    return;
-                }
-            }
+        let opaque = self.args.is_opaque_port(addr.port());
+        let Some((protocol, io)) =
+            detect::accept(stream, opaque, self.args.detect_timeout, peer).await
+        else {
+            return;
         };
-        let io = PrefixedIo::new(prefix, stream);
 
         match protocol {
             Protocol::Tcp => {
@@ -120,11 +113,7 @@ impl Inbound {
             Protocol::Http1 | Protocol::H2 => {
                 let io = CountingIo::new(io, port.tcp.open());
                 let svc = TowerToHyperService::new(self.http_stack(port));
-                if protocol == Protocol::H2 {
-                    server::serve_h2(io, svc, &self.shutdown).await
-                } else {
-                    server::serve_http1(io, svc, &self.shutdown).await
-                }
+                server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
             }
             Protocol::MalformedHttp1 => server::reject_malformed(io, peer).await,
         }

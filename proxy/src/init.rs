@@ -210,26 +210,36 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// A comma list of ports and ranges (`4190,4191,4567-4568`); empty items are ignored.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PortList(pub Vec<PortRange>);
+/// A comma list of items (ports and ranges like `4190,4191,4567-4568`, or CIDRs); empty items
+/// and repeats are ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommaList<T>(pub Vec<T>);
 
-impl FromStr for PortList {
-    type Err = InitError;
-
-    fn from_str(s: &str) -> Result<Self, InitError> {
-        let mut out: Vec<PortRange> = Vec::new();
-        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let range: PortRange = item.parse()?;
-            if !out.contains(&range) {
-                out.push(range);
-            }
-        }
-        Ok(PortList(out))
+impl<T> Default for CommaList<T> {
+    fn default() -> Self {
+        Self(Vec::new())
     }
 }
 
-impl fmt::Display for PortList {
+pub type PortList = CommaList<PortRange>;
+pub type CidrList = CommaList<Cidr>;
+
+impl<T: FromStr<Err = InitError> + PartialEq> FromStr for CommaList<T> {
+    type Err = InitError;
+
+    fn from_str(s: &str) -> Result<Self, InitError> {
+        let mut out: Vec<T> = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let item: T = item.parse()?;
+            if !out.contains(&item) {
+                out.push(item);
+            }
+        }
+        Ok(CommaList(out))
+    }
+}
+
+impl<T: fmt::Display> fmt::Display for CommaList<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let items: Vec<String> = self.0.iter().map(ToString::to_string).collect();
         f.write_str(&items.join(","))
@@ -286,32 +296,6 @@ impl FromStr for Cidr {
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// A comma list of CIDRs; empty items are ignored.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CidrList(pub Vec<Cidr>);
-
-impl FromStr for CidrList {
-    type Err = InitError;
-
-    fn from_str(s: &str) -> Result<Self, InitError> {
-        let mut out: Vec<Cidr> = Vec::new();
-        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let cidr: Cidr = item.parse()?;
-            if !out.contains(&cidr) {
-                out.push(cidr);
-            }
-        }
-        Ok(CidrList(out))
-    }
-}
-
-impl fmt::Display for CidrList {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let items: Vec<String> = self.0.iter().map(ToString::to_string).collect();
-        f.write_str(&items.join(","))
     }
 }
 

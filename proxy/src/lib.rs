@@ -17,7 +17,6 @@ mod args;
 mod balance;
 mod detect;
 mod discovery;
-mod duration;
 mod http;
 mod inbound;
 pub mod init;

@@ -15,7 +15,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
@@ -67,7 +66,7 @@ impl Outbound {
 
     pub async fn serve_connection(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
         peer: SocketAddr,
         local: SocketAddr,
     ) {
@@ -80,18 +79,11 @@ impl Outbound {
 
         // 2. What it speaks.
         let opaque = orig_dst.is_some_and(|d| self.args.is_opaque_port(d.port()));
-        let (protocol, prefix) = if opaque {
-            (Protocol::Tcp, Bytes::new())
-        } else {
-            match detect::detect(&mut stream, self.args.detect_timeout).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::debug!(client = %peer, error = %e, "connection closed during detection");
-                    return;
-                }
-            }
+        let Some((protocol, io)) =
+            detect::accept(stream, opaque, self.args.detect_timeout, peer).await
+        else {
+            return;
         };
-        let io = PrefixedIo::new(prefix, stream);
 
         match protocol {
             // 3a. Opaque TCP: only the dialled address says where it goes.
@@ -121,11 +113,7 @@ impl Outbound {
                     .open();
                 let io = CountingIo::new(io, conn_metrics);
                 let svc = TowerToHyperService::new(self.http_stack(dialled));
-                if protocol == Protocol::H2 {
-                    server::serve_h2(io, svc, &self.shutdown).await
-                } else {
-                    server::serve_http1(io, svc, &self.shutdown).await
-                }
+                server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
             }
             Protocol::MalformedHttp1 => server::reject_malformed(io, peer).await,
         }

@@ -50,25 +50,16 @@ pub struct DemoArgs {
     output: OutputFormat,
 }
 
-/// Parses `30`, `30s`, `500ms`, `2m` or `1h`.
+/// A Go duration (`30s`, `500ms`, `2m`, `1m30s`), or a bare number of seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 30s, 500ms or 2m"))?;
-    let per_unit = match unit {
-        "" | "s" => Duration::from_secs(1),
-        "ms" => Duration::from_millis(1),
-        "m" => Duration::from_secs(60),
-        "h" => Duration::from_secs(3600),
-        _ => return Err(format!("`{s}`: the unit must be ms, s, m or h")),
-    };
-    u32::try_from(n)
-        .ok()
-        .and_then(|n| per_unit.checked_mul(n))
-        .ok_or_else(|| format!("`{s}` is too long"))
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("`{s}` is too long"));
+    }
+    pylon_proxy_policy::duration::parse(s).map_err(|e| e.to_string())
 }
 
 /// Runs the demo to completion; `Ok` once everything it started is gone.
@@ -270,7 +261,7 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert!(parse_duration("1.5s").is_err());
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("3d").is_err());
     }

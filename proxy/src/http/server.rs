@@ -2,6 +2,8 @@
 //! proxy drains, the connection stops taking new requests and finishes the ones in flight.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -14,7 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::{ProxyError, ResponseBody};
 use crate::shutdown::Shutdown;
 
-pub async fn serve_http1<I, S>(io: I, svc: S, shutdown: &Shutdown)
+/// Serves an accepted connection whose protocol detection found HTTP/1 or h2.
+pub async fn serve<I, S>(h2: bool, io: I, svc: S, shutdown: &Shutdown)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
@@ -22,48 +25,44 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(io), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let res = tokio::select! {
-        res = conn.as_mut() => res,
-        _ = shutdown.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = res {
-        log_conn_error("http/1", &e);
+    if h2 {
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .max_concurrent_streams(10_000)
+            .serve_connection(TokioIo::new(io), svc);
+        drive("h2", conn, shutdown, |c| c.graceful_shutdown()).await
+    } else {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
+        drive("http/1", conn, shutdown, |c| c.graceful_shutdown()).await
     }
 }
 
-pub async fn serve_h2<I, S>(io: I, svc: S, shutdown: &Shutdown)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+/// Runs a connection to its end; once shutdown begins it takes no new requests and finishes the
+/// ones in flight.
+async fn drive<C>(
+    proto: &str,
+    conn: C,
+    shutdown: &Shutdown,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+) where
+    C: Future<Output = Result<(), hyper::Error>>,
 {
-    let conn = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .adaptive_window(true)
-        .max_concurrent_streams(10_000)
-        .serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let res = tokio::select! {
         res = conn.as_mut() => res,
         _ = shutdown.signaled() => {
-            conn.as_mut().graceful_shutdown();
+            graceful_shutdown(conn.as_mut());
             conn.await
         }
     };
     if let Err(e) = res {
-        log_conn_error("h2", &e);
+        log_conn_error(proto, &e);
     }
 }
 

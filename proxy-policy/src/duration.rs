@@ -1,4 +1,5 @@
-//! Go-style duration strings (`300ms`, `10s`, `1m30s`), as Kubernetes manifests and Linkerd use.
+//! Go-style duration strings (`300ms`, `10s`, `1m30s`), as Kubernetes manifests, Linkerd's
+//! ServiceProfile timeouts and Pylon's flags use.
 
 use std::time::Duration;
 
