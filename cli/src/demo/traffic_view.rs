@@ -167,6 +167,40 @@ impl EndpointStats {
     }
 }
 
+/// One row per endpoint and a total; `count` is the per-second rate or the run's total.
+fn endpoint_table(
+    rows: &[EndpointStats],
+    total: &EndpointStats,
+    count_header: &str,
+    count: impl Fn(&EndpointStats) -> String,
+) -> String {
+    let headers = [
+        "ENDPOINT",
+        "BEHAVIOUR",
+        "TARGET_ADDR",
+        count_header,
+        "SUCCESS",
+        "LATENCY_P50",
+        "LATENCY_P99",
+        "INBOUND_SUCCESS",
+    ];
+    let cells = |s: &EndpointStats| {
+        vec![
+            s.name.clone(),
+            s.behaviour.to_owned(),
+            s.target_addr.clone(),
+            count(s),
+            percent(s.success_rate),
+            millis(s.p50_ms),
+            millis(s.p99_ms),
+            percent(s.inbound_success_rate),
+        ]
+    };
+    let mut table_rows: Vec<Vec<String>> = rows.iter().map(cells).collect();
+    table_rows.push(cells(total));
+    render_table(&headers, &table_rows, 3)
+}
+
 /// Lays out rows under headers; the first `left` columns are left-aligned, the rest right.
 fn render_table(headers: &[&str], rows: &[Vec<String>], left: usize) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -293,30 +327,7 @@ impl Printer {
                 self.emit(&format!("{event}\n"));
             }
             OutputFormat::Table => {
-                let headers = [
-                    "ENDPOINT",
-                    "BEHAVIOUR",
-                    "TARGET_ADDR",
-                    "RPS",
-                    "SUCCESS",
-                    "LATENCY_P50",
-                    "LATENCY_P99",
-                    "INBOUND_SUCCESS",
-                ];
-                let cells = |s: &EndpointStats| {
-                    vec![
-                        s.name.clone(),
-                        s.behaviour.to_owned(),
-                        s.target_addr.clone(),
-                        format!("{:.1}", s.rps),
-                        percent(s.success_rate),
-                        millis(s.p50_ms),
-                        millis(s.p99_ms),
-                        percent(s.inbound_success_rate),
-                    ]
-                };
-                let mut table_rows: Vec<Vec<String>> = rows.iter().map(cells).collect();
-                table_rows.push(cells(total));
+                let table = endpoint_table(rows, total, "RPS", |s| format!("{:.1}", s.rps));
                 let mut text = String::new();
                 if self.redraw {
                     text.push_str("\x1b[H\x1b[2J");
@@ -329,7 +340,7 @@ impl Printer {
                     since_start.as_secs_f64(),
                     self.authority
                 );
-                text.push_str(&render_table(&headers, &table_rows, 3));
+                text.push_str(&table);
                 text.push('\n');
                 self.emit(&text);
             }
@@ -363,35 +374,13 @@ impl Printer {
                 self.emit(&format!("{event}\n"));
             }
             OutputFormat::Table => {
-                let headers = [
-                    "ENDPOINT",
-                    "BEHAVIOUR",
-                    "TARGET_ADDR",
-                    "REQUESTS",
-                    "SUCCESS",
-                    "LATENCY_P50",
-                    "LATENCY_P99",
-                    "INBOUND_SUCCESS",
-                ];
-                let cells = |s: &EndpointStats| {
-                    vec![
-                        s.name.clone(),
-                        s.behaviour.to_owned(),
-                        s.target_addr.clone(),
-                        format!("{:.0}", s.requests),
-                        percent(s.success_rate),
-                        millis(s.p50_ms),
-                        millis(s.p99_ms),
-                        percent(s.inbound_success_rate),
-                    ]
-                };
-                let mut table_rows: Vec<Vec<String>> = rows.iter().map(cells).collect();
-                table_rows.push(cells(total));
+                let table =
+                    endpoint_table(rows, total, "REQUESTS", |s| format!("{:.0}", s.requests));
                 let mut text = format!(
                     "summary of {:.1}s, from the proxies' counters:\n",
                     run.as_secs_f64()
                 );
-                text.push_str(&render_table(&headers, &table_rows, 3));
+                text.push_str(&table);
                 for row in rows {
                     let share = row.requests / total.requests;
                     if total.requests > 0.0 && share < 0.1 {
