@@ -327,6 +327,38 @@ async fn p2c_peak_ewma_prefers_the_fast_endpoint() {
     .await
 }
 
+/// An endpoint that refuses connections fails fast, which must not make it look fast: after a
+/// refusal the balancer steers the traffic to the endpoint that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refusing_endpoint_does_not_attract_traffic() {
+    test_body(async {
+        let healthy = Backend::start("healthy").await;
+        let refusing = closed_port();
+        let cfg = ConfigDir::web(&[healthy.addr, refusing]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+
+        const N: usize = 200;
+        let mut refused = 0;
+        for i in 0..N {
+            let resp = get(proxy.outbound(), WEB_FQDN, "/")
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            match resp.status.as_u16() {
+                200 => {}
+                502 => refused += 1,
+                other => panic!("request {i}: unexpected {other}: {resp:?}"),
+            }
+        }
+        eprintln!("refusing endpoint: {refused} of {N} requests got 502");
+        assert_eq!(healthy.requests() + refused, N);
+        assert!(
+            refused <= 5,
+            "{refused} of {N} requests went to the endpoint that refuses connections"
+        );
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_endpoints_fails_fast_with_503() {
     test_body(async {

@@ -24,6 +24,10 @@ use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How quickly old latency observations are forgotten.
 const DECAY: Duration = Duration::from_secs(10);
+/// The latency charged for a connection-level failure. Failing fast is not being fast: without
+/// this, an endpoint that refuses every connection would look like the quickest one and attract
+/// the traffic. It decays like any observation, so the endpoint is tried again later.
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 /// The PeakEWMA load of one endpoint.
 pub struct PeakEwma {
@@ -108,6 +112,14 @@ impl InFlight {
         if !self.observed {
             self.observed = true;
             self.load.observe(self.start.elapsed());
+        }
+    }
+
+    /// The endpoint could not be reached or dropped the connection.
+    pub fn failed(&mut self) {
+        if !self.observed {
+            self.observed = true;
+            self.load.observe(self.start.elapsed().max(FAILURE_PENALTY));
         }
     }
 }
@@ -234,9 +246,16 @@ where
             .insert(MetricsTarget(endpoint.http.clone()));
         let response = self.inner.call(req);
         Box::pin(async move {
-            let result = response.await;
+            let mut rsp = match response.await {
+                Ok(rsp) => rsp,
+                Err(err) => {
+                    if err.is_endpoint_failure() {
+                        in_flight.failed();
+                    }
+                    return Err(err);
+                }
+            };
             in_flight.response_received();
-            let mut rsp = result?;
             rsp.body_mut().release_on_end(in_flight);
             Ok(rsp)
         })
@@ -301,6 +320,17 @@ mod tests {
             (c - expected).abs() / expected < 0.05,
             "cost {c} ~ {expected}"
         );
+    }
+
+    #[test]
+    fn connection_failures_make_an_endpoint_expensive() {
+        let refusing = Arc::new(PeakEwma::new());
+        let mut attempt = refusing.start();
+        // Refused at once, yet charged like a 1 s response.
+        attempt.failed();
+        drop(attempt);
+        let cost = refusing.cost();
+        assert!(cost > 0.99e9 && cost <= 1e9, "cost {cost}");
     }
 
     #[test]

@@ -46,6 +46,18 @@ impl ProxyError {
         }
     }
 
+    /// The endpoint itself failed (not the request's budget, nor discovery): the balancer should
+    /// steer away from it.
+    pub fn is_endpoint_failure(self) -> bool {
+        matches!(
+            self,
+            Self::ConnectionRefused
+                | Self::ConnectionReset
+                | Self::EndpointProtocol
+                | Self::ConnectTimeout
+        )
+    }
+
     /// The value of `pylon-proxy-error` and of the `error` metric label: a fixed vocabulary.
     pub fn reason(self) -> &'static str {
         match self {
