@@ -78,8 +78,8 @@ pub async fn detect<I: AsyncRead + Unpin>(
     }
 }
 
-/// `None` means "need more bytes".
-fn classify(buf: &[u8]) -> Option<Protocol> {
+/// Classifies the bytes read so far; `None` means "need more bytes".
+pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf.is_empty() {
         return None;
     }
