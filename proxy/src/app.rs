@@ -38,8 +38,16 @@ pub fn main(args: ProxyArgs) -> ExitCode {
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1)
         .max(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+    // One core (the common sidecar budget) runs everything on the main thread: no work-stealing
+    // and no cross-thread wake-ups, as linkerd2-proxy does.
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let runtime = builder
         .thread_name("pylon-proxy")
         .enable_all()
         .build()

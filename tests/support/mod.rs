@@ -113,6 +113,8 @@ impl ProxyBuilder {
             }
         }
         cmd.env("PYLON_LOG", "info");
+        // One core, as sidecars usually get (the single-threaded runtime); tests may override.
+        cmd.env("PYLON_THREADS", "1");
         let mut args: Vec<String> = Vec::new();
         if !self.no_default_addrs {
             for flag in ["--inbound-addr", "--outbound-addr", "--admin-addr"] {

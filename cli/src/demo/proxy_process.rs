@@ -70,6 +70,8 @@ impl ProxyProcess {
             .args(["--tap-addr", "127.0.0.1:0"])
             // Bound the drain on POST /shutdown below our own grace period.
             .args(["--shutdown-grace", "3s"])
+            // One core each, as a sidecar usually gets.
+            .args(["--threads", "1"])
             .arg("--config-dir")
             .arg(spec.config_dir)
             .args(["--workload", spec.workload])
