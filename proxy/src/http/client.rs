@@ -50,6 +50,11 @@ impl EndpointTarget {
 
 #[derive(Clone)]
 pub struct EndpointClient {
+    // The stack is cloned for every request: one reference count, not the pool's insides.
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
     h1: Http1Client,
     connect_timeout: Duration,
     tunnels: TaskTracker,
@@ -59,14 +64,18 @@ impl EndpointClient {
     /// `tunnels` tracks upgraded and CONNECT connections so shutdown can wait for them.
     pub fn new(connect_timeout: Duration, tunnels: TaskTracker) -> Self {
         Self {
-            h1: Http1Client::new(connect_timeout),
-            connect_timeout,
-            tunnels,
+            inner: Arc::new(ClientInner {
+                h1: Http1Client::new(connect_timeout),
+                connect_timeout,
+                tunnels,
+            }),
         }
     }
+}
 
+impl ClientInner {
     async fn send(
-        self,
+        &self,
         target: EndpointTarget,
         mut req: Request<Incoming>,
     ) -> Result<ProxyResponse, ProxyError> {
@@ -109,7 +118,7 @@ impl Service<Request<Incoming>> for EndpointClient {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
+        let this = self.inner.clone();
         Box::pin(async move {
             // The layers above always choose a target; without one there is nowhere to go.
             let target = req
