@@ -8,7 +8,7 @@
 //! jumps to a new peak at once and decays towards lower samples.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -33,10 +33,16 @@ const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 pub struct PeakEwma {
     /// RTT estimate in nanoseconds, as f64 bits.
     rtt_ns: AtomicU64,
-    /// When the estimate was last updated, in nanoseconds since `epoch`.
+    /// When the estimate was last updated, in `now_ns()` time.
     updated_ns: AtomicU64,
     pending: AtomicUsize,
-    epoch: Instant,
+}
+
+/// Nanoseconds on one process-wide monotonic clock, so a pick reads the clock once for both
+/// candidates.
+pub fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 impl Default for PeakEwma {
@@ -49,17 +55,21 @@ impl PeakEwma {
     pub fn new() -> Self {
         Self {
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
-            updated_ns: AtomicU64::new(0),
+            // A new endpoint's default estimate decays from now, like any observation.
+            updated_ns: AtomicU64::new(now_ns()),
             pending: AtomicUsize::new(0),
-            epoch: Instant::now(),
         }
     }
 
     /// Lower is better. The estimate decays with time since the last observation, so an
     /// endpoint that stopped being picked (it was slow once) is tried again eventually.
     pub fn cost(&self) -> f64 {
+        self.cost_at(now_ns())
+    }
+
+    /// `cost()` at a given `now_ns()` reading.
+    pub fn cost_at(&self, now_ns: u64) -> f64 {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        let now_ns = self.epoch.elapsed().as_nanos() as u64;
         let idle_ns = now_ns.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
         let decayed = rtt * (-idle_ns / DECAY.as_nanos() as f64).exp();
         let pending = self.pending.load(Ordering::Relaxed) as f64;
@@ -77,7 +87,7 @@ impl PeakEwma {
     }
 
     fn observe(&self, rtt: Duration) {
-        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        let now_ns = now_ns();
         let last_ns = self.updated_ns.swap(now_ns, Ordering::Relaxed);
         let sample = rtt.as_nanos() as f64;
         let elapsed = now_ns.saturating_sub(last_ns) as f64;
@@ -170,7 +180,8 @@ impl<E: Balanced> EndpointSet<E> {
                     b += 1;
                 }
                 let (ea, eb) = (&set[a], &set[b]);
-                let winner = if eb.load().cost() < ea.load().cost() {
+                let now = now_ns();
+                let winner = if eb.load().cost_at(now) < ea.load().cost_at(now) {
                     eb
                 } else {
                     ea
@@ -307,14 +318,11 @@ mod tests {
 
     #[test]
     fn idle_estimate_decays_towards_zero() {
-        // An endpoint last measured at 100 ms, one decay period (10 s) ago.
-        let l = PeakEwma {
-            rtt_ns: AtomicU64::new(100e6_f64.to_bits()),
-            updated_ns: AtomicU64::new(0),
-            pending: AtomicUsize::new(0),
-            epoch: Instant::now() - DECAY,
-        };
-        let c = l.cost();
+        // An endpoint measured at 100 ms, looked at one decay period (10 s) later.
+        let l = PeakEwma::new();
+        l.rtt_ns.store(100e6_f64.to_bits(), Ordering::Relaxed);
+        let later = l.updated_ns.load(Ordering::Relaxed) + DECAY.as_nanos() as u64;
+        let c = l.cost_at(later);
         let expected = 100e6 * (-1.0f64).exp();
         assert!(
             (c - expected).abs() / expected < 0.05,

@@ -55,9 +55,12 @@ pub async fn detect<I: AsyncRead + Unpin>(
 ) -> std::io::Result<(Protocol, Bytes)> {
     let mut buf = BytesMut::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut progress = Progress::default();
     loop {
-        if let Some(p) = classify(&buf) {
-            return Ok((p, buf.freeze()));
+        if progress.worth_classifying(&buf) {
+            if let Some(p) = classify(&buf) {
+                return Ok((p, buf.freeze()));
+            }
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
             Err(_elapsed) => {
@@ -78,6 +81,35 @@ pub async fn detect<I: AsyncRead + Unpin>(
     }
 }
 
+/// How far detection got, so each read only looks at its new bytes: a head trickled in one byte
+/// at a time costs linear, not quadratic, time.
+#[derive(Default)]
+struct Progress {
+    /// Bytes already seen by `worth_classifying`.
+    seen: usize,
+    /// The request line is complete (and was HTTP/1, or `classify` would have decided).
+    line_done: bool,
+}
+
+impl Progress {
+    /// Whether the bytes that arrived since the last call could change `classify`'s answer.
+    fn worth_classifying(&mut self, buf: &[u8]) -> bool {
+        // Look back a few bytes so a delimiter split across reads is still found.
+        let fresh = &buf[self.seen.saturating_sub(3).min(buf.len())..];
+        let first = self.seen == 0;
+        self.seen = buf.len();
+        let line_was_done = self.line_done;
+        self.line_done = line_was_done || memchr::memmem::find(fresh, b"\r\n").is_some();
+        if first || buf.len() <= H2_PREFACE.len() {
+            return true;
+        }
+        if !line_was_done {
+            return self.line_done || buf.len() >= MAX_REQUEST_LINE;
+        }
+        memchr::memmem::find(fresh, b"\r\n\r\n").is_some() || buf.len() >= MAX_HEAD
+    }
+}
+
 /// Classifies the bytes read so far; `None` means "need more bytes".
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf.is_empty() {
@@ -87,9 +119,12 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf[..n] == H2_PREFACE[..n] {
         return (n == H2_PREFACE.len()).then_some(Protocol::H2);
     }
+    // Binary protocols (TLS, databases) are told apart by their first bytes, before any scan.
+    if !plausible_method_prefix(buf) {
+        return Some(Protocol::Tcp);
+    }
     let Some(line_end) = find_crlf(buf) else {
-        return (buf.len() >= MAX_REQUEST_LINE || !plausible_method_prefix(buf))
-            .then_some(Protocol::Tcp);
+        return (buf.len() >= MAX_REQUEST_LINE).then_some(Protocol::Tcp);
     };
     let line = &buf[..line_end];
     if !(line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")) {
@@ -120,7 +155,7 @@ fn classify_at_eof(buf: &[u8]) -> Protocol {
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
+    memchr::memmem::find(buf, b"\r\n")
 }
 
 /// While the request line is incomplete, keep reading only if it could still be HTTP: a token
@@ -188,6 +223,55 @@ mod tests {
         let (p, b) = detect_bytes(b"", false).await;
         assert_eq!(p, Protocol::Tcp);
         assert!(b.is_empty());
+    }
+
+    #[tokio::test]
+    async fn head_trickled_byte_by_byte_is_detected() {
+        let head = b"GET /path HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n";
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(async move {
+            for b in head {
+                client.write_all(&[*b]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let (p, bytes) = detect(&mut server, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(p, Protocol::Http1);
+        assert_eq!(&bytes[..], &head[..]);
+        drop(writer.await.unwrap());
+    }
+
+    #[test]
+    fn progress_skips_bytes_that_cannot_decide() {
+        let mut progress = Progress::default();
+        let mut buf = b"GET /".to_vec();
+        assert!(progress.worth_classifying(&buf), "first read");
+        buf.extend_from_slice(&[b'a'; 40]);
+        assert!(
+            !progress.worth_classifying(&buf),
+            "request line still incomplete"
+        );
+        buf.extend_from_slice(b" HTTP/1.1\r");
+        assert!(!progress.worth_classifying(&buf));
+        buf.extend_from_slice(b"\nHost: a\r\n");
+        assert!(progress.worth_classifying(&buf), "request line complete");
+        buf.extend_from_slice(b"Accept: x\r\n");
+        assert!(!progress.worth_classifying(&buf), "head not complete");
+        buf.extend_from_slice(b"\r\n");
+        assert!(
+            progress.worth_classifying(&buf),
+            "end of head (split across reads)"
+        );
+
+        // The request line complete in the first read, the end of the head later.
+        let mut progress = Progress::default();
+        let mut buf = b"GET / HTTP/1.1\r\nHost: a".to_vec();
+        assert!(progress.worth_classifying(&buf));
+        buf.extend_from_slice(b"\r\nAccept: x");
+        assert!(!progress.worth_classifying(&buf));
+        buf.extend_from_slice(b"\r\n\r\n");
+        assert!(progress.worth_classifying(&buf), "end of head");
     }
 
     #[tokio::test]
