@@ -35,6 +35,10 @@ impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // Free detection's buffer now, not when a long-lived connection closes.
+                *this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         this.inner.poll_read(cx, buf)

@@ -1,0 +1,512 @@
+//! The run: start the app and every path, verify them, measure workload by workload with the
+//! paths side by side, then write the report.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::chain::{self, AppAddrs, Chain, PathKind, Setup};
+use crate::loadgen::{self, Job, RunStats, Workload};
+use crate::procs::{self, Managed};
+use crate::procstat;
+use crate::report::{
+    self, Errors, LatencyRow, MemoryPoint, MemoryRow, NotRun, Report, ThroughputRow,
+};
+
+/// Concurrency of every load run: connections for HTTP/1.1 and TCP, streams for h2.
+const SLOTS: usize = 64;
+/// Connections the h2 streams share.
+const H2_CONNECTIONS: usize = 4;
+/// Idle connections opened at once for the memory measurement.
+const IDLE_OPEN_PARALLEL: usize = 256;
+const NOFILE: u64 = 200_000;
+
+#[derive(Debug, Clone, Args)]
+pub struct Options {
+    /// Shorter runs and fewer rows (well under 2 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Worker threads of each proxy: Pylon's --threads, nginx's worker_processes, HAProxy's
+    /// nbthread.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// The pylon-proxy binary (default: next to this one).
+    #[arg(long)]
+    pylon_bin: Option<PathBuf>,
+    /// Where latest.md, latest.json and the dated copies go.
+    #[arg(long, default_value_os_t = crate::default_results_dir())]
+    results_dir: PathBuf,
+    /// Paths to run (comma-separated subset of direct,pylon,nginx,haproxy; direct is always run).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,pylon,nginx,haproxy"
+    )]
+    paths: Vec<String>,
+    /// Don't pin processes to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Seconds per measurement (default 5, or 1.5 with --quick).
+    #[arg(long)]
+    seconds: Option<f64>,
+}
+
+struct Plan {
+    measure: Duration,
+    warmup: Duration,
+    rates: Vec<u64>,
+    idle_connections: Vec<usize>,
+}
+
+impl Plan {
+    fn new(o: &Options) -> Plan {
+        let default = if o.quick { 1.5 } else { 5.0 };
+        let measure = Duration::from_secs_f64(o.seconds.unwrap_or(default).max(0.5));
+        if o.quick {
+            Plan {
+                measure,
+                warmup: Duration::from_millis(300),
+                rates: vec![1_000],
+                idle_connections: vec![1_000],
+            }
+        } else {
+            Plan {
+                measure,
+                warmup: Duration::from_secs(1),
+                rates: vec![1_000, 5_000],
+                idle_connections: vec![1_000, 10_000],
+            }
+        }
+    }
+}
+
+/// Which cores the load side (generator and app) and the proxies get.
+struct Pinning {
+    load: Option<String>,
+    proxies: Option<String>,
+    text: String,
+}
+
+fn pinning(no_pin: bool) -> Result<Pinning> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if no_pin || cores < 2 {
+        return Ok(Pinning {
+            load: None,
+            proxies: None,
+            text: format!(
+                "none ({cores} core(s){})",
+                if no_pin { ", --no-pin" } else { "" }
+            ),
+        });
+    }
+    procs::pin_self(&[0]).context("pinning the bench to core 0")?;
+    let proxies = if cores > 2 {
+        format!("1-{}", cores - 1)
+    } else {
+        "1".to_owned()
+    };
+    Ok(Pinning {
+        load: Some("0".into()),
+        text: format!(
+            "taskset: load generator + app on core 0; every proxy process on core{} {proxies}",
+            if cores > 2 { "s" } else { "" }
+        ),
+        proxies: Some(proxies),
+    })
+}
+
+pub fn main(options: Options, runtime: &tokio::runtime::Runtime) -> Result<()> {
+    let pin = pinning(options.no_pin)?;
+    let nofile = procs::raise_nofile(NOFILE).context("raising the open-file limit")?;
+    runtime.block_on(async {
+        tokio::select! {
+            r = run(&options, &pin, nofile) => r,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        }
+    })
+}
+
+fn pylon_bin(o: &Options) -> Result<PathBuf> {
+    let bin = match &o.pylon_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locating this binary")?
+            .with_file_name("pylon-proxy"),
+    };
+    if !bin.is_file() {
+        bail!(
+            "{} not found: build it (cargo build --release -p pylon-proxy) or pass --pylon-bin",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
+    let mut plan = Plan::new(o);
+    // Each idle connection costs the outbound proxy a descriptor (HAProxy reserves two), so the
+    // largest count must fit the open-file limit every proxy gets.
+    let fd_cap =
+        usize::try_from(chain::haproxy_maxconn(nofile).saturating_sub(450)).unwrap_or(usize::MAX);
+    let mut capped = None;
+    for n in &mut plan.idle_connections {
+        if *n > fd_cap {
+            capped = Some((*n, fd_cap));
+            *n = fd_cap;
+        }
+    }
+    let mut kinds = vec![PathKind::Direct];
+    for p in &o.paths {
+        let k = PathKind::parse(p.trim())?;
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    let pylon_bin = pylon_bin(o)?;
+    let dir = tempfile::Builder::new()
+        .prefix("pylon-bench-")
+        .tempdir()
+        .context("creating the run's temp dir")?;
+    let hz = procstat::clock_ticks_per_second()? as f64;
+    eprintln!("pylon-bench: configs and logs in {}", dir.path().display());
+
+    // The app, on the load core.
+    let app = AppAddrs {
+        http: procs::free_addr()?,
+        echo: procs::free_addr()?,
+    };
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let app_proc = Managed::spawn(
+        "app",
+        &exe,
+        &[
+            "app".into(),
+            "--http".into(),
+            app.http.to_string(),
+            "--echo".into(),
+            app.echo.to_string(),
+        ],
+        &[],
+        pin.load.as_deref(),
+        dir.path(),
+    )?;
+    let load_pids = [std::process::id(), app_proc.pid()];
+
+    let setup = Setup {
+        app,
+        threads: o.threads.max(1),
+        nofile,
+        proxy_cpus: pin.proxies.as_deref(),
+        dir: dir.path(),
+        pylon_bin: &pylon_bin,
+    };
+    let mut chains: Vec<Chain> = Vec::new();
+    let mut stream_note = None;
+    for &kind in &kinds {
+        let mut c = match kind {
+            PathKind::Direct => chain::direct(app),
+            PathKind::Pylon => chain::pylon(&setup)?,
+            PathKind::Nginx => {
+                if chain::nginx_stream()? == chain::NginxStream::Missing {
+                    stream_note = Some(());
+                }
+                chain::nginx(&setup)?
+            }
+            PathKind::Haproxy => chain::haproxy(&setup)?,
+        };
+        eprintln!(
+            "pylon-bench: checking path {} with one request per workload",
+            kind.name()
+        );
+        c.verify().await?;
+        chains.push(c);
+    }
+
+    // Idle memory, after every path has carried one request of each workload.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut memory = Vec::new();
+    for c in chains.iter().filter(|c| c.kind != PathKind::Direct) {
+        memory.push(MemoryRow {
+            path: c.kind,
+            idle_rss_mib: mib(procstat::total_rss_kib(&c.http_pids)?),
+            with_connections: Vec::new(),
+        });
+    }
+
+    // What else the machine was doing during the measurements (other users of the cores skew
+    // every figure; the report says how much there was).
+    let measured_start = std::time::Instant::now();
+    let busy0 = procstat::machine_busy_ticks()?;
+    let ours0 = procstat::cpu_ticks(&[std::process::id()])?;
+
+    let mut latency_rows = Vec::new();
+    let mut throughput_rows = Vec::new();
+    let mut not_run = Vec::new();
+    for workload in Workload::ALL {
+        for c in chains.iter_mut() {
+            let target = match c.target(workload) {
+                Ok(t) => t,
+                Err(reason) => {
+                    not_run.push(NotRun {
+                        path: c.kind,
+                        workload,
+                        reason,
+                    });
+                    continue;
+                }
+            };
+            eprintln!("pylon-bench: {} via {}", workload.name(), c.kind.name());
+            let job = Job::new(workload, target);
+            let mut slots = loadgen::open_slots(&job, SLOTS, H2_CONNECTIONS)
+                .await
+                .with_context(|| {
+                    format!(
+                        "opening connections to {} for {}",
+                        c.kind.name(),
+                        workload.name()
+                    )
+                })?;
+            let (_, back) = loadgen::closed_loop(job.clone(), slots, plan.warmup).await;
+            slots = back;
+            let pids = c.pids(workload).to_vec();
+
+            for &rate in &plan.rates {
+                let cpu0 = procstat::cpu_ticks(&pids)?;
+                let (stats, back) =
+                    loadgen::fixed_rate(job.clone(), slots, rate, plan.measure).await;
+                slots = back;
+                let cpu = (procstat::cpu_ticks(&pids)? - cpu0) as f64 / hz;
+                let latency = must_have_latency(&stats, c.kind, workload, &format!("{rate}/s"))?;
+                latency_rows.push(LatencyRow {
+                    workload,
+                    path: c.kind,
+                    rate_per_s: rate,
+                    ok: stats.ok,
+                    errors: errors(&stats),
+                    late: stats.late,
+                    unsent: stats.unsent,
+                    latency,
+                    added_us: None,
+                    added_p99_vs_best_other: None,
+                    proxy_cpu_s: cpu,
+                });
+                c.check_running()?;
+            }
+
+            let cpu0 = procstat::cpu_ticks(&pids)?;
+            let load0 = procstat::own_cpu_ticks(&load_pids)?;
+            let (stats, back) = loadgen::closed_loop(job.clone(), slots, plan.measure).await;
+            drop(back);
+            let cpu = (procstat::cpu_ticks(&pids)? - cpu0) as f64 / hz;
+            let load_cpu = (procstat::own_cpu_ticks(&load_pids)? - load0) as f64 / hz;
+            let latency = must_have_latency(&stats, c.kind, workload, "closed loop")?;
+            let seconds = stats.elapsed.as_secs_f64();
+            throughput_rows.push(ThroughputRow {
+                workload,
+                path: c.kind,
+                hops: c.hops(workload).to_owned(),
+                ok: stats.ok,
+                errors: errors(&stats),
+                seconds,
+                req_per_s: stats.throughput(),
+                vs_direct: None,
+                latency,
+                proxy_cpu_s: cpu,
+                req_per_proxy_cpu_s: None,
+                per_cpu_vs_best_other: None,
+                proxy_cpu_s_per_100k: None,
+                load_side_cpu_pct: 100.0 * load_cpu / seconds.max(1e-9),
+            });
+            c.check_running()?;
+            // Let the closed connections drain before the next path starts.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // Memory with idle keep-alive connections, the same method for every proxy.
+    for c in chains.iter_mut().filter(|c| c.kind != PathKind::Direct) {
+        let target = c.target(Workload::Http1Get).map_err(anyhow::Error::msg)?;
+        for &n in &plan.idle_connections {
+            eprintln!("pylon-bench: {n} idle connections to {}", c.kind.name());
+            let idle = loadgen::open_idle_connections(&target, n, IDLE_OPEN_PARALLEL).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let rss = mib(procstat::total_rss_kib(&c.http_pids)?);
+            let point = MemoryPoint {
+                connections: n,
+                opened: idle.streams.len(),
+                errors: Errors {
+                    count: idle.errors,
+                    first: idle.first_error.clone(),
+                },
+                rss_mib: rss,
+            };
+            drop(idle);
+            if let Some(row) = memory.iter_mut().find(|m| m.path == c.kind) {
+                row.with_connections.push(point);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            c.check_running()?;
+        }
+    }
+
+    let busy = procstat::machine_busy_ticks()?.saturating_sub(busy0);
+    let ours = procstat::cpu_ticks(&[std::process::id()])?.saturating_sub(ours0);
+    let other_load_pct =
+        100.0 * busy.saturating_sub(ours) as f64 / hz / measured_start.elapsed().as_secs_f64();
+
+    let mut notes = vec![
+        "Load generator: pylon-bench's own (hyper 1 + hyper-util + h2 + hdrhistogram, in \
+         benches/src/loadgen.rs). No public tool here covers all five workloads with \
+         coordinated-omission-corrected fixed rates: wrk and h2load have no corrected fixed rate \
+         (and nothing for gRPC trailers or raw TCP), wrk2 is not packaged, and `oha` would need a \
+         long `cargo install` on 2 cores."
+            .to_owned(),
+        "Fixed-rate runs are open loop: a pacer thread schedules every request's intended send \
+         time; latency is measured from that time to the end of the response, so stalls count \
+         against the requests queued behind them. `late` counts requests that found all 64 slots \
+         busy (plus any not sent before the deadline)."
+            .to_owned(),
+        "Opaque TCP echo goes through the inbound proxy only, for every proxy (load -> inbound -> \
+         echo): Pylon's outbound listener needs SO_ORIGINAL_DST (an iptables redirect) to know \
+         where an opaque connection goes, so a two-hop Pylon TCP row would need a network \
+         namespace; one-hop rows are compared with one-hop rows."
+            .to_owned(),
+        "Protocols between the hops: Pylon keeps each request's protocol (HTTP/1.1 pooled, h2 on \
+         one shared h2 connection per endpoint); HAProxy is h2 end to end for the h2c and gRPC \
+         workloads (`proto h2` on bind and server lines); nginx cannot proxy_pass over h2, so its \
+         h2c GET goes on as HTTP/1.1 keep-alive and gRPC uses grpc_pass over h2."
+            .to_owned(),
+        format!(
+            "Pylon runs with PYLON_LOG=warn (no per-request logs, like access_log off / no log \
+             lines for the others). Open-file limit raised to {nofile}."
+        ),
+    ];
+    if let Some((wanted, got)) = capped {
+        notes.push(format!(
+            "Memory with {wanted} connections became {got} for every proxy: the open-file limit \
+             here is {nofile} and cannot be raised (no CAP_SYS_RESOURCE), and HAProxy reserves two \
+             descriptors per connection and refuses to start when maxconn needs more."
+        ));
+    }
+    if stream_note.is_some() {
+        notes.push(format!(
+            "nginx TCP row not measured: this nginx has no stream module ({} missing; Debian \
+             package libnginx-mod-stream, which benches/run installs when run as root).",
+            chain::NGINX_STREAM_MODULE
+        ));
+    }
+
+    let nginx = kinds
+        .contains(&PathKind::Nginx)
+        .then(chain::nginx_program)
+        .transpose()?;
+    let haproxy = kinds
+        .contains(&PathKind::Haproxy)
+        .then(chain::haproxy_program)
+        .transpose()?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs();
+    let threads = setup.threads;
+    let mut report = Report {
+        date_utc: report::utc_timestamp(now),
+        mode: if o.quick { "quick" } else { "full" }.to_owned(),
+        machine: crate::machine::describe(nginx.as_deref(), haproxy.as_deref(), &pylon_bin),
+        pinning: pin.text.clone(),
+        settings: vec![
+            (
+                "proxy threads".into(),
+                format!("{threads} (pylon --threads, nginx worker_processes, haproxy nbthread)"),
+            ),
+            (
+                "each measurement".into(),
+                format!(
+                    "{:.1} s after a {:.1} s closed-loop warm-up per path and workload",
+                    plan.measure.as_secs_f64(),
+                    plan.warmup.as_secs_f64()
+                ),
+            ),
+            (
+                "other load during the run".into(),
+                format!(
+                    "{other_load_pct:.0}% of one core on average (CPU busy time of processes \
+                     other than the bench, its app and its proxies)"
+                ),
+            ),
+            (
+                "paths".into(),
+                kinds
+                    .iter()
+                    .map(|k| k.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        ],
+        notes,
+        latency: latency_rows,
+        throughput: throughput_rows,
+        memory,
+        not_run,
+        tap_active_vs_idle: "n/a: tap not implemented yet (issue 6)".to_owned(),
+    };
+    report::fill_ratios(&mut report);
+    let md = report::markdown(&report);
+    write_results(&o.results_dir, &report, &md)?;
+    println!("{md}");
+    drop(chains);
+    drop(app_proc);
+    Ok(())
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn errors(s: &RunStats) -> Errors {
+    Errors {
+        count: s.errors,
+        first: s.first_error.clone(),
+    }
+}
+
+/// A run without a single successful request has no numbers to print: fail loudly.
+fn must_have_latency(
+    s: &RunStats,
+    path: PathKind,
+    workload: Workload,
+    what: &str,
+) -> Result<report::Percentiles> {
+    report::percentiles(&s.latency).with_context(|| {
+        format!(
+            "{} via {} ({what}): no successful request ({} errors; first: {})",
+            workload.name(),
+            path.name(),
+            s.errors,
+            s.first_error.as_deref().unwrap_or("none")
+        )
+    })
+}
+
+fn write_results(dir: &Path, report: &Report, md: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::to_string_pretty(report).context("serializing the report")?;
+    let stamp = report.date_utc.replace(':', "");
+    let files = [
+        ("latest.md".to_owned(), md),
+        ("latest.json".to_owned(), json.as_str()),
+        (format!("{stamp}-{}.md", report.mode), md),
+        (format!("{stamp}-{}.json", report.mode), json.as_str()),
+    ];
+    for (name, content) in files {
+        let path = dir.join(&name);
+        std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+    }
+    eprintln!(
+        "pylon-bench: results in {}",
+        dir.join("latest.md").display()
+    );
+    Ok(())
+}

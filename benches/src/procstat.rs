@@ -1,0 +1,221 @@
+//! What the kernel says about a process: CPU time from `/proc/PID/stat` (utime + stime) and
+//! resident memory from `/proc/PID/status` (VmRSS), summed over a process and its descendants
+//! (nginx's workers are children of its master).
+
+use std::collections::HashSet;
+use std::fs;
+
+use anyhow::{bail, Context, Result};
+
+/// The fields of `/proc/PID/stat` the bench uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub ppid: u32,
+    /// User plus system time, in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+/// Parses one `/proc/PID/stat` line. The command name (field 2) is in parentheses and may itself
+/// contain spaces and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(line: &str) -> Result<Stat> {
+    let close = line.rfind(')').context("no `)` closing the command name")?;
+    // After the name: state(3) ppid(4) pgrp(5) session(6) tty_nr(7) tpgid(8) flags(9)
+    // minflt(10) cminflt(11) majflt(12) cmajflt(13) utime(14) stime(15).
+    let fields: Vec<&str> = line[close + 1..].split_whitespace().collect();
+    if fields.len() < 13 {
+        bail!("only {} fields after the command name", fields.len());
+    }
+    let num = |i: usize, what: &str| -> Result<u64> {
+        fields[i]
+            .parse::<u64>()
+            .with_context(|| format!("{what} {:?} is not a number", fields[i]))
+    };
+    let ppid = u32::try_from(num(1, "ppid")?).context("ppid out of range")?;
+    Ok(Stat {
+        ppid,
+        cpu_ticks: num(11, "utime")? + num(12, "stime")?,
+    })
+}
+
+/// Parses `VmRSS:   1234 kB` out of `/proc/PID/status`, in KiB.
+pub fn parse_vm_rss_kib(status: &str) -> Result<u64> {
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS line (a kernel thread or a zombie?)")?;
+    let mut parts = line["VmRSS:".len()..].split_whitespace();
+    let value = parts.next().context("VmRSS has no value")?;
+    match parts.next() {
+        Some("kB") => {}
+        other => bail!("VmRSS unit is {other:?}, expected kB"),
+    }
+    value
+        .parse()
+        .with_context(|| format!("VmRSS value {value:?} is not a number"))
+}
+
+/// Kernel clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of utime and stime.
+pub fn clock_ticks_per_second() -> Result<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        bail!("sysconf(_SC_CLK_TCK) returned {hz}");
+    }
+    Ok(hz as u64)
+}
+
+pub fn stat(pid: u32) -> Result<Stat> {
+    let path = format!("/proc/{pid}/stat");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_stat(&text).with_context(|| format!("parsing {path}"))
+}
+
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_vm_rss_kib(&text).with_context(|| format!("parsing {path}"))
+}
+
+/// Busy ticks of all CPUs from the first (`cpu `) line of `/proc/stat`: user, nice, system,
+/// irq, softirq and steal (not idle or iowait).
+pub fn parse_busy_ticks(proc_stat: &str) -> Result<u64> {
+    let line = proc_stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no aggregate `cpu` line")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| {
+            f.parse::<u64>()
+                .with_context(|| format!("{f:?} is not a number"))
+        })
+        .collect::<Result<_>>()?;
+    if fields.len() < 8 {
+        bail!("only {} fields on the cpu line", fields.len());
+    }
+    // user nice system idle iowait irq softirq steal
+    Ok(fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7])
+}
+
+/// Busy ticks of the whole machine so far.
+pub fn machine_busy_ticks() -> Result<u64> {
+    let text = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_busy_ticks(&text).context("parsing /proc/stat")
+}
+
+/// `roots` and every live descendant of them.
+pub fn with_descendants(roots: &[u32]) -> Result<Vec<u32>> {
+    let mut parents = Vec::new();
+    for entry in fs::read_dir("/proc").context("listing /proc")? {
+        let entry = entry.context("listing /proc")?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit while we look; skip it.
+        if let Ok(s) = stat(pid) {
+            parents.push((pid, s.ppid));
+        }
+    }
+    Ok(descendants(roots, &parents))
+}
+
+/// Pure part of [`with_descendants`]: closes `roots` over a (pid, ppid) table.
+pub fn descendants(roots: &[u32], table: &[(u32, u32)]) -> Vec<u32> {
+    let mut found: Vec<u32> = roots.to_vec();
+    let mut seen: HashSet<u32> = roots.iter().copied().collect();
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        for &(pid, ppid) in table {
+            if ppid == parent && seen.insert(pid) {
+                found.push(pid);
+            }
+        }
+        i += 1;
+    }
+    found
+}
+
+/// CPU ticks used so far by `roots` and their descendants.
+pub fn cpu_ticks(roots: &[u32]) -> Result<u64> {
+    let mut total = 0;
+    for pid in with_descendants(roots)? {
+        total += stat(pid)?.cpu_ticks;
+    }
+    Ok(total)
+}
+
+/// CPU ticks used so far by exactly these processes (not their children).
+pub fn own_cpu_ticks(pids: &[u32]) -> Result<u64> {
+    let mut total = 0;
+    for &pid in pids {
+        total += stat(pid)?.cpu_ticks;
+    }
+    Ok(total)
+}
+
+/// Resident memory of `roots` and their descendants, in KiB.
+pub fn total_rss_kib(roots: &[u32]) -> Result<u64> {
+    let mut total = 0;
+    for pid in with_descendants(roots)? {
+        total += rss_kib(pid)?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_a_tricky_command_name() {
+        let line = "4242 (nginx: worker (1) x) S 4240 4240 4240 0 -1 4194624 120 0 0 0 \
+                    37 12 0 0 20 0 1 0 123 456 789";
+        let s = parse_stat(line).expect("parses");
+        assert_eq!(s.ppid, 4240);
+        assert_eq!(s.cpu_ticks, 49);
+    }
+
+    #[test]
+    fn rejects_a_truncated_stat_line() {
+        assert!(parse_stat("1 (init) S 0 1").is_err());
+        assert!(parse_stat("no parens here").is_err());
+    }
+
+    #[test]
+    fn parses_vm_rss() {
+        let status = "Name:\tpylon-proxy\nVmPeak:\t  9000 kB\nVmRSS:\t    5120 kB\nThreads:\t2\n";
+        assert_eq!(parse_vm_rss_kib(status).expect("parses"), 5120);
+        assert!(parse_vm_rss_kib("Name:\tkthreadd\n").is_err());
+        assert!(parse_vm_rss_kib("VmRSS:\t12 MB\n").is_err());
+    }
+
+    #[test]
+    fn parses_machine_busy_ticks() {
+        let text = "cpu  100 5 20 900 7 1 2 3 0 0\ncpu0 50 0 10 450 3 0 1 1 0 0\n";
+        assert_eq!(parse_busy_ticks(text).expect("parses"), 131);
+        assert!(parse_busy_ticks("cpu0 1 2 3\n").is_err());
+        assert!(machine_busy_ticks().is_ok());
+    }
+
+    #[test]
+    fn closes_over_descendants() {
+        let table = [(10, 1), (11, 10), (12, 10), (13, 11), (20, 1)];
+        let mut got = descendants(&[10], &table);
+        got.sort_unstable();
+        assert_eq!(got, vec![10, 11, 12, 13]);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(rss_kib(me).expect("own rss") > 0);
+        assert!(cpu_ticks(&[me]).is_ok());
+        assert!(clock_ticks_per_second().expect("hz") > 0);
+    }
+}

@@ -1,0 +1,535 @@
+//! The results: rows with their ratio columns, rendered as markdown and JSON. Ratios are
+//! computed here from the same run's numbers; a ratio whose denominator is zero or negative is
+//! left out (`—`) rather than invented.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::chain::PathKind;
+use crate::loadgen::Workload;
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+/// Percentiles of a nanosecond histogram; `None` when it is empty.
+pub fn percentiles(h: &Histogram<u64>) -> Option<Percentiles> {
+    if h.is_empty() {
+        return None;
+    }
+    let us = |ns: u64| ns as f64 / 1_000.0;
+    Some(Percentiles {
+        p50_us: us(h.value_at_quantile(0.50)),
+        p99_us: us(h.value_at_quantile(0.99)),
+        p999_us: us(h.value_at_quantile(0.999)),
+        max_us: us(h.max()),
+    })
+}
+
+/// `a / b`, or `None` when `b` is not a positive finite number.
+pub fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b.is_finite() && b > 0.0 && a.is_finite()).then(|| a / b)
+}
+
+/// The best of nginx's and HAProxy's values (`lower` = lower is better), if any were measured.
+pub fn best_other(values: &[(PathKind, f64)], lower: bool) -> Option<f64> {
+    values
+        .iter()
+        .filter(|(k, _)| matches!(k, PathKind::Nginx | PathKind::Haproxy))
+        .map(|&(_, v)| v)
+        .reduce(|a, b| if (a < b) == lower { a } else { b })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Errors {
+    pub count: u64,
+    pub first: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyRow {
+    pub workload: Workload,
+    pub path: PathKind,
+    pub rate_per_s: u64,
+    pub ok: u64,
+    pub errors: Errors,
+    /// Requests that found all slots busy (the path fell behind the rate).
+    pub late: u64,
+    pub unsent: u64,
+    pub latency: Percentiles,
+    /// Over direct at the same rate: p50, p99, p99.9 (µs).
+    pub added_us: Option<[f64; 3]>,
+    /// Added p99 over the best (lowest) added p99 of nginx and HAProxy.
+    pub added_p99_vs_best_other: Option<f64>,
+    pub proxy_cpu_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThroughputRow {
+    pub workload: Workload,
+    pub path: PathKind,
+    pub hops: String,
+    pub ok: u64,
+    pub errors: Errors,
+    pub seconds: f64,
+    pub req_per_s: f64,
+    pub vs_direct: Option<f64>,
+    pub latency: Percentiles,
+    pub proxy_cpu_s: f64,
+    pub req_per_proxy_cpu_s: Option<f64>,
+    /// req/s per proxy CPU-second over the best of nginx and HAProxy.
+    pub per_cpu_vs_best_other: Option<f64>,
+    pub proxy_cpu_s_per_100k: Option<f64>,
+    /// CPU of the load generator plus the app over wall time (100% = one core busy).
+    pub load_side_cpu_pct: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryPoint {
+    pub connections: usize,
+    pub opened: usize,
+    pub errors: Errors,
+    pub rss_mib: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryRow {
+    pub path: PathKind,
+    pub idle_rss_mib: f64,
+    pub with_connections: Vec<MemoryPoint>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NotRun {
+    pub path: PathKind,
+    pub workload: Workload,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub date_utc: String,
+    pub mode: String,
+    pub machine: Vec<(String, String)>,
+    pub pinning: String,
+    pub settings: Vec<(String, String)>,
+    pub notes: Vec<String>,
+    pub latency: Vec<LatencyRow>,
+    pub throughput: Vec<ThroughputRow>,
+    pub memory: Vec<MemoryRow>,
+    pub not_run: Vec<NotRun>,
+    pub tap_active_vs_idle: String,
+}
+
+/// Fills the ratio columns of every row from the other rows of the same run.
+pub fn fill_ratios(report: &mut Report) {
+    let latency = report.latency.clone();
+    for row in &mut report.latency {
+        let same = |p: PathKind| {
+            latency.iter().find(|r| {
+                r.workload == row.workload && r.rate_per_s == row.rate_per_s && r.path == p
+            })
+        };
+        let Some(direct) = same(PathKind::Direct) else {
+            continue;
+        };
+        let added = |r: &LatencyRow| {
+            [
+                r.latency.p50_us - direct.latency.p50_us,
+                r.latency.p99_us - direct.latency.p99_us,
+                r.latency.p999_us - direct.latency.p999_us,
+            ]
+        };
+        if row.path == PathKind::Direct {
+            continue;
+        }
+        row.added_us = Some(added(row));
+        let others: Vec<(PathKind, f64)> = [PathKind::Nginx, PathKind::Haproxy]
+            .into_iter()
+            .filter_map(|p| same(p).map(|r| (p, added(r)[1])))
+            .collect();
+        row.added_p99_vs_best_other =
+            best_other(&others, true).and_then(|best| ratio(added(row)[1], best));
+    }
+
+    let throughput = report.throughput.clone();
+    for row in &mut report.throughput {
+        let same = |p: PathKind| {
+            throughput
+                .iter()
+                .find(|r| r.workload == row.workload && r.path == p)
+        };
+        row.vs_direct = same(PathKind::Direct).and_then(|d| ratio(row.req_per_s, d.req_per_s));
+        row.req_per_proxy_cpu_s = ratio(row.req_per_s * row.seconds, row.proxy_cpu_s);
+        row.proxy_cpu_s_per_100k = (row.ok > 0 && row.proxy_cpu_s > 0.0)
+            .then(|| row.proxy_cpu_s / row.ok as f64 * 100_000.0);
+    }
+    let throughput = report.throughput.clone();
+    for row in &mut report.throughput {
+        let others: Vec<(PathKind, f64)> = throughput
+            .iter()
+            .filter(|r| r.workload == row.workload)
+            .filter_map(|r| r.req_per_proxy_cpu_s.map(|v| (r.path, v)))
+            .collect();
+        row.per_cpu_vs_best_other = match (row.req_per_proxy_cpu_s, best_other(&others, false)) {
+            (Some(v), Some(best)) if row.path != PathKind::Direct => ratio(v, best),
+            _ => None,
+        };
+    }
+}
+
+fn num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn signed(v: f64) -> String {
+    if v >= 0.0 {
+        format!("+{}", num(v))
+    } else {
+        num(v)
+    }
+}
+
+fn opt(v: Option<f64>, f: fn(f64) -> String) -> String {
+    v.map_or_else(|| "—".to_owned(), f)
+}
+
+fn times(v: f64) -> String {
+    format!("{v:.2}×")
+}
+
+fn errors_cell(e: &Errors) -> String {
+    match &e.first {
+        Some(first) if e.count > 0 => {
+            let short: String = first.chars().take(80).collect();
+            format!("{} ({})", e.count, short.replace('|', "/"))
+        }
+        _ => e.count.to_string(),
+    }
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn markdown(r: &Report) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Pylon load bench ({}, {})\n", r.date_utc, r.mode);
+    md.push_str("| | |\n|---|---|\n");
+    for (k, v) in r.machine.iter().chain(r.settings.iter()) {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    let _ = writeln!(md, "| pinning | {} |", r.pinning);
+    md.push('\n');
+    for note in &r.notes {
+        let _ = writeln!(md, "- {note}");
+    }
+
+    md.push_str(
+        "\n## Latency at fixed rates (open loop, from each request's intended send time; µs)\n\n\
+         `+` columns: added over direct at the same rate. `÷ best` = this path's added p99 over \
+         the lower added p99 of nginx and HAProxy (below 1 = better than both).\n\n\
+         | workload | rate/s | path | p50 | p99 | p99.9 | +p50 | +p99 | +p99.9 | +p99 ÷ best | ok | errors | late |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
+    );
+    for row in &r.latency {
+        let added = row.added_us;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.workload.name(),
+            thousands(row.rate_per_s as usize),
+            row.path.name(),
+            num(row.latency.p50_us),
+            num(row.latency.p99_us),
+            num(row.latency.p999_us),
+            opt(added.map(|a| a[0]), signed),
+            opt(added.map(|a| a[1]), signed),
+            opt(added.map(|a| a[2]), signed),
+            opt(row.added_p99_vs_best_other, times),
+            row.ok,
+            errors_cell(&row.errors),
+            row.late + row.unsent,
+        );
+    }
+
+    md.push_str(
+        "\n## Maximum throughput (closed loop, 64 connections; h2c and gRPC: 64 streams over 4 connections)\n\n\
+         proxy CPU = utime+stime of the path's proxy processes over the run (both proxies of the \
+         chain; nginx master and workers). `÷ best` = req per proxy CPU-second over the better of \
+         nginx and HAProxy (above 1 = better than both). load CPU = load generator + app (the \
+         other core; near 100% means that core, not the proxy, was the limit).\n\n\
+         | workload | path | hops | req/s | × direct | p50 µs | p99 µs | proxy CPU-s | req per proxy CPU-s | ÷ best | proxy CPU-s per 100k req | load CPU | errors |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for row in &r.throughput {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} |",
+            row.workload.name(),
+            row.path.name(),
+            row.hops,
+            row.req_per_s,
+            opt(row.vs_direct, times),
+            num(row.latency.p50_us),
+            num(row.latency.p99_us),
+            if row.path == PathKind::Direct {
+                "—".to_owned()
+            } else {
+                format!("{:.2}", row.proxy_cpu_s)
+            },
+            opt(row.req_per_proxy_cpu_s, |v| format!("{v:.0}")),
+            opt(row.per_cpu_vs_best_other, times),
+            opt(row.proxy_cpu_s_per_100k, |v| format!("{v:.2}")),
+            row.load_side_cpu_pct,
+            errors_cell(&row.errors),
+        );
+    }
+
+    md.push_str(
+        "\n## Memory (VmRSS of both proxies of the HTTP chain, MiB)\n\n\
+         Idle: after setup and one request of each workload, no connections open. With N \
+         connections: N HTTP/1.1 keep-alive connections to the outbound proxy, each of which \
+         completed one `GET /small` and then sits idle (the same method for every proxy).\n\n",
+    );
+    let counts: Vec<usize> = r
+        .memory
+        .first()
+        .map(|m| m.with_connections.iter().map(|p| p.connections).collect())
+        .unwrap_or_default();
+    md.push_str("| path | idle |");
+    for c in &counts {
+        let _ = write!(md, " {} conns |", thousands(*c));
+    }
+    md.push_str(" idle ÷ best |\n|---|---:|");
+    for _ in &counts {
+        md.push_str("---:|");
+    }
+    md.push_str("---:|\n");
+    let idle: Vec<(PathKind, f64)> = r.memory.iter().map(|m| (m.path, m.idle_rss_mib)).collect();
+    let best_idle = best_other(&idle, true);
+    for m in &r.memory {
+        let _ = write!(md, "| {} | {:.1} |", m.path.name(), m.idle_rss_mib);
+        for p in &m.with_connections {
+            if p.errors.count > 0 || p.opened != p.connections {
+                let _ = write!(
+                    md,
+                    " {:.1} (opened {}; errors {}) |",
+                    p.rss_mib,
+                    p.opened,
+                    errors_cell(&p.errors)
+                );
+            } else {
+                let _ = write!(md, " {:.1} |", p.rss_mib);
+            }
+        }
+        let _ = writeln!(
+            md,
+            " {} |",
+            opt(best_idle.and_then(|b| ratio(m.idle_rss_mib, b)), times)
+        );
+    }
+
+    md.push_str("\n## Telemetry cost\n\n| row | value |\n|---|---|\n");
+    let _ = writeln!(
+        md,
+        "| pylon, tap active vs idle | {} |",
+        r.tap_active_vs_idle
+    );
+
+    if !r.not_run.is_empty() {
+        md.push_str("\n## Not measured\n\n");
+        for n in &r.not_run {
+            let _ = writeln!(
+                md,
+                "- {} / {}: {}",
+                n.path.name(),
+                n.workload.name(),
+                n.reason
+            );
+        }
+    }
+    md
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (proleptic Gregorian, UTC).
+pub fn utc_timestamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loadgen::new_histogram;
+
+    #[test]
+    fn percentiles_of_a_histogram() {
+        let mut h = new_histogram();
+        assert!(percentiles(&h).is_none());
+        for us in 1..=1000u64 {
+            h.record(us * 1_000).expect("in range");
+        }
+        let p = percentiles(&h).expect("non-empty");
+        assert!((p.p50_us - 500.0).abs() < 1.0, "{p:?}");
+        assert!((p.p99_us - 990.0).abs() < 1.0, "{p:?}");
+        assert!((p.p999_us - 999.0).abs() < 1.0, "{p:?}");
+        assert!((p.max_us - 1000.0).abs() < 1.0, "{p:?}");
+    }
+
+    #[test]
+    fn ratio_and_best_other() {
+        assert_eq!(ratio(3.0, 2.0), Some(1.5));
+        assert_eq!(ratio(3.0, 0.0), None);
+        assert_eq!(ratio(3.0, -1.0), None);
+        let v = [
+            (PathKind::Pylon, 1.0),
+            (PathKind::Nginx, 5.0),
+            (PathKind::Haproxy, 3.0),
+        ];
+        assert_eq!(best_other(&v, true), Some(3.0));
+        assert_eq!(best_other(&v, false), Some(5.0));
+        assert_eq!(best_other(&v[..1], true), None);
+    }
+
+    fn lat(path: PathKind, p50: f64, p99: f64) -> LatencyRow {
+        LatencyRow {
+            workload: Workload::Http1Get,
+            path,
+            rate_per_s: 1000,
+            ok: 100,
+            errors: Errors {
+                count: 0,
+                first: None,
+            },
+            late: 0,
+            unsent: 0,
+            latency: Percentiles {
+                p50_us: p50,
+                p99_us: p99,
+                p999_us: p99 * 2.0,
+                max_us: p99 * 3.0,
+            },
+            added_us: None,
+            added_p99_vs_best_other: None,
+            proxy_cpu_s: 0.1,
+        }
+    }
+
+    fn thr(path: PathKind, rps: f64, cpu: f64) -> ThroughputRow {
+        ThroughputRow {
+            workload: Workload::Http1Get,
+            path,
+            hops: String::new(),
+            ok: (rps * 2.0) as u64,
+            errors: Errors {
+                count: 0,
+                first: None,
+            },
+            seconds: 2.0,
+            req_per_s: rps,
+            vs_direct: None,
+            latency: Percentiles {
+                p50_us: 1.0,
+                p99_us: 2.0,
+                p999_us: 3.0,
+                max_us: 4.0,
+            },
+            proxy_cpu_s: cpu,
+            req_per_proxy_cpu_s: None,
+            per_cpu_vs_best_other: None,
+            proxy_cpu_s_per_100k: None,
+            load_side_cpu_pct: 50.0,
+        }
+    }
+
+    #[test]
+    fn fills_ratio_columns_from_the_same_run() {
+        let mut r = Report {
+            date_utc: String::new(),
+            mode: String::new(),
+            machine: vec![],
+            pinning: String::new(),
+            settings: vec![],
+            notes: vec![],
+            latency: vec![
+                lat(PathKind::Direct, 100.0, 200.0),
+                lat(PathKind::Pylon, 150.0, 300.0),
+                lat(PathKind::Nginx, 160.0, 400.0),
+                lat(PathKind::Haproxy, 140.0, 250.0),
+            ],
+            throughput: vec![
+                thr(PathKind::Direct, 40_000.0, 0.0),
+                thr(PathKind::Pylon, 20_000.0, 2.0),
+                thr(PathKind::Nginx, 10_000.0, 2.0),
+                thr(PathKind::Haproxy, 16_000.0, 2.0),
+            ],
+            memory: vec![],
+            not_run: vec![],
+            tap_active_vs_idle: String::new(),
+        };
+        fill_ratios(&mut r);
+        assert_eq!(r.latency[0].added_us, None);
+        assert_eq!(r.latency[1].added_us, Some([50.0, 100.0, 200.0]));
+        // Best other added p99 is HAProxy's 50 µs.
+        assert_eq!(r.latency[1].added_p99_vs_best_other, Some(2.0));
+        assert_eq!(r.latency[3].added_p99_vs_best_other, Some(1.0));
+
+        let pylon = &r.throughput[1];
+        assert_eq!(pylon.vs_direct, Some(0.5));
+        assert_eq!(pylon.req_per_proxy_cpu_s, Some(20_000.0));
+        assert_eq!(pylon.per_cpu_vs_best_other, Some(20_000.0 / 16_000.0));
+        assert_eq!(pylon.proxy_cpu_s_per_100k, Some(5.0));
+        assert_eq!(r.throughput[0].req_per_proxy_cpu_s, None);
+        assert_eq!(r.throughput[0].per_cpu_vs_best_other, None);
+        let md = markdown(&r);
+        assert!(md.contains("| HTTP/1.1 GET (64 B body) | 1,000 | pylon | 150 | 300 | 600 | +50.0 | +100 | +200 | 2.00× |"), "{md}");
+    }
+
+    #[test]
+    fn formats_dates_and_numbers() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_timestamp(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(thousands(10_000), "10,000");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(signed(-1.5), "-1.50");
+    }
+}
