@@ -1154,3 +1154,59 @@ async fn ambiguous_framing_is_not_smuggled() {
     })
     .await
 }
+
+/// An endpoint that closes each kept-alive connection right after its response (without saying
+/// `Connection: close`): the proxy must notice the pooled connection is gone, or resend the
+/// unsent request on a fresh one, so no client request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn endpoint_closing_idle_connections_loses_no_request() {
+    test_body(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    // Close without having announced it.
+                });
+            }
+        });
+        let cfg = ConfigDir::web(&[addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        const N: u64 = 50;
+        for i in 0..N {
+            let r = get(proxy.outbound(), WEB_FQDN, "/")
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(r.status, 200, "request {i}: {r:?}");
+            // Give the close a moment to race with the next request's checkout.
+            if i % 2 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            N,
+            "one connection per request"
+        );
+        server.abort();
+    })
+    .await
+}

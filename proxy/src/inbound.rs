@@ -197,7 +197,7 @@ impl Inbound {
     }
 
     /// The metric handle and target for `authority` on `port`, made once per authority. All
-    /// authorities of a port share its h2 connection.
+    /// authorities of a port share its connections.
     fn target_for(
         &self,
         port: &AppPort,
@@ -211,6 +211,7 @@ impl Inbound {
         }
         let (metrics, mut target) =
             self.target(port.addr, &port.target_label, authority.as_str().into());
+        target.h1 = port.unnamed.1.h1.clone();
         target.h2 = port.unnamed.1.h2.clone();
         let entry = (metrics, target);
         port.by_authority.rcu(|map| {

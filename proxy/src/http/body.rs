@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pylon_proxy_metrics::HttpTarget;
 
+use super::pool::PooledConn;
 use super::ProxyError;
 use crate::access_log::AccessEntry;
 use crate::balance::InFlight;
@@ -55,6 +56,8 @@ pub struct ResponseBody {
     kind: Kind,
     recorder: Option<Recorder>,
     in_flight: Option<InFlight>,
+    /// The HTTP/1 connection that carried the response, reusable once it has ended cleanly.
+    conn: Option<PooledConn>,
 }
 
 enum Kind {
@@ -80,6 +83,7 @@ impl ResponseBody {
             kind,
             recorder: None,
             in_flight: None,
+            conn: None,
         }
     }
 
@@ -87,7 +91,7 @@ impl ResponseBody {
     pub fn record_on_end(&mut self, recorder: Recorder) {
         self.recorder = Some(recorder);
         if self.is_end_stream() {
-            self.finish();
+            self.finish(true);
         }
     }
 
@@ -98,11 +102,26 @@ impl ResponseBody {
         }
     }
 
-    fn finish(&mut self) {
+    /// Returns the connection to its pool when the body has been read to its end.
+    pub fn reuse_on_end(&mut self, conn: PooledConn) {
+        if self.is_end_stream() {
+            conn.release();
+        } else {
+            self.conn = Some(conn);
+        }
+    }
+
+    /// `clean`: the stream reached its end; otherwise the connection is not reused.
+    fn finish(&mut self, clean: bool) {
         if let Some(rec) = self.recorder.take() {
             rec.finish();
         }
         self.in_flight = None;
+        if let Some(conn) = self.conn.take() {
+            if clean {
+                conn.release();
+            }
+        }
     }
 }
 
@@ -135,16 +154,16 @@ impl Body for ResponseBody {
                     }
                 }
                 if this.is_end_stream() {
-                    this.finish();
+                    this.finish(true);
                 }
             }
-            Poll::Ready(None) => this.finish(),
+            Poll::Ready(None) => this.finish(true),
             Poll::Ready(Some(Err(_))) => {
                 // The endpoint broke the stream mid-body: count it as a failure.
                 if let Some(rec) = this.recorder.as_mut() {
                     rec.status = rec.status.max(502);
                 }
-                this.finish();
+                this.finish(false);
             }
             Poll::Pending => {}
         }
@@ -170,6 +189,6 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // The client went away (or the server dropped the body) before the end: still record it.
-        self.finish();
+        self.finish(false);
     }
 }

@@ -1,8 +1,8 @@
 //! `EndpointClient`: the bottom of every HTTP stack, sending a request to the endpoint chosen
-//! above it. HTTP/1 uses hyper-util's pooled client (keep-alive, upgrades). HTTP/2 keeps one
-//! multiplexed connection per endpoint so the request's own `:authority` travels unchanged (a
-//! pool keyed by authority would have to rewrite it to the endpoint's address). Hop-by-hop
-//! headers stop here; `Upgrade` and `CONNECT` become tunnels.
+//! above it. HTTP/1 goes over the endpoint's pool of kept-alive connections (`Http1Pool`); HTTP/2
+//! keeps one multiplexed connection per endpoint. Both belong to the endpoint, so the request's
+//! own `Host`/`:authority` travel unchanged. Hop-by-hop headers stop here; `Upgrade` and
+//! `CONNECT` become tunnels.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,17 +10,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
+use super::pool::{connect, Http1Pool};
 use super::{headers, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody};
 
 /// Where a request goes, set by the layer that chose it (the balancer outbound, the workload's
@@ -28,8 +26,7 @@ use super::{headers, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody
 #[derive(Clone)]
 pub struct EndpointTarget {
     pub addr: SocketAddr,
-    /// `addr` as a URI authority, built once for the HTTP/1 pool.
-    pub authority: Authority,
+    pub h1: Arc<Http1Pool>,
     pub h2: Arc<H2Connection>,
     /// The destination as the client named it: for logs and for a request without `Host`.
     pub destination: Arc<str>,
@@ -37,11 +34,9 @@ pub struct EndpointTarget {
 
 impl EndpointTarget {
     pub fn new(addr: SocketAddr, destination: Arc<str>, connect_timeout: Duration) -> Self {
-        let authority = Authority::try_from(addr.to_string().as_str())
-            .unwrap_or_else(|_| Authority::from_static("invalid.endpoint"));
         Self {
             addr,
-            authority,
+            h1: Arc::new(Http1Pool::new(addr, connect_timeout)),
             h2: Arc::new(H2Connection::new(addr, connect_timeout)),
             destination,
         }
@@ -55,7 +50,6 @@ pub struct EndpointClient {
 }
 
 struct ClientInner {
-    h1: Http1Client,
     connect_timeout: Duration,
     tunnels: TaskTracker,
 }
@@ -65,7 +59,6 @@ impl EndpointClient {
     pub fn new(connect_timeout: Duration, tunnels: TaskTracker) -> Self {
         Self {
             inner: Arc::new(ClientInner {
-                h1: Http1Client::new(connect_timeout),
                 connect_timeout,
                 tunnels,
             }),
@@ -89,22 +82,28 @@ impl ClientInner {
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-        let mut rsp = if req.version() == Version::HTTP_2 {
-            target.h2.send(req).await?
+        let (mut rsp, pooled) = if req.version() == Version::HTTP_2 {
+            (target.h2.send(req).await?, None)
         } else {
             set_host(&mut req, &target.destination);
-            self.h1.send(&target.authority, req).await?
+            let (rsp, conn) = target.h1.send(req).await?;
+            (rsp, Some(conn))
         };
 
         if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection now belongs to the tunnel, never back to the pool.
             if let Some(client) = client_upgrade {
                 let upstream = hyper::upgrade::on(&mut rsp);
                 upgrade::splice(&self.tunnels, client, upstream, target.addr);
             }
-        } else {
-            headers::strip_hop_by_hop(rsp.headers_mut(), false);
+            return Ok(rsp.map(ResponseBody::proxied));
         }
-        Ok(rsp.map(ResponseBody::proxied))
+        headers::strip_hop_by_hop(rsp.headers_mut(), false);
+        let mut rsp = rsp.map(ResponseBody::proxied);
+        if let Some(conn) = pooled {
+            rsp.body_mut().reuse_on_end(conn);
+        }
+        Ok(rsp)
     }
 }
 
@@ -143,52 +142,6 @@ fn set_host<B>(req: &mut Request<B>, destination: &str) {
     };
     if let Some(host) = host {
         req.headers_mut().insert(header::HOST, host);
-    }
-}
-
-#[derive(Clone)]
-pub struct Http1Client {
-    inner: Client<HttpConnector, Incoming>,
-}
-
-impl Http1Client {
-    pub fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
-        let inner = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            // The app's Host header goes through untouched.
-            .set_host(false)
-            .build(connector);
-        Self { inner }
-    }
-
-    /// Sends `req` to `endpoint`, keeping its path and headers.
-    pub async fn send(
-        &self,
-        endpoint: &Authority,
-        mut req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(endpoint.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|_| ProxyError::MalformedRequest)?;
-        *req.uri_mut() = uri;
-        self.inner
-            .request(req)
-            .await
-            .map_err(|e| ProxyError::from_upstream(&e))
     }
 }
 
@@ -239,11 +192,7 @@ impl H2Connection {
                 return Ok((*s).clone());
             }
         }
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| ProxyError::ConnectTimeout)?
-            .map_err(|e| ProxyError::from_upstream(&e))?;
-        let _ = stream.set_nodelay(true);
+        let stream = connect(self.addr, self.connect_timeout).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))

@@ -8,6 +8,7 @@ pub mod client;
 pub mod errors;
 pub mod headers;
 pub mod metrics;
+pub mod pool;
 pub mod server;
 pub mod timeout;
 pub mod upgrade;

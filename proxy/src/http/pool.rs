@@ -1,0 +1,141 @@
+//! `Http1Pool`: kept-alive HTTP/1.1 connections to one endpoint.
+//!
+//! A connection goes back to the pool when the response body it carried has ended cleanly (the
+//! `ResponseBody` hands it back), so reuse never waits behind a slow reader, and no task is spawned
+//! per request to watch for it. The pool belongs to the endpoint: when discovery drops the
+//! endpoint, its idle connections close with it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::ProxyError;
+
+/// Idle connections kept per endpoint; more are closed when they come back.
+const MAX_IDLE: usize = 512;
+/// An idle connection older than this is closed instead of reused (servers time out idle
+/// keep-alive connections, and a request on one they just closed would fail).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Http1Pool {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    idle: ArrayQueue<Idle>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// A connection lent to one request; returned to its pool when the response has ended.
+pub struct PooledConn {
+    pool: Arc<Http1Pool>,
+    sender: http1::SendRequest<Incoming>,
+}
+
+impl PooledConn {
+    pub fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        // A full pool closes the connection (dropping the sender).
+        let _ = self.pool.idle.push(Idle {
+            sender: self.sender,
+            since: Instant::now(),
+        });
+    }
+}
+
+impl Http1Pool {
+    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        Self {
+            addr,
+            connect_timeout,
+            idle: ArrayQueue::new(MAX_IDLE),
+        }
+    }
+
+    /// Sends `req` in origin form, keeping its headers. On success, the connection comes back as
+    /// `PooledConn` for the response body to release when it ends.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, PooledConn), ProxyError> {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+
+        // A pooled connection the server closed just as we sent gives the request back unsent:
+        // then it goes once more, on a fresh connection.
+        let (mut sender, reused) = self.checkout().await?;
+        let rsp = match sender.try_send_request(req).await {
+            Ok(rsp) => rsp,
+            Err(mut e) => match e.take_message() {
+                Some(req) if reused => {
+                    sender = self.connect().await?;
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| ProxyError::from_upstream(&e))?
+                }
+                _ => return Err(ProxyError::from_upstream(e.error())),
+            },
+        };
+        let conn = PooledConn {
+            pool: self.clone(),
+            sender,
+        };
+        Ok((rsp, conn))
+    }
+
+    async fn checkout(&self) -> Result<(http1::SendRequest<Incoming>, bool), ProxyError> {
+        while let Some(Idle { mut sender, since }) = self.idle.pop() {
+            if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            // Normally ready at once: the previous response was read to its end.
+            if sender.ready().await.is_ok() {
+                return Ok((sender, true));
+            }
+        }
+        Ok((self.connect().await?, false))
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<Incoming>, ProxyError> {
+        let stream = connect(self.addr, self.connect_timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::from_upstream(&e))?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            // `with_upgrades` so a 101 hands the connection to the tunnel.
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(endpoint = %addr, error = %e, "http/1 endpoint connection closed");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// A TCP connection to an endpoint within `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ProxyError::ConnectTimeout)?
+        .map_err(|e| ProxyError::from_upstream(&e))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
