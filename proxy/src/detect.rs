@@ -99,14 +99,14 @@ impl Progress {
         let first = self.seen == 0;
         self.seen = buf.len();
         let line_was_done = self.line_done;
-        self.line_done = line_was_done || memchr::memmem::find(fresh, b"\r\n").is_some();
+        self.line_done = line_was_done || memchr::memchr(b'\n', fresh).is_some();
         if first || buf.len() <= H2_PREFACE.len() {
             return true;
         }
         if !line_was_done {
             return self.line_done || buf.len() >= MAX_REQUEST_LINE;
         }
-        memchr::memmem::find(fresh, b"\r\n\r\n").is_some() || buf.len() >= MAX_HEAD
+        ends_head(fresh) || buf.len() >= MAX_HEAD
     }
 }
 
@@ -155,7 +155,12 @@ fn classify_at_eof(buf: &[u8]) -> Protocol {
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {
-    memchr::memmem::find(buf, b"\r\n")
+    memchr::memchr_iter(b'\n', buf).find_map(|i| (i > 0 && buf[i - 1] == b'\r').then(|| i - 1))
+}
+
+/// Whether `buf` contains the blank line that ends a request head.
+fn ends_head(buf: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', buf).any(|i| i >= 3 && &buf[i - 3..=i] == b"\r\n\r\n")
 }
 
 /// While the request line is incomplete, keep reading only if it could still be HTTP: a token
