@@ -63,6 +63,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "PYLON_POD")]
     pub pod: Option<String>,
 
+    /// The cluster's DNS domain, as in `web.default.svc.<domain>`.
     #[arg(long, env = "PYLON_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
 
@@ -79,6 +80,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "PYLON_DETECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub detect_timeout: Duration,
 
+    /// Time allowed to connect to an endpoint (then 504 `connect timeout`).
     #[arg(long, env = "PYLON_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
@@ -90,7 +92,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "PYLON_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// Worker threads (default: the number of CPUs).
+    /// Worker threads (default: the number of CPUs); 1 runs everything on one thread.
     #[arg(long, env = "PYLON_THREADS")]
     pub threads: Option<usize>,
 }
