@@ -17,7 +17,7 @@ use http::Request;
 use tower::{Layer, Service};
 
 use crate::discovery::Logical;
-use crate::http::metrics::{fail_unrouted, MetricsTarget};
+use crate::http::metrics::fail_unrouted;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 
 /// RTT assumed for an endpoint we have not measured yet (tower's and Linkerd's default).
@@ -193,7 +193,7 @@ impl<E: Balanced> EndpointSet<E> {
 }
 
 /// `BalanceLayer`: picks the endpoint of the request's logical destination (P2C over PeakEWMA),
-/// hands its target and metric handle down as request extensions, and keeps the request in
+/// hands its target (with its metric handle) down as a request extension, and keeps the request in
 /// flight on that endpoint until the response ends. No endpoints at all fails fast with 503.
 #[derive(Clone, Copy, Debug)]
 pub struct BalanceLayer {
@@ -253,8 +253,6 @@ where
         };
         let mut in_flight = endpoint.load_handle().start();
         req.extensions_mut().insert(endpoint.target.clone());
-        req.extensions_mut()
-            .insert(MetricsTarget(endpoint.http.clone()));
         let response = self.inner.call(req);
         Box::pin(async move {
             let mut rsp = match response.await {

@@ -26,9 +26,9 @@ const DNS_RETRY: Duration = Duration::from_secs(5);
 /// One endpoint of one logical destination, with its load, metric handles and connections.
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// Its connections and its metric handle.
     pub target: EndpointTarget,
     load: Arc<PeakEwma>,
-    pub http: HttpTarget,
     /// Only opaque connections need TCP handles; made on first use so unused series don't exist.
     tcp: LazyTarget<TcpTarget>,
 }
@@ -107,7 +107,8 @@ pub struct Discovery {
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
     cluster_domain: Arc<str>,
-    by_authority: ArcSwap<HashMap<Authority, Arc<Logical>>>,
+    /// Keyed by the authority exactly as clients send it.
+    by_authority: ArcSwap<HashMap<Box<[u8]>, Arc<Logical>>>,
     by_target: Mutex<HashMap<TargetKey, Arc<Logical>>>,
     dns: Option<hickory_resolver::TokioResolver>,
 }
@@ -154,11 +155,12 @@ impl Discovery {
     /// absolute-form URI).
     pub async fn resolve_authority(
         self: &Arc<Self>,
-        authority: &Authority,
+        raw: &[u8],
     ) -> Result<Arc<Logical>, ProxyError> {
-        if let Some(l) = self.by_authority.load().get(authority) {
+        if let Some(l) = self.by_authority.load().get(raw) {
             return Ok(l.clone());
         }
+        let authority = Authority::try_from(raw).map_err(|_| ProxyError::MalformedRequest)?;
         let port = authority.port_u16().unwrap_or(80);
         let host = authority
             .host()
@@ -189,7 +191,7 @@ impl Discovery {
             } else {
                 HashMap::clone(map)
             };
-            map.insert(authority.clone(), logical.clone());
+            map.insert(raw.into(), logical.clone());
             map
         });
         Ok(logical)
@@ -302,9 +304,13 @@ impl Discovery {
         );
         Arc::new(Endpoint {
             addr,
-            target: EndpointTarget::new(addr, logical.authority.clone(), self.connect_timeout),
+            target: EndpointTarget::new(
+                addr,
+                logical.authority.clone(),
+                self.metrics.http_target(labels.clone()),
+                self.connect_timeout,
+            ),
             load: Arc::new(PeakEwma::new()),
-            http: self.metrics.http_target(labels.clone()),
             tcp: LazyTarget::new(&self.metrics, labels),
         })
     }
@@ -504,10 +510,11 @@ where
                     };
                     layer
                         .discovery
-                        .resolve_authority(&authority)
+                        .resolve_authority(authority)
                         .await
                         .inspect_err(|err| {
-                            tracing::warn!(destination = %authority, error = %err, "proxy error response {}", err.status().as_u16());
+                            let destination = String::from_utf8_lossy(authority);
+                            tracing::warn!(%destination, error = %err, "proxy error response {}", err.status().as_u16());
                         })?
                 }
             };

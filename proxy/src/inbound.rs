@@ -13,7 +13,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use http::uri::Authority;
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
@@ -26,7 +25,7 @@ use crate::detect::{self, Protocol};
 use crate::http::client::{EndpointClient, EndpointTarget};
 use crate::http::errors::RespondLayer;
 use crate::http::headers::request_authority;
-use crate::http::metrics::{HttpMetricsLayer, MetricsTarget};
+use crate::http::metrics::HttpMetricsLayer;
 use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::{server, ProxyResponse};
 use crate::io::CountingIo;
@@ -53,10 +52,11 @@ struct AppPort {
     addr: SocketAddr,
     target_label: Arc<str>,
     tcp: TcpTarget,
-    /// Requests are recorded by the authority they name, each with a target that names it too.
-    by_authority: ArcSwap<HashMap<Authority, (MetricsTarget, EndpointTarget)>>,
+    /// Requests are recorded by the authority they name (as sent), each with a target that
+    /// names it too.
+    by_authority: ArcSwap<HashMap<Box<[u8]>, EndpointTarget>>,
     /// For requests that name no authority.
-    unnamed: (MetricsTarget, EndpointTarget),
+    unnamed: EndpointTarget,
 }
 
 impl Inbound {
@@ -137,8 +137,7 @@ impl Inbound {
             .layer(RespondLayer)
             // The workload's port is the target; metrics are kept by the authority requested.
             .map_request(move |mut req: Request<Incoming>| {
-                let (metrics, target) = this.target_for(&port, request_authority(&req));
-                req.extensions_mut().insert(metrics);
+                let target = this.target_for(&port, request_authority(&req));
                 req.extensions_mut().insert(target);
                 req
             })
@@ -187,42 +186,35 @@ impl Inbound {
         addr: SocketAddr,
         target_label: &Arc<str>,
         authority: Arc<str>,
-    ) -> (MetricsTarget, EndpointTarget) {
-        let metrics = MetricsTarget(
-            self.metrics
-                .http_target(self.labels(authority.clone(), target_label)),
-        );
-        let target = EndpointTarget::new(addr, authority, self.args.connect_timeout);
-        (metrics, target)
+    ) -> EndpointTarget {
+        let metrics = self
+            .metrics
+            .http_target(self.labels(authority.clone(), target_label));
+        EndpointTarget::new(addr, authority, metrics, self.args.connect_timeout)
     }
 
     /// The metric handle and target for `authority` on `port`, made once per authority. All
     /// authorities of a port share its connections.
-    fn target_for(
-        &self,
-        port: &AppPort,
-        authority: Option<Authority>,
-    ) -> (MetricsTarget, EndpointTarget) {
+    fn target_for(&self, port: &AppPort, authority: Option<&[u8]>) -> EndpointTarget {
         let Some(authority) = authority else {
             return port.unnamed.clone();
         };
-        if let Some(t) = port.by_authority.load().get(&authority) {
+        if let Some(t) = port.by_authority.load().get(authority) {
             return t.clone();
         }
-        let (metrics, mut target) =
-            self.target(port.addr, &port.target_label, authority.as_str().into());
-        target.h1 = port.unnamed.1.h1.clone();
-        target.h2 = port.unnamed.1.h2.clone();
-        let entry = (metrics, target);
+        let name: Arc<str> = String::from_utf8_lossy(authority).into();
+        let mut target = self.target(port.addr, &port.target_label, name);
+        target.h1 = port.unnamed.h1.clone();
+        target.h2 = port.unnamed.h2.clone();
         port.by_authority.rcu(|map| {
             let mut map = if map.len() >= MAX_AUTHORITIES {
                 HashMap::new()
             } else {
                 HashMap::clone(map)
             };
-            map.insert(authority.clone(), entry.clone());
+            map.insert(authority.into(), target.clone());
             map
         });
-        entry
+        target
     }
 }

@@ -15,6 +15,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Vers
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pylon_proxy_metrics::HttpTarget;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
@@ -30,15 +31,23 @@ pub struct EndpointTarget {
     pub h2: Arc<H2Connection>,
     /// The destination as the client named it: for logs and for a request without `Host`.
     pub destination: Arc<str>,
+    /// Where the request's metrics are recorded (per endpoint outbound, per authority inbound).
+    pub metrics: HttpTarget,
 }
 
 impl EndpointTarget {
-    pub fn new(addr: SocketAddr, destination: Arc<str>, connect_timeout: Duration) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        destination: Arc<str>,
+        metrics: HttpTarget,
+        connect_timeout: Duration,
+    ) -> Self {
         Self {
             addr,
             h1: Arc::new(Http1Pool::new(addr, connect_timeout)),
             h2: Arc::new(H2Connection::new(addr, connect_timeout)),
             destination,
+            metrics,
         }
     }
 }

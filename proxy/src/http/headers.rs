@@ -1,16 +1,15 @@
 //! Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and must not be forwarded.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::Authority;
 use http::Request;
 
-/// The authority a request names: absolute-form URI or `:authority`, else `Host`.
-pub fn request_authority<B>(req: &Request<B>) -> Option<Authority> {
+/// The authority a request names, as sent: absolute-form URI or `:authority`, else `Host`.
+/// Borrowed, so caches keyed by it cost no allocation per request.
+pub fn request_authority(req: &Request<impl Sized>) -> Option<&[u8]> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.clone());
+        return Some(a.as_str().as_bytes());
     }
-    let host = req.headers().get(header::HOST)?;
-    Authority::try_from(host.as_bytes()).ok()
+    req.headers().get(header::HOST).map(|h| h.as_bytes())
 }
 
 const HOP_BY_HOP: &[HeaderName] = &[

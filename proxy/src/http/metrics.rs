@@ -14,10 +14,6 @@ use super::client::EndpointTarget;
 use super::{BoxFuture, ProxyError, ProxyResponse};
 use crate::access_log::AccessEntry;
 
-/// The metric handle a request is recorded under, set by the layer that knows its target.
-#[derive(Clone)]
-pub struct MetricsTarget(pub HttpTarget);
-
 #[derive(Clone, Copy, Debug)]
 pub struct HttpMetricsLayer {
     direction: &'static str,
@@ -65,8 +61,9 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let start = Instant::now();
         let direction = self.layer.direction;
-        let metrics = req.extensions().get::<MetricsTarget>().map(|m| m.0.clone());
+        // The target (and its metric handle) is set by the layer that chose it.
         let target = req.extensions().get::<EndpointTarget>().cloned();
+        let metrics = target.as_ref().map(|t| t.metrics.clone());
         let access = match (&target, self.layer.access_log) {
             (Some(t), true) => {
                 let mut entry = AccessEntry::new(direction, &req, &t.destination);
