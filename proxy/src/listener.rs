@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::shutdown::Shutdown;
 
@@ -15,13 +15,26 @@ pub struct BindError {
     source: std::io::Error,
 }
 
+/// Pending connections the kernel queues for us. A burst of new clients (or of our own outbound
+/// proxy opening pooled connections to a peer's inbound) must not overflow it: a dropped SYN is
+/// retried only after a second, past the usual connect timeout. The kernel caps it at somaxconn.
+const BACKLOG: u32 = 4096;
+
 /// Binds `addr` (port 0 picks a free port) and logs the address actually chosen.
 pub async fn bind(
     name: &'static str,
     addr: SocketAddr,
 ) -> Result<(TcpListener, SocketAddr), BindError> {
     let err = |source| BindError { name, addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    let listener = socket.listen(BACKLOG).map_err(err)?;
     let local = listener.local_addr().map_err(err)?;
     tracing::info!(listener = name, addr = %local, "listening");
     Ok((listener, local))
