@@ -17,8 +17,11 @@ use crate::http::client::EndpointTarget;
 use crate::http::headers::request_authority;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 
-/// Bound on cached authorities, so arbitrary Host headers can't grow memory without limit.
-const MAX_CACHED_AUTHORITIES: usize = 10_000;
+/// Bound on cached authorities, so arbitrary Host headers can't grow memory without limit. The
+/// cache is copied on insert (readers never lock), so it holds the hot set, not every name.
+const MAX_CACHED_AUTHORITIES: usize = 1_000;
+/// Bound on cached logical destinations (each DNS one also has a refresh task).
+const MAX_CACHED_TARGETS: usize = 10_000;
 const DNS_MIN_TTL: Duration = Duration::from_secs(1);
 const DNS_MAX_TTL: Duration = Duration::from_secs(60);
 const DNS_RETRY: Duration = Duration::from_secs(5);
@@ -254,6 +257,12 @@ impl Discovery {
             }
         };
         let mut targets = self.lock_targets();
+        if targets.len() >= MAX_CACHED_TARGETS {
+            // Names and addresses come from clients: forget them (their DNS refreshes stop)
+            // rather than grow without bound. Services are bounded by the config.
+            targets.retain(|k, _| matches!(k, TargetKey::Service { .. }));
+            self.by_authority.store(Arc::new(HashMap::new()));
+        }
         // Another request may have built it meanwhile; keep the first.
         Ok(targets.entry(key).or_insert(logical).clone())
     }
@@ -521,5 +530,47 @@ where
             req.extensions_mut().insert(logical);
             inner.call(req).await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn discovery() -> Arc<Discovery> {
+        let store = Store::empty(pylon_proxy_policy::StoreConfig::default());
+        let metrics = Metrics::new(Default::default());
+        Discovery::new(store, metrics, Duration::from_secs(1), "cluster.local")
+    }
+
+    #[tokio::test]
+    async fn an_address_is_its_own_endpoint() {
+        let d = discovery();
+        let l = d.resolve_authority(b"127.0.0.1:8080").await.unwrap();
+        assert_eq!(&*l.authority, "127.0.0.1:8080");
+        let picked = l.pick().expect("one endpoint");
+        assert_eq!(picked.addr, "127.0.0.1:8080".parse().unwrap());
+        // The same authority is one cached destination.
+        let again = d.resolve_authority(b"127.0.0.1:8080").await.unwrap();
+        assert!(Arc::ptr_eq(&l, &again));
+    }
+
+    #[tokio::test]
+    async fn client_named_destinations_are_bounded() {
+        let d = discovery();
+        for port in 1..=(MAX_CACHED_TARGETS as u16 + 10) {
+            let authority = format!("127.0.0.1:{port}");
+            d.resolve_authority(authority.as_bytes()).await.unwrap();
+        }
+        let cached = d.lock_targets().len();
+        assert!(cached <= MAX_CACHED_TARGETS, "{cached} cached destinations");
+        assert!(d.by_authority.load().len() <= MAX_CACHED_AUTHORITIES);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_authority_is_a_bad_request() {
+        let d = discovery();
+        let res = d.resolve_authority(b"bad host:x").await;
+        assert!(matches!(res, Err(ProxyError::MalformedRequest)));
     }
 }
