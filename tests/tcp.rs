@@ -33,8 +33,14 @@ async fn round_trip(tcp: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
     got
 }
 
+/// The connections the inbound proxy accepted (Linkerd's `peer="src"` series).
 fn inbound(s: &Sample) -> bool {
-    s.label("direction") == Some("inbound")
+    s.label("direction") == Some("inbound") && s.label("peer") == Some("src")
+}
+
+/// The connections the inbound proxy opened to the app (`peer="dst"`).
+fn inbound_to_app(s: &Sample) -> bool {
+    s.label("direction") == Some("inbound") && s.label("peer") == Some("dst")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -107,6 +113,23 @@ async fn opaque_port_echo_via_inbound_and_tcp_metrics() {
             "tcp_connection_duration_ms_count{{direction=inbound}}:\n{}",
             series_of(&text, "tcp_connection_duration_ms_count")
         );
+        // The proxy's own connection to the app is counted on its side: one, closed, same bytes.
+        for (name, want) in [("tcp_open_total", 1.0), ("tcp_close_total", 1.0)] {
+            assert_eq!(
+                metric_sum(&text, name, inbound_to_app),
+                Some(want),
+                "{name}{{direction=inbound,peer=dst}}:\n{}",
+                series_of(&text, name)
+            );
+        }
+        for name in ["tcp_read_bytes_total", "tcp_write_bytes_total"] {
+            let v = metric_sum(&text, name, inbound_to_app).unwrap_or(0.0);
+            assert!(
+                v >= sent,
+                "{name}{{direction=inbound,peer=dst}} = {v}, want >= {sent}:\n{}",
+                series_of(&text, name)
+            );
+        }
     })
     .await
 }

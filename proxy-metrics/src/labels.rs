@@ -34,6 +34,25 @@ pub enum Tls {
     NoIdentity(&'static str),
 }
 
+/// Which side of the proxy a TCP connection faces, as Linkerd labels it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// A connection the proxy accepted from a client: `peer="src"`.
+    Src,
+    /// A connection the proxy opened to an endpoint: `peer="dst"`.
+    Dst,
+}
+
+impl Peer {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Peer::Src => "src",
+            Peer::Dst => "dst",
+        }
+    }
+}
+
 /// The labels that identify a target (a logical destination, a route's
 /// endpoint, an inbound server...). Resolve them once into an
 /// [`HttpTarget`](crate::HttpTarget) or [`TcpTarget`](crate::TcpTarget).
@@ -47,6 +66,8 @@ pub enum Tls {
 pub struct TargetLabels {
     /// `direction`.
     pub direction: Direction,
+    /// `peer`, on TCP connection metrics (`None` for HTTP targets).
+    pub peer: Option<Peer>,
     /// `authority`, e.g. `web.default.svc.cluster.local:80`.
     pub authority: Arc<str>,
     /// `target_addr`, e.g. `127.0.0.1:8080`.
@@ -71,6 +92,7 @@ impl TargetLabels {
     ) -> Self {
         Self {
             direction,
+            peer: None,
             authority: authority.into(),
             target_addr: target_addr.into(),
             tls,
@@ -78,6 +100,12 @@ impl TargetLabels {
             dst_namespace: None,
             srv_port: None,
         }
+    }
+
+    /// Sets `peer` (TCP connection metrics).
+    pub fn with_peer(mut self, peer: Peer) -> Self {
+        self.peer = Some(peer);
+        self
     }
 
     /// Sets `dst_service`.
@@ -111,6 +139,9 @@ pub(crate) fn label(
 impl EncodeLabelSet for TargetLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
         label(encoder, "direction", self.direction.as_str())?;
+        if let Some(peer) = self.peer {
+            label(encoder, "peer", peer.as_str())?;
+        }
         label(encoder, "authority", &*self.authority)?;
         label(encoder, "target_addr", &*self.target_addr)?;
         match self.tls {

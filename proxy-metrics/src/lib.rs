@@ -84,7 +84,7 @@ mod tcp;
 
 pub use histogram::{LATENCY_MS_BUCKETS, TCP_DURATION_MS_BUCKETS};
 pub use http::HttpTarget;
-pub use labels::{classify, Classification, Direction, TargetLabels, Tls};
+pub use labels::{classify, Classification, Direction, Peer, TargetLabels, Tls};
 pub use process::ProcessStats;
 pub use tcp::{TcpConnMetrics, TcpTarget};
 

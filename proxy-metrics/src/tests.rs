@@ -501,6 +501,31 @@ fn tcp_series_and_labels() {
 }
 
 #[test]
+fn tcp_peer_sides_are_separate_series() {
+    let m = Metrics::new(proxy_labels());
+    let src = m.tcp_target(outbound().with_peer(Peer::Src));
+    let dst = m.tcp_target(outbound().with_peer(Peer::Dst));
+    let _client = src.open();
+    let _to_endpoint = dst.open();
+    let _another_client = src.open();
+    let base: &[&[(&str, &str)]] = &[PROXY, OUTBOUND];
+    let s = parse(&encode(&m));
+    assert_eq!(
+        value_exact(&s, "tcp_open_total", &with(base, &[("peer", "src")])),
+        2.0
+    );
+    assert_eq!(
+        value_exact(&s, "tcp_open_total", &with(base, &[("peer", "dst")])),
+        1.0
+    );
+    // HTTP targets carry no peer label.
+    let http = m.http_target(outbound());
+    http.request();
+    let s = parse(&encode(&m));
+    assert_eq!(value_exact(&s, "request_total", &with(base, &[])), 1.0);
+}
+
+#[test]
 fn tcp_conn_drop_closes_once() {
     let m = Metrics::new(ProxyLabels::default());
     let t = m.tcp_target(inbound());

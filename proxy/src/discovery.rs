@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, TargetLabels, TcpTarget, Tls};
+use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls};
 use pylon_proxy_policy::{ServiceRef, Snapshot, Store};
 
 use crate::balance::{Balanced, EndpointSet, PeakEwma};
@@ -296,6 +296,7 @@ impl Discovery {
     ) -> TargetLabels {
         TargetLabels {
             direction: Direction::Outbound,
+            peer: None,
             authority: authority.clone(),
             target_addr: target.into(),
             tls: Tls::NoIdentity("not_provided_by_service_discovery"),
@@ -320,7 +321,7 @@ impl Discovery {
                 self.connect_timeout,
             ),
             load: Arc::new(PeakEwma::new()),
-            tcp: LazyTarget::new(&self.metrics, labels),
+            tcp: LazyTarget::new(&self.metrics, labels.with_peer(Peer::Dst)),
         })
     }
 

@@ -10,13 +10,13 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
-use pylon_proxy_metrics::{Direction, Metrics, TargetLabels, TcpTarget, Tls};
+use pylon_proxy_metrics::{Direction, Metrics, Peer, TargetLabels, TcpTarget, Tls};
 use tokio::net::TcpStream;
 use tower::{Service, ServiceBuilder};
 
@@ -51,7 +51,10 @@ pub struct Inbound {
 struct AppPort {
     addr: SocketAddr,
     target_label: Arc<str>,
+    /// Connections accepted for this port (`peer="src"`).
     tcp: TcpTarget,
+    /// Opaque connections to the app (`peer="dst"`), made on first use.
+    tcp_to_app: OnceLock<TcpTarget>,
     /// Requests are recorded by the authority they name (as sent), each with a target that
     /// names it too.
     by_authority: ArcSwap<HashMap<Box<[u8]>, EndpointTarget>>,
@@ -106,7 +109,14 @@ impl Inbound {
 
         match protocol {
             Protocol::Tcp => {
-                if let Err(e) = tcp::forward(io, addr, self.args.connect_timeout, &port.tcp).await {
+                let io = CountingIo::new(io, port.tcp.open());
+                let to_app = port.tcp_to_app.get_or_init(|| {
+                    self.metrics.tcp_target(
+                        self.labels("".into(), &port.target_label)
+                            .with_peer(Peer::Dst),
+                    )
+                });
+                if let Err(e) = tcp::forward(io, addr, self.args.connect_timeout, to_app).await {
                     tracing::warn!(client = %peer, target = %addr, error = %e, "inbound opaque connection failed");
                 }
             }
@@ -156,12 +166,13 @@ impl Inbound {
                 let target_label: Arc<str> = addr.to_string().into();
                 let tcp = self
                     .metrics
-                    .tcp_target(self.labels("".into(), &target_label));
+                    .tcp_target(self.labels("".into(), &target_label).with_peer(Peer::Src));
                 let unnamed = self.target(addr, &target_label, target_label.clone());
                 Arc::new(AppPort {
                     addr,
                     target_label,
                     tcp,
+                    tcp_to_app: OnceLock::new(),
                     by_authority: ArcSwap::from_pointee(HashMap::new()),
                     unnamed,
                 })
@@ -172,6 +183,7 @@ impl Inbound {
     fn labels(&self, authority: Arc<str>, target: &Arc<str>) -> TargetLabels {
         TargetLabels {
             direction: Direction::Inbound,
+            peer: None,
             authority,
             target_addr: target.clone(),
             tls: NO_TLS,

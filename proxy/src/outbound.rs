@@ -18,7 +18,7 @@ use std::sync::Arc;
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
-use pylon_proxy_metrics::{Direction, Metrics, TargetLabels, Tls};
+use pylon_proxy_metrics::{Direction, Metrics, Peer, TargetLabels, TcpConnMetrics, Tls};
 use tokio::net::TcpStream;
 use tower::{Service, ServiceBuilder};
 
@@ -31,7 +31,7 @@ use crate::http::errors::RespondLayer;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::{server, ProxyError, ProxyResponse};
-use crate::io::{CountingIo, PrefixedIo};
+use crate::io::CountingIo;
 use crate::orig_dst::original_dst;
 use crate::shutdown::Shutdown;
 use crate::tcp;
@@ -88,7 +88,10 @@ impl Outbound {
         match protocol {
             // 3a. Opaque TCP: only the dialled address says where it goes.
             Protocol::Tcp => match dialled {
-                Some(logical) => self.forward_tcp(io, &logical).await,
+                Some(logical) => {
+                    let io = CountingIo::new(io, self.accepted(Some(&logical), orig_dst, local));
+                    self.forward_tcp(io, &logical).await
+                }
                 None => tracing::warn!(
                     client = %peer,
                     "opaque connection to the outbound listener has no original destination; closing"
@@ -96,22 +99,7 @@ impl Outbound {
             },
             // 3b. HTTP: each request goes down the stack below.
             Protocol::Http1 | Protocol::H2 => {
-                let conn_metrics = self
-                    .metrics
-                    .tcp_target(TargetLabels {
-                        direction: Direction::Outbound,
-                        authority: dialled
-                            .as_ref()
-                            .map(|l| l.authority.clone())
-                            .unwrap_or_else(|| "".into()),
-                        target_addr: orig_dst.unwrap_or(local).to_string().into(),
-                        tls: Tls::NoIdentity("not_provided_by_service_discovery"),
-                        dst_service: None,
-                        dst_namespace: None,
-                        srv_port: None,
-                    })
-                    .open();
-                let io = CountingIo::new(io, conn_metrics);
+                let io = CountingIo::new(io, self.accepted(dialled.as_ref(), orig_dst, local));
                 let svc = TowerToHyperService::new(self.http_stack(dialled));
                 server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
             }
@@ -145,7 +133,33 @@ impl Outbound {
             .service(self.client.clone())
     }
 
-    async fn forward_tcp(&self, io: PrefixedIo<TcpStream>, logical: &Logical) {
+    /// `tcp_*` metrics of the client's connection (`peer="src"`).
+    fn accepted(
+        &self,
+        dialled: Option<&Arc<Logical>>,
+        orig_dst: Option<SocketAddr>,
+        local: SocketAddr,
+    ) -> TcpConnMetrics {
+        self.metrics
+            .tcp_target(TargetLabels {
+                direction: Direction::Outbound,
+                peer: Some(Peer::Src),
+                authority: dialled
+                    .map(|l| l.authority.clone())
+                    .unwrap_or_else(|| "".into()),
+                target_addr: orig_dst.unwrap_or(local).to_string().into(),
+                tls: Tls::NoIdentity("not_provided_by_service_discovery"),
+                dst_service: None,
+                dst_namespace: None,
+                srv_port: None,
+            })
+            .open()
+    }
+
+    async fn forward_tcp<I>(&self, io: I, logical: &Logical)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let Some(endpoint) = logical.pick() else {
             tracing::warn!(destination = %logical.authority, error = %ProxyError::NoEndpoints, "closing opaque connection");
             return;

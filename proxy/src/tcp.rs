@@ -17,17 +17,18 @@ pub enum TcpForwardError {
     Connect(SocketAddr, std::io::Error),
 }
 
-/// Proxies `client` to `endpoint`, counting the client side's bytes into `metrics`.
+/// Proxies `client` to `endpoint`. The connection to the endpoint is counted in `dst` (the
+/// `peer="dst"` series); the caller counts the client's side.
 pub async fn forward<I>(
-    client: I,
+    mut client: I,
     endpoint: SocketAddr,
     connect_timeout: Duration,
-    metrics: &TcpTarget,
+    dst: &TcpTarget,
 ) -> Result<(), TcpForwardError>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let conn = metrics.open();
+    let conn = dst.open();
     let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -40,8 +41,7 @@ where
         }
     };
     let _ = upstream.set_nodelay(true);
-    let mut client = CountingIo::new(client, conn);
-    let mut upstream = upstream;
+    let mut upstream = CountingIo::new(upstream, conn);
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok(_) => {}
         Err(e) => tracing::debug!(%endpoint, error = %e, "tcp connection closed with error"),
