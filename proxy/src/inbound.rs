@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
 use pylon_proxy_metrics::{Direction, Metrics, Peer, TargetLabels, TcpTarget, Tls};
 use tokio::net::TcpStream;
-use tower::{Service, ServiceBuilder};
+use tower::ServiceBuilder;
 
 use crate::args::ProxyArgs;
 use crate::detect::{self, Protocol};
@@ -27,7 +27,7 @@ use crate::http::errors::RespondLayer;
 use crate::http::headers::request_authority;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::timeout::ResponseTimeoutLayer;
-use crate::http::{server, ProxyResponse};
+use crate::http::{server, HttpStack};
 use crate::io::CountingIo;
 use crate::orig_dst::original_dst;
 use crate::shutdown::Shutdown;
@@ -130,17 +130,7 @@ impl Inbound {
     }
 
     /// The path of one inbound HTTP request, top to bottom.
-    fn http_stack(
-        self: &Arc<Self>,
-        port: Arc<AppPort>,
-    ) -> impl Service<
-        Request<Incoming>,
-        Response = ProxyResponse,
-        Error = std::convert::Infallible,
-        Future = impl Send,
-    > + Clone
-           + Send
-           + 'static {
+    fn http_stack(self: &Arc<Self>, port: Arc<AppPort>) -> impl HttpStack {
         let this = self.clone();
         ServiceBuilder::new()
             // Proxy errors from any layer below become responses with `pylon-proxy-error`.

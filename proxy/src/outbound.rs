@@ -15,12 +15,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::Request;
-use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
 use pylon_proxy_metrics::{Direction, Metrics, Peer, TargetLabels, TcpConnMetrics, Tls};
 use tokio::net::TcpStream;
-use tower::{Service, ServiceBuilder};
+use tower::ServiceBuilder;
 
 use crate::args::ProxyArgs;
 use crate::balance::BalanceLayer;
@@ -30,7 +28,7 @@ use crate::http::client::EndpointClient;
 use crate::http::errors::RespondLayer;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::timeout::ResponseTimeoutLayer;
-use crate::http::{server, ProxyError, ProxyResponse};
+use crate::http::{server, HttpStack, ProxyError};
 use crate::io::CountingIo;
 use crate::orig_dst::original_dst;
 use crate::shutdown::Shutdown;
@@ -108,17 +106,7 @@ impl Outbound {
     }
 
     /// The path of one outbound HTTP request, top to bottom.
-    fn http_stack(
-        &self,
-        dialled: Option<Arc<Logical>>,
-    ) -> impl Service<
-        Request<Incoming>,
-        Response = ProxyResponse,
-        Error = std::convert::Infallible,
-        Future = impl Send,
-    > + Clone
-           + Send
-           + 'static {
+    fn http_stack(&self, dialled: Option<Arc<Logical>>) -> impl HttpStack {
         ServiceBuilder::new()
             // Proxy errors from any layer below become responses with `pylon-proxy-error`.
             .layer(RespondLayer)

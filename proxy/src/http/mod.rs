@@ -13,8 +13,11 @@ pub mod server;
 pub mod timeout;
 pub mod upgrade;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+
+use hyper::body::Incoming;
 
 pub use body::ResponseBody;
 pub use errors::ProxyError;
@@ -23,3 +26,28 @@ pub type ProxyResponse = http::Response<ResponseBody>;
 
 /// Layers box their futures: one small allocation each keeps the stack's types readable.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A complete per-request stack, as each direction builds it: what the HTTP server calls.
+pub trait HttpStack:
+    tower::Service<
+        http::Request<Incoming>,
+        Response = ProxyResponse,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> HttpStack for S where
+    S: tower::Service<
+            http::Request<Incoming>,
+            Response = ProxyResponse,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
