@@ -15,6 +15,10 @@ use std::sync::Arc;
 
 use serde_yaml_ng::{Mapping, Value};
 
+pub use self::profile::ServiceProfile;
+
+mod profile;
+
 /// The kinds of mesh object the Store understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ObjectKind {
@@ -22,6 +26,8 @@ pub enum ObjectKind {
     Service,
     /// `discovery.k8s.io/v1 EndpointSlice`.
     EndpointSlice,
+    /// `linkerd.io/v1alpha2 ServiceProfile` (`v1alpha1` accepted too).
+    ServiceProfile,
 }
 
 impl ObjectKind {
@@ -30,6 +36,9 @@ impl ObjectKind {
         match (api_version, kind) {
             ("v1", "Service") => Some(Self::Service),
             ("discovery.k8s.io/v1", "EndpointSlice") => Some(Self::EndpointSlice),
+            ("linkerd.io/v1alpha2" | "linkerd.io/v1alpha1", "ServiceProfile") => {
+                Some(Self::ServiceProfile)
+            }
             _ => None,
         }
     }
@@ -38,6 +47,7 @@ impl ObjectKind {
         match self {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
+            Self::ServiceProfile => "ServiceProfile",
         }
     }
 }
@@ -68,6 +78,7 @@ impl fmt::Display for ObjectKey {
 pub enum MeshObject {
     Service(Service),
     EndpointSlice(EndpointSlice),
+    ServiceProfile(ServiceProfile),
 }
 
 impl MeshObject {
@@ -75,6 +86,7 @@ impl MeshObject {
         let (kind, meta) = match self {
             Self::Service(s) => (ObjectKind::Service, &s.meta),
             Self::EndpointSlice(s) => (ObjectKind::EndpointSlice, &s.meta),
+            Self::ServiceProfile(p) => (ObjectKind::ServiceProfile, &p.meta),
         };
         ObjectKey {
             kind,
@@ -334,6 +346,9 @@ pub fn parse_document(doc: &Value, default_namespace: &str) -> ParsedDocument {
         ObjectKind::EndpointSlice => {
             parse_endpoint_slice(root, meta, &mut unknown).map(MeshObject::EndpointSlice)
         }
+        ObjectKind::ServiceProfile => {
+            profile::parse_service_profile(root, meta, &mut unknown).map(MeshObject::ServiceProfile)
+        }
     };
     match parsed {
         Ok(object) => ParsedDocument::Valid {
@@ -394,7 +409,8 @@ fn parse_meta(
     let name_ok = match kind {
         // Service names become DNS labels (`name.ns.svc...`).
         ObjectKind::Service => is_dns1035_label(name),
-        ObjectKind::EndpointSlice => is_dns1123_subdomain(name),
+        // Slices, and profiles, which are named by the service's FQDN.
+        ObjectKind::EndpointSlice | ObjectKind::ServiceProfile => is_dns1123_subdomain(name),
     };
     if !name_ok {
         return Err(FieldError::new(

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use crate::objects::{
     AddressType, Endpoint, EndpointSlice, MeshObject, ObjectKey, Protocol, ResolvedService,
-    Service, ServicePort, ServiceRef, TargetPort,
+    Service, ServicePort, ServiceProfile, ServiceRef, TargetPort,
 };
+use crate::route::RouteTable;
 use crate::store::ConfigError;
 
 /// One published view of the mesh. Never changes once built.
@@ -24,6 +25,8 @@ pub struct Snapshot {
     /// namespace -> name -> service. Nested so lookups borrow `&str` without allocating.
     services: HashMap<Arc<str>, HashMap<Arc<str>, ServiceEntry>>,
     by_cluster_ip: HashMap<IpAddr, ServiceRef>,
+    /// ServiceProfile name (the service FQDN, lowercase) -> its routes.
+    route_tables: HashMap<Arc<str>, Arc<RouteTable>>,
 }
 
 #[derive(Debug)]
@@ -117,6 +120,8 @@ impl Snapshot {
                 );
         }
 
+        let route_tables = route_tables(&objects, &default_namespace);
+
         Self {
             generation,
             default_namespace,
@@ -125,6 +130,7 @@ impl Snapshot {
             errors,
             services,
             by_cluster_ip,
+            route_tables,
         }
     }
 
@@ -165,6 +171,25 @@ impl Snapshot {
             .ports
             .get(&addr.port())
             .cloned()
+    }
+
+    /// The routes of the ServiceProfile named `service_fqdn` (`web.default.svc.cluster.local`;
+    /// case-insensitive, optional trailing dot, no port), or `None` when the service has no
+    /// profile and every request takes the default route.
+    ///
+    /// The name must be the full FQDN a profile is named by: the proxy canonicalizes the
+    /// destination (e.g. with [`Snapshot::resolve_name`] and [`ServiceRef::fqdn`]) first.
+    /// When profiles with that name exist in several namespaces, the one in the Store's
+    /// default namespace (the client's own, a Linkerd client-side override) wins, else the
+    /// first in namespace order. Borrows and allocates nothing unless the name has
+    /// uppercase letters.
+    pub fn route_table(&self, service_fqdn: &str) -> Option<&Arc<RouteTable>> {
+        let name = service_fqdn.strip_suffix('.').unwrap_or(service_fqdn);
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.route_tables.get(name.to_ascii_lowercase().as_str())
+        } else {
+            self.route_tables.get(name)
+        }
     }
 
     /// Every current configuration problem (the objects they affect keep their last good
@@ -208,6 +233,44 @@ impl Snapshot {
     fn entry(&self, namespace: &str, name: &str) -> Option<&ServiceEntry> {
         self.services.get(namespace)?.get(name)
     }
+}
+
+/// Indexes ServiceProfiles by name. Objects are visited in key order (namespace, name),
+/// so the choice among same-named profiles is stable.
+fn route_tables(
+    objects: &BTreeMap<ObjectKey, Arc<MeshObject>>,
+    default_namespace: &str,
+) -> HashMap<Arc<str>, Arc<RouteTable>> {
+    let mut chosen: HashMap<Arc<str>, &ServiceProfile> = HashMap::new();
+    for object in objects.values() {
+        let MeshObject::ServiceProfile(profile) = &**object else {
+            continue;
+        };
+        let name = &profile.meta.name;
+        match chosen.get(name) {
+            None => {
+                chosen.insert(name.clone(), profile);
+            }
+            Some(first) => {
+                let (keep, ignore) = if *profile.meta.namespace == *default_namespace {
+                    (profile, *first)
+                } else {
+                    (*first, profile)
+                };
+                tracing::debug!(
+                    profile = %name,
+                    using = %keep.meta.namespace,
+                    ignoring = %ignore.meta.namespace,
+                    "ServiceProfiles with the same name in two namespaces"
+                );
+                chosen.insert(name.clone(), keep);
+            }
+        }
+    }
+    chosen
+        .into_iter()
+        .map(|(name, p)| (name, p.table.clone()))
+        .collect()
 }
 
 /// Endpoints of one service port across all of the service's slices, following kube-proxy:
@@ -499,6 +562,166 @@ spec: {clusterIP: None, ports: [{port: 5432}]}
         );
         // Headless services resolve by name only.
         assert!(snap.resolve_name("db", 5432).is_some());
+    }
+
+    const PROFILE: &str = r"apiVersion: linkerd.io/v1alpha2
+kind: ServiceProfile
+metadata:
+  name: web.shop.svc.cluster.local
+  namespace: shop
+spec:
+  routes:
+  - name: GET /api/users/{id}
+    condition:
+      method: GET
+      pathRegex: /api/users/\d+
+    responseClasses:
+    - condition: {status: {min: 429, max: 429}}
+      isFailure: true
+    isRetryable: true
+    timeout: 300ms
+  - name: users
+    condition:
+      pathRegex: /api/users/.*
+";
+
+    #[test]
+    fn profiles_are_found_by_fqdn() {
+        let (_dir, store) = load(
+            &[("web.yaml", WEB_SERVICE), ("profile.yaml", PROFILE)],
+            shop_cfg(),
+        );
+        let snap = store.snapshot();
+        assert!(snap.errors().is_empty(), "{:?}", snap.errors());
+        for name in [
+            "web.shop.svc.cluster.local",
+            "web.shop.svc.cluster.local.",
+            "Web.Shop.svc.Cluster.Local",
+        ] {
+            assert!(snap.route_table(name).is_some(), "{name}");
+        }
+        // Only the full FQDN the profile is named by; the caller canonicalizes.
+        assert!(snap.route_table("web").is_none());
+        assert!(snap.route_table("api.shop.svc.cluster.local").is_none());
+
+        let table = snap
+            .route_table("web.shop.svc.cluster.local")
+            .expect("table");
+        let r = table.route_for("GET", "/api/users/12");
+        assert_eq!(&**r.name(), "GET /api/users/{id}");
+        assert!(r.is_retryable());
+        assert_eq!(r.timeout(), Some(std::time::Duration::from_millis(300)));
+        assert!(r.classify(429, None));
+        // Whole-path match: the first route does not take the sub-resource.
+        assert_eq!(
+            &**table.route_for("GET", "/api/users/12/orders").name(),
+            "users"
+        );
+        assert!(table.route_for("GET", "/healthz").is_default());
+        // Defaults when the profile has no retryBudget.
+        assert_eq!(*table.retry_budget(), crate::RetryBudgetSpec::default());
+        assert_eq!(table.retry_budget().retry_ratio, 0.2);
+        assert_eq!(table.retry_budget().min_retries_per_second, 10);
+        assert_eq!(table.retry_budget().ttl, std::time::Duration::from_secs(10));
+    }
+
+    #[test]
+    fn invalid_profile_keeps_the_last_good_one() {
+        let (dir, store) = load(&[("profile.yaml", PROFILE)], shop_cfg());
+        let path = dir.path().join("profile.yaml");
+        let before = store
+            .snapshot()
+            .route_table("web.shop.svc.cluster.local")
+            .expect("table")
+            .clone();
+
+        // A new route is added, but with a broken regex: the whole new version is rejected.
+        let bad = PROFILE.replace(r"/api/users/.*", r"/api/(users/.*")
+            + "  - name: new
+    condition: {method: POST}
+";
+        crate::test_support::write(dir.path(), "profile.yaml", &bad);
+        store.reload();
+        let snap = store.snapshot();
+        assert_eq!(snap.errors().len(), 1, "{:?}", snap.errors());
+        let err = &snap.errors()[0];
+        assert_eq!(err.file, path);
+        assert_eq!(err.object, "ServiceProfile shop/web.shop.svc.cluster.local");
+        assert_eq!(err.field, "spec.routes[1].condition.pathRegex");
+        assert!(err.message.contains("unclosed group"), "{err:?}");
+        assert_eq!(store.config_errors_total(), 1);
+        let table = snap
+            .route_table("web.shop.svc.cluster.local")
+            .expect("kept");
+        assert!(
+            std::sync::Arc::ptr_eq(table, &before),
+            "last good table, not rebuilt"
+        );
+        assert_eq!(table.routes().len(), 2);
+        assert!(table.route_for("POST", "/x").is_default());
+
+        // Fixed: the new version is in force.
+        let good = PROFILE.to_string()
+            + "  - name: new
+    condition: {method: POST}
+";
+        crate::test_support::write(dir.path(), "profile.yaml", &good);
+        store.reload();
+        let snap = store.snapshot();
+        assert!(snap.errors().is_empty());
+        let table = snap
+            .route_table("web.shop.svc.cluster.local")
+            .expect("table");
+        assert_eq!(&**table.route_for("POST", "/x").name(), "new");
+    }
+
+    #[test]
+    fn unknown_profile_fields_are_not_fatal() {
+        let with_extra = PROFILE
+            .replace(
+                "    isRetryable: true\n",
+                "    isRetryable: true\n    retryPolicy: aggressive\n",
+            )
+            .replace("spec:\n", "spec:\n  opaquePorts: ['3306']\n");
+        assert_ne!(with_extra, PROFILE);
+        let (_dir, store) = load(&[("profile.yaml", &with_extra)], shop_cfg());
+        let snap = store.snapshot();
+        assert!(snap.errors().is_empty(), "{:?}", snap.errors());
+        assert_eq!(store.config_errors_total(), 0);
+        let table = snap
+            .route_table("web.shop.svc.cluster.local")
+            .expect("table");
+        assert_eq!(table.routes().len(), 2);
+    }
+
+    #[test]
+    fn same_named_profiles_prefer_the_clients_namespace() {
+        let server_side = PROFILE.to_string();
+        let client_side = PROFILE
+            .replace("namespace: shop", "namespace: client")
+            .replace("name: users", "name: client-users");
+        let cfg = StoreConfig {
+            default_namespace: "client".into(),
+            ..StoreConfig::default()
+        };
+        let (_dir, store) = load(&[("a.yaml", &server_side), ("b.yaml", &client_side)], cfg);
+        let snap = store.snapshot();
+        let table = snap
+            .route_table("web.shop.svc.cluster.local")
+            .expect("table");
+        assert_eq!(
+            &**table.route_for("PUT", "/api/users/1").name(),
+            "client-users"
+        );
+        let (_dir, store) = load(
+            &[("a.yaml", &server_side), ("b.yaml", &client_side)],
+            shop_cfg(),
+        );
+        let snap = store.snapshot();
+        let table = snap
+            .route_table("web.shop.svc.cluster.local")
+            .expect("table");
+        assert_eq!(&**table.route_for("PUT", "/api/users/1").name(), "users");
     }
 
     #[test]
