@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
-use pylon_proxy_metrics::{Direction, Metrics, Peer, TargetLabels, TcpTarget, Tls};
+use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls};
 use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 
@@ -49,7 +49,6 @@ pub struct Inbound {
 
 /// One port of the workload: its connections and metric handles.
 struct AppPort {
-    addr: SocketAddr,
     target_label: Arc<str>,
     /// Connections accepted for this port (`peer="src"`).
     tcp: TcpTarget,
@@ -157,9 +156,13 @@ impl Inbound {
                 let tcp = self
                     .metrics
                     .tcp_target(self.labels("".into(), &target_label).with_peer(Peer::Src));
-                let unnamed = self.target(addr, &target_label, target_label.clone());
-                Arc::new(AppPort {
+                let unnamed = EndpointTarget::new(
                     addr,
+                    target_label.clone(),
+                    self.http_metrics(&target_label, &target_label),
+                    self.args.connect_timeout,
+                );
+                Arc::new(AppPort {
                     target_label,
                     tcp,
                     tcp_to_app: OnceLock::new(),
@@ -183,16 +186,9 @@ impl Inbound {
         }
     }
 
-    fn target(
-        &self,
-        addr: SocketAddr,
-        target_label: &Arc<str>,
-        authority: Arc<str>,
-    ) -> EndpointTarget {
-        let metrics = self
-            .metrics
-            .http_target(self.labels(authority.clone(), target_label));
-        EndpointTarget::new(addr, authority, metrics, self.args.connect_timeout)
+    fn http_metrics(&self, authority: &Arc<str>, target_label: &Arc<str>) -> HttpTarget {
+        self.metrics
+            .http_target(self.labels(authority.clone(), target_label))
     }
 
     /// The metric handle and target for `authority` on `port`, made once per authority. All
@@ -205,9 +201,8 @@ impl Inbound {
             return t.clone();
         }
         let name: Arc<str> = String::from_utf8_lossy(authority).into();
-        let mut target = self.target(port.addr, &port.target_label, name);
-        target.h1 = port.unnamed.h1.clone();
-        target.h2 = port.unnamed.h2.clone();
+        let metrics = self.http_metrics(&name, &port.target_label);
+        let target = port.unnamed.named(name, metrics);
         port.by_authority.rcu(|map| {
             let mut map = if map.len() >= MAX_AUTHORITIES {
                 HashMap::new()

@@ -10,11 +10,32 @@ use tokio::net::TcpStream;
 use crate::io::CountingIo;
 
 #[derive(Debug, thiserror::Error)]
-pub enum TcpForwardError {
+pub enum ConnectError {
     #[error("connect to {0} timed out")]
-    ConnectTimeout(SocketAddr),
+    Timeout(SocketAddr),
     #[error("connect to {0}: {1}")]
-    Connect(SocketAddr, std::io::Error),
+    Io(SocketAddr, std::io::Error),
+}
+
+impl ConnectError {
+    /// The errno-style name for `tcp_close_total{errno}`.
+    pub fn errno(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "ETIMEDOUT",
+            Self::Io(_, e) => errno_name(e),
+        }
+    }
+}
+
+/// A TCP connection to an endpoint within `timeout`, with Nagle off (the proxy writes whole
+/// messages).
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout(addr))?
+        .map_err(|e| ConnectError::Io(addr, e))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// Proxies `client` to `endpoint`. The connection to the endpoint is counted in `dst` (the
@@ -24,23 +45,18 @@ pub async fn forward<I>(
     endpoint: SocketAddr,
     connect_timeout: Duration,
     dst: &TcpTarget,
-) -> Result<(), TcpForwardError>
+) -> Result<(), ConnectError>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let conn = dst.open();
-    let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            conn.close(Some(errno_name(&e)));
-            return Err(TcpForwardError::Connect(endpoint, e));
-        }
-        Err(_) => {
-            conn.close(Some("ETIMEDOUT"));
-            return Err(TcpForwardError::ConnectTimeout(endpoint));
+    let upstream = match connect(endpoint, connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            conn.close(Some(e.errno()));
+            return Err(e);
         }
     };
-    let _ = upstream.set_nodelay(true);
     let mut upstream = CountingIo::new(upstream, conn);
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok(_) => {}

@@ -19,8 +19,9 @@ use pylon_proxy_metrics::HttpTarget;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
-use super::pool::{connect, Http1Pool};
+use super::pool::Http1Pool;
 use super::{headers, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody};
+use crate::tcp;
 
 /// Where a request goes, set by the layer that chose it (the balancer outbound, the workload's
 /// port inbound).
@@ -48,6 +49,15 @@ impl EndpointTarget {
             h2: Arc::new(H2Connection::new(addr, connect_timeout)),
             destination,
             metrics,
+        }
+    }
+
+    /// The same endpoint and connections, named (and recorded) as another destination.
+    pub fn named(&self, destination: Arc<str>, metrics: HttpTarget) -> Self {
+        Self {
+            destination,
+            metrics,
+            ..self.clone()
         }
     }
 }
@@ -201,7 +211,9 @@ impl H2Connection {
                 return Ok((*s).clone());
             }
         }
-        let stream = connect(self.addr, self.connect_timeout).await?;
+        let stream = tcp::connect(self.addr, self.connect_timeout)
+            .await
+            .map_err(|e| ProxyError::from_connect(&e))?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))

@@ -88,6 +88,14 @@ impl ProxyError {
         rsp
     }
 
+    /// Classifies a failure to connect to an endpoint.
+    pub fn from_connect(err: &crate::tcp::ConnectError) -> Self {
+        match err {
+            crate::tcp::ConnectError::Timeout(_) => Self::ConnectTimeout,
+            crate::tcp::ConnectError::Io(_, e) => Self::from_upstream(e),
+        }
+    }
+
     /// Classifies a failure to get a response from an endpoint.
     pub fn from_upstream(err: &(dyn std::error::Error + 'static)) -> Self {
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);

@@ -15,9 +15,9 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use super::ProxyError;
+use crate::tcp;
 
 /// Idle connections kept per endpoint; more are closed when they come back.
 const MAX_IDLE: usize = 512;
@@ -114,7 +114,9 @@ impl Http1Pool {
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<Incoming>, ProxyError> {
-        let stream = connect(self.addr, self.connect_timeout).await?;
+        let stream = tcp::connect(self.addr, self.connect_timeout)
+            .await
+            .map_err(|e| ProxyError::from_connect(&e))?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -128,14 +130,4 @@ impl Http1Pool {
         });
         Ok(sender)
     }
-}
-
-/// A TCP connection to an endpoint within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| ProxyError::ConnectTimeout)?
-        .map_err(|e| ProxyError::from_upstream(&e))?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 use http::{Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
 use super::{ProxyError, ResponseBody};
@@ -37,11 +36,9 @@ pub async fn connect(
     target: SocketAddr,
     connect_timeout: Duration,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    let upstream = tokio::time::timeout(connect_timeout, TcpStream::connect(target))
+    let upstream = crate::tcp::connect(target, connect_timeout)
         .await
-        .map_err(|_| ProxyError::ConnectTimeout)?
-        .map_err(|e| ProxyError::from_upstream(&e))?;
-    let _ = upstream.set_nodelay(true);
+        .map_err(|e| ProxyError::from_connect(&e))?;
     tasks.spawn(async move {
         let client = match on_upgrade.await {
             Ok(c) => c,
