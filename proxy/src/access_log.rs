@@ -44,7 +44,7 @@ impl AccessEntry {
         latency: Duration,
     ) {
         let line = serde_json::json!({
-            "timestamp": humantime_now(),
+            "timestamp": unix_timestamp(),
             "level": "INFO",
             "target": "pylon::access",
             "message": "access",
@@ -81,7 +81,7 @@ pub fn trace_id(headers: &http::HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
-fn humantime_now() -> String {
+fn unix_timestamp() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
