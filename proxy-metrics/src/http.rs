@@ -1,5 +1,6 @@
-//! HTTP families (`request_total`, `response_total`, `response_latency_ms`)
-//! and the per-target [`HttpTarget`] handle.
+//! HTTP families (`request_total`, `response_total`, `response_latency_ms`,
+//! and the same three per route: `route_*`, `route_actual_*`) and the
+//! [`HttpTarget`] handle that records into one label set of them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::histogram::{MsHistogram, LATENCY_MS_BUCKETS};
-use crate::labels::{LatencyLabels, ResponseKey, ResponseLabels, TargetKey, TargetLabels};
+use crate::labels::{
+    classify, Classification, HandleLabels, LatencyLabels, ResponseKey, ResponseLabels, TargetKey,
+    TargetLabels,
+};
 use crate::slots::{IndexedSlots, SlotTable};
 
 type HistCtor = fn() -> MsHistogram;
@@ -17,15 +21,16 @@ fn latency_histogram() -> MsHistogram {
     MsHistogram::new(LATENCY_MS_BUCKETS)
 }
 
-/// The HTTP families, shared by every [`HttpTarget`].
+/// One set of HTTP families (requests, responses, latency), shared by every
+/// [`HttpTarget`] recording into it.
 #[derive(Clone, Debug)]
-pub(crate) struct HttpFamilies {
-    pub(crate) requests: Family<TargetKey, Counter>,
-    pub(crate) responses: Family<ResponseLabels, Counter>,
-    pub(crate) latency: Family<LatencyLabels, MsHistogram, HistCtor>,
+pub(crate) struct HttpFamilies<L = TargetLabels> {
+    pub(crate) requests: Family<TargetKey<L>, Counter>,
+    pub(crate) responses: Family<ResponseLabels<L>, Counter>,
+    pub(crate) latency: Family<LatencyLabels<L>, MsHistogram, HistCtor>,
 }
 
-impl HttpFamilies {
+impl<L: HandleLabels> HttpFamilies<L> {
     pub(crate) fn new() -> Self {
         Self {
             requests: Family::default(),
@@ -61,14 +66,29 @@ const OTHER_SLOTS: usize = 16;
 
 /// A resolved HTTP label set: records requests and responses without
 /// building label sets, locking or allocating (after the first occurrence of
-/// each status / grpc-status / error combination). Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct HttpTarget(Arc<HttpInner>);
+/// each status / grpc-status / error / classification combination). Cheap to
+/// clone.
+///
+/// `HttpTarget` (labels [`TargetLabels`]) records `request_total` and friends;
+/// [`RouteTarget`] (labels [`RouteLabels`](crate::RouteLabels)) records
+/// `route_*` or `route_actual_*`.
+#[derive(Debug)]
+pub struct HttpTarget<L = TargetLabels>(Arc<HttpInner<L>>);
+
+/// A route's handle: `route_request_total` and friends, or the `route_actual_*`
+/// ones (one handle per route and backend).
+pub type RouteTarget = HttpTarget<crate::RouteLabels>;
+
+impl<L> Clone for HttpTarget<L> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
 
 #[derive(Debug)]
-struct HttpInner {
-    labels: Arc<TargetLabels>,
-    families: HttpFamilies,
+struct HttpInner<L> {
+    labels: Arc<L>,
+    families: HttpFamilies<L>,
     requests: Counter,
     /// Plain HTTP: status 100..=599, no grpc-status, no proxy error.
     by_status: IndexedSlots<ResponseSlot, 100>,
@@ -77,8 +97,8 @@ struct HttpInner {
     other: SlotTable<ResponseKey, ResponseSlot, OTHER_SLOTS>,
 }
 
-impl HttpTarget {
-    pub(crate) fn new(families: &HttpFamilies, labels: TargetLabels) -> Self {
+impl<L: HandleLabels> HttpTarget<L> {
+    pub(crate) fn new(families: &HttpFamilies<L>, labels: L) -> Self {
         let labels = Arc::new(labels);
         let requests = families
             .requests
@@ -94,7 +114,7 @@ impl HttpTarget {
     }
 
     /// The labels this handle records under.
-    pub fn labels(&self) -> &TargetLabels {
+    pub fn labels(&self) -> &L {
         &self.0.labels
     }
 
@@ -104,7 +124,7 @@ impl HttpTarget {
     }
 
     /// Counts a response (`response_total`) and records its latency
-    /// (`response_latency_ms`).
+    /// (`response_latency_ms`), classified by the default rule ([`classify`]).
     ///
     /// `grpc_status`: `Some(code)` when the response carried `grpc-status`;
     /// `error`: `Some(reason)` when the proxy made this response itself (a
@@ -116,18 +136,36 @@ impl HttpTarget {
         error: Option<&'static str>,
         latency: Duration,
     ) {
+        let classification = classify(status, grpc_status, error);
+        self.classified_response(status, grpc_status, error, classification, latency);
+    }
+
+    /// [`HttpTarget::response`] with the classification decided by the caller
+    /// (a route's response classes).
+    pub fn classified_response(
+        &self,
+        status: Option<u16>,
+        grpc_status: Option<u32>,
+        error: Option<&'static str>,
+        classification: Classification,
+        latency: Duration,
+    ) {
         let key = ResponseKey {
             status,
             grpc_status,
             error,
+            classification,
         };
         let inner = &*self.0;
         let init = || inner.resolve(key);
+        // The indexed slots hold the default classification of each status; a route that
+        // classifies otherwise uses the keyed slots.
+        let usual = classification == classify(status, grpc_status, error);
         let slot = match (status, grpc_status, error) {
-            (Some(s), None, None) => s
+            (Some(s), None, None) if usual => s
                 .checked_sub(STATUS_MIN)
                 .and_then(|i| inner.by_status.get_or_init(usize::from(i), init)),
-            (Some(200), Some(g), None) => usize::try_from(g)
+            (Some(200), Some(g), None) if usual => usize::try_from(g)
                 .ok()
                 .and_then(|g| inner.by_grpc.get(g))
                 .map(|slot| slot.get_or_init(init)),
@@ -145,7 +183,7 @@ impl HttpTarget {
     }
 }
 
-impl HttpInner {
+impl<L: HandleLabels> HttpInner<L> {
     fn resolve(&self, key: ResponseKey) -> ResponseSlot {
         let total = self
             .families
@@ -156,7 +194,7 @@ impl HttpInner {
             });
         let latency = self.families.latency.get_or_create_owned(&LatencyLabels {
             target: self.labels.clone(),
-            classification: key.classification(),
+            classification: key.classification,
             status: key.status,
         });
         ResponseSlot { total, latency }

@@ -164,12 +164,43 @@ impl EncodeLabelSet for TargetLabels {
     }
 }
 
-/// A shared [`TargetLabels`] as a family key (a local type, so it can
-/// implement prometheus-client's traits).
+/// The labels of a route: `direction`, `dst` (the authority the route belongs to, or for
+/// `route_actual_*` the backend the attempt went to) and `rt_route` (the route's name,
+/// `[DEFAULT]` for unmatched requests), as Linkerd labels its `route_*` series.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct TargetKey(pub(crate) Arc<TargetLabels>);
+pub struct RouteLabels {
+    /// `direction`.
+    pub direction: Direction,
+    /// `dst`, e.g. `web.default.svc.cluster.local:80`.
+    pub dst: Arc<str>,
+    /// `rt_route`.
+    pub route: Arc<str>,
+}
 
-impl EncodeLabelSet for TargetKey {
+impl EncodeLabelSet for RouteLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
+        label(encoder, "direction", self.direction.as_str())?;
+        label(encoder, "dst", &*self.dst)?;
+        label(encoder, "rt_route", &*self.route)
+    }
+}
+
+/// A label set that identifies what an HTTP handle records for: a target ([`TargetLabels`])
+/// or a route ([`RouteLabels`]).
+pub trait HandleLabels:
+    EncodeLabelSet + Clone + std::fmt::Debug + Eq + std::hash::Hash + Send + Sync + 'static
+{
+}
+
+impl HandleLabels for TargetLabels {}
+impl HandleLabels for RouteLabels {}
+
+/// A shared label set as a family key (a local type, so it can implement prometheus-client's
+/// traits).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TargetKey<L = TargetLabels>(pub(crate) Arc<L>);
+
+impl<L: EncodeLabelSet> EncodeLabelSet for TargetKey<L> {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
         self.0.encode(encoder)
     }
@@ -220,33 +251,26 @@ pub fn classify(
 /// `response_total` labels: target + classification + status_code +
 /// grpc_status + error (the optional ones omitted when absent).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct ResponseLabels {
-    pub(crate) target: Arc<TargetLabels>,
+pub(crate) struct ResponseLabels<L = TargetLabels> {
+    pub(crate) target: Arc<L>,
     pub(crate) key: ResponseKey,
 }
 
-/// What distinguishes one response series of a target from another.
+/// What distinguishes one response series of a target from another. The classification is
+/// part of the key because a route's response classes may call, say, a 429 a failure where
+/// the default rule says success.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct ResponseKey {
     pub(crate) status: Option<u16>,
     pub(crate) grpc_status: Option<u32>,
     pub(crate) error: Option<&'static str>,
+    pub(crate) classification: Classification,
 }
 
-impl ResponseKey {
-    pub(crate) fn classification(&self) -> Classification {
-        classify(self.status, self.grpc_status, self.error)
-    }
-}
-
-impl EncodeLabelSet for ResponseLabels {
+impl<L: EncodeLabelSet> EncodeLabelSet for ResponseLabels<L> {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
         self.target.encode(encoder)?;
-        label(
-            encoder,
-            "classification",
-            self.key.classification().as_str(),
-        )?;
+        label(encoder, "classification", self.key.classification.as_str())?;
         if let Some(status) = self.key.status {
             label(encoder, "status_code", status)?;
         }
@@ -262,13 +286,13 @@ impl EncodeLabelSet for ResponseLabels {
 
 /// `response_latency_ms` labels: target + classification + status_code.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct LatencyLabels {
-    pub(crate) target: Arc<TargetLabels>,
+pub(crate) struct LatencyLabels<L = TargetLabels> {
+    pub(crate) target: Arc<L>,
     pub(crate) classification: Classification,
     pub(crate) status: Option<u16>,
 }
 
-impl EncodeLabelSet for LatencyLabels {
+impl<L: EncodeLabelSet> EncodeLabelSet for LatencyLabels<L> {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
         self.target.encode(encoder)?;
         label(encoder, "classification", self.classification.as_str())?;
@@ -276,6 +300,20 @@ impl EncodeLabelSet for LatencyLabels {
             label(encoder, "status_code", status)?;
         }
         Ok(())
+    }
+}
+
+/// `route_retry_skipped_total` labels: route + reason.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct SkippedLabels {
+    pub(crate) route: Arc<RouteLabels>,
+    pub(crate) reason: &'static str,
+}
+
+impl EncodeLabelSet for SkippedLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
+        self.route.encode(encoder)?;
+        label(encoder, "reason", self.reason)
     }
 }
 

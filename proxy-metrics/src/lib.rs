@@ -83,12 +83,15 @@ mod slots;
 mod tcp;
 
 pub use histogram::{LATENCY_MS_BUCKETS, TCP_DURATION_MS_BUCKETS};
-pub use http::HttpTarget;
-pub use labels::{classify, Classification, Direction, Peer, TargetLabels, Tls};
+pub use http::{HttpTarget, RouteTarget};
+pub use labels::{
+    classify, Classification, Direction, HandleLabels, Peer, RouteLabels, TargetLabels, Tls,
+};
 pub use process::ProcessStats;
 pub use tcp::{TcpConnMetrics, TcpTarget};
 
-use labels::BuildLabels;
+use labels::{BuildLabels, SkippedLabels};
+use prometheus_client::metrics::counter::Counter;
 
 /// The proxy's own identity, added as constant labels to every series.
 /// `None` fields are left out.
@@ -107,6 +110,9 @@ pub struct ProxyLabels {
 pub struct Metrics {
     registry: Registry,
     http: http::HttpFamilies,
+    route: http::HttpFamilies<RouteLabels>,
+    route_actual: http::HttpFamilies<RouteLabels>,
+    retry_skipped: Family<SkippedLabels, Counter>,
     tcp: tcp::TcpFamilies,
     config_errors: Arc<ConfigErrors>,
 }
@@ -146,6 +152,47 @@ impl Metrics {
             "response_latency_ms",
             "Elapsed times between a request's headers being received and its response stream completing, in milliseconds",
             http.latency.clone(),
+        );
+
+        // Per route (ServiceProfile routes, `[DEFAULT]` for the rest), as Linkerd names them:
+        // `route_*` once per request the client made, `route_actual_*` once per attempt.
+        let route = http::HttpFamilies::<RouteLabels>::new();
+        registry.register(
+            "route_request",
+            "Total count of HTTP requests, per route",
+            route.requests.clone(),
+        );
+        registry.register(
+            "route_response",
+            "Total count of HTTP responses, per route",
+            route.responses.clone(),
+        );
+        registry.register(
+            "route_response_latency_ms",
+            "Elapsed times between a request's headers being received and its response stream completing, per route, in milliseconds",
+            route.latency.clone(),
+        );
+        let route_actual = http::HttpFamilies::<RouteLabels>::new();
+        registry.register(
+            "route_actual_request",
+            "Total count of HTTP requests sent to backends (retries included), per route",
+            route_actual.requests.clone(),
+        );
+        registry.register(
+            "route_actual_response",
+            "Total count of HTTP responses from backends (retries included), per route",
+            route_actual.responses.clone(),
+        );
+        registry.register(
+            "route_actual_response_latency_ms",
+            "Elapsed times of each attempt sent to a backend, per route, in milliseconds",
+            route_actual.latency.clone(),
+        );
+        let retry_skipped = Family::<SkippedLabels, Counter>::default();
+        registry.register(
+            "route_retry_skipped",
+            "Total count of failed requests on retryable routes that were not retried, by reason (budget_exhausted, body_too_large)",
+            retry_skipped.clone(),
         );
 
         let tcp = tcp::TcpFamilies::new();
@@ -200,6 +247,9 @@ impl Metrics {
         Arc::new(Metrics {
             registry,
             http,
+            route,
+            route_actual,
+            retry_skipped,
             tcp,
             config_errors,
         })
@@ -208,6 +258,25 @@ impl Metrics {
     /// Resolve an HTTP label set once; keep the handle.
     pub fn http_target(&self, labels: TargetLabels) -> HttpTarget {
         HttpTarget::new(&self.http, labels)
+    }
+
+    /// Resolve a route's `route_*` label set once; keep the handle.
+    pub fn route_target(&self, labels: RouteLabels) -> RouteTarget {
+        HttpTarget::new(&self.route, labels)
+    }
+
+    /// Resolve a route's `route_actual_*` label set (`dst` = the backend) once.
+    pub fn route_actual_target(&self, labels: RouteLabels) -> RouteTarget {
+        HttpTarget::new(&self.route_actual, labels)
+    }
+
+    /// `route_retry_skipped_total` for a route and a reason (a fixed vocabulary:
+    /// `"budget_exhausted"`, `"body_too_large"`).
+    pub fn route_retry_skipped(&self, labels: RouteLabels, reason: &'static str) -> EventCounter {
+        EventCounter(self.retry_skipped.get_or_create_owned(&SkippedLabels {
+            route: Arc::new(labels),
+            reason,
+        }))
     }
 
     /// Resolve a TCP label set once; keep the handle.
@@ -231,6 +300,22 @@ impl Metrics {
     /// [`Metrics::CONTENT_TYPE`].
     pub fn encode(&self, out: &mut String) -> std::fmt::Result {
         prometheus_client::encoding::text::encode(out, &self.registry)
+    }
+}
+
+/// A resolved counter of events (no labels to build when counting).
+#[derive(Clone, Debug)]
+pub struct EventCounter(Counter);
+
+impl EventCounter {
+    /// Counts one event.
+    pub fn inc(&self) {
+        self.0.inc();
+    }
+
+    /// The current count.
+    pub fn get(&self) -> u64 {
+        self.0.get()
     }
 }
 

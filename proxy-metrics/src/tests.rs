@@ -694,18 +694,138 @@ fn build_info() {
     );
 }
 
+fn route(dst: &str, name: &str) -> RouteLabels {
+    RouteLabels {
+        direction: Direction::Outbound,
+        dst: dst.into(),
+        route: name.into(),
+    }
+}
+
+#[test]
+fn route_series_and_classification_overrides() {
+    let m = Metrics::new(proxy_labels());
+    let effective = m.route_target(route("web.default.svc.cluster.local:80", "GET /users"));
+    let actual = m.route_actual_target(route("web-v2.default.svc.cluster.local:80", "GET /users"));
+    effective.request();
+    actual.request();
+    actual.request();
+    // The route calls 429 a failure; the default rule would say success.
+    actual.classified_response(
+        Some(429),
+        None,
+        None,
+        Classification::Failure,
+        Duration::from_millis(2),
+    );
+    actual.response(Some(200), None, None, Duration::from_millis(2));
+    effective.response(Some(200), None, None, Duration::from_millis(5));
+    // The same status classified both ways is two series.
+    effective.classified_response(
+        Some(503),
+        None,
+        None,
+        Classification::Success,
+        Duration::from_millis(1),
+    );
+    effective.response(Some(503), None, None, Duration::from_millis(1));
+    let skipped = m.route_retry_skipped(
+        route("web.default.svc.cluster.local:80", "GET /users"),
+        "budget_exhausted",
+    );
+    skipped.inc();
+    assert_eq!(skipped.get(), 1);
+
+    let samples = parse(&encode(&m));
+    let rt: &[(&str, &str)] = &[
+        ("direction", "outbound"),
+        ("dst", "web.default.svc.cluster.local:80"),
+        ("rt_route", "GET /users"),
+    ];
+    let rt_actual: &[(&str, &str)] = &[
+        ("direction", "outbound"),
+        ("dst", "web-v2.default.svc.cluster.local:80"),
+        ("rt_route", "GET /users"),
+    ];
+    assert_eq!(
+        value_exact(&samples, "route_request_total", &with(&[PROXY, rt], &[])),
+        1.0
+    );
+    assert_eq!(
+        value_exact(
+            &samples,
+            "route_actual_request_total",
+            &with(&[PROXY, rt_actual], &[])
+        ),
+        2.0
+    );
+    let rsp = |base, status, class| {
+        value_exact(
+            &samples,
+            "route_actual_response_total",
+            &with(
+                &[PROXY, base],
+                &[("status_code", status), ("classification", class)],
+            ),
+        )
+    };
+    assert_eq!(rsp(rt_actual, "429", "failure"), 1.0);
+    assert_eq!(rsp(rt_actual, "200", "success"), 1.0);
+    for class in ["success", "failure"] {
+        assert_eq!(
+            value_exact(
+                &samples,
+                "route_response_total",
+                &with(
+                    &[PROXY, rt],
+                    &[("status_code", "503"), ("classification", class)]
+                ),
+            ),
+            1.0
+        );
+    }
+    assert_eq!(
+        find(&samples, "route_response_latency_ms_count", rt).len(),
+        3,
+        "one latency series per status and classification"
+    );
+    assert_eq!(
+        value_exact(
+            &samples,
+            "route_retry_skipped_total",
+            &with(&[PROXY, rt], &[("reason", "budget_exhausted")]),
+        ),
+        1.0
+    );
+}
+
 #[test]
 fn families_are_typed() {
     let m = Metrics::new(ProxyLabels::default());
     let t = m.http_target(outbound());
     t.request();
     t.response(Some(200), None, None, Duration::from_millis(1));
+    let r = m.route_target(route("a:80", "r"));
+    r.request();
+    r.response(Some(200), None, None, Duration::from_millis(1));
+    let a = m.route_actual_target(route("a:80", "r"));
+    a.request();
+    a.response(Some(200), None, None, Duration::from_millis(1));
+    m.route_retry_skipped(route("a:80", "r"), "budget_exhausted")
+        .inc();
     m.tcp_target(inbound()).open().close(None);
     let text = encode(&m);
     for (name, ty) in [
         ("request", "counter"),
         ("response", "counter"),
         ("response_latency_ms", "histogram"),
+        ("route_request", "counter"),
+        ("route_response", "counter"),
+        ("route_response_latency_ms", "histogram"),
+        ("route_actual_request", "counter"),
+        ("route_actual_response", "counter"),
+        ("route_actual_response_latency_ms", "histogram"),
+        ("route_retry_skipped", "counter"),
         ("tcp_open", "counter"),
         ("tcp_close", "counter"),
         ("tcp_open_connections", "gauge"),

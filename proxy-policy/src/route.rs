@@ -26,6 +26,14 @@ pub struct RouteTable {
     dst_overrides: Vec<WeightedAuthority>,
 }
 
+impl Default for RouteTable {
+    /// No routes (every request on the default route), the default retry budget, no
+    /// overrides: a destination without a profile.
+    fn default() -> Self {
+        Self::new(Vec::new(), RetryBudgetSpec::default(), Vec::new())
+    }
+}
+
 impl RouteTable {
     pub fn new(
         routes: Vec<Route>,
@@ -48,6 +56,14 @@ impl RouteTable {
             .iter()
             .find(|r| r.matcher.matches(method, path))
             .unwrap_or(&self.default)
+    }
+
+    /// Where [`RouteTable::route_for`]'s route sits in [`RouteTable::routes`]; `None` for the
+    /// default route. Lets a caller keep per-route state in a parallel list.
+    pub fn route_index(&self, method: &str, path: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .position(|r| r.matcher.matches(method, path))
     }
 
     /// The configured routes, in match order (without the default route).
@@ -326,6 +342,9 @@ mod tests {
             Vec::new(),
         );
         assert_eq!(&**table.route_for("GET", "/users/1").name(), "get-user");
+        assert_eq!(table.route_index("GET", "/users/1"), Some(0));
+        assert_eq!(table.route_index("PUT", "/users/1"), Some(1));
+        assert_eq!(table.route_index("GET", "/health"), None);
         assert_eq!(&**table.route_for("PUT", "/users/1").name(), "any-users");
         let default = table.route_for("GET", "/health");
         assert!(default.is_default());

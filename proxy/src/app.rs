@@ -11,6 +11,7 @@ use crate::access_log;
 use crate::admin::Admin;
 use crate::args::ProxyArgs;
 use crate::discovery::Discovery;
+use crate::profiles::Profiles;
 use crate::inbound::Inbound;
 use crate::listener::{accept_loop, bind};
 use crate::logging;
@@ -108,9 +109,12 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         .map_err(StartError::Signals)?;
 
     let access_log = access_log::enabled_from_env();
+    let profiles = Profiles::new(store.clone(), metrics.clone());
+    profiles.spawn_updates();
     let discovery = Discovery::new(
         store.clone(),
         metrics.clone(),
+        profiles.clone(),
         args.connect_timeout,
         &args.cluster_domain,
     );
@@ -125,6 +129,8 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
     let inbound = Inbound::new(
         args.clone(),
         inbound_forward,
+        store.clone(),
+        profiles,
         metrics.clone(),
         access_log,
         shutdown.clone(),

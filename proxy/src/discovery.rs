@@ -16,6 +16,7 @@ use crate::balance::{Balanced, EndpointSet, PeakEwma};
 use crate::http::client::EndpointTarget;
 use crate::http::headers::request_authority;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
+use crate::profiles::{DestinationRoutes, Profiles};
 
 /// Bound on cached authorities, so arbitrary Host headers can't grow memory without limit. The
 /// cache is copied on insert (readers never lock), so it holds the hot set, not every name.
@@ -91,6 +92,8 @@ pub struct Logical {
     key: TargetKey,
     pub service: Option<ServiceRef>,
     pub endpoints: EndpointSet<Endpoint>,
+    /// Its routes (from the service's ServiceProfile, if any).
+    pub routes: Arc<DestinationRoutes>,
     /// Where proxy-made responses are counted when no endpoint was chosen (first use only).
     no_endpoint: LazyTarget<HttpTarget>,
 }
@@ -108,6 +111,7 @@ impl Logical {
 pub struct Discovery {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    profiles: Arc<Profiles>,
     connect_timeout: Duration,
     cluster_domain: Arc<str>,
     /// Keyed by the authority exactly as clients send it.
@@ -120,6 +124,7 @@ impl Discovery {
     pub fn new(
         store: Arc<Store>,
         metrics: Arc<Metrics>,
+        profiles: Arc<Profiles>,
         connect_timeout: Duration,
         cluster_domain: &str,
     ) -> Arc<Self> {
@@ -133,6 +138,7 @@ impl Discovery {
         Arc::new(Self {
             store,
             metrics,
+            profiles,
             connect_timeout,
             cluster_domain: cluster_domain.into(),
             by_authority: ArcSwap::from_pointee(HashMap::new()),
@@ -279,11 +285,21 @@ impl Discovery {
     ) -> Arc<Logical> {
         let no_endpoint =
             LazyTarget::new(&self.metrics, self.labels(&authority, "", service.as_ref()));
+        // A ServiceProfile is named by the service's FQDN (or an external name's).
+        let profile_name = match &key {
+            TargetKey::Service { service, .. } => Some(service.fqdn(&self.cluster_domain)),
+            TargetKey::Dns { host, .. } => Some(host.to_string()),
+            TargetKey::Addr(_) => None,
+        };
+        let routes = self
+            .profiles
+            .destination(Direction::Outbound, authority.clone(), profile_name);
         Arc::new(Logical {
             authority,
             key,
             service,
             endpoints: EndpointSet::new(Vec::new()),
+            routes,
             no_endpoint,
         })
     }
@@ -528,6 +544,7 @@ where
                         })?
                 }
             };
+            req.extensions_mut().insert(logical.routes.clone());
             req.extensions_mut().insert(logical);
             inner.call(req).await
         })
@@ -541,7 +558,14 @@ mod tests {
     fn discovery() -> Arc<Discovery> {
         let store = Store::empty(pylon_proxy_policy::StoreConfig::default());
         let metrics = Metrics::new(Default::default());
-        Discovery::new(store, metrics, Duration::from_secs(1), "cluster.local")
+        let profiles = Profiles::new(store.clone(), metrics.clone());
+        Discovery::new(
+            store,
+            metrics,
+            profiles,
+            Duration::from_secs(1),
+            "cluster.local",
+        )
     }
 
     #[tokio::test]

@@ -5,7 +5,11 @@
 //!        ─ detect protocol (skipped for opaque ports)
 //!        ├ opaque TCP ─ copy bytes to the target
 //!        └ HTTP/1 or h2 server connection, then per request:
-//!            inbound metrics (by authority) ─ the app, over a pooled h1 or multiplexed h2 client
+//!            proxy errors → responses
+//!            ─ target: the workload's port; metrics by the authority requested
+//!            ─ route (the workload's own ServiceProfile): route metrics and classification
+//!            ─ metrics (recorded when the response body ends) ─ response timeout
+//!            ─ the app, over a pooled h1 or multiplexed h2 client
 //! ```
 
 use std::collections::HashMap;
@@ -17,6 +21,7 @@ use http::Request;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
 use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls};
+use pylon_proxy_policy::Store;
 use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 
@@ -26,10 +31,12 @@ use crate::http::client::{EndpointClient, EndpointTarget};
 use crate::http::errors::RespondLayer;
 use crate::http::headers::request_authority;
 use crate::http::metrics::HttpMetricsLayer;
+use crate::http::route::RouteLayer;
 use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::{server, HttpStack};
 use crate::io::CountingIo;
 use crate::orig_dst::original_dst;
+use crate::profiles::{DestinationRoutes, Profiles};
 use crate::shutdown::Shutdown;
 use crate::tcp;
 
@@ -40,6 +47,8 @@ const MAX_AUTHORITIES: usize = 1_000;
 pub struct Inbound {
     args: Arc<ProxyArgs>,
     forward: Option<SocketAddr>,
+    store: Arc<Store>,
+    profiles: Arc<Profiles>,
     metrics: Arc<Metrics>,
     client: EndpointClient,
     ports: Mutex<HashMap<SocketAddr, Arc<AppPort>>>,
@@ -56,15 +65,24 @@ struct AppPort {
     tcp_to_app: OnceLock<TcpTarget>,
     /// Requests are recorded by the authority they name (as sent), each with a target that
     /// names it too.
-    by_authority: ArcSwap<HashMap<Box<[u8]>, EndpointTarget>>,
+    by_authority: ArcSwap<HashMap<Box<[u8]>, AuthorityTarget>>,
     /// For requests that name no authority.
-    unnamed: EndpointTarget,
+    unnamed: AuthorityTarget,
+}
+
+/// Where requests naming one authority go, and their routes.
+#[derive(Clone)]
+struct AuthorityTarget {
+    target: EndpointTarget,
+    routes: Arc<DestinationRoutes>,
 }
 
 impl Inbound {
     pub fn new(
         args: Arc<ProxyArgs>,
         forward: Option<SocketAddr>,
+        store: Arc<Store>,
+        profiles: Arc<Profiles>,
         metrics: Arc<Metrics>,
         access_log: bool,
         shutdown: Shutdown,
@@ -73,6 +91,8 @@ impl Inbound {
         Arc::new(Self {
             args,
             forward,
+            store,
+            profiles,
             metrics,
             client,
             ports: Mutex::new(HashMap::new()),
@@ -136,10 +156,14 @@ impl Inbound {
             .layer(RespondLayer)
             // The workload's port is the target; metrics are kept by the authority requested.
             .map_request(move |mut req: Request<Incoming>| {
-                let target = this.target_for(&port, request_authority(&req));
+                let AuthorityTarget { target, routes } =
+                    this.target_for(&port, request_authority(&req));
                 req.extensions_mut().insert(target);
+                req.extensions_mut().insert(routes);
                 req
             })
+            // route_request_total & co. by the workload's own ServiceProfile routes.
+            .layer(RouteLayer)
             // request_total, response_total, response_latency_ms and the access log.
             .layer(HttpMetricsLayer::new("inbound", self.access_log))
             .layer(ResponseTimeoutLayer::new(self.args.response_timeout))
@@ -156,12 +180,19 @@ impl Inbound {
                 let tcp = self
                     .metrics
                     .tcp_target(self.labels("".into(), &target_label).with_peer(Peer::Src));
-                let unnamed = EndpointTarget::new(
-                    addr,
-                    target_label.clone(),
-                    self.http_metrics(&target_label, &target_label),
-                    self.args.connect_timeout,
-                );
+                let unnamed = AuthorityTarget {
+                    target: EndpointTarget::new(
+                        addr,
+                        target_label.clone(),
+                        self.http_metrics(&target_label, &target_label),
+                        self.args.connect_timeout,
+                    ),
+                    routes: self.profiles.destination(
+                        Direction::Inbound,
+                        target_label.clone(),
+                        None,
+                    ),
+                };
                 Arc::new(AppPort {
                     target_label,
                     tcp,
@@ -191,9 +222,9 @@ impl Inbound {
             .http_target(self.labels(authority.clone(), target_label))
     }
 
-    /// The metric handle and target for `authority` on `port`, made once per authority. All
-    /// authorities of a port share its connections.
-    fn target_for(&self, port: &AppPort, authority: Option<&[u8]>) -> EndpointTarget {
+    /// The metric handle, target and routes for `authority` on `port`, made once per
+    /// authority. All authorities of a port share its connections.
+    fn target_for(&self, port: &AppPort, authority: Option<&[u8]>) -> AuthorityTarget {
         let Some(authority) = authority else {
             return port.unnamed.clone();
         };
@@ -202,7 +233,13 @@ impl Inbound {
         }
         let name: Arc<str> = String::from_utf8_lossy(authority).into();
         let metrics = self.http_metrics(&name, &port.target_label);
-        let target = port.unnamed.named(name, metrics);
+        let profile_name = self.profile_name(&name);
+        let target = AuthorityTarget {
+            target: port.unnamed.target.named(name.clone(), metrics),
+            routes: self
+                .profiles
+                .destination(Direction::Inbound, name, profile_name),
+        };
         port.by_authority.rcu(|map| {
             let mut map = if map.len() >= MAX_AUTHORITIES {
                 HashMap::new()
@@ -213,5 +250,22 @@ impl Inbound {
             map
         });
         target
+    }
+
+    /// The ServiceProfile that describes requests for `authority`: the workload's own
+    /// service's FQDN when the authority names a Service (`web`, `web.default:80`, ...), else
+    /// the host as written.
+    fn profile_name(&self, authority: &str) -> Option<String> {
+        let parsed = http::uri::Authority::try_from(authority).ok()?;
+        let host = parsed.host();
+        if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+            return None;
+        }
+        let port = parsed.port_u16().unwrap_or(80);
+        let snapshot = self.store.snapshot();
+        Some(match snapshot.resolve_name(host, port) {
+            Some(resolved) => resolved.service.fqdn(&self.args.cluster_domain),
+            None => host.to_ascii_lowercase(),
+        })
     }
 }

@@ -25,6 +25,8 @@ mod listener;
 mod logging;
 mod orig_dst;
 mod outbound;
+mod profiles;
+mod retry_budget;
 mod shutdown;
 mod tcp;
 

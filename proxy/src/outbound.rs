@@ -7,6 +7,9 @@
 //!        └ HTTP/1 or h2 server connection, then per request the stack in `http_stack`:
 //!            proxy errors → responses
 //!            ─ logical destination (dialled address, else Host / :authority / absolute URI)
+//!            ─ route (the destination's ServiceProfile): route metrics and classification
+//!            ─ route timeout (retries included) ─ retries within the retry budget
+//!            ─ per-attempt route metrics
 //!            ─ balancer: P2C over PeakEWMA across the live endpoints
 //!            ─ metrics (recorded when the response body ends) ─ response timeout
 //!            ─ endpoint client (pooled h1 or multiplexed h2)
@@ -27,7 +30,9 @@ use crate::discovery::{Discovery, Logical, LogicalLayer};
 use crate::http::client::EndpointClient;
 use crate::http::errors::RespondLayer;
 use crate::http::metrics::HttpMetricsLayer;
-use crate::http::timeout::ResponseTimeoutLayer;
+use crate::http::retry::RetryLayer;
+use crate::http::route::{RouteActualLayer, RouteLayer};
+use crate::http::timeout::{ResponseTimeoutLayer, RouteTimeoutLayer};
 use crate::http::{server, HttpStack, ProxyError};
 use crate::io::CountingIo;
 use crate::orig_dst::original_dst;
@@ -112,6 +117,15 @@ impl Outbound {
             .layer(RespondLayer)
             // The logical destination: the dialled address, else the request's authority.
             .layer(LogicalLayer::new(self.discovery.clone(), dialled))
+            // The route: first match in the destination's ServiceProfile, else [DEFAULT];
+            // route_request_total & co. once per request.
+            .layer(RouteLayer)
+            // The route's timeout bounds the request and all its retries.
+            .layer(RouteTimeoutLayer)
+            // Failed attempts on retryable routes go again, within the retry budget.
+            .layer(RetryLayer)
+            // route_actual_request_total & co. once per attempt.
+            .layer(RouteActualLayer)
             // The endpoint: P2C over PeakEWMA across the destination's live endpoints.
             .layer(BalanceLayer::new(self.access_log))
             // request_total, response_total, response_latency_ms and the access log.

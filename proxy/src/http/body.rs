@@ -3,6 +3,7 @@
 //! dropped, because a response isn't over until its last frame: gRPC reports failure in trailers.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -10,30 +11,72 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use pylon_proxy_metrics::HttpTarget;
+use pylon_proxy_metrics::{Classification, HttpTarget, RouteTarget};
 
 use super::pool::PooledConn;
-use super::ProxyError;
+use super::{ProxyError, ProxyResponse};
+use crate::profiles::RouteState;
 use crate::access_log::AccessEntry;
 use crate::balance::InFlight;
 
-/// What to record when a proxied response completes.
+/// What to record when a proxied response completes: the endpoint's (or inbound authority's)
+/// `response_total` and latency, and the access-log line.
 pub struct Recorder {
     pub metrics: HttpTarget,
     pub start: Instant,
-    pub status: u16,
-    pub grpc_status: Option<u32>,
+    /// The request's route, whose response classes decide success; `None`: the default rule.
+    pub route: Option<Arc<RouteState>>,
     pub access: Option<Box<AccessEntry>>,
 }
 
+/// What to record per route when a response completes: `route_response_total` (once per
+/// request the client made) or `route_actual_response_total` (once per attempt).
+pub struct RouteRecord {
+    pub route: Arc<RouteState>,
+    pub metrics: RouteTarget,
+    pub start: Instant,
+}
+
+fn classification(route: Option<&RouteState>, status: u16, grpc: Option<u32>) -> Classification {
+    match route {
+        Some(r) => r.classify(status, grpc),
+        None => pylon_proxy_metrics::classify(Some(status), grpc, None),
+    }
+}
+
 impl Recorder {
-    fn finish(self) {
+    fn finish(self, status: u16, grpc_status: Option<u32>) {
         let latency = self.start.elapsed();
+        let class = classification(self.route.as_deref(), status, grpc_status);
         self.metrics
-            .response(Some(self.status), self.grpc_status, None, latency);
+            .classified_response(Some(status), grpc_status, None, class, latency);
         if let Some(entry) = self.access {
-            entry.emit(self.status, self.grpc_status, None, latency);
+            entry.emit(status, grpc_status, None, latency);
         }
+    }
+}
+
+impl RouteRecord {
+    fn finish(self, status: u16, grpc_status: Option<u32>) {
+        let class = self.route.classify(status, grpc_status);
+        self.metrics.classified_response(
+            Some(status),
+            grpc_status,
+            None,
+            class,
+            self.start.elapsed(),
+        );
+    }
+
+    /// A response the proxy made itself (no endpoint answered in time, or at all).
+    pub fn proxy_error(self, err: ProxyError) {
+        self.metrics.classified_response(
+            Some(err.status().as_u16()),
+            None,
+            Some(err.reason()),
+            Classification::Failure,
+            self.start.elapsed(),
+        );
     }
 }
 
@@ -52,9 +95,40 @@ pub fn record_proxy_error(
     }
 }
 
+/// Records `recorder` when `rsp`'s body ends.
+pub fn record_on_end(rsp: &mut ProxyResponse, recorder: Recorder) {
+    let head = head_of(rsp);
+    let body = rsp.body_mut();
+    body.head.get_or_insert(head);
+    body.recorder = Some(recorder);
+    body.finish_if_ended();
+}
+
+/// Records `record` when `rsp`'s body ends (at most two per response: the attempt's and the
+/// request's).
+pub fn record_route_on_end(rsp: &mut ProxyResponse, record: RouteRecord) {
+    let head = head_of(rsp);
+    let body = rsp.body_mut();
+    body.head.get_or_insert(head);
+    match body.routes.iter_mut().find(|r| r.is_none()) {
+        Some(slot) => *slot = Some(record),
+        // Both slots taken would be a stack built wrong; record now rather than lose it.
+        None => record.finish(head.0, head.1),
+    }
+    body.finish_if_ended();
+}
+
+fn head_of(rsp: &ProxyResponse) -> (u16, Option<u32>) {
+    // A trailers-only gRPC response carries its status in the headers.
+    (rsp.status().as_u16(), grpc_status(rsp.headers()))
+}
+
 pub struct ResponseBody {
     kind: Kind,
+    /// Status and grpc-status (headers, then trailers) once something records this response.
+    head: Option<(u16, Option<u32>)>,
     recorder: Option<Recorder>,
+    routes: [Option<RouteRecord>; 2],
     in_flight: Option<InFlight>,
     /// The HTTP/1 connection that carried the response, reusable once it has ended cleanly.
     conn: Option<PooledConn>,
@@ -81,15 +155,15 @@ impl ResponseBody {
     fn new(kind: Kind) -> Self {
         Self {
             kind,
+            head: None,
             recorder: None,
+            routes: [None, None],
             in_flight: None,
             conn: None,
         }
     }
 
-    /// Records the response's metrics when the stream ends.
-    pub fn record_on_end(&mut self, recorder: Recorder) {
-        self.recorder = Some(recorder);
+    fn finish_if_ended(&mut self) {
         if self.is_end_stream() {
             self.finish(true);
         }
@@ -113,8 +187,13 @@ impl ResponseBody {
 
     /// `clean`: the stream reached its end; otherwise the connection is not reused.
     fn finish(&mut self, clean: bool) {
-        if let Some(rec) = self.recorder.take() {
-            rec.finish();
+        if let Some((status, grpc)) = self.head {
+            if let Some(rec) = self.recorder.take() {
+                rec.finish(status, grpc);
+            }
+            for rec in self.routes.iter_mut().filter_map(Option::take) {
+                rec.finish(status, grpc);
+            }
         }
         self.in_flight = None;
         if let Some(conn) = self.conn.take() {
@@ -147,10 +226,9 @@ impl Body for ResponseBody {
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(trailers), Some(rec)) = (frame.trailers_ref(), this.recorder.as_mut())
-                {
+                if let (Some(trailers), Some(head)) = (frame.trailers_ref(), this.head.as_mut()) {
                     if let Some(code) = grpc_status(trailers) {
-                        rec.grpc_status = Some(code);
+                        head.1 = Some(code);
                     }
                 }
                 if this.is_end_stream() {
@@ -160,8 +238,8 @@ impl Body for ResponseBody {
             Poll::Ready(None) => this.finish(true),
             Poll::Ready(Some(Err(_))) => {
                 // The endpoint broke the stream mid-body: count it as a failure.
-                if let Some(rec) = this.recorder.as_mut() {
-                    rec.status = rec.status.max(502);
+                if let Some(head) = this.head.as_mut() {
+                    head.0 = head.0.max(502);
                 }
                 this.finish(false);
             }

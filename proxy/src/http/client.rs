@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use super::pool::Http1Pool;
+use super::request_body::RequestBody;
 use super::{headers, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody};
 use crate::tcp;
 
@@ -89,7 +90,7 @@ impl ClientInner {
     async fn send(
         &self,
         target: EndpointTarget,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<ProxyResponse, ProxyError> {
         if req.method() == Method::CONNECT {
             let on_upgrade = hyper::upgrade::on(&mut req);
@@ -126,7 +127,7 @@ impl ClientInner {
     }
 }
 
-impl Service<Request<Incoming>> for EndpointClient {
+impl<B: Into<RequestBody> + Send + 'static> Service<Request<B>> for EndpointClient {
     type Response = ProxyResponse;
     type Error = ProxyError;
     type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
@@ -135,8 +136,9 @@ impl Service<Request<Incoming>> for EndpointClient {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         let this = self.inner.clone();
+        let req = req.map(Into::into);
         Box::pin(async move {
             // The layers above always choose a target; without one there is nowhere to go.
             let target = req
@@ -168,7 +170,7 @@ fn set_host<B>(req: &mut Request<B>, destination: &str) {
 pub struct H2Connection {
     addr: SocketAddr,
     connect_timeout: Duration,
-    sender: ArcSwapOption<http2::SendRequest<Incoming>>,
+    sender: ArcSwapOption<http2::SendRequest<RequestBody>>,
     connecting: tokio::sync::Mutex<()>,
 }
 
@@ -182,7 +184,10 @@ impl H2Connection {
         }
     }
 
-    pub async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         if req.uri().scheme().is_none() {
             let mut parts = req.uri().clone().into_parts();
             parts.scheme = Some(Scheme::HTTP);
@@ -198,7 +203,7 @@ impl H2Connection {
             .map_err(|e| ProxyError::from_upstream(&e))
     }
 
-    async fn ready_sender(&self) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+    async fn ready_sender(&self) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
         if let Some(s) = self.sender.load_full() {
             if !s.is_closed() {
                 return Ok((*s).clone());

@@ -26,6 +26,9 @@ pub enum ProxyError {
     ConnectTimeout,
     #[error("response timeout")]
     ResponseTimeout,
+    /// The route's timeout (a ServiceProfile `timeout`, retries included) fired.
+    #[error("route timeout")]
+    RouteTimeout,
     #[error("destination not resolvable")]
     Unresolvable,
     #[error("missing destination authority")]
@@ -41,7 +44,9 @@ impl ProxyError {
             Self::ConnectionRefused | Self::ConnectionReset | Self::EndpointProtocol => {
                 StatusCode::BAD_GATEWAY
             }
-            Self::ConnectTimeout | Self::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::ConnectTimeout | Self::ResponseTimeout | Self::RouteTimeout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             Self::MissingAuthority | Self::MalformedRequest => StatusCode::BAD_REQUEST,
         }
     }
@@ -58,6 +63,12 @@ impl ProxyError {
         )
     }
 
+    /// A retryable route may try again after this: the endpoint failed or didn't answer in
+    /// time, so another attempt (through the balancer again) may succeed.
+    pub fn is_retryable(self) -> bool {
+        self.is_endpoint_failure() || self == Self::ResponseTimeout
+    }
+
     /// The value of `pylon-proxy-error` and of the `error` metric label: a fixed vocabulary.
     pub fn reason(self) -> &'static str {
         match self {
@@ -67,6 +78,7 @@ impl ProxyError {
             Self::EndpointProtocol => "endpoint protocol error",
             Self::ConnectTimeout => "connect timeout",
             Self::ResponseTimeout => "response timeout",
+            Self::RouteTimeout => "route timeout",
             Self::Unresolvable => "destination not resolvable",
             Self::MissingAuthority => "missing destination authority",
             Self::MalformedRequest => "malformed request",

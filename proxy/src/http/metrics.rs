@@ -2,6 +2,7 @@
 //! latency, classification) when the response stream ends, or the proxy error at once. It also
 //! writes the access-log line, so every request is accounted for in exactly one place.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -9,10 +10,11 @@ use http::Request;
 use pylon_proxy_metrics::HttpTarget;
 use tower::{Layer, Service};
 
-use super::body::{grpc_status, record_proxy_error, Recorder};
+use super::body::{record_on_end, record_proxy_error, Recorder};
 use super::client::EndpointTarget;
 use super::{BoxFuture, ProxyError, ProxyResponse};
 use crate::access_log::AccessEntry;
+use crate::profiles::RouteState;
 
 #[derive(Clone, Copy, Debug)]
 pub struct HttpMetricsLayer {
@@ -64,6 +66,8 @@ where
         // The target (and its metric handle) is set by the layer that chose it.
         let target = req.extensions().get::<EndpointTarget>().cloned();
         let metrics = target.as_ref().map(|t| t.metrics.clone());
+        // The route's response classes decide success, when a route was chosen above.
+        let route = req.extensions().get::<Arc<RouteState>>().cloned();
         let access = match (&target, self.layer.access_log) {
             (Some(t), true) => {
                 let mut entry = AccessEntry::new(direction, &req, &t.destination);
@@ -83,12 +87,10 @@ where
                         let recorder = Recorder {
                             metrics,
                             start,
-                            status: rsp.status().as_u16(),
-                            // A trailers-only gRPC response carries its status in the headers.
-                            grpc_status: grpc_status(rsp.headers()),
+                            route,
                             access,
                         };
-                        rsp.body_mut().record_on_end(recorder);
+                        record_on_end(&mut rsp, recorder);
                     }
                     Ok(rsp)
                 }

@@ -13,6 +13,8 @@ use crossbeam_queue::ArrayQueue;
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
+
+use super::request_body::RequestBody;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
@@ -32,14 +34,14 @@ pub struct Http1Pool {
 }
 
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
 /// A connection lent to one request; returned to its pool when the response has ended.
 pub struct PooledConn {
     pool: Arc<Http1Pool>,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
 }
 
 impl PooledConn {
@@ -68,7 +70,7 @@ impl Http1Pool {
     /// `PooledConn` for the response body to release when it ends.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, PooledConn), ProxyError> {
         let pq = req
             .uri()
@@ -100,7 +102,7 @@ impl Http1Pool {
         Ok((rsp, conn))
     }
 
-    async fn checkout(&self) -> Result<(http1::SendRequest<Incoming>, bool), ProxyError> {
+    async fn checkout(&self) -> Result<(http1::SendRequest<RequestBody>, bool), ProxyError> {
         while let Some(Idle { mut sender, since }) = self.idle.pop() {
             if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
                 continue;
@@ -113,7 +115,7 @@ impl Http1Pool {
         Ok((self.connect().await?, false))
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<Incoming>, ProxyError> {
+    async fn connect(&self) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
         let stream = tcp::connect(self.addr, self.connect_timeout)
             .await
             .map_err(|e| ProxyError::from_connect(&e))?;

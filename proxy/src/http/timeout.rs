@@ -1,6 +1,12 @@
-//! `ResponseTimeoutLayer`: bounds the wait for an endpoint's response headers
-//! (`--response-timeout`); when it fires the request is cancelled and the client gets 504.
+//! Timeouts, two layers:
+//!
+//! - `RouteTimeoutLayer`: the route's timeout (ServiceProfile `timeout`), over the whole
+//!   request including its retries. When it fires the attempt in flight is cancelled and the
+//!   client gets 504 with `pylon-proxy-error: route timeout`.
+//! - `ResponseTimeoutLayer`: bounds each attempt's wait for an endpoint's response headers
+//!   (`--response-timeout`); 504 `response timeout` (and a retryable route may try again).
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -8,6 +14,7 @@ use http::Request;
 use tower::{Layer, Service};
 
 use super::{BoxFuture, ProxyError, ProxyResponse};
+use crate::profiles::RouteState;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ResponseTimeoutLayer {
@@ -60,5 +67,59 @@ where
             }),
             None => Box::pin(response),
         }
+    }
+}
+
+/// Applies the timeout of the route chosen above (none: no limit).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RouteTimeoutLayer;
+
+impl<S> Layer<S> for RouteTimeoutLayer {
+    type Service = RouteTimeout<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RouteTimeout { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteTimeout<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for RouteTimeout<S>
+where
+    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let route = req.extensions().get::<Arc<RouteState>>().cloned();
+        let response = self.inner.call(req);
+        let Some((route, timeout)) = route.and_then(|r| Some((r.clone(), r.route.timeout()?)))
+        else {
+            return Box::pin(response);
+        };
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, response).await {
+                Ok(result) => result,
+                // Dropping the inner future cancels the attempt in flight.
+                Err(_) => {
+                    tracing::warn!(
+                        destination = %route.dst,
+                        route = %route.route.name(),
+                        timeout_ms = timeout.as_millis() as u64,
+                        "route timeout: the proxy cancelled the request and answered 504"
+                    );
+                    Err(ProxyError::RouteTimeout)
+                }
+            }
+        })
     }
 }

@@ -1,0 +1,246 @@
+//! The request body sent to an endpoint: the client's stream as is, or, on a retryable route,
+//! the client's stream with a copy kept (up to [`MAX_REPLAY_BYTES`]) so a retry can send it
+//! again.
+//!
+//! The copy is taken while the first attempt streams the body, not before: buffering first
+//! would add the body's upload time to every request and would deadlock a streaming call
+//! whose client waits for response data before it sends more. A retry is possible only when
+//! the first attempt read the body to its end within the limit.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// Bodies larger than this are streamed without a copy and never retried.
+pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
+
+pub struct RequestBody {
+    kind: Kind,
+}
+
+enum Kind {
+    Streaming(Incoming),
+    Capturing(Capture),
+    Replay(Replay),
+}
+
+/// A complete request body, kept for retries.
+#[derive(Clone, Debug, Default)]
+pub struct Captured {
+    data: Arc<[Bytes]>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Captured {
+    fn len(&self) -> usize {
+        self.data.iter().map(Bytes::len).sum()
+    }
+}
+
+/// Where a capturing body leaves its copy once the client's stream has ended.
+#[derive(Clone, Debug, Default)]
+pub struct CaptureSlot(Arc<OnceLock<Captured>>);
+
+impl CaptureSlot {
+    /// The whole body, if the first attempt read it to its end within the limit.
+    pub fn get(&self) -> Option<&Captured> {
+        self.0.get()
+    }
+}
+
+struct Capture {
+    inner: Incoming,
+    chunks: Vec<Bytes>,
+    bytes: usize,
+    /// Over the limit: stop copying, the request won't be retried.
+    too_large: bool,
+    slot: CaptureSlot,
+}
+
+struct Replay {
+    body: Captured,
+    next: usize,
+    trailers_sent: bool,
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(inner: Incoming) -> Self {
+        Self::streaming(inner)
+    }
+}
+
+impl RequestBody {
+    pub fn streaming(inner: Incoming) -> Self {
+        Self {
+            kind: Kind::Streaming(inner),
+        }
+    }
+
+    /// Streams `inner` and keeps a copy in the returned slot when it ends within
+    /// [`MAX_REPLAY_BYTES`].
+    pub fn capturing(inner: Incoming) -> (Self, CaptureSlot) {
+        let slot = CaptureSlot::default();
+        let too_large = inner
+            .size_hint()
+            .lower()
+            .try_into()
+            .map_or(true, |n: usize| n > MAX_REPLAY_BYTES);
+        let mut capture = Capture {
+            inner,
+            chunks: Vec::new(),
+            bytes: 0,
+            too_large,
+            slot: slot.clone(),
+        };
+        if capture.inner.is_end_stream() {
+            // No body at all (a GET): nothing to wait for.
+            capture.finish(None);
+        }
+        let body = Self {
+            kind: Kind::Capturing(capture),
+        };
+        (body, slot)
+    }
+
+    /// The captured body again, for a retry.
+    pub fn replay(body: &Captured) -> Self {
+        Self {
+            kind: Kind::Replay(Replay {
+                body: body.clone(),
+                next: 0,
+                trailers_sent: false,
+            }),
+        }
+    }
+}
+
+impl Capture {
+    fn record(&mut self, frame: &Frame<Bytes>) {
+        if self.too_large {
+            return;
+        }
+        if let Some(data) = frame.data_ref() {
+            self.bytes += data.len();
+            if self.bytes > MAX_REPLAY_BYTES {
+                self.too_large = true;
+                self.chunks = Vec::new();
+                return;
+            }
+            if !data.is_empty() {
+                self.chunks.push(data.clone());
+            }
+        }
+    }
+
+    fn finish(&mut self, trailers: Option<HeaderMap>) {
+        if self.too_large {
+            return;
+        }
+        let captured = Captured {
+            data: std::mem::take(&mut self.chunks).into(),
+            trailers,
+        };
+        // Only the first end counts; a body ends once.
+        let _ = self.slot.0.set(captured);
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().kind {
+            Kind::Streaming(inner) => Pin::new(inner).poll_frame(cx),
+            Kind::Capturing(c) => {
+                let polled = Pin::new(&mut c.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        c.record(frame);
+                        if let Some(trailers) = frame.trailers_ref() {
+                            c.finish(Some(trailers.clone()));
+                        } else if c.inner.is_end_stream() {
+                            c.finish(None);
+                        }
+                    }
+                    Poll::Ready(None) => c.finish(None),
+                    Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+                }
+                polled
+            }
+            Kind::Replay(r) => {
+                if let Some(chunk) = r.body.data.get(r.next) {
+                    r.next += 1;
+                    return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+                }
+                if !r.trailers_sent {
+                    r.trailers_sent = true;
+                    if let Some(t) = &r.body.trailers {
+                        return Poll::Ready(Some(Ok(Frame::trailers(t.clone()))));
+                    }
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Streaming(inner) => inner.is_end_stream(),
+            Kind::Capturing(c) => c.inner.is_end_stream(),
+            Kind::Replay(r) => {
+                r.next >= r.body.data.len() && (r.trailers_sent || r.body.trailers.is_none())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Streaming(inner) => inner.size_hint(),
+            Kind::Capturing(c) => c.inner.size_hint(),
+            Kind::Replay(r) => {
+                let sent: usize = r.body.data[..r.next].iter().map(Bytes::len).sum();
+                SizeHint::with_exact((r.body.len() - sent) as u64)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn replay_yields_the_captured_data_and_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-timeout", "1S".parse().unwrap());
+        let captured = Captured {
+            data: vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")].into(),
+            trailers: Some(trailers.clone()),
+        };
+        let body = RequestBody::replay(&captured);
+        assert_eq!(body.size_hint().exact(), Some(4));
+        let collected = body.collect().await.expect("replay never fails");
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(&collected.to_bytes()[..], b"abcd");
+        // Twice: a body can be replayed for every retry.
+        let again = RequestBody::replay(&captured).collect().await.unwrap();
+        assert_eq!(&again.to_bytes()[..], b"abcd");
+    }
+
+    #[tokio::test]
+    async fn empty_replay_ends_at_once() {
+        let body = RequestBody::replay(&Captured::default());
+        assert!(body.is_end_stream());
+        assert!(body.collect().await.unwrap().to_bytes().is_empty());
+    }
+}

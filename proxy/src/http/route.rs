@@ -1,0 +1,132 @@
+//! Per-route metrics, in two layers:
+//!
+//! - `RouteLayer` picks the request's route (first match in the destination's profile, else
+//!   `[DEFAULT]`), hands it down as a request extension (timeouts, retries and classification
+//!   read it there) and records `route_request_total` / `route_response_total` /
+//!   `route_response_latency_ms` once per request the client made.
+//! - `RouteActualLayer` sits below the retries and records `route_actual_*` once per attempt,
+//!   so `actual / requested - 1` is the retry rate.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::Request;
+use tower::{Layer, Service};
+
+use super::body::{record_route_on_end, RouteRecord};
+use super::{BoxFuture, ProxyError, ProxyResponse};
+use crate::profiles::{DestinationRoutes, RouteState};
+
+/// Needs `Arc<DestinationRoutes>` in the request's extensions (set by the layer that named the
+/// destination); without it the request passes through unrouted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RouteLayer;
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = RouteService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RouteService { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteService<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for RouteService<S>
+where
+    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let Some(dest) = req.extensions().get::<Arc<DestinationRoutes>>() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let route = dest.load().route_for(&req).clone();
+        route.metrics.request();
+        req.extensions_mut().insert(route.clone());
+        let record = RouteRecord {
+            metrics: route.metrics.clone(),
+            route,
+            start: Instant::now(),
+        };
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            match response.await {
+                Ok(mut rsp) => {
+                    record_route_on_end(&mut rsp, record);
+                    Ok(rsp)
+                }
+                Err(err) => {
+                    record.proxy_error(err);
+                    Err(err)
+                }
+            }
+        })
+    }
+}
+
+/// Records each attempt under `route_actual_*`, for the route chosen above.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RouteActualLayer;
+
+impl<S> Layer<S> for RouteActualLayer {
+    type Service = RouteActual<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RouteActual { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteActual<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for RouteActual<S>
+where
+    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(route) = req.extensions().get::<Arc<RouteState>>().cloned() else {
+            return Box::pin(self.inner.call(req));
+        };
+        route.actual.request();
+        let record = RouteRecord {
+            metrics: route.actual.clone(),
+            route,
+            start: Instant::now(),
+        };
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            match response.await {
+                Ok(mut rsp) => {
+                    record_route_on_end(&mut rsp, record);
+                    Ok(rsp)
+                }
+                Err(err) => {
+                    record.proxy_error(err);
+                    Err(err)
+                }
+            }
+        })
+    }
+}
