@@ -11,11 +11,11 @@ use crate::access_log;
 use crate::admin::Admin;
 use crate::args::ProxyArgs;
 use crate::discovery::Discovery;
-use crate::profiles::Profiles;
 use crate::inbound::Inbound;
 use crate::listener::{accept_loop, bind};
 use crate::logging;
 use crate::outbound::Outbound;
+use crate::profiles::Profiles;
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]

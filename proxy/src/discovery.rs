@@ -291,9 +291,9 @@ impl Discovery {
             TargetKey::Dns { host, .. } => Some(host.to_string()),
             TargetKey::Addr(_) => None,
         };
-        let routes = self
-            .profiles
-            .destination(Direction::Outbound, authority.clone(), profile_name);
+        let routes =
+            self.profiles
+                .destination(Direction::Outbound, authority.clone(), profile_name);
         Arc::new(Logical {
             authority,
             key,

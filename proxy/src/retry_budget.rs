@@ -40,9 +40,9 @@ impl RetryBudget {
     pub fn new(spec: RetryBudgetSpec) -> Self {
         let ttl = spec.ttl.max(MIN_TTL);
         let deposit = (spec.retry_ratio.clamp(0.0, 1000.0) * RETRY_COST as f64).round() as i64;
-        let reserve = (f64::from(spec.min_retries_per_second) * ttl.as_secs_f64()
-            * RETRY_COST as f64)
-            .min(i64::MAX as f64 / 4.0) as i64;
+        let reserve =
+            (f64::from(spec.min_retries_per_second) * ttl.as_secs_f64() * RETRY_COST as f64)
+                .min(i64::MAX as f64 / 4.0) as i64;
         Self {
             spec,
             bucket_ns: (ttl.as_nanos() / BUCKETS as u128).max(1) as u64,

@@ -15,9 +15,9 @@ use pylon_proxy_metrics::{Classification, HttpTarget, RouteTarget};
 
 use super::pool::PooledConn;
 use super::{ProxyError, ProxyResponse};
-use crate::profiles::RouteState;
 use crate::access_log::AccessEntry;
 use crate::balance::InFlight;
+use crate::profiles::RouteState;
 
 /// What to record when a proxied response completes: the endpoint's (or inbound authority's)
 /// `response_total` and latency, and the access-log line.

@@ -1,0 +1,435 @@
+//! Traffic policy end to end: ServiceProfile routes, classification, route timeouts, retries
+//! within the retry budget, live profile changes, on real proxies and real backends. One test
+//! per failure from the 3 AM story where it applies.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Response, StatusCode};
+use support::*;
+
+const AUTHORITY: &str = "web.default.svc.cluster.local:80";
+
+/// A ServiceProfile for `web` with the given `spec:` body (indented by two spaces).
+fn profile(spec: &str) -> String {
+    format!(
+        "apiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\nmetadata:\n  name: {WEB_FQDN}\n  namespace: default\nspec:\n{spec}"
+    )
+}
+
+/// A backend answering `status` to every request after reading its body.
+async fn backend_with(
+    name: &str,
+    status: impl Fn(usize) -> u16 + Send + Sync + 'static,
+) -> Backend {
+    let status = Arc::new(status);
+    let seq = Arc::new(AtomicUsize::new(0));
+    Backend::start_with(
+        name,
+        Arc::new(move |req, st| {
+            let status = status.clone();
+            let n = seq.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                use http_body_util::BodyExt;
+                let body = req.into_body().collect().await.map(|c| c.to_bytes());
+                let len = body.map(|b| b.len()).unwrap_or(0);
+                st.bytes_received.fetch_add(len as u64, Ordering::SeqCst);
+                Response::builder()
+                    .status(StatusCode::from_u16(status(n)).unwrap())
+                    .body(full(format!("{len}")))
+                    .unwrap()
+            })
+        }),
+    )
+    .await
+}
+
+/// A cheap deterministic "random" failure pattern: about half of the numbers.
+fn coin(n: usize) -> bool {
+    let mut x = n as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)) & 1 == 1
+}
+
+fn route_metric(proxy: &Proxy, name: &str, route: &str, extra: &[(&str, &str)]) -> f64 {
+    let text = proxy.metrics();
+    metric_sum(&text, name, |s| {
+        s.label("rt_route") == Some(route) && extra.iter().all(|(k, v)| s.label(k) == Some(*v))
+    })
+    .unwrap_or(0.0)
+}
+
+async fn send_many(proxy: SocketAddr, path: &str, n: usize) -> Vec<Resp> {
+    let mut client = h1_client(proxy).await;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let req = h1_request("GET", AUTHORITY, path, empty());
+        let rsp = within("request", OP_TIMEOUT, send_h1(&mut client, req))
+            .await
+            .expect("request completes");
+        out.push(rsp);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_behind_a_short_route_timeout_gets_504_from_the_proxy() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        cfg.write(
+            "web-profile.yaml",
+            &profile(
+                "  routes:\n  - name: GET /slow\n    condition: {method: GET, pathRegex: /slow}\n    timeout: 300ms\n",
+            ),
+        );
+        let proxy = Proxy::with_config(&cfg, &[]);
+
+        let started = Instant::now();
+        let rsp = get_with(proxy.outbound(), AUTHORITY, "/slow", &[("x-delay-ms", "3000")])
+            .await
+            .expect("response");
+        let took = started.elapsed();
+        assert_eq!(rsp.status, 504, "{}", rsp.text());
+        assert_eq!(rsp.proxy_error(), Some("route timeout"));
+        assert!(took < Duration::from_secs(2), "answered after {took:?}");
+        // Unmatched paths have no timeout: the same delay passes on [DEFAULT].
+        let rsp = get_with(proxy.outbound(), AUTHORITY, "/other", &[("x-delay-ms", "500")])
+            .await
+            .expect("response");
+        assert_eq!(rsp.status, 200);
+
+        // Metrics say the proxy timed out, not the app.
+        assert_eq!(
+            route_metric(
+                &proxy,
+                "route_response_total",
+                "GET /slow",
+                &[("status_code", "504"), ("error", "route timeout"), ("classification", "failure")]
+            ),
+            1.0,
+            "{}",
+            series_of(&proxy.metrics(), "route_response_total")
+        );
+        assert_eq!(route_metric(&proxy, "route_request_total", "GET /slow", &[("direction", "outbound"), ("dst", AUTHORITY)]), 1.0);
+        assert_eq!(route_metric(&proxy, "route_request_total", "[DEFAULT]", &[]), 1.0);
+        assert!(
+            proxy
+                .wait_for_log(Duration::from_secs(5), |l| l.contains("route timeout") && l.contains("GET /slow"))
+                .await
+                .is_some(),
+            "a warn log names the route timeout: {}",
+            proxy.log_tail(20)
+        );
+        // The upstream request was cancelled: the backend sees it end early.
+        assert!(
+            wait_until(|| backend.state.in_flight() == 0, Duration::from_secs(5)).await,
+            "cancelled upstream request still in flight"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_on_a_retryable_route_raise_the_success_rate() {
+    test_body(async {
+        // Half of all requests fail, at random.
+        let backend = backend_with("web-a", |n| if coin(n) { 503 } else { 200 }).await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        cfg.write(
+            "web-profile.yaml",
+            &profile(
+                "  routes:\n  - name: GET /retry\n    condition: {method: GET, pathRegex: /retry}\n    isRetryable: true\n  - name: GET /once\n    condition: {method: GET, pathRegex: /once}\n  retryBudget: {retryRatio: 1.0, minRetriesPerSecond: 10, ttl: 10s}\n",
+            ),
+        );
+        let proxy = Proxy::with_config(&cfg, &[]);
+        const N: usize = 300;
+
+        let once = send_many(proxy.outbound(), "/once", N).await;
+        let once_ok = once.iter().filter(|r| r.status == 200).count();
+        let retried = send_many(proxy.outbound(), "/retry", N).await;
+        let retried_ok = retried.iter().filter(|r| r.status == 200).count();
+        println!("success without retries {once_ok}/{N}, with retries {retried_ok}/{N}");
+        assert!(once_ok < N * 7 / 10, "control route: {once_ok}/{N}");
+        assert!(retried_ok >= N * 95 / 100, "retryable route: {retried_ok}/{N}");
+
+        let requested = route_metric(&proxy, "route_request_total", "GET /retry", &[]);
+        let actual = route_metric(&proxy, "route_actual_request_total", "GET /retry", &[]);
+        assert_eq!(requested, N as f64);
+        assert!(actual > requested * 1.3, "actual {actual} vs requested {requested}");
+        // Every attempt reached the backend, and the discarded failures were counted.
+        assert_eq!(
+            route_metric(&proxy, "route_actual_response_total", "GET /retry", &[]),
+            actual
+        );
+        assert_eq!(
+            route_metric(&proxy, "route_response_total", "GET /retry", &[("classification", "success")]),
+            retried_ok as f64
+        );
+        assert_eq!(backend.requests() as f64, actual + N as f64);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_holds_retries_to_the_ratio() {
+    test_body(async {
+        let backend = backend_with("web-a", |_| 503).await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        cfg.write(
+            "web-profile.yaml",
+            &profile(
+                "  routes:\n  - name: GET /always-fails\n    condition: {method: GET, pathRegex: /always-fails}\n    isRetryable: true\n  retryBudget: {retryRatio: 0.2, minRetriesPerSecond: 1, ttl: 10s}\n",
+            ),
+        );
+        let proxy = Proxy::with_config(&cfg, &[]);
+        const N: usize = 400;
+        let rsps = send_many(proxy.outbound(), "/always-fails", N).await;
+        assert!(rsps.iter().all(|r| r.status == 503));
+
+        // Counted at the upstream: N originals + at most 20% + the reserve (1/s x 10 s).
+        let seen = backend.requests();
+        let retries = seen - N;
+        println!("upstream saw {seen} requests for {N}: {retries} retries");
+        let allowed = N / 5 + 10;
+        assert!(retries <= allowed + 2, "{retries} retries, budget {allowed}");
+        assert!(retries >= allowed - 10, "{retries} retries: the budget should be used, {allowed}");
+        let exhausted = route_metric(
+            &proxy,
+            "route_retry_skipped_total",
+            "GET /always-fails",
+            &[("reason", "budget_exhausted")],
+        );
+        assert!(exhausted >= (N - allowed - 2) as f64, "exhausted counted {exhausted}");
+        assert_eq!(
+            route_metric(&proxy, "route_actual_request_total", "GET /always-fails", &[]),
+            seen as f64
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_are_replayed_up_to_64k_and_larger_ones_are_not_retried() {
+    test_body(async {
+        // Every first attempt fails; the retry sees the same body.
+        let backend = backend_with("web-a", |n| if n % 2 == 0 { 503 } else { 200 }).await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        cfg.write(
+            "web-profile.yaml",
+            &profile(
+                "  routes:\n  - name: POST /upload\n    condition: {method: POST, pathRegex: /upload}\n    isRetryable: true\n",
+            ),
+        );
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let mut client = h1_client(proxy.outbound()).await;
+
+        let small = vec![b'x'; 20_000];
+        let req = h1_request("POST", AUTHORITY, "/upload", full(small.clone()));
+        let rsp = send_h1(&mut client, req).await.expect("response");
+        assert_eq!(rsp.status, 200, "retried");
+        assert_eq!(rsp.text(), "20000", "the retry carried the whole body");
+        assert_eq!(backend.requests(), 2);
+
+        // A streamed (chunked) body over the limit is sent once; its failure stands.
+        let big = RepeatBody::new(100_000, 8 * 1024).boxed_body();
+        let req = h1_request("POST", AUTHORITY, "/upload", big);
+        let rsp = send_h1(&mut client, req).await.expect("response");
+        assert_eq!(rsp.status, 503);
+        assert_eq!(rsp.text(), "100000", "the body went through whole");
+        assert_eq!(backend.requests(), 3);
+        assert_eq!(
+            route_metric(&proxy, "route_retry_skipped_total", "POST /upload", &[("reason", "body_too_large")]),
+            1.0
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_classes_decide_success_on_every_family() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        cfg.write(
+            "web-profile.yaml",
+            &profile(
+                "  routes:\n  - name: GET /health\n    condition: {method: GET, pathRegex: /health}\n    responseClasses:\n    - condition: {status: {min: 503, max: 503}}\n      isFailure: false\n  - name: GET /api\n    condition:\n      all:\n      - method: GET\n      - pathRegex: /api/.*\n    responseClasses:\n    - condition: {status: {min: 429, max: 429}}\n      isFailure: true\n",
+            ),
+        );
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let health = get_with(proxy.outbound(), AUTHORITY, "/health", &[("x-status", "503")])
+            .await
+            .unwrap();
+        assert_eq!(health.status, 503);
+        let limited = get_with(proxy.outbound(), AUTHORITY, "/api/users", &[("x-status", "429")])
+            .await
+            .unwrap();
+        assert_eq!(limited.status, 429);
+        let other = get_with(proxy.outbound(), AUTHORITY, "/nope", &[("x-status", "429")])
+            .await
+            .unwrap();
+        assert_eq!(other.status, 429);
+
+        let text = proxy.metrics();
+        let class = |family: &str, route: Option<&str>, status: &str| {
+            let found: Vec<String> = parse_metrics(&text)
+                .unwrap()
+                .into_iter()
+                .filter(|s| {
+                    s.name == family
+                        && s.label("status_code") == Some(status)
+                        && route.is_none_or(|r| s.label("rt_route") == Some(r))
+                })
+                .filter_map(|s| s.label("classification").map(str::to_string))
+                .collect();
+            found
+        };
+        assert_eq!(class("route_response_total", Some("GET /health"), "503"), ["success"]);
+        assert_eq!(class("route_response_total", Some("GET /api"), "429"), ["failure"]);
+        assert_eq!(class("route_response_total", Some("[DEFAULT]"), "429"), ["success"]);
+        // The endpoint-level family uses the route's classes too.
+        let mut endpoint_429 = class("response_total", None, "429");
+        endpoint_429.sort();
+        assert_eq!(endpoint_429, ["failure", "success"]);
+        assert_eq!(class("response_total", None, "503"), ["success"]);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_profile_leaves_the_previous_one_working() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let good = profile(
+            "  routes:\n  - name: GET /slow\n    condition: {method: GET, pathRegex: /slow}\n    timeout: 200ms\n",
+        );
+        cfg.write("web-profile.yaml", &good);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let timed_out = || async {
+            get_with(proxy.outbound(), AUTHORITY, "/slow", &[("x-delay-ms", "1500")])
+                .await
+                .unwrap()
+                .proxy_error()
+                .map(str::to_string)
+        };
+        assert_eq!(timed_out().await.as_deref(), Some("route timeout"));
+
+        // An invalid regex: reported with file, object and field; the last good version stays.
+        cfg.write(
+            "web-profile.yaml",
+            &profile(
+                "  routes:\n  - name: GET /slow\n    condition: {method: GET, pathRegex: \"/slow(\"}\n    timeout: 5s\n",
+            ),
+        );
+        assert!(
+            proxy
+                .wait_for_log(Duration::from_secs(5), |l| {
+                    l.contains("web-profile.yaml") && l.contains("pathRegex")
+                })
+                .await
+                .is_some(),
+            "config error logged: {}",
+            proxy.log_tail(10)
+        );
+        assert!(proxy.metric_value("config_errors_total", &[]).unwrap_or(0.0) >= 1.0);
+        assert_eq!(timed_out().await.as_deref(), Some("route timeout"));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_profile_edited_under_load_changes_behaviour_with_no_request_lost() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let version = |name: &str| {
+            profile(&format!(
+                "  routes:\n  - name: {name}\n    condition: {{method: GET, pathRegex: /load}}\n    isRetryable: true\n    timeout: 5s\n"
+            ))
+        };
+        cfg.write("web-profile.yaml", &version("load-v0"));
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let addr = proxy.outbound();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut client = h1_client(addr).await;
+                let (mut ok, mut failed) = (0usize, Vec::new());
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match send_h1(&mut client, h1_request("GET", AUTHORITY, "/load", empty())).await {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) => failed.push(format!("{} {:?}", r.status, r.proxy_error())),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            }));
+        }
+        for v in 1..=5 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let name = format!("load-v{v}");
+            cfg.write("web-profile.yaml", &version(&name));
+            let seen = wait_until(
+                || route_metric(&proxy, "route_request_total", &name, &[]) > 0.0,
+                Duration::from_secs(3),
+            )
+            .await;
+            assert!(seen, "route {name} in use within 3 s");
+        }
+        stop.store(true, Ordering::SeqCst);
+        let (mut ok, mut failed) = (0, Vec::new());
+        for t in tasks {
+            let (o, f) = t.await.unwrap();
+            ok += o;
+            failed.extend(f);
+        }
+        println!("{ok} requests during 5 profile edits");
+        assert!(failed.is_empty(), "lost requests: {:?}", &failed[..failed.len().min(5)]);
+        assert!(ok > 100);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_route_metrics_come_from_the_workloads_own_profile() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        cfg.write(
+            "web-profile.yaml",
+            &profile("  routes:\n  - name: GET /books/{id}\n    condition: {method: GET, pathRegex: '/books/\\d+'}\n"),
+        );
+        let proxy = Proxy::with_config(&cfg, &["--inbound-forward", &backend.addr.to_string()]);
+        for path in ["/books/1", "/books/22", "/authors"] {
+            let rsp = get(proxy.inbound(), "web.default.svc.cluster.local", path).await.unwrap();
+            assert_eq!(rsp.status, 200);
+        }
+        let inbound = [("direction", "inbound")];
+        assert_eq!(route_metric(&proxy, "route_request_total", "GET /books/{id}", &inbound), 2.0);
+        assert_eq!(route_metric(&proxy, "route_request_total", "[DEFAULT]", &inbound), 1.0);
+        assert_eq!(
+            route_metric(&proxy, "route_response_total", "GET /books/{id}", &[("direction", "inbound"), ("status_code", "200"), ("classification", "success")]),
+            2.0
+        );
+        // A short Host names the same service, so the same profile applies.
+        get(proxy.inbound(), "web", "/books/3").await.unwrap();
+        assert_eq!(
+            route_metric(&proxy, "route_request_total", "GET /books/{id}", &[("direction", "inbound"), ("dst", "web")]),
+            1.0
+        );
+    })
+    .await
+}
