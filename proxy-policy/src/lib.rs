@@ -2,7 +2,8 @@
 //! mesh.
 //!
 //! This crate owns the Kubernetes-shaped objects (`v1 Service`, `discovery.k8s.io/v1
-//! EndpointSlice`, `linkerd.io/v1alpha2 ServiceProfile`, with more kinds to come), their
+//! EndpointSlice`, `linkerd.io/v1alpha2 ServiceProfile`, SMI `TrafficSplit` `v1alpha1`-`v1alpha4`,
+//! with more kinds to come), their
 //! parsing from YAML/JSON files, their validation (every problem names file, object and
 //! field), and the [`Store`], which keeps the last good version of each object, watches
 //! the config directory, and publishes immutable [`Snapshot`]s that the data path reads
@@ -30,7 +31,7 @@ mod test_support;
 pub use crate::objects::{
     AddressType, Endpoint, EndpointPort, EndpointSlice, MeshObject, ObjectKey, ObjectKind,
     ObjectMeta, Protocol, ResolvedService, Service, ServicePort, ServiceProfile, ServiceRef,
-    SliceEndpoint, TargetPort, SERVICE_NAME_LABEL,
+    SliceEndpoint, SplitBackend, TargetPort, TrafficSplit, SERVICE_NAME_LABEL,
 };
 pub use crate::route::{
     PathRegex, RequestMatcher, ResponseClass, ResponseMatcher, RetryBudgetSpec, Route, RouteTable,

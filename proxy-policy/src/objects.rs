@@ -16,8 +16,10 @@ use std::sync::Arc;
 use serde_yaml_ng::{Mapping, Value};
 
 pub use self::profile::ServiceProfile;
+pub use self::split::{SplitBackend, TrafficSplit};
 
 mod profile;
+mod split;
 
 /// The kinds of mesh object the Store understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,6 +30,8 @@ pub enum ObjectKind {
     EndpointSlice,
     /// `linkerd.io/v1alpha2 ServiceProfile` (`v1alpha1` accepted too).
     ServiceProfile,
+    /// SMI `split.smi-spec.io` `TrafficSplit`, `v1alpha1` to `v1alpha4`.
+    TrafficSplit,
 }
 
 impl ObjectKind {
@@ -39,6 +43,13 @@ impl ObjectKind {
             ("linkerd.io/v1alpha2" | "linkerd.io/v1alpha1", "ServiceProfile") => {
                 Some(Self::ServiceProfile)
             }
+            (
+                "split.smi-spec.io/v1alpha1"
+                | "split.smi-spec.io/v1alpha2"
+                | "split.smi-spec.io/v1alpha3"
+                | "split.smi-spec.io/v1alpha4",
+                "TrafficSplit",
+            ) => Some(Self::TrafficSplit),
             _ => None,
         }
     }
@@ -48,6 +59,7 @@ impl ObjectKind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::ServiceProfile => "ServiceProfile",
+            Self::TrafficSplit => "TrafficSplit",
         }
     }
 }
@@ -79,6 +91,7 @@ pub enum MeshObject {
     Service(Service),
     EndpointSlice(EndpointSlice),
     ServiceProfile(ServiceProfile),
+    TrafficSplit(TrafficSplit),
 }
 
 impl MeshObject {
@@ -87,6 +100,7 @@ impl MeshObject {
             Self::Service(s) => (ObjectKind::Service, &s.meta),
             Self::EndpointSlice(s) => (ObjectKind::EndpointSlice, &s.meta),
             Self::ServiceProfile(p) => (ObjectKind::ServiceProfile, &p.meta),
+            Self::TrafficSplit(t) => (ObjectKind::TrafficSplit, &t.meta),
         };
         ObjectKey {
             kind,
@@ -349,6 +363,9 @@ pub fn parse_document(doc: &Value, default_namespace: &str) -> ParsedDocument {
         ObjectKind::ServiceProfile => {
             profile::parse_service_profile(root, meta, &mut unknown).map(MeshObject::ServiceProfile)
         }
+        ObjectKind::TrafficSplit => {
+            split::parse_traffic_split(root, meta, &mut unknown).map(MeshObject::TrafficSplit)
+        }
     };
     match parsed {
         Ok(object) => ParsedDocument::Valid {
@@ -410,7 +427,9 @@ fn parse_meta(
         // Service names become DNS labels (`name.ns.svc...`).
         ObjectKind::Service => is_dns1035_label(name),
         // Slices, and profiles, which are named by the service's FQDN.
-        ObjectKind::EndpointSlice | ObjectKind::ServiceProfile => is_dns1123_subdomain(name),
+        ObjectKind::EndpointSlice | ObjectKind::ServiceProfile | ObjectKind::TrafficSplit => {
+            is_dns1123_subdomain(name)
+        }
     };
     if !name_ok {
         return Err(FieldError::new(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::objects::{
     AddressType, Endpoint, EndpointSlice, MeshObject, ObjectKey, Protocol, ResolvedService,
-    Service, ServicePort, ServiceProfile, ServiceRef, TargetPort,
+    Service, ServicePort, ServiceProfile, ServiceRef, TargetPort, TrafficSplit,
 };
 use crate::route::RouteTable;
 use crate::store::ConfigError;
@@ -27,6 +27,8 @@ pub struct Snapshot {
     by_cluster_ip: HashMap<IpAddr, ServiceRef>,
     /// ServiceProfile name (the service FQDN, lowercase) -> its routes.
     route_tables: HashMap<Arc<str>, Arc<RouteTable>>,
+    /// Apex service -> the TrafficSplit that shares its traffic.
+    splits: HashMap<ServiceRef, Arc<MeshObject>>,
 }
 
 #[derive(Debug)]
@@ -121,6 +123,24 @@ impl Snapshot {
         }
 
         let route_tables = route_tables(&objects, &default_namespace);
+        let mut splits: HashMap<ServiceRef, Arc<MeshObject>> = HashMap::new();
+        for object in objects.values() {
+            let MeshObject::TrafficSplit(split) = &**object else {
+                continue;
+            };
+            // Objects are visited in key order, so the first split by name wins a clash.
+            match splits.get(&split.apex()) {
+                Some(first) => tracing::warn!(
+                    apex = %split.apex(),
+                    using = %first.key(),
+                    ignoring = %object.key(),
+                    "two TrafficSplits for the same service; using the first by name"
+                ),
+                None => {
+                    splits.insert(split.apex(), object.clone());
+                }
+            }
+        }
 
         Self {
             generation,
@@ -131,6 +151,7 @@ impl Snapshot {
             services,
             by_cluster_ip,
             route_tables,
+            splits,
         }
     }
 
@@ -189,6 +210,14 @@ impl Snapshot {
             self.route_tables.get(name.to_ascii_lowercase().as_str())
         } else {
             self.route_tables.get(name)
+        }
+    }
+
+    /// The TrafficSplit whose apex is `service`, if any.
+    pub fn split_for(&self, service: &ServiceRef) -> Option<&TrafficSplit> {
+        match self.splits.get(service).map(|o| &**o) {
+            Some(MeshObject::TrafficSplit(split)) => Some(split),
+            _ => None,
         }
     }
 
@@ -329,6 +358,37 @@ mod tests {
             default_namespace: "shop".into(),
             ..StoreConfig::default()
         }
+    }
+
+    #[test]
+    fn splits_are_found_by_apex_and_the_first_by_name_wins() {
+        let split = |name: &str, backend: &str| {
+            format!(
+                "apiVersion: split.smi-spec.io/v1alpha2\nkind: TrafficSplit\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  service: web\n  backends:\n  - {{service: web, weight: 90}}\n  - {{service: {backend}, weight: 10}}\n"
+            )
+        };
+        let (_dir, store) = load(
+            &[
+                ("svc.yaml", WEB_SERVICE),
+                ("a.yaml", &split("a-split", "web-v2")),
+                ("b.yaml", &split("b-split", "web-v3")),
+            ],
+            shop_cfg(),
+        );
+        let snap = store.snapshot();
+        let apex = crate::ServiceRef {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        let found = snap.split_for(&apex).expect("split");
+        assert_eq!(&*found.meta.name, "a-split");
+        assert_eq!(&*found.backends[1].service, "web-v2");
+        assert_eq!(found.total_weight_milli(), 100_000);
+        let other = crate::ServiceRef {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        assert!(snap.split_for(&other).is_none(), "splits are per namespace");
     }
 
     #[test]

@@ -341,7 +341,7 @@ fn parse_retry_budget(
 
 /// A weight as an integer, a number, or a Kubernetes quantity (`500m`, `1`, `100`, `1k`),
 /// in thousandths.
-fn weight_milli(v: &Value, field: &str) -> Result<u64, FieldError> {
+pub(super) fn weight_milli(v: &Value, field: &str) -> Result<u64, FieldError> {
     let value = match v {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => parse_quantity(s),
