@@ -433,3 +433,291 @@ async fn inbound_route_metrics_come_from_the_workloads_own_profile() {
     })
     .await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Traffic splits and failure accrual
+// ---------------------------------------------------------------------------------------------
+
+fn traffic_split(version: &str, weights: &[(&str, &str)]) -> String {
+    let mut y = format!(
+        "apiVersion: split.smi-spec.io/{version}\nkind: TrafficSplit\nmetadata:\n  name: web-split\n  namespace: default\nspec:\n  service: web\n  backends:\n"
+    );
+    for (svc, w) in weights {
+        y.push_str(&format!("  - service: {svc}\n    weight: {w}\n"));
+    }
+    y
+}
+
+/// `web` (apex, one backend "web-v1") and `web-v2` (one backend "web-v2").
+async fn two_versions() -> (Backend, Backend, ConfigDir) {
+    let v1 = Backend::start("web-v1").await;
+    let v2 = Backend::start("web-v2").await;
+    let cfg = ConfigDir::web(&[v1.addr]);
+    cfg.write_service("web-v2", &[HTTP_PORT]);
+    cfg.set_endpoints("web-v2", "http", &[v2.addr]);
+    (v1, v2, cfg)
+}
+
+/// Sends `n` GETs over `conns` connections; returns how many each backend (`x-backend`) served
+/// and the failures.
+async fn spread(
+    proxy: SocketAddr,
+    n: usize,
+    conns: usize,
+) -> (std::collections::HashMap<String, usize>, Vec<String>) {
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let count = n / conns + usize::from(c < n % conns);
+        tasks.push(tokio::spawn(async move {
+            let mut client = h1_client(proxy).await;
+            let mut seen = std::collections::HashMap::<String, usize>::new();
+            let mut failed = Vec::new();
+            for _ in 0..count {
+                match send_h1(&mut client, h1_request("GET", AUTHORITY, "/split", empty())).await {
+                    Ok(r) if r.status == 200 => {
+                        *seen
+                            .entry(r.backend().unwrap_or("?").to_string())
+                            .or_default() += 1
+                    }
+                    Ok(r) => failed.push(format!("{} {:?}", r.status, r.proxy_error())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (seen, failed)
+        }));
+    }
+    let mut seen = std::collections::HashMap::new();
+    let mut failed = Vec::new();
+    for t in tasks {
+        let (s, f) = within("split load", Duration::from_secs(45), t)
+            .await
+            .unwrap();
+        for (k, v) in s {
+            *seen.entry(k).or_default() += v;
+        }
+        failed.extend(f);
+    }
+    (seen, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_90_10_split_lands_within_2_percent_over_10000_requests() {
+    test_body(async {
+        let (_v1, _v2, cfg) = two_versions().await;
+        cfg.write(
+            "split.yaml",
+            &traffic_split("v1alpha2", &[("web", "90"), ("web-v2", "10")]),
+        );
+        let proxy = Proxy::with_config(&cfg, &[]);
+        const N: usize = 10_000;
+        let (seen, failed) = spread(proxy.outbound(), N, 4).await;
+        assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(5)]);
+        let v2 = seen.get("web-v2").copied().unwrap_or(0) as f64 / N as f64;
+        println!("web-v2 share {:.2}% ({seen:?})", v2 * 100.0);
+        assert!((v2 - 0.10).abs() <= 0.02, "web-v2 got {:.2}%", v2 * 100.0);
+        // route_actual_* names the backend each attempt went to.
+        let text = proxy.metrics();
+        let actual = |dst: &str| {
+            metric_sum(&text, "route_actual_request_total", |s| {
+                s.label("dst") == Some(dst)
+            })
+            .unwrap_or(0.0)
+        };
+        assert_eq!(actual(AUTHORITY) as usize, seen["web-v1"]);
+        assert_eq!(
+            actual("web-v2.default.svc.cluster.local:80") as usize,
+            seen["web-v2"]
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_are_shares_of_their_sum_even_when_they_add_to_110() {
+    test_body(async {
+        let (_v1, _v2, cfg) = two_versions().await;
+        // v1alpha1 quantities: 900m + 200m, "percentages" adding to 110.
+        cfg.write(
+            "split.yaml",
+            &traffic_split("v1alpha1", &[("web", "900m"), ("web-v2", "200m")]),
+        );
+        let proxy = Proxy::with_config(&cfg, &[]);
+        const N: usize = 3_000;
+        let (seen, failed) = spread(proxy.outbound(), N, 2).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        let v2 = seen.get("web-v2").copied().unwrap_or(0) as f64 / N as f64;
+        println!("web-v2 share {:.2}%", v2 * 100.0);
+        assert!(
+            (v2 - 2.0 / 11.0).abs() <= 0.03,
+            "web-v2 got {:.2}%, expected 18.2%",
+            v2 * 100.0
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changing_a_split_applies_within_a_second_with_no_request_lost() {
+    test_body(async {
+        let (v1, v2, cfg) = two_versions().await;
+        cfg.write(
+            "split.yaml",
+            &traffic_split("v1alpha4", &[("web", "100"), ("web-v2", "0")]),
+        );
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let addr = proxy.outbound();
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut client = h1_client(addr).await;
+                let mut failed = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) && n < 50_000 {
+                    n += 1;
+                    match send_h1(&mut client, h1_request("GET", AUTHORITY, "/split", empty()))
+                        .await
+                    {
+                        Ok(r) if r.status == 200 => {}
+                        Ok(r) => failed.push(format!("{} {:?}", r.status, r.proxy_error())),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (n, failed)
+            })
+        };
+        assert!(wait_until(|| v1.requests() > 50, Duration::from_secs(10)).await);
+        assert_eq!(v2.requests(), 0, "weight 0 gets nothing");
+
+        let changed = Instant::now();
+        cfg.write(
+            "split.yaml",
+            &traffic_split("v1alpha4", &[("web", "0"), ("web-v2", "100")]),
+        );
+        let v1_before = v1.requests();
+        assert!(
+            wait_until(|| v2.requests() > 0, Duration::from_secs(3)).await,
+            "the new split never applied"
+        );
+        let took = changed.elapsed();
+        // Once it applied, v1 stops getting new requests.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let v1_settled = v1.requests();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::SeqCst);
+        let (n, failed) = load.await.unwrap();
+        println!("split change applied after {took:?}; {n} requests, v1 {v1_before}->{v1_settled}");
+        assert!(took < Duration::from_millis(2000), "applied after {took:?}");
+        assert_eq!(v1.requests(), v1_settled, "v1 still getting traffic");
+        assert!(
+            failed.is_empty(),
+            "lost requests: {:?}",
+            &failed[..failed.len().min(5)]
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dst_overrides_send_traffic_to_another_authority() {
+    test_body(async {
+        let (v1, v2, cfg) = two_versions().await;
+        cfg.write(
+            "web-profile.yaml",
+            &profile("  dstOverrides:\n  - authority: web-v2.default.svc.cluster.local:80\n    weight: 1\n"),
+        );
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let (seen, failed) = spread(proxy.outbound(), 100, 1).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(seen.get("web-v2"), Some(&100), "{seen:?}");
+        assert_eq!(v1.requests(), 0);
+        assert_eq!(v2.requests(), 100);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_ejected_and_returns_after_it_recovers() {
+    test_body(async {
+        let good = Backend::start("good").await;
+        let broken = Arc::new(AtomicBool::new(true));
+        let flag = broken.clone();
+        let bad = backend_with("bad", move |_| {
+            if flag.load(Ordering::SeqCst) {
+                500
+            } else {
+                200
+            }
+        })
+        .await;
+        let cfg = ConfigDir::web(&[good.addr, bad.addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+
+        // P2C spreads load; the bad endpoint answers fast, so it gets its share until ejected.
+        let rsps = send_many(proxy.outbound(), "/x", 200).await;
+        let failures = rsps.iter().filter(|r| r.status == 500).count();
+        println!("{failures} failures of 200 before and after ejection");
+        assert!(
+            failures >= 7,
+            "fewer failures than the accrual threshold: {failures}"
+        );
+        let ejected = proxy
+            .wait_for_log(Duration::from_secs(5), |l| l.contains("endpoint ejected"))
+            .await
+            .expect("ejection logged");
+        assert!(ejected.contains(&bad.addr.to_string()), "{ejected}");
+        assert!(
+            proxy
+                .metric_sum("endpoint_ejections_total", |s| s.label("target_addr")
+                    == Some(&bad.addr.to_string()))
+                .unwrap_or(0.0)
+                >= 1.0
+        );
+        // While ejected it gets nothing.
+        let before = bad.requests();
+        let rsps = send_many(proxy.outbound(), "/x", 50).await;
+        assert!(rsps
+            .iter()
+            .all(|r| r.status == 200 && r.backend() == Some("good")));
+        assert!(bad.requests() <= before + 1, "probed at most once");
+
+        // It recovers; after its backoff (about 1 s, or 2 s after a failed probe) it's back.
+        broken.store(false, Ordering::SeqCst);
+        let mut back = false;
+        for _ in 0..100 {
+            let rsp = get(proxy.outbound(), AUTHORITY, "/x").await.unwrap();
+            if rsp.backend() == Some("bad") && rsp.status == 200 {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(back, "recovered endpoint never got traffic again");
+        assert!(proxy
+            .wait_for_log(Duration::from_secs(5), |l| l.contains("endpoint recovered"))
+            .await
+            .is_some());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_endpoints_ejected_fails_fast_with_the_reason() {
+    test_body(async {
+        let bad = backend_with("bad", |_| 503).await;
+        let cfg = ConfigDir::web(&[bad.addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let rsps = send_many(proxy.outbound(), "/x", 7).await;
+        assert!(rsps
+            .iter()
+            .all(|r| r.status == 503 && r.proxy_error().is_none()));
+        let rsp = get(proxy.outbound(), AUTHORITY, "/x").await.unwrap();
+        assert_eq!(rsp.status, 503);
+        assert_eq!(
+            rsp.proxy_error(),
+            Some("all endpoints ejected after consecutive failures")
+        );
+        assert_eq!(bad.requests(), 7, "fail-fast: the endpoint was not asked");
+    })
+    .await
+}

@@ -113,6 +113,7 @@ pub struct Metrics {
     route: http::HttpFamilies<RouteLabels>,
     route_actual: http::HttpFamilies<RouteLabels>,
     retry_skipped: Family<SkippedLabels, Counter>,
+    ejections: Family<labels::TargetKey, Counter>,
     tcp: tcp::TcpFamilies,
     config_errors: Arc<ConfigErrors>,
 }
@@ -195,6 +196,13 @@ impl Metrics {
             retry_skipped.clone(),
         );
 
+        let ejections = Family::<labels::TargetKey, Counter>::default();
+        registry.register(
+            "endpoint_ejections",
+            "Total count of times an endpoint was taken out of balancing after consecutive failures",
+            ejections.clone(),
+        );
+
         let tcp = tcp::TcpFamilies::new();
         registry.register(
             "tcp_open",
@@ -250,6 +258,7 @@ impl Metrics {
             route,
             route_actual,
             retry_skipped,
+            ejections,
             tcp,
             config_errors,
         })
@@ -277,6 +286,14 @@ impl Metrics {
             route: Arc::new(labels),
             reason,
         }))
+    }
+
+    /// `endpoint_ejections_total` for one endpoint (failure accrual).
+    pub fn endpoint_ejections(&self, labels: TargetLabels) -> EventCounter {
+        EventCounter(
+            self.ejections
+                .get_or_create_owned(&labels::TargetKey(Arc::new(labels))),
+        )
     }
 
     /// Resolve a TCP label set once; keep the handle.

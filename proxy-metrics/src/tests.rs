@@ -813,6 +813,7 @@ fn families_are_typed() {
     a.response(Some(200), None, None, Duration::from_millis(1));
     m.route_retry_skipped(route("a:80", "r"), "budget_exhausted")
         .inc();
+    m.endpoint_ejections(outbound()).inc();
     m.tcp_target(inbound()).open().close(None);
     let text = encode(&m);
     for (name, ty) in [
@@ -826,6 +827,7 @@ fn families_are_typed() {
         ("route_actual_response", "counter"),
         ("route_actual_response_latency_ms", "histogram"),
         ("route_retry_skipped", "counter"),
+        ("endpoint_ejections", "counter"),
         ("tcp_open", "counter"),
         ("tcp_close", "counter"),
         ("tcp_open_connections", "gauge"),

@@ -16,9 +16,12 @@ use arc_swap::ArcSwap;
 use http::Request;
 use tower::{Layer, Service};
 
+use crate::accrual::EndpointHealth;
 use crate::discovery::Logical;
+use crate::http::body::release_on_end;
 use crate::http::metrics::fail_unrouted;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
+use crate::profiles::RouteState;
 
 /// RTT assumed for an endpoint we have not measured yet (tower's and Linkerd's default).
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -81,6 +84,7 @@ impl PeakEwma {
         self.pending.fetch_add(1, Ordering::Relaxed);
         InFlight {
             load: self.clone(),
+            health: None,
             start: Instant::now(),
             observed: false,
         }
@@ -113,11 +117,29 @@ impl PeakEwma {
 /// stays pending until the response body ends (the guard drops).
 pub struct InFlight {
     load: Arc<PeakEwma>,
+    /// Told how the request ended, for failure accrual.
+    health: Option<Arc<EndpointHealth>>,
     start: Instant,
     observed: bool,
 }
 
 impl InFlight {
+    pub fn with_health(mut self, health: Arc<EndpointHealth>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// How the response was classified once it ended: failure accrual counts it.
+    pub fn finished(&mut self, success: bool) {
+        if let Some(h) = self.health.take() {
+            if success {
+                h.success()
+            } else {
+                h.failure()
+            }
+        }
+    }
+
     pub fn response_received(&mut self) {
         if !self.observed {
             self.observed = true;
@@ -125,12 +147,15 @@ impl InFlight {
         }
     }
 
-    /// The endpoint could not be reached or dropped the connection.
-    pub fn failed(&mut self) {
-        if !self.observed {
+    /// The request failed without a response: `unreachable` when the endpoint could not be
+    /// reached or dropped the connection (its latency estimate takes the penalty), otherwise
+    /// it did not answer in time. Both count towards failure accrual.
+    pub fn failed(&mut self, unreachable: bool) {
+        if unreachable && !self.observed {
             self.observed = true;
             self.load.observe(self.start.elapsed().max(FAILURE_PENALTY));
         }
+        self.finished(false);
     }
 }
 
@@ -145,6 +170,28 @@ impl Drop for InFlight {
 /// Anything the balancer can pick.
 pub trait Balanced {
     fn load(&self) -> &PeakEwma;
+
+    /// Failure accrual: an ejected endpoint is not picked.
+    fn is_available(&self, _now_ns: u64) -> bool {
+        true
+    }
+}
+
+/// Why the balancer has nothing to pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PickError {
+    NoEndpoints,
+    /// Every endpoint failed repeatedly and waits out its backoff.
+    AllEjected,
+}
+
+impl From<PickError> for ProxyError {
+    fn from(e: PickError) -> Self {
+        match e {
+            PickError::NoEndpoints => ProxyError::NoEndpoints,
+            PickError::AllEjected => ProxyError::AllEndpointsEjected,
+        }
+    }
 }
 
 /// The live endpoints of one backend. Readers never lock; discovery swaps in a new set.
@@ -167,12 +214,15 @@ impl<E: Balanced> EndpointSet<E> {
         self.current.load_full()
     }
 
-    /// P2C: two distinct endpoints at random, the one with the lower cost wins.
-    pub fn pick(&self) -> Option<Arc<E>> {
+    /// P2C: two distinct endpoints at random, the one with the lower cost wins. Ejected
+    /// endpoints are passed over.
+    pub fn pick(&self) -> Result<Arc<E>, PickError> {
         let set = self.current.load();
+        let now = now_ns();
         match set.len() {
-            0 => None,
-            1 => Some(set[0].clone()),
+            0 => Err(PickError::NoEndpoints),
+            1 if set[0].is_available(now) => Ok(set[0].clone()),
+            1 => Err(PickError::AllEjected),
             n => {
                 let a = rand::random_range(0..n);
                 let mut b = rand::random_range(0..n - 1);
@@ -180,13 +230,17 @@ impl<E: Balanced> EndpointSet<E> {
                     b += 1;
                 }
                 let (ea, eb) = (&set[a], &set[b]);
-                let now = now_ns();
-                let winner = if eb.load().cost_at(now) < ea.load().cost_at(now) {
-                    eb
-                } else {
-                    ea
+                let winner = match (ea.is_available(now), eb.is_available(now)) {
+                    (true, true) if eb.load().cost_at(now) < ea.load().cost_at(now) => eb,
+                    (true, _) => ea,
+                    (false, true) => eb,
+                    // Both ejected: any endpoint still in, scanning from a random place.
+                    (false, false) => (0..n)
+                        .map(|i| &set[(a + i) % n])
+                        .find(|e| e.is_available(now))
+                        .ok_or(PickError::AllEjected)?,
                 };
-                Some(winner.clone())
+                Ok(winner.clone())
             }
         }
     }
@@ -240,32 +294,40 @@ where
             // LogicalLayer always runs first; without it there is nothing to balance over.
             return Box::pin(std::future::ready(Err(ProxyError::NoEndpoints)));
         };
-        let Some(endpoint) = logical.pick() else {
-            let err = fail_unrouted(
-                "outbound",
-                &logical.authority,
-                logical.no_endpoint_metrics(),
-                self.access_log,
-                &req,
-                ProxyError::NoEndpoints,
-            );
-            return Box::pin(std::future::ready(Err(err)));
+        let endpoint = match logical.pick() {
+            Ok(e) => e,
+            Err(e) => {
+                let err = fail_unrouted(
+                    "outbound",
+                    &logical.authority,
+                    logical.no_endpoint_metrics(),
+                    self.access_log,
+                    &req,
+                    e.into(),
+                );
+                return Box::pin(std::future::ready(Err(err)));
+            }
         };
-        let mut in_flight = endpoint.load_handle().start();
+        let mut in_flight = endpoint
+            .load_handle()
+            .start()
+            .with_health(endpoint.health.clone());
+        // The route's response classes decide what failure accrual counts as a failure.
+        let route = req.extensions().get::<Arc<RouteState>>().cloned();
         req.extensions_mut().insert(endpoint.target.clone());
         let response = self.inner.call(req);
         Box::pin(async move {
             let mut rsp = match response.await {
                 Ok(rsp) => rsp,
                 Err(err) => {
-                    if err.is_endpoint_failure() {
-                        in_flight.failed();
+                    if err.is_retryable() {
+                        in_flight.failed(err.is_endpoint_failure());
                     }
                     return Err(err);
                 }
             };
             in_flight.response_received();
-            rsp.body_mut().release_on_end(in_flight);
+            release_on_end(&mut rsp, in_flight, route);
             Ok(rsp)
         })
     }
@@ -285,7 +347,30 @@ mod tests {
     #[test]
     fn empty_set_picks_nothing() {
         let set: EndpointSet<Ep> = EndpointSet::new(vec![]);
-        assert!(set.pick().is_none());
+        assert_eq!(set.pick().err(), Some(PickError::NoEndpoints));
+    }
+
+    struct Ejectable(Arc<PeakEwma>, bool, u16);
+    impl Balanced for Ejectable {
+        fn load(&self) -> &PeakEwma {
+            &self.0
+        }
+        fn is_available(&self, _now_ns: u64) -> bool {
+            self.1
+        }
+    }
+
+    #[test]
+    fn ejected_endpoints_are_passed_over() {
+        let ep = |ok, id| Arc::new(Ejectable(Arc::new(PeakEwma::new()), ok, id));
+        let set = EndpointSet::new(vec![ep(false, 1), ep(true, 2), ep(false, 3), ep(false, 4)]);
+        for _ in 0..200 {
+            assert_eq!(set.pick().map(|e| e.2).ok(), Some(2));
+        }
+        let all_out = EndpointSet::new(vec![ep(false, 1), ep(false, 2)]);
+        assert_eq!(all_out.pick().err(), Some(PickError::AllEjected));
+        let one_out = EndpointSet::new(vec![ep(false, 1)]);
+        assert_eq!(one_out.pick().err(), Some(PickError::AllEjected));
     }
 
     #[test]
@@ -308,7 +393,7 @@ mod tests {
         slow.0.observe(Duration::from_millis(100));
         let set = EndpointSet::new(vec![fast, slow]);
         let fast_picks = (0..1000)
-            .filter(|_| set.pick().map(|e| e.1) == Some(1))
+            .filter(|_| set.pick().map(|e| e.1).ok() == Some(1))
             .count();
         // With two endpoints P2C compares both every time.
         assert_eq!(fast_picks, 1000);
@@ -333,7 +418,7 @@ mod tests {
         let refusing = Arc::new(PeakEwma::new());
         let mut attempt = refusing.start();
         // Refused at once, yet charged like a 1 s response.
-        attempt.failed();
+        attempt.failed(true);
         drop(attempt);
         let cost = refusing.cost();
         assert!(cost > 0.99e9 && cost <= 1e9, "cost {cost}");

@@ -12,11 +12,13 @@ use http::uri::Authority;
 use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls};
 use pylon_proxy_policy::{ServiceRef, Snapshot, Store};
 
-use crate::balance::{Balanced, EndpointSet, PeakEwma};
+use crate::accrual::EndpointHealth;
+use crate::balance::{Balanced, EndpointSet, PeakEwma, PickError};
 use crate::http::client::EndpointTarget;
 use crate::http::headers::request_authority;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 use crate::profiles::{DestinationRoutes, Profiles};
+use crate::split::{BackendTarget, Backends};
 
 /// Bound on cached authorities, so arbitrary Host headers can't grow memory without limit. The
 /// cache is copied on insert (readers never lock), so it holds the hot set, not every name.
@@ -33,6 +35,8 @@ pub struct Endpoint {
     /// Its connections and its metric handle.
     pub target: EndpointTarget,
     load: Arc<PeakEwma>,
+    /// Failure accrual: consecutive failures eject it for a while.
+    pub health: Arc<EndpointHealth>,
     /// Only opaque connections need TCP handles; made on first use so unused series don't exist.
     tcp: LazyTarget<TcpTarget>,
 }
@@ -73,6 +77,10 @@ impl Balanced for Endpoint {
     fn load(&self) -> &PeakEwma {
         &self.load
     }
+
+    fn is_available(&self, now_ns: u64) -> bool {
+        self.health.is_available(now_ns)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -94,12 +102,14 @@ pub struct Logical {
     pub endpoints: EndpointSet<Endpoint>,
     /// Its routes (from the service's ServiceProfile, if any).
     pub routes: Arc<DestinationRoutes>,
+    /// Where its requests go: itself, or backends by weight.
+    pub backends: ArcSwap<Backends>,
     /// Where proxy-made responses are counted when no endpoint was chosen (first use only).
     no_endpoint: LazyTarget<HttpTarget>,
 }
 
 impl Logical {
-    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+    pub fn pick(&self) -> Result<Arc<Endpoint>, PickError> {
         self.endpoints.pick()
     }
 
@@ -240,7 +250,7 @@ impl Discovery {
     async fn logical(
         self: &Arc<Self>,
         key: TargetKey,
-        snapshot: &Snapshot,
+        snapshot: &Arc<Snapshot>,
     ) -> Result<Arc<Logical>, ProxyError> {
         if let Some(l) = self.lock_targets().get(&key) {
             return Ok(l.clone());
@@ -262,15 +272,117 @@ impl Discovery {
                 logical
             }
         };
-        let mut targets = self.lock_targets();
-        if targets.len() >= MAX_CACHED_TARGETS {
-            // Names and addresses come from clients: forget them (their DNS refreshes stop)
-            // rather than grow without bound. Services are bounded by the config.
-            targets.retain(|k, _| matches!(k, TargetKey::Service { .. }));
-            self.by_authority.store(Arc::new(HashMap::new()));
+        let (logical, inserted) = {
+            let mut targets = self.lock_targets();
+            if targets.len() >= MAX_CACHED_TARGETS {
+                // Names and addresses come from clients: forget them (their DNS refreshes stop)
+                // rather than grow without bound. Services are bounded by the config.
+                targets.retain(|k, _| matches!(k, TargetKey::Service { .. }));
+                self.by_authority.store(Arc::new(HashMap::new()));
+            }
+            // Another request may have built it meanwhile; keep the first.
+            match targets.get(&key) {
+                Some(first) => (first.clone(), false),
+                None => {
+                    targets.insert(key, logical.clone());
+                    (logical, true)
+                }
+            }
+        };
+        if inserted {
+            // Cached first, so a split whose backends lead back here finds it.
+            let spec = self.backend_spec(&logical, snapshot);
+            if !spec.is_empty() {
+                let backends = Box::pin(self.resolve_backends(&logical, spec, snapshot)).await;
+                logical.backends.store(Arc::new(backends));
+            }
         }
-        // Another request may have built it meanwhile; keep the first.
-        Ok(targets.entry(key).or_insert(logical).clone())
+        Ok(logical)
+    }
+
+    /// What a destination's requests are split by: a TrafficSplit on its service, else its
+    /// ServiceProfile's `dstOverrides`, else nothing.
+    fn backend_spec(&self, logical: &Logical, snapshot: &Snapshot) -> Vec<(BackendTarget, u64)> {
+        if let TargetKey::Service { service, .. } = &logical.key {
+            if let Some(split) = snapshot.split_for(service) {
+                return split
+                    .backends
+                    .iter()
+                    .map(|b| (BackendTarget::Service(split.backend_ref(b)), b.weight_milli))
+                    .collect();
+            }
+        }
+        let profile = match &logical.key {
+            TargetKey::Service { service, .. } => service.fqdn(&self.cluster_domain),
+            TargetKey::Dns { host, .. } => host.to_string(),
+            TargetKey::Addr(_) => return Vec::new(),
+        };
+        snapshot
+            .route_table(&profile)
+            .map(|t| {
+                t.dst_overrides()
+                    .iter()
+                    .map(|o| {
+                        (
+                            BackendTarget::Authority(o.authority.clone()),
+                            o.weight_milli,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn resolve_backends(
+        self: &Arc<Self>,
+        apex: &Arc<Logical>,
+        spec: Vec<(BackendTarget, u64)>,
+        snapshot: &Arc<Snapshot>,
+    ) -> Backends {
+        let mut resolved = Vec::with_capacity(spec.len());
+        for (target, _) in &spec {
+            let backend = match target {
+                BackendTarget::Service(service) => {
+                    let port = match &apex.key {
+                        TargetKey::Service { port, .. } => *port,
+                        _ => 80,
+                    };
+                    let key = TargetKey::Service {
+                        service: service.clone(),
+                        port,
+                    };
+                    if key == apex.key {
+                        resolved.push(Ok(None));
+                        continue;
+                    }
+                    Box::pin(self.logical(key, snapshot)).await
+                }
+                BackendTarget::Authority(authority) => {
+                    Box::pin(self.resolve_authority(authority.as_bytes())).await
+                }
+            };
+            resolved.push(match backend {
+                Ok(b) if Arc::ptr_eq(&b, apex) => Ok(None),
+                Ok(b) => Ok(Some(b)),
+                Err(e) => {
+                    tracing::warn!(destination = %apex.authority, backend = ?target, error = %e, "split backend unavailable; it gets no share");
+                    Err(())
+                }
+            });
+        }
+        let shares: Vec<String> = spec
+            .iter()
+            .zip(&resolved)
+            .map(|((t, w), r)| {
+                format!(
+                    "{t:?}={}{}",
+                    *w as f64 / 1000.0,
+                    if r.is_err() { "(unavailable)" } else { "" }
+                )
+            })
+            .collect();
+        tracing::info!(destination = %apex.authority, backends = %shares.join(", "), "traffic split updated");
+        Backends::new(spec, resolved)
     }
 
     fn lock_targets(&self) -> std::sync::MutexGuard<'_, HashMap<TargetKey, Arc<Logical>>> {
@@ -300,6 +412,7 @@ impl Discovery {
             service,
             endpoints: EndpointSet::new(Vec::new()),
             routes,
+            backends: ArcSwap::from_pointee(Backends::default()),
             no_endpoint,
         })
     }
@@ -337,6 +450,11 @@ impl Discovery {
                 self.connect_timeout,
             ),
             load: Arc::new(PeakEwma::new()),
+            health: Arc::new(EndpointHealth::new(
+                addr,
+                logical.authority.clone(),
+                self.metrics.endpoint_ejections(labels.clone()),
+            )),
             tcp: LazyTarget::new(&self.metrics, labels.with_peer(Peer::Dst)),
         })
     }
@@ -384,9 +502,14 @@ impl Discovery {
         }
     }
 
-    fn apply(&self, snapshot: &Snapshot) {
+    fn apply(self: &Arc<Self>, snapshot: &Arc<Snapshot>) {
         let mut stale = Vec::new();
+        let mut resplit = Vec::new();
         for (key, logical) in self.lock_targets().iter() {
+            let spec = self.backend_spec(logical, snapshot);
+            if spec != logical.backends.load().spec() {
+                resplit.push((logical.clone(), spec));
+            }
             let keep = match key {
                 TargetKey::Service { .. } => self.refresh_service(logical, snapshot),
                 // A name that is now a Service, or an address that is now a cluster IP, must
@@ -397,6 +520,14 @@ impl Discovery {
             if !keep {
                 stale.push(key.clone());
             }
+        }
+        for (logical, spec) in resplit {
+            let this = self.clone();
+            let snapshot = snapshot.clone();
+            tokio::spawn(async move {
+                let backends = this.resolve_backends(&logical, spec, &snapshot).await;
+                logical.backends.store(Arc::new(backends));
+            });
         }
         if !stale.is_empty() {
             let mut targets = self.lock_targets();

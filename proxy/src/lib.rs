@@ -11,6 +11,7 @@
 //! request takes in that direction.
 
 mod access_log;
+mod accrual;
 mod admin;
 mod app;
 mod args;
@@ -28,6 +29,7 @@ mod outbound;
 mod profiles;
 mod retry_budget;
 mod shutdown;
+mod split;
 mod tcp;
 
 use std::ffi::OsString;

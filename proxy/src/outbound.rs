@@ -9,7 +9,7 @@
 //!            ─ logical destination (dialled address, else Host / :authority / absolute URI)
 //!            ─ route (the destination's ServiceProfile): route metrics and classification
 //!            ─ route timeout (retries included) ─ retries within the retry budget
-//!            ─ per-attempt route metrics
+//!            ─ traffic split: each attempt's backend by weight ─ per-attempt route metrics
 //!            ─ balancer: P2C over PeakEWMA across the live endpoints
 //!            ─ metrics (recorded when the response body ends) ─ response timeout
 //!            ─ endpoint client (pooled h1 or multiplexed h2)
@@ -37,6 +37,7 @@ use crate::http::{server, HttpStack, ProxyError};
 use crate::io::CountingIo;
 use crate::orig_dst::original_dst;
 use crate::shutdown::Shutdown;
+use crate::split::SplitLayer;
 use crate::tcp;
 
 pub struct Outbound {
@@ -124,7 +125,9 @@ impl Outbound {
             .layer(RouteTimeoutLayer)
             // Failed attempts on retryable routes go again, within the retry budget.
             .layer(RetryLayer)
-            // route_actual_request_total & co. once per attempt.
+            // Each attempt's backend: by weight (TrafficSplit or dstOverrides), else itself.
+            .layer(SplitLayer)
+            // route_actual_request_total & co. once per attempt, by backend.
             .layer(RouteActualLayer)
             // The endpoint: P2C over PeakEWMA across the destination's live endpoints.
             .layer(BalanceLayer::new(self.access_log))
@@ -162,14 +165,26 @@ impl Outbound {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let Some(endpoint) = logical.pick() else {
-            tracing::warn!(destination = %logical.authority, error = %ProxyError::NoEndpoints, "closing opaque connection");
-            return;
+        let endpoint = match logical.pick() {
+            Ok(e) => e,
+            Err(e) => {
+                let err = ProxyError::from(e);
+                tracing::warn!(destination = %logical.authority, error = %err, "closing opaque connection");
+                return;
+            }
         };
-        let _in_flight = endpoint.load_handle().start();
-        if let Err(e) =
-            tcp::forward(io, endpoint.addr, self.args.connect_timeout, endpoint.tcp()).await
-        {
+        let mut in_flight = endpoint
+            .load_handle()
+            .start()
+            .with_health(endpoint.health.clone());
+        let result =
+            tcp::forward(io, endpoint.addr, self.args.connect_timeout, endpoint.tcp()).await;
+        // Only the connect can fail here; what flows afterwards is the app's business.
+        match &result {
+            Ok(()) => in_flight.finished(true),
+            Err(_) => in_flight.failed(true),
+        }
+        if let Err(e) = result {
             tracing::warn!(destination = %logical.authority, endpoint = %endpoint.addr, error = %e, "opaque connection failed");
         }
     }

@@ -47,7 +47,11 @@ pub struct RouteState {
     /// `route_request_total` and friends.
     pub metrics: RouteTarget,
     /// `route_actual_*` for attempts sent to the destination itself.
-    pub actual: RouteTarget,
+    actual: RouteTarget,
+    /// `route_actual_*` for attempts a traffic split sent to other backends, made on first use.
+    actual_backends: ArcSwap<Vec<(Arc<str>, RouteTarget)>>,
+    metrics_registry: Arc<Metrics>,
+    direction: Direction,
     /// Shared by every route of the destination, as in Linkerd.
     pub budget: Arc<RetryBudget>,
     pub skipped_budget: EventCounter,
@@ -55,6 +59,35 @@ pub struct RouteState {
 }
 
 impl RouteState {
+    /// The `route_actual_*` handle for an attempt sent to `backend` (an authority).
+    pub fn actual_for(&self, backend: &Arc<str>) -> RouteTarget {
+        if Arc::ptr_eq(backend, &self.dst) || *backend == self.dst {
+            return self.actual.clone();
+        }
+        if let Some((_, t)) = self
+            .actual_backends
+            .load()
+            .iter()
+            .find(|(a, _)| a == backend)
+        {
+            return t.clone();
+        }
+        // Backends come from the config, so this list stays as small as a split.
+        let target = self.metrics_registry.route_actual_target(RouteLabels {
+            direction: self.direction,
+            dst: backend.clone(),
+            route: self.route.name().clone(),
+        });
+        self.actual_backends.rcu(|list| {
+            let mut list = Vec::clone(list);
+            if !list.iter().any(|(a, _)| a == backend) {
+                list.push((backend.clone(), target.clone()));
+            }
+            list
+        });
+        target
+    }
+
     /// The route's response classes first, else 5xx / grpc-status != 0 is a failure.
     pub fn classify(&self, status: u16, grpc_status: Option<u32>) -> Classification {
         if self.route.classify(status, grpc_status) {
@@ -187,6 +220,9 @@ impl Profiles {
                 dst: dst.clone(),
                 metrics: self.metrics.route_target(labels.clone()),
                 actual: self.metrics.route_actual_target(labels.clone()),
+                actual_backends: ArcSwap::from_pointee(Vec::new()),
+                metrics_registry: self.metrics.clone(),
+                direction,
                 budget: budget.clone(),
                 skipped_budget: self
                     .metrics

@@ -118,13 +118,43 @@ pub fn record_route_on_end(rsp: &mut ProxyResponse, record: RouteRecord) {
     body.finish_if_ended();
 }
 
+/// Keeps the endpoint's request in flight (for its load) until the stream ends, then tells
+/// failure accrual how it went, classified by `route`.
+pub fn release_on_end(
+    rsp: &mut ProxyResponse,
+    in_flight: InFlight,
+    route: Option<Arc<RouteState>>,
+) {
+    let head = head_of(rsp);
+    let body = rsp.body_mut();
+    body.head.get_or_insert(head);
+    body.classifier = route;
+    body.in_flight = Some(in_flight);
+    body.finish_if_ended();
+}
+
 fn head_of(rsp: &ProxyResponse) -> (u16, Option<u32>) {
     // A trailers-only gRPC response carries its status in the headers.
     (rsp.status().as_u16(), grpc_status(rsp.headers()))
 }
 
+/// How a response stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// Read to its end: the connection can be reused.
+    Clean,
+    /// The endpoint broke it mid-body.
+    Broken,
+    /// Dropped before its end: the client went away.
+    Dropped,
+    /// Set aside by a retry: a failure the endpoint did answer.
+    Discarded,
+}
+
 pub struct ResponseBody {
     kind: Kind,
+    /// The route whose classes classify the response for failure accrual.
+    classifier: Option<Arc<RouteState>>,
     /// Status and grpc-status (headers, then trailers) once something records this response.
     head: Option<(u16, Option<u32>)>,
     recorder: Option<Recorder>,
@@ -155,6 +185,7 @@ impl ResponseBody {
     fn new(kind: Kind) -> Self {
         Self {
             kind,
+            classifier: None,
             head: None,
             recorder: None,
             routes: [None, None],
@@ -163,16 +194,14 @@ impl ResponseBody {
         }
     }
 
-    fn finish_if_ended(&mut self) {
-        if self.is_end_stream() {
-            self.finish(true);
-        }
+    /// A response the proxy won't send on (a retry replaces it): record it as it is.
+    pub fn discard(mut self) {
+        self.finish(End::Discarded);
     }
 
-    /// Keeps the endpoint's request in flight (for its load) until the stream ends.
-    pub fn release_on_end(&mut self, in_flight: InFlight) {
-        if !self.is_end_stream() {
-            self.in_flight = Some(in_flight);
+    fn finish_if_ended(&mut self) {
+        if self.is_end_stream() {
+            self.finish(End::Clean);
         }
     }
 
@@ -185,8 +214,7 @@ impl ResponseBody {
         }
     }
 
-    /// `clean`: the stream reached its end; otherwise the connection is not reused.
-    fn finish(&mut self, clean: bool) {
+    fn finish(&mut self, end: End) {
         if let Some((status, grpc)) = self.head {
             if let Some(rec) = self.recorder.take() {
                 rec.finish(status, grpc);
@@ -194,10 +222,17 @@ impl ResponseBody {
             for rec in self.routes.iter_mut().filter_map(Option::take) {
                 rec.finish(status, grpc);
             }
+            if let Some(in_flight) = self.in_flight.as_mut() {
+                // A client that went away says nothing about the endpoint.
+                if end != End::Dropped {
+                    let class = classification(self.classifier.as_deref(), status, grpc);
+                    in_flight.finished(class.is_success());
+                }
+            }
         }
         self.in_flight = None;
         if let Some(conn) = self.conn.take() {
-            if clean {
+            if end == End::Clean {
                 conn.release();
             }
         }
@@ -232,16 +267,16 @@ impl Body for ResponseBody {
                     }
                 }
                 if this.is_end_stream() {
-                    this.finish(true);
+                    this.finish(End::Clean);
                 }
             }
-            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(None) => this.finish(End::Clean),
             Poll::Ready(Some(Err(_))) => {
                 // The endpoint broke the stream mid-body: count it as a failure.
                 if let Some(head) = this.head.as_mut() {
                     head.0 = head.0.max(502);
                 }
-                this.finish(false);
+                this.finish(End::Broken);
             }
             Poll::Pending => {}
         }
@@ -267,6 +302,6 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // The client went away (or the server dropped the body) before the end: still record it.
-        self.finish(false);
+        self.finish(End::Dropped);
     }
 }

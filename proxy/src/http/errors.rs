@@ -16,6 +16,9 @@ pub const PROXY_ERROR_HEADER: &str = "pylon-proxy-error";
 pub enum ProxyError {
     #[error("no endpoints")]
     NoEndpoints,
+    /// Failure accrual took every endpoint out; they are probed again after a backoff.
+    #[error("all endpoints ejected after consecutive failures")]
+    AllEndpointsEjected,
     #[error("endpoint connection refused")]
     ConnectionRefused,
     #[error("endpoint connection reset")]
@@ -40,7 +43,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
-            Self::NoEndpoints | Self::Unresolvable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoints | Self::AllEndpointsEjected | Self::Unresolvable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::ConnectionRefused | Self::ConnectionReset | Self::EndpointProtocol => {
                 StatusCode::BAD_GATEWAY
             }
@@ -73,6 +78,7 @@ impl ProxyError {
     pub fn reason(self) -> &'static str {
         match self {
             Self::NoEndpoints => "no endpoints",
+            Self::AllEndpointsEjected => "all endpoints ejected after consecutive failures",
             Self::ConnectionRefused => "endpoint connection refused",
             Self::ConnectionReset => "endpoint connection reset",
             Self::EndpointProtocol => "endpoint protocol error",

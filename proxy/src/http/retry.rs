@@ -88,8 +88,10 @@ where
                     tracing::debug!(destination = %route.dst, route = %route.route.name(), "retry budget exhausted");
                     break;
                 }
-                // The failed response's body records its attempt as it drops.
-                drop(result);
+                // The failed response records its attempt (and its endpoint's failure).
+                if let Ok(rsp) = result {
+                    rsp.into_body().discard();
+                }
                 attempt += 1;
                 let req = head.request(RequestBody::replay(body), Attempt(attempt));
                 inner.ready().await?;

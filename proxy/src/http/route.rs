@@ -16,6 +16,7 @@ use tower::{Layer, Service};
 
 use super::body::{record_route_on_end, RouteRecord};
 use super::{BoxFuture, ProxyError, ProxyResponse};
+use crate::discovery::Logical;
 use crate::profiles::{DestinationRoutes, RouteState};
 
 /// Needs `Arc<DestinationRoutes>` in the request's extensions (set by the layer that named the
@@ -109,9 +110,14 @@ where
         let Some(route) = req.extensions().get::<Arc<RouteState>>().cloned() else {
             return Box::pin(self.inner.call(req));
         };
-        route.actual.request();
+        // `dst` is the backend this attempt goes to (a split may have chosen another).
+        let actual = match req.extensions().get::<Arc<Logical>>() {
+            Some(backend) => route.actual_for(&backend.authority),
+            None => route.actual_for(&route.dst),
+        };
+        actual.request();
         let record = RouteRecord {
-            metrics: route.actual.clone(),
+            metrics: actual,
             route,
             start: Instant::now(),
         };
