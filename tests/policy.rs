@@ -48,6 +48,17 @@ async fn backend_with(
     .await
 }
 
+/// Turns failure accrual off for `web` (Linkerd's annotation), so a test sees retries and
+/// budgets alone rather than the endpoint being ejected.
+fn without_failure_accrual(cfg: &ConfigDir) {
+    let yaml = service_yaml("web", "default", &[HTTP_PORT]).replacen(
+        "  namespace: default\n",
+        "  namespace: default\n  annotations:\n    balancer.linkerd.io/failure-accrual: disabled\n",
+        1,
+    );
+    cfg.write("web-service.yaml", &yaml);
+}
+
 /// A cheap deterministic "random" failure pattern: about half of the numbers.
 fn coin(n: usize) -> bool {
     let mut x = n as u64 ^ 0x9e37_79b9_7f4a_7c15;
@@ -141,6 +152,7 @@ async fn retries_on_a_retryable_route_raise_the_success_rate() {
         // Half of all requests fail, at random.
         let backend = backend_with("web-a", |n| if coin(n) { 503 } else { 200 }).await;
         let cfg = ConfigDir::web(&[backend.addr]);
+        without_failure_accrual(&cfg);
         cfg.write(
             "web-profile.yaml",
             &profile(
@@ -181,6 +193,7 @@ async fn the_retry_budget_holds_retries_to_the_ratio() {
     test_body(async {
         let backend = backend_with("web-a", |_| 503).await;
         let cfg = ConfigDir::web(&[backend.addr]);
+        without_failure_accrual(&cfg);
         cfg.write(
             "web-profile.yaml",
             &profile(

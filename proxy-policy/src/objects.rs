@@ -116,6 +116,8 @@ pub struct ObjectMeta {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
     pub labels: BTreeMap<String, String>,
+    /// Read for Linkerd's configuration annotations (e.g. `balancer.linkerd.io/...`).
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A reference to a Service, the unit clients name.
@@ -129,6 +131,26 @@ impl ServiceRef {
     /// `name.ns.svc.<cluster_domain>`.
     pub fn fqdn(&self, cluster_domain: &str) -> String {
         format!("{}.{}.svc.{}", self.name, self.namespace, cluster_domain)
+    }
+
+    /// The inverse of [`ServiceRef::fqdn`]: the service a `name.ns.svc.<cluster_domain>`
+    /// name means (case-insensitive, optional trailing dot, like the domain), or `None` for
+    /// any other name. Whether the service exists is the Snapshot's business.
+    pub fn from_fqdn(fqdn: &str, cluster_domain: &str) -> Option<ServiceRef> {
+        let fqdn = fqdn.strip_suffix('.').unwrap_or(fqdn);
+        let cluster_domain = cluster_domain.trim_matches('.');
+        let mut labels = fqdn.splitn(4, '.');
+        let (name, namespace) = (labels.next()?, labels.next()?);
+        let svc = labels.next()?;
+        let domain = labels.next()?;
+        let ok = !name.is_empty()
+            && !namespace.is_empty()
+            && svc.eq_ignore_ascii_case("svc")
+            && domain.eq_ignore_ascii_case(cluster_domain);
+        ok.then(|| ServiceRef {
+            namespace: namespace.to_ascii_lowercase().into(),
+            name: name.to_ascii_lowercase().into(),
+        })
     }
 }
 
@@ -444,29 +466,39 @@ fn parse_meta(
             format!("invalid namespace {namespace:?}: must be a DNS label"),
         ));
     }
-    let mut labels = BTreeMap::new();
-    if let Some(map) = opt_mapping(meta, "metadata", "labels")? {
-        for (k, v) in map {
-            let Some(k) = k.as_str() else {
-                return Err(FieldError::new(
-                    "metadata.labels",
-                    "label keys must be strings",
-                ));
-            };
-            let field = format!("metadata.labels.{k}");
-            let v = match v {
-                Value::String(s) => s.clone(),
-                Value::Null => String::new(),
-                _ => return Err(FieldError::new(field, "label values must be strings")),
-            };
-            labels.insert(k.to_string(), v);
-        }
-    }
     Ok(ObjectMeta {
         name: name.into(),
         namespace: namespace.into(),
-        labels,
+        labels: string_map(meta, "labels")?,
+        annotations: string_map(meta, "annotations")?,
     })
+}
+
+/// `metadata.labels` / `metadata.annotations`: string keys to string values.
+fn string_map(meta: &Mapping, key: &str) -> Result<BTreeMap<String, String>, FieldError> {
+    let mut out = BTreeMap::new();
+    if let Some(map) = opt_mapping(meta, "metadata", key)? {
+        for (k, v) in map {
+            let Some(k) = k.as_str() else {
+                return Err(FieldError::new(
+                    format!("metadata.{key}"),
+                    "keys must be strings",
+                ));
+            };
+            let v = match v {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                _ => {
+                    return Err(FieldError::new(
+                        format!("metadata.{key}.{k}"),
+                        "values must be strings",
+                    ))
+                }
+            };
+            out.insert(k.to_string(), v);
+        }
+    }
+    Ok(out)
 }
 
 const SERVICE_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
@@ -1103,6 +1135,41 @@ mod tests {
             parse("apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: web}"),
             ParsedDocument::Skipped { .. }
         ));
+    }
+
+    #[test]
+    fn service_refs_from_fqdns() {
+        let web = ServiceRef {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        for name in [
+            "web.shop.svc.cluster.local",
+            "web.shop.svc.cluster.local.",
+            "Web.SHOP.svc.Cluster.Local",
+        ] {
+            assert_eq!(
+                ServiceRef::from_fqdn(name, "cluster.local").as_ref(),
+                Some(&web),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            ServiceRef::from_fqdn(&web.fqdn("corp.example"), ".Corp.Example."),
+            Some(web)
+        );
+        for name in [
+            "web",
+            "web.shop",
+            "web.shop.svc",
+            "web.shop.svc.example.org",
+            "web.shop.pod.cluster.local",
+            ".shop.svc.cluster.local",
+            "web..svc.cluster.local",
+            "api.example.com",
+        ] {
+            assert_eq!(ServiceRef::from_fqdn(name, "cluster.local"), None, "{name}");
+        }
     }
 
     #[test]

@@ -58,7 +58,7 @@ fn loaded_set(n: usize) -> (EndpointSet<Ep>, Vec<InFlight>) {
             drop(done);
             if id % 3 == 2 {
                 let mut refused = load.start();
-                refused.failed();
+                refused.failed(true);
             }
             for _ in 0..id % 4 {
                 pending.push(load.start());

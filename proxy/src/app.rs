@@ -116,6 +116,7 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         metrics.clone(),
         profiles.clone(),
         args.connect_timeout,
+        args.failure_accrual(),
         &args.cluster_domain,
     );
     discovery.spawn_updates();

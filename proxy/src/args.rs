@@ -92,12 +92,25 @@ pub struct ProxyArgs {
     #[arg(long, env = "PYLON_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Failure accrual for destinations whose Service doesn't say (Linkerd's
+    /// `balancer.linkerd.io/failure-accrual` annotation): `consecutive` ejects an endpoint after
+    /// 7 failures in a row; `disabled` never ejects.
+    #[arg(long, env = "PYLON_FAILURE_ACCRUAL", default_value = "consecutive", value_parser = ["consecutive", "disabled"])]
+    pub failure_accrual: String,
+
     /// Worker threads (default: the number of CPUs); 1 runs everything on one thread.
     #[arg(long, env = "PYLON_THREADS")]
     pub threads: Option<usize>,
 }
 
 impl ProxyArgs {
+    pub fn failure_accrual(&self) -> crate::accrual::AccrualPolicy {
+        match self.failure_accrual.as_str() {
+            "disabled" => crate::accrual::AccrualPolicy::DISABLED,
+            _ => crate::accrual::AccrualPolicy::CONSECUTIVE,
+        }
+    }
+
     pub fn is_opaque_port(&self, port: u16) -> bool {
         DEFAULT_OPAQUE_PORTS.contains(&port) || self.opaque_ports.contains(&port)
     }

@@ -12,7 +12,7 @@ use http::uri::Authority;
 use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls};
 use pylon_proxy_policy::{ServiceRef, Snapshot, Store};
 
-use crate::accrual::EndpointHealth;
+use crate::accrual::{AccrualPolicy, EndpointHealth};
 use crate::balance::{Balanced, EndpointSet, PeakEwma, PickError};
 use crate::http::client::EndpointTarget;
 use crate::http::headers::request_authority;
@@ -104,6 +104,8 @@ pub struct Logical {
     pub routes: Arc<DestinationRoutes>,
     /// Where its requests go: itself, or backends by weight.
     pub backends: ArcSwap<Backends>,
+    /// Failure accrual for its endpoints (the Service's annotations, else the proxy default).
+    accrual: Arc<ArcSwap<AccrualPolicy>>,
     /// Where proxy-made responses are counted when no endpoint was chosen (first use only).
     no_endpoint: LazyTarget<HttpTarget>,
 }
@@ -123,6 +125,8 @@ pub struct Discovery {
     metrics: Arc<Metrics>,
     profiles: Arc<Profiles>,
     connect_timeout: Duration,
+    /// Failure accrual where a Service doesn't say.
+    accrual: AccrualPolicy,
     cluster_domain: Arc<str>,
     /// Keyed by the authority exactly as clients send it.
     by_authority: ArcSwap<HashMap<Box<[u8]>, Arc<Logical>>>,
@@ -136,6 +140,7 @@ impl Discovery {
         metrics: Arc<Metrics>,
         profiles: Arc<Profiles>,
         connect_timeout: Duration,
+        accrual: AccrualPolicy,
         cluster_domain: &str,
     ) -> Arc<Self> {
         let dns = match hickory_resolver::TokioResolver::builder_tokio() {
@@ -150,6 +155,7 @@ impl Discovery {
             metrics,
             profiles,
             connect_timeout,
+            accrual,
             cluster_domain: cluster_domain.into(),
             by_authority: ArcSwap::from_pointee(HashMap::new()),
             by_target: Mutex::new(HashMap::new()),
@@ -413,6 +419,7 @@ impl Discovery {
             endpoints: EndpointSet::new(Vec::new()),
             routes,
             backends: ArcSwap::from_pointee(Backends::default()),
+            accrual: Arc::new(ArcSwap::from_pointee(self.accrual)),
             no_endpoint,
         })
     }
@@ -451,6 +458,7 @@ impl Discovery {
             ),
             load: Arc::new(PeakEwma::new()),
             health: Arc::new(EndpointHealth::new(
+                logical.accrual.clone(),
                 addr,
                 logical.authority.clone(),
                 self.metrics.endpoint_ejections(labels.clone()),
@@ -488,6 +496,16 @@ impl Discovery {
         let TargetKey::Service { service, port } = &logical.key else {
             return true;
         };
+        if let Some(svc) = snapshot.service(service) {
+            let (policy, problems) =
+                AccrualPolicy::from_annotations(&svc.meta.annotations, self.accrual);
+            if policy != **logical.accrual.load() {
+                for problem in &problems {
+                    tracing::warn!(service = %service, "{problem}");
+                }
+                logical.accrual.store(Arc::new(policy));
+            }
+        }
         let name = format!("{}.{}", service.name, service.namespace);
         match snapshot.resolve_name(&name, *port) {
             Some(resolved) => {
@@ -695,6 +713,7 @@ mod tests {
             metrics,
             profiles,
             Duration::from_secs(1),
+            AccrualPolicy::CONSECUTIVE,
             "cluster.local",
         )
     }

@@ -14,7 +14,7 @@ use pylon_proxy_policy::ServiceRef;
 use tower::{Layer, Service};
 
 use crate::discovery::Logical;
-use crate::http::{BoxFuture, ProxyError, ProxyResponse};
+use crate::http::{ProxyError, ProxyResponse};
 
 /// What a backend list was built from, so discovery can tell when the config changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,7 +103,7 @@ where
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+    type Future = S::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -114,6 +114,6 @@ where
             let backend = logical.backend();
             req.extensions_mut().insert(backend);
         }
-        Box::pin(self.inner.call(req))
+        self.inner.call(req)
     }
 }

@@ -30,6 +30,24 @@ pub type ProxyResponse = http::Response<ResponseBody>;
 /// Layers box their futures: one small allocation each keeps the stack's types readable.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// The future of a layer that usually passes the request straight through: the inner future
+/// as it is (no allocation), or the layer's own boxed work when it has some.
+pub enum PassThrough<F, T> {
+    Inner(F),
+    Own(BoxFuture<T>),
+}
+
+impl<F: Future<Output = T> + Unpin, T> Future for PassThrough<F, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        match self.get_mut() {
+            Self::Inner(f) => Pin::new(f).poll(cx),
+            Self::Own(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A complete per-request stack, as each direction builds it: what the HTTP server calls.
 pub trait HttpStack:
     tower::Service<

@@ -16,7 +16,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::body::grpc_status;
 use super::request_body::RequestBody;
-use super::{headers, BoxFuture, ProxyError, ProxyResponse};
+use super::{headers, PassThrough, ProxyError, ProxyResponse};
 use crate::profiles::RouteState;
 
 /// A safety net under the budget: no request is sent more than this many times.
@@ -47,11 +47,11 @@ where
         + Clone
         + Send
         + 'static,
-    S::Future: Send + 'static,
+    S::Future: Send + Unpin + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+    type Future = PassThrough<S::Future, Result<ProxyResponse, ProxyError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -64,7 +64,7 @@ where
             .filter(|r| r.route.is_retryable() && can_replay(&req))
             .cloned();
         let Some(route) = route else {
-            return Box::pin(self.inner.call(req.map(RequestBody::streaming)));
+            return PassThrough::Inner(self.inner.call(req.map(RequestBody::streaming)));
         };
         route.budget.deposit();
 
@@ -75,7 +75,7 @@ where
         let first = self.inner.call(Request::from_parts(parts, body));
         // The inner service was made ready for the first call; retries ready their own clone.
         let mut inner = self.inner.clone();
-        Box::pin(async move {
+        PassThrough::Own(Box::pin(async move {
             let mut result = first.await;
             let mut attempt = 1;
             while attempt < MAX_ATTEMPTS && is_failure(&route, &result) {
@@ -98,7 +98,7 @@ where
                 result = inner.call(req).await;
             }
             result
-        })
+        }))
     }
 }
 

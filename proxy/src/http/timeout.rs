@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::Request;
 use tower::{Layer, Service};
 
-use super::{BoxFuture, ProxyError, ProxyResponse};
+use super::{BoxFuture, PassThrough, ProxyError, ProxyResponse};
 use crate::profiles::RouteState;
 
 #[derive(Clone, Copy, Debug)]
@@ -89,11 +89,11 @@ pub struct RouteTimeout<S> {
 impl<S, B> Service<Request<B>> for RouteTimeout<S>
 where
     S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
-    S::Future: Send + 'static,
+    S::Future: Send + Unpin + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+    type Future = PassThrough<S::Future, Result<ProxyResponse, ProxyError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -104,9 +104,9 @@ where
         let response = self.inner.call(req);
         let Some((route, timeout)) = route.and_then(|r| Some((r.clone(), r.route.timeout()?)))
         else {
-            return Box::pin(response);
+            return PassThrough::Inner(response);
         };
-        Box::pin(async move {
+        PassThrough::Own(Box::pin(async move {
             match tokio::time::timeout(timeout, response).await {
                 Ok(result) => result,
                 // Dropping the inner future cancels the attempt in flight.
@@ -120,6 +120,6 @@ where
                     Err(ProxyError::RouteTimeout)
                 }
             }
-        })
+        }))
     }
 }
