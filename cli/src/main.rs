@@ -3,6 +3,9 @@
 //! - `pylon demo` starts a small mesh on loopback (three endpoints behind their own inbound
 //!   proxies, a client's outbound proxy, a load generator) and prints what the proxies see:
 //!   request rate, success rate and latency per endpoint, read from their `/metrics`.
+//! - `pylon check [DIR]` audits a config dir with the proxy's own parser and validator, plus
+//!   the cross-object checks no single object's validation can make (split weights, missing
+//!   backends, shadowed routes, risky retries), and exits 1 when it finds errors.
 //! - `pylon proxy ...` (hidden) runs the sidecar proxy itself with the given flags, so the demo
 //!   can start proxies from this same binary without anything else installed.
 
@@ -11,6 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod check;
 mod demo;
 
 #[derive(Parser, Debug)]
@@ -24,6 +28,9 @@ struct Cli {
 enum Command {
     /// Start a small mesh on loopback and watch what its proxies see.
     Demo(demo::DemoArgs),
+
+    /// Audit a config dir: every problem with its file, object and field.
+    Check(check::CheckArgs),
 
     /// Run the sidecar proxy (`pylon-proxy`) with the given flags.
     #[command(hide = true, disable_help_flag = true)]
@@ -42,6 +49,7 @@ fn main() -> ExitCode {
             argv.extend(args);
             pylon_proxy::main_with_args(argv)
         }
+        Command::Check(args) => check::run(args),
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -7,7 +7,9 @@
 //! parsing from YAML/JSON files, their validation (every problem names file, object and
 //! field), and the [`Store`], which keeps the last good version of each object, watches
 //! the config directory, and publishes immutable [`Snapshot`]s that the data path reads
-//! without locks.
+//! without locks. A snapshot also lists what was rejected ([`Snapshot::errors`]), fields that
+//! were ignored ([`Snapshot::warnings`]) and the file each object came from, which is all an
+//! audit such as `pylon check` needs to report problems without parsing anything itself.
 //!
 //! ServiceProfiles become [`RouteTable`]s, the internal route model in [`route`], which
 //! does not mirror the ServiceProfile shape (Gateway API `HTTPRoute` will map onto it too).

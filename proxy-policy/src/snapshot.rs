@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::objects::{
@@ -13,6 +14,17 @@ use crate::objects::{
 use crate::route::RouteTable;
 use crate::store::ConfigError;
 
+/// What the Store merged from its files: everything a snapshot is built from.
+#[derive(Debug, Default)]
+pub(crate) struct MeshContent {
+    /// The validated objects in force, by identity.
+    pub objects: BTreeMap<ObjectKey, Arc<MeshObject>>,
+    /// The file each object in force came from.
+    pub sources: BTreeMap<ObjectKey, PathBuf>,
+    pub errors: Vec<ConfigError>,
+    pub warnings: Vec<ConfigError>,
+}
+
 /// One published view of the mesh. Never changes once built.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -21,7 +33,9 @@ pub struct Snapshot {
     cluster_domain: Arc<str>,
     /// The validated objects in force, by identity.
     objects: BTreeMap<ObjectKey, Arc<MeshObject>>,
+    sources: BTreeMap<ObjectKey, PathBuf>,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
     /// namespace -> name -> service. Nested so lookups borrow `&str` without allocating.
     services: HashMap<Arc<str>, HashMap<Arc<str>, ServiceEntry>>,
     by_cluster_ip: HashMap<IpAddr, ServiceRef>,
@@ -41,22 +55,21 @@ struct ServiceEntry {
 
 impl Snapshot {
     pub(crate) fn empty(default_namespace: Arc<str>, cluster_domain: Arc<str>) -> Self {
-        Self::build(
-            0,
-            default_namespace,
-            cluster_domain,
-            BTreeMap::new(),
-            Vec::new(),
-        )
+        Self::build(0, default_namespace, cluster_domain, MeshContent::default())
     }
 
     pub(crate) fn build(
         generation: u64,
         default_namespace: Arc<str>,
         cluster_domain: Arc<str>,
-        objects: BTreeMap<ObjectKey, Arc<MeshObject>>,
-        errors: Vec<ConfigError>,
+        content: MeshContent,
     ) -> Self {
+        let MeshContent {
+            objects,
+            sources,
+            errors,
+            warnings,
+        } = content;
         let mut slices_by_service: HashMap<ServiceRef, Vec<&EndpointSlice>> = HashMap::new();
         for object in objects.values() {
             if let MeshObject::EndpointSlice(slice) = &**object {
@@ -147,7 +160,9 @@ impl Snapshot {
             default_namespace,
             cluster_domain,
             objects,
+            sources,
             errors,
+            warnings,
             services,
             by_cluster_ip,
             route_tables,
@@ -227,6 +242,17 @@ impl Snapshot {
         &self.errors
     }
 
+    /// Problems that reject nothing, in the same shape as [`Snapshot::errors`]: today the
+    /// fields of valid objects that Kubernetes would not know (the proxy ignores them).
+    pub fn warnings(&self) -> &[ConfigError] {
+        &self.warnings
+    }
+
+    /// The file the object in force with this key came from.
+    pub fn source_file(&self, key: &ObjectKey) -> Option<&Path> {
+        self.sources.get(key).map(PathBuf::as_path)
+    }
+
     /// The Service object, if it exists.
     pub fn service(&self, svc: &ServiceRef) -> Option<&Service> {
         match &*self.entry(&svc.namespace, &svc.name)?.service {
@@ -257,6 +283,15 @@ impl Snapshot {
 
     pub(crate) fn object_map(&self) -> &BTreeMap<ObjectKey, Arc<MeshObject>> {
         &self.objects
+    }
+
+    /// Whether this snapshot was built from exactly `content`, so publishing it again would
+    /// change nothing.
+    pub(crate) fn has_content(&self, content: &MeshContent) -> bool {
+        self.objects == content.objects
+            && self.sources == content.sources
+            && self.errors == content.errors
+            && self.warnings == content.warnings
     }
 
     fn entry(&self, namespace: &str, name: &str) -> Option<&ServiceEntry> {

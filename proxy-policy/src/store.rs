@@ -18,6 +18,7 @@ use serde_yaml_ng::Value;
 use tokio::sync::{watch, Notify};
 
 use crate::objects::{parse_document, MeshObject, ObjectKey, ObjectKind, ParsedDocument};
+use crate::snapshot::MeshContent;
 pub use crate::snapshot::Snapshot;
 
 /// How often the polling fallback compares file mtimes and sizes.
@@ -51,7 +52,8 @@ pub enum StoreError {
     NoRuntime,
 }
 
-/// One rejected object or document, or an unreadable file.
+/// One rejected object or document, or an unreadable file. Warnings
+/// ([`Snapshot::warnings`]) have the same shape but reject nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 #[error("{}: {object}: {field}: {message}", file.display())]
 pub struct ConfigError {
@@ -107,6 +109,8 @@ struct FileState {
     /// Objects the file contributes now: its valid objects plus last good versions.
     objects: BTreeMap<ObjectKey, Arc<MeshObject>>,
     errors: Vec<ConfigError>,
+    /// Unknown fields of the objects parsed from the current content.
+    warnings: Vec<ConfigError>,
 }
 
 impl Store {
@@ -244,6 +248,7 @@ impl Store {
                                     field: "(read)".to_string(),
                                     message: error.to_string(),
                                 }],
+                                warnings: Vec::new(),
                             }
                         }
                     };
@@ -270,13 +275,13 @@ impl Store {
     }
 
     fn publish_if_changed(&self, state: &LoadState) {
-        let (objects, errors) = merge_files(&state.files);
+        let content = merge_files(&state.files);
         let current = self.current.load();
-        if *current.object_map() == objects && current.errors() == errors.as_slice() {
+        if current.has_content(&content) {
             return;
         }
         let seen: HashSet<&ConfigError> = current.errors().iter().collect();
-        for e in errors.iter().filter(|e| !seen.contains(e)) {
+        for e in content.errors.iter().filter(|e| !seen.contains(e)) {
             self.config_errors_total.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 file = %e.file.display(),
@@ -290,13 +295,13 @@ impl Store {
             current.generation() + 1,
             self.default_namespace.clone(),
             self.cluster_domain.clone(),
-            objects,
-            errors,
+            content,
         ));
         tracing::info!(
             generation = snapshot.generation(),
             objects = snapshot.object_map().len(),
             errors = snapshot.errors().len(),
+            warnings = snapshot.warnings().len(),
             "mesh config updated"
         );
         self.current.store(snapshot.clone());
@@ -534,12 +539,14 @@ fn parse_file(
                 content: Some(content),
                 objects: prev_objects.cloned().unwrap_or_default(),
                 errors: vec![error],
+                warnings: Vec::new(),
             }
         }
     };
 
     let mut objects: BTreeMap<ObjectKey, Arc<MeshObject>> = BTreeMap::new();
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     let mut keep_last_good: Vec<ObjectKey> = Vec::new();
     // Kinds of invalid documents whose name could not be read (None: kind unknown too).
     let mut unidentified: Vec<Option<ObjectKind>> = Vec::new();
@@ -554,7 +561,7 @@ fn parse_file(
                 unknown_fields,
             } => {
                 let key = object.key();
-                for field in unknown_fields {
+                for field in &unknown_fields {
                     tracing::warn!(file = %path.display(), object = %key, %field, "unknown field ignored");
                 }
                 if objects.contains_key(&key) {
@@ -566,6 +573,12 @@ fn parse_file(
                     });
                     continue;
                 }
+                warnings.extend(unknown_fields.into_iter().map(|field| ConfigError {
+                    file: path.to_path_buf(),
+                    object: key.to_string(),
+                    field,
+                    message: "unknown field, ignored".to_string(),
+                }));
                 objects.insert(key, Arc::new(object));
             }
             ParsedDocument::Invalid { key, kind, error } => {
@@ -604,34 +617,40 @@ fn parse_file(
         content: Some(content),
         objects,
         errors,
+        warnings,
     }
 }
 
 /// Merges every file's contribution; files are visited in path order, so when two files
-/// define the same object the first path wins and the other is reported.
-fn merge_files(
-    files: &BTreeMap<PathBuf, FileState>,
-) -> (BTreeMap<ObjectKey, Arc<MeshObject>>, Vec<ConfigError>) {
-    let mut objects = BTreeMap::new();
-    let mut owner: BTreeMap<&ObjectKey, &Path> = BTreeMap::new();
-    let mut errors = Vec::new();
+/// define the same object the first path wins and the other is reported (and the ignored
+/// copy's warnings are dropped).
+fn merge_files(files: &BTreeMap<PathBuf, FileState>) -> MeshContent {
+    let mut content = MeshContent::default();
     for (path, file) in files {
-        errors.extend(file.errors.iter().cloned());
+        content.errors.extend(file.errors.iter().cloned());
+        let mut ignored = Vec::new();
         for (key, object) in &file.objects {
-            if let Some(first) = owner.get(key) {
-                errors.push(ConfigError {
+            if let Some(first) = content.sources.get(key) {
+                content.errors.push(ConfigError {
                     file: path.clone(),
                     object: key.to_string(),
                     field: "metadata.name".to_string(),
                     message: format!("already defined in {}; ignored", first.display()),
                 });
+                ignored.push(key.to_string());
                 continue;
             }
-            owner.insert(key, path);
-            objects.insert(key.clone(), object.clone());
+            content.sources.insert(key.clone(), path.clone());
+            content.objects.insert(key.clone(), object.clone());
         }
+        content.warnings.extend(
+            file.warnings
+                .iter()
+                .filter(|w| !ignored.contains(&w.object))
+                .cloned(),
+        );
     }
-    (objects, errors)
+    content
 }
 
 #[cfg(test)]
@@ -929,6 +948,44 @@ mod tests {
         assert!(logs.contains("field=spec.ports[1].weight"), "{logs}");
         assert!(logs.contains("object=Service shop/web"), "{logs}");
         assert!(logs.contains("web.yaml"), "{logs}");
+    }
+
+    #[test]
+    fn unknown_fields_are_published_as_warnings_and_objects_name_their_file() {
+        let svc = WEB_SERVICE.replace("  - name: admin\n", "  - name: admin\n    weight: 5\n");
+        let (dir, store) = load(&[("web.yaml", &svc)], cfg());
+        let path = dir.path().join("web.yaml");
+        let snap = store.snapshot();
+        assert!(snap.errors().is_empty(), "{:?}", snap.errors());
+        assert_eq!(
+            snap.warnings(),
+            [ConfigError {
+                file: path.clone(),
+                object: "Service shop/web".to_string(),
+                field: "spec.ports[1].weight".to_string(),
+                message: "unknown field, ignored".to_string(),
+            }]
+        );
+        let key = snap.objects().next().expect("the service").key();
+        assert_eq!(snap.source_file(&key), Some(path.as_path()));
+
+        // A later file's copy of the same object is ignored, and so are its warnings.
+        write(dir.path(), "z.yaml", &svc);
+        store.reload();
+        let snap = store.snapshot();
+        assert_eq!(snap.errors().len(), 1);
+        assert_eq!(snap.warnings().len(), 1);
+        assert_eq!(snap.warnings()[0].file, path);
+        assert_eq!(snap.source_file(&key), Some(path.as_path()));
+
+        // Fixing the field clears the warning: a new snapshot, though no object changed.
+        std::fs::remove_file(dir.path().join("z.yaml")).expect("rm");
+        write(dir.path(), "web.yaml", WEB_SERVICE);
+        store.reload();
+        let snap = store.snapshot();
+        assert!(snap.warnings().is_empty(), "{:?}", snap.warnings());
+        assert!(snap.errors().is_empty());
+        assert_eq!(snap.generation(), 3);
     }
 
     #[test]

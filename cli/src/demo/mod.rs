@@ -11,7 +11,7 @@ mod admin_client;
 mod app_server;
 mod load_generator;
 mod mesh;
-mod mesh_config;
+pub(crate) mod mesh_config;
 mod metrics;
 mod proxy_process;
 mod traffic_view;
