@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use support::*;
 
 const AUTHORITY: &str = "web.default.svc.cluster.local:80";
@@ -731,6 +731,39 @@ async fn all_endpoints_ejected_fails_fast_with_the_reason() {
             Some("all endpoints ejected after consecutive failures")
         );
         assert_eq!(bad.requests(), 7, "fail-fast: the endpoint was not asked");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_requests_are_retried_with_their_body_over_the_endpoints_h2_connection() {
+    test_body(async {
+        let backend = backend_with("web-a", |n| if n % 2 == 0 { 503 } else { 200 }).await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        cfg.write(
+            "web-profile.yaml",
+            &profile(
+                "  routes:\n  - name: PUT /items\n    condition: {method: PUT, pathRegex: /items/.*}\n    isRetryable: true\n",
+            ),
+        );
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let mut client = h2_client(proxy.outbound()).await;
+        for i in 0..5 {
+            let req = Request::builder()
+                .method("PUT")
+                .uri(format!("http://{AUTHORITY}/items/{i}"))
+                .body(full(vec![b'z'; 1000 + i]))
+                .unwrap();
+            let rsp = send_h2(&mut client, req).await.expect("response");
+            assert_eq!(rsp.status, 200, "request {i} retried");
+            assert_eq!(rsp.text(), (1000 + i).to_string(), "whole body replayed");
+        }
+        assert_eq!(backend.requests(), 10);
+        assert_eq!(
+            route_metric(&proxy, "route_actual_request_total", "PUT /items", &[]),
+            10.0
+        );
+        assert_eq!(route_metric(&proxy, "route_request_total", "PUT /items", &[]), 5.0);
     })
     .await
 }
