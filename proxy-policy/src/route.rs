@@ -200,7 +200,10 @@ pub struct PathRegex {
 impl PathRegex {
     /// Compiles `source` as `^(?:source)$`. The error is the regex crate's description.
     pub fn new(source: &str) -> Result<Self, regex::Error> {
-        let regex = regex::Regex::new(&format!("^(?:{source})$"))?;
+        let regex = regex::Regex::new(&format!("^(?:{source})$")).map_err(|anchored| {
+            // Report the error against the pattern as the user wrote it.
+            regex::Regex::new(source).err().unwrap_or(anchored)
+        })?;
         Ok(Self {
             source: source.into(),
             regex,
