@@ -693,7 +693,6 @@ where
                         })?
                 }
             };
-            req.extensions_mut().insert(logical.routes.clone());
             req.extensions_mut().insert(logical);
             inner.call(req).await
         })

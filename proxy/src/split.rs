@@ -58,8 +58,8 @@ impl Backends {
         &self.spec
     }
 
-    /// A backend chosen by weight; `None` for the destination itself.
-    fn pick(&self) -> Option<&Arc<Logical>> {
+    /// The backend for one attempt, by weight; `None` for the destination itself.
+    pub fn pick(&self) -> Option<&Arc<Logical>> {
         if self.total == 0 {
             return None;
         }
@@ -68,16 +68,6 @@ impl Backends {
             .iter()
             .find(|(_, cumulative)| r < *cumulative)
             .and_then(|(backend, _)| backend.as_ref())
-    }
-}
-
-impl Logical {
-    /// Where this attempt goes: a backend by weight, or this destination itself.
-    pub fn backend(self: &Arc<Self>) -> Arc<Logical> {
-        match self.backends.load().pick() {
-            Some(b) => b.clone(),
-            None => self.clone(),
-        }
     }
 }
 
@@ -110,8 +100,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if let Some(logical) = req.extensions().get::<Arc<Logical>>() {
-            let backend = logical.backend();
+        // Only a split replaces the destination (most have none: no allocation then).
+        let backend = req
+            .extensions()
+            .get::<Arc<Logical>>()
+            .and_then(|l| l.backends.load().pick().cloned());
+        if let Some(backend) = backend {
             req.extensions_mut().insert(backend);
         }
         self.inner.call(req)

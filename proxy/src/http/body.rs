@@ -45,9 +45,8 @@ fn classification(route: Option<&RouteState>, status: u16, grpc: Option<u32>) ->
 }
 
 impl Recorder {
-    fn finish(self, status: u16, grpc_status: Option<u32>) {
-        let latency = self.start.elapsed();
-        let class = classification(self.route.as_deref(), status, grpc_status);
+    fn finish(self, status: u16, grpc_status: Option<u32>, class: Classification, now: Instant) {
+        let latency = now.saturating_duration_since(self.start);
         self.metrics
             .classified_response(Some(status), grpc_status, None, class, latency);
         if let Some(entry) = self.access {
@@ -57,14 +56,13 @@ impl Recorder {
 }
 
 impl RouteRecord {
-    fn finish(self, status: u16, grpc_status: Option<u32>) {
-        let class = self.route.classify(status, grpc_status);
+    fn finish(self, status: u16, grpc_status: Option<u32>, class: Classification, now: Instant) {
         self.metrics.classified_response(
             Some(status),
             grpc_status,
             None,
             class,
-            self.start.elapsed(),
+            now.saturating_duration_since(self.start),
         );
     }
 
@@ -97,9 +95,8 @@ pub fn record_proxy_error(
 
 /// Records `recorder` when `rsp`'s body ends.
 pub fn record_on_end(rsp: &mut ProxyResponse, recorder: Recorder) {
-    let head = head_of(rsp);
+    observe_head(rsp);
     let body = rsp.body_mut();
-    body.head.get_or_insert(head);
     body.recorder = Some(recorder);
     body.finish_if_ended();
 }
@@ -107,13 +104,15 @@ pub fn record_on_end(rsp: &mut ProxyResponse, recorder: Recorder) {
 /// Records `record` when `rsp`'s body ends (at most two per response: the attempt's and the
 /// request's).
 pub fn record_route_on_end(rsp: &mut ProxyResponse, record: RouteRecord) {
-    let head = head_of(rsp);
+    let (status, grpc) = observe_head(rsp);
     let body = rsp.body_mut();
-    body.head.get_or_insert(head);
     match body.routes.iter_mut().find(|r| r.is_none()) {
         Some(slot) => *slot = Some(record),
         // Both slots taken would be a stack built wrong; record now rather than lose it.
-        None => record.finish(head.0, head.1),
+        None => {
+            let class = record.route.classify(status, grpc);
+            record.finish(status, grpc, class, Instant::now())
+        }
     }
     body.finish_if_ended();
 }
@@ -125,17 +124,22 @@ pub fn release_on_end(
     in_flight: InFlight,
     route: Option<Arc<RouteState>>,
 ) {
-    let head = head_of(rsp);
+    observe_head(rsp);
     let body = rsp.body_mut();
-    body.head.get_or_insert(head);
     body.classifier = route;
     body.in_flight = Some(in_flight);
     body.finish_if_ended();
 }
 
-fn head_of(rsp: &ProxyResponse) -> (u16, Option<u32>) {
+/// The response's status and grpc-status, read from its head once.
+fn observe_head(rsp: &mut ProxyResponse) -> (u16, Option<u32>) {
+    if let Some(head) = rsp.body().head {
+        return head;
+    }
     // A trailers-only gRPC response carries its status in the headers.
-    (rsp.status().as_u16(), grpc_status(rsp.headers()))
+    let head = (rsp.status().as_u16(), grpc_status(rsp.headers()));
+    rsp.body_mut().head = Some(head);
+    head
 }
 
 /// How a response stream ended.
@@ -216,16 +220,24 @@ impl ResponseBody {
 
     fn finish(&mut self, end: End) {
         if let Some((status, grpc)) = self.head {
+            // Every recorder of one response shares its route, so classify and read the clock
+            // once.
+            let route = self
+                .classifier
+                .as_deref()
+                .or_else(|| self.routes.iter().flatten().next().map(|r| &*r.route))
+                .or_else(|| self.recorder.as_ref().and_then(|r| r.route.as_deref()));
+            let class = classification(route, status, grpc);
+            let now = Instant::now();
             if let Some(rec) = self.recorder.take() {
-                rec.finish(status, grpc);
+                rec.finish(status, grpc, class, now);
             }
             for rec in self.routes.iter_mut().filter_map(Option::take) {
-                rec.finish(status, grpc);
+                rec.finish(status, grpc, class, now);
             }
             if let Some(in_flight) = self.in_flight.as_mut() {
                 // A client that went away says nothing about the endpoint.
                 if end != End::Dropped {
-                    let class = classification(self.classifier.as_deref(), status, grpc);
                     in_flight.finished(class.is_success());
                 }
             }

@@ -19,8 +19,8 @@ use super::{BoxFuture, ProxyError, ProxyResponse};
 use crate::discovery::Logical;
 use crate::profiles::{DestinationRoutes, RouteState};
 
-/// Needs `Arc<DestinationRoutes>` in the request's extensions (set by the layer that named the
-/// destination); without it the request passes through unrouted.
+/// Needs the destination's routes in the request's extensions: its `Arc<Logical>` (outbound)
+/// or `Arc<DestinationRoutes>` (inbound); without either the request passes through unrouted.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RouteLayer;
 
@@ -50,8 +50,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let Some(dest) = req.extensions().get::<Arc<DestinationRoutes>>() else {
-            return Box::pin(self.inner.call(req));
+        let ext = req.extensions();
+        let dest = match ext.get::<Arc<Logical>>() {
+            Some(logical) => &logical.routes,
+            None => match ext.get::<Arc<DestinationRoutes>>() {
+                Some(dest) => dest,
+                None => return Box::pin(self.inner.call(req)),
+            },
         };
         let route = dest.load().route_for(&req).clone();
         route.metrics.request();
