@@ -1210,3 +1210,119 @@ async fn endpoint_closing_idle_connections_loses_no_request() {
     })
     .await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Idle HTTP/1 connections hibernate (hyper's buffers freed) and wake on the next request.
+// ---------------------------------------------------------------------------------------------
+
+/// Longer than the proxy's idle period before hibernating (1 s), with margin for its re-check.
+const PAST_HIBERNATION: Duration = Duration::from_millis(2_600);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_keep_alive_connection_wakes_for_its_next_request() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let proxy = Proxy::builder()
+            .arg("--config-dir")
+            .arg(cfg.path_str())
+            .env("PYLON_LOG", "info,pylon_proxy::http::server=debug")
+            .start();
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        let get = format!("GET /small HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\r\n");
+        for round in 0..3 {
+            raw.send(&get).await;
+            let rsp = raw.response().await.expect("response");
+            assert_eq!(rsp.status, 200, "round {round}");
+            assert_eq!(rsp.header("x-backend"), Some("web-a"));
+            tokio::time::sleep(PAST_HIBERNATION).await;
+        }
+        let hibernations = proxy
+            .logs()
+            .iter()
+            .filter(|l| l.contains("idle connection hibernated"))
+            .count();
+        assert!(hibernations >= 3, "hibernated {hibernations} times");
+        // One client connection throughout: hibernation never closed it.
+        let opened = proxy
+            .metric_sum("tcp_open_total", |s| {
+                s.label("direction") == Some("outbound") && s.label("peer") == Some("src")
+            })
+            .unwrap_or(0.0);
+        assert_eq!(opened, 1.0);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_head_split_by_a_long_pause_is_not_lost() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let proxy = Proxy::with_config(&ConfigDir::web(&[backend.addr]), &[]);
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        let get = format!("GET /small HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\r\n");
+        raw.send(&get).await;
+        assert_eq!(raw.response().await.expect("response").status, 200);
+        // Half a head, a pause past the idle period, then the rest.
+        raw.send("GET /small HTTP/1.1\r\nHo").await;
+        tokio::time::sleep(PAST_HIBERNATION).await;
+        raw.send(format!("st: {WEB_FQDN}\r\n\r\n")).await;
+        let rsp = raw.response().await.expect("the split request is answered");
+        assert_eq!(rsp.status, 200);
+        assert_eq!(backend.requests(), 2);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_requests_after_hibernation_are_all_answered() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let proxy = Proxy::with_config(&ConfigDir::web(&[backend.addr]), &[]);
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        let get = format!("GET /small HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\r\n");
+        raw.send(&get).await;
+        assert_eq!(raw.response().await.expect("response").status, 200);
+        tokio::time::sleep(PAST_HIBERNATION).await;
+        raw.send(get.repeat(3)).await;
+        for i in 0..3 {
+            let rsp = raw.response().await.expect("pipelined response");
+            assert_eq!(rsp.status, 200, "pipelined request {i}");
+        }
+        assert_eq!(backend.requests(), 4);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quiet_websocket_is_not_hibernated() {
+    use tokio_tungstenite::tungstenite::Message;
+    test_body(async {
+        let ws_server = WsServer::echo().await;
+        let cfg = ConfigDir::new();
+        cfg.write_service("ws", &[HTTP_PORT]);
+        cfg.set_endpoints("ws", "http", &[ws_server.addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let tcp = tokio::net::TcpStream::connect(proxy.outbound())
+            .await
+            .unwrap();
+        let (mut ws, _) = within(
+            "websocket handshake",
+            OP_TIMEOUT,
+            tokio_tungstenite::client_async("ws://ws.default.svc.cluster.local/chat", tcp),
+        )
+        .await
+        .expect("websocket handshake through the proxy");
+        for i in 0..2 {
+            tokio::time::sleep(PAST_HIBERNATION).await;
+            let text = format!("after a pause {i}");
+            ws.send(Message::text(text.clone())).await.unwrap();
+            let got = within("ws echo", OP_TIMEOUT, ws.next())
+                .await
+                .expect("ws closed")
+                .expect("ws error");
+            assert_eq!(got, Message::text(text));
+        }
+    })
+    .await
+}

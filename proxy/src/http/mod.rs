@@ -7,6 +7,7 @@ pub mod body;
 pub mod client;
 pub mod errors;
 pub mod headers;
+pub mod hibernate;
 pub mod metrics;
 pub mod pool;
 pub mod request_body;

@@ -11,8 +11,11 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::hibernate::{Activity, ActivityService, HibernatingIo};
 use super::{ProxyError, ResponseBody};
 use crate::shutdown::Shutdown;
 
@@ -21,6 +24,7 @@ pub async fn serve<I, S>(h2: bool, io: I, svc: S, shutdown: &Shutdown)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -33,13 +37,55 @@ where
             .serve_connection(TokioIo::new(io), svc);
         drive("h2", conn, shutdown, |c| c.graceful_shutdown()).await
     } else {
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .keep_alive(true)
-            .header_read_timeout(Duration::from_secs(30))
-            .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades();
-        drive("http/1", conn, shutdown, |c| c.graceful_shutdown()).await
+        serve_http1(io, svc, shutdown).await
+    }
+}
+
+/// HTTP/1 in sessions: each session is one hyper connection, which ends when the client hangs
+/// up or when the connection goes quiet between requests and hibernates (see `hibernate`);
+/// then only the socket waits for the client's next byte, which starts the next session.
+async fn serve_http1<I, S>(io: I, svc: S, shutdown: &Shutdown)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let activity = Arc::new(Activity::default());
+    let mut io = io;
+    let mut first = None;
+    loop {
+        let (session_io, returned) = HibernatingIo::new(io, first.take(), activity.clone());
+        // Boxed so a hibernating connection's task holds a pointer, not hyper's state.
+        let conn = Box::pin(
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .keep_alive(true)
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(
+                    TokioIo::new(session_io),
+                    ActivityService::new(svc.clone(), activity.clone()),
+                )
+                .with_upgrades(),
+        );
+        drive("http/1", conn, shutdown, |c| c.get_mut().as_mut().graceful_shutdown()).await;
+        let Some(back) = returned.take() else {
+            // The client hung up, hyper closed, or an upgrade took the socket.
+            return;
+        };
+        tracing::debug!("idle connection hibernated");
+        io = back;
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            read = io.read(&mut byte) => match read {
+                Ok(1) => first = Some(byte[0]),
+                // Closed (or failed) while hibernating.
+                _ => return,
+            },
+            _ = shutdown.signaled() => return,
+        }
     }
 }
 
