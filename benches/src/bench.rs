@@ -19,6 +19,8 @@ use crate::report::{
 const SLOTS: usize = 64;
 /// Connections the h2 streams share.
 const H2_CONNECTIONS: usize = 4;
+/// Quiet time between opening the idle connections and reading memory.
+const IDLE_SETTLE: Duration = Duration::from_secs(3);
 /// Idle connections opened at once for the memory measurement.
 const IDLE_OPEN_PARALLEL: usize = 256;
 const NOFILE: u64 = 200_000;
@@ -331,7 +333,9 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         for &n in &plan.idle_connections {
             eprintln!("pylon-bench: {n} idle connections to {}", c.kind.name());
             let idle = loadgen::open_idle_connections(&target, n, IDLE_OPEN_PARALLEL).await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Idle means idle: every proxy gets the same quiet time to settle (Pylon frees an
+            // HTTP/1 connection's buffers after 1 s without traffic; nginx and HAProxy at once).
+            tokio::time::sleep(IDLE_SETTLE).await;
             let rss = mib(procstat::total_rss_kib(&c.http_pids)?);
             let point = MemoryPoint {
                 connections: n,

@@ -311,7 +311,8 @@ pub fn markdown(r: &Report) -> String {
         "\n## Memory (VmRSS of both proxies of the HTTP chain, MiB)\n\n\
          Idle: after setup and one request of each workload, no connections open. With N \
          connections: N HTTP/1.1 keep-alive connections to the outbound proxy, each of which \
-         completed one `GET /small` and then sits idle (the same method for every proxy).\n\n",
+         completed one `GET /small` and then sits idle; read 3 s after the last one opened (the same \
+         method for every proxy).\n\n",
     );
     let counts: Vec<usize> = r
         .memory

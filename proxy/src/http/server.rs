@@ -30,20 +30,28 @@ where
     S::Future: Send + 'static,
 {
     if h2 {
-        let conn = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .max_concurrent_streams(10_000)
-            .serve_connection(TokioIo::new(io), svc);
-        drive("h2", conn, shutdown, |c| c.graceful_shutdown()).await
+        // Boxed, like each HTTP/1 session, so the connection's task stays small.
+        let conn = Box::pin(
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .adaptive_window(true)
+                .max_concurrent_streams(10_000)
+                .serve_connection(TokioIo::new(io), svc),
+        );
+        drive("h2", conn, shutdown, |c| {
+            c.get_mut().as_mut().graceful_shutdown()
+        })
+        .await
     } else {
         serve_http1(io, svc, shutdown).await
     }
 }
 
 /// HTTP/1 in sessions: each session is one hyper connection, which ends when the client hangs
-/// up or when the connection goes quiet between requests and hibernates (see `hibernate`);
-/// then only the socket waits for the client's next byte, which starts the next session.
+/// up or when the connection goes quiet between requests and hibernates (see `hibernate`).
+/// A hibernating connection is parked in a task of its own that holds only the socket and the
+/// stack; the client's next byte starts the next session in a new task. (Awaiting it here would
+/// keep this task, sized for detection and hyper, alive for the whole idle time.)
 async fn serve_http1<I, S>(io: I, svc: S, shutdown: &Shutdown)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -54,39 +62,76 @@ where
     S::Future: Send + 'static,
 {
     let activity = Arc::new(Activity::default());
-    let mut io = io;
-    let mut first = None;
-    loop {
-        let (session_io, returned) = HibernatingIo::new(io, first.take(), activity.clone());
-        // Boxed so a hibernating connection's task holds a pointer, not hyper's state.
-        let conn = Box::pin(
-            http1::Builder::new()
-                .timer(TokioTimer::new())
-                .keep_alive(true)
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(
-                    TokioIo::new(session_io),
-                    ActivityService::new(svc.clone(), activity.clone()),
-                )
-                .with_upgrades(),
-        );
-        drive("http/1", conn, shutdown, |c| c.get_mut().as_mut().graceful_shutdown()).await;
-        let Some(back) = returned.take() else {
-            // The client hung up, hyper closed, or an upgrade took the socket.
-            return;
-        };
+    session(io, None, svc, activity, shutdown.clone()).await
+}
+
+async fn session<I, S>(
+    io: I,
+    first: Option<u8>,
+    svc: S,
+    activity: Arc<Activity>,
+    shutdown: Shutdown,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let (session_io, returned) = HibernatingIo::new(io, first, activity.clone());
+    // Boxed so the task's own state stays small.
+    let conn = Box::pin(
+        http1::Builder::new()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(
+                TokioIo::new(session_io),
+                ActivityService::new(svc.clone(), activity.clone()),
+            )
+            .with_upgrades(),
+    );
+    drive("http/1", conn, &shutdown, |c| {
+        c.get_mut().as_mut().graceful_shutdown()
+    })
+    .await;
+    // Otherwise the client hung up, hyper closed, or an upgrade took the socket.
+    if let Some(io) = returned.take() {
         tracing::debug!("idle connection hibernated");
-        io = back;
+        let tracker = shutdown.tracker().clone();
+        tracker.spawn(park(io, svc, activity, shutdown));
+    }
+}
+
+/// A hibernating connection: waits for the client's next byte, then starts a session.
+fn park<I, S>(
+    mut io: I,
+    svc: S,
+    activity: Arc<Activity>,
+    shutdown: Shutdown,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    Box::pin(async move {
         let mut byte = [0u8; 1];
-        tokio::select! {
+        let first = tokio::select! {
             read = io.read(&mut byte) => match read {
-                Ok(1) => first = Some(byte[0]),
+                Ok(1) => byte[0],
                 // Closed (or failed) while hibernating.
                 _ => return,
             },
             _ = shutdown.signaled() => return,
-        }
-    }
+        };
+        let tracker = shutdown.tracker().clone();
+        tracker.spawn(session(io, Some(first), svc, activity, shutdown));
+    })
 }
 
 /// Runs a connection to its end; once shutdown begins it takes no new requests and finishes the
