@@ -481,6 +481,22 @@ async fn hop_by_hop_headers_are_removed() {
     .await
 }
 
+/// A WebSocket to `ws.default.svc.cluster.local` through the outbound proxy at `proxy`.
+async fn websocket_via(
+    proxy: std::net::SocketAddr,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (ws, resp) = within(
+        "websocket handshake",
+        OP_TIMEOUT,
+        tokio_tungstenite::client_async("ws://ws.default.svc.cluster.local/chat", tcp),
+    )
+    .await
+    .expect("websocket handshake through the proxy");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn websocket_upgrade_is_tunnelled() {
     use tokio_tungstenite::tungstenite::Message;
@@ -491,17 +507,7 @@ async fn websocket_upgrade_is_tunnelled() {
         cfg.set_endpoints("ws", "http", &[ws_server.addr]);
         let proxy = Proxy::with_config(&cfg, &[]);
 
-        let tcp = tokio::net::TcpStream::connect(proxy.outbound())
-            .await
-            .unwrap();
-        let (mut ws, resp) = within(
-            "websocket handshake",
-            OP_TIMEOUT,
-            tokio_tungstenite::client_async("ws://ws.default.svc.cluster.local/chat", tcp),
-        )
-        .await
-        .expect("websocket handshake through the proxy");
-        assert_eq!(resp.status(), 101);
+        let mut ws = websocket_via(proxy.outbound()).await;
         for i in 0..5 {
             let text = format!("hello {i}");
             ws.send(Message::text(text.clone())).await.unwrap();
@@ -1303,16 +1309,7 @@ async fn a_quiet_websocket_is_not_hibernated() {
         cfg.write_service("ws", &[HTTP_PORT]);
         cfg.set_endpoints("ws", "http", &[ws_server.addr]);
         let proxy = Proxy::with_config(&cfg, &[]);
-        let tcp = tokio::net::TcpStream::connect(proxy.outbound())
-            .await
-            .unwrap();
-        let (mut ws, _) = within(
-            "websocket handshake",
-            OP_TIMEOUT,
-            tokio_tungstenite::client_async("ws://ws.default.svc.cluster.local/chat", tcp),
-        )
-        .await
-        .expect("websocket handshake through the proxy");
+        let mut ws = websocket_via(proxy.outbound()).await;
         for i in 0..2 {
             tokio::time::sleep(PAST_HIBERNATION).await;
             let text = format!("after a pause {i}");

@@ -21,6 +21,13 @@ fn profile(spec: &str) -> String {
     )
 }
 
+/// A config dir with Service `web` on `backends` and its ServiceProfile (`spec:` body).
+fn web_with_profile(backends: &[SocketAddr], spec: &str) -> ConfigDir {
+    let cfg = ConfigDir::web(backends);
+    cfg.write("web-profile.yaml", &profile(spec));
+    cfg
+}
+
 /// A backend answering `status` to every request after reading its body.
 async fn backend_with(
     name: &str,
@@ -92,13 +99,7 @@ async fn send_many(proxy: SocketAddr, path: &str, n: usize) -> Vec<Resp> {
 async fn slow_upstream_behind_a_short_route_timeout_gets_504_from_the_proxy() {
     test_body(async {
         let backend = Backend::start("web-a").await;
-        let cfg = ConfigDir::web(&[backend.addr]);
-        cfg.write(
-            "web-profile.yaml",
-            &profile(
-                "  routes:\n  - name: GET /slow\n    condition: {method: GET, pathRegex: /slow}\n    timeout: 300ms\n",
-            ),
-        );
+        let cfg = web_with_profile(&[backend.addr], "  routes:\n  - name: GET /slow\n    condition: {method: GET, pathRegex: /slow}\n    timeout: 300ms\n");
         let proxy = Proxy::with_config(&cfg, &[]);
 
         let started = Instant::now();
@@ -151,14 +152,8 @@ async fn retries_on_a_retryable_route_raise_the_success_rate() {
     test_body(async {
         // Half of all requests fail, at random.
         let backend = backend_with("web-a", |n| if coin(n) { 503 } else { 200 }).await;
-        let cfg = ConfigDir::web(&[backend.addr]);
+        let cfg = web_with_profile(&[backend.addr], "  routes:\n  - name: GET /retry\n    condition: {method: GET, pathRegex: /retry}\n    isRetryable: true\n  - name: GET /once\n    condition: {method: GET, pathRegex: /once}\n  retryBudget: {retryRatio: 1.0, minRetriesPerSecond: 10, ttl: 10s}\n");
         without_failure_accrual(&cfg);
-        cfg.write(
-            "web-profile.yaml",
-            &profile(
-                "  routes:\n  - name: GET /retry\n    condition: {method: GET, pathRegex: /retry}\n    isRetryable: true\n  - name: GET /once\n    condition: {method: GET, pathRegex: /once}\n  retryBudget: {retryRatio: 1.0, minRetriesPerSecond: 10, ttl: 10s}\n",
-            ),
-        );
         let proxy = Proxy::with_config(&cfg, &[]);
         const N: usize = 300;
 
@@ -192,14 +187,8 @@ async fn retries_on_a_retryable_route_raise_the_success_rate() {
 async fn the_retry_budget_holds_retries_to_the_ratio() {
     test_body(async {
         let backend = backend_with("web-a", |_| 503).await;
-        let cfg = ConfigDir::web(&[backend.addr]);
+        let cfg = web_with_profile(&[backend.addr], "  routes:\n  - name: GET /always-fails\n    condition: {method: GET, pathRegex: /always-fails}\n    isRetryable: true\n  retryBudget: {retryRatio: 0.2, minRetriesPerSecond: 1, ttl: 10s}\n");
         without_failure_accrual(&cfg);
-        cfg.write(
-            "web-profile.yaml",
-            &profile(
-                "  routes:\n  - name: GET /always-fails\n    condition: {method: GET, pathRegex: /always-fails}\n    isRetryable: true\n  retryBudget: {retryRatio: 0.2, minRetriesPerSecond: 1, ttl: 10s}\n",
-            ),
-        );
         let proxy = Proxy::with_config(&cfg, &[]);
         const N: usize = 400;
         let rsps = send_many(proxy.outbound(), "/always-fails", N).await;
@@ -232,13 +221,7 @@ async fn request_bodies_are_replayed_up_to_64k_and_larger_ones_are_not_retried()
     test_body(async {
         // Every first attempt fails; the retry sees the same body.
         let backend = backend_with("web-a", |n| if n % 2 == 0 { 503 } else { 200 }).await;
-        let cfg = ConfigDir::web(&[backend.addr]);
-        cfg.write(
-            "web-profile.yaml",
-            &profile(
-                "  routes:\n  - name: POST /upload\n    condition: {method: POST, pathRegex: /upload}\n    isRetryable: true\n",
-            ),
-        );
+        let cfg = web_with_profile(&[backend.addr], "  routes:\n  - name: POST /upload\n    condition: {method: POST, pathRegex: /upload}\n    isRetryable: true\n");
         let proxy = Proxy::with_config(&cfg, &[]);
         let mut client = h1_client(proxy.outbound()).await;
 
@@ -268,13 +251,7 @@ async fn request_bodies_are_replayed_up_to_64k_and_larger_ones_are_not_retried()
 async fn response_classes_decide_success_on_every_family() {
     test_body(async {
         let backend = Backend::start("web-a").await;
-        let cfg = ConfigDir::web(&[backend.addr]);
-        cfg.write(
-            "web-profile.yaml",
-            &profile(
-                "  routes:\n  - name: GET /health\n    condition: {method: GET, pathRegex: /health}\n    responseClasses:\n    - condition: {status: {min: 503, max: 503}}\n      isFailure: false\n  - name: GET /api\n    condition:\n      all:\n      - method: GET\n      - pathRegex: /api/.*\n    responseClasses:\n    - condition: {status: {min: 429, max: 429}}\n      isFailure: true\n",
-            ),
-        );
+        let cfg = web_with_profile(&[backend.addr], "  routes:\n  - name: GET /health\n    condition: {method: GET, pathRegex: /health}\n    responseClasses:\n    - condition: {status: {min: 503, max: 503}}\n      isFailure: false\n  - name: GET /api\n    condition:\n      all:\n      - method: GET\n      - pathRegex: /api/.*\n    responseClasses:\n    - condition: {status: {min: 429, max: 429}}\n      isFailure: true\n");
         let proxy = Proxy::with_config(&cfg, &[]);
         let health = get_with(proxy.outbound(), AUTHORITY, "/health", &[("x-status", "503")])
             .await
@@ -739,13 +716,7 @@ async fn all_endpoints_ejected_fails_fast_with_the_reason() {
 async fn h2_requests_are_retried_with_their_body_over_the_endpoints_h2_connection() {
     test_body(async {
         let backend = backend_with("web-a", |n| if n % 2 == 0 { 503 } else { 200 }).await;
-        let cfg = ConfigDir::web(&[backend.addr]);
-        cfg.write(
-            "web-profile.yaml",
-            &profile(
-                "  routes:\n  - name: PUT /items\n    condition: {method: PUT, pathRegex: /items/.*}\n    isRetryable: true\n",
-            ),
-        );
+        let cfg = web_with_profile(&[backend.addr], "  routes:\n  - name: PUT /items\n    condition: {method: PUT, pathRegex: /items/.*}\n    isRetryable: true\n");
         let proxy = Proxy::with_config(&cfg, &[]);
         let mut client = h2_client(proxy.outbound()).await;
         for i in 0..5 {

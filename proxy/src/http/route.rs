@@ -66,19 +66,7 @@ where
             route,
             start: Instant::now(),
         };
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            match response.await {
-                Ok(mut rsp) => {
-                    record_route_on_end(&mut rsp, record);
-                    Ok(rsp)
-                }
-                Err(err) => {
-                    record.proxy_error(err);
-                    Err(err)
-                }
-            }
-        })
+        recorded(self.inner.call(req), record)
     }
 }
 
@@ -126,18 +114,25 @@ where
             route,
             start: Instant::now(),
         };
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            match response.await {
-                Ok(mut rsp) => {
-                    record_route_on_end(&mut rsp, record);
-                    Ok(rsp)
-                }
-                Err(err) => {
-                    record.proxy_error(err);
-                    Err(err)
-                }
-            }
-        })
+        recorded(self.inner.call(req), record)
     }
+}
+
+/// The response, recorded under `record` when its body ends (or at once for a proxy error).
+fn recorded<F>(response: F, record: RouteRecord) -> BoxFuture<Result<ProxyResponse, ProxyError>>
+where
+    F: std::future::Future<Output = Result<ProxyResponse, ProxyError>> + Send + 'static,
+{
+    Box::pin(async move {
+        match response.await {
+            Ok(mut rsp) => {
+                record_route_on_end(&mut rsp, record);
+                Ok(rsp)
+            }
+            Err(err) => {
+                record.proxy_error(err);
+                Err(err)
+            }
+        }
+    })
 }
