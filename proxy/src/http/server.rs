@@ -19,15 +19,36 @@ use super::hibernate::{Activity, ActivityService, HibernatingIo};
 use super::{ProxyError, ResponseBody};
 use crate::shutdown::Shutdown;
 
+/// What serves a connection's requests: a direction's stack, adapted to hyper.
+pub trait ConnService:
+    Service<
+        Request<Incoming>,
+        Response = Response<ResponseBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> ConnService for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<ResponseBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// Serves an accepted connection whose protocol detection found HTTP/1 or h2.
 pub async fn serve<I, S>(h2: bool, io: I, svc: S, shutdown: &Shutdown)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     if h2 {
         // Boxed, like each HTTP/1 session, so the connection's task stays small.
@@ -55,11 +76,7 @@ where
 async fn serve_http1<I, S>(io: I, svc: S, shutdown: &Shutdown)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     let activity = Arc::new(Activity::default());
     session(io, None, svc, activity, shutdown.clone()).await
@@ -73,11 +90,7 @@ async fn session<I, S>(
     shutdown: Shutdown,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     let (session_io, returned) = HibernatingIo::new(io, first, activity.clone());
     // Boxed so the task's own state stays small.
@@ -113,11 +126,7 @@ fn park<I, S>(
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     Box::pin(async move {
         let mut byte = [0u8; 1];
