@@ -1264,7 +1264,8 @@ async fn an_idle_keep_alive_connection_wakes_for_its_next_request() {
 async fn a_request_head_split_by_a_long_pause_is_not_lost() {
     test_body(async {
         let backend = Backend::start("web-a").await;
-        let proxy = Proxy::with_config(&ConfigDir::web(&[backend.addr]), &[]);
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
         let mut raw = RawConn::connect(proxy.outbound()).await;
         let get = format!("GET /small HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\r\n");
         raw.send(&get).await;
@@ -1284,7 +1285,8 @@ async fn a_request_head_split_by_a_long_pause_is_not_lost() {
 async fn pipelined_requests_after_hibernation_are_all_answered() {
     test_body(async {
         let backend = Backend::start("web-a").await;
-        let proxy = Proxy::with_config(&ConfigDir::web(&[backend.addr]), &[]);
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
         let mut raw = RawConn::connect(proxy.outbound()).await;
         let get = format!("GET /small HTTP/1.1\r\nHost: {WEB_FQDN}\r\n\r\n");
         raw.send(&get).await;
