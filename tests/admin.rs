@@ -228,6 +228,8 @@ async fn env_twin_is_honoured_and_flag_wins() {
                 "127.0.0.1:0",
                 "--outbound-addr",
                 "127.0.0.1:0",
+                "--tap-addr",
+                "127.0.0.1:0",
             ])
             .env("PYLON_ADMIN_ADDR", "127.0.0.1:0")
             .start();
@@ -278,7 +280,7 @@ async fn log_lines_are_json_with_level_target_message() {
         tokio::time::sleep(Duration::from_millis(300)).await;
 
         let logs = proxy.logs();
-        assert!(logs.len() >= 3, "expected at least the 3 listening lines");
+        assert!(logs.len() >= 4, "expected at least the 4 listening lines");
         for line in &logs {
             let v: serde_json::Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
@@ -294,7 +296,7 @@ async fn log_lines_are_json_with_level_target_message() {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["message"] == "listening")
             .collect();
-        assert_eq!(listening.len(), 3, "one listening line per listener");
+        assert_eq!(listening.len(), 4, "one listening line per listener (admin, inbound, outbound, tap)");
         for v in &listening {
             assert_eq!(v["level"], "INFO", "{v}");
             assert!(v["listener"].is_string() && v["addr"].is_string(), "{v}");

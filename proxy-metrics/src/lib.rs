@@ -115,7 +115,8 @@ pub struct Metrics {
     retry_skipped: Family<SkippedLabels, Counter>,
     ejections: Family<labels::TargetKey, Counter>,
     tcp: tcp::TcpFamilies,
-    config_errors: Arc<ConfigErrors>,
+    config_errors: Arc<SourcedCounter>,
+    tap_dropped: Arc<SourcedCounter>,
 }
 
 impl Metrics {
@@ -235,8 +236,16 @@ impl Metrics {
             tcp.duration.clone(),
         );
 
-        let config_errors = Arc::new(ConfigErrors::default());
+        let config_errors = Arc::new(SourcedCounter::new(
+            "config_errors",
+            "Total count of invalid mesh objects rejected by the config store.",
+        ));
         registry.register_collector(Box::new(config_errors.clone()));
+        let tap_dropped = Arc::new(SourcedCounter::new(
+            "tap_events_dropped",
+            "Total count of tap events dropped because a tap client fell behind.",
+        ));
+        registry.register_collector(Box::new(tap_dropped.clone()));
 
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
@@ -261,6 +270,7 @@ impl Metrics {
             ejections,
             tcp,
             config_errors,
+            tap_dropped,
         })
     }
 
@@ -305,12 +315,13 @@ impl Metrics {
     /// owns and increments it). Replaces any previous source; before one is
     /// set the counter reads 0.
     pub fn set_config_errors_source(&self, src: Arc<AtomicU64>) {
-        let mut slot = self
-            .config_errors
-            .source
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *slot = Some(src);
+        self.config_errors.set_source(src);
+    }
+
+    /// `tap_events_dropped_total` reports `src`'s value at each scrape (the tap registry owns
+    /// and increments it).
+    pub fn set_tap_dropped_source(&self, src: Arc<AtomicU64>) {
+        self.tap_dropped.set_source(src);
     }
 
     /// OpenMetrics text for `/metrics` (ends with `# EOF`); serve it with
@@ -336,13 +347,34 @@ impl EventCounter {
     }
 }
 
-/// `config_errors_total`, read from the Store's counter at scrape time.
-#[derive(Debug, Default)]
-struct ConfigErrors {
+/// A counter another component owns (`config_errors_total`: the Store; `tap_events_dropped_total`:
+/// the tap registry), read at scrape time.
+#[derive(Debug)]
+struct SourcedCounter {
+    name: &'static str,
+    help: &'static str,
     source: RwLock<Option<Arc<AtomicU64>>>,
 }
 
-impl Collector for ConfigErrors {
+impl SourcedCounter {
+    fn new(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            help,
+            source: RwLock::new(None),
+        }
+    }
+
+    fn set_source(&self, src: Arc<AtomicU64>) {
+        let mut slot = self
+            .source
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *slot = Some(src);
+    }
+}
+
+impl Collector for SourcedCounter {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let value = self
             .source
@@ -350,12 +382,7 @@ impl Collector for ConfigErrors {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .as_ref()
             .map_or(0, |src| src.load(Ordering::Relaxed));
-        let metric = encoder.encode_descriptor(
-            "config_errors",
-            "Total count of invalid mesh objects rejected by the config store.",
-            None,
-            MetricType::Counter,
-        )?;
+        let metric = encoder.encode_descriptor(self.name, self.help, None, MetricType::Counter)?;
         ConstCounter::new(value).encode(metric)
     }
 }

@@ -11,12 +11,14 @@ use crate::access_log;
 use crate::admin::Admin;
 use crate::args::ProxyArgs;
 use crate::discovery::Discovery;
+use crate::http::tap::Telemetry;
 use crate::inbound::Inbound;
 use crate::listener::{accept_loop, bind};
 use crate::logging;
 use crate::outbound::Outbound;
 use crate::profiles::Profiles;
 use crate::shutdown::Shutdown;
+use pylon_tap_server::{Authz, Taps};
 
 #[derive(Debug, thiserror::Error)]
 enum StartError {
@@ -30,6 +32,8 @@ enum StartError {
     Runtime(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("--tap-allow: {0}")]
+    TapAllow(String),
 }
 
 pub fn main(args: ProxyArgs) -> ExitCode {
@@ -97,11 +101,19 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         pod: args.pod.clone(),
     });
     metrics.set_config_errors_source(store.config_errors_counter());
+    let tap_authz = if args.tap_allow.is_empty() {
+        Authz::default()
+    } else {
+        Authz::networks(&args.tap_allow).map_err(StartError::TapAllow)?
+    };
+    let taps = Taps::new();
+    metrics.set_tap_dropped_source(taps.dropped_counter());
 
     // Bind everything before serving anything, so a bad address fails start-up cleanly.
     let (admin_listener, _) = bind("admin", args.admin_addr).await?;
     let (inbound_listener, inbound_local) = bind("inbound", args.inbound_addr).await?;
     let (outbound_listener, outbound_local) = bind("outbound", args.outbound_addr).await?;
+    let (tap_listener, _) = bind("tap", args.tap_addr).await?;
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(StartError::Signals)?;
@@ -120,11 +132,15 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         &args.cluster_domain,
     );
     discovery.spawn_updates();
+    let telemetry = Telemetry {
+        access_log,
+        taps: taps.clone(),
+    };
     let outbound = Outbound::new(
         args.clone(),
         discovery,
         metrics.clone(),
-        access_log,
+        telemetry.clone(),
         shutdown.clone(),
     );
     let inbound = Inbound::new(
@@ -133,7 +149,7 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         store.clone(),
         profiles,
         metrics.clone(),
-        access_log,
+        telemetry,
         shutdown.clone(),
     );
     let admin = Arc::new(Admin {
@@ -143,6 +159,15 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
     });
 
     tokio::spawn(admin.serve(admin_listener));
+    {
+        let (taps, shutdown) = (taps.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let stop = async move { shutdown.signaled().await };
+            if let Err(e) = pylon_tap_server::serve(tap_listener, taps, tap_authz, stop).await {
+                tracing::warn!(error = %e, "tap server stopped");
+            }
+        });
+    }
     tokio::spawn(accept_loop(
         inbound_listener,
         inbound_local,

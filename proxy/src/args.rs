@@ -43,9 +43,14 @@ pub struct ProxyArgs {
     #[arg(long, env = "PYLON_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
     pub admin_addr: SocketAddr,
 
-    /// Tap gRPC server (reserved; served once tap lands).
+    /// Tap gRPC server (Linkerd's `io.linkerd.proxy.tap.Tap` API).
     #[arg(long, env = "PYLON_TAP_ADDR", default_value = "0.0.0.0:4190")]
     pub tap_addr: SocketAddr,
+
+    /// Networks whose clients may tap (CIDRs or addresses, comma-separated); loopback only
+    /// when unset.
+    #[arg(long, env = "PYLON_TAP_ALLOW", value_delimiter = ',')]
+    pub tap_allow: Vec<String>,
 
     /// Directory of mesh objects (Kubernetes YAML), watched and reloaded live.
     #[arg(long, env = "PYLON_CONFIG_DIR")]

@@ -20,6 +20,7 @@ use crate::accrual::EndpointHealth;
 use crate::discovery::Logical;
 use crate::http::body::release_on_end;
 use crate::http::metrics::fail_unrouted;
+use crate::http::tap::EndpointSlot;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 use crate::profiles::RouteState;
 
@@ -308,6 +309,10 @@ where
                 return Box::pin(std::future::ready(Err(err)));
             }
         };
+        if let Some(slot) = req.extensions().get::<EndpointSlot>() {
+            // Someone is tapping: the tap layer above reports this endpoint.
+            let _ = slot.0.set(endpoint.addr);
+        }
         let mut in_flight = endpoint
             .load_handle()
             .start()

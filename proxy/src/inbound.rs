@@ -8,6 +8,7 @@
 //!            proxy errors → responses
 //!            ─ target: the workload's port; metrics by the authority requested
 //!            ─ route (the workload's own ServiceProfile): route metrics and classification
+//!            ─ tap (while tapped)
 //!            ─ metrics (recorded when the response body ends) ─ response timeout
 //!            ─ the app, over a pooled h1 or multiplexed h2 client
 //! ```
@@ -32,6 +33,7 @@ use crate::http::errors::RespondLayer;
 use crate::http::headers::request_authority;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::route::RouteLayer;
+use crate::http::tap::{TapLayer, Telemetry};
 use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::{server, HttpStack};
 use crate::io::CountingIo;
@@ -39,6 +41,7 @@ use crate::orig_dst::original_dst;
 use crate::profiles::{DestinationRoutes, Profiles};
 use crate::shutdown::Shutdown;
 use crate::tcp;
+use pylon_tap_server::Direction as TapDirection;
 
 const NO_TLS: Tls = Tls::NoIdentity("no_tls_from_remote");
 /// Bound on per-authority metric handles per port (authorities come from clients).
@@ -52,7 +55,7 @@ pub struct Inbound {
     metrics: Arc<Metrics>,
     client: EndpointClient,
     ports: Mutex<HashMap<SocketAddr, Arc<AppPort>>>,
-    access_log: bool,
+    telemetry: Telemetry,
     shutdown: Shutdown,
 }
 
@@ -84,7 +87,7 @@ impl Inbound {
         store: Arc<Store>,
         profiles: Arc<Profiles>,
         metrics: Arc<Metrics>,
-        access_log: bool,
+        telemetry: Telemetry,
         shutdown: Shutdown,
     ) -> Arc<Self> {
         let client = EndpointClient::new(args.connect_timeout, shutdown.tracker().clone());
@@ -96,7 +99,7 @@ impl Inbound {
             metrics,
             client,
             ports: Mutex::new(HashMap::new()),
-            access_log,
+            telemetry,
             shutdown,
         })
     }
@@ -141,7 +144,7 @@ impl Inbound {
             }
             Protocol::Http1 | Protocol::H2 => {
                 let io = CountingIo::new(io, port.tcp.open());
-                let svc = TowerToHyperService::new(self.http_stack(port));
+                let svc = TowerToHyperService::new(self.http_stack(port, peer));
                 server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
             }
             Protocol::MalformedHttp1 => server::reject_malformed(io, peer).await,
@@ -149,7 +152,7 @@ impl Inbound {
     }
 
     /// The path of one inbound HTTP request, top to bottom.
-    fn http_stack(self: &Arc<Self>, port: Arc<AppPort>) -> impl HttpStack {
+    fn http_stack(self: &Arc<Self>, port: Arc<AppPort>, client: SocketAddr) -> impl HttpStack {
         let this = self.clone();
         ServiceBuilder::new()
             // Proxy errors from any layer below become responses with `pylon-proxy-error`.
@@ -164,8 +167,14 @@ impl Inbound {
             })
             // route_request_total & co. by the workload's own ServiceProfile routes.
             .layer(RouteLayer)
+            // Tap events, only while someone taps.
+            .layer(TapLayer::new(
+                self.telemetry.taps.clone(),
+                TapDirection::Inbound,
+                client,
+            ))
             // request_total, response_total, response_latency_ms and the access log.
-            .layer(HttpMetricsLayer::new("inbound", self.access_log))
+            .layer(HttpMetricsLayer::new("inbound", self.telemetry.access_log))
             .layer(ResponseTimeoutLayer::new(self.args.response_timeout))
             // Pooled HTTP/1 or multiplexed h2 to the app; upgrades and CONNECT tunnel.
             .service(self.client.clone())

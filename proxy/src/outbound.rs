@@ -10,7 +10,7 @@
 //!            ─ route (the destination's ServiceProfile): route metrics and classification
 //!            ─ route timeout (retries included) ─ retries within the retry budget
 //!            ─ traffic split: each attempt's backend by weight ─ per-attempt route metrics
-//!            ─ balancer: P2C over PeakEWMA across the live endpoints
+//!            ─ tap (while tapped) ─ balancer: P2C over PeakEWMA across the live endpoints
 //!            ─ metrics (recorded when the response body ends) ─ response timeout
 //!            ─ endpoint client (pooled h1 or multiplexed h2)
 //! ```
@@ -32,6 +32,7 @@ use crate::http::errors::RespondLayer;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::retry::RetryLayer;
 use crate::http::route::{RouteActualLayer, RouteLayer};
+use crate::http::tap::{TapLayer, Telemetry};
 use crate::http::timeout::{ResponseTimeoutLayer, RouteTimeoutLayer};
 use crate::http::{server, HttpStack, ProxyError};
 use crate::io::CountingIo;
@@ -39,13 +40,14 @@ use crate::orig_dst::original_dst;
 use crate::shutdown::Shutdown;
 use crate::split::SplitLayer;
 use crate::tcp;
+use pylon_tap_server::Direction as TapDirection;
 
 pub struct Outbound {
     args: Arc<ProxyArgs>,
     discovery: Arc<Discovery>,
     metrics: Arc<Metrics>,
     client: EndpointClient,
-    access_log: bool,
+    telemetry: Telemetry,
     shutdown: Shutdown,
 }
 
@@ -54,7 +56,7 @@ impl Outbound {
         args: Arc<ProxyArgs>,
         discovery: Arc<Discovery>,
         metrics: Arc<Metrics>,
-        access_log: bool,
+        telemetry: Telemetry,
         shutdown: Shutdown,
     ) -> Arc<Self> {
         let client = EndpointClient::new(args.connect_timeout, shutdown.tracker().clone());
@@ -63,7 +65,7 @@ impl Outbound {
             discovery,
             metrics,
             client,
-            access_log,
+            telemetry,
             shutdown,
         })
     }
@@ -104,7 +106,7 @@ impl Outbound {
             // 3b. HTTP: each request goes down the stack below.
             Protocol::Http1 | Protocol::H2 => {
                 let io = CountingIo::new(io, self.accepted(dialled.as_ref(), orig_dst, local));
-                let svc = TowerToHyperService::new(self.http_stack(dialled));
+                let svc = TowerToHyperService::new(self.http_stack(dialled, peer));
                 server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
             }
             Protocol::MalformedHttp1 => server::reject_malformed(io, peer).await,
@@ -112,7 +114,7 @@ impl Outbound {
     }
 
     /// The path of one outbound HTTP request, top to bottom.
-    fn http_stack(&self, dialled: Option<Arc<Logical>>) -> impl HttpStack {
+    fn http_stack(&self, dialled: Option<Arc<Logical>>, client: SocketAddr) -> impl HttpStack {
         ServiceBuilder::new()
             // Proxy errors from any layer below become responses with `pylon-proxy-error`.
             .layer(RespondLayer)
@@ -130,9 +132,15 @@ impl Outbound {
             // route_actual_request_total & co. once per attempt, by backend.
             .layer(RouteActualLayer)
             // The endpoint: P2C over PeakEWMA across the destination's live endpoints.
-            .layer(BalanceLayer::new(self.access_log))
+            // Tap events for this attempt, only while someone taps.
+            .layer(TapLayer::new(
+                self.telemetry.taps.clone(),
+                TapDirection::Outbound,
+                client,
+            ))
+            .layer(BalanceLayer::new(self.telemetry.access_log))
             // request_total, response_total, response_latency_ms and the access log.
-            .layer(HttpMetricsLayer::new("outbound", self.access_log))
+            .layer(HttpMetricsLayer::new("outbound", self.telemetry.access_log))
             .layer(ResponseTimeoutLayer::new(self.args.response_timeout))
             // Pooled HTTP/1 or multiplexed h2 to the endpoint; upgrades and CONNECT tunnel.
             .service(self.client.clone())

@@ -34,7 +34,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Generous bound for a single request/operation on a noisy 2-core machine.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long the proxy gets to log its three "listening" lines.
+/// How long the proxy gets to log its four "listening" lines.
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The canonical fully qualified name of the `web` service used by most tests.
@@ -66,6 +66,7 @@ pub struct Proxy {
     inbound: SocketAddr,
     outbound: SocketAddr,
     admin: SocketAddr,
+    tap: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -117,7 +118,12 @@ impl ProxyBuilder {
         cmd.env("PYLON_THREADS", "1");
         let mut args: Vec<String> = Vec::new();
         if !self.no_default_addrs {
-            for flag in ["--inbound-addr", "--outbound-addr", "--admin-addr"] {
+            for flag in [
+                "--inbound-addr",
+                "--outbound-addr",
+                "--admin-addr",
+                "--tap-addr",
+            ] {
                 let given = self
                     .args
                     .iter()
@@ -139,7 +145,7 @@ impl ProxyBuilder {
         cmd
     }
 
-    /// Spawns the proxy and waits (bounded) for its three "listening" lines.
+    /// Spawns the proxy and waits (bounded) for its four "listening" lines.
     pub fn start(self) -> Proxy {
         let mut cmd = self.command();
         let mut child = cmd
@@ -181,7 +187,7 @@ impl ProxyBuilder {
 
         let deadline = Instant::now() + START_TIMEOUT;
         let mut found: HashMap<String, SocketAddr> = HashMap::new();
-        while found.len() < 3 {
+        while found.len() < 4 {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
@@ -196,7 +202,7 @@ impl ProxyBuilder {
                     std::thread::sleep(Duration::from_millis(100));
                     let so_far = logs.lock().unwrap().join("\n");
                     panic!(
-                        "pylon-proxy did not log all three \"listening\" lines within \
+                        "pylon-proxy did not log all four \"listening\" lines within \
                          {START_TIMEOUT:?} ({e:?}; exit status {status:?}); found {found:?}.\n\
                          --- proxy output so far ---\n{so_far}\n---"
                     );
@@ -209,6 +215,7 @@ impl ProxyBuilder {
             inbound: found["inbound"],
             outbound: found["outbound"],
             admin: found["admin"],
+            tap: found["tap"],
             logs,
         }
     }
@@ -254,6 +261,9 @@ impl Proxy {
     }
     pub fn outbound(&self) -> SocketAddr {
         self.outbound
+    }
+    pub fn tap(&self) -> SocketAddr {
+        self.tap
     }
     pub fn admin(&self) -> SocketAddr {
         self.admin

@@ -18,6 +18,7 @@ use super::{ProxyError, ProxyResponse};
 use crate::access_log::AccessEntry;
 use crate::balance::InFlight;
 use crate::profiles::RouteState;
+use pylon_tap_server::TapHandle;
 
 /// What to record when a proxied response completes: the endpoint's (or inbound authority's)
 /// `response_total` and latency, and the access-log line.
@@ -166,6 +167,8 @@ pub struct ResponseBody {
     in_flight: Option<InFlight>,
     /// The HTTP/1 connection that carried the response, reusable once it has ended cleanly.
     conn: Option<PooledConn>,
+    /// A tap observing this response (only while someone taps).
+    tap: Option<Box<TapHandle>>,
 }
 
 enum Kind {
@@ -195,6 +198,15 @@ impl ResponseBody {
             routes: [None, None],
             in_flight: None,
             conn: None,
+            tap: None,
+        }
+    }
+
+    /// Sends the tap's response-end event when the stream ends (counting its bytes till then).
+    pub fn tap_on_end(&mut self, handle: TapHandle) {
+        self.tap = Some(Box::new(handle));
+        if self.is_end_stream() {
+            self.finish(End::Clean);
         }
     }
 
@@ -242,6 +254,12 @@ impl ResponseBody {
                 }
             }
         }
+        if let Some(tap) = self.tap.take() {
+            // Anything but a clean end is reported as a reset by the handle itself.
+            if end == End::Clean {
+                tap.response_end(self.head.and_then(|h| h.1), None);
+            }
+        }
         self.in_flight = None;
         if let Some(conn) = self.conn.take() {
             if end == End::Clean {
@@ -273,6 +291,9 @@ impl Body for ResponseBody {
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(tap)) = (frame.data_ref(), this.tap.as_mut()) {
+                    tap.add_bytes(data.len() as u64);
+                }
                 if let (Some(trailers), Some(head)) = (frame.trailers_ref(), this.head.as_mut()) {
                     if let Some(code) = grpc_status(trailers) {
                         head.1 = Some(code);

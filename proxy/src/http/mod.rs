@@ -14,6 +14,7 @@ pub mod request_body;
 pub mod retry;
 pub mod route;
 pub mod server;
+pub mod tap;
 pub mod timeout;
 pub mod upgrade;
 
