@@ -327,6 +327,13 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         }
     }
 
+    // What telemetry costs: Pylon's HTTP/1.1 closed loop with no tap, then with a tap on both
+    // proxies reading every event, then with taps sampling Linkerd's usual 100 requests/s.
+    let mut tap_cost = "n/a: the pylon path was not run".to_owned();
+    if let Some(c) = chains.iter_mut().find(|c| c.kind == PathKind::Pylon) {
+        tap_cost = tap_cost_row(c, &plan, hz).await?;
+    }
+
     // Memory with idle keep-alive connections, the same method for every proxy.
     for c in chains.iter_mut().filter(|c| c.kind != PathKind::Direct) {
         let target = c.target(Workload::Http1Get).map_err(anyhow::Error::msg)?;
@@ -454,7 +461,7 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         throughput: throughput_rows,
         memory,
         not_run,
-        tap_active_vs_idle: "n/a: tap not implemented yet (issue 6)".to_owned(),
+        tap_active_vs_idle: tap_cost,
     };
     report::fill_ratios(&mut report);
     let md = report::markdown(&report);
@@ -463,6 +470,49 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
     drop(chains);
     drop(app_proc);
     Ok(())
+}
+
+/// Requests per proxy CPU-second of Pylon's HTTP/1.1 closed loop without a tap, with a tap of
+/// every request on both proxies, and with taps sampling 100 requests/s.
+async fn tap_cost_row(c: &mut Chain, plan: &Plan, hz: f64) -> Result<String> {
+    let target = c.target(Workload::Http1Get).map_err(anyhow::Error::msg)?;
+    let job = Job::new(Workload::Http1Get, target);
+    let pids = c.pids(Workload::Http1Get).to_vec();
+    let run = |label: &'static str| {
+        let job = job.clone();
+        let pids = pids.clone();
+        async move {
+            eprintln!("pylon-bench: tap cost, {label}");
+            let slots = loadgen::open_slots(&job, SLOTS, H2_CONNECTIONS).await?;
+            let cpu0 = procstat::cpu_ticks(&pids)?;
+            let (stats, _) = loadgen::closed_loop(job.clone(), slots, plan.measure).await;
+            let cpu = (procstat::cpu_ticks(&pids)? - cpu0) as f64 / hz;
+            if stats.ok == 0 {
+                anyhow::bail!("no successful request in the tap-cost run ({label})");
+            }
+            Ok::<f64, anyhow::Error>(stats.ok as f64 / cpu.max(1e-9))
+        }
+    };
+    let idle = run("no tap").await?;
+    let taps = crate::tap::Taps::open(&c.tap_addrs, u32::MAX).await?;
+    let all = run("every request tapped").await?;
+    let events = taps.close();
+    let taps = crate::tap::Taps::open(&c.tap_addrs, pylon_tap_default_rps()).await?;
+    let sampled = run("100 requests/s tapped").await?;
+    let sampled_events = taps.close();
+    c.check_running()?;
+    Ok(format!(
+        "HTTP/1.1 GET closed loop, req per proxy CPU-s: no tap {idle:.0}; every request tapped on \
+         both proxies {all:.0} ({:.2}× idle, {events} events read); taps sampling 100 req/s \
+         {sampled:.0} ({:.2}× idle, {sampled_events} events)",
+        all / idle,
+        sampled / idle,
+    ))
+}
+
+/// Linkerd's tap samples 100 requests per second by default, as Pylon's does.
+fn pylon_tap_default_rps() -> u32 {
+    100
 }
 
 fn mib(kib: u64) -> f64 {

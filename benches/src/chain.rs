@@ -86,6 +86,8 @@ pub struct Chain {
     tcp: std::result::Result<SocketAddr, String>,
     /// The proxies of the HTTP chain (outbound and inbound); empty for direct.
     pub http_pids: Vec<u32>,
+    /// The tap ports of the HTTP chain's proxies (Pylon only).
+    pub tap_addrs: Vec<SocketAddr>,
     /// The proxy carrying the TCP echo.
     pub tcp_pids: Vec<u32>,
     procs: Vec<Managed>,
@@ -177,6 +179,7 @@ pub fn direct(app: AppAddrs) -> Chain {
         h2: app.http,
         tcp: Ok(app.echo),
         http_pids: Vec::new(),
+        tap_addrs: Vec::new(),
         tcp_pids: Vec::new(),
         procs: Vec::new(),
     }
@@ -201,7 +204,12 @@ pub fn render_pylon_mesh(inbound: SocketAddr) -> String {
     )
 }
 
-fn pylon_args(threads: usize, inbound: SocketAddr, outbound: SocketAddr) -> Result<Vec<String>> {
+fn pylon_args(
+    threads: usize,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    tap: SocketAddr,
+) -> Result<Vec<String>> {
     Ok(vec![
         "--inbound-addr".into(),
         inbound.to_string(),
@@ -210,7 +218,7 @@ fn pylon_args(threads: usize, inbound: SocketAddr, outbound: SocketAddr) -> Resu
         "--admin-addr".into(),
         free_addr()?.to_string(),
         "--tap-addr".into(),
-        free_addr()?.to_string(),
+        tap.to_string(),
         "--threads".into(),
         threads.to_string(),
         "--shutdown-grace".into(),
@@ -223,7 +231,8 @@ const PYLON_ENV: &[(&str, &str)] = &[("PYLON_LOG", "warn")];
 
 pub fn pylon(s: &Setup) -> Result<Chain> {
     let inbound = free_addr()?;
-    let mut in_args = pylon_args(s.threads, inbound, free_addr()?)?;
+    let (in_tap, out_tap) = (free_addr()?, free_addr()?);
+    let mut in_args = pylon_args(s.threads, inbound, free_addr()?, in_tap)?;
     in_args.extend(["--inbound-forward".into(), s.app.http.to_string()]);
     let inbound_proxy = Managed::spawn(
         "pylon-inbound",
@@ -239,7 +248,7 @@ pub fn pylon(s: &Setup) -> Result<Chain> {
     std::fs::write(mesh.join("bench.yaml"), render_pylon_mesh(inbound))
         .context("writing the outbound proxy's mesh objects")?;
     let outbound = free_addr()?;
-    let mut out_args = pylon_args(s.threads, free_addr()?, outbound)?;
+    let mut out_args = pylon_args(s.threads, free_addr()?, outbound, out_tap)?;
     out_args.extend(["--config-dir".into(), mesh.display().to_string()]);
     let outbound_proxy = Managed::spawn(
         "pylon-outbound",
@@ -251,7 +260,7 @@ pub fn pylon(s: &Setup) -> Result<Chain> {
     )?;
 
     let tcp = free_addr()?;
-    let mut tcp_args = pylon_args(s.threads, tcp, free_addr()?)?;
+    let mut tcp_args = pylon_args(s.threads, tcp, free_addr()?, free_addr()?)?;
     tcp_args.extend([
         "--inbound-forward".into(),
         s.app.echo.to_string(),
@@ -273,6 +282,7 @@ pub fn pylon(s: &Setup) -> Result<Chain> {
         h2: outbound,
         tcp: Ok(tcp),
         http_pids: vec![outbound_proxy.pid(), inbound_proxy.pid()],
+        tap_addrs: vec![out_tap, in_tap],
         tcp_pids: vec![tcp_proxy.pid()],
         procs: vec![outbound_proxy, inbound_proxy, tcp_proxy],
     })
@@ -562,6 +572,7 @@ pub fn nginx(s: &Setup) -> Result<Chain> {
         h2: out_hop.listen_h2,
         tcp,
         http_pids: vec![outbound, inbound],
+        tap_addrs: Vec::new(),
         tcp_pids: vec![inbound],
         procs,
     })
@@ -600,6 +611,7 @@ pub fn haproxy(s: &Setup) -> Result<Chain> {
         h2: out_hop.listen_h2,
         tcp: Ok(tcp),
         http_pids: vec![outbound, inbound],
+        tap_addrs: Vec::new(),
         tcp_pids: vec![inbound],
         procs,
     })

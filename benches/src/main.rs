@@ -15,6 +15,7 @@ mod machine;
 mod procs;
 mod procstat;
 mod report;
+mod tap;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
