@@ -296,7 +296,11 @@ async fn log_lines_are_json_with_level_target_message() {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["message"] == "listening")
             .collect();
-        assert_eq!(listening.len(), 4, "one listening line per listener (admin, inbound, outbound, tap)");
+        assert_eq!(
+            listening.len(),
+            4,
+            "one listening line per listener (admin, inbound, outbound, tap)"
+        );
         for v in &listening {
             assert_eq!(v["level"], "INFO", "{v}");
             assert!(v["listener"].is_string() && v["addr"].is_string(), "{v}");

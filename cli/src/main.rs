@@ -6,6 +6,9 @@
 //! - `pylon check [DIR]` audits a config dir with the proxy's own parser and validator, plus
 //!   the cross-object checks no single object's validation can make (split weights, missing
 //!   backends, shadowed routes, risky retries), and exits 1 when it finds errors.
+//! - `pylon stat RESOURCE`, `pylon routes RESOURCE`, `pylon edges KIND` show the mesh's
+//!   success rate, requests/s and latency per resource, route and edge, from the proxies'
+//!   `/metrics` (two scrapes a window apart) or from Prometheus.
 //! - `pylon proxy ...` (hidden) runs the sidecar proxy itself with the given flags, so the demo
 //!   can start proxies from this same binary without anything else installed.
 
@@ -16,6 +19,7 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod demo;
+mod stat;
 
 #[derive(Parser, Debug)]
 #[command(name = "pylon", version, about = "The Pylon service mesh operator CLI")]
@@ -31,6 +35,16 @@ enum Command {
 
     /// Audit a config dir: every problem with its file, object and field.
     Check(check::CheckArgs),
+
+    /// Golden metrics per resource: success rate, requests/s, latency, TCP connections.
+    Stat(stat::StatArgs),
+
+    /// Golden metrics per ServiceProfile route (`[DEFAULT]` for unmatched requests).
+    Routes(stat::RoutesArgs),
+
+    /// Who calls whom: source workloads to destination services, failing and retry-heavy
+    /// edges flagged.
+    Edges(stat::EdgesArgs),
 
     /// Run the sidecar proxy (`pylon-proxy`) with the given flags.
     #[command(hide = true, disable_help_flag = true)]
@@ -50,6 +64,9 @@ fn main() -> ExitCode {
             pylon_proxy::main_with_args(argv)
         }
         Command::Check(args) => check::run(args),
+        Command::Stat(args) => stat::run_stat(args),
+        Command::Routes(args) => stat::run_routes(args),
+        Command::Edges(args) => stat::run_edges(args),
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

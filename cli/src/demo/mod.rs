@@ -7,12 +7,12 @@
 //! rate, success rate and latency. It stops after `--duration` or on Ctrl-C, stops every proxy,
 //! and removes the config dir.
 
-mod admin_client;
+pub(crate) mod admin_client;
 mod app_server;
 mod load_generator;
 mod mesh;
 pub(crate) mod mesh_config;
-mod metrics;
+pub(crate) mod metrics;
 mod proxy_process;
 mod traffic_view;
 

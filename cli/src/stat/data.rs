@@ -1,0 +1,562 @@
+//! Where the numbers come from: two scrapes of each proxy's `/metrics` a window apart, or
+//! PromQL over the window. Both give the same thing, a list of [`Series`]: per-second rates
+//! for counters and histogram buckets, current values for gauges, each with its labels. The
+//! views in [`super::view`] filter and sum them the same way whatever the source.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header::{CONNECTION, HOST};
+use hyper::{Request, Uri};
+use hyper_util::rt::TokioIo;
+use prometheus_parse::{Scrape, Value};
+use tokio::net::TcpStream;
+
+use super::resource::{service_of_authority, Matcher};
+use crate::demo::admin_client;
+use crate::demo::metrics::{counter_increase, per_second};
+
+/// One series: a metric name as exposed (`response_total`, `response_latency_ms_bucket`...),
+/// its labels (bucket bound in `le`), and a per-second rate (counters, buckets) or the current
+/// value (gauges).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    pub metric: String,
+    pub labels: BTreeMap<String, String>,
+    pub le: Option<f64>,
+    pub value: f64,
+}
+
+impl Series {
+    pub fn label(&self, k: &str) -> Option<String> {
+        self.labels.get(k).cloned()
+    }
+}
+
+/// The families the views read; everything else in an exposition is ignored.
+const FAMILIES: &[&str] = &[
+    "response_total",
+    "response_latency_ms_bucket",
+    "tcp_open_connections",
+    "route_request_total",
+    "route_actual_request_total",
+    "route_response_total",
+    "route_response_latency_ms_bucket",
+    "proxy_build_info",
+];
+
+fn is_gauge(metric: &str) -> bool {
+    matches!(metric, "tcp_open_connections" | "proxy_build_info")
+}
+
+/// Route series name their destination by authority (`dst`); give them the labels the other
+/// series use (`authority`, `dst_service`, `dst_namespace`) so one matcher selects both.
+fn normalize(mut s: Series) -> Series {
+    if s.metric.starts_with("route_") {
+        if let Some(dst) = s.labels.get("dst").cloned() {
+            if let Some((svc, ns)) = service_of_authority(&dst) {
+                s.labels.entry("dst_service".into()).or_insert(svc);
+                s.labels.entry("dst_namespace".into()).or_insert(ns);
+            }
+            s.labels.entry("authority".into()).or_insert(dst);
+        }
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct scrapes
+// ---------------------------------------------------------------------------------------------
+
+/// One scrape, flattened: `(metric, labels, le) -> value`.
+type Flat = HashMap<(String, Vec<(String, String)>, Option<u64>), f64>;
+
+/// Flattens an exposition into the families the views read.
+pub fn flatten(exposition: &str) -> Result<Flat> {
+    let scrape = Scrape::parse(exposition.lines().map(|l| Ok(l.to_owned())))
+        .context("parsing the Prometheus exposition")?;
+    let mut out = Flat::new();
+    for sample in scrape.samples {
+        let mut labels: Vec<(String, String)> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.sort();
+        match sample.value {
+            Value::Histogram(buckets) => {
+                let metric = format!("{}_bucket", sample.metric);
+                if !FAMILIES.contains(&metric.as_str()) {
+                    continue;
+                }
+                for b in buckets {
+                    let key = (metric.clone(), labels.clone(), Some(b.less_than.to_bits()));
+                    *out.entry(key).or_default() += b.count;
+                }
+            }
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => {
+                if FAMILIES.contains(&sample.metric.as_str()) {
+                    *out.entry((sample.metric, labels, None)).or_default() += v;
+                }
+            }
+            Value::Summary(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Rates between two scrapes `elapsed` apart (gauges: the later value). Series that appeared
+/// in between counted everything since; a counter that went down was reset.
+pub fn rates(before: &Flat, after: &Flat, elapsed: Duration) -> Vec<Series> {
+    let mut out: Vec<Series> = after
+        .iter()
+        .map(|((metric, labels, le), &now)| {
+            let value = if is_gauge(metric) {
+                now
+            } else {
+                let then = before
+                    .get(&(metric.clone(), labels.clone(), *le))
+                    .copied()
+                    .unwrap_or(0.0);
+                per_second(counter_increase(now, then), elapsed)
+            };
+            normalize(Series {
+                metric: metric.clone(),
+                labels: labels.iter().cloned().collect(),
+                le: le.map(f64::from_bits),
+                value,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.metric, &a.labels).cmp(&(&b.metric, &b.labels)));
+    out
+}
+
+async fn scrape(addr: SocketAddr) -> Result<(Flat, Instant)> {
+    let text = admin_client::metrics(addr).await.with_context(|| {
+        format!("proxy admin address {addr} is unreachable (is the proxy running, and is this its --admin-addr?)")
+    })?;
+    let at = Instant::now();
+    let flat = flatten(&text).with_context(|| format!("reading http://{addr}/metrics"))?;
+    Ok((flat, at))
+}
+
+/// Scrapes every proxy twice, `window` apart, and returns the rates over that window.
+pub async fn from_proxies(proxies: &[SocketAddr], window: Duration) -> Result<Vec<Series>> {
+    let first = futures_join(proxies.iter().map(|&a| scrape(a))).await?;
+    tokio::time::sleep(window).await;
+    let second = futures_join(proxies.iter().map(|&a| scrape(a))).await?;
+    let mut out = Vec::new();
+    for ((before, t0), (after, t1)) in first.iter().zip(&second) {
+        out.extend(rates(before, after, t1.saturating_duration_since(*t0)));
+    }
+    Ok(out)
+}
+
+/// Runs the futures concurrently; the first error wins.
+async fn futures_join<F, T>(futs: impl Iterator<Item = F>) -> Result<Vec<T>>
+where
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.map_err(|e| anyhow!("scrape task failed: {e}"))??);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus
+// ---------------------------------------------------------------------------------------------
+
+/// The labels kept on HTTP and TCP series (everything a view filters or groups by).
+const TARGET_BY: &str =
+    "namespace, deployment, pod, direction, authority, dst_service, dst_namespace, tls";
+/// The labels kept on route series.
+const ROUTE_BY: &str = "namespace, deployment, pod, direction, dst, rt_route";
+
+/// `90s` -> `"90s"`, `1500ms` -> `"1500ms"`: a PromQL range.
+pub fn promql_range(window: Duration) -> String {
+    let ms = window.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// `{a="b",c="d"}` of the matchers on labels in `allowed` (the rest are applied afterwards,
+/// on the answer).
+fn selector(matchers: &[Matcher], allowed: &[&str]) -> String {
+    let m: Vec<String> = matchers
+        .iter()
+        .filter(|m| match m {
+            Matcher::Eq(k, _) => allowed.contains(k),
+            Matcher::Host(_) => allowed.contains(&"authority"),
+        })
+        .map(Matcher::promql)
+        .collect();
+    if m.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", m.join(","))
+    }
+}
+
+/// The PromQL queries, each with the metric name its result series get. `matchers` narrow
+/// every query to the series they can apply to.
+pub fn promql_queries(window: Duration, matchers: &[Matcher]) -> Vec<(&'static str, String)> {
+    let w = promql_range(window);
+    let workload = ["namespace", "deployment", "pod"];
+    let route = ["namespace", "deployment", "pod", "direction"];
+    let target = [
+        "namespace",
+        "deployment",
+        "pod",
+        "direction",
+        "authority",
+        "dst_service",
+        "dst_namespace",
+    ];
+    let t = selector(matchers, &target);
+    let r = selector(matchers, &route);
+    let b = selector(matchers, &workload);
+    vec![
+        (
+            "response_total",
+            format!("sum by ({TARGET_BY}, classification) (rate(response_total{t}[{w}]))"),
+        ),
+        (
+            "response_latency_ms_bucket",
+            format!("sum by ({TARGET_BY}, le) (rate(response_latency_ms_bucket{t}[{w}]))"),
+        ),
+        (
+            "tcp_open_connections",
+            format!("sum by ({TARGET_BY}, peer) (tcp_open_connections{t})"),
+        ),
+        (
+            "route_request_total",
+            format!("sum by ({ROUTE_BY}) (rate(route_request_total{r}[{w}]))"),
+        ),
+        (
+            "route_actual_request_total",
+            format!("sum by ({ROUTE_BY}) (rate(route_actual_request_total{r}[{w}]))"),
+        ),
+        (
+            "route_response_total",
+            format!("sum by ({ROUTE_BY}, classification) (rate(route_response_total{r}[{w}]))"),
+        ),
+        (
+            "route_response_latency_ms_bucket",
+            format!("sum by ({ROUTE_BY}, le) (rate(route_response_latency_ms_bucket{r}[{w}]))"),
+        ),
+        (
+            "proxy_build_info",
+            format!("group by (namespace, deployment, pod) (proxy_build_info{b})"),
+        ),
+    ]
+}
+
+/// Percent-encodes a query-string value.
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Parses an `/api/v1/query` answer (an instant vector) into series named `metric`.
+pub fn parse_vector(metric: &str, body: &[u8]) -> Result<Vec<Series>> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(body).context("Prometheus answered something other than JSON")?;
+    if doc["status"] != "success" {
+        bail!(
+            "Prometheus answered {}: {}",
+            doc["errorType"].as_str().unwrap_or("an error"),
+            doc["error"].as_str().unwrap_or("(no message)")
+        );
+    }
+    let Some(result) = doc["data"]["result"].as_array() else {
+        bail!("Prometheus answered without data.result");
+    };
+    let mut out = Vec::with_capacity(result.len());
+    for r in result {
+        let mut labels: BTreeMap<String, String> = r["metric"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let le = match labels.remove("le") {
+            Some(le) => match le.parse::<f64>() {
+                Ok(le) => Some(le),
+                Err(_) => continue,
+            },
+            None => None,
+        };
+        let Some(value) = r["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        if value.is_nan() {
+            continue;
+        }
+        out.push(normalize(Series {
+            metric: metric.to_string(),
+            labels,
+            le,
+            value,
+        }));
+    }
+    Ok(out)
+}
+
+/// Runs every query against Prometheus at `base` (`http://host:port[/prefix]`).
+pub async fn from_prometheus(
+    base: &str,
+    window: Duration,
+    matchers: &[Matcher],
+) -> Result<Vec<Series>> {
+    let base = base.trim_end_matches('/');
+    let mut out = Vec::new();
+    for (metric, query) in promql_queries(window, matchers) {
+        let url = format!("{base}/api/v1/query?query={}", url_encode(&query));
+        let body = http_get(&url)
+            .await
+            .with_context(|| format!("querying Prometheus at {base}"))?;
+        out.extend(parse_vector(metric, &body).with_context(|| format!("query {query}"))?);
+    }
+    if out.is_empty() {
+        // Nothing for this selection: is there anything from Pylon at all?
+        let query = "count(proxy_build_info)";
+        let url = format!("{base}/api/v1/query?query={}", url_encode(query));
+        let body = http_get(&url)
+            .await
+            .with_context(|| format!("querying Prometheus at {base}"))?;
+        if parse_vector("count", &body)?.is_empty() {
+            bail!(
+                "Prometheus at {base} has no series from Pylon proxies (no proxy_build_info): is it scraping their admin /metrics?"
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// A plain-HTTP GET, bounded to 10 s; the body of a 2xx answer (or of a 400/422 with a
+/// Prometheus error document).
+async fn http_get(url: &str) -> Result<Bytes> {
+    let uri: Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
+    if uri.scheme_str() != Some("http") {
+        bail!("only http:// Prometheus URLs are supported, not {url:?}");
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| anyhow!("no host in {url:?}"))?
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let fut = async {
+        let stream = TcpStream::connect((host.as_str(), port))
+            .await
+            .with_context(|| format!("connecting to {host}:{port}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let conn = tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(HOST, format!("{host}:{port}"))
+            .header(CONNECTION, "close")
+            .body(Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), 64 * 1024 * 1024)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the answer: {e}"))?
+            .to_bytes();
+        conn.abort();
+        if !(status.is_success() || status.as_u16() == 400 || status.as_u16() == 422) {
+            bail!("GET {url} answered {status}");
+        }
+        Ok::<_, anyhow::Error>(body)
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| anyhow!("GET {url} timed out after 10s"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str = r#"# TYPE response counter
+response_total{direction="inbound",classification="success",status_code="200",deployment="web"} 10
+response_total{direction="inbound",classification="failure",status_code="500",deployment="web"} 1
+# TYPE tcp_open_connections gauge
+tcp_open_connections{direction="inbound",peer="src",deployment="web"} 3
+# TYPE response_latency_ms histogram
+response_latency_ms_bucket{le="1.0",direction="inbound",deployment="web"} 5
+response_latency_ms_bucket{le="+Inf",direction="inbound",deployment="web"} 11
+response_latency_ms_sum{direction="inbound",deployment="web"} 20.0
+response_latency_ms_count{direction="inbound",deployment="web"} 11
+# TYPE route_request counter
+route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",rt_route="[DEFAULT]",deployment="client"} 4
+# EOF
+"#;
+
+    fn value(series: &[Series], metric: &str, pred: impl Fn(&Series) -> bool) -> f64 {
+        series
+            .iter()
+            .filter(|s| s.metric == metric && pred(s))
+            .map(|s| s.value)
+            .sum()
+    }
+
+    #[test]
+    fn rates_from_two_scrapes() {
+        let after_text = BEFORE
+            .replace(
+                "status_code=\"200\",deployment=\"web\"} 10",
+                "status_code=\"200\",deployment=\"web\"} 30",
+            )
+            .replace(
+                "peer=\"src\",deployment=\"web\"} 3",
+                "peer=\"src\",deployment=\"web\"} 2",
+            )
+            .replace(
+                "le=\"+Inf\",direction=\"inbound\",deployment=\"web\"} 11",
+                "le=\"+Inf\",direction=\"inbound\",deployment=\"web\"} 31",
+            );
+        let before = flatten(BEFORE).expect("parses");
+        let after = flatten(&after_text).expect("parses");
+        let series = rates(&before, &after, Duration::from_secs(2));
+        let ok = value(&series, "response_total", |s| {
+            s.labels.get("classification").map(String::as_str) == Some("success")
+        });
+        assert_eq!(ok, 10.0, "20 more successes in 2 s");
+        let failed = value(&series, "response_total", |s| {
+            s.labels.get("classification").map(String::as_str) == Some("failure")
+        });
+        assert_eq!(failed, 0.0);
+        // Gauges are the later value, not a rate.
+        assert_eq!(value(&series, "tcp_open_connections", |_| true), 2.0);
+        assert_eq!(
+            value(&series, "response_latency_ms_bucket", |s| s.le
+                == Some(f64::INFINITY)),
+            10.0
+        );
+        assert_eq!(
+            value(&series, "response_latency_ms_bucket", |s| s.le == Some(1.0)),
+            0.0
+        );
+        // Route series get the destination labels of the other series.
+        let route = series
+            .iter()
+            .find(|s| s.metric == "route_request_total")
+            .expect("route series");
+        assert_eq!(route.label("dst_service").as_deref(), Some("web"));
+        assert_eq!(route.label("dst_namespace").as_deref(), Some("default"));
+        assert_eq!(
+            route.label("authority").as_deref(),
+            Some("web.default.svc.cluster.local:80")
+        );
+    }
+
+    #[test]
+    fn a_counter_reset_counts_from_zero() {
+        let before = flatten(BEFORE).expect("parses");
+        let after = flatten(&BEFORE.replace("} 10\n", "} 4\n")).expect("parses");
+        let series = rates(&before, &after, Duration::from_secs(1));
+        let ok = value(&series, "response_total", |s| {
+            s.labels.get("classification").map(String::as_str) == Some("success")
+        });
+        assert_eq!(ok, 4.0);
+    }
+
+    #[test]
+    fn promql_queries_use_rate_over_the_window() {
+        assert_eq!(promql_range(Duration::from_secs(60)), "60s");
+        assert_eq!(promql_range(Duration::from_millis(1500)), "1500ms");
+        let queries = promql_queries(Duration::from_secs(30), &[]);
+        let (metric, q) = &queries[0];
+        assert_eq!(*metric, "response_total");
+        assert_eq!(
+            q,
+            "sum by (namespace, deployment, pod, direction, authority, dst_service, dst_namespace, tls, classification) (rate(response_total[30s]))"
+        );
+        assert!(queries.iter().any(|(_, q)| q
+            .ends_with("(rate(response_latency_ms_bucket[30s]))")
+            && q.contains(", le)")));
+        assert!(queries
+            .iter()
+            .any(|(_, q)| q.contains("rate(route_actual_request_total[30s])")));
+    }
+
+    #[test]
+    fn promql_queries_are_narrowed_by_the_matchers() {
+        let m = [
+            Matcher::eq("direction", "outbound"),
+            Matcher::eq("deployment", "client"),
+            Matcher::eq("dst_service", "web"),
+        ];
+        let q = promql_queries(Duration::from_secs(60), &m);
+        let get = |name: &str| {
+            q.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, q)| q.clone())
+                .unwrap_or_default()
+        };
+        assert!(get("response_total").contains(
+            r#"rate(response_total{direction="outbound",deployment="client",dst_service="web"}[60s])"#
+        ));
+        // Route series name the destination in `dst`: that part is filtered afterwards.
+        assert!(get("route_request_total").contains(
+            r#"rate(route_request_total{direction="outbound",deployment="client"}[60s])"#
+        ));
+        assert_eq!(
+            get("proxy_build_info"),
+            r#"group by (namespace, deployment, pod) (proxy_build_info{deployment="client"})"#
+        );
+    }
+
+    #[test]
+    fn url_encoding() {
+        assert_eq!(
+            url_encode("sum by (a) (x{b=\"c\"})"),
+            "sum%20by%20%28a%29%20%28x%7Bb%3D%22c%22%7D%29"
+        );
+    }
+
+    #[test]
+    fn parses_a_prometheus_vector() {
+        let body = br#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"deployment":"web","le":"+Inf"},"value":[1700000000.1,"2.5"]},
+            {"metric":{"deployment":"web","le":"10"},"value":[1700000000.1,"1"]},
+            {"metric":{"deployment":"web"},"value":[1700000000.1,"NaN"]}]}}"#;
+        let s = parse_vector("response_latency_ms_bucket", body).expect("parses");
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].le, Some(f64::INFINITY));
+        assert_eq!(s[0].value, 2.5);
+        assert_eq!(s[1].le, Some(10.0));
+        let err = parse_vector(
+            "x",
+            br#"{"status":"error","errorType":"bad_data","error":"parse error"}"#,
+        )
+        .expect_err("error");
+        assert!(err.to_string().contains("bad_data: parse error"), "{err}");
+    }
+}

@@ -1,0 +1,818 @@
+//! End-to-end: `pylon stat`, `pylon routes` and `pylon edges` with the real binary, against real
+//! proxies carrying real traffic. A `client` workload calls service `web` through its outbound
+//! proxy; `web`'s inbound proxy forwards to a backend that answers every tenth request with
+//! 500 (`x-status: 500`). Read by scraping the proxies' admin `/metrics` directly, and through a
+//! real Prometheus (Debian's `prometheus`) scraping them every second.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+const PYLON: &str = env!("CARGO_BIN_EXE_pylon");
+/// Every tenth request fails.
+const FAIL_EVERY: u64 = 10;
+
+/// Kills the child process when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The proxy: `pylon-proxy` next to `pylon` in the target dir (built with
+/// `cargo build -p pylon-proxy --bins`), else the same proxy through `pylon proxy`.
+fn proxy_command() -> Command {
+    let sibling = Path::new(PYLON).with_file_name("pylon-proxy");
+    if sibling.exists() {
+        Command::new(sibling)
+    } else {
+        let mut cmd = Command::new(PYLON);
+        cmd.arg("proxy");
+        cmd
+    }
+}
+
+struct Proxy {
+    _proc: Proc,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// Starts a proxy on loopback (port 0 everywhere) and waits for its listening lines.
+fn start_proxy(args: &[&str]) -> Proxy {
+    let mut cmd = proxy_command();
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PYLON_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("PYLON_LOG", "info")
+        .env("PYLON_THREADS", "1")
+        .args(["--inbound-addr", "127.0.0.1:0"])
+        .args(["--outbound-addr", "127.0.0.1:0"])
+        .args(["--admin-addr", "127.0.0.1:0"])
+        .args(["--tap-addr", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn the proxy");
+    let stderr = child.stderr.take().expect("stderr");
+    let child = Proc(child);
+    let (tx, rx) = mpsc::channel::<(String, SocketAddr)>();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let field = |k: &str| {
+                v.get(k)
+                    .or_else(|| v.get("fields").and_then(|f| f.get(k)))
+                    .and_then(|x| x.as_str())
+                    .map(str::to_owned)
+            };
+            if field("message").as_deref() == Some("listening") {
+                if let (Some(l), Some(a)) = (field("listener"), field("addr")) {
+                    if let Ok(addr) = a.parse() {
+                        let _ = tx.send((l, addr));
+                    }
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut inbound, mut outbound, mut admin) = (None, None, None);
+    while inbound.is_none() || outbound.is_none() || admin.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (l, addr) = rx
+            .recv_timeout(left)
+            .expect("the proxy logs its listening addresses within 15 s");
+        match l.as_str() {
+            "inbound" => inbound = Some(addr),
+            "outbound" => outbound = Some(addr),
+            "admin" => admin = Some(addr),
+            _ => {}
+        }
+    }
+    Proxy {
+        _proc: child,
+        inbound: inbound.expect("inbound"),
+        outbound: outbound.expect("outbound"),
+        admin: admin.expect("admin"),
+    }
+}
+
+/// An HTTP/1.1 backend answering `x-status` (default 200), keep-alive.
+fn start_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            thread::spawn(move || serve(conn));
+        }
+    });
+    addr
+}
+
+fn serve(conn: TcpStream) {
+    let mut reader = BufReader::new(match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    let mut writer = conn;
+    loop {
+        let mut status = 200u16;
+        let mut length = 0usize;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "x-status" => status = v.trim().parse().unwrap_or(200),
+                    "content-length" => length = v.trim().parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let resp = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok");
+        if writer.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Service `web` (port 80) whose one endpoint is `web`'s inbound proxy.
+fn write_mesh(dir: &Path, web_inbound: SocketAddr) {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n\
+         spec:\n  ports:\n  - name: http\n    port: 80\n    targetPort: http\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: web-0\n  namespace: default\n  labels:\n    kubernetes.io/service-name: web\n\
+         addressType: IPv4\nports:\n- name: http\n  port: {port}\n  protocol: TCP\n\
+         endpoints:\n- addresses:\n  - \"127.0.0.1\"\n  conditions:\n    ready: true\n",
+        port = web_inbound.port()
+    );
+    std::fs::write(dir.join("web.yaml"), yaml).expect("write the mesh config");
+}
+
+/// `client` -> svc `web` -> `web`'s inbound proxy -> backend, plus a load generator.
+struct Mesh {
+    web: Proxy,
+    client: Proxy,
+    _dir: tempfile::TempDir,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    load: Option<JoinHandle<()>>,
+}
+
+impl Mesh {
+    fn start() -> Mesh {
+        let backend = start_backend();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let web = start_proxy(&[
+            "--workload",
+            "deployment/web",
+            "--namespace",
+            "default",
+            "--pod",
+            "web-0",
+            "--inbound-forward",
+            &backend.to_string(),
+        ]);
+        write_mesh(dir.path(), web.inbound);
+        let client = start_proxy(&[
+            "--workload",
+            "deployment/client",
+            "--namespace",
+            "default",
+            "--pod",
+            "client-0",
+            "--config-dir",
+            dir.path().to_str().expect("utf-8 path"),
+        ]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let load = {
+            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+            let outbound = client.outbound;
+            thread::spawn(move || load(outbound, &stop, &sent, &failed))
+        };
+        let mesh = Mesh {
+            web,
+            client,
+            _dir: dir,
+            stop,
+            sent,
+            failed,
+            load: Some(load),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while mesh.sent.load(Ordering::Relaxed) < 20 {
+            assert!(
+                Instant::now() < deadline,
+                "no traffic through the mesh within 15 s"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        mesh
+    }
+
+    fn admins(&self) -> Vec<String> {
+        vec![
+            "--proxy".into(),
+            self.web.admin.to_string(),
+            "--proxy".into(),
+            self.client.admin.to_string(),
+        ]
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.load.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// ~100 requests/s through the client's outbound proxy (an HTTP proxy), every tenth asking
+/// the backend for a 500; counts what it got back.
+fn load(outbound: SocketAddr, stop: &AtomicBool, sent: &AtomicU64, failed: &AtomicU64) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(conn) = TcpStream::connect_timeout(&outbound, Duration::from_secs(2)) else {
+            thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+        let mut writer = conn;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let extra = if n.is_multiple_of(FAIL_EVERY) {
+                "x-status: 500\r\n"
+            } else {
+                ""
+            };
+            let req = format!(
+                "GET http://web.default.svc.cluster.local/ HTTP/1.1\r\nhost: web.default.svc.cluster.local\r\n{extra}\r\n"
+            );
+            if writer.write_all(req.as_bytes()).is_err() {
+                break;
+            }
+            let Some(status) = read_response(&mut reader) else {
+                break;
+            };
+            sent.fetch_add(1, Ordering::Relaxed);
+            if status >= 500 {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn read_response(reader: &mut BufReader<TcpStream>) -> Option<u16> {
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let status = line.split_whitespace().nth(1)?.parse().ok()?;
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().ok()?;
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(status)
+}
+
+/// Runs `pylon ARGS`, bounded to 40 s.
+fn pylon(args: &[String]) -> Output {
+    let mut child = Command::new(PYLON)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pylon");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pylon {args:?} did not finish within 40 s");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn args(list: &[&str], more: &[String]) -> Vec<String> {
+    list.iter()
+        .map(|s| s.to_string())
+        .chain(more.iter().cloned())
+        .collect()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+        out.status.code(),
+        stdout(out),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The table's rows as maps from header to cell.
+fn rows(table: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let mut lines = table.lines().filter(|l| !l.trim().is_empty());
+    let headers: Vec<String> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    lines
+        .take_while(|l| !l.contains(" edges: "))
+        .map(|l| {
+            headers
+                .iter()
+                .cloned()
+                .zip(l.split_whitespace().map(str::to_owned))
+                .collect()
+        })
+        .collect()
+}
+
+fn percent(cell: &str) -> f64 {
+    cell.strip_suffix('%')
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not a percentage: {cell:?}"))
+}
+
+fn rps(cell: &str) -> f64 {
+    cell.strip_suffix("rps")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not a rate: {cell:?}"))
+}
+
+/// The success rate the load generator saw: 90% (one in ten fails).
+const EXPECTED_SUCCESS: f64 = 100.0 * (1.0 - 1.0 / FAIL_EVERY as f64);
+
+#[test]
+fn stat_routes_and_edges_from_direct_scrapes() {
+    let mesh = Mesh::start();
+    let admins = mesh.admins();
+
+    // What web received: one meshed pod, ~90% success, some rate, latencies.
+    let out = pylon(&args(&["stat", "deploy/web", "--window", "2s"], &admins));
+    assert!(out.status.success(), "{}", show(&out));
+    let text = stdout(&out);
+    println!("$ pylon stat deploy/web --window 2s\n{text}");
+    assert!(text.starts_with("NAME   MESHED   SUCCESS"), "{text}");
+    let r = rows(&text);
+    assert_eq!(r.len(), 1, "{text}");
+    assert_eq!(r[0]["NAME"], "web");
+    assert_eq!(r[0]["MESHED"], "1/1");
+    let success = percent(&r[0]["SUCCESS"]);
+    assert!(
+        (success - EXPECTED_SUCCESS).abs() <= 4.0,
+        "success {success}% vs ~{EXPECTED_SUCCESS}%\n{text}"
+    );
+    assert!(rps(&r[0]["RPS"]) > 0.0, "{text}");
+    assert!(r[0]["LATENCY_P50"].ends_with("ms"), "{text}");
+    assert_ne!(
+        r[0]["TCP_CONN"], "0",
+        "the load generator keeps a connection open\n{text}"
+    );
+
+    // The same as JSON.
+    let out = pylon(&args(
+        &["stat", "deployment/web", "--window", "2s", "-o", "json"],
+        &admins,
+    ));
+    assert!(out.status.success(), "{}", show(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let row = &doc["rows"][0];
+    assert_eq!(row["name"], "web");
+    assert_eq!(row["namespace"], "default");
+    assert_eq!(row["meshed"], 1);
+    let rate = row["success_rate"].as_f64().expect("success_rate");
+    assert!((rate * 100.0 - EXPECTED_SUCCESS).abs() <= 4.0, "{doc}");
+    assert!(row["rps"].as_f64().expect("rps") > 0.0);
+
+    // What client sent to web, wide (RETRY%: no retries configured -> 0.00%).
+    let out = pylon(&args(
+        &[
+            "stat",
+            "deploy/client",
+            "--to",
+            "svc/web",
+            "--window",
+            "2s",
+            "-o",
+            "wide",
+        ],
+        &admins,
+    ));
+    assert!(out.status.success(), "{}", show(&out));
+    let text = stdout(&out);
+    println!("$ pylon stat deploy/client --to svc/web -o wide\n{text}");
+    let r = rows(&text);
+    assert_eq!(r[0]["NAME"], "client", "{text}");
+    assert!(
+        (percent(&r[0]["SUCCESS"]) - EXPECTED_SUCCESS).abs() <= 4.0,
+        "{text}"
+    );
+    assert_eq!(r[0]["RETRY%"], "0.00%", "{text}");
+
+    // The same traffic seen as the service's.
+    let out = pylon(&args(
+        &[
+            "stat",
+            "svc/web",
+            "--from",
+            "deploy/client",
+            "--window",
+            "2s",
+        ],
+        &admins,
+    ));
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(rows(&stdout(&out))[0]["NAME"], "web", "{}", show(&out));
+
+    // Routes: no ServiceProfile, so everything is [DEFAULT].
+    let out = pylon(&args(
+        &[
+            "routes",
+            "deploy/client",
+            "--to",
+            "svc/web",
+            "--window",
+            "2s",
+        ],
+        &admins,
+    ));
+    assert!(out.status.success(), "{}", show(&out));
+    let text = stdout(&out);
+    println!("$ pylon routes deploy/client --to svc/web\n{text}");
+    let r = rows(&text);
+    assert_eq!(r[0]["ROUTE"], "[DEFAULT]", "{text}");
+    assert_eq!(r[0]["SERVICE"], "web", "{text}");
+    assert!(
+        (percent(&r[0]["SUCCESS"]) - EXPECTED_SUCCESS).abs() <= 4.0,
+        "{text}"
+    );
+
+    // The routes web serves, from its inbound proxy.
+    let out = pylon(&args(&["routes", "deploy/web", "--window", "2s"], &admins));
+    assert!(out.status.success(), "{}", show(&out));
+    let r = rows(&stdout(&out));
+    assert_eq!(r[0]["ROUTE"], "[DEFAULT]", "{}", show(&out));
+    assert!(rps(&r[0]["RPS"]) > 0.0, "{}", show(&out));
+
+    // Edges: client -> web, failing (90% < 99.5%), not secured (no mTLS yet).
+    let out = pylon(&args(&["edges", "deployment", "--window", "2s"], &admins));
+    assert!(out.status.success(), "{}", show(&out));
+    let text = stdout(&out);
+    println!("$ pylon edges deployment\n{text}");
+    let r = rows(&text);
+    assert_eq!(r.len(), 1, "{text}");
+    assert_eq!(
+        (
+            r[0]["SRC"].as_str(),
+            r[0]["DST"].as_str(),
+            r[0]["SECURED"].as_str()
+        ),
+        ("client", "web", "no"),
+        "{text}"
+    );
+    assert!(text.contains("!! failing"), "{text}");
+    assert!(text.contains("1 edges: 1 failing"), "{text}");
+    let out = pylon(&args(
+        &["edges", "deployment", "--window", "2s", "-o", "json"],
+        &admins,
+    ));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(doc["edges"][0]["flags"][0], "failing", "{doc}");
+
+    let sent = mesh.sent.load(Ordering::Relaxed);
+    let failed = mesh.failed.load(Ordering::Relaxed);
+    assert!(
+        sent > 0 && failed > 0,
+        "the load generator saw {failed}/{sent} failures"
+    );
+}
+
+#[test]
+fn errors_a_user_can_act_on() {
+    // Unreachable proxy: exit 1, naming the address.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let out = pylon(&args(
+        &[
+            "stat",
+            "deploy/web",
+            "--window",
+            "1s",
+            "--proxy",
+            &closed.to_string(),
+        ],
+        &[],
+    ));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&closed.to_string()) && err.contains("unreachable"),
+        "{err}"
+    );
+
+    // Unknown kind, bad window, no source, --from where the data has no source: exit 2.
+    for (argv, needle) in [
+        (
+            vec!["stat", "cronjob/x", "--proxy", "127.0.0.1:1"],
+            "unknown resource kind",
+        ),
+        (
+            vec![
+                "stat",
+                "deploy/web",
+                "--window",
+                "5 minutes",
+                "--proxy",
+                "127.0.0.1:1",
+            ],
+            "bad --window",
+        ),
+        (vec!["stat", "deploy/web"], "no data source"),
+        (
+            vec![
+                "stat",
+                "deploy/web",
+                "--from",
+                "deploy/client",
+                "--proxy",
+                "127.0.0.1:1",
+            ],
+            "no client identity",
+        ),
+        (
+            vec![
+                "stat",
+                "deploy/client",
+                "--to",
+                "deploy/web",
+                "--proxy",
+                "127.0.0.1:1",
+            ],
+            "use --to svc/NAME",
+        ),
+        (vec!["edges", "svc", "--proxy", "127.0.0.1:1"], "workloads"),
+    ] {
+        let out = pylon(&args(&argv, &[]));
+        assert_eq!(out.status.code(), Some(2), "{argv:?}: {}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{argv:?}: {err}");
+    }
+
+    // A proxy with no traffic: exit 1, "no traffic in the last 1s".
+    let idle = start_proxy(&["--workload", "deployment/idle", "--namespace", "default"]);
+    let out = pylon(&args(
+        &[
+            "stat",
+            "deploy/idle",
+            "--window",
+            "1s",
+            "--proxy",
+            &idle.admin.to_string(),
+        ],
+        &[],
+    ));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("no traffic for deployment/idle in the last 1s"),
+        "{}",
+        show(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus
+// ---------------------------------------------------------------------------------------------
+
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, resp.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+#[test]
+fn stat_and_edges_from_prometheus() {
+    if !Path::new(PROMETHEUS).exists() {
+        let reason = format!("{PROMETHEUS} is not installed (./scripts/test installs it)");
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true: {reason}");
+        }
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let started = Instant::now();
+    let mesh = Mesh::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config: PathBuf = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n- job_name: pylon\n  static_configs:\n  - targets: ['{}', '{}']\n",
+            mesh.web.admin, mesh.client.admin
+        ),
+    )
+    .expect("write prometheus.yml");
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let _prometheus = Proc(
+        Command::new(PROMETHEUS)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let url = format!("http://{listen}");
+
+    // Until Prometheus has enough samples for rate() over the window (bounded).
+    let deadline = started + Duration::from_secs(45);
+    let window = "5s";
+    let stat = args(
+        &[
+            "stat",
+            "deploy/web",
+            "--prometheus",
+            &url,
+            "--window",
+            window,
+        ],
+        &[],
+    );
+    loop {
+        let ready = http_get(listen, "/-/ready").is_some_and(|(s, _)| s == 200);
+        if ready {
+            let out = pylon(&stat);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no answer from Prometheus within 45 s: {}",
+                show(&out)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus not ready within 45 s"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    // Wait until the window is full of samples (rate() extrapolates less over a series
+    // younger than the window), then read again.
+    thread::sleep(Duration::from_secs(6));
+    let out = pylon(&stat);
+    assert!(out.status.success(), "{}", show(&out));
+    let text = stdout(&out);
+    println!("$ pylon stat deploy/web --prometheus URL --window {window}\n{text}");
+    let r = rows(&text);
+    assert_eq!(r.len(), 1, "{text}");
+    assert_eq!(r[0]["NAME"], "web");
+    assert_eq!(r[0]["MESHED"], "1/1");
+    let success = percent(&r[0]["SUCCESS"]);
+    assert!(
+        (success - EXPECTED_SUCCESS).abs() <= 4.0,
+        "success {success}% vs ~{EXPECTED_SUCCESS}%\n{text}"
+    );
+    let prom_rps = rps(&r[0]["RPS"]);
+    // Direct scrapes of the same proxies agree (the load is steady, ~90 requests/s).
+    let out = pylon(&args(
+        &["stat", "deploy/web", "--window", "2s"],
+        &mesh.admins(),
+    ));
+    assert!(out.status.success(), "{}", show(&out));
+    let direct_rps = rps(&rows(&stdout(&out))[0]["RPS"]);
+    assert!(
+        (prom_rps - direct_rps).abs() <= 0.3 * direct_rps,
+        "Prometheus {prom_rps}rps vs direct {direct_rps}rps\n{text}"
+    );
+
+    let out = pylon(&args(
+        &[
+            "edges",
+            "deployment",
+            "--prometheus",
+            &url,
+            "--window",
+            window,
+            "-o",
+            "json",
+        ],
+        &[],
+    ));
+    assert!(out.status.success(), "{}", show(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(doc["edges"][0]["src"], "client", "{doc}");
+    assert_eq!(doc["edges"][0]["dst"], "web", "{doc}");
+
+    // A resource Prometheus has nothing for: exit 1, no traffic.
+    let out = pylon(&args(
+        &[
+            "stat",
+            "deploy/nothing",
+            "--prometheus",
+            &url,
+            "--window",
+            window,
+        ],
+        &[],
+    ));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("no traffic for deployment/nothing in the last 5s"),
+        "{}",
+        show(&out)
+    );
+
+    // Prometheus unreachable: exit 1, naming it.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let out = pylon(&args(&["stat", "deploy/web", "--prometheus", &dead], &[]));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&dead),
+        "{}",
+        show(&out)
+    );
+}
