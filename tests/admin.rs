@@ -453,3 +453,19 @@ async fn access_log_has_one_json_line_per_request() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_names_the_tap_port() {
+    test_body(async {
+        let proxy = Proxy::start(&[]);
+        let (status, body) = proxy.admin_request("GET", "/tap-addr", "");
+        assert_eq!(status, 200);
+        assert_eq!(
+            body.trim().parse::<std::net::SocketAddr>().ok(),
+            Some(proxy.tap())
+        );
+        let (status, _) = proxy.admin_request("POST", "/tap-addr", "");
+        assert_eq!(status, 405);
+    })
+    .await
+}

@@ -1,4 +1,5 @@
-//! The admin server: `/metrics`, `/ready`, `/live`, `GET|PUT /proxy-log-level`, `POST /shutdown`.
+//! The admin server: `/metrics`, `/ready`, `/live`, `GET|PUT /proxy-log-level`, `POST /shutdown`,
+//! `GET /tap-addr` (where the tap port listens, so tools name a proxy by its admin address).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,6 +19,8 @@ use crate::shutdown::Shutdown;
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
+    /// The tap listener's address.
+    pub tap_addr: SocketAddr,
     pub log_level: LogLevel,
     pub shutdown: Shutdown,
 }
@@ -78,6 +81,7 @@ impl Admin {
                 }
             }
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+            (&Method::GET, "/tap-addr") => text(StatusCode::OK, format!("{}\n", self.tap_addr)),
             (&Method::GET, "/proxy-log-level") => {
                 text(StatusCode::OK, format!("{}\n", self.log_level.get()))
             }
@@ -109,9 +113,10 @@ impl Admin {
                 self.shutdown.begin();
                 text(StatusCode::OK, "shutdown\n")
             }
-            (_, "/metrics" | "/ready" | "/live" | "/proxy-log-level" | "/shutdown") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-            }
+            (
+                _,
+                "/metrics" | "/ready" | "/live" | "/proxy-log-level" | "/shutdown" | "/tap-addr",
+            ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }

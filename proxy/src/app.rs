@@ -113,7 +113,7 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
     let (admin_listener, _) = bind("admin", args.admin_addr).await?;
     let (inbound_listener, inbound_local) = bind("inbound", args.inbound_addr).await?;
     let (outbound_listener, outbound_local) = bind("outbound", args.outbound_addr).await?;
-    let (tap_listener, _) = bind("tap", args.tap_addr).await?;
+    let (tap_listener, tap_local) = bind("tap", args.tap_addr).await?;
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(StartError::Signals)?;
@@ -154,6 +154,7 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
     );
     let admin = Arc::new(Admin {
         metrics,
+        tap_addr: tap_local,
         log_level,
         shutdown: shutdown.clone(),
     });
