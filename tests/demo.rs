@@ -115,6 +115,43 @@ fn tables(stdout: &[String]) -> Vec<Table> {
 
 const ENDPOINTS: [&str; 3] = ["ml-inference-1", "ml-inference-2", "ml-inference-3"];
 
+/// Runs the `pylon` commands the demo printed (its `look` lines), with a 1 s window so they
+/// finish while the demo runs; returns each command line, its exit status and its output.
+fn run_printed_commands(out: &[String]) -> Vec<(String, bool, String)> {
+    let start = out
+        .iter()
+        .position(|l| l.starts_with("look "))
+        .expect("the demo prints the commands to look at it");
+    out[start..]
+        .iter()
+        .map(|l| l.strip_prefix("look").unwrap_or(l).trim())
+        .take_while(|l| l.starts_with("pylon "))
+        .map(|cmd| {
+            let args: Vec<String> = cmd
+                .split_whitespace()
+                .skip(1)
+                .map(|a| {
+                    if a == "10s" {
+                        "1s".to_owned()
+                    } else {
+                        a.to_owned()
+                    }
+                })
+                .collect();
+            let output = Command::new(env!("CARGO_BIN_EXE_pylon"))
+                .args(&args)
+                .output()
+                .expect("run a printed pylon command");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            (cmd.to_owned(), output.status.success(), text)
+        })
+        .collect()
+}
+
 #[test]
 fn demo_shows_the_mesh_and_leaves_nothing_behind() {
     let started = Instant::now();
@@ -148,6 +185,7 @@ fn demo_shows_the_mesh_and_leaves_nothing_behind() {
     // mesh is serving), scrape one of them while the demo runs.
     let mut out: Vec<String> = Vec::new();
     let mut scraped_while_running = None;
+    let mut looked_while_running = None;
     loop {
         let left = DEADLINE.saturating_sub(started.elapsed());
         assert!(
@@ -167,6 +205,7 @@ fn demo_shows_the_mesh_and_leaves_nothing_behind() {
                         .next()
                         .expect("an admin address before the first table");
                     scraped_while_running = Some(http_get(admin, "/metrics"));
+                    looked_while_running = Some(run_printed_commands(&out));
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -208,6 +247,32 @@ fn demo_shows_the_mesh_and_leaves_nothing_behind() {
             panic!("the admin /metrics was not reachable during the run: {other:?}; {context}")
         }
     }
+
+    // The commands the demo prints work against it.
+    let looked = looked_while_running.expect("the printed commands ran during the demo");
+    assert_eq!(
+        looked.len(),
+        3,
+        "stat, routes and edges are printed: {looked:#?}"
+    );
+    for (cmd, ok, text) in &looked {
+        assert!(ok, "`{cmd}` failed against the running demo:\n{text}");
+    }
+    assert!(
+        looked[0].2.contains("ml-inference"),
+        "stat: {}",
+        looked[0].2
+    );
+    assert!(
+        looked[1].2.contains("POST /predict"),
+        "routes: {}",
+        looked[1].2
+    );
+    assert!(
+        looked[2].2.contains("loadgen") && looked[2].2.contains("ml-inference"),
+        "edges: {}",
+        looked[2].2
+    );
 
     // The tables: one per second, then the run's summary.
     let tables = tables(&out);

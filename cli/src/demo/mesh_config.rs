@@ -1,6 +1,7 @@
-//! The demo's mesh objects, as the YAML a user would drop into `--config-dir`: one `v1 Service`
-//! and one `discovery.k8s.io/v1 EndpointSlice` per endpoint (each endpoint is a proxy on its own
-//! loopback port, and a slice has a single port list).
+//! The demo's mesh objects, as the YAML a user would drop into `--config-dir`: one `v1 Service`,
+//! one `discovery.k8s.io/v1 EndpointSlice` per endpoint (each endpoint is a proxy on its own
+//! loopback port, and a slice has a single port list), and a `linkerd.io/v1alpha2`
+//! ServiceProfile with routes, a timeout and a retry budget, so route metrics have names.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,18 @@ pub fn render(service: &str, namespace: &str, port: u16, endpoints: &[EndpointOb
          spec:\n  selector:\n    app: {service}\n  ports:\n  \
          - name: http\n    port: {port}\n    protocol: TCP\n    targetPort: http\n"
     );
+    yaml.push_str(&format!(
+        "---\n\
+         apiVersion: linkerd.io/v1alpha2\n\
+         kind: ServiceProfile\n\
+         metadata:\n  name: {service}.{namespace}.svc.cluster.local\n  namespace: {namespace}\n\
+         spec:\n  routes:\n  \
+         - name: POST /predict\n    condition:\n      method: POST\n      pathRegex: /predict\n    \
+         timeout: 2s\n  \
+         - name: GET /v1/models/{{id}}\n    condition:\n      method: GET\n      \
+         pathRegex: /v1/models/[^/]+\n    isRetryable: true\n    timeout: 500ms\n  \
+         retryBudget:\n    retryRatio: 0.2\n    minRetriesPerSecond: 10\n    ttl: 10s\n"
+    ));
     for endpoint in endpoints {
         let pod = endpoint.pod;
         let ip = endpoint.addr.ip();
@@ -81,7 +94,7 @@ mod tests {
         let docs: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(&yaml)
             .map(|doc| serde::Deserialize::deserialize(doc).expect("valid YAML"))
             .collect();
-        assert_eq!(docs.len(), 3);
+        assert_eq!(docs.len(), 4);
 
         let service = &docs[0];
         assert_eq!(service["apiVersion"].as_str(), Some("v1"));
@@ -93,7 +106,23 @@ mod tests {
         assert_eq!(port["port"].as_u64(), Some(80));
         assert_eq!(port["targetPort"].as_str(), Some("http"));
 
-        for (slice, (pod, port)) in docs[1..]
+        let profile = &docs[1];
+        assert_eq!(profile["kind"].as_str(), Some("ServiceProfile"));
+        assert_eq!(
+            profile["metadata"]["name"].as_str(),
+            Some("ml-inference.default.svc.cluster.local")
+        );
+        assert_eq!(
+            profile["spec"]["routes"][0]["name"].as_str(),
+            Some("POST /predict")
+        );
+        assert_eq!(profile["spec"]["routes"][0]["timeout"].as_str(), Some("2s"));
+        assert_eq!(
+            profile["spec"]["retryBudget"]["retryRatio"].as_f64(),
+            Some(0.2)
+        );
+
+        for (slice, (pod, port)) in docs[2..]
             .iter()
             .zip([("ml-inference-1", 4001), ("ml-inference-2", 4002)])
         {

@@ -305,9 +305,24 @@ impl Printer {
                 }
                 let _ = writeln!(
                     text,
-                    "try         curl -H 'Host: {}' http://{}/predict",
+                    "try         curl -X POST -H 'Host: {}' http://{}/predict",
                     mesh.host, mesh.outbound_listener
                 );
+                let inbound: String = mesh
+                    .endpoints
+                    .iter()
+                    .map(|e| format!(" --proxy {}", e.admin))
+                    .collect();
+                let out = format!(" --proxy {}", mesh.outbound_admin);
+                let _ = writeln!(
+                    text,
+                    "look        pylon stat deploy/ml-inference{inbound} --window 10s"
+                );
+                let _ = writeln!(
+                    text,
+                    "            pylon routes deploy/loadgen --to svc/ml-inference{out} --window 10s"
+                );
+                let _ = writeln!(text, "            pylon edges deployment{out} --window 10s");
                 self.emit(&format!("{text}\n"));
                 self.mesh_info = text;
             }
