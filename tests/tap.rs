@@ -239,3 +239,46 @@ async fn a_stalled_tap_client_never_slows_traffic() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_taps_each_get_their_own_events() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let mut streams = Vec::new();
+        for prefix in ["/a", "/b", "/"] {
+            let mut tap = client(&proxy).await;
+            streams.push(
+                tap.observe(ObserveRequest {
+                    limit: 2,
+                    r#match: path_prefix(prefix),
+                    extract: None,
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+            );
+        }
+        for path in ["/a/1", "/b/1", "/a/2", "/b/2"] {
+            get(proxy.outbound(), AUTHORITY, path).await.unwrap();
+        }
+        let mut seen = Vec::new();
+        for stream in &mut streams {
+            let mut paths = Vec::new();
+            while let Some(ev) = within("tap event", OP_TIMEOUT, stream.message())
+                .await
+                .expect("tap stream")
+            {
+                if let HttpEvent::RequestInit(req) = http(&ev) {
+                    paths.push(req.path.clone());
+                }
+            }
+            seen.push(paths);
+        }
+        assert_eq!(seen[0], ["/a/1", "/a/2"]);
+        assert_eq!(seen[1], ["/b/1", "/b/2"]);
+        assert_eq!(seen[2], ["/a/1", "/b/1"], "limit 2 on the catch-all tap");
+    })
+    .await
+}
