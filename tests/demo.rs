@@ -252,8 +252,8 @@ fn demo_shows_the_mesh_and_leaves_nothing_behind() {
     let looked = looked_while_running.expect("the printed commands ran during the demo");
     assert_eq!(
         looked.len(),
-        3,
-        "stat, routes and edges are printed: {looked:#?}"
+        4,
+        "stat, routes, edges and tap are printed: {looked:#?}"
     );
     for (cmd, ok, text) in &looked {
         assert!(ok, "`{cmd}` failed against the running demo:\n{text}");
@@ -273,6 +273,12 @@ fn demo_shows_the_mesh_and_leaves_nothing_behind() {
         "edges: {}",
         looked[2].2
     );
+    let tapped = looked[3]
+        .2
+        .lines()
+        .filter(|l| l.starts_with("req "))
+        .count();
+    assert_eq!(tapped, 3, "tap --limit 3: {}", looked[3].2);
 
     // The tables: one per second, then the run's summary.
     let tables = tables(&out);

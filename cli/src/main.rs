@@ -9,6 +9,9 @@
 //! - `pylon stat RESOURCE`, `pylon routes RESOURCE`, `pylon edges KIND` show the mesh's
 //!   success rate, requests/s and latency per resource, route and edge, from the proxies'
 //!   `/metrics` (two scrapes a window apart) or from Prometheus.
+//! - `pylon tap RESOURCE` prints live requests from the proxies' tap ports (Linkerd's tap API),
+//!   one line per request, response and end; `pylon profile --tap RESOURCE` turns a few seconds
+//!   of them into a ServiceProfile.
 //! - `pylon proxy ...` (hidden) runs the sidecar proxy itself with the given flags, so the demo
 //!   can start proxies from this same binary without anything else installed.
 
@@ -20,6 +23,7 @@ use clap::{Parser, Subcommand};
 mod check;
 mod demo;
 mod stat;
+mod tap;
 
 #[derive(Parser, Debug)]
 #[command(name = "pylon", version, about = "The Pylon service mesh operator CLI")]
@@ -46,6 +50,12 @@ enum Command {
     /// edges flagged.
     Edges(stat::EdgesArgs),
 
+    /// Live requests, responses and their ends, from the proxies' tap ports.
+    Tap(tap::TapArgs),
+
+    /// Write a ServiceProfile for the routes observed by tapping live traffic.
+    Profile(tap::ProfileArgs),
+
     /// Run the sidecar proxy (`pylon-proxy`) with the given flags.
     #[command(hide = true, disable_help_flag = true)]
     Proxy {
@@ -67,6 +77,8 @@ fn main() -> ExitCode {
         Command::Stat(args) => stat::run_stat(args),
         Command::Routes(args) => stat::run_routes(args),
         Command::Edges(args) => stat::run_edges(args),
+        Command::Tap(args) => tap::run_tap(args),
+        Command::Profile(args) => tap::run_profile(args),
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -57,7 +57,26 @@ pub async fn test_body<F: Future>(fut: F) -> F::Output {
 // The proxy process
 // ---------------------------------------------------------------------------------------------
 
-pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_pylon-proxy");
+/// The proxy binary. Cargo names it for the proxy crate's own tests; other crates' tests (the
+/// CLI's) find it in their target dir, built first with `cargo build -p pylon-proxy --bins`.
+pub static PROXY_BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_pylon-proxy") {
+        return bin.to_string();
+    }
+    // target/<profile>/deps/<this test> -> target/<profile>/pylon-proxy
+    let exe = std::env::current_exe().expect("the test's own path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("pylon-proxy"))
+        .expect("a target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build -p pylon-proxy --bins`",
+        bin.display()
+    );
+    bin.display().to_string()
+});
 
 /// A running `pylon-proxy` child process. Dropping it kills the process.
 pub struct Proxy {
@@ -106,7 +125,7 @@ impl ProxyBuilder {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(PROXY_BIN);
+        let mut cmd = Command::new(&*PROXY_BIN);
         // Hermetic: no PYLON_* from the developer's environment leaks into the child.
         for (k, _) in std::env::vars() {
             if k.starts_with("PYLON_") {
@@ -150,7 +169,7 @@ impl ProxyBuilder {
         let mut cmd = self.command();
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("failed to spawn {PROXY_BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("failed to spawn {}: {e}", *PROXY_BIN));
         let pid = child.id();
         let logs: Arc<Mutex<Vec<String>>> = Arc::default();
         let (tx, rx) = mpsc::channel::<String>();

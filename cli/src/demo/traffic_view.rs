@@ -323,6 +323,10 @@ impl Printer {
                     "            pylon routes deploy/loadgen --to svc/ml-inference{out} --window 10s"
                 );
                 let _ = writeln!(text, "            pylon edges deployment{out} --window 10s");
+                let _ = writeln!(
+                    text,
+                    "            pylon tap deploy/loadgen --path /predict{out} --limit 3"
+                );
                 self.emit(&format!("{text}\n"));
                 self.mesh_info = text;
             }
