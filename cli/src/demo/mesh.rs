@@ -101,7 +101,7 @@ impl Mesh {
         let yaml = mesh_config::render(SERVICE, NAMESPACE, SERVICE_PORT, &objects);
         let file = mesh_config::write(config_dir.path(), &yaml)?;
         progress(&format!(
-            "wrote Service {SERVICE} and {} EndpointSlices to {}",
+            "wrote Service {SERVICE}, its ServiceProfile and {} EndpointSlices to {}",
             objects.len(),
             file.display()
         ));
