@@ -425,3 +425,98 @@ async fn profile_from_tap_passes_check_and_routes_the_same_traffic() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn top_once_shows_the_busiest_paths_with_counts_latency_and_success() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let admin = proxy.admin().to_string();
+        let mut cli = Cli::spawn(&["top", "deploy/web", "--once", "3s", "--proxy", &admin]);
+        cli.wait_tapping().await;
+        for i in 0..6 {
+            assert_eq!(
+                get(proxy.outbound(), AUTHORITY, "/busy")
+                    .await
+                    .unwrap()
+                    .status,
+                200
+            );
+            let status = if i % 2 == 0 { "500" } else { "200" };
+            get_with(
+                proxy.outbound(),
+                AUTHORITY,
+                "/half",
+                &[("x-status", status)],
+            )
+            .await
+            .unwrap();
+        }
+        let status = cli.wait_exit().await;
+        assert!(status.success(), "exit {status}: {}", cli.stderr());
+        let out = cli.stdout();
+        assert!(out[0].starts_with("METHOD"), "{out:#?}");
+        let row = |path: &str| {
+            out.iter()
+                .find(|l| l.split_whitespace().nth(2) == Some(path))
+                .unwrap_or_else(|| panic!("no {path} row: {out:#?}"))
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let busy = row("/busy");
+        assert_eq!(busy[0], "GET");
+        assert_eq!(busy[3], "6", "{busy:?}");
+        assert_eq!(busy[7], "100.00%", "{busy:?}");
+        let half = row("/half");
+        assert_eq!(half[3], "6", "{half:?}");
+        assert_eq!(half[7], "50.00%", "{half:?}");
+    })
+    .await
+}
+
+/// The live view, in a real pseudo-terminal (util-linux `script`): it draws the table and `q`
+/// quits with status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn top_draws_a_live_table_in_a_terminal_and_q_quits() {
+    test_body(async {
+        if Command::new("script").arg("--version").output().is_err() {
+            assert!(
+                std::env::var("CI").is_err(),
+                "util-linux `script` is missing (scripts/test installs it)"
+            );
+            eprintln!("skipping: util-linux `script` is not installed");
+            return;
+        }
+        let proxy = Proxy::start(&[]);
+        let inner = format!(
+            "stty cols 120 rows 30; exec {PYLON} top deploy/web --proxy {}",
+            proxy.admin()
+        );
+        let outer = format!("(sleep 2; printf q) | script -qfec \"{inner}\" /dev/null",);
+        let started = std::time::Instant::now();
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new("timeout")
+                .args(["30", "sh", "-c", &outer])
+                .output()
+                .expect("run script")
+        })
+        .await
+        .unwrap();
+        let screen = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "exit {:?}: {screen}",
+            output.status
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "q did not quit"
+        );
+        assert!(screen.contains("METHOD"), "no table drawn: {screen}");
+        // The alternate screen is entered and left: the terminal is restored.
+        assert!(screen.contains("\u{1b}[?1049h") && screen.contains("\u{1b}[?1049l"));
+    })
+    .await
+}

@@ -252,8 +252,8 @@ fn demo_shows_the_mesh_and_leaves_nothing_behind() {
     let looked = looked_while_running.expect("the printed commands ran during the demo");
     assert_eq!(
         looked.len(),
-        4,
-        "stat, routes, edges and tap are printed: {looked:#?}"
+        5,
+        "stat, routes, edges, tap and top are printed: {looked:#?}"
     );
     for (cmd, ok, text) in &looked {
         assert!(ok, "`{cmd}` failed against the running demo:\n{text}");
@@ -279,6 +279,11 @@ fn demo_shows_the_mesh_and_leaves_nothing_behind() {
         .filter(|l| l.starts_with("req "))
         .count();
     assert_eq!(tapped, 3, "tap --limit 3: {}", looked[3].2);
+    assert!(
+        looked[4].2.contains("/predict"),
+        "top --once: {}",
+        looked[4].2
+    );
 
     // The tables: one per second, then the run's summary.
     let tables = tables(&out);

@@ -56,6 +56,9 @@ enum Command {
     /// Write a ServiceProfile for the routes observed by tapping live traffic.
     Profile(tap::ProfileArgs),
 
+    /// The busiest paths of the live traffic (from tap): counts, latency and success; `q` quits.
+    Top(tap::TopArgs),
+
     /// Run the sidecar proxy (`pylon-proxy`) with the given flags.
     #[command(hide = true, disable_help_flag = true)]
     Proxy {
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Edges(args) => stat::run_edges(args),
         Command::Tap(args) => tap::run_tap(args),
         Command::Profile(args) => tap::run_profile(args),
+        Command::Top(args) => tap::run_top(args),
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

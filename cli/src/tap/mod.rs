@@ -12,6 +12,7 @@
 
 pub mod event;
 pub mod profile;
+pub mod top;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -110,6 +111,34 @@ pub struct ProfileArgs {
     /// Requests sampled per second by each proxy.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     max_rps: u32,
+
+    /// A tap port to use directly (repeatable), for a proxy whose admin server is out of reach.
+    #[arg(long = "tap-addr", value_name = "ADDR")]
+    taps: Vec<SocketAddr>,
+
+    #[command(flatten)]
+    proxies: ProxyArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// Whose traffic: `deployment/NAME`, `pod/NAME`, `ns/NAME` (every request the proxies
+    /// given see), `svc/NAME` or `authority/HOST` (requests to it).
+    #[arg(value_name = "RESOURCE")]
+    resource: String,
+
+    /// Requests sampled per second by each proxy.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    max_rps: u32,
+
+    /// The initial order (`s` changes it in the live view).
+    #[arg(long, value_enum, default_value_t = top::SortBy::Count)]
+    sort: top::SortBy,
+
+    /// Print one table after tapping this long (Go-style duration: 10s) instead of the live
+    /// full-screen view.
+    #[arg(long, value_name = "DURATION")]
+    once: Option<String>,
 
     /// A tap port to use directly (repeatable), for a proxy whose admin server is out of reach.
     #[arg(long = "tap-addr", value_name = "ADDR")]
@@ -586,6 +615,67 @@ fn tap(args: TapArgs) -> Result<(), Failure> {
 // ---------------------------------------------------------------------------------------------
 // pylon profile --tap
 // ---------------------------------------------------------------------------------------------
+
+pub fn run_top(args: TopArgs) -> ExitCode {
+    exit("top", run_top_inner(args))
+}
+
+fn run_top_inner(args: TopArgs) -> Result<(), Failure> {
+    let res = Resource::parse(&args.resource).map_err(usage)?;
+    let once = args
+        .once
+        .as_deref()
+        .map(pylon_proxy_policy::duration::parse)
+        .transpose()
+        .map_err(|e| usage(format!("bad --once: {e}")))?;
+    let query =
+        build_query(&res, None, None, None, None, &args.proxies.namespace).map_err(usage)?;
+    let rt = runtime()?;
+    let (targets, streams) = rt.block_on(async {
+        let targets = targets(&args.proxies.proxies, &args.taps).await?;
+        let mut streams = Vec::new();
+        for t in &targets {
+            streams.push(observe(t, query.matcher.clone(), 0, args.max_rps).await?);
+        }
+        Ok::<_, Failure>((targets, streams))
+    })?;
+    let paths = std::sync::Arc::new(std::sync::Mutex::new(top::Paths::default()));
+    let sink_paths = paths.clone();
+    let mut sink = move |proxy: usize, ev: TapEvent| -> Result<bool, Failure> {
+        if let Some(line) = Line::from_event(&ev) {
+            sink_paths
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .observe(proxy, &line);
+        }
+        Ok(true)
+    };
+    let title = format!("pylon top {res} ({})", describe(&targets));
+    match once {
+        Some(d) => {
+            eprintln!(
+                "tapping {res} on {} for {}...",
+                describe(&targets),
+                args.once.as_deref().unwrap_or("")
+            );
+            rt.block_on(run_streams(&targets, streams, Some(d), &mut sink))?;
+            let text =
+                top::render_text(&paths.lock().unwrap_or_else(|e| e.into_inner()), args.sort);
+            std::io::stdout()
+                .lock()
+                .write_all(text.as_bytes())
+                .map_err(|e| fail(format!("writing the output: {e}")))
+        }
+        None => {
+            // The streams run on their own thread; this one draws and reads keys.
+            std::thread::spawn(move || {
+                let _ = rt.block_on(run_streams(&targets, streams, None, &mut sink));
+            });
+            top::interactive(paths, title, args.sort)
+                .map_err(|e| fail(format!("the terminal: {e}")))
+        }
+    }
+}
 
 pub fn run_profile(args: ProfileArgs) -> ExitCode {
     match profile(args) {
