@@ -476,47 +476,88 @@ async fn top_once_shows_the_busiest_paths_with_counts_latency_and_success() {
     .await
 }
 
-/// The live view, in a real pseudo-terminal (util-linux `script`): it draws the table and `q`
-/// quits with status 0.
+/// The live view, driven in tmux: its screen is read back with `capture-pane`, `s` re-sorts and
+/// `q` quits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn top_draws_a_live_table_in_a_terminal_and_q_quits() {
+async fn top_is_driven_in_tmux_and_its_screen_read_back() {
     test_body(async {
-        if Command::new("script").arg("--version").output().is_err() {
+        if Command::new("tmux").arg("-V").output().is_err() {
             assert!(
                 std::env::var("CI").is_err(),
-                "util-linux `script` is missing (scripts/test installs it)"
+                "tmux is missing (scripts/test installs it)"
             );
-            eprintln!("skipping: util-linux `script` is not installed");
+            eprintln!("skipping: tmux is not installed");
             return;
         }
-        let proxy = Proxy::start(&[]);
-        let inner = format!(
-            "stty cols 120 rows 30; exec {PYLON} top deploy/web --proxy {}",
-            proxy.admin()
-        );
-        let outer = format!("(sleep 2; printf q) | script -qfec \"{inner}\" /dev/null",);
-        let started = std::time::Instant::now();
-        let output = tokio::task::spawn_blocking(move || {
-            Command::new("timeout")
-                .args(["30", "sh", "-c", &outer])
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        let session = format!("pylon-top-{}", std::process::id());
+        let tmux = |args: &[&str]| {
+            Command::new("tmux")
+                .args(["-L", &session])
+                .args(args)
                 .output()
-                .expect("run script")
-        })
-        .await
-        .unwrap();
-        let screen = String::from_utf8_lossy(&output.stdout);
+                .expect("run tmux")
+        };
+        let cmd = format!("{PYLON} top deploy/web --proxy {}", proxy.admin());
+        let started = tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "150",
+            "-y",
+            "30",
+            &cmd,
+        ]);
+        assert!(started.status.success(), "{started:?}");
+        let screen = |tmux: &dyn Fn(&[&str]) -> std::process::Output| {
+            String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout)
+                .into_owned()
+        };
+        for _ in 0..5 {
+            get(proxy.outbound(), AUTHORITY, "/seen-in-top")
+                .await
+                .unwrap();
+        }
+        let mut last = String::new();
+        let drawn = wait_until(
+            || {
+                last = screen(&tmux);
+                last.contains("/seen-in-top") && last.contains("100.00%")
+            },
+            OP_TIMEOUT,
+        )
+        .await;
+        assert!(drawn, "the path never showed on the screen:\n{last}");
         assert!(
-            output.status.success(),
-            "exit {:?}: {screen}",
-            output.status
+            last.contains("METHOD") && last.contains("sorted by Count"),
+            "{last}"
         );
-        assert!(
-            started.elapsed() < Duration::from_secs(25),
-            "q did not quit"
-        );
-        assert!(screen.contains("METHOD"), "no table drawn: {screen}");
-        // The alternate screen is entered and left: the terminal is restored.
-        assert!(screen.contains("\u{1b}[?1049h") && screen.contains("\u{1b}[?1049l"));
+        // `s` re-sorts.
+        tmux(&["send-keys", "-t", &session, "s"]);
+        let resorted = wait_until(
+            || {
+                last = screen(&tmux);
+                last.contains("sorted by Worst")
+            },
+            OP_TIMEOUT,
+        )
+        .await;
+        assert!(resorted, "{last}");
+        // `q` quits: the session (its only pane ran pylon) ends.
+        tmux(&["send-keys", "-t", &session, "q"]);
+        let quit = wait_until(
+            || !tmux(&["has-session", "-t", &session]).status.success(),
+            OP_TIMEOUT,
+        )
+        .await;
+        if !quit {
+            tmux(&["kill-server"]);
+        }
+        assert!(quit, "q did not quit pylon top");
     })
     .await
 }

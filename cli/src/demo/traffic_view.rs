@@ -327,10 +327,7 @@ impl Printer {
                     text,
                     "            pylon tap deploy/loadgen --path /predict{out} --limit 3"
                 );
-                let _ = writeln!(
-                    text,
-                    "            pylon top deploy/loadgen{out} --once 10s"
-                );
+                let _ = writeln!(text, "            pylon top deploy/loadgen{out} --once 10s");
                 self.emit(&format!("{text}\n"));
                 self.mesh_info = text;
             }
