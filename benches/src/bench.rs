@@ -500,13 +500,18 @@ async fn tap_cost_row(c: &mut Chain, plan: &Plan, hz: f64) -> Result<String> {
     let taps = crate::tap::Taps::open(&c.tap_addrs, pylon_tap_default_rps()).await?;
     let sampled = run("100 requests/s tapped").await?;
     let sampled_events = taps.close();
+    let taps = crate::tap::Taps::open_stalled(&c.tap_addrs).await?;
+    let stalled = run("a stalled tap client").await?;
+    taps.close();
     c.check_running()?;
     Ok(format!(
         "HTTP/1.1 GET closed loop, req per proxy CPU-s: no tap {idle:.0}; every request tapped on \
          both proxies {all:.0} ({:.2}× idle, {events} events read); taps sampling 100 req/s \
-         {sampled:.0} ({:.2}× idle, {sampled_events} events)",
+         {sampled:.0} ({:.2}× idle, {sampled_events} events); a stalled tap client (never reads; \
+         events beyond its queue dropped and counted) {stalled:.0} ({:.2}× idle)",
         all / idle,
         sampled / idle,
+        stalled / idle,
     ))
 }
 
