@@ -318,13 +318,12 @@ impl Discovery {
                     .collect();
             }
         }
-        let profile = match &logical.key {
-            TargetKey::Service { service, .. } => service.fqdn(&self.cluster_domain),
-            TargetKey::Dns { host, .. } => host.to_string(),
-            TargetKey::Addr(_) => return Vec::new(),
+        // Named when the destination was made; no profile for a bare address.
+        let Some(profile) = logical.routes.profile_name() else {
+            return Vec::new();
         };
         snapshot
-            .route_table(&profile)
+            .route_table(profile)
             .map(|t| {
                 t.dst_overrides()
                     .iter()

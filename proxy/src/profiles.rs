@@ -115,6 +115,12 @@ impl DestinationRoutes {
     pub fn load(&self) -> Guard<Arc<RoutePolicy>> {
         self.current.load()
     }
+
+    /// The name a ServiceProfile for this destination has (a service FQDN); `None` for an
+    /// address.
+    pub fn profile_name(&self) -> Option<&str> {
+        self.profile_name.as_deref()
+    }
 }
 
 impl Profiles {

@@ -158,7 +158,9 @@ enum End {
 
 pub struct ResponseBody {
     kind: Kind,
-    /// The route whose classes classify the response for failure accrual.
+    /// The route whose classes classify the response for failure accrual. Kept apart from the
+    /// recorders' routes: a body that ends at once has already finished them when the balancer
+    /// attaches its in-flight guard.
     classifier: Option<Arc<RouteState>>,
     /// Status and grpc-status (headers, then trailers) once something records this response.
     head: Option<(u16, Option<u32>)>,
