@@ -188,7 +188,28 @@ struct Mesh {
 }
 
 impl Mesh {
+    /// The mesh with ~100 requests/s of steady load, one in ten failing.
     fn start() -> Mesh {
+        let mut mesh = Mesh::quiet();
+        let load = {
+            let (stop, sent, failed) = (mesh.stop.clone(), mesh.sent.clone(), mesh.failed.clone());
+            let outbound = mesh.client.outbound;
+            thread::spawn(move || load(outbound, &stop, &sent, &failed))
+        };
+        mesh.load = Some(load);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while mesh.sent.load(Ordering::Relaxed) < 20 {
+            assert!(
+                Instant::now() < deadline,
+                "no traffic through the mesh within 15 s"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        mesh
+    }
+
+    /// The mesh with no traffic until the test sends some.
+    fn quiet() -> Mesh {
         let backend = start_backend();
         let dir = tempfile::tempdir().expect("tempdir");
         let web = start_proxy(&[
@@ -212,32 +233,44 @@ impl Mesh {
             "--config-dir",
             dir.path().to_str().expect("utf-8 path"),
         ]);
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let load = {
-            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-            let outbound = client.outbound;
-            thread::spawn(move || load(outbound, &stop, &sent, &failed))
-        };
-        let mesh = Mesh {
+        Mesh {
             web,
             client,
             _dir: dir,
-            stop,
-            sent,
-            failed,
-            load: Some(load),
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while mesh.sent.load(Ordering::Relaxed) < 20 {
-            assert!(
-                Instant::now() < deadline,
-                "no traffic through the mesh within 15 s"
-            );
-            thread::sleep(Duration::from_millis(50));
+            stop: Arc::new(AtomicBool::new(false)),
+            sent: Arc::new(AtomicU64::new(0)),
+            failed: Arc::new(AtomicU64::new(0)),
+            load: None,
         }
-        mesh
+    }
+
+    /// Sends exactly `n` requests through the client's outbound proxy on one connection, every
+    /// `fail_every`th asking for a 500, and returns how many came back as 5xx.
+    fn send(&self, n: u64, fail_every: u64) -> u64 {
+        let conn = TcpStream::connect_timeout(&self.client.outbound, Duration::from_secs(2))
+            .expect("connect to the client's outbound proxy");
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+        let mut writer = conn;
+        let mut failed = 0;
+        for i in 1..=n {
+            let extra = if i.is_multiple_of(fail_every) {
+                "x-status: 500\r\n"
+            } else {
+                ""
+            };
+            // One write per request: a head split over writes meets Nagle's algorithm.
+            let req = format!(
+                "GET http://web.default.svc.cluster.local/ HTTP/1.1\r\nhost: web.default.svc.cluster.local\r\n{extra}\r\n"
+            );
+            writer.write_all(req.as_bytes()).expect("send a request");
+            let status = read_response(&mut reader).expect("a response");
+            if status >= 500 {
+                failed += 1;
+            }
+        }
+        failed
     }
 
     fn admins(&self) -> Vec<String> {
@@ -323,13 +356,20 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> Option<u16> {
 
 /// Runs `pylon ARGS`, bounded to 40 s.
 fn pylon(args: &[String]) -> Output {
-    let mut child = Command::new(PYLON)
+    wait_pylon(spawn_pylon(args), args)
+}
+
+fn spawn_pylon(args: &[String]) -> Child {
+    Command::new(PYLON)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn pylon");
+        .expect("spawn pylon")
+}
+
+fn wait_pylon(mut child: Child, args: &[String]) -> Output {
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         if let Ok(Some(_)) = child.try_wait() {
@@ -665,6 +705,35 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, resp.split_once("\r\n\r\n")?.1.to_owned()))
 }
 
+/// The value of a one-element PromQL answer.
+fn prom_value(prometheus: SocketAddr, query: &str) -> Option<f64> {
+    let encoded: String = query
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let (status, body) = http_get(prometheus, &format!("/api/v1/query?query={encoded}"))?;
+    if status != 200 {
+        return None;
+    }
+    let doc: serde_json::Value = serde_json::from_str(&body).ok()?;
+    doc["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+fn json_rows(out: &Output, key: &str) -> Vec<serde_json::Value> {
+    assert!(out.status.success(), "{}", show(out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    doc[key].as_array().cloned().unwrap_or_default()
+}
+
+/// A known burst of requests with a known failure pattern, read back through a real
+/// Prometheus and by scraping the proxies directly: both count every request and give the
+/// exact success rate.
 #[test]
 fn stat_and_edges_from_prometheus() {
     if !Path::new(PROMETHEUS).exists() {
@@ -675,8 +744,9 @@ fn stat_and_edges_from_prometheus() {
         eprintln!("skipping: {reason}");
         return;
     }
-    let started = Instant::now();
-    let mesh = Mesh::start();
+    const SENT: u64 = 400;
+    const FAIL: u64 = 8;
+    let mesh = Mesh::quiet();
     let dir = tempfile::tempdir().expect("tempdir");
     let config: PathBuf = dir.path().join("prometheus.yml");
     std::fs::write(
@@ -706,98 +776,127 @@ fn stat_and_edges_from_prometheus() {
     );
     let url = format!("http://{listen}");
 
-    // Until Prometheus has enough samples for rate() over the window (bounded).
-    let deadline = started + Duration::from_secs(45);
-    let window = "5s";
-    let stat = args(
-        &[
-            "stat",
-            "deploy/web",
-            "--prometheus",
-            &url,
-            "--window",
-            window,
-        ],
-        &[],
-    );
-    loop {
-        let ready = http_get(listen, "/-/ready").is_some_and(|(s, _)| s == 200);
-        if ready {
-            let out = pylon(&stat);
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no answer from Prometheus within 45 s: {}",
-                show(&out)
-            );
-        }
+    // Until Prometheus scrapes both proxies (bounded).
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while prom_value(listen, "sum(up)") != Some(2.0) {
         assert!(
             Instant::now() < deadline,
-            "Prometheus not ready within 45 s"
+            "Prometheus did not scrape both proxies within 45 s"
         );
-        thread::sleep(Duration::from_millis(500));
+        thread::sleep(Duration::from_millis(250));
     }
-    // Wait until the window is full of samples (rate() extrapolates less over a series
-    // younger than the window), then read again.
-    thread::sleep(Duration::from_secs(6));
-    let out = pylon(&stat);
+
+    // Direct scrapes, 6 s apart, around the burst.
+    let direct_args = args(
+        &["stat", "deploy/web", "--window", "6s", "-o", "json"],
+        &mesh.admins(),
+    );
+    let direct = spawn_pylon(&direct_args);
+    thread::sleep(Duration::from_millis(1500));
+    let failed = mesh.send(SENT, FAIL);
+    assert_eq!(
+        failed,
+        SENT / FAIL,
+        "the backend fails every {FAIL}th request"
+    );
+    let expected_success = (SENT - failed) as f64 / SENT as f64;
+    let direct = json_rows(&wait_pylon(direct, &direct_args), "rows");
+    println!("direct scrapes: {direct:?}");
+    assert_eq!(direct.len(), 1, "{direct:?}");
+    assert_eq!(direct[0]["requests"], SENT, "{direct:?}");
+    assert_eq!(direct[0]["success_rate"], expected_success, "{direct:?}");
+
+    // Until Prometheus has scraped the proxies after the burst.
+    let inbound = r#"sum(response_total{direction="inbound",deployment="web"})"#;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while prom_value(listen, inbound) != Some(SENT as f64) {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not see the {SENT} requests within 20 s: {:?}",
+            prom_value(listen, inbound)
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    let prom = |argv: &[&str]| pylon(&args(argv, &["--prometheus".into(), url.clone()]));
+    let within_1pct = |row: &serde_json::Value| {
+        let n = row["requests"].as_u64().expect("requests") as f64;
+        (n - SENT as f64).abs() <= 0.01 * SENT as f64
+    };
+
+    // What web received, from Prometheus: the same count and the exact success rate.
+    let out = prom(&["stat", "deploy/web", "--window", "1m"]);
     assert!(out.status.success(), "{}", show(&out));
     let text = stdout(&out);
-    println!("$ pylon stat deploy/web --prometheus URL --window {window}\n{text}");
+    println!("$ pylon stat deploy/web --prometheus URL --window 1m\n{text}");
     let r = rows(&text);
-    assert_eq!(r.len(), 1, "{text}");
-    assert_eq!(r[0]["NAME"], "web");
-    assert_eq!(r[0]["MESHED"], "1/1");
-    let success = percent(&r[0]["SUCCESS"]);
-    assert!(
-        (success - EXPECTED_SUCCESS).abs() <= 4.0,
-        "success {success}% vs ~{EXPECTED_SUCCESS}%\n{text}"
+    assert_eq!(
+        (r.len(), r[0]["NAME"].as_str(), r[0]["MESHED"].as_str()),
+        (1, "web", "1/1"),
+        "{text}"
     );
-    let prom_rps = rps(&r[0]["RPS"]);
-    // Direct scrapes of the same proxies agree (the load is steady, ~90 requests/s).
-    let out = pylon(&args(
-        &["stat", "deploy/web", "--window", "2s"],
-        &mesh.admins(),
-    ));
-    assert!(out.status.success(), "{}", show(&out));
-    let direct_rps = rps(&rows(&stdout(&out))[0]["RPS"]);
-    assert!(
-        (prom_rps - direct_rps).abs() <= 0.3 * direct_rps,
-        "Prometheus {prom_rps}rps vs direct {direct_rps}rps\n{text}"
+    assert_eq!(
+        percent(&r[0]["SUCCESS"]),
+        100.0 * expected_success,
+        "{text}"
+    );
+    let web = json_rows(
+        &prom(&["stat", "deploy/web", "--window", "1m", "-o", "json"]),
+        "rows",
+    );
+    assert!(within_1pct(&web[0]), "{web:?}");
+    assert_eq!(web[0]["success_rate"], expected_success, "{web:?}");
+    // Direct-scrape mode agrees with Prometheus mode.
+    assert_eq!(
+        (&web[0]["requests"], &web[0]["success_rate"]),
+        (&direct[0]["requests"], &direct[0]["success_rate"])
     );
 
-    let out = pylon(&args(
-        &[
-            "edges",
-            "deployment",
-            "--prometheus",
-            &url,
+    // What client sent to web, its routes, and the edge: the same requests.
+    let client = json_rows(
+        &prom(&[
+            "stat",
+            "deploy/client",
+            "--to",
+            "svc/web",
             "--window",
-            window,
+            "1m",
             "-o",
             "json",
-        ],
-        &[],
-    ));
-    assert!(out.status.success(), "{}", show(&out));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(doc["edges"][0]["src"], "client", "{doc}");
-    assert_eq!(doc["edges"][0]["dst"], "web", "{doc}");
+        ]),
+        "rows",
+    );
+    assert!(within_1pct(&client[0]), "{client:?}");
+    assert_eq!(client[0]["success_rate"], expected_success, "{client:?}");
+    let routes = json_rows(
+        &prom(&[
+            "routes",
+            "deploy/client",
+            "--to",
+            "svc/web",
+            "--window",
+            "1m",
+            "-o",
+            "json",
+        ]),
+        "rows",
+    );
+    assert_eq!(routes[0]["name"], "[DEFAULT]", "{routes:?}");
+    assert!(within_1pct(&routes[0]), "{routes:?}");
+    assert_eq!(routes[0]["success_rate"], expected_success, "{routes:?}");
+    let edges = json_rows(
+        &prom(&["edges", "deployment", "--window", "1m", "-o", "json"]),
+        "edges",
+    );
+    assert_eq!(
+        (&edges[0]["src"], &edges[0]["dst"]),
+        (&"client".into(), &"web".into()),
+        "{edges:?}"
+    );
+    assert!(within_1pct(&edges[0]), "{edges:?}");
+    assert_eq!(edges[0]["flags"][0], "failing", "{edges:?}");
 
     // A resource Prometheus has nothing for: exit 1, no traffic.
-    let out = pylon(&args(
-        &[
-            "stat",
-            "deploy/nothing",
-            "--prometheus",
-            &url,
-            "--window",
-            window,
-        ],
-        &[],
-    ));
+    let out = prom(&["stat", "deploy/nothing", "--window", "5s"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr)

@@ -22,6 +22,7 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod demo;
+mod proxies;
 mod stat;
 mod tap;
 

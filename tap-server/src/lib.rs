@@ -152,7 +152,17 @@ impl Taps {
                 stale = true;
                 continue;
             }
-            if !tap.matcher.matches(req) || !tap.rate.allow() {
+            if !tap.matcher.matches(req) {
+                continue;
+            }
+            // A client that fell a whole queue behind loses this request (counted) before
+            // any of its events is built: a stalled tap costs the data path next to nothing,
+            // and the client never sees a response without its request.
+            if tap.events.capacity() == 0 {
+                tap.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if !tap.rate.allow() {
                 continue;
             }
             match tap
@@ -263,6 +273,14 @@ pub struct TapHandle {
 
 impl TapHandle {
     fn send(&self, event: tap_event::http::Event, extra: &[(&str, &str)]) {
+        if self.taps.iter().all(|t| t.events.capacity() == 0) {
+            for tap in &self.taps {
+                if !tap.events.is_closed() {
+                    tap.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
         let mut destination_labels = self.common.destination_labels.clone();
         for (k, v) in extra {
             destination_labels.insert((*k).to_owned(), (*v).to_owned());

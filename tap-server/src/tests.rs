@@ -191,15 +191,21 @@ async fn limit_rate_and_a_stalled_client() {
     let _sampled = taps.open(Matcher::Any, 0, 10);
     assert!(request_events(&taps, 100, "/x") <= 11);
 
-    // A client that never reads: events beyond the queue are dropped and counted.
+    // A client that never reads: events beyond the queue are dropped and counted, and once
+    // the queue is full requests are not observed at all (no event is built for them).
     let taps = Taps::new();
     let _stalled = taps.open(Matcher::Any, 0, u32::MAX);
     let n = QUEUE + 50;
-    let handles: Vec<_> = (0..n)
+    let mut handles: Vec<_> = (0..n)
         .filter_map(|_| taps.observe_request(&meta(&Method::GET, "/x", &HeaderMap::new(), &[])))
         .collect();
-    assert_eq!(handles.len(), n);
+    assert_eq!(handles.len(), QUEUE);
     assert_eq!(taps.dropped_counter().load(Ordering::Relaxed), 50);
+    // Responses of requests already observed are dropped (and counted) too.
+    if let Some(h) = handles.first_mut() {
+        h.response_init(200, &HeaderMap::new(), None);
+    }
+    assert_eq!(taps.dropped_counter().load(Ordering::Relaxed), 51);
 }
 
 #[test]

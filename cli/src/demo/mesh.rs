@@ -11,7 +11,7 @@ use tempfile::TempDir;
 use tokio::task::JoinSet;
 
 use super::app_server::{AppBehaviour, AppServer};
-use super::mesh_config::{self, EndpointObject};
+use super::mesh_config::{self, EndpointObject, PodObject};
 use super::proxy_process::{ProxyProcess, ProxySpec};
 
 pub const NAMESPACE: &str = "default";
@@ -21,6 +21,7 @@ pub const SERVICE_PORT: u16 = 80;
 pub const AUTHORITY: &str = "ml-inference.default.svc.cluster.local";
 const CLIENT_POD: &str = "loadgen-0";
 const CLIENT_WORKLOAD: &str = "deployment/loadgen";
+const CLIENT_APP: &str = "loadgen";
 
 /// The three `ml-inference` pods and what each does.
 const ENDPOINTS: [(&str, AppBehaviour); 3] = [
@@ -99,7 +100,7 @@ impl Mesh {
             })
             .collect();
         let yaml = mesh_config::render(SERVICE, NAMESPACE, SERVICE_PORT, &objects);
-        let file = mesh_config::write(config_dir.path(), &yaml)?;
+        let file = mesh_config::write(config_dir.path(), mesh_config::FILE_NAME, &yaml)?;
         progress(&format!(
             "wrote Service {SERVICE}, its ServiceProfile and {} EndpointSlices to {}",
             objects.len(),
@@ -119,6 +120,21 @@ impl Mesh {
             client_proxy.addrs().outbound,
             client_proxy.addrs().admin
         ));
+        let mut pods = vec![PodObject {
+            pod: CLIENT_POD,
+            app: CLIENT_APP,
+            admin: client_proxy.addrs().admin,
+        }];
+        pods.extend(endpoints.iter().map(|e| PodObject {
+            pod: e.pod,
+            app: SERVICE,
+            admin: e.proxy.addrs().admin,
+        }));
+        mesh_config::write(
+            config_dir.path(),
+            mesh_config::PODS_FILE_NAME,
+            &mesh_config::render_pods(NAMESPACE, &pods),
+        )?;
 
         Ok(Mesh {
             endpoints,

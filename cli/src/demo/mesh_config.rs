@@ -10,6 +10,8 @@ use anyhow::{Context, Result};
 
 /// File name of the objects inside the config dir.
 pub const FILE_NAME: &str = "ml-inference.yaml";
+/// Where the demo lists its pods.
+pub const PODS_FILE_NAME: &str = "pods.yaml";
 
 /// One endpoint of the service: the pod's name and the address its inbound proxy listens on.
 pub struct EndpointObject<'a> {
@@ -59,11 +61,43 @@ pub fn render(service: &str, namespace: &str, port: u16, endpoints: &[EndpointOb
     yaml
 }
 
-/// Writes `contents` to `dir/FILE_NAME` atomically (a hidden temporary file renamed into
-/// place), so a proxy watching the directory never reads half a file.
-pub fn write(dir: &Path, contents: &str) -> Result<PathBuf> {
-    let path = dir.join(FILE_NAME);
-    let staging = dir.join(format!(".{FILE_NAME}.tmp"));
+/// A pod of the demo with a proxy, listed so `pylon stat --config-dir` finds every proxy.
+pub struct PodObject<'a> {
+    pub pod: &'a str,
+    pub app: &'a str,
+    pub admin: SocketAddr,
+}
+
+/// Renders the demo's pods as `v1 Pod`s whose proxy container names its admin port
+/// `pylon-admin`, at `status.podIP` (loopback here, so each pod has its own port).
+pub fn render_pods(namespace: &str, pods: &[PodObject]) -> String {
+    let mut yaml =
+        String::from("# Written by `pylon demo`: its pods and their proxies' admin ports.\n");
+    for (i, p) in pods.iter().enumerate() {
+        if i > 0 {
+            yaml.push_str("---\n");
+        }
+        yaml.push_str(&format!(
+            "apiVersion: v1\n\
+             kind: Pod\n\
+             metadata:\n  name: {pod}\n  namespace: {namespace}\n  labels:\n    app: {app}\n\
+             spec:\n  containers:\n  - name: pylon-proxy\n    ports:\n    \
+             - name: pylon-admin\n      containerPort: {port}\n\
+             status:\n  podIP: \"{ip}\"\n",
+            pod = p.pod,
+            app = p.app,
+            port = p.admin.port(),
+            ip = p.admin.ip(),
+        ));
+    }
+    yaml
+}
+
+/// Writes `contents` to `dir/name` atomically (a hidden temporary file renamed into place),
+/// so a proxy watching the directory never reads half a file.
+pub fn write(dir: &Path, name: &str, contents: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    let staging = dir.join(format!(".{name}.tmp"));
     std::fs::write(&staging, contents).with_context(|| format!("writing {}", staging.display()))?;
     std::fs::rename(&staging, &path)
         .with_context(|| format!("renaming {} into place", staging.display()))?;
@@ -144,9 +178,38 @@ mod tests {
     }
 
     #[test]
+    fn lists_the_pods_so_the_cli_finds_their_proxies() {
+        let yaml = render_pods(
+            "default",
+            &[
+                PodObject {
+                    pod: "loadgen-0",
+                    app: "loadgen",
+                    admin: "127.0.0.1:4191".parse().expect("addr"),
+                },
+                PodObject {
+                    pod: "ml-inference-1",
+                    app: "ml-inference",
+                    admin: "127.0.0.1:4192".parse().expect("addr"),
+                },
+            ],
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), PODS_FILE_NAME, &yaml).expect("write");
+        let addrs = crate::proxies::admin_addrs_in_dir(dir.path()).expect("pods");
+        assert_eq!(
+            addrs,
+            vec![
+                "127.0.0.1:4191".parse::<SocketAddr>().expect("addr"),
+                "127.0.0.1:4192".parse().expect("addr")
+            ]
+        );
+    }
+
+    #[test]
     fn writes_into_the_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = write(dir.path(), "kind: Service\n").expect("write");
+        let path = write(dir.path(), FILE_NAME, "kind: Service\n").expect("write");
         assert_eq!(
             std::fs::read_to_string(path).expect("read"),
             "kind: Service\n"

@@ -308,26 +308,22 @@ impl Printer {
                     "try         curl -X POST -H 'Host: {}' http://{}/predict",
                     mesh.host, mesh.outbound_listener
                 );
-                let inbound: String = mesh
-                    .endpoints
-                    .iter()
-                    .map(|e| format!(" --proxy {}", e.admin))
-                    .collect();
-                let out = format!(" --proxy {}", mesh.outbound_admin);
+                // Every proxy of the demo is listed in its config dir (pods.yaml).
+                let dir = format!(" --config-dir {}", mesh.config_dir);
                 let _ = writeln!(
                     text,
-                    "look        pylon stat deploy/ml-inference{inbound} --window 10s"
+                    "look        pylon stat deploy/ml-inference{dir} --window 10s"
                 );
                 let _ = writeln!(
                     text,
-                    "            pylon routes deploy/loadgen --to svc/ml-inference{out} --window 10s"
+                    "            pylon routes deploy/loadgen --to svc/ml-inference{dir} --window 10s"
                 );
-                let _ = writeln!(text, "            pylon edges deployment{out} --window 10s");
+                let _ = writeln!(text, "            pylon edges deployment{dir} --window 10s");
                 let _ = writeln!(
                     text,
-                    "            pylon tap deploy/loadgen --path /predict{out} --limit 3"
+                    "            pylon tap deploy/loadgen --path /predict{dir} --limit 3"
                 );
-                let _ = writeln!(text, "            pylon top deploy/loadgen{out} --once 10s");
+                let _ = writeln!(text, "            pylon top deploy/loadgen{dir} --once 10s");
                 self.emit(&format!("{text}\n"));
                 self.mesh_info = text;
             }

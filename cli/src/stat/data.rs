@@ -1,7 +1,15 @@
 //! Where the numbers come from: two scrapes of each proxy's `/metrics` a window apart, or
-//! PromQL over the window. Both give the same thing, a list of [`Series`]: per-second rates
-//! for counters and histogram buckets, current values for gauges, each with its labels. The
-//! views in [`super::view`] filter and sum them the same way whatever the source.
+//! Prometheus' samples at the window's two ends. Both give the same thing, an [`Observed`]
+//! list of [`Series`]: how much each counter and histogram bucket grew over the window,
+//! current values for gauges, each with its labels. The views in [`super::view`] filter and
+//! sum them the same way whatever the source.
+//!
+//! Counts are differences of the counters' values at the window's ends, not PromQL's
+//! `increase()`: `increase()` extrapolates (so a known number of requests comes back as
+//! a few percent more or less) and misses everything a series counted before its first
+//! scrape, which after a deploy is a new pod's whole first window. A series absent at the
+//! start counts from zero; a counter that went down was reset (a restarted proxy) and counts
+//! from zero too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -18,11 +26,11 @@ use tokio::net::TcpStream;
 
 use super::resource::{service_of_authority, Matcher};
 use crate::demo::admin_client;
-use crate::demo::metrics::{counter_increase, per_second};
+use crate::demo::metrics::counter_increase;
 
 /// One series: a metric name as exposed (`response_total`, `response_latency_ms_bucket`...),
-/// its labels (bucket bound in `le`), and a per-second rate (counters, buckets) or the current
-/// value (gauges).
+/// its labels (bucket bound in `le`), and its increase over the window (counters, buckets) or
+/// the current value (gauges).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Series {
     pub metric: String,
@@ -48,6 +56,13 @@ const FAMILIES: &[&str] = &[
     "route_response_latency_ms_bucket",
     "proxy_build_info",
 ];
+
+/// The series over a window, and the window's length (for rates).
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    pub series: Vec<Series>,
+    pub window: Duration,
+}
 
 fn is_gauge(metric: &str) -> bool {
     matches!(metric, "tcp_open_connections" | "proxy_build_info")
@@ -109,9 +124,9 @@ pub fn flatten(exposition: &str) -> Result<Flat> {
     Ok(out)
 }
 
-/// Rates between two scrapes `elapsed` apart (gauges: the later value). Series that appeared
-/// in between counted everything since; a counter that went down was reset.
-pub fn rates(before: &Flat, after: &Flat, elapsed: Duration) -> Vec<Series> {
+/// Increases between two scrapes (gauges: the later value). Series that appeared in between
+/// counted everything since; a counter that went down was reset.
+pub fn increases(before: &Flat, after: &Flat) -> Vec<Series> {
     let mut out: Vec<Series> = after
         .iter()
         .map(|((metric, labels, le), &now)| {
@@ -122,7 +137,7 @@ pub fn rates(before: &Flat, after: &Flat, elapsed: Duration) -> Vec<Series> {
                     .get(&(metric.clone(), labels.clone(), *le))
                     .copied()
                     .unwrap_or(0.0);
-                per_second(counter_increase(now, then), elapsed)
+                counter_increase(now, then)
             };
             normalize(Series {
                 metric: metric.clone(),
@@ -145,14 +160,16 @@ async fn scrape(addr: SocketAddr) -> Result<(Flat, Instant)> {
     Ok((flat, at))
 }
 
-/// Scrapes every proxy twice, `window` apart, and returns the rates over that window.
-pub async fn from_proxies(proxies: &[SocketAddr], window: Duration) -> Result<Vec<Series>> {
+/// Scrapes every proxy twice, `window` apart, and returns what grew in between. The window
+/// reported is the longest time between one proxy's two scrapes.
+pub async fn from_proxies(proxies: &[SocketAddr], window: Duration) -> Result<Observed> {
     let first = futures_join(proxies.iter().map(|&a| scrape(a))).await?;
     tokio::time::sleep(window).await;
     let second = futures_join(proxies.iter().map(|&a| scrape(a))).await?;
-    let mut out = Vec::new();
+    let mut out = Observed::default();
     for ((before, t0), (after, t1)) in first.iter().zip(&second) {
-        out.extend(rates(before, after, t1.saturating_duration_since(*t0)));
+        out.series.extend(increases(before, after));
+        out.window = out.window.max(t1.saturating_duration_since(*t0));
     }
     Ok(out)
 }
@@ -209,9 +226,39 @@ fn selector(matchers: &[Matcher], allowed: &[&str]) -> String {
     }
 }
 
-/// The PromQL queries, each with the metric name its result series get. `matchers` narrow
-/// every query to the series they can apply to.
-pub fn promql_queries(window: Duration, matchers: &[Matcher]) -> Vec<(&'static str, String)> {
+/// One question to Prometheus, answered as series named `metric`: `expr` at the window's end
+/// and, for counters, `start` (the same sums `offset` by the window) at its start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromQuery {
+    pub metric: &'static str,
+    pub expr: String,
+    pub start: Option<String>,
+}
+
+impl PromQuery {
+    /// A counter (or histogram buckets): summed `by`, read at both ends of the window.
+    fn counter(metric: &'static str, by: &str, selector: &str, window: &str) -> PromQuery {
+        PromQuery {
+            metric,
+            expr: format!("sum by ({by}) ({metric}{selector})"),
+            start: Some(format!(
+                "sum by ({by}) ({metric}{selector} offset {window})"
+            )),
+        }
+    }
+
+    fn gauge(metric: &'static str, expr: String) -> PromQuery {
+        PromQuery {
+            metric,
+            expr,
+            start: None,
+        }
+    }
+}
+
+/// The queries. `matchers` narrow every query to the series they can apply to. Sums keep
+/// `pod`, so a restarted proxy's counters go down together and read as a reset.
+pub fn promql_queries(window: Duration, matchers: &[Matcher]) -> Vec<PromQuery> {
     let w = promql_range(window);
     let workload = ["namespace", "deployment", "pod"];
     let route = ["namespace", "deployment", "pod", "direction"];
@@ -227,36 +274,27 @@ pub fn promql_queries(window: Duration, matchers: &[Matcher]) -> Vec<(&'static s
     let t = selector(matchers, &target);
     let r = selector(matchers, &route);
     let b = selector(matchers, &workload);
+    let target_by = format!("{TARGET_BY}, classification");
+    let buckets_by = format!("{TARGET_BY}, le");
+    let route_by = format!("{ROUTE_BY}, classification");
+    let route_buckets_by = format!("{ROUTE_BY}, le");
     vec![
-        (
-            "response_total",
-            format!("sum by ({TARGET_BY}, classification) (rate(response_total{t}[{w}]))"),
-        ),
-        (
-            "response_latency_ms_bucket",
-            format!("sum by ({TARGET_BY}, le) (rate(response_latency_ms_bucket{t}[{w}]))"),
-        ),
-        (
+        PromQuery::counter("response_total", &target_by, &t, &w),
+        PromQuery::counter("response_latency_ms_bucket", &buckets_by, &t, &w),
+        PromQuery::gauge(
             "tcp_open_connections",
             format!("sum by ({TARGET_BY}, peer) (tcp_open_connections{t})"),
         ),
-        (
-            "route_request_total",
-            format!("sum by ({ROUTE_BY}) (rate(route_request_total{r}[{w}]))"),
-        ),
-        (
-            "route_actual_request_total",
-            format!("sum by ({ROUTE_BY}) (rate(route_actual_request_total{r}[{w}]))"),
-        ),
-        (
-            "route_response_total",
-            format!("sum by ({ROUTE_BY}, classification) (rate(route_response_total{r}[{w}]))"),
-        ),
-        (
+        PromQuery::counter("route_request_total", ROUTE_BY, &r, &w),
+        PromQuery::counter("route_actual_request_total", ROUTE_BY, &r, &w),
+        PromQuery::counter("route_response_total", &route_by, &r, &w),
+        PromQuery::counter(
             "route_response_latency_ms_bucket",
-            format!("sum by ({ROUTE_BY}, le) (rate(route_response_latency_ms_bucket{r}[{w}]))"),
+            &route_buckets_by,
+            &r,
+            &w,
         ),
-        (
+        PromQuery::gauge(
             "proxy_build_info",
             format!("group by (namespace, deployment, pod) (proxy_build_info{b})"),
         ),
@@ -323,29 +361,60 @@ pub fn parse_vector(metric: &str, body: &[u8]) -> Result<Vec<Series>> {
     Ok(out)
 }
 
-/// Runs every query against Prometheus at `base` (`http://host:port[/prefix]`).
+/// Asks Prometheus at `base` (`http://host:port[/prefix]`) for the window ending now. Every
+/// query is evaluated at the same instant, so the counts of all families cover the same
+/// samples.
 pub async fn from_prometheus(
     base: &str,
     window: Duration,
     matchers: &[Matcher],
-) -> Result<Vec<Series>> {
+) -> Result<Observed> {
     let base = base.trim_end_matches('/');
-    let mut out = Vec::new();
-    for (metric, query) in promql_queries(window, matchers) {
-        let url = format!("{base}/api/v1/query?query={}", url_encode(&query));
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    let vector = |metric: &'static str, expr: String| async move {
+        let url = format!(
+            "{base}/api/v1/query?query={}&time={at:.3}",
+            url_encode(&expr)
+        );
         let body = http_get(&url)
             .await
             .with_context(|| format!("querying Prometheus at {base}"))?;
-        out.extend(parse_vector(metric, &body).with_context(|| format!("query {query}"))?);
+        parse_vector(metric, &body).with_context(|| format!("query {expr}"))
+    };
+    let mut out = Observed {
+        series: Vec::new(),
+        window,
+    };
+    for q in promql_queries(window, matchers) {
+        let now = vector(q.metric, q.expr).await?;
+        match q.start {
+            None => out.series.extend(now),
+            Some(start) => {
+                let start: HashMap<_, f64> = vector(q.metric, start)
+                    .await?
+                    .into_iter()
+                    .map(|s| ((s.labels, s.le.map(f64::to_bits)), s.value))
+                    .collect();
+                out.series.extend(now.into_iter().map(|mut s| {
+                    let then = start
+                        .get(&(s.labels.clone(), s.le.map(f64::to_bits)))
+                        .copied()
+                        .unwrap_or(0.0);
+                    s.value = counter_increase(s.value, then);
+                    s
+                }));
+            }
+        }
     }
-    if out.is_empty() {
+    if out.series.is_empty() {
         // Nothing for this selection: is there anything from Pylon at all?
-        let query = "count(proxy_build_info)";
-        let url = format!("{base}/api/v1/query?query={}", url_encode(query));
-        let body = http_get(&url)
-            .await
-            .with_context(|| format!("querying Prometheus at {base}"))?;
-        if parse_vector("count", &body)?.is_empty() {
+        if vector("count", "count(proxy_build_info)".into())
+            .await?
+            .is_empty()
+        {
             bail!(
                 "Prometheus at {base} has no series from Pylon proxies (no proxy_build_info): is it scraping their admin /metrics?"
             );
@@ -443,11 +512,11 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
             );
         let before = flatten(BEFORE).expect("parses");
         let after = flatten(&after_text).expect("parses");
-        let series = rates(&before, &after, Duration::from_secs(2));
+        let series = increases(&before, &after);
         let ok = value(&series, "response_total", |s| {
             s.labels.get("classification").map(String::as_str) == Some("success")
         });
-        assert_eq!(ok, 10.0, "20 more successes in 2 s");
+        assert_eq!(ok, 20.0, "20 more successes");
         let failed = value(&series, "response_total", |s| {
             s.labels.get("classification").map(String::as_str) == Some("failure")
         });
@@ -457,7 +526,7 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
         assert_eq!(
             value(&series, "response_latency_ms_bucket", |s| s.le
                 == Some(f64::INFINITY)),
-            10.0
+            20.0
         );
         assert_eq!(
             value(&series, "response_latency_ms_bucket", |s| s.le == Some(1.0)),
@@ -480,7 +549,7 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
     fn a_counter_reset_counts_from_zero() {
         let before = flatten(BEFORE).expect("parses");
         let after = flatten(&BEFORE.replace("} 10\n", "} 4\n")).expect("parses");
-        let series = rates(&before, &after, Duration::from_secs(1));
+        let series = increases(&before, &after);
         let ok = value(&series, "response_total", |s| {
             s.labels.get("classification").map(String::as_str) == Some("success")
         });
@@ -488,22 +557,29 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
     }
 
     #[test]
-    fn promql_queries_use_rate_over_the_window() {
+    fn promql_counters_are_read_at_both_ends_of_the_window() {
         assert_eq!(promql_range(Duration::from_secs(60)), "60s");
         assert_eq!(promql_range(Duration::from_millis(1500)), "1500ms");
         let queries = promql_queries(Duration::from_secs(30), &[]);
-        let (metric, q) = &queries[0];
-        assert_eq!(*metric, "response_total");
+        let q = &queries[0];
+        assert_eq!(q.metric, "response_total");
+        let by = "namespace, deployment, pod, direction, authority, dst_service, dst_namespace, tls, classification";
+        assert_eq!(q.expr, format!("sum by ({by}) (response_total)"));
         assert_eq!(
-            q,
-            "sum by (namespace, deployment, pod, direction, authority, dst_service, dst_namespace, tls, classification) (rate(response_total[30s]))"
+            q.start.as_deref(),
+            Some(format!("sum by ({by}) (response_total offset 30s)").as_str())
         );
-        assert!(queries.iter().any(|(_, q)| q
-            .ends_with("(rate(response_latency_ms_bucket[30s]))")
-            && q.contains(", le)")));
         assert!(queries
             .iter()
-            .any(|(_, q)| q.contains("rate(route_actual_request_total[30s])")));
+            .any(|q| q.metric == "response_latency_ms_bucket"
+                && q.expr.contains(", le)")
+                && q.start
+                    .as_deref()
+                    .is_some_and(|s| s.ends_with("offset 30s)"))));
+        // Gauges are read once, at the end.
+        assert!(queries
+            .iter()
+            .any(|q| q.metric == "tcp_open_connections" && q.start.is_none()));
     }
 
     #[test]
@@ -516,17 +592,16 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
         let q = promql_queries(Duration::from_secs(60), &m);
         let get = |name: &str| {
             q.iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, q)| q.clone())
+                .find(|q| q.metric == name)
+                .map(|q| q.expr.clone())
                 .unwrap_or_default()
         };
         assert!(get("response_total").contains(
-            r#"rate(response_total{direction="outbound",deployment="client",dst_service="web"}[60s])"#
+            r#"(response_total{direction="outbound",deployment="client",dst_service="web"})"#
         ));
         // Route series name the destination in `dst`: that part is filtered afterwards.
-        assert!(get("route_request_total").contains(
-            r#"rate(route_request_total{direction="outbound",deployment="client"}[60s])"#
-        ));
+        assert!(get("route_request_total")
+            .contains(r#"(route_request_total{direction="outbound",deployment="client"})"#));
         assert_eq!(
             get("proxy_build_info"),
             r#"group by (namespace, deployment, pod) (proxy_build_info{deployment="client"})"#

@@ -18,6 +18,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ pub mod data;
 pub mod resource;
 pub mod view;
 
-use data::Series;
+use data::Observed;
 use resource::{service_of_authority, Kind, Matcher, Resource};
 use view::{Edge, Selection, StatRow};
 
@@ -38,6 +39,10 @@ pub struct SourceArgs {
     /// A proxy's admin address (`/metrics`) to scrape; repeat for every proxy of the mesh.
     #[arg(long = "proxy", value_name = "ADMIN_ADDR")]
     proxies: Vec<SocketAddr>,
+
+    /// Scrape every meshed pod listed in this config dir (Pods with a `pylon-admin` port).
+    #[arg(long, value_name = "DIR", conflicts_with = "prometheus")]
+    config_dir: Option<PathBuf>,
 
     /// Read from Prometheus instead (`http://host:port`), which scrapes the proxies.
     #[arg(long, value_name = "URL", conflicts_with = "proxies")]
@@ -163,12 +168,16 @@ fn parse_resource(s: &str) -> Result<Resource, Failure> {
 }
 
 /// The series over the window, from wherever the flags say.
-fn fetch(src: &SourceArgs, matchers: &[Matcher]) -> Result<Vec<Series>, Failure> {
+fn fetch(src: &SourceArgs, matchers: &[Matcher]) -> Result<Observed, Failure> {
     let window = parse_window(&src.window).map_err(usage)?;
-    if src.proxies.is_empty() && src.prometheus.is_none() {
+    if src.proxies.is_empty() && src.config_dir.is_none() && src.prometheus.is_none() {
         return Err(usage(
-            "no data source: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191) or --prometheus URL",
+            "no data source: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191), --config-dir DIR or --prometheus URL",
         ));
+    }
+    let mut proxies = src.proxies.clone();
+    if let Some(dir) = &src.config_dir {
+        proxies.extend(crate::proxies::admin_addrs_in_dir(dir).map_err(|e| Failure(1, e))?);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -181,12 +190,12 @@ fn fetch(src: &SourceArgs, matchers: &[Matcher]) -> Result<Vec<Series>, Failure>
                 if src.output != Output::Json && window >= Duration::from_secs(5) {
                     eprintln!(
                         "scraping {} prox{} twice, {} apart...",
-                        src.proxies.len(),
-                        if src.proxies.len() == 1 { "y" } else { "ies" },
+                        proxies.len(),
+                        if proxies.len() == 1 { "y" } else { "ies" },
                         src.window
                     );
                 }
-                data::from_proxies(&src.proxies, window).await
+                data::from_proxies(&proxies, window).await
             }
         }
     });
@@ -293,8 +302,8 @@ fn stat(args: StatArgs) -> Result<String, Failure> {
     }
     let src = &args.source;
     let sel = stat_selection(&res, to.as_ref(), from.as_ref(), namespace(src)).map_err(usage)?;
-    let series = fetch(src, &sel.matchers)?;
-    let rows = view::aggregate(&series, &sel);
+    let seen = fetch(src, &sel.matchers)?;
+    let rows = view::aggregate(&seen.series, &sel, seen.window.as_secs_f64());
     let workload = sel.meshed.is_some();
     let out: Vec<StatRow> = rows
         .iter()
@@ -304,7 +313,7 @@ fn stat(args: StatArgs) -> Result<String, Failure> {
             StatRow::new(name, ns, meshed, stats, workload || to.is_some())
         })
         .collect();
-    if out.iter().all(|r| r.rps <= 0.0) {
+    if out.iter().all(|r| r.requests == 0) {
         let mut what = res.to_string();
         if let Some(to) = &to {
             what = format!("{what} to {to}");
@@ -361,11 +370,11 @@ fn routes(args: RoutesArgs) -> Result<String, Failure> {
         tcp_peer: "dst",
         meshed: None,
     };
-    let series = fetch(src, &sel.matchers)?;
-    let rows = view::aggregate(&series, &sel);
+    let seen = fetch(src, &sel.matchers)?;
+    let rows = view::aggregate(&seen.series, &sel, seen.window.as_secs_f64());
     let out: Vec<(StatRow, Option<String>)> = rows
         .iter()
-        .filter(|(_, stats)| stats.rps() > 0.0 || stats.requested > 0.0)
+        .filter(|(_, stats)| stats.requests() > 0.0 || stats.requested > 0.0)
         .filter_map(|(key, stats)| {
             let [authority, route] = key.as_slice() else {
                 return None;
@@ -379,7 +388,7 @@ fn routes(args: RoutesArgs) -> Result<String, Failure> {
             ))
         })
         .collect();
-    if out.iter().all(|(r, _)| r.rps <= 0.0) {
+    if out.iter().all(|(r, _)| r.requests == 0) {
         return Err(no_traffic(&format!("the routes of {res}"), &src.window));
     }
     let table = view::stat_table(
@@ -425,10 +434,10 @@ fn edges(args: EdgesArgs) -> Result<String, Failure> {
         tcp_peer: "dst",
         meshed: None,
     };
-    let series = fetch(src, &sel.matchers)?;
-    let edges: Vec<Edge> = view::aggregate(&series, &sel)
+    let seen = fetch(src, &sel.matchers)?;
+    let edges: Vec<Edge> = view::aggregate(&seen.series, &sel, seen.window.as_secs_f64())
         .iter()
-        .filter(|(_, s)| s.rps() > 0.0)
+        .filter(|(_, s)| s.requests() > 0.0)
         .filter_map(|(key, stats)| match key.as_slice() {
             [src_ns, src, dst_ns, dst] => Some(Edge::new(src_ns, src, dst_ns, dst, stats)),
             _ => None,

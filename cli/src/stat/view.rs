@@ -8,16 +8,19 @@ use super::data::Series;
 use super::resource::Matcher;
 use crate::demo::metrics::histogram_quantile;
 
-/// What one row adds up.
+/// What one row adds up: counts over the window (counters' increases), so a row's numbers
+/// are exact sums and only [`Stats::rps`] divides.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Stats {
+    /// The window's length in seconds.
+    pub seconds: f64,
     pub success: f64,
     pub failure: f64,
-    /// `(le, rate)`, summed by bound.
+    /// `(le, count)`, summed by bound.
     pub buckets: Vec<(f64, f64)>,
     /// Open connections, where the proxies record them for the selection.
     pub tcp_conn: Option<f64>,
-    /// Route requests asked for / sent to backends (retries included), per second.
+    /// Route requests asked for / sent to backends (retries included).
     pub requested: f64,
     pub actual: f64,
     /// Pods (proxies) seen for the row.
@@ -27,12 +30,28 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn rps(&self) -> f64 {
+    fn over(seconds: f64) -> Stats {
+        Stats {
+            seconds,
+            ..Stats::default()
+        }
+    }
+
+    /// Responses in the window.
+    pub fn requests(&self) -> f64 {
         self.success + self.failure
     }
 
+    pub fn rps(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.requests() / self.seconds
+        } else {
+            0.0
+        }
+    }
+
     pub fn success_rate(&self) -> Option<f64> {
-        let n = self.rps();
+        let n = self.requests();
         (n > 0.0).then(|| self.success / n)
     }
 
@@ -76,8 +95,12 @@ fn key_of(s: &Series, group: &[&'static str]) -> Option<Vec<String>> {
     group.iter().map(|g| s.labels.get(*g).cloned()).collect()
 }
 
-/// Sums the series into one [`Stats`] per row key.
-pub fn aggregate(series: &[Series], sel: &Selection) -> BTreeMap<Vec<String>, Stats> {
+fn row(rows: &mut BTreeMap<Vec<String>, Stats>, key: Vec<String>, seconds: f64) -> &mut Stats {
+    rows.entry(key).or_insert_with(|| Stats::over(seconds))
+}
+
+/// Sums the series (counts over a window of `seconds`) into one [`Stats`] per row key.
+pub fn aggregate(series: &[Series], sel: &Selection, seconds: f64) -> BTreeMap<Vec<String>, Stats> {
     let (responses, latency) = if sel.routes {
         ("route_response_total", "route_response_latency_ms_bucket")
     } else {
@@ -89,7 +112,7 @@ pub fn aggregate(series: &[Series], sel: &Selection) -> BTreeMap<Vec<String>, St
             let Some(meshed) = &sel.meshed else { continue };
             if meshed.iter().all(|m| m.matches(|k| s.label(k))) {
                 if let (Some(key), Some(pod)) = (key_of(s, &sel.group), s.label("pod")) {
-                    rows.entry(key).or_default().pods.insert(pod);
+                    row(&mut rows, key, seconds).pods.insert(pod);
                 }
             }
             continue;
@@ -102,7 +125,7 @@ pub fn aggregate(series: &[Series], sel: &Selection) -> BTreeMap<Vec<String>, St
         };
         let m = s.metric.as_str();
         if m == responses {
-            let row = rows.entry(key).or_default();
+            let row = row(&mut rows, key, seconds);
             match s.labels.get("classification").map(String::as_str) {
                 Some("success") => row.success += s.value,
                 Some("failure") => row.failure += s.value,
@@ -114,17 +137,17 @@ pub fn aggregate(series: &[Series], sel: &Selection) -> BTreeMap<Vec<String>, St
             }
         } else if m == latency {
             if let Some(le) = s.le {
-                rows.entry(key).or_default().add_bucket(le, s.value);
+                row(&mut rows, key, seconds).add_bucket(le, s.value);
             }
         } else if m == "tcp_open_connections" && !sel.routes {
             if s.labels.get("peer").map(String::as_str) == Some(sel.tcp_peer) {
-                let row = rows.entry(key).or_default();
+                let row = row(&mut rows, key, seconds);
                 row.tcp_conn = Some(row.tcp_conn.unwrap_or(0.0) + s.value);
             }
         } else if m == "route_request_total" {
-            rows.entry(key).or_default().requested += s.value;
+            row(&mut rows, key, seconds).requested += s.value;
         } else if m == "route_actual_request_total" {
-            rows.entry(key).or_default().actual += s.value;
+            row(&mut rows, key, seconds).actual += s.value;
         }
     }
     rows
@@ -195,6 +218,8 @@ pub struct StatRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meshed: Option<usize>,
     pub success_rate: Option<f64>,
+    /// Responses in the window (the count RPS is computed from).
+    pub requests: u64,
     pub rps: f64,
     pub latency_ms_p50: Option<f64>,
     pub latency_ms_p95: Option<f64>,
@@ -217,6 +242,7 @@ impl StatRow {
             namespace,
             meshed,
             success_rate: stats.success_rate(),
+            requests: stats.requests().round() as u64,
             rps: stats.rps(),
             latency_ms_p50: stats.latency(0.5),
             latency_ms_p95: stats.latency(0.95),
@@ -298,6 +324,7 @@ pub struct Edge {
     pub dst_namespace: String,
     pub secured: bool,
     pub success_rate: Option<f64>,
+    pub requests: u64,
     pub rps: f64,
     pub retry_ratio: Option<f64>,
     /// `failing` (success < 99.5%) and/or `retry-heavy` (retry ratio > 5%).
@@ -325,6 +352,7 @@ impl Edge {
             dst_namespace: dst_ns.into(),
             secured: stats.secured == Some(true),
             success_rate,
+            requests: stats.requests().round() as u64,
             rps: stats.rps(),
             retry_ratio,
             flags,
@@ -464,10 +492,10 @@ mod tests {
             tcp_peer: "src",
             meshed: Some(vec![]),
         };
-        let rows = aggregate(&s, &sel);
+        let rows = aggregate(&s, &sel, 2.0);
         assert_eq!(rows.len(), 3, "{rows:?}");
         let w = &rows[&vec!["web".to_string()]];
-        assert_eq!(w.rps(), 10.0);
+        assert_eq!((w.requests(), w.rps()), (10.0, 5.0));
         assert_eq!(w.success_rate(), Some(0.9));
         assert_eq!(w.tcp_conn, Some(2.0));
         assert_eq!(w.pods.len(), 1);

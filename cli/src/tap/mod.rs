@@ -17,6 +17,7 @@ pub mod top;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -153,6 +154,10 @@ pub struct ProxyArgs {
     /// A proxy's admin address (repeatable); its tap port is asked from it (`GET /tap-addr`).
     #[arg(long = "proxy", value_name = "ADMIN_ADDR")]
     proxies: Vec<SocketAddr>,
+
+    /// Every meshed pod listed in this config dir (Pods with a `pylon-admin` port).
+    #[arg(long, value_name = "DIR")]
+    config_dir: Option<PathBuf>,
 
     /// Namespace of the resources named.
     #[arg(long, short = 'n', default_value = "default")]
@@ -352,17 +357,22 @@ async fn ask_tap_addr(admin: SocketAddr) -> Result<Target, Failure> {
     })
 }
 
-async fn targets(proxies: &[SocketAddr], taps: &[SocketAddr]) -> Result<Vec<Target>, Failure> {
+async fn targets(args: &ProxyArgs, taps: &[SocketAddr]) -> Result<Vec<Target>, Failure> {
+    let mut proxies = args.proxies.clone();
+    if let Some(dir) = &args.config_dir {
+        proxies
+            .extend(crate::proxies::admin_addrs_in_dir(dir).map_err(|e| fail(format!("{e:#}")))?);
+    }
     if proxies.is_empty() && taps.is_empty() {
         return Err(usage(
-            "no proxy to tap: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191) or --tap ADDR",
+            "no proxy to tap: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191), --config-dir DIR or --tap-addr ADDR",
         ));
     }
     let mut out: Vec<Target> = taps
         .iter()
         .map(|&tap| Target { tap, admin: None })
         .collect();
-    for &admin in proxies {
+    for admin in proxies {
         out.push(ask_tap_addr(admin).await?);
     }
     Ok(out)
@@ -570,7 +580,7 @@ fn tap(args: TapArgs) -> Result<(), Failure> {
     .map_err(usage)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let targets = targets(&args.proxies.proxies, &args.taps).await?;
+        let targets = targets(&args.proxies, &args.taps).await?;
         // The proxies end a stream after `limit` requests; with a filter only the CLI can
         // apply, the CLI counts alone.
         let server_limit = match (args.limit, query.outbound_only) {
@@ -632,7 +642,7 @@ fn run_top_inner(args: TopArgs) -> Result<(), Failure> {
         build_query(&res, None, None, None, None, &args.proxies.namespace).map_err(usage)?;
     let rt = runtime()?;
     let (targets, streams) = rt.block_on(async {
-        let targets = targets(&args.proxies.proxies, &args.taps).await?;
+        let targets = targets(&args.proxies, &args.taps).await?;
         let mut streams = Vec::new();
         for t in &targets {
             streams.push(observe(t, query.matcher.clone(), 0, args.max_rps).await?);
@@ -703,7 +713,7 @@ fn profile(args: ProfileArgs) -> Result<String, Failure> {
     let query = build_query(&res, None, None, None, None, &ns).map_err(usage)?;
     let rt = runtime()?;
     let (routes, authorities) = rt.block_on(async {
-        let targets = targets(&args.proxies.proxies, &args.taps).await?;
+        let targets = targets(&args.proxies, &args.taps).await?;
         let mut streams = Vec::new();
         for t in &targets {
             streams.push(observe(t, query.matcher.clone(), 0, args.max_rps).await?);
