@@ -12,6 +12,8 @@
 //! - `pylon tap RESOURCE` prints live requests from the proxies' tap ports (Linkerd's tap API),
 //!   one line per request, response and end; `pylon profile --tap RESOURCE` turns a few seconds
 //!   of them into a ServiceProfile.
+//! - `pylon identity init-ca` and `pylon identity issue` make a mesh CA and workload
+//!   certificates (the proxy's `ca.crt`, `tls.crt`, `tls.key` identity dir).
 //! - `pylon proxy ...` (hidden) runs the sidecar proxy itself with the given flags, so the demo
 //!   can start proxies from this same binary without anything else installed.
 
@@ -22,6 +24,7 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod demo;
+mod identity;
 mod proxies;
 mod stat;
 mod tap;
@@ -60,6 +63,9 @@ enum Command {
     /// The busiest paths of the live traffic (from tap): counts, latency and success; `q` quits.
     Top(tap::TopArgs),
 
+    /// Mesh identity: create a CA, issue workload certificates.
+    Identity(identity::IdentityArgs),
+
     /// Run the sidecar proxy (`pylon-proxy`) with the given flags.
     #[command(hide = true, disable_help_flag = true)]
     Proxy {
@@ -84,6 +90,7 @@ fn main() -> ExitCode {
         Command::Tap(args) => tap::run_tap(args),
         Command::Profile(args) => tap::run_profile(args),
         Command::Top(args) => tap::run_top(args),
+        Command::Identity(args) => identity::run(args),
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

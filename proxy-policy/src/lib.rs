@@ -3,13 +3,24 @@
 //!
 //! This crate owns the Kubernetes-shaped objects (`v1 Service`, `discovery.k8s.io/v1
 //! EndpointSlice`, `linkerd.io/v1alpha2 ServiceProfile`, SMI `TrafficSplit` `v1alpha1`-`v1alpha4`,
-//! with more kinds to come), their
+//! and Linkerd's authorization objects: `policy.linkerd.io` `Server` `v1alpha1`-`v1beta3`,
+//! `AuthorizationPolicy`, `MeshTLSAuthentication` and `NetworkAuthentication` `v1alpha1`), their
 //! parsing from YAML/JSON files, their validation (every problem names file, object and
 //! field), and the [`Store`], which keeps the last good version of each object, watches
 //! the config directory, and publishes immutable [`Snapshot`]s that the data path reads
 //! without locks. A snapshot also lists what was rejected ([`Snapshot::errors`]), fields that
-//! were ignored ([`Snapshot::warnings`]) and the file each object came from, which is all an
-//! audit such as `pylon check` needs to report problems without parsing anything itself.
+//! were ignored and references that lead nowhere ([`Snapshot::warnings`]) and the file each
+//! object came from, which is all an audit such as `pylon check` needs to report problems
+//! without parsing anything itself.
+//!
+//! The authorization objects become an [`InboundPolicy`] for one workload (its namespace and
+//! labels) with [`Snapshot::inbound_policy`]: per port, the Server's authorizations compiled
+//! once (identities hashed, networks parsed, references resolved, unresolvable ones failing
+//! closed), or the workload's [`DefaultPolicy`]. [`PortPolicy::authorize`] decides a
+//! [`ClientInfo`] without allocating and returns the names Linkerd's authorization metrics
+//! use (`srv_kind`, `srv_name`, `authz_kind`, `authz_name`, ...). See [`inbound`] for the
+//! Linkerd semantics followed. An EndpointSlice annotated [`IDENTITY_ANNOTATION`] gives its
+//! endpoints the TLS identity their proxies serve ([`Endpoint::identity`]).
 //!
 //! ServiceProfiles become [`RouteTable`]s, the internal route model in [`route`], which
 //! does not mirror the ServiceProfile shape (Gateway API `HTTPRoute` will map onto it too).
@@ -19,10 +30,11 @@
 //! without allocating.
 //!
 //! It must not know about sockets, HTTP or metrics: it answers "which service and which
-//! endpoints does this name or cluster IP mean" and "which route is this request on", and
-//! the proxy does the rest.
+//! endpoints does this name or cluster IP mean", "which route is this request on" and "may
+//! this client connect to this port", and the proxy does the rest.
 
 pub mod duration;
+pub mod inbound;
 mod objects;
 pub mod route;
 mod snapshot;
@@ -30,13 +42,22 @@ mod store;
 #[cfg(test)]
 mod test_support;
 
+pub use crate::inbound::{
+    default_cluster_networks, identity_suffix, Authorization, ClientInfo, DefaultPolicy,
+    InboundConfig, InboundPolicy, PortPolicy, UnknownDefaultPolicy,
+};
 pub use crate::objects::{
-    AddressType, Endpoint, EndpointPort, EndpointSlice, MeshObject, ObjectKey, ObjectKind,
-    ObjectMeta, Protocol, ResolvedService, Service, ServicePort, ServiceProfile, ServiceRef,
-    SliceEndpoint, SplitBackend, TargetPort, TrafficSplit, SERVICE_NAME_LABEL,
+    AddressType, AuthenticationKind, AuthenticationRef, AuthorizationPolicy, Endpoint,
+    EndpointPort, EndpointSlice, IdentityRef, LabelSelector, LabelSelectorRequirement, MeshObject,
+    MeshTlsAuthentication, Network, NetworkAuthentication, ObjectKey, ObjectKind, ObjectMeta,
+    PolicyTarget, Protocol, ProxyProtocol, ResolvedService, SelectorOperator, Server, ServerPort,
+    Service, ServicePort, ServiceProfile, ServiceRef, SliceEndpoint, SplitBackend, TargetPort,
+    TrafficSplit, IDENTITY_ANNOTATION, SERVICE_NAME_LABEL,
 };
 pub use crate::route::{
     PathRegex, RequestMatcher, ResponseClass, ResponseMatcher, RetryBudgetSpec, Route, RouteTable,
     WeightedAuthority, DEFAULT_ROUTE_NAME,
 };
 pub use crate::store::{ConfigError, Snapshot, Store, StoreConfig, StoreError, WatchHandle};
+/// CIDRs, as [`InboundConfig::cluster_networks`] and [`Network`] hold them.
+pub use ipnet::IpNet;

@@ -15,9 +15,15 @@ use std::sync::Arc;
 
 use serde_yaml_ng::{Mapping, Value};
 
+pub use self::authz::{
+    AuthenticationKind, AuthenticationRef, AuthorizationPolicy, IdentityRef, LabelSelector,
+    LabelSelectorRequirement, MeshTlsAuthentication, Network, NetworkAuthentication, PolicyTarget,
+    ProxyProtocol, SelectorOperator, Server, ServerPort,
+};
 pub use self::profile::ServiceProfile;
 pub use self::split::{SplitBackend, TrafficSplit};
 
+mod authz;
 mod profile;
 mod split;
 
@@ -32,6 +38,16 @@ pub enum ObjectKind {
     ServiceProfile,
     /// SMI `split.smi-spec.io` `TrafficSplit`, `v1alpha1` to `v1alpha4`.
     TrafficSplit,
+    /// `policy.linkerd.io` `Server`, `v1alpha1` to `v1beta3`: one port of the workloads a
+    /// label selector picks.
+    Server,
+    /// `policy.linkerd.io/v1alpha1 AuthorizationPolicy`: who may reach a Server (or every
+    /// Server of a namespace).
+    AuthorizationPolicy,
+    /// `policy.linkerd.io/v1alpha1 MeshTLSAuthentication`: a set of client identities.
+    MeshTlsAuthentication,
+    /// `policy.linkerd.io/v1alpha1 NetworkAuthentication`: a set of client networks.
+    NetworkAuthentication,
 }
 
 impl ObjectKind {
@@ -50,6 +66,22 @@ impl ObjectKind {
                 | "split.smi-spec.io/v1alpha4",
                 "TrafficSplit",
             ) => Some(Self::TrafficSplit),
+            (
+                "policy.linkerd.io/v1alpha1"
+                | "policy.linkerd.io/v1beta1"
+                | "policy.linkerd.io/v1beta2"
+                | "policy.linkerd.io/v1beta3",
+                "Server",
+            ) => Some(Self::Server),
+            ("policy.linkerd.io/v1alpha1", "AuthorizationPolicy") => {
+                Some(Self::AuthorizationPolicy)
+            }
+            ("policy.linkerd.io/v1alpha1", "MeshTLSAuthentication") => {
+                Some(Self::MeshTlsAuthentication)
+            }
+            ("policy.linkerd.io/v1alpha1", "NetworkAuthentication") => {
+                Some(Self::NetworkAuthentication)
+            }
             _ => None,
         }
     }
@@ -60,6 +92,10 @@ impl ObjectKind {
             Self::EndpointSlice => "EndpointSlice",
             Self::ServiceProfile => "ServiceProfile",
             Self::TrafficSplit => "TrafficSplit",
+            Self::Server => "Server",
+            Self::AuthorizationPolicy => "AuthorizationPolicy",
+            Self::MeshTlsAuthentication => "MeshTLSAuthentication",
+            Self::NetworkAuthentication => "NetworkAuthentication",
         }
     }
 }
@@ -92,6 +128,10 @@ pub enum MeshObject {
     EndpointSlice(EndpointSlice),
     ServiceProfile(ServiceProfile),
     TrafficSplit(TrafficSplit),
+    Server(Server),
+    AuthorizationPolicy(AuthorizationPolicy),
+    MeshTlsAuthentication(MeshTlsAuthentication),
+    NetworkAuthentication(NetworkAuthentication),
 }
 
 impl MeshObject {
@@ -101,6 +141,10 @@ impl MeshObject {
             Self::EndpointSlice(s) => (ObjectKind::EndpointSlice, &s.meta),
             Self::ServiceProfile(p) => (ObjectKind::ServiceProfile, &p.meta),
             Self::TrafficSplit(t) => (ObjectKind::TrafficSplit, &t.meta),
+            Self::Server(s) => (ObjectKind::Server, &s.meta),
+            Self::AuthorizationPolicy(p) => (ObjectKind::AuthorizationPolicy, &p.meta),
+            Self::MeshTlsAuthentication(a) => (ObjectKind::MeshTlsAuthentication, &a.meta),
+            Self::NetworkAuthentication(a) => (ObjectKind::NetworkAuthentication, &a.meta),
         };
         ObjectKey {
             kind,
@@ -179,6 +223,10 @@ pub struct Endpoint {
     /// Pod name, when the slice's `targetRef` is a Pod.
     pub pod: Option<Arc<str>>,
     pub zone: Option<Arc<str>>,
+    /// The TLS identity the endpoint's proxy serves, from its slice's
+    /// [`IDENTITY_ANNOTATION`]: `Some` means the endpoint is meshed and a client should
+    /// expect (and verify) this server identity.
+    pub identity: Option<Arc<str>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -223,6 +271,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Allocated cluster IPs; empty for headless (`None`) services.
     pub cluster_ips: Vec<IpAddr>,
+    /// `spec.selector`: the labels of the workloads behind the service (empty: none, the
+    /// endpoints are managed by hand). Used to learn a workload's named ports.
+    pub selector: BTreeMap<String, String>,
 }
 
 impl Service {
@@ -276,6 +327,9 @@ pub struct EndpointSlice {
     pub address_type: AddressType,
     pub ports: Vec<EndpointPort>,
     pub endpoints: Vec<SliceEndpoint>,
+    /// From the [`IDENTITY_ANNOTATION`]: every endpoint of the slice is meshed and serves
+    /// this TLS identity.
+    pub identity: Option<Arc<str>>,
 }
 
 impl EndpointSlice {
@@ -288,6 +342,11 @@ impl EndpointSlice {
 }
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// EndpointSlice annotation naming the TLS identity its endpoints' proxies serve
+/// (`web.shop.serviceaccount.identity.pylon.cluster.local`). Pylon's discovery has no
+/// destination controller to tell it which endpoints are meshed, so the slice says so.
+pub const IDENTITY_ANNOTATION: &str = "pylon.io/identity";
 
 // ===== parsing =====
 
@@ -388,6 +447,19 @@ pub fn parse_document(doc: &Value, default_namespace: &str) -> ParsedDocument {
         ObjectKind::TrafficSplit => {
             split::parse_traffic_split(root, meta, &mut unknown).map(MeshObject::TrafficSplit)
         }
+        ObjectKind::Server => authz::parse_server(root, meta, &mut unknown).map(MeshObject::Server),
+        ObjectKind::AuthorizationPolicy => {
+            authz::parse_authorization_policy(root, meta, &mut unknown)
+                .map(MeshObject::AuthorizationPolicy)
+        }
+        ObjectKind::MeshTlsAuthentication => {
+            authz::parse_meshtls_authentication(root, meta, &mut unknown)
+                .map(MeshObject::MeshTlsAuthentication)
+        }
+        ObjectKind::NetworkAuthentication => {
+            authz::parse_network_authentication(root, meta, &mut unknown)
+                .map(MeshObject::NetworkAuthentication)
+        }
     };
     match parsed {
         Ok(object) => ParsedDocument::Valid {
@@ -449,9 +521,13 @@ fn parse_meta(
         // Service names become DNS labels (`name.ns.svc...`).
         ObjectKind::Service => is_dns1035_label(name),
         // Slices, and profiles, which are named by the service's FQDN.
-        ObjectKind::EndpointSlice | ObjectKind::ServiceProfile | ObjectKind::TrafficSplit => {
-            is_dns1123_subdomain(name)
-        }
+        ObjectKind::EndpointSlice
+        | ObjectKind::ServiceProfile
+        | ObjectKind::TrafficSplit
+        | ObjectKind::Server
+        | ObjectKind::AuthorizationPolicy
+        | ObjectKind::MeshTlsAuthentication
+        | ObjectKind::NetworkAuthentication => is_dns1123_subdomain(name),
     };
     if !name_ok {
         return Err(FieldError::new(
@@ -497,6 +573,25 @@ fn string_map(meta: &Mapping, key: &str) -> Result<BTreeMap<String, String>, Fie
             };
             out.insert(k.to_string(), v);
         }
+    }
+    Ok(out)
+}
+
+/// A mapping of strings to strings (`matchLabels`); Kubernetes has no null or numeric label
+/// values, so neither is accepted.
+fn string_values(map: &Mapping, path: &str) -> Result<BTreeMap<String, String>, FieldError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in map {
+        let Some(k) = k.as_str() else {
+            return Err(FieldError::new(path, "keys must be strings"));
+        };
+        let Some(v) = v.as_str() else {
+            return Err(FieldError::new(
+                join(path, k),
+                format!("must be a string, found {}", type_name(v)),
+            ));
+        };
+        out.insert(k.to_string(), v.to_string());
     }
     Ok(out)
 }
@@ -624,10 +719,31 @@ fn parse_service(
         add_ip(s, field)?;
     }
 
+    // Only used to learn workloads' port names, so an unquoted number or boolean (which the
+    // API server would refuse) is read as its text rather than rejecting a working Service.
+    let mut selector = BTreeMap::new();
+    if let Some(map) = opt_mapping(spec, "spec", "selector")? {
+        for (k, v) in map {
+            let (Some(k), Value::String(_) | Value::Number(_) | Value::Bool(_)) = (k.as_str(), v)
+            else {
+                return Err(FieldError::new(
+                    "spec.selector",
+                    "must map label names to label values",
+                ));
+            };
+            let v = match v {
+                Value::String(s) => s.clone(),
+                other => display_scalar(other),
+            };
+            selector.insert(k.to_string(), v);
+        }
+    }
+
     Ok(Service {
         meta,
         ports,
         cluster_ips,
+        selector,
     })
 }
 
@@ -798,12 +914,26 @@ fn parse_endpoint_slice(
         .get(SERVICE_NAME_LABEL)
         .filter(|s| !s.is_empty())
         .map(|s| Arc::from(s.as_str()));
+    let identity = match meta.annotations.get(IDENTITY_ANNOTATION) {
+        None => None,
+        Some(id) if is_dns1123_subdomain(id) => Some(Arc::from(id.as_str())),
+        Some(id) => {
+            return Err(FieldError::new(
+                format!("metadata.annotations.{IDENTITY_ANNOTATION}"),
+                format!(
+                    "invalid identity {id:?}: must be a lowercase DNS name such as \
+                     web.shop.serviceaccount.identity.pylon.cluster.local"
+                ),
+            ))
+        }
+    };
     Ok(EndpointSlice {
         meta,
         service_name,
         address_type,
         ports,
         endpoints,
+        identity,
     })
 }
 

@@ -7,9 +7,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::inbound::{InboundConfig, InboundPolicy};
 use crate::objects::{
-    AddressType, Endpoint, EndpointSlice, MeshObject, ObjectKey, Protocol, ResolvedService,
-    Service, ServicePort, ServiceProfile, ServiceRef, TargetPort, TrafficSplit,
+    AddressType, AuthenticationKind, Endpoint, EndpointSlice, MeshObject, ObjectKey, ObjectKind,
+    PolicyTarget, Protocol, ResolvedService, Service, ServicePort, ServiceProfile, ServiceRef,
+    TargetPort, TrafficSplit,
 };
 use crate::route::RouteTable;
 use crate::store::ConfigError;
@@ -35,7 +37,10 @@ pub struct Snapshot {
     objects: BTreeMap<ObjectKey, Arc<MeshObject>>,
     sources: BTreeMap<ObjectKey, PathBuf>,
     errors: Vec<ConfigError>,
+    /// The files' warnings, then the [`Snapshot::reference_warnings`].
     warnings: Vec<ConfigError>,
+    /// How many of `warnings` came from the files (the rest are derived here).
+    file_warnings: usize,
     /// namespace -> name -> service. Nested so lookups borrow `&str` without allocating.
     services: HashMap<Arc<str>, HashMap<Arc<str>, ServiceEntry>>,
     by_cluster_ip: HashMap<IpAddr, ServiceRef>,
@@ -68,8 +73,10 @@ impl Snapshot {
             objects,
             sources,
             errors,
-            warnings,
+            mut warnings,
         } = content;
+        let file_warnings = warnings.len();
+        warnings.extend(reference_warnings(&objects, &sources));
         let mut slices_by_service: HashMap<ServiceRef, Vec<&EndpointSlice>> = HashMap::new();
         for object in objects.values() {
             if let MeshObject::EndpointSlice(slice) = &**object {
@@ -163,6 +170,7 @@ impl Snapshot {
             sources,
             errors,
             warnings,
+            file_warnings,
             services,
             by_cluster_ip,
             route_tables,
@@ -242,10 +250,91 @@ impl Snapshot {
         &self.errors
     }
 
-    /// Problems that reject nothing, in the same shape as [`Snapshot::errors`]: today the
-    /// fields of valid objects that Kubernetes would not know (the proxy ignores them).
+    /// Problems that reject nothing, in the same shape as [`Snapshot::errors`]: the fields of
+    /// valid objects that Kubernetes would not know (the proxy ignores them), then the
+    /// [`Snapshot::reference_warnings`].
     pub fn warnings(&self) -> &[ConfigError] {
         &self.warnings
+    }
+
+    /// Valid objects naming objects that do not exist: an AuthorizationPolicy's target
+    /// Server, or its required MeshTLSAuthentication or NetworkAuthentication (then the policy
+    /// authorizes nobody until it exists). Part of [`Snapshot::warnings`].
+    pub fn reference_warnings(&self) -> &[ConfigError] {
+        &self.warnings[self.file_warnings..]
+    }
+
+    /// The inbound authorization policy of the workload `namespace`/`labels` (the proxy's
+    /// own, from its flags) on every port. Builds it from this snapshot's Servers,
+    /// AuthorizationPolicies and authentications, so call it once per snapshot (on each
+    /// [`Store::subscribe`](crate::Store::subscribe) update) and keep the `Arc`.
+    ///
+    /// Servers naming their port resolve it through `config.port_names`, then through the
+    /// Services whose `spec.selector` matches `labels`: a named `targetPort` is given its
+    /// number by the EndpointSlice port of the same service port name.
+    pub fn inbound_policy(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        config: &InboundConfig,
+    ) -> Arc<InboundPolicy> {
+        let learned = self.workload_port_names(namespace, labels);
+        Arc::new(crate::inbound::build(
+            &self.objects,
+            namespace,
+            labels,
+            config,
+            &learned,
+        ))
+    }
+
+    /// Container port names of a workload, as its Services reveal them: a Service selecting
+    /// the workload whose port has a named `targetPort`, and an EndpointSlice of that Service
+    /// giving the service port's number. The first Service by name wins a clash.
+    pub fn workload_port_names(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, u16> {
+        let mut names = BTreeMap::new();
+        let Some(services) = self.services.get(namespace) else {
+            return names;
+        };
+        let mut services: Vec<&Service> = services
+            .values()
+            .filter_map(|e| match &*e.service {
+                MeshObject::Service(s) => Some(s),
+                _ => None,
+            })
+            .filter(|s| {
+                !s.selector.is_empty() && s.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .collect();
+        services.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        for svc in services {
+            let svc_ref = svc.service_ref();
+            for p in &svc.ports {
+                let TargetPort::Name(target) = &p.target_port else {
+                    continue;
+                };
+                let number = self.objects.values().find_map(|o| match &**o {
+                    MeshObject::EndpointSlice(slice)
+                        if slice.service_ref().as_ref() == Some(&svc_ref) =>
+                    {
+                        slice
+                            .ports
+                            .iter()
+                            .find(|sp| sp.name == p.name && sp.protocol == p.protocol)
+                            .and_then(|sp| sp.port)
+                    }
+                    _ => None,
+                });
+                if let Some(number) = number {
+                    names.entry(target.to_string()).or_insert(number);
+                }
+            }
+        }
+        names
     }
 
     /// The file the object in force with this key came from.
@@ -291,7 +380,7 @@ impl Snapshot {
         self.objects == content.objects
             && self.sources == content.sources
             && self.errors == content.errors
-            && self.warnings == content.warnings
+            && self.warnings[..self.file_warnings] == content.warnings[..]
     }
 
     fn entry(&self, namespace: &str, name: &str) -> Option<&ServiceEntry> {
@@ -337,6 +426,63 @@ fn route_tables(
         .collect()
 }
 
+/// References between authorization objects that lead nowhere, reported against the object
+/// that holds them (its file, name and field).
+fn reference_warnings(
+    objects: &BTreeMap<ObjectKey, Arc<MeshObject>>,
+    sources: &BTreeMap<ObjectKey, PathBuf>,
+) -> Vec<ConfigError> {
+    let exists = |kind: ObjectKind, namespace: &Arc<str>, name: &Arc<str>| {
+        objects.contains_key(&ObjectKey {
+            kind,
+            namespace: namespace.clone(),
+            name: name.clone(),
+        })
+    };
+    let mut warnings = Vec::new();
+    for (key, object) in objects {
+        let MeshObject::AuthorizationPolicy(policy) = &**object else {
+            continue;
+        };
+        let mut warn = |field: String, message: String| {
+            warnings.push(ConfigError {
+                file: sources.get(key).cloned().unwrap_or_default(),
+                object: key.to_string(),
+                field,
+                message,
+            })
+        };
+        let ns = &policy.meta.namespace;
+        if let PolicyTarget::Server(server) = &policy.target {
+            if !exists(ObjectKind::Server, ns, server) {
+                warn(
+                    "spec.targetRef.name".to_string(),
+                    format!("there is no Server {ns}/{server}; this policy applies to nothing"),
+                );
+            }
+        }
+        for (i, r) in policy.required_authentications.iter().enumerate() {
+            let kind = match r.kind {
+                AuthenticationKind::MeshTls => ObjectKind::MeshTlsAuthentication,
+                AuthenticationKind::Network => ObjectKind::NetworkAuthentication,
+                // Service accounts are not mesh objects; their identity needs no lookup.
+                AuthenticationKind::ServiceAccount => continue,
+            };
+            if !exists(kind, &r.namespace, &r.name) {
+                warn(
+                    format!("spec.requiredAuthenticationRefs[{i}].name"),
+                    format!(
+                        "there is no {kind} {}/{}; the policy authorizes no client until it \
+                         exists",
+                        r.namespace, r.name
+                    ),
+                );
+            }
+        }
+    }
+    warnings
+}
+
 /// Endpoints of one service port across all of the service's slices, following kube-proxy:
 /// the slice port with the same name (and protocol) gives the endpoint port, falling back
 /// to a numeric `targetPort`; ready endpoints are used, or, when none is ready, the serving
@@ -369,6 +515,7 @@ fn endpoints_for_port(svc_port: &ServicePort, slices: &[&EndpointSlice]) -> Vec<
                 addr: SocketAddr::new(ip, port),
                 pod: e.pod.clone(),
                 zone: e.zone.clone(),
+                identity: slice.identity.clone(),
             };
             if e.ready {
                 ready.push(endpoint);
@@ -817,6 +964,77 @@ spec:
             .route_table("web.shop.svc.cluster.local")
             .expect("table");
         assert_eq!(&**table.route_for("PUT", "/api/users/1").name(), "users");
+    }
+
+    #[test]
+    fn annotated_slices_give_their_endpoints_an_identity() {
+        let meshed = web_slice("web-a", &endpoint("10.0.0.1", "web-1")).replace(
+            "  labels:\n",
+            "  annotations: {pylon.io/identity: web.shop.serviceaccount.identity.pylon.cluster.local}\n  labels:\n",
+        );
+        let plain = web_slice("web-b", &endpoint("10.0.0.2", "web-2"));
+        let (dir, store) = load(
+            &[
+                ("web.yaml", WEB_SERVICE),
+                ("a.yaml", &meshed),
+                ("b.yaml", &plain),
+            ],
+            shop_cfg(),
+        );
+        let resolved = store.snapshot().resolve_name("web", 80).expect("web");
+        let ids: Vec<Option<&str>> = resolved
+            .endpoints
+            .iter()
+            .map(|e| e.identity.as_deref())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                Some("web.shop.serviceaccount.identity.pylon.cluster.local"),
+                None
+            ]
+        );
+
+        // Not a DNS name: the slice is rejected, naming the annotation, and the last good
+        // version stays.
+        crate::test_support::write(
+            dir.path(),
+            "a.yaml",
+            &meshed.replace("web.shop.serviceaccount", "Web Shop"),
+        );
+        store.reload();
+        let snap = store.snapshot();
+        assert_eq!(snap.errors().len(), 1, "{:?}", snap.errors());
+        let err = &snap.errors()[0];
+        assert_eq!(err.object, "EndpointSlice shop/web-a");
+        assert_eq!(err.field, "metadata.annotations.pylon.io/identity");
+        assert!(err.message.contains("\"Web Shop.identity"), "{err:?}");
+        let resolved = snap.resolve_name("web", 80).expect("web");
+        assert!(resolved.endpoints[0].identity.is_some(), "last good kept");
+    }
+
+    #[test]
+    fn service_selectors_are_read() {
+        let svc = WEB_SERVICE.replace("spec:\n", "spec:\n  selector: {app: web, tier: front}\n");
+        let (_dir, store) = load(&[("web.yaml", &svc)], shop_cfg());
+        let snap = store.snapshot();
+        let web = crate::ServiceRef {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        let selector = &snap.service(&web).expect("web").selector;
+        assert_eq!(selector.get("tier").map(String::as_str), Some("front"));
+
+        // Unquoted numbers are read as text; only non-scalars are refused.
+        let number = WEB_SERVICE.replace("spec:\n", "spec:\n  selector: {version: 2}\n");
+        let (_dir, store) = load(&[("web.yaml", &number)], shop_cfg());
+        let snap = store.snapshot();
+        let selector = &snap.service(&web).expect("web").selector;
+        assert_eq!(selector.get("version").map(String::as_str), Some("2"));
+        let bad = WEB_SERVICE.replace("spec:\n", "spec:\n  selector: {app: [web]}\n");
+        let (_dir, store) = load(&[("web.yaml", &bad)], shop_cfg());
+        let snap = store.snapshot();
+        assert_eq!(snap.errors()[0].field, "spec.selector");
     }
 
     #[test]

@@ -297,6 +297,21 @@ impl Store {
             self.cluster_domain.clone(),
             content,
         ));
+        // Derived from the objects, so they are logged here rather than as files are read.
+        let known: HashSet<&ConfigError> = current.reference_warnings().iter().collect();
+        for w in snapshot
+            .reference_warnings()
+            .iter()
+            .filter(|w| !known.contains(w))
+        {
+            tracing::warn!(
+                file = %w.file.display(),
+                object = %w.object,
+                field = %w.field,
+                "dangling reference: {}",
+                w.message
+            );
+        }
         tracing::info!(
             generation = snapshot.generation(),
             objects = snapshot.object_map().len(),

@@ -11,6 +11,10 @@
 //!   missing or have no ready endpoints;
 //! - [`routes`]: routes that can never match, retries of non-idempotent requests, timeouts and
 //!   retry budgets that are probably mistakes;
+//! - [`authz`]: Servers on ports no Service sends to, MeshTLSAuthentication identities no
+//!   certificate carries, policies that authorize everyone, network exceptions outside their
+//!   network (policies naming a missing Server or authentication are among the Store's
+//!   warnings);
 //! - [`report`]: the human list and the `-o json` document.
 //!
 //! Exit codes: 0 no errors (warnings allowed), 1 errors found, 2 the dir cannot be read or
@@ -24,6 +28,7 @@ use clap::{Args, ValueEnum};
 use pylon_proxy_policy::{ConfigError, MeshObject, ObjectKey, Snapshot, Store, StoreConfig};
 use serde::Serialize;
 
+mod authz;
 mod destinations;
 mod report;
 mod routes;
@@ -192,6 +197,10 @@ pub fn audit(snapshot: &Snapshot) -> Vec<Finding> {
                 weights::check_dst_overrides(&profile.table, &mut out);
                 routes::check(&profile.table, &mut out);
             }
+            MeshObject::Server(server) => authz::check_server(snapshot, server, &mut out),
+            MeshObject::AuthorizationPolicy(policy) => authz::check_policy(policy, &mut out),
+            MeshObject::MeshTlsAuthentication(authn) => authz::check_meshtls(authn, &mut out),
+            MeshObject::NetworkAuthentication(authn) => authz::check_network(authn, &mut out),
             MeshObject::EndpointSlice(_) => {}
         }
     }

@@ -1,0 +1,668 @@
+//! The mesh CA: a self-signed trust anchor, an intermediate issuer signed by it, and the
+//! workload certificates the issuer signs. All keys are ECDSA P-256.
+//!
+//! A CA dir holds [`CA_CRT`], [`CA_KEY`] (the root; only needed to sign a new issuer),
+//! [`ISSUER_CRT`], [`ISSUER_KEY`] and [`TRUST_DOMAIN_FILE`]. An identity dir, what the proxy
+//! loads, holds [`CA_CRT`] (a copy of the trust anchor), [`TLS_CRT`] (leaf, then issuer) and
+//! [`TLS_KEY`] (PKCS#8, 0600). Every file is written atomically (temp file + rename), so a
+//! proxy watching the dir never reads half of one.
+//!
+//! [`init_ca`] and [`issue`] are what `pylon identity init-ca` and `issue` run; [`Ca`] is the
+//! same in memory, with explicit validity windows, for tests that need an expired, a
+//! not-yet-valid, or another CA's certificate.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+};
+use time::OffsetDateTime;
+
+use crate::fsutil::{self, unix_secs};
+use crate::name::check_trust_domain;
+use crate::{
+    IdentityError, IdentityName, CA_CRT, CA_KEY, ISSUER_CRT, ISSUER_KEY, TLS_CRT, TLS_KEY,
+    TRUST_DOMAIN_FILE,
+};
+
+const MODE_PUBLIC: u32 = 0o644;
+const MODE_SECRET: u32 = 0o600;
+
+/// How far back `not_before` is set by the convenience functions, so a peer whose clock is a
+/// little behind does not see a fresh certificate as not yet valid.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60);
+
+/// A certificate's validity, both ends inclusive (as X.509 has it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidityWindow {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl ValidityWindow {
+    /// From [`CLOCK_SKEW_ALLOWANCE`] ago until `valid_for` from now.
+    pub fn starting_now(valid_for: Duration) -> Result<Self, IdentityError> {
+        let now = SystemTime::now();
+        let not_after = now
+            .checked_add(valid_for)
+            .ok_or_else(|| IdentityError::Validity(format!("{valid_for:?} is too long")))?;
+        Ok(ValidityWindow {
+            not_before: now.checked_sub(CLOCK_SKEW_ALLOWANCE).unwrap_or(now),
+            not_after,
+        })
+    }
+
+    /// `(not_before, not_after)` in unix seconds, checked to be a non-empty window X.509 can
+    /// encode.
+    fn unix(&self) -> Result<(i64, i64), IdentityError> {
+        let (nb, na) = (unix_secs(self.not_before), unix_secs(self.not_after));
+        if na <= nb {
+            return Err(IdentityError::Validity(format!(
+                "not_after ({}) must be after not_before ({})",
+                fsutil::fmt_unix(na),
+                fsutil::fmt_unix(nb)
+            )));
+        }
+        Ok((nb, na))
+    }
+}
+
+/// What [`init_ca`] wrote.
+#[derive(Debug, Clone)]
+pub struct CaSummary {
+    pub trust_domain: String,
+    /// Unix seconds; the issuer's and the anchor's.
+    pub not_after: i64,
+    pub files: Vec<PathBuf>,
+}
+
+/// A workload certificate and its key, in memory (PEM).
+#[derive(Clone)]
+pub struct IssuedCert {
+    pub identity: IdentityName,
+    /// Leaf then issuer.
+    pub chain_pem: String,
+    /// PKCS#8.
+    pub key_pem: String,
+    /// The trust anchor, for the identity dir's `ca.crt`.
+    pub ca_pem: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Lowercase hex.
+    pub serial: String,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("IssuedCert")
+            .field("identity", &self.identity)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IssuedCert {
+    /// Writes `ca.crt`, `tls.crt` and `tls.key` into `dir` (created if missing), each
+    /// atomically. The key goes first and the chain last: a watcher that reloads between two
+    /// renames sees a key/cert mismatch and keeps its last good credentials until the chain
+    /// lands.
+    pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, IdentityError> {
+        fsutil::create_dir(dir)?;
+        let files = [
+            (TLS_KEY, &self.key_pem, MODE_SECRET),
+            (CA_CRT, &self.ca_pem, MODE_PUBLIC),
+            (TLS_CRT, &self.chain_pem, MODE_PUBLIC),
+        ];
+        let mut written = Vec::with_capacity(files.len());
+        for (name, contents, mode) in files {
+            let path = dir.join(name);
+            fsutil::write_atomic(&path, contents.as_bytes(), mode)?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+}
+
+/// A CA able to issue: its trust anchor and its intermediate issuer (with key).
+pub struct Ca {
+    trust_domain: String,
+    anchor_pem: String,
+    /// Only when generated here; a loaded CA does not need (or read) the root key.
+    anchor_key_pem: Option<String>,
+    issuer_pem: String,
+    issuer_key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    not_after: i64,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// A brand-new CA for `trust_domain`, unrelated to any other: a self-signed root and an
+    /// intermediate it signs, both valid for `window`.
+    pub fn generate(trust_domain: &str, window: ValidityWindow) -> Result<Ca, IdentityError> {
+        let trust_domain = check_trust_domain(trust_domain)?;
+        let (nb, na) = window.unix()?;
+
+        let root_key = generate_key("the root CA key")?;
+        let mut root = ca_params("Pylon root CA", &trust_domain, &root_key, nb, na)?;
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root_cert = root
+            .self_signed(&root_key)
+            .map_err(|source| IdentityError::Generate {
+                what: "the root CA certificate",
+                source,
+            })?;
+        let root_issuer = Issuer::new(root, root_key);
+
+        let issuer_key = generate_key("the issuer key")?;
+        let mut issuer = ca_params("Pylon issuer", &trust_domain, &issuer_key, nb, na)?;
+        // The issuer signs leaves only.
+        issuer.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        issuer.use_authority_key_identifier_extension = true;
+        let issuer_cert = issuer
+            .signed_by(&issuer_key, &root_issuer)
+            .map_err(|source| IdentityError::Generate {
+                what: "the issuer certificate",
+                source,
+            })?;
+
+        Ok(Ca {
+            trust_domain,
+            anchor_pem: root_cert.pem(),
+            anchor_key_pem: Some(root_issuer.key().serialize_pem()),
+            issuer_pem: issuer_cert.pem(),
+            issuer_key_pem: issuer_key.serialize_pem(),
+            issuer: Issuer::new(issuer, issuer_key),
+            not_after: na,
+        })
+    }
+
+    /// Reads a CA dir written by [`Ca::write`]: the trust domain, the anchor, the issuer and
+    /// its key (checked to match).
+    pub fn load(dir: &Path) -> Result<Ca, IdentityError> {
+        let td_path = dir.join(TRUST_DOMAIN_FILE);
+        let trust_domain =
+            check_trust_domain(&fsutil::read_string(&td_path)?).map_err(|source| {
+                IdentityError::BadTrustDomain {
+                    path: td_path.clone(),
+                    source,
+                }
+            })?;
+
+        let anchor_path = dir.join(CA_CRT);
+        fsutil::read_certs(&anchor_path)?;
+        let anchor_pem = fsutil::read_string(&anchor_path)?;
+
+        let issuer_path = dir.join(ISSUER_CRT);
+        let issuer_der = fsutil::read_certs(&issuer_path)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| IdentityError::NotPem {
+                path: issuer_path.clone(),
+                what: "certificate",
+                reason: "no CERTIFICATE block".into(),
+            })?;
+        let issuer_pem = fsutil::read_string(&issuer_path)?;
+        let bad_issuer = |reason: String| IdentityError::BadCertificate {
+            path: issuer_path.clone(),
+            reason,
+        };
+        let (_, parsed) = x509_parser::parse_x509_certificate(&issuer_der)
+            .map_err(|e| bad_issuer(e.to_string()))?;
+        if !parsed.is_ca() {
+            return Err(bad_issuer("not a CA certificate".into()));
+        }
+        let not_after = parsed.validity().not_after.timestamp();
+
+        let key_path = dir.join(ISSUER_KEY);
+        let issuer_key_pem = fsutil::read_string(&key_path)?;
+        let issuer_key = KeyPair::from_pem(&issuer_key_pem).map_err(|e| IdentityError::BadKey {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?;
+        if rcgen::PublicKeyData::subject_public_key_info(&issuer_key)
+            != parsed.tbs_certificate.subject_pki.raw
+        {
+            return Err(IdentityError::KeyMismatch {
+                key: key_path,
+                cert: issuer_path,
+            });
+        }
+        let issuer = Issuer::from_ca_cert_der(&issuer_der, issuer_key)
+            .map_err(|e| bad_issuer(e.to_string()))?;
+
+        Ok(Ca {
+            trust_domain,
+            anchor_pem,
+            anchor_key_pem: None,
+            issuer_pem,
+            issuer_key_pem,
+            issuer,
+            not_after,
+        })
+    }
+
+    /// Writes the CA dir (created if missing); keys 0600. Returns the files written.
+    pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, IdentityError> {
+        fsutil::create_dir(dir)?;
+        let td = format!("{}\n", self.trust_domain);
+        let mut files = vec![
+            (CA_CRT, &self.anchor_pem, MODE_PUBLIC),
+            (ISSUER_KEY, &self.issuer_key_pem, MODE_SECRET),
+            (ISSUER_CRT, &self.issuer_pem, MODE_PUBLIC),
+            (TRUST_DOMAIN_FILE, &td, MODE_PUBLIC),
+        ];
+        if let Some(key) = &self.anchor_key_pem {
+            files.insert(1, (CA_KEY, key, MODE_SECRET));
+        }
+        let mut written = Vec::with_capacity(files.len());
+        for (name, contents, mode) in files {
+            let path = dir.join(name);
+            fsutil::write_atomic(&path, contents.as_bytes(), mode)?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The trust anchor, PEM.
+    pub fn anchor_pem(&self) -> &str {
+        &self.anchor_pem
+    }
+
+    /// When the issuer (and so every certificate it signs) stops being valid, unix seconds.
+    pub fn not_after(&self) -> i64 {
+        self.not_after
+    }
+
+    /// A workload certificate for `sa` in `namespace`, valid for exactly `window` (which may
+    /// lie in the past or the future: tests use it for expired and not-yet-valid ones).
+    ///
+    /// The leaf: subject CN and DNS SAN = the identity name, URI SAN = its SPIFFE id, key
+    /// usage digitalSignature, extended key usages serverAuth and clientAuth, a fresh P-256
+    /// key (its serial is derived from that key, so every issue has a new serial).
+    pub fn issue(
+        &self,
+        sa: &str,
+        namespace: &str,
+        window: ValidityWindow,
+    ) -> Result<IssuedCert, IdentityError> {
+        let identity = IdentityName::new(sa, namespace, &self.trust_domain)?;
+        let dns = ia5(identity.as_str())?;
+        let uri = ia5(&identity.spiffe_id())?;
+        self.issue_with_sans(
+            identity,
+            vec![SanType::DnsName(dns), SanType::URI(uri)],
+            window,
+        )
+    }
+
+    /// [`issue`](Self::issue) with explicit SANs (tests make certificates without an identity).
+    pub(crate) fn issue_with_sans(
+        &self,
+        identity: IdentityName,
+        sans: Vec<SanType>,
+        window: ValidityWindow,
+    ) -> Result<IssuedCert, IdentityError> {
+        let (nb, na) = window.unix()?;
+        let mut params = CertificateParams::default();
+        params.not_before = offset_time(nb)?;
+        params.not_after = offset_time(na)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, identity.as_str());
+        params.distinguished_name = dn;
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+
+        let key = generate_key("the workload key")?;
+        let cert =
+            params
+                .signed_by(&key, &self.issuer)
+                .map_err(|source| IdentityError::Generate {
+                    what: "the workload certificate",
+                    source,
+                })?;
+        let serial = x509_parser::parse_x509_certificate(cert.der())
+            .map(|(_, c)| hex(c.raw_serial()))
+            .unwrap_or_default();
+        let mut chain_pem = cert.pem();
+        if !chain_pem.ends_with('\n') {
+            chain_pem.push('\n');
+        }
+        chain_pem.push_str(&self.issuer_pem);
+        Ok(IssuedCert {
+            identity,
+            chain_pem,
+            key_pem: key.serialize_pem(),
+            ca_pem: self.anchor_pem.clone(),
+            not_before: nb,
+            not_after: na,
+            serial,
+        })
+    }
+}
+
+/// `pylon identity init-ca`: a new CA for `trust_domain`, valid from now for `valid_for`,
+/// written to `out_dir`.
+pub fn init_ca(
+    trust_domain: &str,
+    out_dir: &Path,
+    valid_for: Duration,
+) -> Result<CaSummary, IdentityError> {
+    let ca = Ca::generate(trust_domain, ValidityWindow::starting_now(valid_for)?)?;
+    let files = ca.write(out_dir)?;
+    Ok(CaSummary {
+        trust_domain: ca.trust_domain,
+        not_after: ca.not_after,
+        files,
+    })
+}
+
+/// `pylon identity issue`: a certificate for `sa` in `namespace`, signed by the CA in
+/// `ca_dir`, valid from now for `valid_for` (cut to the issuer's own expiry), written to
+/// `out_dir` as an identity dir.
+pub fn issue(
+    ca_dir: &Path,
+    sa: &str,
+    namespace: &str,
+    out_dir: &Path,
+    valid_for: Duration,
+) -> Result<(IssuedCert, Vec<PathBuf>), IdentityError> {
+    let ca = Ca::load(ca_dir)?;
+    if ca.not_after <= unix_secs(SystemTime::now()) {
+        return Err(IdentityError::Expired {
+            path: ca_dir.join(ISSUER_CRT),
+            not_after: ca.not_after,
+        });
+    }
+    let mut window = ValidityWindow::starting_now(valid_for)?;
+    // A leaf outliving its issuer would just fail verification at the issuer's expiry.
+    let issuer_end =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(ca.not_after.max(0).unsigned_abs());
+    window.not_after = window.not_after.min(issuer_end);
+    let issued = ca.issue(sa, namespace, window)?;
+    let files = issued.write(out_dir)?;
+    Ok((issued, files))
+}
+
+/// [`issue`] with an explicit validity window, exactly as given.
+pub fn issue_with_validity(
+    ca_dir: &Path,
+    sa: &str,
+    namespace: &str,
+    out_dir: &Path,
+    window: ValidityWindow,
+) -> Result<(IssuedCert, Vec<PathBuf>), IdentityError> {
+    let issued = Ca::load(ca_dir)?.issue(sa, namespace, window)?;
+    let files = issued.write(out_dir)?;
+    Ok((issued, files))
+}
+
+/// CA names carry a digest of their key: two CAs of one trust domain never share a name, so a
+/// certificate from the other one fails as "unknown issuer" rather than "bad signature", and
+/// operators can tell CAs apart.
+fn ca_params(
+    role: &str,
+    trust_domain: &str,
+    key: &KeyPair,
+    nb: i64,
+    na: i64,
+) -> Result<CertificateParams, IdentityError> {
+    let mut params = CertificateParams::default();
+    params.not_before = offset_time(nb)?;
+    params.not_after = offset_time(na)?;
+    let key_id = params.key_identifier(key);
+    let short_id = hex(key_id.get(..4).unwrap_or(&key_id));
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        format!("{role} {trust_domain} {short_id}"),
+    );
+    dn.push(DnType::OrganizationName, "Pylon");
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+fn generate_key(what: &'static str) -> Result<KeyPair, IdentityError> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|source| IdentityError::Generate { what, source })
+}
+
+fn offset_time(unix: i64) -> Result<OffsetDateTime, IdentityError> {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .map_err(|e| IdentityError::Validity(format!("unix time {unix}: {e}")))
+}
+
+fn ia5(s: &str) -> Result<rcgen::string::Ia5String, IdentityError> {
+    rcgen::string::Ia5String::try_from(s).map_err(|source| IdentityError::Generate {
+        what: "a subject alternative name",
+        source,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Credentials;
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn init_ca_then_issue_then_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca_dir = tmp.path().join("ca");
+        let id_dir = tmp.path().join("web");
+        let day = Duration::from_secs(86_400);
+
+        let summary = init_ca("Cluster.Local", &ca_dir, 365 * day).unwrap();
+        assert_eq!(summary.trust_domain, "cluster.local");
+        let names: Vec<_> = summary
+            .files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [CA_CRT, CA_KEY, ISSUER_KEY, ISSUER_CRT, TRUST_DOMAIN_FILE]
+        );
+        assert_eq!(
+            std::fs::read_to_string(ca_dir.join(TRUST_DOMAIN_FILE)).unwrap(),
+            "cluster.local\n"
+        );
+
+        // Issuing needs neither the root key nor anything else outside the CA dir.
+        std::fs::remove_file(ca_dir.join(CA_KEY)).unwrap();
+        let (issued, files) = issue(&ca_dir, "web", "default", &id_dir, day).unwrap();
+        assert_eq!(
+            files,
+            [
+                id_dir.join(TLS_KEY),
+                id_dir.join(CA_CRT),
+                id_dir.join(TLS_CRT)
+            ]
+        );
+        assert_eq!(
+            issued.identity.as_str(),
+            "web.default.serviceaccount.identity.pylon.cluster.local"
+        );
+        assert_eq!(issued.not_after - issued.not_before, 86_400 + 60);
+        assert_eq!(
+            std::fs::read(id_dir.join(CA_CRT)).unwrap(),
+            std::fs::read(ca_dir.join(CA_CRT)).unwrap()
+        );
+        #[cfg(unix)]
+        {
+            assert_eq!(mode(&id_dir.join(TLS_KEY)), 0o600);
+            assert_eq!(mode(&ca_dir.join(ISSUER_KEY)), 0o600);
+            assert_eq!(mode(&id_dir.join(TLS_CRT)), 0o644);
+        }
+        let key = std::fs::read_to_string(id_dir.join(TLS_KEY)).unwrap();
+        assert!(
+            key.starts_with("-----BEGIN PRIVATE KEY-----"),
+            "PKCS#8 expected"
+        );
+        // No temp files left behind.
+        for dir in [&ca_dir, &id_dir] {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let name = entry.unwrap().file_name();
+                assert!(
+                    !name.to_string_lossy().starts_with('.'),
+                    "{name:?} left behind"
+                );
+            }
+        }
+
+        let creds = Credentials::load(&id_dir).unwrap();
+        assert_eq!(creds.identity(), &issued.identity);
+        assert_eq!(creds.serial(), issued.serial);
+    }
+
+    #[test]
+    fn leaves_do_not_outlive_their_issuer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let summary = init_ca("cluster.local", &tmp.path().join("ca"), hour).unwrap();
+        let (issued, _) = issue(
+            &tmp.path().join("ca"),
+            "web",
+            "default",
+            &tmp.path().join("web"),
+            100 * hour,
+        )
+        .unwrap();
+        assert_eq!(issued.not_after, summary.not_after);
+
+        // An expired issuer says so, rather than issuing what no peer would accept.
+        let now = SystemTime::now();
+        let past = ValidityWindow {
+            not_before: now - 2 * hour,
+            not_after: now - hour,
+        };
+        let old = tmp.path().join("old");
+        Ca::generate("cluster.local", past)
+            .unwrap()
+            .write(&old)
+            .unwrap();
+        match issue(&old, "web", "default", &tmp.path().join("x"), hour) {
+            Err(IdentityError::Expired { path, .. }) => assert_eq!(path, old.join(ISSUER_CRT)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ca_dir_problems_have_typed_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca_dir = tmp.path().join("ca");
+        let out = tmp.path().join("out");
+        let day = Duration::from_secs(86_400);
+        match issue(&ca_dir, "web", "default", &out, day) {
+            Err(IdentityError::Missing { path }) => {
+                assert_eq!(path, ca_dir.join(TRUST_DOMAIN_FILE))
+            }
+            other => panic!("{other:?}"),
+        }
+
+        init_ca("cluster.local", &ca_dir, day).unwrap();
+        let other = tmp.path().join("other");
+        init_ca("cluster.local", &other, day).unwrap();
+        std::fs::copy(other.join(ISSUER_KEY), ca_dir.join(ISSUER_KEY)).unwrap();
+        match issue(&ca_dir, "web", "default", &out, day) {
+            Err(IdentityError::KeyMismatch { key, cert }) => {
+                assert_eq!(key, ca_dir.join(ISSUER_KEY));
+                assert_eq!(cert, ca_dir.join(ISSUER_CRT));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        std::fs::write(ca_dir.join(TRUST_DOMAIN_FILE), "not a domain!\n").unwrap();
+        assert!(matches!(
+            issue(&ca_dir, "web", "default", &out, day),
+            Err(IdentityError::BadTrustDomain { .. })
+        ));
+
+        assert!(matches!(
+            init_ca("bad_domain", &tmp.path().join("x"), day),
+            Err(IdentityError::Name(_))
+        ));
+        assert!(matches!(
+            issue(&other, "Bad_Name", "default", &out, day),
+            Err(IdentityError::Name(_))
+        ));
+        assert!(!out.exists(), "nothing written on errors");
+    }
+
+    #[test]
+    fn validity_windows_are_checked() {
+        let now = SystemTime::now();
+        let backwards = ValidityWindow {
+            not_before: now,
+            not_after: now - Duration::from_secs(1),
+        };
+        assert!(matches!(
+            Ca::generate("cluster.local", backwards),
+            Err(IdentityError::Validity(_))
+        ));
+        assert!(matches!(
+            ValidityWindow::starting_now(Duration::MAX),
+            Err(IdentityError::Validity(_))
+        ));
+        // Past what X.509 (and the time crate) can express.
+        let far = ValidityWindow {
+            not_before: now,
+            not_after: now + Duration::from_secs(400_000 * 365 * 86_400),
+        };
+        assert!(matches!(
+            Ca::generate("cluster.local", far),
+            Err(IdentityError::Validity(_))
+        ));
+    }
+
+    #[test]
+    fn separate_cas_have_separate_names() {
+        let day = ValidityWindow::starting_now(Duration::from_secs(86_400)).unwrap();
+        let a = Ca::generate("cluster.local", day).unwrap();
+        let b = Ca::generate("cluster.local", day).unwrap();
+        assert_ne!(a.anchor_pem(), b.anchor_pem());
+        let subject = |pem: &str| {
+            let der = rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap();
+            let der: rustls_pki_types::CertificateDer = der;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            cert.subject().to_string()
+        };
+        assert_ne!(subject(a.anchor_pem()), subject(b.anchor_pem()));
+        assert!(subject(a.anchor_pem()).contains("Pylon root CA cluster.local"));
+    }
+}
