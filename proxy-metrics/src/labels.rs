@@ -27,11 +27,66 @@ impl Direction {
 /// The TLS status of a connection, as Linkerd labels it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Tls {
-    /// Mutual TLS with a peer identity: `tls="true"`.
+    /// TLS whose peer identity isn't named in the labels: `tls="true"`.
     Secured,
+    /// Mesh TLS from a client with this identity (inbound): `tls="true"`, `client_id`.
+    ClientId(Arc<str>),
+    /// Mesh TLS to a server with this identity (outbound): `tls="true"`, `server_id`.
+    ServerId(Arc<str>),
     /// No identity: `tls="no_identity"` plus `no_tls_reason="<reason>"`, e.g.
     /// `"not_provided_by_service_discovery"` or `"no_tls_from_remote"`.
     NoIdentity(&'static str),
+}
+
+impl Tls {
+    /// `tls` and `client_id` / `server_id` / `no_tls_reason`.
+    pub(crate) fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
+        match self {
+            Tls::Secured => label(encoder, "tls", "true"),
+            Tls::ClientId(id) => {
+                label(encoder, "tls", "true")?;
+                label(encoder, "client_id", &**id)
+            }
+            Tls::ServerId(id) => {
+                label(encoder, "tls", "true")?;
+                label(encoder, "server_id", &**id)
+            }
+            Tls::NoIdentity(reason) => {
+                label(encoder, "tls", "no_identity")?;
+                label(encoder, "no_tls_reason", *reason)
+            }
+        }
+    }
+}
+
+/// The labels of Linkerd's `inbound_{http,tcp}_authz_{allow,deny}_total`: the server (a
+/// `policy.linkerd.io` Server, or `kind="default"` named by the default policy) and, for
+/// allows, the authorization that let the client in, plus the client's TLS identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AuthzLabels {
+    pub target_addr: Arc<str>,
+    pub srv_port: u16,
+    /// `srv_group`, `srv_kind`, `srv_name`.
+    pub server: (Arc<str>, Arc<str>, Arc<str>),
+    /// `authz_group`, `authz_kind`, `authz_name`; `None` on denials.
+    pub authz: Option<(Arc<str>, Arc<str>, Arc<str>)>,
+    pub tls: Tls,
+}
+
+impl EncodeLabelSet for AuthzLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
+        label(encoder, "target_addr", &*self.target_addr)?;
+        label(encoder, "srv_group", &*self.server.0)?;
+        label(encoder, "srv_kind", &*self.server.1)?;
+        label(encoder, "srv_name", &*self.server.2)?;
+        label(encoder, "srv_port", self.srv_port)?;
+        if let Some((group, kind, name)) = &self.authz {
+            label(encoder, "authz_group", &**group)?;
+            label(encoder, "authz_kind", &**kind)?;
+            label(encoder, "authz_name", &**name)?;
+        }
+        self.tls.encode(encoder)
+    }
 }
 
 /// Which side of the proxy a TCP connection faces, as Linkerd labels it.
@@ -144,13 +199,7 @@ impl EncodeLabelSet for TargetLabels {
         }
         label(encoder, "authority", &*self.authority)?;
         label(encoder, "target_addr", &*self.target_addr)?;
-        match self.tls {
-            Tls::Secured => label(encoder, "tls", "true")?,
-            Tls::NoIdentity(reason) => {
-                label(encoder, "tls", "no_identity")?;
-                label(encoder, "no_tls_reason", reason)?;
-            }
-        }
+        self.tls.encode(encoder)?;
         if let Some(port) = self.srv_port {
             label(encoder, "srv_port", port)?;
         }

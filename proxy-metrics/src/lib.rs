@@ -85,7 +85,8 @@ mod tcp;
 pub use histogram::{LATENCY_MS_BUCKETS, TCP_DURATION_MS_BUCKETS};
 pub use http::{HttpTarget, RouteTarget};
 pub use labels::{
-    classify, Classification, Direction, HandleLabels, Peer, RouteLabels, TargetLabels, Tls,
+    classify, AuthzLabels, Classification, Direction, HandleLabels, Peer, RouteLabels,
+    TargetLabels, Tls,
 };
 pub use process::ProcessStats;
 pub use tcp::{TcpConnMetrics, TcpTarget};
@@ -117,6 +118,26 @@ pub struct Metrics {
     tcp: tcp::TcpFamilies,
     config_errors: Arc<SourcedCounter>,
     tap_dropped: Arc<SourcedCounter>,
+    authz: AuthzFamilies,
+    identity_expiry: Gauge,
+}
+
+/// Linkerd's inbound authorization counters.
+#[derive(Debug, Default)]
+struct AuthzFamilies {
+    http_allow: Family<AuthzLabels, Counter>,
+    http_deny: Family<AuthzLabels, Counter>,
+    tcp_allow: Family<AuthzLabels, Counter>,
+    tcp_deny: Family<AuthzLabels, Counter>,
+}
+
+/// What an authorization decision is counted as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthzCounter {
+    HttpAllow,
+    HttpDeny,
+    TcpAllow,
+    TcpDeny,
 }
 
 impl Metrics {
@@ -246,6 +267,37 @@ impl Metrics {
             "Total count of tap events dropped because a tap client fell behind.",
         ));
         registry.register_collector(Box::new(tap_dropped.clone()));
+        let authz = AuthzFamilies::default();
+        for (name, help, family) in [
+            (
+                "inbound_http_authz_allow",
+                "Total count of HTTP requests authorized by a server's policy",
+                &authz.http_allow,
+            ),
+            (
+                "inbound_http_authz_deny",
+                "Total count of HTTP requests denied by a server's policy",
+                &authz.http_deny,
+            ),
+            (
+                "inbound_tcp_authz_allow",
+                "Total count of TCP connections authorized by a server's policy",
+                &authz.tcp_allow,
+            ),
+            (
+                "inbound_tcp_authz_deny",
+                "Total count of TCP connections denied by a server's policy",
+                &authz.tcp_deny,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        let identity_expiry = Gauge::default();
+        registry.register(
+            "identity_cert_expiration_timestamp_seconds",
+            "Time when this proxy's current mTLS identity certificate will expire (in seconds since the UNIX epoch)",
+            identity_expiry.clone(),
+        );
 
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
@@ -271,6 +323,8 @@ impl Metrics {
             tcp,
             config_errors,
             tap_dropped,
+            authz,
+            identity_expiry,
         })
     }
 
@@ -322,6 +376,23 @@ impl Metrics {
     /// and increments it).
     pub fn set_tap_dropped_source(&self, src: Arc<AtomicU64>) {
         self.tap_dropped.set_source(src);
+    }
+
+    /// The counter for one kind of authorization decision with these labels: resolve it once
+    /// per connection, count per request.
+    pub fn authz_counter(&self, kind: AuthzCounter, labels: &AuthzLabels) -> EventCounter {
+        let family = match kind {
+            AuthzCounter::HttpAllow => &self.authz.http_allow,
+            AuthzCounter::HttpDeny => &self.authz.http_deny,
+            AuthzCounter::TcpAllow => &self.authz.tcp_allow,
+            AuthzCounter::TcpDeny => &self.authz.tcp_deny,
+        };
+        EventCounter(family.get_or_create(labels).clone())
+    }
+
+    /// `identity_cert_expiration_timestamp_seconds`: the current certificate's `notAfter`.
+    pub fn set_identity_expiry(&self, unix_secs: i64) {
+        self.identity_expiry.set(unix_secs);
     }
 
     /// OpenMetrics text for `/metrics` (ends with `# EOF`); serve it with

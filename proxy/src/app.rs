@@ -10,11 +10,13 @@ use pylon_proxy_policy::{Store, StoreConfig};
 use crate::access_log;
 use crate::admin::Admin;
 use crate::args::ProxyArgs;
+use crate::authz::InboundAuthz;
 use crate::discovery::Discovery;
 use crate::http::tap::Telemetry;
 use crate::inbound::Inbound;
 use crate::listener::{accept_loop, bind};
 use crate::logging;
+use crate::mesh_tls::MeshTls;
 use crate::outbound::Outbound;
 use crate::profiles::Profiles;
 use crate::shutdown::Shutdown;
@@ -34,6 +36,8 @@ enum StartError {
     Signals(std::io::Error),
     #[error("--tap-allow: {0}")]
     TapAllow(String),
+    #[error("--identity-dir: {0}")]
+    Identity(#[from] pylon_identity::IdentityError),
 }
 
 pub fn main(args: ProxyArgs) -> ExitCode {
@@ -108,6 +112,18 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
     };
     let taps = Taps::new();
     metrics.set_tap_dropped_source(taps.dropped_counter());
+    // Without an identity the proxy neither originates nor terminates mesh TLS.
+    let mesh_tls = match &args.identity_dir {
+        Some(dir) => Some(MeshTls::start(dir, metrics.clone())?),
+        None => None,
+    };
+    let trust_domain = mesh_tls
+        .as_ref()
+        .map_or(args.cluster_domain.as_str(), |t| {
+            t.local_identity().trust_domain()
+        })
+        .to_owned();
+    let authz = InboundAuthz::new(&args, &store, &trust_domain, metrics.clone());
 
     // Bind everything before serving anything, so a bad address fails start-up cleanly.
     let (admin_listener, _) = bind("admin", args.admin_addr).await?;
@@ -130,6 +146,7 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         args.connect_timeout,
         args.failure_accrual(),
         &args.cluster_domain,
+        mesh_tls.clone(),
     );
     discovery.spawn_updates();
     let telemetry = Telemetry {
@@ -150,6 +167,8 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         profiles,
         metrics.clone(),
         telemetry,
+        mesh_tls,
+        authz.clone(),
         shutdown.clone(),
     );
     let admin = Arc::new(Admin {

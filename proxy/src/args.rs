@@ -103,6 +103,27 @@ pub struct ProxyArgs {
     #[arg(long, env = "PYLON_FAILURE_ACCRUAL", default_value = "consecutive", value_parser = ["consecutive", "disabled"])]
     pub failure_accrual: String,
 
+    /// This workload's identity: `ca.crt` (trust anchor), `tls.crt` (chain) and `tls.key`, as
+    /// `pylon identity issue` writes them; watched and rotated live. Without it the proxy
+    /// neither originates nor terminates mesh TLS.
+    #[arg(long, env = "PYLON_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+
+    /// Who may connect to a port no `Server` describes: `all-unauthenticated`,
+    /// `all-authenticated`, `cluster-authenticated`, `cluster-unauthenticated`, `deny` or
+    /// `audit` (Linkerd's default inbound policies).
+    #[arg(long, env = "PYLON_DEFAULT_POLICY", default_value = "all-unauthenticated", value_parser = parse_default_policy)]
+    pub default_policy: pylon_proxy_policy::DefaultPolicy,
+
+    /// This pod's labels (`k=v`, comma-separated), matched by `Server` pod selectors.
+    #[arg(long, env = "PYLON_WORKLOAD_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub workload_labels: Vec<(String, String)>,
+
+    /// The cluster's pod and node networks (CIDRs, comma-separated), for the `cluster-*`
+    /// policies; Linkerd's defaults plus loopback when unset.
+    #[arg(long, env = "PYLON_CLUSTER_NETWORKS", value_delimiter = ',')]
+    pub cluster_networks: Vec<pylon_proxy_policy::IpNet>,
+
     /// Worker threads (default: the number of CPUs); 1 runs everything on one thread.
     #[arg(long, env = "PYLON_THREADS")]
     pub threads: Option<usize>,
@@ -118,6 +139,18 @@ impl ProxyArgs {
 
     pub fn is_opaque_port(&self, port: u16) -> bool {
         DEFAULT_OPAQUE_PORTS.contains(&port) || self.opaque_ports.contains(&port)
+    }
+}
+
+fn parse_default_policy(s: &str) -> Result<pylon_proxy_policy::DefaultPolicy, String> {
+    s.parse()
+        .map_err(|e: pylon_proxy_policy::UnknownDefaultPolicy| e.to_string())
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, not {s:?}")),
     }
 }
 

@@ -17,6 +17,7 @@ use crate::balance::{Balanced, EndpointSet, PeakEwma, PickError};
 use crate::http::client::EndpointTarget;
 use crate::http::headers::request_authority;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
+use crate::mesh_tls::MeshTls;
 use crate::profiles::{DestinationRoutes, Profiles};
 use crate::split::{BackendTarget, Backends};
 
@@ -128,6 +129,8 @@ pub struct Discovery {
     /// Failure accrual where a Service doesn't say.
     accrual: AccrualPolicy,
     cluster_domain: Arc<str>,
+    /// This proxy's mesh TLS; endpoints with an identity are reached through it.
+    mesh_tls: Option<Arc<MeshTls>>,
     /// Keyed by the authority exactly as clients send it.
     by_authority: ArcSwap<HashMap<Box<[u8]>, Arc<Logical>>>,
     by_target: Mutex<HashMap<TargetKey, Arc<Logical>>>,
@@ -142,6 +145,7 @@ impl Discovery {
         connect_timeout: Duration,
         accrual: AccrualPolicy,
         cluster_domain: &str,
+        mesh_tls: Option<Arc<MeshTls>>,
     ) -> Arc<Self> {
         let dns = match hickory_resolver::TokioResolver::builder_tokio() {
             Ok(b) => Some(b.build()),
@@ -157,6 +161,7 @@ impl Discovery {
             connect_timeout,
             accrual,
             cluster_domain: cluster_domain.into(),
+            mesh_tls,
             by_authority: ArcSwap::from_pointee(HashMap::new()),
             by_target: Mutex::new(HashMap::new()),
             dns,

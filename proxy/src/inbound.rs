@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 
 use crate::args::ProxyArgs;
+use crate::authz::InboundAuthz;
 use crate::detect::{self, Protocol};
 use crate::http::client::{EndpointClient, EndpointTarget};
 use crate::http::errors::RespondLayer;
@@ -37,6 +38,7 @@ use crate::http::tap::{TapLayer, Telemetry};
 use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::{server, HttpStack};
 use crate::io::CountingIo;
+use crate::mesh_tls::MeshTls;
 use crate::orig_dst::original_dst;
 use crate::profiles::{DestinationRoutes, Profiles};
 use crate::shutdown::Shutdown;
@@ -56,6 +58,8 @@ pub struct Inbound {
     client: EndpointClient,
     ports: Mutex<HashMap<SocketAddr, Arc<AppPort>>>,
     telemetry: Telemetry,
+    mesh_tls: Option<Arc<MeshTls>>,
+    authz: Arc<InboundAuthz>,
     shutdown: Shutdown,
 }
 
@@ -88,6 +92,8 @@ impl Inbound {
         profiles: Arc<Profiles>,
         metrics: Arc<Metrics>,
         telemetry: Telemetry,
+        mesh_tls: Option<Arc<MeshTls>>,
+        authz: Arc<InboundAuthz>,
         shutdown: Shutdown,
     ) -> Arc<Self> {
         let client = EndpointClient::new(args.connect_timeout, shutdown.tracker().clone());
@@ -100,6 +106,8 @@ impl Inbound {
             client,
             ports: Mutex::new(HashMap::new()),
             telemetry,
+            mesh_tls,
+            authz,
             shutdown,
         })
     }

@@ -1,0 +1,176 @@
+//! Inbound authorization: who may connect to which port of this workload, from the
+//! `policy.linkerd.io` objects of the config dir and `--default-policy`.
+//!
+//! The policy is rebuilt once per config change and read lock-free; each connection is
+//! decided once (its client, TLS identity and port can't change), its metric counters
+//! resolved then, and HTTP requests on it only bump a counter.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwap;
+use pylon_proxy_metrics::{AuthzCounter, AuthzLabels, EventCounter, Metrics, Tls};
+use pylon_proxy_policy::{
+    ClientInfo, InboundConfig, InboundPolicy, ProxyProtocol, Snapshot, Store,
+};
+
+use crate::args::ProxyArgs;
+
+pub struct InboundAuthz {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    config: InboundConfig,
+    policy: ArcSwap<InboundPolicy>,
+    metrics: Arc<Metrics>,
+}
+
+/// A connection's client, as authorization sees it.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub addr: SocketAddr,
+    /// Mesh TLS was terminated for this connection.
+    pub tls: bool,
+    /// The client's verified identity (mesh TLS with a certificate).
+    pub id: Option<Arc<str>>,
+}
+
+impl Client {
+    pub fn plain(addr: SocketAddr) -> Client {
+        Client {
+            addr,
+            tls: false,
+            id: None,
+        }
+    }
+
+    /// The `tls`/`client_id` labels of this client's traffic.
+    pub fn tls_label(&self, no_tls_reason: &'static str) -> Tls {
+        match (&self.id, self.tls) {
+            (Some(id), true) => Tls::ClientId(id.clone()),
+            (None, true) => Tls::Secured,
+            _ => Tls::NoIdentity(no_tls_reason),
+        }
+    }
+}
+
+/// One connection's decision and the counters to record it with.
+pub struct Decision {
+    pub allowed: bool,
+    /// The Server's declared protocol; anything but `Unknown` skips detection.
+    pub protocol: ProxyProtocol,
+    /// `server/NAME` or `default/POLICY`, for logs and the 403's message.
+    pub server: String,
+    /// The authorization that allowed the client (`authorizationpolicy/NAME`,
+    /// `default/POLICY`), for logs.
+    pub authz: String,
+    labels: AuthzLabels,
+    metrics: Arc<Metrics>,
+}
+
+impl Decision {
+    /// The counter for this decision on HTTP requests (resolved once per connection).
+    pub fn http_counter(&self) -> EventCounter {
+        let kind = if self.allowed {
+            AuthzCounter::HttpAllow
+        } else {
+            AuthzCounter::HttpDeny
+        };
+        self.metrics.authz_counter(kind, &self.labels)
+    }
+
+    /// Counts the connection as TCP.
+    pub fn count_tcp(&self) {
+        let kind = if self.allowed {
+            AuthzCounter::TcpAllow
+        } else {
+            AuthzCounter::TcpDeny
+        };
+        self.metrics.authz_counter(kind, &self.labels).inc();
+    }
+}
+
+impl InboundAuthz {
+    pub fn new(
+        args: &ProxyArgs,
+        store: &Arc<Store>,
+        trust_domain: &str,
+        metrics: Arc<Metrics>,
+    ) -> Arc<InboundAuthz> {
+        let mut config = InboundConfig::with_trust_domain(trust_domain);
+        config.default_policy = args.default_policy;
+        if !args.cluster_networks.is_empty() {
+            config.cluster_networks = args.cluster_networks.clone();
+        }
+        let labels: BTreeMap<String, String> = args.workload_labels.iter().cloned().collect();
+        let policy = store
+            .snapshot()
+            .inbound_policy(&args.namespace, &labels, &config);
+        let this = Arc::new(InboundAuthz {
+            namespace: args.namespace.clone(),
+            labels,
+            config,
+            policy: ArcSwap::new(policy),
+            metrics,
+        });
+        this.spawn_updates(store);
+        this
+    }
+
+    /// Policy changes apply to connections accepted after them.
+    fn spawn_updates(self: &Arc<Self>, store: &Arc<Store>) {
+        let mut rx = store.subscribe();
+        let this: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let snapshot: Arc<Snapshot> = rx.borrow_and_update().clone();
+                let Some(this) = this.upgrade() else { return };
+                let policy = snapshot.inbound_policy(&this.namespace, &this.labels, &this.config);
+                this.policy.store(policy);
+            }
+        });
+    }
+
+    /// Decides `client` on `port` and logs the decision (denials and allows at info, as
+    /// Linkerd does; allows only at debug for the default all-unauthenticated policy, which
+    /// allows everything and would log every connection).
+    pub fn decide(&self, port: u16, client: &Client, target_addr: &Arc<str>) -> Decision {
+        let policy = self.policy.load().for_port(port);
+        let peer = match client.addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            ip => ip,
+        };
+        let a = policy.authorize(&ClientInfo {
+            peer,
+            tls: client.tls,
+            identity: client.id.as_deref(),
+        });
+        let server = format!("{}/{}", a.srv_kind, a.srv_name);
+        let authz = format!("{}/{}", a.authz_kind, a.authz_name);
+        let tls = client.tls_label("no_tls_from_remote");
+        if !a.allowed {
+            tracing::info!(client = %client.addr, client_id = ?client.id, tls = client.tls, port, %server, "connection denied by policy");
+        } else if a.srv_kind == "default" && a.srv_name == "all-unauthenticated" {
+            tracing::debug!(client = %client.addr, client_id = ?client.id, port, %server, "connection allowed");
+        } else {
+            tracing::info!(client = %client.addr, client_id = ?client.id, tls = client.tls, port, %server, %authz, "connection allowed by policy");
+        }
+        let s = |v: &str| -> Arc<str> { Arc::from(v) };
+        Decision {
+            allowed: a.allowed,
+            protocol: a.protocol,
+            labels: AuthzLabels {
+                target_addr: target_addr.clone(),
+                srv_port: port,
+                server: (s(a.srv_group), s(a.srv_kind), s(a.srv_name)),
+                authz: a
+                    .allowed
+                    .then(|| (s(a.authz_group), s(a.authz_kind), s(a.authz_name))),
+                tls,
+            },
+            server,
+            authz,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
