@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use pylon_proxy_metrics::Metrics;
 use tokio::net::TcpListener;
 
+use crate::authz::{Client, InboundAuthz};
 use crate::logging::LogLevel;
 use crate::shutdown::Shutdown;
 
@@ -23,6 +24,11 @@ pub struct Admin {
     pub tap_addr: SocketAddr,
     pub log_level: LogLevel,
     pub shutdown: Shutdown,
+    /// Inbound policy, which `/shutdown` obeys for the admin port.
+    pub authz: Arc<InboundAuthz>,
+    pub admin_addr: SocketAddr,
+    /// `target_addr` of the admin port's authorization metrics.
+    pub admin_label: Arc<str>,
 }
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -102,7 +108,20 @@ impl Admin {
                 }
             }
             (&Method::POST, "/shutdown") => {
-                // Like Linkerd: only from the pod itself.
+                // Like Linkerd: only from the pod itself, and only if the admin port's
+                // policy lets the client in.
+                let decision = self.authz.decide(
+                    self.admin_addr.port(),
+                    &Client::plain(peer),
+                    &self.admin_label,
+                );
+                decision.http_counter().inc();
+                if !decision.allowed {
+                    return text(
+                        StatusCode::FORBIDDEN,
+                        "shutdown refused by the admin port's authorization policy\n",
+                    );
+                }
                 if !peer.ip().is_loopback() {
                     return text(
                         StatusCode::FORBIDDEN,

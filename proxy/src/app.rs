@@ -10,7 +10,7 @@ use pylon_proxy_policy::{Store, StoreConfig};
 use crate::access_log;
 use crate::admin::Admin;
 use crate::args::ProxyArgs;
-use crate::authz::InboundAuthz;
+use crate::authz::{Client, InboundAuthz};
 use crate::discovery::Discovery;
 use crate::http::tap::Telemetry;
 use crate::inbound::Inbound;
@@ -20,7 +20,7 @@ use crate::mesh_tls::MeshTls;
 use crate::outbound::Outbound;
 use crate::profiles::Profiles;
 use crate::shutdown::Shutdown;
-use pylon_tap_server::{Authz, Taps};
+use pylon_tap_server::{Authz, PolicyCheck, Taps};
 
 #[derive(Debug, thiserror::Error)]
 enum StartError {
@@ -105,7 +105,7 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         pod: args.pod.clone(),
     });
     metrics.set_config_errors_source(store.config_errors_counter());
-    let tap_authz = if args.tap_allow.is_empty() {
+    let tap_networks = if args.tap_allow.is_empty() {
         Authz::default()
     } else {
         Authz::networks(&args.tap_allow).map_err(StartError::TapAllow)?
@@ -126,7 +126,7 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
     let authz = InboundAuthz::new(&args, &store, &trust_domain, metrics.clone());
 
     // Bind everything before serving anything, so a bad address fails start-up cleanly.
-    let (admin_listener, _) = bind("admin", args.admin_addr).await?;
+    let (admin_listener, admin_local) = bind("admin", args.admin_addr).await?;
     let (inbound_listener, inbound_local) = bind("inbound", args.inbound_addr).await?;
     let (outbound_listener, outbound_local) = bind("outbound", args.outbound_addr).await?;
     let (tap_listener, tap_local) = bind("tap", args.tap_addr).await?;
@@ -171,11 +171,23 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         authz.clone(),
         shutdown.clone(),
     );
+    // The tap port obeys the inbound policy too (on top of --tap-allow).
+    let tap_authz = {
+        let (authz, label): (_, Arc<str>) = (authz.clone(), tap_local.to_string().into());
+        tap_networks.with_policy(PolicyCheck(Arc::new(move |peer| {
+            let decision = authz.decide(tap_local.port(), &Client::plain(peer), &label);
+            decision.count_tcp();
+            decision.allowed
+        })))
+    };
     let admin = Arc::new(Admin {
         metrics,
         tap_addr: tap_local,
         log_level,
         shutdown: shutdown.clone(),
+        admin_label: admin_local.to_string().into(),
+        admin_addr: admin_local,
+        authz,
     });
 
     tokio::spawn(admin.serve(admin_listener));

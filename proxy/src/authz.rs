@@ -57,13 +57,6 @@ impl Client {
 /// One connection's decision and the counters to record it with.
 pub struct Decision {
     pub allowed: bool,
-    /// The Server's declared protocol; anything but `Unknown` skips detection.
-    pub protocol: ProxyProtocol,
-    /// `server/NAME` or `default/POLICY`, for logs and the 403's message.
-    pub server: String,
-    /// The authorization that allowed the client (`authorizationpolicy/NAME`,
-    /// `default/POLICY`), for logs.
-    pub authz: String,
     labels: AuthzLabels,
     metrics: Arc<Metrics>,
 }
@@ -131,6 +124,11 @@ impl InboundAuthz {
         });
     }
 
+    /// What the Server on `port` declares it speaks (`Unknown` when nothing declares it).
+    pub fn declared_protocol(&self, port: u16) -> ProxyProtocol {
+        self.policy.load().for_port(port).protocol()
+    }
+
     /// Decides `client` on `port` and logs the decision (denials and allows at info, as
     /// Linkerd does; allows only at debug for the default all-unauthenticated policy, which
     /// allows everything and would log every connection).
@@ -145,20 +143,19 @@ impl InboundAuthz {
             tls: client.tls,
             identity: client.id.as_deref(),
         });
-        let server = format!("{}/{}", a.srv_kind, a.srv_name);
-        let authz = format!("{}/{}", a.authz_kind, a.authz_name);
         let tls = client.tls_label("no_tls_from_remote");
+        let server = format_args!("{}/{}", a.srv_kind, a.srv_name);
         if !a.allowed {
             tracing::info!(client = %client.addr, client_id = ?client.id, tls = client.tls, port, %server, "connection denied by policy");
         } else if a.srv_kind == "default" && a.srv_name == "all-unauthenticated" {
             tracing::debug!(client = %client.addr, client_id = ?client.id, port, %server, "connection allowed");
         } else {
+            let authz = format_args!("{}/{}", a.authz_kind, a.authz_name);
             tracing::info!(client = %client.addr, client_id = ?client.id, tls = client.tls, port, %server, %authz, "connection allowed by policy");
         }
         let s = |v: &str| -> Arc<str> { Arc::from(v) };
         Decision {
             allowed: a.allowed,
-            protocol: a.protocol,
             labels: AuthzLabels {
                 target_addr: target_addr.clone(),
                 srv_port: port,
@@ -168,8 +165,6 @@ impl InboundAuthz {
                     .then(|| (s(a.authz_group), s(a.authz_kind), s(a.authz_name))),
                 tls,
             },
-            server,
-            authz,
             metrics: self.metrics.clone(),
         }
     }

@@ -46,6 +46,32 @@ pub async fn accept(
     Some((protocol, PrefixedIo::new(prefix, stream)))
 }
 
+/// Whether the client opens with a TLS ClientHello (mesh TLS from another proxy): reads the
+/// few bytes that tell, for at most `timeout`. The bytes read come back to be replayed.
+/// Silence (a server-speaks-first protocol) is not TLS.
+pub async fn detect_tls<I: AsyncRead + Unpin>(
+    io: &mut I,
+    timeout: Duration,
+) -> std::io::Result<(bool, Bytes)> {
+    use pylon_identity::{detect_client_hello, Detect};
+    let mut buf = BytesMut::with_capacity(512);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match detect_client_hello(&buf) {
+            Detect::Tls => return Ok((true, buf.freeze())),
+            Detect::NotTls => return Ok((false, buf.freeze())),
+            Detect::NeedMore => {}
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_elapsed) => return Ok((false, buf.freeze())),
+            Ok(Ok(0)) if buf.is_empty() => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(Ok(0)) => return Ok((false, buf.freeze())),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
 /// Reads until the protocol is known or `timeout` passes. No data (a server-speaks-first
 /// protocol) or unrecognised data is TCP, never an error; a client that closes without sending
 /// anything is `UnexpectedEof`.

@@ -21,13 +21,16 @@ use arc_swap::ArcSwap;
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
-use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls};
-use pylon_proxy_policy::Store;
+use pylon_proxy_metrics::{
+    Direction, EventCounter, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls,
+};
+use pylon_proxy_policy::{ProxyProtocol, Store};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 
 use crate::args::ProxyArgs;
-use crate::authz::InboundAuthz;
+use crate::authz::{Client, InboundAuthz};
 use crate::detect::{self, Protocol};
 use crate::http::client::{EndpointClient, EndpointTarget};
 use crate::http::errors::RespondLayer;
@@ -37,7 +40,7 @@ use crate::http::route::RouteLayer;
 use crate::http::tap::{TapLayer, Telemetry};
 use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::{server, HttpStack};
-use crate::io::CountingIo;
+use crate::io::{CountingIo, PrefixedIo};
 use crate::mesh_tls::MeshTls;
 use crate::orig_dst::original_dst;
 use crate::profiles::{DestinationRoutes, Profiles};
@@ -45,7 +48,7 @@ use crate::shutdown::Shutdown;
 use crate::tcp;
 use pylon_tap_server::Direction as TapDirection;
 
-const NO_TLS: Tls = Tls::NoIdentity("no_tls_from_remote");
+const NO_TLS_REASON: &str = "no_tls_from_remote";
 /// Bound on per-authority metric handles per port (authorities come from clients).
 const MAX_AUTHORITIES: usize = 1_000;
 
@@ -56,7 +59,7 @@ pub struct Inbound {
     profiles: Arc<Profiles>,
     metrics: Arc<Metrics>,
     client: EndpointClient,
-    ports: Mutex<HashMap<SocketAddr, Arc<AppPort>>>,
+    ports: Mutex<HashMap<(SocketAddr, Tls), Arc<AppPort>>>,
     telemetry: Telemetry,
     mesh_tls: Option<Arc<MeshTls>>,
     authz: Arc<InboundAuthz>,
@@ -66,6 +69,8 @@ pub struct Inbound {
 /// One port of the workload: its connections and metric handles.
 struct AppPort {
     target_label: Arc<str>,
+    /// The TLS status of the clients this state is for (`tls`, `client_id` labels).
+    tls: Tls,
     /// Connections accepted for this port (`peer="src"`).
     tcp: TcpTarget,
     /// Opaque connections to the app (`peer="dst"`), made on first use.
@@ -114,7 +119,7 @@ impl Inbound {
 
     pub async fn serve_connection(
         self: Arc<Self>,
-        stream: TcpStream,
+        mut stream: TcpStream,
         peer: SocketAddr,
         local: SocketAddr,
     ) {
@@ -127,46 +132,136 @@ impl Inbound {
                 return;
             }
         };
-        let port = self.app_port(addr);
+        // Opaque by flag (Linkerd's server-speaks-first defaults) or by a Server's protocol.
+        let opaque = self.args.is_opaque_port(addr.port())
+            || self.authz.declared_protocol(addr.port()) == ProxyProtocol::Opaque;
 
-        // 2. What the client speaks.
-        let opaque = self.args.is_opaque_port(addr.port());
-        let Some((protocol, io)) =
-            detect::accept(stream, opaque, self.args.detect_timeout, peer).await
-        else {
-            return;
+        // 2. Mesh TLS from another proxy: terminate it and learn the client's identity.
+        let Some(mesh_tls) = self.mesh_tls.clone() else {
+            let client = Client::plain(peer);
+            let Some((protocol, io)) =
+                detect::accept(stream, opaque, self.args.detect_timeout, peer).await
+            else {
+                return;
+            };
+            return self.serve_app(addr, client, protocol, io).await;
         };
+        let (tls, prefix) = match detect::detect_tls(&mut stream, self.args.detect_timeout).await {
+            Ok(sniffed) => sniffed,
+            Err(e) => {
+                tracing::debug!(client = %peer, error = %e, "connection closed during detection");
+                return;
+            }
+        };
+        let io = PrefixedIo::new(prefix, stream);
+        if !tls {
+            return self
+                .detect_and_serve(addr, Client::plain(peer), opaque, io)
+                .await;
+        }
+        let (io, accepted) = match mesh_tls.accept(io, peer).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::info!(client = %peer, error = %e, "mesh TLS handshake failed; closing");
+                return;
+            }
+        };
+        let client = Client {
+            addr: peer,
+            tls: true,
+            id: accepted.client_id,
+        };
+        if accepted.h2 {
+            // ALPN said h2: no detection needed.
+            return self.serve_app(addr, client, Protocol::H2, io).await;
+        }
+        self.detect_and_serve(addr, client, opaque, io).await
+    }
 
+    async fn detect_and_serve<I>(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        client: Client,
+        opaque: bool,
+        mut io: I,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (protocol, prefix) = if opaque {
+            (Protocol::Tcp, bytes::Bytes::new())
+        } else {
+            match detect::detect(&mut io, self.args.detect_timeout).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(client = %client.addr, error = %e, "connection closed during detection");
+                    return;
+                }
+            }
+        };
+        self.serve_app(addr, client, protocol, PrefixedIo::new(prefix, io))
+            .await
+    }
+
+    /// 3. Authorization, then the connection's protocol to the app.
+    async fn serve_app<I>(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        client: Client,
+        protocol: Protocol,
+        io: I,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let port = self.app_port(addr, client.tls_label(NO_TLS_REASON));
+        let decision = self.authz.decide(addr.port(), &client, &port.target_label);
         match protocol {
             Protocol::Tcp => {
+                decision.count_tcp();
+                if !decision.allowed {
+                    return;
+                }
                 let io = CountingIo::new(io, port.tcp.open());
                 let to_app = port.tcp_to_app.get_or_init(|| {
                     self.metrics.tcp_target(
-                        self.labels("".into(), &port.target_label)
+                        self.labels("".into(), &port.target_label, port.tls.clone())
                             .with_peer(Peer::Dst),
                     )
                 });
                 if let Err(e) = tcp::forward(io, addr, self.args.connect_timeout, to_app).await {
-                    tracing::warn!(client = %peer, target = %addr, error = %e, "inbound opaque connection failed");
+                    tracing::warn!(client = %client.addr, target = %addr, error = %e, "inbound opaque connection failed");
                 }
             }
             Protocol::Http1 | Protocol::H2 => {
                 let io = CountingIo::new(io, port.tcp.open());
-                let svc = TowerToHyperService::new(self.http_stack(port, peer));
-                server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
+                let counter = decision.http_counter();
+                if decision.allowed {
+                    let svc = TowerToHyperService::new(self.http_stack(port, client.addr, counter));
+                    server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
+                } else {
+                    let svc = TowerToHyperService::new(deny_stack(counter));
+                    server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
+                }
             }
-            Protocol::MalformedHttp1 => server::reject_malformed(io, peer).await,
+            Protocol::MalformedHttp1 => server::reject_malformed(io, client.addr).await,
         }
     }
 
     /// The path of one inbound HTTP request, top to bottom.
-    fn http_stack(self: &Arc<Self>, port: Arc<AppPort>, client: SocketAddr) -> impl HttpStack {
+    fn http_stack(
+        self: &Arc<Self>,
+        port: Arc<AppPort>,
+        client: SocketAddr,
+        authorized: EventCounter,
+    ) -> impl HttpStack {
         let this = self.clone();
         ServiceBuilder::new()
             // Proxy errors from any layer below become responses with `pylon-proxy-error`.
             .layer(RespondLayer)
             // The workload's port is the target; metrics are kept by the authority requested.
+            // A request another proxy carried over h2 goes to the app as the HTTP/1 it was.
             .map_request(move |mut req: Request<Incoming>| {
+                authorized.inc();
+                restore_orig_proto(&mut req);
                 let AuthorityTarget { target, routes } =
                     this.target_for(&port, request_authority(&req));
                 req.extensions_mut().insert(target);
@@ -188,20 +283,22 @@ impl Inbound {
             .service(self.client.clone())
     }
 
-    fn app_port(&self, addr: SocketAddr) -> Arc<AppPort> {
+    /// The port's state for clients with this TLS status (their traffic is labelled with it).
+    fn app_port(&self, addr: SocketAddr, tls: Tls) -> Arc<AppPort> {
         let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
         ports
-            .entry(addr)
+            .entry((addr, tls.clone()))
             .or_insert_with(|| {
                 let target_label: Arc<str> = addr.to_string().into();
-                let tcp = self
-                    .metrics
-                    .tcp_target(self.labels("".into(), &target_label).with_peer(Peer::Src));
+                let tcp = self.metrics.tcp_target(
+                    self.labels("".into(), &target_label, tls.clone())
+                        .with_peer(Peer::Src),
+                );
                 let unnamed = AuthorityTarget {
                     target: EndpointTarget::new(
                         addr,
                         target_label.clone(),
-                        self.http_metrics(&target_label, &target_label),
+                        self.http_metrics(&target_label, &target_label, &tls),
                         self.args.connect_timeout,
                     ),
                     routes: self.profiles.destination(
@@ -212,6 +309,7 @@ impl Inbound {
                 };
                 Arc::new(AppPort {
                     target_label,
+                    tls,
                     tcp,
                     tcp_to_app: OnceLock::new(),
                     by_authority: ArcSwap::from_pointee(HashMap::new()),
@@ -221,22 +319,22 @@ impl Inbound {
             .clone()
     }
 
-    fn labels(&self, authority: Arc<str>, target: &Arc<str>) -> TargetLabels {
+    fn labels(&self, authority: Arc<str>, target: &Arc<str>, tls: Tls) -> TargetLabels {
         TargetLabels {
             direction: Direction::Inbound,
             peer: None,
             authority,
             target_addr: target.clone(),
-            tls: NO_TLS,
+            tls,
             dst_service: None,
             dst_namespace: None,
             srv_port: None,
         }
     }
 
-    fn http_metrics(&self, authority: &Arc<str>, target_label: &Arc<str>) -> HttpTarget {
+    fn http_metrics(&self, authority: &Arc<str>, target_label: &Arc<str>, tls: &Tls) -> HttpTarget {
         self.metrics
-            .http_target(self.labels(authority.clone(), target_label))
+            .http_target(self.labels(authority.clone(), target_label, tls.clone()))
     }
 
     /// The metric handle, target and routes for `authority` on `port`, made once per
@@ -249,7 +347,7 @@ impl Inbound {
             return t.clone();
         }
         let name: Arc<str> = String::from_utf8_lossy(authority).into();
-        let metrics = self.http_metrics(&name, &port.target_label);
+        let metrics = self.http_metrics(&name, &port.target_label, &port.tls);
         let profile_name = self.profile_name(&name);
         let target = AuthorityTarget {
             target: port.unnamed.target.named(name.clone(), metrics),
@@ -285,4 +383,30 @@ impl Inbound {
             None => host.to_ascii_lowercase(),
         })
     }
+}
+
+/// Linkerd's header for an HTTP/1 request another proxy carried over h2 (`HTTP/1.1`,
+/// `HTTP/1.0`): the request goes to the app as that version again.
+const ORIG_PROTO: &str = "l5d-orig-proto";
+
+fn restore_orig_proto<B>(req: &mut Request<B>) {
+    let Some(orig) = req.headers_mut().remove(ORIG_PROTO) else {
+        return;
+    };
+    *req.version_mut() = match orig.as_bytes() {
+        b"HTTP/1.0" => http::Version::HTTP_10,
+        _ => http::Version::HTTP_11,
+    };
+}
+
+/// Every request on a connection the policy refused: 403 with `pylon-proxy-error`, counted.
+fn deny_stack(denied: EventCounter) -> impl HttpStack {
+    ServiceBuilder::new()
+        .layer(RespondLayer)
+        .service_fn(move |_req: Request<Incoming>| {
+            denied.inc();
+            std::future::ready(Err::<crate::http::ProxyResponse, _>(
+                crate::http::ProxyError::Unauthorized,
+            ))
+        })
 }

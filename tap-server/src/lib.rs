@@ -27,7 +27,7 @@ use linkerd2_proxy_api::tap::{self as pb, tap_event};
 use tokio::sync::mpsc;
 
 pub use matcher::{InvalidMatch, Matcher};
-pub use service::{serve, Authz, TapService, MAX_RPS_HEADER};
+pub use service::{serve, Authz, PolicyCheck, TapService, MAX_RPS_HEADER};
 
 /// Events a tap client may fall behind by before further events are dropped.
 pub const QUEUE: usize = 1_000;

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use linkerd2_proxy_api::tap::tap_server::{Tap, TapServer};
 use linkerd2_proxy_api::tap::{ObserveRequest, TapEvent};
@@ -17,10 +18,22 @@ use crate::{Matcher, Taps, DEFAULT_MAX_RPS};
 /// (Linkerd's API has no field for it).
 pub const MAX_RPS_HEADER: &str = "pylon-tap-max-rps";
 
-/// Who may tap: clients from these networks. Loopback only unless configured.
+/// Who may tap: clients from these networks (loopback only unless configured) that the
+/// proxy's own inbound policy, when given, also lets in.
 #[derive(Clone, Debug)]
 pub struct Authz {
     networks: Vec<(IpAddr, u8)>,
+    policy: Option<PolicyCheck>,
+}
+
+/// The proxy's inbound policy for the tap port: whether a client may connect at all.
+#[derive(Clone)]
+pub struct PolicyCheck(pub Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for PolicyCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PolicyCheck")
+    }
 }
 
 impl Default for Authz {
@@ -30,6 +43,7 @@ impl Default for Authz {
                 (IpAddr::from([127, 0, 0, 0]), 8),
                 (IpAddr::from(std::net::Ipv6Addr::LOCALHOST), 128),
             ],
+            policy: None,
         }
     }
 }
@@ -61,11 +75,25 @@ impl Authz {
                 Ok((ip, len))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Self { networks: parsed })
+        Ok(Self {
+            networks: parsed,
+            policy: None,
+        })
+    }
+
+    /// Also asks the proxy's inbound policy for every client.
+    pub fn with_policy(mut self, check: PolicyCheck) -> Self {
+        self.policy = Some(check);
+        self
     }
 
     pub fn allows(&self, client: Option<SocketAddr>) -> bool {
         let Some(client) = client else { return false };
+        if let Some(PolicyCheck(check)) = &self.policy {
+            if !check(client) {
+                return false;
+            }
+        }
         let ip = match client.ip() {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,

@@ -38,6 +38,9 @@ pub enum ProxyError {
     MissingAuthority,
     #[error("malformed request")]
     MalformedRequest,
+    /// The inbound policy does not let this client call this port.
+    #[error("unauthorized connection")]
+    Unauthorized,
 }
 
 impl ProxyError {
@@ -53,6 +56,7 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             Self::MissingAuthority | Self::MalformedRequest => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::FORBIDDEN,
         }
     }
 
@@ -88,6 +92,7 @@ impl ProxyError {
             Self::Unresolvable => "destination not resolvable",
             Self::MissingAuthority => "missing destination authority",
             Self::MalformedRequest => "malformed request",
+            Self::Unauthorized => "unauthorized connection",
         }
     }
 
