@@ -194,7 +194,7 @@ where
 
 /// The labels kept on HTTP and TCP series (everything a view filters or groups by).
 const TARGET_BY: &str =
-    "namespace, deployment, pod, direction, authority, dst_service, dst_namespace, tls";
+    "namespace, deployment, pod, direction, authority, dst_service, dst_namespace, tls, server_id, client_id";
 /// The labels kept on route series.
 const ROUTE_BY: &str = "namespace, deployment, pod, direction, dst, rt_route";
 
@@ -563,7 +563,7 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
         let queries = promql_queries(Duration::from_secs(30), &[]);
         let q = &queries[0];
         assert_eq!(q.metric, "response_total");
-        let by = "namespace, deployment, pod, direction, authority, dst_service, dst_namespace, tls, classification";
+        let by = "namespace, deployment, pod, direction, authority, dst_service, dst_namespace, tls, server_id, client_id, classification";
         assert_eq!(q.expr, format!("sum by ({by}) (response_total)"));
         assert_eq!(
             q.start.as_deref(),

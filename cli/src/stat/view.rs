@@ -27,6 +27,8 @@ pub struct Stats {
     pub pods: BTreeSet<String>,
     /// TLS of the row's traffic: `Some(true)` only if every series was `tls="true"`.
     pub secured: Option<bool>,
+    /// Peer identities of the row's mTLS traffic (`server_id` outbound, `client_id` inbound).
+    pub identities: BTreeSet<String>,
 }
 
 impl Stats {
@@ -134,6 +136,11 @@ pub fn aggregate(series: &[Series], sel: &Selection, seconds: f64) -> BTreeMap<V
             if !sel.routes && s.value > 0.0 {
                 let tls = s.labels.get("tls").map(String::as_str) == Some("true");
                 row.secured = Some(row.secured.unwrap_or(true) && tls);
+                for id in ["server_id", "client_id"] {
+                    if let Some(v) = s.labels.get(id).filter(|v| !v.is_empty()) {
+                        row.identities.insert(v.clone());
+                    }
+                }
             }
         } else if m == latency {
             if let Some(le) = s.le {
@@ -323,6 +330,8 @@ pub struct Edge {
     pub src_namespace: String,
     pub dst_namespace: String,
     pub secured: bool,
+    /// The destination's mTLS identities (`server_id`), when secured.
+    pub server_ids: Vec<String>,
     pub success_rate: Option<f64>,
     pub requests: u64,
     pub rps: f64,
@@ -351,6 +360,7 @@ impl Edge {
             src_namespace: src_ns.into(),
             dst_namespace: dst_ns.into(),
             secured: stats.secured == Some(true),
+            server_ids: stats.identities.iter().cloned().collect(),
             success_rate,
             requests: stats.requests().round() as u64,
             rps: stats.rps(),
@@ -373,6 +383,11 @@ pub fn edges_table(edges: &[Edge]) -> String {
                 fmt_percent(e.success_rate),
                 fmt_rps(e.rps),
                 fmt_percent(e.retry_ratio),
+                if e.server_ids.is_empty() {
+                    "-".into()
+                } else {
+                    e.server_ids.join(",")
+                },
                 if e.flags.is_empty() {
                     String::new()
                 } else {
@@ -383,7 +398,16 @@ pub fn edges_table(edges: &[Edge]) -> String {
         .collect();
     let mut out = table(
         &[
-            "SRC", "DST", "SRC_NS", "DST_NS", "SECURED", "SUCCESS", "RPS", "RETRY%", "",
+            "SRC",
+            "DST",
+            "SRC_NS",
+            "DST_NS",
+            "SECURED",
+            "SUCCESS",
+            "RPS",
+            "RETRY%",
+            "SERVER_ID",
+            "",
         ],
         &rows,
     );
