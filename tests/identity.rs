@@ -266,3 +266,84 @@ fn mistakes_exit_non_zero_with_a_reason() {
         text(&out.stderr)
     );
 }
+
+/// `pylon proxy --identity-dir DIR` (the same proxy as `pylon-proxy`) with everything on
+/// loopback port 0; bounded to 20 s.
+fn proxy_with_identity(dir: &Path) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pylon"))
+        .arg("proxy")
+        .args([
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin-addr", "127.0.0.1:0", "--tap-addr", "127.0.0.1:0"])
+        .arg("--identity-dir")
+        .arg(dir)
+        .env("PYLON_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pylon proxy");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn a_proxy_does_not_start_without_a_valid_identity() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ca_dir = tmp.path().join("ca");
+    let out = pylon_identity(&[
+        "init-ca",
+        "--trust-domain",
+        "cluster.local",
+        "--out",
+        path(&ca_dir),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Missing: the error names the file.
+    let missing = tmp.path().join("nothing-here");
+    let out = proxy_with_identity(&missing);
+    assert!(!out.status.success(), "started without an identity");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--identity-dir") && err.contains("nothing-here"),
+        "{err}"
+    );
+
+    // Expired: issued for a window that ended an hour ago.
+    let expired = tmp.path().join("expired");
+    let hour = std::time::Duration::from_secs(3600);
+    let window = pylon_identity::ca::ValidityWindow {
+        not_before: SystemTime::now() - 2 * hour,
+        not_after: SystemTime::now() - hour,
+    };
+    pylon_identity::ca::issue_with_validity(&ca_dir, "web", "default", &expired, window)
+        .expect("issue an expired certificate");
+    let out = proxy_with_identity(&expired);
+    assert!(!out.status.success(), "started with an expired identity");
+    let err = text(&out.stderr).to_lowercase();
+    assert!(err.contains("expired") && err.contains("tls.crt"), "{err}");
+
+    // Unreadable key: garbage where the key should be.
+    let broken = tmp.path().join("broken");
+    pylon_identity::ca::issue(&ca_dir, "web", "default", &broken, hour).expect("issue");
+    std::fs::write(broken.join("tls.key"), "not a key").expect("write");
+    let out = proxy_with_identity(&broken);
+    assert!(!out.status.success(), "started with a broken key");
+    assert!(
+        text(&out.stderr).contains("tls.key"),
+        "{}",
+        text(&out.stderr)
+    );
+}
