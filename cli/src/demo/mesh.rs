@@ -1,6 +1,7 @@
 //! The demo mesh on loopback: `ml-inference` with three endpoints (an app behind its own
 //! inbound proxy each), the mesh objects in a temporary config dir, and the client workload's
-//! outbound proxy that discovers the endpoints from them.
+//! outbound proxy that discovers the endpoints from them. Every workload gets an identity
+//! from a throwaway CA, so the hops between proxies are mTLS, as in a real mesh.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,6 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tempfile::TempDir;
 use tokio::task::JoinSet;
+
+use pylon_identity::ca;
 
 use super::app_server::{AppBehaviour, AppServer};
 use super::mesh_config::{self, EndpointObject, PodObject};
@@ -22,6 +25,8 @@ pub const AUTHORITY: &str = "ml-inference.default.svc.cluster.local";
 const CLIENT_POD: &str = "loadgen-0";
 const CLIENT_WORKLOAD: &str = "deployment/loadgen";
 const CLIENT_APP: &str = "loadgen";
+/// The demo CA's trust domain.
+const NAMESPACE_TRUST_DOMAIN: &str = "cluster.local";
 
 /// The three `ml-inference` pods and what each does.
 const ENDPOINTS: [(&str, AppBehaviour); 3] = [
@@ -51,8 +56,11 @@ pub struct Mesh {
     pub endpoints: Vec<Endpoint>,
     /// The client workload's proxy; the load generator sends through its outbound listener.
     pub client_proxy: ProxyProcess,
-    // Last, so the directory outlives the proxies watching it when dropped.
+    /// The client's and the service's mTLS identities.
+    pub identities: (String, String),
+    // Last, so the directories outlive the proxies watching them when dropped.
     config_dir: TempDir,
+    identity_dir: TempDir,
 }
 
 impl Mesh {
@@ -62,6 +70,29 @@ impl Mesh {
             .prefix("pylon-demo-")
             .tempdir()
             .context("creating the demo's config dir")?;
+
+        let identity_dir = tempfile::Builder::new()
+            .prefix("pylon-demo-identity-")
+            .tempdir()
+            .context("creating the demo's identity dir")?;
+        let ca_dir = identity_dir.path().join("ca");
+        ca::init_ca(
+            NAMESPACE_TRUST_DOMAIN,
+            &ca_dir,
+            Duration::from_secs(24 * 3600),
+        )
+        .context("creating the demo's CA")?;
+        let issue = |sa: &str| -> Result<(std::path::PathBuf, String)> {
+            let dir = identity_dir.path().join(sa);
+            let (cert, _) = ca::issue(&ca_dir, sa, NAMESPACE, &dir, Duration::from_secs(3600))
+                .with_context(|| format!("issuing the identity of {sa}"))?;
+            Ok((dir, cert.identity.as_str().to_owned()))
+        };
+        let (server_identity_dir, server_identity) = issue(SERVICE)?;
+        let (client_identity_dir, client_identity) = issue(CLIENT_APP)?;
+        progress(&format!(
+            "issued identities {server_identity} and {client_identity} from a new CA"
+        ));
 
         let mut endpoints = Vec::with_capacity(ENDPOINTS.len());
         for (pod, behaviour) in ENDPOINTS {
@@ -77,6 +108,7 @@ impl Mesh {
                 namespace: NAMESPACE,
                 config_dir: config_dir.path(),
                 inbound_forward: Some(app.addr()),
+                identity_dir: &server_identity_dir,
             })
             .await?;
             progress(&format!(
@@ -99,7 +131,13 @@ impl Mesh {
                 addr: e.target_addr(),
             })
             .collect();
-        let yaml = mesh_config::render(SERVICE, NAMESPACE, SERVICE_PORT, &objects);
+        let yaml = mesh_config::render(
+            SERVICE,
+            NAMESPACE,
+            SERVICE_PORT,
+            &objects,
+            Some(&server_identity),
+        );
         let file = mesh_config::write(config_dir.path(), mesh_config::FILE_NAME, &yaml)?;
         progress(&format!(
             "wrote Service {SERVICE}, its ServiceProfile and {} EndpointSlices to {}",
@@ -113,6 +151,7 @@ impl Mesh {
             namespace: NAMESPACE,
             config_dir: config_dir.path(),
             inbound_forward: None,
+            identity_dir: &client_identity_dir,
         })
         .await?;
         progress(&format!(
@@ -139,7 +178,9 @@ impl Mesh {
         Ok(Mesh {
             endpoints,
             client_proxy,
+            identities: (client_identity, server_identity),
             config_dir,
+            identity_dir,
         })
     }
 
@@ -163,6 +204,8 @@ impl Mesh {
             endpoints,
             client_proxy,
             config_dir,
+            identity_dir,
+            ..
         } = self;
         let mut problems = Vec::new();
         if let Err(e) = client_proxy.shutdown().await {
@@ -192,9 +235,11 @@ impl Mesh {
         }
         drop(stopping);
         drop(apps);
-        let path = config_dir.path().to_path_buf();
-        if let Err(e) = config_dir.close() {
-            problems.push(format!("removing {}: {e}", path.display()));
+        for dir in [config_dir, identity_dir] {
+            let path = dir.path().to_path_buf();
+            if let Err(e) = dir.close() {
+                problems.push(format!("removing {}: {e}", path.display()));
+            }
         }
         problems
     }

@@ -20,7 +20,17 @@ pub struct EndpointObject<'a> {
 }
 
 /// Renders the Service and its EndpointSlices as one multi-document YAML file.
-pub fn render(service: &str, namespace: &str, port: u16, endpoints: &[EndpointObject]) -> String {
+/// `identity`: the endpoints' mTLS identity (`pylon.io/identity` on each slice).
+pub fn render(
+    service: &str,
+    namespace: &str,
+    port: u16,
+    endpoints: &[EndpointObject],
+    identity: Option<&str>,
+) -> String {
+    let annotations = identity
+        .map(|id| format!("  annotations:\n    pylon.io/identity: {id}\n"))
+        .unwrap_or_default();
     let mut yaml = format!(
         "# Written by `pylon demo`: the service the demo's load generator calls.\n\
          apiVersion: v1\n\
@@ -51,7 +61,7 @@ pub fn render(service: &str, namespace: &str, port: u16, endpoints: &[EndpointOb
              apiVersion: discovery.k8s.io/v1\n\
              kind: EndpointSlice\n\
              metadata:\n  name: {pod}\n  namespace: {namespace}\n  labels:\n    \
-             kubernetes.io/service-name: {service}\n\
+             kubernetes.io/service-name: {service}\n{annotations}\
              addressType: {address_type}\n\
              ports:\n- name: http\n  port: {target_port}\n  protocol: TCP\n\
              endpoints:\n- addresses:\n  - \"{ip}\"\n  conditions:\n    ready: true\n  \
@@ -124,6 +134,7 @@ mod tests {
                     addr: "127.0.0.1:4002".parse().expect("addr"),
                 },
             ],
+            Some("ml-inference.default.serviceaccount.identity.pylon.cluster.local"),
         );
         let docs: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(&yaml)
             .map(|doc| serde::Deserialize::deserialize(doc).expect("valid YAML"))
@@ -174,6 +185,10 @@ mod tests {
             assert_eq!(endpoint["addresses"][0].as_str(), Some("127.0.0.1"));
             assert_eq!(endpoint["conditions"]["ready"].as_bool(), Some(true));
             assert_eq!(endpoint["targetRef"]["name"].as_str(), Some(pod));
+            assert_eq!(
+                slice["metadata"]["annotations"]["pylon.io/identity"].as_str(),
+                Some("ml-inference.default.serviceaccount.identity.pylon.cluster.local")
+            );
         }
     }
 

@@ -127,6 +127,7 @@ fn mesh_info(mesh: &Mesh, args: &DemoArgs, run_for: Option<Duration>) -> MeshInf
         authority: format!("{}:{}", mesh::AUTHORITY, mesh::SERVICE_PORT),
         host: mesh::AUTHORITY.to_owned(),
         config_dir: mesh.config_dir().display().to_string(),
+        identities: mesh.identities.clone(),
         outbound_listener: mesh.client_proxy.addrs().outbound,
         outbound_admin: mesh.client_proxy.addrs().admin,
         endpoints: mesh

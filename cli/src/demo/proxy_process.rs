@@ -36,6 +36,8 @@ pub struct ProxySpec<'a> {
     pub config_dir: &'a Path,
     /// The local app that inbound traffic goes to; `None` for a client-only workload.
     pub inbound_forward: Option<SocketAddr>,
+    /// The workload's mTLS identity (`pylon identity issue` output).
+    pub identity_dir: &'a Path,
 }
 
 /// The addresses a proxy bound.
@@ -76,7 +78,9 @@ impl ProxyProcess {
             .arg(spec.config_dir)
             .args(["--workload", spec.workload])
             .args(["--namespace", spec.namespace])
-            .args(["--pod", spec.pod]);
+            .args(["--pod", spec.pod])
+            .arg("--identity-dir")
+            .arg(spec.identity_dir);
         if let Some(app) = spec.inbound_forward {
             cmd.arg("--inbound-forward").arg(app.to_string());
         }

@@ -36,6 +36,8 @@ pub struct MeshInfo {
     /// The same without the port, as the client writes it in URLs and `Host`.
     pub host: String,
     pub config_dir: String,
+    /// The mTLS identities: the client's, then the service's.
+    pub identities: (String, String),
     pub outbound_listener: SocketAddr,
     pub outbound_admin: SocketAddr,
     pub endpoints: Vec<EndpointInfo>,
@@ -270,6 +272,8 @@ impl Printer {
                     "event": "mesh",
                     "authority": mesh.authority,
                     "config_dir": mesh.config_dir,
+                    "client_identity": mesh.identities.0,
+                    "server_identity": mesh.identities.1,
                     "outbound_listener": mesh.outbound_listener.to_string(),
                     "outbound_admin": mesh.outbound_admin.to_string(),
                     "rps": mesh.rps,
@@ -295,6 +299,11 @@ impl Printer {
                     mesh.rps, mesh.host
                 );
                 let _ = writeln!(text, "config dir  {}", mesh.config_dir);
+                let _ = writeln!(
+                    text,
+                    "mTLS        {} -> {}",
+                    mesh.identities.0, mesh.identities.1
+                );
                 let _ = writeln!(
                     text,
                     "admin       {:<15} http://{}/metrics",
@@ -453,6 +462,7 @@ mod tests {
             authority: "ml-inference.default.svc.cluster.local:80".to_owned(),
             host: "ml-inference.default.svc.cluster.local".to_owned(),
             config_dir: "/tmp/x".to_owned(),
+            identities: ("a".to_owned(), "b".to_owned()),
             outbound_listener: "127.0.0.1:4140".parse().expect("addr"),
             outbound_admin: "127.0.0.1:4191".parse().expect("addr"),
             endpoints: vec![EndpointInfo {
