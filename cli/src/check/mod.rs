@@ -350,6 +350,7 @@ mod tests {
                 pod: "ml-inference-1",
                 addr: "127.0.0.1:4001".parse().expect("addr"),
             }],
+            Some("ml-inference.default.serviceaccount.identity.pylon.cluster.local"),
         );
         let findings = audit_files(&[("ml-inference.yaml", &yaml)]);
         assert!(findings.is_empty(), "{findings:#?}");
