@@ -46,9 +46,11 @@ pub async fn accept(
     Some((protocol, PrefixedIo::new(prefix, stream)))
 }
 
-/// Whether the client opens with a TLS ClientHello (mesh TLS from another proxy): reads the
-/// few bytes that tell, for at most `timeout`. The bytes read come back to be replayed.
-/// Silence (a server-speaks-first protocol) is not TLS.
+/// Whether the client opens with a TLS ClientHello (mesh TLS from another proxy, or TLS for
+/// the app itself): reads the few bytes that tell and, when they say TLS, the rest of the
+/// first record, where the ClientHello's SNI is (at most 2^14 bytes, within the same
+/// `timeout`; a record cut short by EOF or the timeout comes back as read). The bytes read
+/// come back to be replayed. Silence (a server-speaks-first protocol) is not TLS.
 pub async fn detect_tls<I: AsyncRead + Unpin>(
     io: &mut I,
     timeout: Duration,
@@ -58,7 +60,7 @@ pub async fn detect_tls<I: AsyncRead + Unpin>(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match detect_client_hello(&buf) {
-            Detect::Tls => return Ok((true, buf.freeze())),
+            Detect::Tls => break,
             Detect::NotTls => return Ok((false, buf.freeze())),
             Detect::NeedMore => {}
         }
@@ -70,6 +72,17 @@ pub async fn detect_tls<I: AsyncRead + Unpin>(
             Ok(Err(e)) => return Err(e),
         }
     }
+    // `detect_client_hello` checked the record header: a length of at most 2^14.
+    let record_end = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    buf.reserve(record_end.saturating_sub(buf.len()));
+    while buf.len() < record_end {
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_) | Ok(Ok(0)) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    Ok((true, buf.freeze()))
 }
 
 /// Reads until the protocol is known or `timeout` passes. No data (a server-speaks-first
@@ -222,6 +235,43 @@ mod tests {
             drop(client);
             r
         }
+    }
+
+    #[tokio::test]
+    async fn tls_detection_reads_the_whole_first_record() {
+        // A handshake record of 300 bytes (ClientHello type), sent in three pieces, then more.
+        let mut record = vec![22, 3, 1, 1, 44, 1];
+        record.resize(5 + 300, 0xab);
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let pieces = [
+            record[..4].to_vec(),
+            record[4..100].to_vec(),
+            record[100..].to_vec(),
+        ];
+        let writer = tokio::spawn(async move {
+            for piece in pieces {
+                client.write_all(&piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client.write_all(b"next record").await.unwrap();
+            client
+        });
+        let (tls, prefix) = detect_tls(&mut server, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(tls);
+        assert_eq!(&prefix[..record.len()], &record[..]);
+        let client = writer.await.unwrap();
+
+        // Cut short: what arrived before EOF comes back, still TLS.
+        let (mut client2, mut server) = tokio::io::duplex(1 << 16);
+        client2.write_all(&record[..50]).await.unwrap();
+        drop((client, client2));
+        let (tls, prefix) = detect_tls(&mut server, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(tls);
+        assert_eq!(&prefix[..], &record[..50]);
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ use pylon_proxy_policy::{ServiceRef, Snapshot, Store};
 
 use crate::accrual::{AccrualPolicy, EndpointHealth};
 use crate::balance::{Balanced, EndpointSet, PeakEwma, PickError};
+use crate::connect::Connect;
 use crate::http::client::EndpointTarget;
 use crate::http::headers::request_authority;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
@@ -29,10 +30,26 @@ const MAX_CACHED_TARGETS: usize = 10_000;
 const DNS_MIN_TTL: Duration = Duration::from_secs(1);
 const DNS_MAX_TTL: Duration = Duration::from_secs(60);
 const DNS_RETRY: Duration = Duration::from_secs(5);
+/// The `tls` label of an endpoint discovery names no identity for (Linkerd's reason).
+const NOT_MESHED: Tls = Tls::NoIdentity("not_provided_by_service_discovery");
+
+/// What discovery says of one endpoint: its address and, when it is meshed, the TLS identity
+/// its proxy serves (the EndpointSlice's `pylon.io/identity`).
+type EndpointSpec = (SocketAddr, Option<Arc<str>>);
+
+/// Endpoints learnt from DNS or dialled by address: no identity, so plaintext.
+fn unmeshed(addrs: &[SocketAddr]) -> Vec<EndpointSpec> {
+    addrs.iter().map(|a| (*a, None)).collect()
+}
 
 /// One endpoint of one logical destination, with its load, metric handles and connections.
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// The identity discovery named for it; a change makes a new `Endpoint` (new connections).
+    identity: Option<Arc<str>>,
+    /// How its connections are made: over mesh TLS when it is meshed and this proxy has an
+    /// identity. Decided here, once, for every request and connection to it.
+    pub connect: Arc<Connect>,
     /// Its connections and its metric handle.
     pub target: EndpointTarget,
     load: Arc<PeakEwma>,
@@ -254,7 +271,7 @@ impl Discovery {
         let logical = self.new_logical(addr.to_string().into(), TargetKey::Addr(addr), None);
         logical
             .endpoints
-            .update(vec![self.endpoint(&logical, addr)]);
+            .update(vec![self.endpoint(&logical, addr, None)]);
         logical
     }
 
@@ -278,7 +295,7 @@ impl Discovery {
             TargetKey::Dns { host, port } => {
                 let addrs = self.resolve_dns(host, *port).await?;
                 let logical = self.new_logical(format!("{host}:{port}").into(), key.clone(), None);
-                self.set_endpoints(&logical, &addrs.0);
+                self.set_endpoints(&logical, &unmeshed(&addrs.0));
                 self.spawn_dns_refresh(&logical, addrs.1);
                 logical
             }
@@ -405,8 +422,10 @@ impl Discovery {
         key: TargetKey,
         service: Option<ServiceRef>,
     ) -> Arc<Logical> {
-        let no_endpoint =
-            LazyTarget::new(&self.metrics, self.labels(&authority, "", service.as_ref()));
+        let no_endpoint = LazyTarget::new(
+            &self.metrics,
+            self.labels(&authority, "", service.as_ref(), NOT_MESHED),
+        );
         // A ServiceProfile is named by the service's FQDN (or an external name's).
         let profile_name = match &key {
             TargetKey::Service { service, .. } => Some(service.fqdn(&self.cluster_domain)),
@@ -433,32 +452,53 @@ impl Discovery {
         authority: &Arc<str>,
         target: &str,
         service: Option<&ServiceRef>,
+        tls: Tls,
     ) -> TargetLabels {
         TargetLabels {
             direction: Direction::Outbound,
             peer: None,
             authority: authority.clone(),
             target_addr: target.into(),
-            tls: Tls::NoIdentity("not_provided_by_service_discovery"),
+            tls,
             dst_service: service.map(|s| s.name.clone()),
             dst_namespace: service.map(|s| s.namespace.clone()),
             srv_port: None,
         }
     }
 
-    fn endpoint(&self, logical: &Logical, addr: SocketAddr) -> Arc<Endpoint> {
+    fn endpoint(
+        &self,
+        logical: &Logical,
+        addr: SocketAddr,
+        identity: Option<Arc<str>>,
+    ) -> Arc<Endpoint> {
+        let (connect, tls) = match (&identity, &self.mesh_tls) {
+            (Some(id), Some(mesh)) => (
+                Connect::meshed(addr, self.connect_timeout, mesh.clone(), id.clone()),
+                Tls::ServerId(id.clone()),
+            ),
+            // Meshed, but this proxy has no identity to present (no --identity-dir).
+            (Some(_), None) => (
+                Connect::plain(addr, self.connect_timeout),
+                Tls::NoIdentity("disabled"),
+            ),
+            (None, _) => (Connect::plain(addr, self.connect_timeout), NOT_MESHED),
+        };
+        let connect = Arc::new(connect);
         let labels = self.labels(
             &logical.authority,
             &addr.to_string(),
             logical.service.as_ref(),
+            tls,
         );
         Arc::new(Endpoint {
             addr,
-            target: EndpointTarget::new(
-                addr,
+            identity,
+            connect: connect.clone(),
+            target: EndpointTarget::with_connect(
+                connect,
                 logical.authority.clone(),
                 self.metrics.http_target(labels.clone()),
-                self.connect_timeout,
             ),
             load: Arc::new(PeakEwma::new()),
             health: Arc::new(EndpointHealth::new(
@@ -472,20 +512,25 @@ impl Discovery {
     }
 
     /// Swaps in a new endpoint set, keeping the state (load, connections) of endpoints that stay.
-    /// Endpoints that leave finish their in-flight requests: those hold their own `Arc`.
-    fn set_endpoints(&self, logical: &Logical, addrs: &[SocketAddr]) {
+    /// An endpoint whose identity changed is a new one: its connections (plaintext or TLS to
+    /// the old identity) must not be reused. Endpoints that leave finish their in-flight
+    /// requests: those hold their own `Arc`.
+    fn set_endpoints(&self, logical: &Logical, specs: &[EndpointSpec]) {
         let current = logical.endpoints.snapshot();
-        if current.len() == addrs.len() && current.iter().zip(addrs).all(|(e, a)| e.addr == *a) {
+        let same = |e: &Endpoint, (addr, identity): &EndpointSpec| {
+            e.addr == *addr && e.identity == *identity
+        };
+        if current.len() == specs.len() && current.iter().zip(specs).all(|(e, s)| same(e, s)) {
             return;
         }
-        let next = addrs
+        let next = specs
             .iter()
-            .map(|addr| {
+            .map(|spec| {
                 current
                     .iter()
-                    .find(|e| e.addr == *addr)
+                    .find(|e| same(e, spec))
                     .cloned()
-                    .unwrap_or_else(|| self.endpoint(logical, *addr))
+                    .unwrap_or_else(|| self.endpoint(logical, spec.0, spec.1.clone()))
             })
             .collect::<Vec<_>>();
         tracing::info!(
@@ -513,8 +558,12 @@ impl Discovery {
         let name = format!("{}.{}", service.name, service.namespace);
         match snapshot.resolve_name(&name, *port) {
             Some(resolved) => {
-                let addrs: Vec<SocketAddr> = resolved.endpoints.iter().map(|e| e.addr).collect();
-                self.set_endpoints(logical, &addrs);
+                let specs: Vec<EndpointSpec> = resolved
+                    .endpoints
+                    .iter()
+                    .map(|e| (e.addr, e.identity.clone()))
+                    .collect();
+                self.set_endpoints(logical, &specs);
                 true
             }
             None => {
@@ -611,7 +660,7 @@ impl Discovery {
                 }
                 wait = match this.resolve_dns(host, *port).await {
                     Ok((addrs, ttl)) => {
-                        this.set_endpoints(&logical, &addrs);
+                        this.set_endpoints(&logical, &unmeshed(&addrs));
                         ttl
                     }
                     // Keep the last answer rather than failing every request.
@@ -708,6 +757,10 @@ mod tests {
     use super::*;
 
     fn discovery() -> Arc<Discovery> {
+        discovery_with(None)
+    }
+
+    fn discovery_with(mesh_tls: Option<Arc<MeshTls>>) -> Arc<Discovery> {
         let store = Store::empty(pylon_proxy_policy::StoreConfig::default());
         let metrics = Metrics::new(Default::default());
         let profiles = Profiles::new(store.clone(), metrics.clone());
@@ -718,7 +771,50 @@ mod tests {
             Duration::from_secs(1),
             AccrualPolicy::CONSECUTIVE,
             "cluster.local",
+            mesh_tls,
         )
+    }
+
+    #[tokio::test]
+    async fn an_identity_makes_an_endpoint_meshed_and_a_change_makes_a_new_one() {
+        use crate::connect::test_support::{ca, identity, mesh_tls};
+        let (_dir, tls) = mesh_tls(&ca(), "client");
+        let d = discovery_with(Some(tls));
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let l = d.resolve_authority(b"127.0.0.1:8080").await.unwrap();
+        let plain = l.pick().unwrap();
+        assert!(!plain.target.meshed);
+        assert!(plain.connect.server_id().is_none());
+
+        // The slice gains the annotation: new endpoint, connections and metric labels.
+        d.set_endpoints(&l, &[(addr, Some(identity("web")))]);
+        let meshed = l.pick().unwrap();
+        assert!(!Arc::ptr_eq(&plain, &meshed));
+        assert!(meshed.target.meshed);
+        assert_eq!(meshed.connect.server_id(), Some(&identity("web")));
+
+        // Unchanged: the same endpoint (its connections and load are kept).
+        d.set_endpoints(&l, &[(addr, Some(identity("web")))]);
+        assert!(Arc::ptr_eq(&meshed, &l.pick().unwrap()));
+
+        // Another identity, or none: new again.
+        d.set_endpoints(&l, &[(addr, Some(identity("api")))]);
+        let other = l.pick().unwrap();
+        assert_eq!(other.connect.server_id(), Some(&identity("api")));
+        d.set_endpoints(&l, &[(addr, None)]);
+        assert!(!l.pick().unwrap().target.meshed);
+    }
+
+    #[tokio::test]
+    async fn without_an_identity_of_its_own_the_proxy_stays_plaintext() {
+        use crate::connect::test_support::identity;
+        let d = discovery();
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let l = d.resolve_authority(b"127.0.0.1:8080").await.unwrap();
+        d.set_endpoints(&l, &[(addr, Some(identity("web")))]);
+        let e = l.pick().unwrap();
+        assert!(!e.target.meshed);
+        assert!(e.connect.server_id().is_none());
     }
 
     #[tokio::test]

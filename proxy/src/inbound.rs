@@ -49,6 +49,8 @@ use crate::tcp;
 use pylon_tap_server::Direction as TapDirection;
 
 const NO_TLS_REASON: &str = "no_tls_from_remote";
+/// How long an opaque port waits for a meshed client's ClientHello (see `serve_connection`).
+const OPAQUE_TLS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Bound on per-authority metric handles per port (authorities come from clients).
 const MAX_AUTHORITIES: usize = 1_000;
 
@@ -90,6 +92,7 @@ struct AuthorityTarget {
 }
 
 impl Inbound {
+    #[allow(clippy::too_many_arguments)] // one per collaborator, wired once in app.rs
     pub fn new(
         args: Arc<ProxyArgs>,
         forward: Option<SocketAddr>,
@@ -146,17 +149,43 @@ impl Inbound {
             };
             return self.serve_app(addr, client, protocol, io).await;
         };
-        let (tls, prefix) = match detect::detect_tls(&mut stream, self.args.detect_timeout).await {
+        // A meshed client's proxy sends its ClientHello as soon as it connects; on opaque
+        // (server-speaks-first) ports an unmeshed client says nothing, so it waits at most
+        // OPAQUE_TLS_WAIT for the app's greeting instead of the whole detect timeout.
+        let wait = if opaque {
+            self.args.detect_timeout.min(OPAQUE_TLS_WAIT)
+        } else {
+            self.args.detect_timeout
+        };
+        let (tls, prefix) = match detect::detect_tls(&mut stream, wait).await {
             Ok(sniffed) => sniffed,
             Err(e) => {
                 tracing::debug!(client = %peer, error = %e, "connection closed during detection");
                 return;
             }
         };
-        let io = PrefixedIo::new(prefix, stream);
-        if !tls {
+        if !tls && prefix.is_empty() {
+            // Silent until the wait ended: a server-speaks-first protocol, opaque from here.
+            let io = PrefixedIo::new(prefix, stream);
             return self
-                .detect_and_serve(addr, Client::plain(peer), opaque, io)
+                .serve_app(addr, Client::plain(peer), Protocol::Tcp, io)
+                .await;
+        }
+        // Only a ClientHello naming this proxy's identity is mesh TLS to terminate (Linkerd
+        // decides by SNI too); TLS for another name (or none) is the app's own, passed through
+        // untouched as opaque TCP from an unauthenticated client.
+        let sni = tls
+            .then(|| pylon_identity::client_hello_sni(&prefix))
+            .flatten();
+        let ours =
+            sni.is_some_and(|sni| sni.eq_ignore_ascii_case(mesh_tls.local_identity().as_str()));
+        if tls && !ours {
+            tracing::debug!(client = %peer, ?sni, "TLS not for this proxy's identity; passing it through");
+        }
+        let io = PrefixedIo::new(prefix, stream);
+        if !ours {
+            return self
+                .detect_and_serve(addr, Client::plain(peer), opaque || tls, io)
                 .await;
         }
         let (io, accepted) = match mesh_tls.accept(io, peer).await {

@@ -17,6 +17,7 @@ mod app;
 mod args;
 mod authz;
 pub mod balance;
+mod connect;
 pub mod detect;
 mod discovery;
 mod http;

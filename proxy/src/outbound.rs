@@ -3,7 +3,8 @@
 //! ```text
 //! accept ─ original destination (SO_ORIGINAL_DST) when iptables redirected the connection
 //!        ─ detect protocol (skipped for opaque ports)
-//!        ├ opaque TCP ─ logical destination of the dialled address ─ balancer ─ copy bytes
+//!        ├ opaque TCP ─ logical destination of the dialled address ─ balancer
+//!        │            ─ connect (mesh TLS to a meshed endpoint) ─ copy bytes
 //!        └ HTTP/1 or h2 server connection, then per request the stack in `http_stack`:
 //!            proxy errors → responses
 //!            ─ logical destination (dialled address, else Host / :authority / absolute URI)
@@ -12,8 +13,13 @@
 //!            ─ traffic split: each attempt's backend by weight ─ per-attempt route metrics
 //!            ─ tap (while tapped) ─ balancer: P2C over PeakEWMA across the live endpoints
 //!            ─ metrics (recorded when the response body ends) ─ response timeout
-//!            ─ endpoint client (pooled h1 or multiplexed h2)
+//!            ─ endpoint client (pooled h1 or multiplexed h2; to a meshed endpoint, mesh TLS
+//!              and h2, HTTP/1 requests upgraded to h2 with `l5d-orig-proto`)
 //! ```
+//!
+//! An endpoint is meshed when discovery names its identity (the EndpointSlice's
+//! `pylon.io/identity`) and this proxy has one (`--identity-dir`); discovery decides that once
+//! per endpoint, and its connections, TLS included, belong to it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -142,7 +148,8 @@ impl Outbound {
             // request_total, response_total, response_latency_ms and the access log.
             .layer(HttpMetricsLayer::new("outbound", self.telemetry.access_log))
             .layer(ResponseTimeoutLayer::new(self.args.response_timeout))
-            // Pooled HTTP/1 or multiplexed h2 to the endpoint; upgrades and CONNECT tunnel.
+            // Pooled HTTP/1 or multiplexed h2 to the endpoint (mesh TLS and h2 to a meshed
+            // one); upgrades and CONNECT tunnel.
             .service(self.client.clone())
     }
 
@@ -185,8 +192,8 @@ impl Outbound {
             .load_handle()
             .start()
             .with_health(endpoint.health.clone());
-        let result =
-            tcp::forward(io, endpoint.addr, self.args.connect_timeout, endpoint.tcp()).await;
+        // Over mesh TLS when the endpoint is meshed (its handshake failure is a connect failure).
+        let result = tcp::forward_to(io, &endpoint.connect, endpoint.tcp()).await;
         // Only the connect can fail here; what flows afterwards is the app's business.
         match &result {
             Ok(()) => in_flight.finished(true),

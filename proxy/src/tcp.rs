@@ -1,13 +1,17 @@
-//! Opaque TCP: connect to the endpoint and copy bytes both ways until either side closes.
+//! Opaque TCP: connect to the endpoint (over mesh TLS when it is meshed) and copy bytes both
+//! ways until either side closes.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pylon_proxy_metrics::TcpTarget;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::connect::{Connect, TlsFailure};
 use crate::io::CountingIo;
+use crate::mesh_tls::Alpn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -15,6 +19,14 @@ pub enum ConnectError {
     Timeout(SocketAddr),
     #[error("connect to {0}: {1}")]
     Io(SocketAddr, std::io::Error),
+    /// The TCP connection opened, but mesh TLS with the endpoint failed.
+    #[error("mesh TLS to {addr} expecting identity {server_id}: {error}")]
+    Tls {
+        addr: SocketAddr,
+        server_id: Arc<str>,
+        failure: TlsFailure,
+        error: std::io::Error,
+    },
 }
 
 impl ConnectError {
@@ -23,6 +35,12 @@ impl ConnectError {
         match self {
             Self::Timeout(_) => "ETIMEDOUT",
             Self::Io(_, e) => errno_name(e),
+            Self::Tls { failure, error, .. } => match failure {
+                TlsFailure::TimedOut => "ETIMEDOUT",
+                // A reset or EOF mid-handshake keeps its own name.
+                TlsFailure::Other if error.get_ref().is_none() => errno_name(error),
+                _ => "EPROTO",
+            },
         }
     }
 }
@@ -38,10 +56,10 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
     Ok(stream)
 }
 
-/// Proxies `client` to `endpoint`. The connection to the endpoint is counted in `dst` (the
-/// `peer="dst"` series); the caller counts the client's side.
+/// Proxies `client` to `endpoint` in plaintext. The connection to the endpoint is counted in
+/// `dst` (the `peer="dst"` series); the caller counts the client's side.
 pub async fn forward<I>(
-    mut client: I,
+    client: I,
     endpoint: SocketAddr,
     connect_timeout: Duration,
     dst: &TcpTarget,
@@ -49,8 +67,21 @@ pub async fn forward<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    forward_to(client, &Connect::plain(endpoint, connect_timeout), dst).await
+}
+
+/// Proxies `client` to the endpoint `connect` reaches: over mesh TLS (no ALPN: the bytes are
+/// opaque) when the endpoint is meshed. Counted like [`forward`].
+pub async fn forward_to<I>(
+    mut client: I,
+    connect: &Connect,
+    dst: &TcpTarget,
+) -> Result<(), ConnectError>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
     let conn = dst.open();
-    let upstream = match connect(endpoint, connect_timeout).await {
+    let upstream = match connect.connect(Alpn::Opaque).await {
         Ok(s) => s,
         Err(e) => {
             conn.close(Some(e.errno()));
@@ -60,7 +91,9 @@ where
     let mut upstream = CountingIo::new(upstream, conn);
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok(_) => {}
-        Err(e) => tracing::debug!(%endpoint, error = %e, "tcp connection closed with error"),
+        Err(e) => {
+            tracing::debug!(endpoint = %connect.addr(), error = %e, "tcp connection closed with error")
+        }
     }
     Ok(())
 }

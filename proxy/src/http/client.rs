@@ -3,6 +3,9 @@
 //! keeps one multiplexed connection per endpoint. Both belong to the endpoint, so the request's
 //! own `Host`/`:authority` travel unchanged. Hop-by-hop headers stop here; `Upgrade` and
 //! `CONNECT` become tunnels.
+//!
+//! To a meshed endpoint (discovery named its identity) connections are mesh TLS, and HTTP/1
+//! requests ride the endpoint's h2 connection (`orig_proto`); only upgrades keep HTTP/1.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,8 +24,9 @@ use tower::Service;
 
 use super::pool::Http1Pool;
 use super::request_body::RequestBody;
-use super::{headers, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody};
-use crate::tcp;
+use super::{headers, orig_proto, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody};
+use crate::connect::Connect;
+use crate::mesh_tls::Alpn;
 
 /// Where a request goes, set by the layer that chose it (the balancer outbound, the workload's
 /// port inbound).
@@ -35,19 +39,32 @@ pub struct EndpointTarget {
     pub destination: Arc<str>,
     /// Where the request's metrics are recorded (per endpoint outbound, per authority inbound).
     pub metrics: HttpTarget,
+    /// Reached over mesh TLS: HTTP/1 requests go as h2 (decided once, with the connections).
+    pub meshed: bool,
 }
 
 impl EndpointTarget {
+    /// A plaintext endpoint.
     pub fn new(
         addr: SocketAddr,
         destination: Arc<str>,
         metrics: HttpTarget,
         connect_timeout: Duration,
     ) -> Self {
+        Self::with_connect(
+            Arc::new(Connect::plain(addr, connect_timeout)),
+            destination,
+            metrics,
+        )
+    }
+
+    /// An endpoint reached as `connect` says (over mesh TLS when it is meshed).
+    pub fn with_connect(connect: Arc<Connect>, destination: Arc<str>, metrics: HttpTarget) -> Self {
         Self {
-            addr,
-            h1: Arc::new(Http1Pool::new(addr, connect_timeout)),
-            h2: Arc::new(H2Connection::new(addr, connect_timeout)),
+            addr: connect.addr(),
+            meshed: connect.server_id().is_some(),
+            h1: Arc::new(Http1Pool::new(connect.clone())),
+            h2: Arc::new(H2Connection::new(connect)),
             destination,
             metrics,
         }
@@ -93,6 +110,11 @@ impl ClientInner {
         mut req: Request<RequestBody>,
     ) -> Result<ProxyResponse, ProxyError> {
         if req.method() == Method::CONNECT {
+            if target.meshed {
+                // The tunnel carries whatever the client sends (often its own TLS); it goes
+                // to the endpoint's address as asked, outside mesh TLS.
+                tracing::debug!(endpoint = %target.addr, "CONNECT to a meshed endpoint is tunnelled without mesh TLS");
+            }
             let on_upgrade = hyper::upgrade::on(&mut req);
             return upgrade::connect(&self.tunnels, on_upgrade, target.addr, self.connect_timeout)
                 .await;
@@ -104,6 +126,12 @@ impl ClientInner {
 
         let (mut rsp, pooled) = if req.version() == Version::HTTP_2 {
             (target.h2.send(req).await?, None)
+        } else if target.meshed && !upgrade && orig_proto::can_upgrade(req.version()) {
+            // HTTP/1 between meshed proxies rides the endpoint's h2 connection.
+            let orig = orig_proto::upgrade_request(&mut req, &target.destination)?;
+            let mut rsp = target.h2.send(req).await?;
+            orig_proto::downgrade_response(&mut rsp, orig);
+            (rsp, None)
         } else {
             set_host(&mut req, &target.destination);
             let (rsp, conn) = target.h1.send(req).await?;
@@ -166,19 +194,18 @@ fn set_host<B>(req: &mut Request<B>, destination: &str) {
     }
 }
 
-/// One multiplexed HTTP/2 connection to an endpoint, (re)established on demand.
+/// One multiplexed HTTP/2 connection to an endpoint, (re)established on demand; over mesh TLS
+/// (ALPN `h2`) to a meshed endpoint.
 pub struct H2Connection {
-    addr: SocketAddr,
-    connect_timeout: Duration,
+    connect: Arc<Connect>,
     sender: ArcSwapOption<http2::SendRequest<RequestBody>>,
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl H2Connection {
-    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+    pub fn new(connect: Arc<Connect>) -> Self {
         Self {
-            addr,
-            connect_timeout,
+            connect,
             sender: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
         }
@@ -216,7 +243,9 @@ impl H2Connection {
                 return Ok((*s).clone());
             }
         }
-        let stream = tcp::connect(self.addr, self.connect_timeout)
+        let stream = self
+            .connect
+            .connect(Alpn::H2)
             .await
             .map_err(|e| ProxyError::from_connect(&e))?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -227,13 +256,198 @@ impl H2Connection {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ProxyError::from_upstream(&e))?;
-        let addr = self.addr;
+        let addr = self.connect.addr();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(endpoint = %addr, error = %e, "h2 endpoint connection closed");
             }
         });
-        self.sender.store(Some(std::sync::Arc::new(sender.clone())));
+        self.sender.store(Some(Arc::new(sender.clone())));
         Ok(sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The client side of mesh TLS against a stand-in for a meshed inbound proxy: mesh TLS
+    //! terminated with `MeshTls::accept`, then an h2 server that records what arrived.
+
+    use std::sync::Mutex;
+
+    use http::HeaderMap;
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use pylon_proxy_metrics::{Direction, Metrics, TargetLabels, Tls};
+    use tokio::net::TcpListener;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::connect::test_support::{ca, identity, mesh_tls};
+    use crate::connect::TlsFailure;
+    use crate::http::request_body::Captured;
+    use crate::mesh_tls::MeshTls;
+
+    /// What the stand-in inbound saw of one request.
+    #[derive(Debug)]
+    struct Seen {
+        client_id: Option<Arc<str>>,
+        alpn_h2: bool,
+        version: Version,
+        uri: Uri,
+        headers: HeaderMap,
+    }
+
+    /// Accepts mesh TLS connections with `server` and answers h2 requests as a meshed inbound
+    /// proxy would: `l5d-orig-proto` on the response when the request had it.
+    async fn meshed_server(server: Arc<MeshTls>) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                let server = server.clone();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let Ok((tls, accepted)) = server.accept(tcp, peer).await else {
+                        return;
+                    };
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        log.lock().unwrap().push(Seen {
+                            client_id: accepted.client_id.clone(),
+                            alpn_h2: accepted.h2,
+                            version: req.version(),
+                            uri: req.uri().clone(),
+                            headers: req.headers().clone(),
+                        });
+                        let mut rsp = Response::new(Full::new(bytes::Bytes::from_static(b"hi")));
+                        if let Some(v) = req.headers().get(orig_proto::L5D_ORIG_PROTO) {
+                            rsp.headers_mut()
+                                .insert(orig_proto::L5D_ORIG_PROTO, v.clone());
+                        }
+                        async move { Ok::<_, std::convert::Infallible>(rsp) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn target(addr: SocketAddr, client: Arc<MeshTls>, server_id: Arc<str>) -> EndpointTarget {
+        let metrics = Metrics::new(Default::default()).http_target(TargetLabels {
+            direction: Direction::Outbound,
+            peer: None,
+            authority: "web.default.svc.cluster.local:80".into(),
+            target_addr: addr.to_string().into(),
+            tls: Tls::ServerId(server_id.clone()),
+            dst_service: None,
+            dst_namespace: None,
+            srv_port: None,
+        });
+        let connect = Connect::meshed(addr, Duration::from_secs(5), client, server_id);
+        EndpointTarget::with_connect(
+            Arc::new(connect),
+            "web.default.svc.cluster.local:80".into(),
+            metrics,
+        )
+    }
+
+    fn http11_get(target: &EndpointTarget, host: &str) -> Request<RequestBody> {
+        let mut req = Request::builder()
+            .uri("/hello?x=1")
+            .version(Version::HTTP_11)
+            .header(header::HOST, host)
+            .header("X-Mixed-Case", "yes")
+            .body(RequestBody::replay(&Captured::default()))
+            .unwrap();
+        req.extensions_mut().insert(target.clone());
+        req
+    }
+
+    async fn send(req: Request<RequestBody>) -> Result<ProxyResponse, ProxyError> {
+        let client = EndpointClient::new(Duration::from_secs(5), TaskTracker::new());
+        tokio::time::timeout(Duration::from_secs(20), client.oneshot(req))
+            .await
+            .expect("bounded")
+    }
+
+    #[tokio::test]
+    async fn http1_to_a_meshed_endpoint_rides_h2_over_mesh_tls() {
+        let ca = ca();
+        let (_c, client) = mesh_tls(&ca, "client");
+        let (_s, server) = mesh_tls(&ca, "server");
+        let (addr, seen) = meshed_server(server).await;
+        let target = target(addr, client, identity("server"));
+        assert!(target.meshed);
+
+        for _ in 0..2 {
+            let rsp = send(http11_get(&target, "Web.Default:80"))
+                .await
+                .expect("response");
+            assert_eq!(rsp.status(), StatusCode::OK);
+            // Back to the app's version, the hop's header gone.
+            assert_eq!(rsp.version(), Version::HTTP_11);
+            assert!(rsp.headers().get(orig_proto::L5D_ORIG_PROTO).is_none());
+        }
+
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        let first = &seen[0];
+        assert!(first.alpn_h2, "h2 not negotiated by ALPN");
+        assert_eq!(first.client_id, Some(identity("client")));
+        assert_eq!(first.version, Version::HTTP_2);
+        assert_eq!(first.uri.authority().unwrap().as_str(), "Web.Default:80");
+        assert_eq!(first.uri.path_and_query().unwrap().as_str(), "/hello?x=1");
+        assert_eq!(first.headers[orig_proto::L5D_ORIG_PROTO], "HTTP/1.1");
+        assert!(first.headers.get(header::HOST).is_none());
+        assert_eq!(first.headers["x-mixed-case"], "yes");
+    }
+
+    #[tokio::test]
+    async fn a_server_with_another_identity_is_refused() {
+        let ca = ca();
+        let (_c, client) = mesh_tls(&ca, "client");
+        let (_s, server) = mesh_tls(&ca, "impostor");
+        let (addr, seen) = meshed_server(server).await;
+        let target = target(addr, client, identity("server"));
+        let err = send(http11_get(&target, "web")).await.err();
+        assert_eq!(
+            err,
+            Some(ProxyError::TlsHandshake(TlsFailure::WrongIdentity))
+        );
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_server_from_another_ca_is_refused() {
+        let (_c, client) = mesh_tls(&ca(), "client");
+        let (_s, server) = mesh_tls(&ca(), "server");
+        let (addr, seen) = meshed_server(server).await;
+        let target = target(addr, client, identity("server"));
+        let err = send(http11_get(&target, "web")).await.err();
+        assert_eq!(err, Some(ProxyError::TlsHandshake(TlsFailure::UnknownCa)));
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_server_is_not_tls() {
+        // A meshed endpoint that answers in plaintext: never a fallback, a TLS failure.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let (_c, client) = mesh_tls(&ca(), "client");
+        let target = target(addr, client, identity("server"));
+        let err = send(http11_get(&target, "web")).await.err();
+        assert_eq!(err, Some(ProxyError::TlsHandshake(TlsFailure::NotTls)));
     }
 }

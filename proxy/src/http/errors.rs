@@ -9,6 +9,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service, ServiceExt};
 
 use super::{BoxFuture, ProxyResponse, ResponseBody};
+use crate::connect::TlsFailure;
 
 pub const PROXY_ERROR_HEADER: &str = "pylon-proxy-error";
 
@@ -25,6 +26,10 @@ pub enum ProxyError {
     ConnectionReset,
     #[error("endpoint protocol error")]
     EndpointProtocol,
+    /// Mesh TLS with a meshed endpoint failed (wrong identity, unknown CA, ...). Never a
+    /// reason to fall back to plaintext.
+    #[error("{}", .0.reason())]
+    TlsHandshake(TlsFailure),
     #[error("connect timeout")]
     ConnectTimeout,
     #[error("response timeout")]
@@ -49,9 +54,10 @@ impl ProxyError {
             Self::NoEndpoints | Self::AllEndpointsEjected | Self::Unresolvable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::ConnectionRefused | Self::ConnectionReset | Self::EndpointProtocol => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::ConnectionRefused
+            | Self::ConnectionReset
+            | Self::EndpointProtocol
+            | Self::TlsHandshake(_) => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout | Self::ResponseTimeout | Self::RouteTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -69,6 +75,7 @@ impl ProxyError {
                 | Self::ConnectionReset
                 | Self::EndpointProtocol
                 | Self::ConnectTimeout
+                | Self::TlsHandshake(_)
         )
     }
 
@@ -86,6 +93,7 @@ impl ProxyError {
             Self::ConnectionRefused => "endpoint connection refused",
             Self::ConnectionReset => "endpoint connection reset",
             Self::EndpointProtocol => "endpoint protocol error",
+            Self::TlsHandshake(failure) => failure.reason(),
             Self::ConnectTimeout => "connect timeout",
             Self::ResponseTimeout => "response timeout",
             Self::RouteTimeout => "route timeout",
@@ -116,11 +124,17 @@ impl ProxyError {
         match err {
             crate::tcp::ConnectError::Timeout(_) => Self::ConnectTimeout,
             crate::tcp::ConnectError::Io(_, e) => Self::from_upstream(e),
+            crate::tcp::ConnectError::Tls { failure, .. } => Self::TlsHandshake(*failure),
         }
     }
 
     /// Classifies a failure to get a response from an endpoint.
     pub fn from_upstream(err: &(dyn std::error::Error + 'static)) -> Self {
+        // A meshed endpoint may refuse this proxy's certificate only after the client side of
+        // the handshake is done (TLS 1.3): then the alert arrives as the first read's error.
+        if let Some(failure) = TlsFailure::find(err) {
+            return Self::TlsHandshake(failure);
+        }
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
         while let Some(e) = cur {
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -220,6 +234,19 @@ mod tests {
         assert_eq!(
             ProxyError::ConnectTimeout.status(),
             StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn tls_failures_are_bad_gateways_that_count_against_the_endpoint() {
+        let err = ProxyError::TlsHandshake(TlsFailure::WrongIdentity);
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        assert!(err.is_endpoint_failure());
+        let rsp = err.response();
+        let reason = rsp.headers()[PROXY_ERROR_HEADER].to_str().unwrap();
+        assert!(
+            reason.contains("TLS") && reason.contains("identity"),
+            "{reason}"
         );
     }
 

@@ -9,6 +9,7 @@ pub mod errors;
 pub mod headers;
 pub mod hibernate;
 pub mod metrics;
+pub mod orig_proto;
 pub mod pool;
 pub mod request_body;
 pub mod retry;

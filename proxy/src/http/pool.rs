@@ -4,8 +4,10 @@
 //! `ResponseBody` hands it back), so reuse never waits behind a slow reader, and no task is spawned
 //! per request to watch for it. The pool belongs to the endpoint: when discovery drops the
 //! endpoint, its idle connections close with it.
+//!
+//! To a meshed endpoint, only requests that can't ride the h2 connection come here (protocol
+//! upgrades such as WebSocket), over mesh TLS announcing `http/1.1`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use super::ProxyError;
-use crate::tcp;
+use crate::connect::Connect;
+use crate::mesh_tls::Alpn;
 
 /// Idle connections kept per endpoint; more are closed when they come back.
 const MAX_IDLE: usize = 512;
@@ -28,8 +31,7 @@ const MAX_IDLE: usize = 512;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Http1Pool {
-    addr: SocketAddr,
-    connect_timeout: Duration,
+    connect: Arc<Connect>,
     idle: ArrayQueue<Idle>,
 }
 
@@ -58,10 +60,9 @@ impl PooledConn {
 }
 
 impl Http1Pool {
-    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+    pub fn new(connect: Arc<Connect>) -> Self {
         Self {
-            addr,
-            connect_timeout,
+            connect,
             idle: ArrayQueue::new(MAX_IDLE),
         }
     }
@@ -116,14 +117,16 @@ impl Http1Pool {
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
-        let stream = tcp::connect(self.addr, self.connect_timeout)
+        let stream = self
+            .connect
+            .connect(Alpn::Http1)
             .await
             .map_err(|e| ProxyError::from_connect(&e))?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ProxyError::from_upstream(&e))?;
-        let addr = self.addr;
+        let addr = self.connect.addr();
         tokio::spawn(async move {
             // `with_upgrades` so a 101 hands the connection to the tunnel.
             if let Err(e) = conn.with_upgrades().await {
