@@ -273,6 +273,18 @@ fn demo_shows_the_mesh_and_leaves_nothing_behind() {
         "edges: {}",
         looked[2].2
     );
+    // The demo's hops are mTLS: the edge is secured, with the service's identity.
+    let edge = looked[2]
+        .2
+        .lines()
+        .find(|l| l.starts_with("loadgen"))
+        .unwrap_or_default();
+    assert!(
+        edge.split_whitespace().nth(4) == Some("yes")
+            && edge.contains("ml-inference.default.serviceaccount.identity.pylon.cluster.local"),
+        "edges: the demo's edge is secured with the service's identity: {}",
+        looked[2].2
+    );
     let tapped = looked[3]
         .2
         .lines()
