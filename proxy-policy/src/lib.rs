@@ -47,12 +47,12 @@ pub use crate::inbound::{
     InboundConfig, InboundPolicy, PortPolicy, UnknownDefaultPolicy,
 };
 pub use crate::objects::{
-    AddressType, AuthenticationKind, AuthenticationRef, AuthorizationPolicy, Endpoint,
-    EndpointPort, EndpointSlice, IdentityRef, LabelSelector, LabelSelectorRequirement, MeshObject,
-    MeshTlsAuthentication, Network, NetworkAuthentication, ObjectKey, ObjectKind, ObjectMeta,
-    PolicyTarget, Protocol, ProxyProtocol, ResolvedService, SelectorOperator, Server, ServerPort,
-    Service, ServicePort, ServiceProfile, ServiceRef, SliceEndpoint, SplitBackend, TargetPort,
-    TrafficSplit, IDENTITY_ANNOTATION, SERVICE_NAME_LABEL,
+    is_dns1123_subdomain, AddressType, AuthenticationKind, AuthenticationRef, AuthorizationPolicy,
+    Endpoint, EndpointPort, EndpointSlice, IdentityRef, LabelSelector, LabelSelectorRequirement,
+    MeshObject, MeshTlsAuthentication, Network, NetworkAuthentication, ObjectKey, ObjectKind,
+    ObjectMeta, PolicyTarget, Protocol, ProxyProtocol, ResolvedService, SelectorOperator, Server,
+    ServerPort, Service, ServicePort, ServiceProfile, ServiceRef, SliceEndpoint, SplitBackend,
+    TargetPort, TrafficSplit, IDENTITY_ANNOTATION, SERVICE_NAME_LABEL,
 };
 pub use crate::route::{
     PathRegex, RequestMatcher, ResponseClass, ResponseMatcher, RetryBudgetSpec, Route, RouteTable,

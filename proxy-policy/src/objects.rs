@@ -1092,8 +1092,8 @@ fn is_dns1035_label(s: &str) -> bool {
     is_dns1123_label(s) && s.as_bytes()[0].is_ascii_lowercase()
 }
 
-/// DNS-1123 subdomain: dot-separated labels, ≤ 253.
-fn is_dns1123_subdomain(s: &str) -> bool {
+/// DNS-1123 subdomain: dot-separated labels, ≤ 253 (object names, identity names).
+pub fn is_dns1123_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns1123_label)
 }
 

@@ -5,6 +5,7 @@
 //! References that lead nowhere (a policy's missing Server or authentication) are the Store's
 //! own warnings ([`Snapshot::reference_warnings`]), reported with the rest of its warnings.
 
+use pylon_proxy_policy::is_dns1123_subdomain;
 use pylon_proxy_policy::{
     AuthorizationPolicy, MeshObject, MeshTlsAuthentication, NetworkAuthentication, Server,
     ServerPort, Snapshot, TargetPort,
@@ -68,29 +69,15 @@ fn not_identity_shaped(id: &str) -> Option<&'static str> {
         return None;
     }
     if let Some(suffix) = id.strip_prefix("*.") {
-        return (!is_dns_name(suffix)).then_some("is not `*.` followed by a DNS name");
+        return (!is_dns1123_subdomain(suffix)).then_some("is not `*.` followed by a DNS name");
     }
-    if !is_dns_name(id) {
+    if !is_dns1123_subdomain(id) {
         return Some("is not a DNS name");
     }
     let labels: Vec<&str> = id.split('.').collect();
     let mesh_shaped = labels.len() >= 5 && labels[2] == "serviceaccount" && labels[3] == "identity";
     (!mesh_shaped)
         .then_some("is not a mesh identity (NAME.NAMESPACE.serviceaccount.identity.<domain>)")
-}
-
-/// Lowercase alphanumerics and '-' in dot-separated labels of 1 to 63 characters.
-fn is_dns_name(s: &str) -> bool {
-    s.len() <= 253
-        && s.split('.').all(|l| {
-            let b = l.as_bytes();
-            !b.is_empty()
-                && b.len() <= 63
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                && b[0] != b'-'
-                && b[b.len() - 1] != b'-'
-        })
 }
 
 /// A policy without required authentications authorizes every client, as in Linkerd; that is
