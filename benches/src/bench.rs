@@ -6,13 +6,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use hdrhistogram::Histogram;
 
 use crate::chain::{self, AppAddrs, Chain, PathKind, Setup};
 use crate::loadgen::{self, Job, RunStats, Workload};
 use crate::procs::{self, Managed};
 use crate::procstat;
 use crate::report::{
-    self, Errors, LatencyRow, MemoryPoint, MemoryRow, NotRun, Report, ThroughputRow,
+    self, Errors, LatencyRow, MemoryPoint, MemoryRow, MtlsCost, MtlsFigure, NotRun, Report,
+    ThroughputRow,
 };
 
 /// Concurrency of every load run: connections for HTTP/1.1 and TCP, streams for h2.
@@ -40,7 +42,9 @@ pub struct Options {
     /// Where latest.md, latest.json and the dated copies go.
     #[arg(long, default_value_os_t = crate::default_results_dir())]
     results_dir: PathBuf,
-    /// Paths to run (comma-separated subset of direct,pylon,nginx,haproxy; direct is always run).
+    /// Paths to run (comma-separated subset of direct,pylon,pylon-mtls,nginx,haproxy; direct is
+    /// always run). pylon-mtls is Pylon with mTLS between the proxies; the mTLS cost row is
+    /// measured whenever pylon is run, pylon-mtls or not.
     #[arg(
         long,
         value_delimiter = ',',
@@ -210,6 +214,7 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         let mut c = match kind {
             PathKind::Direct => chain::direct(app),
             PathKind::Pylon => chain::pylon(&setup)?,
+            PathKind::PylonMtls => chain::pylon_mtls(&setup)?,
             PathKind::Nginx => {
                 if chain::nginx_stream()? == chain::NginxStream::Missing {
                     stream_note = Some(());
@@ -332,6 +337,30 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
     let mut tap_cost = "n/a: the pylon path was not run".to_owned();
     if let Some(c) = chains.iter_mut().find(|c| c.kind == PathKind::Pylon) {
         tap_cost = tap_cost_row(c, &plan, hz).await?;
+    }
+
+    // What mTLS between the proxies costs: the plaintext chain against the mTLS one (started
+    // here for the row unless pylon-mtls is a path of the run), back to back.
+    let mut mtls_cost = MtlsCost {
+        summary: "n/a: the pylon path was not run".to_owned(),
+        figures: Vec::new(),
+    };
+    if kinds.contains(&PathKind::Pylon) {
+        let mut own = None;
+        if !kinds.contains(&PathKind::PylonMtls) {
+            eprintln!("pylon-bench: starting the pylon-mtls chain for the mTLS cost row");
+            let mut c = chain::pylon_mtls(&setup)?;
+            c.verify().await?;
+            own = Some(c);
+        }
+        let find = |k: PathKind| chains.iter().chain(own.iter()).find(|c| c.kind == k);
+        if let (Some(plain), Some(mtls)) = (find(PathKind::Pylon), find(PathKind::PylonMtls)) {
+            mtls_cost = mtls_cost_row(plain, mtls, &plan, hz).await?;
+        }
+        for c in chains.iter_mut().chain(own.iter_mut()) {
+            c.check_running()?;
+        }
+        drop(own);
     }
 
     // Memory with idle keep-alive connections, the same method for every proxy.
@@ -462,6 +491,7 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         memory,
         not_run,
         tap_active_vs_idle: tap_cost,
+        mtls_vs_plaintext: mtls_cost,
     };
     report::fill_ratios(&mut report);
     let md = report::markdown(&report);
@@ -513,6 +543,236 @@ async fn tap_cost_row(c: &mut Chain, plan: &Plan, hz: f64) -> Result<String> {
         sampled / idle,
         stalled / idle,
     ))
+}
+
+/// How one mTLS-cost sample drives its chain.
+#[derive(Debug, Clone, Copy)]
+enum Drive {
+    ClosedLoop,
+    FixedRate(u64),
+}
+
+impl Drive {
+    fn label(self) -> String {
+        match self {
+            Drive::ClosedLoop => "closed loop".to_owned(),
+            Drive::FixedRate(rate) => format!("{} req/s", report::thousands(rate as usize)),
+        }
+    }
+}
+
+/// One or more runs of a workload on one chain, summed.
+struct Sample {
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    seconds: f64,
+    proxy_cpu_s: f64,
+    latency: Histogram<u64>,
+}
+
+impl Sample {
+    fn empty() -> Sample {
+        Sample {
+            ok: 0,
+            errors: 0,
+            first_error: None,
+            seconds: 0.0,
+            proxy_cpu_s: 0.0,
+            latency: loadgen::new_histogram(),
+        }
+    }
+
+    fn add(&mut self, other: Sample) {
+        self.ok += other.ok;
+        self.errors += other.errors;
+        self.first_error = self.first_error.take().or(other.first_error);
+        self.seconds += other.seconds;
+        self.proxy_cpu_s += other.proxy_cpu_s;
+        // Same bounds on both sides: adding cannot fail.
+        let _ = self.latency.add(&other.latency);
+    }
+
+    fn per_second(&self) -> f64 {
+        report::ratio(self.ok as f64, self.seconds).unwrap_or(0.0)
+    }
+
+    fn per_cpu_second(&self) -> f64 {
+        report::ratio(self.ok as f64, self.proxy_cpu_s).unwrap_or(0.0)
+    }
+
+    /// Proxy CPU µs per successful request.
+    fn cpu_us_per_request(&self) -> f64 {
+        report::ratio(self.proxy_cpu_s * 1e6, self.ok as f64).unwrap_or(0.0)
+    }
+
+    fn quantile_us(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1_000.0
+    }
+}
+
+/// One measurement of `workload` on `c`: fresh slots, a closed-loop warm-up on them, then the
+/// measured run with the CPU of both proxies read around it.
+async fn sample(
+    c: &Chain,
+    workload: Workload,
+    drive: Drive,
+    plan: &Plan,
+    hz: f64,
+) -> Result<Sample> {
+    let target = c.target(workload).map_err(anyhow::Error::msg)?;
+    let job = Job::new(workload, target);
+    let slots = loadgen::open_slots(&job, SLOTS, H2_CONNECTIONS)
+        .await
+        .with_context(|| format!("opening connections to {}", c.kind.name()))?;
+    let (_, slots) = loadgen::closed_loop(job.clone(), slots, plan.warmup).await;
+    let pids = c.pids(workload);
+    let cpu0 = procstat::cpu_ticks(pids)?;
+    let (stats, _) = match drive {
+        Drive::ClosedLoop => loadgen::closed_loop(job, slots, plan.measure).await,
+        Drive::FixedRate(rate) => loadgen::fixed_rate(job, slots, rate, plan.measure).await,
+    };
+    let proxy_cpu_s = procstat::cpu_ticks(pids)?.saturating_sub(cpu0) as f64 / hz;
+    if stats.ok == 0 {
+        bail!(
+            "{} via {} ({}): no successful request ({} errors; first: {})",
+            workload.name(),
+            c.kind.name(),
+            drive.label(),
+            stats.errors,
+            stats.first_error.as_deref().unwrap_or("none")
+        );
+    }
+    Ok(Sample {
+        ok: stats.ok,
+        errors: stats.errors,
+        first_error: stats.first_error,
+        seconds: stats.elapsed.as_secs_f64(),
+        proxy_cpu_s,
+        latency: stats.latency,
+    })
+}
+
+/// Pylon plaintext against Pylon with mTLS between its proxies, on the same run: closed-loop
+/// throughput and requests per proxy CPU-second (both proxies) for HTTP/1.1 GET, h2c, gRPC and
+/// the 64 KiB POST (where encryption is per byte, not per request), and HTTP/1.1 GET latency
+/// and CPU per request at the first fixed rate. Each figure alternates the
+/// chains (plaintext, mTLS, mTLS, plaintext) and sums both runs of each, so drift in what else
+/// the machine does falls on both. The mTLS chain's proxies must have counted its requests as
+/// mesh TLS with each other (`/metrics`), or the row fails.
+async fn mtls_cost_row(plain: &Chain, mtls: &Chain, plan: &Plan, hz: f64) -> Result<MtlsCost> {
+    let ids = mtls
+        .identities
+        .as_ref()
+        .context("the pylon-mtls chain has no identities")?;
+    let rate = plan.rates.first().copied().unwrap_or(1_000);
+    let specs = [
+        (Workload::Http1Get, Drive::ClosedLoop),
+        (Workload::H2cGet, Drive::ClosedLoop),
+        (Workload::GrpcUnary, Drive::ClosedLoop),
+        (Workload::Http1Post64k, Drive::ClosedLoop),
+        (Workload::Http1Get, Drive::FixedRate(rate)),
+    ];
+    let (out0, in0) = mtls.mtls_responses().await?;
+    let mut mtls_ok = 0;
+    let mut figures = Vec::new();
+    let mut first_errors = Vec::new();
+    for (workload, drive) in specs {
+        let (mut p, mut m) = (Sample::empty(), Sample::empty());
+        for (i, on_mtls) in [false, true, true, false].into_iter().enumerate() {
+            let (c, into) = if on_mtls {
+                (mtls, &mut m)
+            } else {
+                (plain, &mut p)
+            };
+            eprintln!(
+                "pylon-bench: mTLS cost, {} {} via {} ({}/4)",
+                workload.name(),
+                drive.label(),
+                c.kind.name(),
+                i + 1
+            );
+            into.add(sample(c, workload, drive, plan, hz).await?);
+        }
+        mtls_ok += m.ok;
+        for (side, s) in [("plaintext", &p), ("mTLS", &m)] {
+            if let Some(e) = &s.first_error {
+                first_errors.push(format!("{} {side}: {e}", workload.name()));
+            }
+        }
+        let errors = (p.errors, m.errors);
+        match drive {
+            Drive::ClosedLoop => {
+                figures.push(MtlsFigure::new(
+                    workload,
+                    "req/s (closed loop)",
+                    p.per_second(),
+                    m.per_second(),
+                    errors,
+                ));
+                figures.push(MtlsFigure::new(
+                    workload,
+                    "req per proxy CPU-s (closed loop)",
+                    p.per_cpu_second(),
+                    m.per_cpu_second(),
+                    errors,
+                ));
+            }
+            Drive::FixedRate(_) => {
+                for (q, label) in [(0.50, "p50"), (0.99, "p99")] {
+                    figures.push(MtlsFigure::new(
+                        workload,
+                        format!("{label} µs at {}", drive.label()),
+                        p.quantile_us(q),
+                        m.quantile_us(q),
+                        errors,
+                    ));
+                }
+                figures.push(MtlsFigure::new(
+                    workload,
+                    format!("proxy CPU µs per request at {}", drive.label()),
+                    p.cpu_us_per_request(),
+                    m.cpu_us_per_request(),
+                    errors,
+                ));
+            }
+        }
+    }
+    let (out1, in1) = mtls.mtls_responses().await?;
+    let (out_n, in_n) = (out1.saturating_sub(out0), in1.saturating_sub(in0));
+    if out_n < mtls_ok || in_n < mtls_ok {
+        bail!(
+            "the pylon-mtls chain is not mTLS end to end: {mtls_ok} requests succeeded through it, \
+             but its outbound proxy counted {out_n} responses with tls=\"true\",server_id=\"{}\" \
+             and its inbound proxy {in_n} with tls=\"true\",client_id=\"{}\"",
+            ids.server,
+            ids.client
+        );
+    }
+    let mut summary = format!(
+        "Pylon's two-proxy chain with mesh identities (a throwaway CA in the run's temp dir; \
+         `--identity-dir` on both proxies; the EndpointSlice annotated `pylon.io/identity`: \
+         TLS 1.3 between the proxies) against the plaintext chain. Each figure alternates the \
+         chains (plaintext, mTLS, mTLS, plaintext; {:.1} s each after a {:.1} s warm-up on fresh \
+         connections) and sums both runs of each; proxy CPU is both proxies' utime+stime. \
+         Checked on the proxies' /metrics: over the mTLS runs the outbound proxy counted {out_n} \
+         responses with tls=\"true\",server_id=\"{}\" and the inbound proxy {in_n} with \
+         client_id=\"{}\" ({mtls_ok} measured requests, plus warm-ups). Between mTLS proxies \
+         HTTP/1.1 travels as HTTP/2 (l5d-orig-proto, every request on the endpoint's one h2 \
+         connection; plaintext Pylon keeps HTTP/1.1 on pooled connections), so the HTTP/1.1 \
+         ratios are TLS plus that change of protocol; h2c and gRPC are h2 between the proxies \
+         either way, so theirs are TLS alone. No handshake is in these figures: the proxies keep \
+         their connection, and a new load-generator connection per request ends at the outbound \
+         proxy without making a new TLS connection to the inbound one.",
+        plan.measure.as_secs_f64(),
+        plan.warmup.as_secs_f64(),
+        ids.server,
+        ids.client,
+    );
+    if !first_errors.is_empty() {
+        summary.push_str(&format!(" First errors: {}.", first_errors.join("; ")));
+    }
+    Ok(MtlsCost { summary, figures })
 }
 
 /// Linkerd's tap samples 100 requests per second by default, as Pylon's does.

@@ -5,13 +5,23 @@
 //! Opaque TCP goes through the inbound proxy only, for every proxy: Pylon's outbound listener
 //! needs SO_ORIGINAL_DST (an iptables redirect) to know where an opaque connection goes, and
 //! a one-hop row is only comparable with one-hop rows.
+//!
+//! `pylon-mtls` is the Pylon chain with mesh identities: a throwaway CA in the run's temp dir
+//! issues the client's (outbound proxy's) and the server's (inbound proxy's) certificates, and
+//! the EndpointSlice carries `pylon.io/identity`, so the hop between the proxies is TLS 1.3
+//! (HTTP/1.1 from the load generator travels as HTTP/2 on it).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use prometheus_parse::{Scrape, Value};
+use pylon_identity::ca;
 use serde::Serialize;
 
 use crate::loadgen::{self, Job, Target, Workload};
@@ -22,20 +32,35 @@ use crate::procs::{find_program, free_addr, output_of, Managed};
 pub const AUTHORITY: &str = "bench.default.svc.cluster.local";
 /// How long a freshly started path may take to answer its first request.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// The EndpointSlice annotation naming the identity its endpoints prove (mesh TLS to them).
+pub const IDENTITY_ANNOTATION: &str = "pylon.io/identity";
+/// The mTLS chain's throwaway CA: trust domain, and how long it and its certificates last.
+const TRUST_DOMAIN: &str = "cluster.local";
+const CA_VALID_FOR: Duration = Duration::from_secs(24 * 3600);
+const CERT_VALID_FOR: Duration = Duration::from_secs(12 * 3600);
+/// Service accounts of the mTLS chain's two workloads (namespace `default`).
+const SERVER_SA: &str = "bench";
+const CLIENT_SA: &str = "bench-client";
+/// Largest `/metrics` body read from an admin server.
+const MAX_METRICS_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PathKind {
     Direct,
     Pylon,
+    /// The Pylon chain with mesh identities: mTLS between the two proxies.
+    #[serde(rename = "pylon-mtls")]
+    PylonMtls,
     Nginx,
     Haproxy,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 4] = [
+    pub const ALL: [PathKind; 5] = [
         PathKind::Direct,
         PathKind::Pylon,
+        PathKind::PylonMtls,
         PathKind::Nginx,
         PathKind::Haproxy,
     ];
@@ -44,6 +69,7 @@ impl PathKind {
         match self {
             PathKind::Direct => "direct",
             PathKind::Pylon => "pylon",
+            PathKind::PylonMtls => "pylon-mtls",
             PathKind::Nginx => "nginx",
             PathKind::Haproxy => "haproxy",
         }
@@ -53,7 +79,9 @@ impl PathKind {
         PathKind::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .with_context(|| format!("unknown path {s:?} (direct, pylon, nginx, haproxy)"))
+            .with_context(|| {
+                format!("unknown path {s:?} (direct, pylon, pylon-mtls, nginx, haproxy)")
+            })
     }
 }
 
@@ -88,6 +116,10 @@ pub struct Chain {
     pub http_pids: Vec<u32>,
     /// The tap ports of the HTTP chain's proxies (Pylon only).
     pub tap_addrs: Vec<SocketAddr>,
+    /// The admin ports of the HTTP chain's proxies, outbound first (Pylon only).
+    pub admin_addrs: Vec<SocketAddr>,
+    /// The identities of the HTTP chain's proxies (`pylon-mtls` only).
+    pub identities: Option<MeshIdentities>,
     /// The proxy carrying the TCP echo.
     pub tcp_pids: Vec<u32>,
     procs: Vec<Managed>,
@@ -124,6 +156,7 @@ impl Chain {
         match (self.kind, workload) {
             (PathKind::Direct, _) => "load -> app",
             (_, Workload::TcpEcho) => "load -> inbound -> echo",
+            (PathKind::PylonMtls, _) => "load -> outbound =mTLS=> inbound -> app",
             _ => "load -> outbound -> inbound -> app",
         }
     }
@@ -180,15 +213,22 @@ pub fn direct(app: AppAddrs) -> Chain {
         tcp: Ok(app.echo),
         http_pids: Vec::new(),
         tap_addrs: Vec::new(),
+        admin_addrs: Vec::new(),
+        identities: None,
         tcp_pids: Vec::new(),
         procs: Vec::new(),
     }
 }
 
-/// The Service and EndpointSlice the outbound Pylon resolves `bench` with.
-pub fn render_pylon_mesh(inbound: SocketAddr) -> String {
+/// The Service and EndpointSlice the outbound Pylon resolves `bench` with. With `identity`,
+/// the slice carries `pylon.io/identity: <identity>`: the outbound proxy speaks mesh TLS to the
+/// endpoint and requires it to prove that identity.
+pub fn render_pylon_mesh(inbound: SocketAddr, identity: Option<&str>) -> String {
     let ip = inbound.ip();
     let port = inbound.port();
+    let annotations = identity
+        .map(|id| format!("  annotations:\n    {IDENTITY_ANNOTATION}: {id}\n"))
+        .unwrap_or_default();
     format!(
         "apiVersion: v1\n\
          kind: Service\n\
@@ -198,44 +238,101 @@ pub fn render_pylon_mesh(inbound: SocketAddr) -> String {
          apiVersion: discovery.k8s.io/v1\n\
          kind: EndpointSlice\n\
          metadata:\n  name: bench-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: bench\n\
+         {annotations}\
          addressType: IPv4\n\
          ports:\n- name: http\n  port: {port}\n  protocol: TCP\n\
          endpoints:\n- addresses:\n  - \"{ip}\"\n  conditions:\n    ready: true\n"
     )
 }
 
+/// The mTLS chain's workload identities and where their identity dirs are.
+#[derive(Debug, Clone)]
+pub struct MeshIdentities {
+    /// The outbound proxy's (the client workload's) identity.
+    pub client: String,
+    pub client_dir: PathBuf,
+    /// The inbound proxy's (the server workload's) identity: the EndpointSlice's annotation.
+    pub server: String,
+    pub server_dir: PathBuf,
+}
+
+/// A throwaway CA under `dir` and an identity dir for each of the two workloads.
+fn issue_identities(dir: &Path) -> Result<MeshIdentities> {
+    let root = dir.join("identity");
+    let ca_dir = root.join("ca");
+    ca::init_ca(TRUST_DOMAIN, &ca_dir, CA_VALID_FOR).context("creating the bench's CA")?;
+    let issue = |sa: &str| -> Result<(String, PathBuf)> {
+        let out = root.join(sa);
+        let (cert, _) = ca::issue(&ca_dir, sa, "default", &out, CERT_VALID_FOR)
+            .with_context(|| format!("issuing the identity of {sa}"))?;
+        Ok((cert.identity.as_str().to_owned(), out))
+    };
+    let (server, server_dir) = issue(SERVER_SA)?;
+    let (client, client_dir) = issue(CLIENT_SA)?;
+    Ok(MeshIdentities {
+        client,
+        client_dir,
+        server,
+        server_dir,
+    })
+}
+
 fn pylon_args(
     threads: usize,
     inbound: SocketAddr,
     outbound: SocketAddr,
+    admin: SocketAddr,
     tap: SocketAddr,
-) -> Result<Vec<String>> {
-    Ok(vec![
+) -> Vec<String> {
+    vec![
         "--inbound-addr".into(),
         inbound.to_string(),
         "--outbound-addr".into(),
         outbound.to_string(),
         "--admin-addr".into(),
-        free_addr()?.to_string(),
+        admin.to_string(),
         "--tap-addr".into(),
         tap.to_string(),
         "--threads".into(),
         threads.to_string(),
         "--shutdown-grace".into(),
         "1s".into(),
-    ])
+    ]
 }
 
 /// Pylon's log level for the bench: warnings only (the equivalent of access logs off).
 const PYLON_ENV: &[(&str, &str)] = &[("PYLON_LOG", "warn")];
 
+/// The Pylon chain, plaintext between the proxies.
 pub fn pylon(s: &Setup) -> Result<Chain> {
+    pylon_chain(s, None)
+}
+
+/// The Pylon chain with mTLS between the proxies: both get an identity from a throwaway CA
+/// (`--identity-dir`) and the EndpointSlice names the inbound proxy's. Its TCP echo is not
+/// measured: it would be the plaintext chain's (a plaintext client straight to the inbound).
+pub fn pylon_mtls(s: &Setup) -> Result<Chain> {
+    let ids = issue_identities(s.dir)?;
+    pylon_chain(s, Some(ids))
+}
+
+fn pylon_chain(s: &Setup, ids: Option<MeshIdentities>) -> Result<Chain> {
+    let (kind, prefix) = match ids {
+        Some(_) => (PathKind::PylonMtls, "pylon-mtls"),
+        None => (PathKind::Pylon, "pylon"),
+    };
+    let identity_args = |dir: Option<&PathBuf>| -> Vec<String> {
+        dir.map(|d| vec!["--identity-dir".into(), d.display().to_string()])
+            .unwrap_or_default()
+    };
     let inbound = free_addr()?;
     let (in_tap, out_tap) = (free_addr()?, free_addr()?);
-    let mut in_args = pylon_args(s.threads, inbound, free_addr()?, in_tap)?;
+    let (in_admin, out_admin) = (free_addr()?, free_addr()?);
+    let mut in_args = pylon_args(s.threads, inbound, free_addr()?, in_admin, in_tap);
     in_args.extend(["--inbound-forward".into(), s.app.http.to_string()]);
+    in_args.extend(identity_args(ids.as_ref().map(|i| &i.server_dir)));
     let inbound_proxy = Managed::spawn(
-        "pylon-inbound",
+        &format!("{prefix}-inbound"),
         s.pylon_bin,
         &in_args,
         PYLON_ENV,
@@ -243,15 +340,20 @@ pub fn pylon(s: &Setup) -> Result<Chain> {
         s.dir,
     )?;
 
-    let mesh = s.dir.join("pylon-mesh");
+    let mesh = s.dir.join(format!("{prefix}-mesh"));
     std::fs::create_dir_all(&mesh).with_context(|| format!("creating {}", mesh.display()))?;
-    std::fs::write(mesh.join("bench.yaml"), render_pylon_mesh(inbound))
-        .context("writing the outbound proxy's mesh objects")?;
+    let server_id = ids.as_ref().map(|i| i.server.as_str());
+    std::fs::write(
+        mesh.join("bench.yaml"),
+        render_pylon_mesh(inbound, server_id),
+    )
+    .context("writing the outbound proxy's mesh objects")?;
     let outbound = free_addr()?;
-    let mut out_args = pylon_args(s.threads, free_addr()?, outbound, out_tap)?;
+    let mut out_args = pylon_args(s.threads, free_addr()?, outbound, out_admin, out_tap);
     out_args.extend(["--config-dir".into(), mesh.display().to_string()]);
+    out_args.extend(identity_args(ids.as_ref().map(|i| &i.client_dir)));
     let outbound_proxy = Managed::spawn(
-        "pylon-outbound",
+        &format!("{prefix}-outbound"),
         s.pylon_bin,
         &out_args,
         PYLON_ENV,
@@ -259,33 +361,136 @@ pub fn pylon(s: &Setup) -> Result<Chain> {
         s.dir,
     )?;
 
-    let tcp = free_addr()?;
-    let mut tcp_args = pylon_args(s.threads, tcp, free_addr()?, free_addr()?)?;
-    tcp_args.extend([
-        "--inbound-forward".into(),
-        s.app.echo.to_string(),
-        "--opaque-ports".into(),
-        s.app.echo.port().to_string(),
-    ]);
-    let tcp_proxy = Managed::spawn(
-        "pylon-inbound-tcp",
-        s.pylon_bin,
-        &tcp_args,
-        PYLON_ENV,
-        s.proxy_cpus,
-        s.dir,
-    )?;
+    let http_pids = vec![outbound_proxy.pid(), inbound_proxy.pid()];
+    let mut procs = vec![outbound_proxy, inbound_proxy];
+    let (tcp, tcp_pids) = if ids.is_some() {
+        (
+            Err(
+                "the echo goes from a plaintext client to the inbound proxy only: the same as \
+                 the pylon path's (no mTLS hop)"
+                    .to_owned(),
+            ),
+            Vec::new(),
+        )
+    } else {
+        let tcp = free_addr()?;
+        let mut tcp_args = pylon_args(s.threads, tcp, free_addr()?, free_addr()?, free_addr()?);
+        tcp_args.extend([
+            "--inbound-forward".into(),
+            s.app.echo.to_string(),
+            "--opaque-ports".into(),
+            s.app.echo.port().to_string(),
+        ]);
+        let tcp_proxy = Managed::spawn(
+            "pylon-inbound-tcp",
+            s.pylon_bin,
+            &tcp_args,
+            PYLON_ENV,
+            s.proxy_cpus,
+            s.dir,
+        )?;
+        let pid = tcp_proxy.pid();
+        procs.push(tcp_proxy);
+        (Ok(tcp), vec![pid])
+    };
 
     Ok(Chain {
-        kind: PathKind::Pylon,
+        kind,
         h1: outbound,
         h2: outbound,
-        tcp: Ok(tcp),
-        http_pids: vec![outbound_proxy.pid(), inbound_proxy.pid()],
+        tcp,
+        http_pids,
         tap_addrs: vec![out_tap, in_tap],
-        tcp_pids: vec![tcp_proxy.pid()],
-        procs: vec![outbound_proxy, inbound_proxy, tcp_proxy],
+        admin_addrs: vec![out_admin, in_admin],
+        identities: ids,
+        tcp_pids,
+        procs,
     })
+}
+
+/// `GET /metrics` from an admin server, on a connection of its own.
+pub async fn fetch_metrics(admin: SocketAddr) -> Result<String> {
+    let fetch = async {
+        let stream = tokio::net::TcpStream::connect(admin).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let connection = tokio::spawn(connection);
+        let request = http::Request::get("/metrics")
+            .header(http::header::HOST, admin.to_string())
+            .header(http::header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_METRICS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the body: {e}"))?
+            .to_bytes();
+        connection.abort();
+        if !status.is_success() {
+            bail!("answered {status}");
+        }
+        String::from_utf8(body.to_vec()).context("the body is not UTF-8")
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| anyhow!("no answer within 5 s"))?
+        .with_context(|| format!("GET http://{admin}/metrics"))
+}
+
+/// Which side of the mTLS hop a proxy's `/metrics` is read on, and the peer it must name.
+#[derive(Debug, Clone, Copy)]
+pub enum MtlsPeer<'a> {
+    /// The outbound proxy: `direction="outbound"`, `server_id="<identity>"`.
+    Server(&'a str),
+    /// The inbound proxy: `direction="inbound"`, `client_id="<identity>"`.
+    Client(&'a str),
+}
+
+/// Responses a proxy counted over mesh TLS with `peer`: the sum of its
+/// `response_total{direction=...,tls="true",server_id|client_id="<identity>"}` series.
+pub fn mtls_responses(metrics: &str, peer: MtlsPeer) -> Result<u64> {
+    let (direction, label, id) = match peer {
+        MtlsPeer::Server(id) => ("outbound", "server_id", id),
+        MtlsPeer::Client(id) => ("inbound", "client_id", id),
+    };
+    let scrape = Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned())))
+        .context("parsing the Prometheus text")?;
+    let total: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "response_total")
+        .filter(|s| {
+            s.labels.get("direction") == Some(direction)
+                && s.labels.get("tls") == Some("true")
+                && s.labels.get(label) == Some(id)
+        })
+        .map(|s| match s.value {
+            Value::Counter(v) | Value::Untyped(v) | Value::Gauge(v) => v,
+            Value::Histogram(_) | Value::Summary(_) => 0.0,
+        })
+        .sum();
+    Ok(total.max(0.0) as u64)
+}
+
+impl Chain {
+    /// Responses both proxies of the `pylon-mtls` chain counted over mesh TLS with each other
+    /// (outbound: `server_id` = the inbound's identity; inbound: `client_id` = the outbound's).
+    pub async fn mtls_responses(&self) -> Result<(u64, u64)> {
+        let (Some(ids), [outbound, inbound, ..]) = (&self.identities, self.admin_addrs.as_slice())
+        else {
+            bail!("path {} has no mesh identities", self.kind.name());
+        };
+        let out = mtls_responses(
+            &fetch_metrics(*outbound).await?,
+            MtlsPeer::Server(&ids.server),
+        )?;
+        let inb = mtls_responses(
+            &fetch_metrics(*inbound).await?,
+            MtlsPeer::Client(&ids.client),
+        )?;
+        Ok((out, inb))
+    }
 }
 
 /// One proxy of a two-proxy chain: what it listens on and where it sends.
@@ -573,6 +778,8 @@ pub fn nginx(s: &Setup) -> Result<Chain> {
         tcp,
         http_pids: vec![outbound, inbound],
         tap_addrs: Vec::new(),
+        admin_addrs: Vec::new(),
+        identities: None,
         tcp_pids: vec![inbound],
         procs,
     })
@@ -612,6 +819,8 @@ pub fn haproxy(s: &Setup) -> Result<Chain> {
         tcp: Ok(tcp),
         http_pids: vec![outbound, inbound],
         tap_addrs: Vec::new(),
+        admin_addrs: Vec::new(),
+        identities: None,
         tcp_pids: vec![inbound],
         procs,
     })
@@ -701,11 +910,95 @@ mod tests {
 
     #[test]
     fn pylon_mesh_points_the_service_at_the_inbound_proxy() {
-        let yaml = render_pylon_mesh("127.0.0.1:4143".parse().expect("addr"));
+        let yaml = render_pylon_mesh("127.0.0.1:4143".parse().expect("addr"), None);
         assert!(yaml.contains("kind: Service\nmetadata:\n  name: bench\n  namespace: default"));
         assert!(yaml.contains("kubernetes.io/service-name: bench"));
         assert!(yaml.contains("ports:\n- name: http\n  port: 4143"));
         assert!(yaml.contains("- \"127.0.0.1\""));
+        assert!(!yaml.contains("annotations"), "{yaml}");
+    }
+
+    fn yaml_docs(yaml: &str) -> Vec<serde_yaml_ng::Value> {
+        serde_yaml_ng::Deserializer::from_str(yaml)
+            .map(|doc| serde::Deserialize::deserialize(doc).expect("valid YAML"))
+            .collect()
+    }
+
+    #[test]
+    fn pylon_mesh_with_an_identity_annotates_the_endpoint_slice() {
+        let id = "bench.default.serviceaccount.identity.pylon.cluster.local";
+        let yaml = render_pylon_mesh("127.0.0.1:4143".parse().expect("addr"), Some(id));
+        let docs = yaml_docs(&yaml);
+        assert_eq!(docs.len(), 2, "{yaml}");
+        assert_eq!(docs[0]["kind"].as_str(), Some("Service"));
+        assert!(docs[0]["metadata"].get("annotations").is_none(), "{yaml}");
+        let slice = &docs[1];
+        assert_eq!(slice["kind"].as_str(), Some("EndpointSlice"));
+        assert_eq!(
+            slice["metadata"]["annotations"]["pylon.io/identity"].as_str(),
+            Some(id)
+        );
+        // The annotation sits beside the labels, which still name the Service.
+        assert_eq!(
+            slice["metadata"]["labels"]["kubernetes.io/service-name"].as_str(),
+            Some("bench")
+        );
+        assert_eq!(slice["metadata"]["name"].as_str(), Some("bench-1"));
+        assert_eq!(slice["addressType"].as_str(), Some("IPv4"));
+        assert_eq!(slice["ports"][0]["port"].as_u64(), Some(4143));
+        assert_eq!(
+            slice["endpoints"][0]["addresses"][0].as_str(),
+            Some("127.0.0.1")
+        );
+        // Without one, the same objects parse and carry no annotation.
+        let plain = yaml_docs(&render_pylon_mesh(
+            "127.0.0.1:4143".parse().expect("addr"),
+            None,
+        ));
+        assert!(plain[1]["metadata"].get("annotations").is_none());
+        assert_eq!(plain[1]["ports"], slice["ports"]);
+    }
+
+    #[test]
+    fn issues_identities_for_both_workloads_from_one_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids = issue_identities(dir.path()).expect("identities");
+        assert_eq!(
+            ids.server,
+            "bench.default.serviceaccount.identity.pylon.cluster.local"
+        );
+        assert_eq!(
+            ids.client,
+            "bench-client.default.serviceaccount.identity.pylon.cluster.local"
+        );
+        for d in [&ids.server_dir, &ids.client_dir] {
+            for f in ["ca.crt", "tls.crt", "tls.key"] {
+                assert!(d.join(f).is_file(), "{} missing in {}", f, d.display());
+            }
+        }
+        let ca = |d: &Path| std::fs::read_to_string(d.join("ca.crt")).expect("ca.crt");
+        assert_eq!(ca(&ids.server_dir), ca(&ids.client_dir));
+    }
+
+    #[test]
+    fn counts_mtls_responses_with_the_peer_identity() {
+        let id = "bench.default.serviceaccount.identity.pylon.cluster.local";
+        let metrics = format!(
+            "# HELP response Total count of HTTP responses.\n\
+             # TYPE response counter\n\
+             response_total{{direction=\"outbound\",authority=\"bench.default.svc.cluster.local:80\",tls=\"true\",server_id=\"{id}\",classification=\"success\",status_code=\"200\"}} 120\n\
+             response_total{{direction=\"outbound\",authority=\"bench.default.svc.cluster.local:80\",tls=\"true\",server_id=\"{id}\",classification=\"failure\",status_code=\"502\"}} 3\n\
+             response_total{{direction=\"outbound\",tls=\"true\",server_id=\"other.default.serviceaccount.identity.pylon.cluster.local\",classification=\"success\",status_code=\"200\"}} 7\n\
+             response_total{{direction=\"outbound\",tls=\"no_identity\",no_tls_reason=\"not_provided_by_service_discovery\",classification=\"success\",status_code=\"200\"}} 50\n\
+             response_total{{direction=\"inbound\",tls=\"true\",client_id=\"x\",server_id=\"{id}\",classification=\"success\",status_code=\"200\"}} 9\n\
+             # EOF\n"
+        );
+        let count = |peer| mtls_responses(&metrics, peer).expect("parses");
+        assert_eq!(count(MtlsPeer::Server(id)), 123);
+        assert_eq!(count(MtlsPeer::Server("nobody")), 0);
+        assert_eq!(count(MtlsPeer::Client("x")), 9);
+        assert_eq!(count(MtlsPeer::Client(id)), 0);
+        assert_eq!(mtls_responses("", MtlsPeer::Server(id)).expect("parses"), 0);
     }
 
     #[test]

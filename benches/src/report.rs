@@ -113,6 +113,47 @@ pub struct NotRun {
     pub reason: String,
 }
 
+/// One figure of Pylon's mTLS chain against the plaintext one, measured back to back.
+#[derive(Debug, Clone, Serialize)]
+pub struct MtlsFigure {
+    pub workload: Workload,
+    /// What is compared, with its unit (`req per proxy CPU-s (closed loop)`, `p99 µs at ...`).
+    pub figure: String,
+    pub plaintext: f64,
+    pub mtls: f64,
+    /// mTLS ÷ plaintext.
+    pub ratio: Option<f64>,
+    /// Failed requests over the runs behind each number: (plaintext, mTLS).
+    pub errors: (u64, u64),
+}
+
+/// What mTLS between Pylon's proxies costs against plaintext on the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct MtlsCost {
+    /// How it was measured and checked, or why it was not.
+    pub summary: String,
+    pub figures: Vec<MtlsFigure>,
+}
+
+impl MtlsFigure {
+    pub fn new(
+        workload: Workload,
+        figure: impl Into<String>,
+        plaintext: f64,
+        mtls: f64,
+        errors: (u64, u64),
+    ) -> MtlsFigure {
+        MtlsFigure {
+            workload,
+            figure: figure.into(),
+            plaintext,
+            mtls,
+            ratio: ratio(mtls, plaintext),
+            errors,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub date_utc: String,
@@ -126,6 +167,7 @@ pub struct Report {
     pub memory: Vec<MemoryRow>,
     pub not_run: Vec<NotRun>,
     pub tap_active_vs_idle: String,
+    pub mtls_vs_plaintext: MtlsCost,
 }
 
 /// Fills the ratio columns of every row from the other rows of the same run.
@@ -221,7 +263,7 @@ fn errors_cell(e: &Errors) -> String {
     }
 }
 
-fn thousands(n: usize) -> String {
+pub fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -358,6 +400,29 @@ pub fn markdown(r: &Report) -> String {
         "| pylon, tap active vs idle | {} |",
         r.tap_active_vs_idle
     );
+
+    md.push_str("\n## mTLS cost (Pylon: mTLS between the proxies ÷ plaintext, same run)\n\n");
+    md.push_str(&r.mtls_vs_plaintext.summary);
+    md.push('\n');
+    if !r.mtls_vs_plaintext.figures.is_empty() {
+        md.push_str(
+            "\n| workload | figure | plaintext | mTLS | mTLS ÷ plaintext | errors (plaintext / mTLS) |\n\
+             |---|---|---:|---:|---:|---|\n",
+        );
+        for f in &r.mtls_vs_plaintext.figures {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} / {} |",
+                f.workload.name(),
+                f.figure,
+                num(f.plaintext),
+                num(f.mtls),
+                opt(f.ratio, times),
+                f.errors.0,
+                f.errors.1,
+            );
+        }
+    }
 
     if !r.not_run.is_empty() {
         md.push_str("\n## Not measured\n\n");
@@ -505,6 +570,19 @@ mod tests {
             memory: vec![],
             not_run: vec![],
             tap_active_vs_idle: String::new(),
+            mtls_vs_plaintext: MtlsCost {
+                summary: "HTTP/1.1 travels as HTTP/2 between mTLS proxies.".into(),
+                figures: vec![
+                    MtlsFigure::new(
+                        Workload::Http1Get,
+                        "req per proxy CPU-s (closed loop)",
+                        20_000.0,
+                        15_000.0,
+                        (0, 2),
+                    ),
+                    MtlsFigure::new(Workload::Http1Get, "p99 µs", 0.0, 300.0, (0, 0)),
+                ],
+            },
         };
         fill_ratios(&mut r);
         assert_eq!(r.latency[0].added_us, None);
@@ -522,6 +600,32 @@ mod tests {
         assert_eq!(r.throughput[0].per_cpu_vs_best_other, None);
         let md = markdown(&r);
         assert!(md.contains("| HTTP/1.1 GET (64 B body) | 1,000 | pylon | 150 | 300 | 600 | +50.0 | +100 | +200 | 2.00× |"), "{md}");
+
+        let mtls = &r.mtls_vs_plaintext.figures;
+        assert_eq!(mtls[0].ratio, Some(0.75));
+        assert_eq!(mtls[1].ratio, None, "no ratio over a zero denominator");
+        assert!(md.contains("## mTLS cost"), "{md}");
+        assert!(md.contains("HTTP/1.1 travels as HTTP/2 between mTLS proxies."));
+        assert!(
+            md.contains(
+                "| HTTP/1.1 GET (64 B body) | req per proxy CPU-s (closed loop) | 20000 | 15000 \
+                 | 0.75× | 0 / 2 |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| p99 µs | 0.00 | 300 | — | 0 / 0 |"), "{md}");
+        // The mTLS section follows the telemetry one.
+        let (tel, m) = (md.find("## Telemetry cost"), md.find("## mTLS cost"));
+        assert!(tel < m, "{md}");
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(
+            json["mtls_vs_plaintext"]["figures"][0]["ratio"].as_f64(),
+            Some(0.75)
+        );
+        assert_eq!(
+            json["mtls_vs_plaintext"]["figures"][0]["workload"].as_str(),
+            Some("http1-get")
+        );
     }
 
     #[test]
