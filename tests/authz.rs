@@ -1206,7 +1206,8 @@ async fn policy_changes_apply_to_new_connections_live() {
         let web = identity("web");
 
         assert_allowed(&plain_get(proxy.inbound(), "/").await, &backend, "before");
-        // A connection opened before the change keeps its decision.
+        // A kept-alive connection opened before the change: its next request is decided on
+        // the new policy.
         let mut early = h1_client(proxy.inbound()).await;
         let rsp = send_h1(&mut early, h1_request("GET", "web", "/early", empty()))
             .await
@@ -1225,7 +1226,7 @@ async fn policy_changes_apply_to_new_connections_live() {
         let rsp = send_h1(&mut early, h1_request("GET", "web", "/early", empty()))
             .await
             .unwrap();
-        assert_allowed(&rsp, &backend, "the connection decided before the change");
+        assert_denied(&rsp, "the connection opened before the change");
         assert!(
             wait_metric_at_least(
                 &proxy,

@@ -1,12 +1,15 @@
 //! Inbound authorization: who may connect to which port of this workload, from the
 //! `policy.linkerd.io` objects of the config dir and `--default-policy`.
 //!
-//! The policy is rebuilt once per config change and read lock-free; each connection is
-//! decided once (its client, TLS identity and port can't change), its metric counters
-//! resolved then, and HTTP requests on it only bump a counter.
+//! The policy is rebuilt once per config change and read lock-free. A connection is decided
+//! when it is accepted (its client, TLS identity and port can't change) and its metric
+//! counters resolved then; an HTTP request on it only compares the policy's generation and
+//! bumps a counter, and is decided again only after the policy changed, so a change applies
+//! to the next request even on a kept-alive connection.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
@@ -22,6 +25,8 @@ pub struct InboundAuthz {
     labels: BTreeMap<String, String>,
     config: InboundConfig,
     policy: ArcSwap<InboundPolicy>,
+    /// Bumped after every policy update: requests on older decisions decide again.
+    generation: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -104,6 +109,7 @@ impl InboundAuthz {
             labels,
             config,
             policy: ArcSwap::new(policy),
+            generation: AtomicU64::new(0),
             metrics,
         });
         this.spawn_updates(store);
@@ -120,8 +126,14 @@ impl InboundAuthz {
                 let Some(this) = this.upgrade() else { return };
                 let policy = snapshot.inbound_policy(&this.namespace, &this.labels, &this.config);
                 this.policy.store(policy);
+                this.generation.fetch_add(1, Ordering::Release);
             }
         });
+    }
+
+    /// Which policy version decisions are made on (see [`ConnectionAuthz`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// What the Server on `port` declares it speaks (`Unknown` when nothing declares it).
@@ -167,5 +179,68 @@ impl InboundAuthz {
             },
             metrics: self.metrics.clone(),
         }
+    }
+}
+
+/// One HTTP connection's authorization, checked per request: the connection's decision until
+/// the policy changes, then decided again (and counted under the new decision's labels).
+pub struct ConnectionAuthz {
+    authz: Arc<InboundAuthz>,
+    port: u16,
+    client: Client,
+    target_label: Arc<str>,
+    current: ArcSwap<Current>,
+}
+
+struct Current {
+    generation: u64,
+    allowed: bool,
+    counter: EventCounter,
+}
+
+impl ConnectionAuthz {
+    /// `decision` was made on `generation` (read before deciding, so a change in between
+    /// only makes the first request decide again).
+    pub fn new(
+        authz: Arc<InboundAuthz>,
+        generation: u64,
+        port: u16,
+        client: Client,
+        target_label: Arc<str>,
+        decision: &Decision,
+    ) -> Arc<ConnectionAuthz> {
+        Arc::new(ConnectionAuthz {
+            authz,
+            port,
+            client,
+            target_label,
+            current: ArcSwap::from_pointee(Current {
+                generation,
+                allowed: decision.allowed,
+                counter: decision.http_counter(),
+            }),
+        })
+    }
+
+    /// Whether this request may go on; counted either way.
+    pub fn check_request(&self) -> bool {
+        let generation = self.authz.generation();
+        let current = self.current.load();
+        if current.generation == generation {
+            current.counter.inc();
+            return current.allowed;
+        }
+        let decision = self
+            .authz
+            .decide(self.port, &self.client, &self.target_label);
+        let next = Current {
+            generation,
+            allowed: decision.allowed,
+            counter: decision.http_counter(),
+        };
+        next.counter.inc();
+        let allowed = next.allowed;
+        self.current.store(Arc::new(next));
+        allowed
     }
 }

@@ -2,10 +2,15 @@
 //!
 //! ```text
 //! accept ─ target: 127.0.0.1:<original port> when iptables redirected it, else --inbound-forward
-//!        ─ detect protocol (skipped for opaque ports)
-//!        ├ opaque TCP ─ copy bytes to the target
+//!        ─ mesh TLS (with --identity-dir): a ClientHello naming this identity is terminated,
+//!          the client's identity learnt; other TLS passes through as opaque
+//!        ─ detect protocol (skipped for opaque ports and ALPN h2)
+//!        ─ authorize the client on this port (the inbound policy)
+//!        ├ opaque TCP ─ closed if denied, else copy bytes to the target
 //!        └ HTTP/1 or h2 server connection, then per request:
 //!            proxy errors → responses
+//!            ─ authorize (403 if denied; decided again after a policy change)
+//!            ─ l5d-orig-proto: back to the HTTP/1 another proxy carried over h2
 //!            ─ target: the workload's port; metrics by the authority requested
 //!            ─ route (the workload's own ServiceProfile): route metrics and classification
 //!            ─ tap (while tapped)
@@ -21,17 +26,16 @@ use arc_swap::ArcSwap;
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
-use pylon_proxy_metrics::{
-    Direction, EventCounter, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls,
-};
+use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls};
 use pylon_proxy_policy::{ProxyProtocol, Store};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 
 use crate::args::ProxyArgs;
-use crate::authz::{Client, InboundAuthz};
+use crate::authz::{Client, ConnectionAuthz, InboundAuthz};
 use crate::detect::{self, Protocol};
+use crate::http::authorize::AuthorizeLayer;
 use crate::http::client::{EndpointClient, EndpointTarget};
 use crate::http::errors::RespondLayer;
 use crate::http::headers::request_authority;
@@ -242,6 +246,7 @@ impl Inbound {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let port = self.app_port(addr, client.tls_label(NO_TLS_REASON));
+        let generation = self.authz.generation();
         let decision = self.authz.decide(addr.port(), &client, &port.target_label);
         match protocol {
             Protocol::Tcp => {
@@ -262,14 +267,18 @@ impl Inbound {
             }
             Protocol::Http1 | Protocol::H2 => {
                 let io = CountingIo::new(io, port.tcp.open());
-                let counter = decision.http_counter();
-                if decision.allowed {
-                    let svc = TowerToHyperService::new(self.http_stack(port, client.addr, counter));
-                    server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
-                } else {
-                    let svc = TowerToHyperService::new(deny_stack(counter));
-                    server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
-                }
+                // Denied clients are still served, so each request gets its 403 (and a policy
+                // change can let the next one through).
+                let authz = ConnectionAuthz::new(
+                    self.authz.clone(),
+                    generation,
+                    addr.port(),
+                    client.clone(),
+                    port.target_label.clone(),
+                    &decision,
+                );
+                let svc = TowerToHyperService::new(self.http_stack(port, client.addr, authz));
+                server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
             }
             Protocol::MalformedHttp1 => server::reject_malformed(io, client.addr).await,
         }
@@ -280,16 +289,17 @@ impl Inbound {
         self: &Arc<Self>,
         port: Arc<AppPort>,
         client: SocketAddr,
-        authorized: EventCounter,
+        authz: Arc<ConnectionAuthz>,
     ) -> impl HttpStack {
         let this = self.clone();
         ServiceBuilder::new()
             // Proxy errors from any layer below become responses with `pylon-proxy-error`.
             .layer(RespondLayer)
+            // The inbound policy: 403 for a client this port doesn't admit.
+            .layer(AuthorizeLayer::new(authz))
             // The workload's port is the target; metrics are kept by the authority requested.
             // A request another proxy carried over h2 goes to the app as the HTTP/1 it was.
             .map_request(move |mut req: Request<Incoming>| {
-                authorized.inc();
                 restore_orig_proto(&mut req);
                 let AuthorityTarget { target, routes } =
                     this.target_for(&port, request_authority(&req));
@@ -426,16 +436,4 @@ fn restore_orig_proto<B>(req: &mut Request<B>) {
         b"HTTP/1.0" => http::Version::HTTP_10,
         _ => http::Version::HTTP_11,
     };
-}
-
-/// Every request on a connection the policy refused: 403 with `pylon-proxy-error`, counted.
-fn deny_stack(denied: EventCounter) -> impl HttpStack {
-    ServiceBuilder::new()
-        .layer(RespondLayer)
-        .service_fn(move |_req: Request<Incoming>| {
-            denied.inc();
-            std::future::ready(Err::<crate::http::ProxyResponse, _>(
-                crate::http::ProxyError::Unauthorized,
-            ))
-        })
 }

@@ -3,6 +3,7 @@
 //! `EndpointClient` at the bottom, response bodies that record when they end, hop-by-hop headers
 //! and tunnels.
 
+pub mod authorize;
 pub mod body;
 pub mod client;
 pub mod errors;
