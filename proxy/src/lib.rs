@@ -1,14 +1,16 @@
 //! `pylon-proxy`: the Pylon sidecar.
 //!
 //! This crate owns the data plane: listeners, protocol detection, the inbound and outbound request
-//! paths, discovery of endpoints, load balancing, the endpoint clients, the admin server and the
-//! iptables set-up (`pylon-proxy init`). It reads the mesh through `pylon-proxy-policy`'s Store and
-//! records through `pylon-proxy-metrics`' handles; it must not parse mesh YAML or encode metrics
-//! itself.
+//! paths, discovery of endpoints, load balancing, the endpoint clients, mesh TLS on the wire,
+//! inbound authorization, the admin server and the iptables set-up (`pylon-proxy init`). It reads
+//! the mesh through `pylon-proxy-policy`'s Store (and its authorization model), its identity
+//! through `pylon-identity`, and records through `pylon-proxy-metrics`' handles; it must not parse
+//! mesh YAML or certificates, or encode metrics, itself.
 //!
 //! Reading order for a newcomer: `app.rs` (start-up and shutdown), `listener.rs` (accept and
 //! detect), then `outbound.rs` and `inbound.rs`, each of which reads top to bottom as the path a
-//! request takes in that direction.
+//! request takes in that direction; `connect.rs` and `mesh_tls.rs` for how a hop is secured,
+//! `authz.rs` for who may call.
 
 mod access_log;
 mod accrual;
