@@ -505,6 +505,11 @@ fn stat_routes_and_edges_from_direct_scrapes() {
         "{text}"
     );
     assert_eq!(r[0]["RETRY%"], "0.00%", "{text}");
+    // The client proxy's connections to web's endpoint are counted (peer="dst").
+    assert!(
+        r[0]["TCP_CONN"].parse::<u32>().is_ok_and(|n| n >= 1),
+        "TCP_CONN: {text}"
+    );
 
     // The same traffic seen as the service's.
     let out = pylon(&args(

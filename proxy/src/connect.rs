@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use pylon_identity::rustls::{self, AlertDescription, CertificateError};
 use pylon_identity::tokio_rustls::client::TlsStream;
+use pylon_proxy_metrics::TcpTarget;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::io::CountingIo;
 use crate::mesh_tls::{Alpn, MeshTls};
 use crate::tcp::{self, ConnectError};
 
@@ -25,6 +27,8 @@ pub struct Connect {
     addr: SocketAddr,
     timeout: Duration,
     tls: Option<ServerTls>,
+    /// Where its connections are counted (`tcp_*{peer="dst"}`), when they are.
+    tcp: Option<TcpTarget>,
 }
 
 /// The mesh TLS an endpoint is reached with: this proxy's credentials, and the identity the
@@ -41,6 +45,7 @@ impl Connect {
             addr,
             timeout,
             tls: None,
+            tcp: None,
         }
     }
 
@@ -55,7 +60,14 @@ impl Connect {
             addr,
             timeout,
             tls: Some(ServerTls { mesh, server_id }),
+            tcp: None,
         }
+    }
+
+    /// Counts every connection (HTTP pools, the h2 connection, opaque TCP) in `tcp`.
+    pub fn counted(mut self, tcp: TcpTarget) -> Self {
+        self.tcp = Some(tcp);
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -67,8 +79,23 @@ impl Connect {
         self.tls.as_ref().map(|t| &t.server_id)
     }
 
-    /// A new connection; over mesh TLS (announcing `alpn`) when the endpoint is meshed.
+    /// A new connection; over mesh TLS (announcing `alpn`) when the endpoint is meshed;
+    /// counted when this `Connect` is.
     pub async fn connect(&self, alpn: Alpn) -> Result<EndpointIo, ConnectError> {
+        let Some(tcp) = &self.tcp else {
+            return self.open(alpn).await;
+        };
+        let conn = tcp.open();
+        match self.open(alpn).await {
+            Ok(io) => Ok(EndpointIo::Counted(Box::new(CountingIo::new(io, conn)))),
+            Err(e) => {
+                conn.close(Some(e.errno()));
+                Err(e)
+            }
+        }
+    }
+
+    async fn open(&self, alpn: Alpn) -> Result<EndpointIo, ConnectError> {
         let stream = tcp::connect(self.addr, self.timeout).await?;
         let Some(tls) = &self.tls else {
             return Ok(EndpointIo::Plain(stream));
@@ -101,6 +128,8 @@ impl Connect {
 pub enum EndpointIo {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// Either of the above, counted into its endpoint's `tcp_*` metrics.
+    Counted(Box<CountingIo<EndpointIo>>),
 }
 
 impl AsyncRead for EndpointIo {
@@ -112,6 +141,7 @@ impl AsyncRead for EndpointIo {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Counted(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -125,6 +155,7 @@ impl AsyncWrite for EndpointIo {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Self::Counted(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -136,6 +167,7 @@ impl AsyncWrite for EndpointIo {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Self::Counted(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -143,6 +175,7 @@ impl AsyncWrite for EndpointIo {
         match self {
             Self::Plain(s) => s.is_write_vectored(),
             Self::Tls(s) => s.is_write_vectored(),
+            Self::Counted(s) => s.is_write_vectored(),
         }
     }
 
@@ -150,6 +183,7 @@ impl AsyncWrite for EndpointIo {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_flush(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::Counted(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -157,6 +191,7 @@ impl AsyncWrite for EndpointIo {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Counted(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

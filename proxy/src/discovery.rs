@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls};
+use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, Tls};
 use pylon_proxy_policy::{ServiceRef, Snapshot, Store};
 
 use crate::accrual::{AccrualPolicy, EndpointHealth};
@@ -55,17 +55,11 @@ pub struct Endpoint {
     load: Arc<PeakEwma>,
     /// Failure accrual: consecutive failures eject it for a while.
     pub health: Arc<EndpointHealth>,
-    /// Only opaque connections need TCP handles; made on first use so unused series don't exist.
-    tcp: LazyTarget<TcpTarget>,
 }
 
 impl Endpoint {
     pub fn load_handle(&self) -> &Arc<PeakEwma> {
         &self.load
-    }
-
-    pub fn tcp(&self) -> &TcpTarget {
-        self.tcp.get(|m, l| m.tcp_target(l))
     }
 }
 
@@ -484,13 +478,15 @@ impl Discovery {
             ),
             (None, _) => (Connect::plain(addr, self.connect_timeout), NOT_MESHED),
         };
-        let connect = Arc::new(connect);
         let labels = self.labels(
             &logical.authority,
             &addr.to_string(),
             logical.service.as_ref(),
             tls,
         );
+        // Every connection to the endpoint (HTTP or opaque) is counted, as Linkerd does.
+        let connect =
+            Arc::new(connect.counted(self.metrics.tcp_target(labels.clone().with_peer(Peer::Dst))));
         Arc::new(Endpoint {
             addr,
             identity,
@@ -507,7 +503,6 @@ impl Discovery {
                 logical.authority.clone(),
                 self.metrics.endpoint_ejections(labels.clone()),
             )),
-            tcp: LazyTarget::new(&self.metrics, labels.with_peer(Peer::Dst)),
         })
     }
 

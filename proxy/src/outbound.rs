@@ -193,7 +193,7 @@ impl Outbound {
             .start()
             .with_health(endpoint.health.clone());
         // Over mesh TLS when the endpoint is meshed (its handshake failure is a connect failure).
-        let result = tcp::forward_to(io, &endpoint.connect, endpoint.tcp()).await;
+        let result = tcp::forward_to(io, &endpoint.connect).await;
         // Only the connect can fail here; what flows afterwards is the app's business.
         match &result {
             Ok(()) => in_flight.finished(true),

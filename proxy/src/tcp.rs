@@ -10,7 +10,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::connect::{Connect, TlsFailure};
-use crate::io::CountingIo;
 use crate::mesh_tls::Alpn;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,28 +66,20 @@ pub async fn forward<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    forward_to(client, &Connect::plain(endpoint, connect_timeout), dst).await
+    forward_to(
+        client,
+        &Connect::plain(endpoint, connect_timeout).counted(dst.clone()),
+    )
+    .await
 }
 
 /// Proxies `client` to the endpoint `connect` reaches: over mesh TLS (no ALPN: the bytes are
-/// opaque) when the endpoint is meshed. Counted like [`forward`].
-pub async fn forward_to<I>(
-    mut client: I,
-    connect: &Connect,
-    dst: &TcpTarget,
-) -> Result<(), ConnectError>
+/// opaque) when the endpoint is meshed. Counted where `connect` counts its connections.
+pub async fn forward_to<I>(mut client: I, connect: &Connect) -> Result<(), ConnectError>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let conn = dst.open();
-    let upstream = match connect.connect(Alpn::Opaque).await {
-        Ok(s) => s,
-        Err(e) => {
-            conn.close(Some(e.errno()));
-            return Err(e);
-        }
-    };
-    let mut upstream = CountingIo::new(upstream, conn);
+    let mut upstream = connect.connect(Alpn::Opaque).await?;
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok(_) => {}
         Err(e) => {
