@@ -947,43 +947,6 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
 // Opaque TCP over the mesh (transparent mode: a network namespace of its own)
 // ---------------------------------------------------------------------------------------------
 
-/// Finds a tool in PATH, /usr/sbin or /sbin.
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// True when a network namespace with iptables can be made; otherwise a notice (and `false`),
-/// or under `CI=true` a failure.
-fn netns_preconditions(test: &str) -> bool {
-    use std::io::Write;
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root (it makes a network namespace)".to_string());
-    }
-    for tool in ["ip", "iptables"] {
-        if find_tool(tool).is_none() {
-            missing.push(format!("`{tool}`"));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!(
-        "{test} needs {}; as root: apt-get install -y iproute2 iptables",
-        missing.join(", ")
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg} (failing because CI=true)");
-    }
-    let _ = writeln!(std::io::stderr(), "NOTICE: skipping: {msg}");
-    false
-}
-
 /// Runs a command to completion (bounded), panicking with its output when it fails.
 fn run(program: &str, args: &[&str]) {
     let tool = find_tool(program).unwrap_or_else(|| PathBuf::from(program));
@@ -1055,7 +1018,11 @@ fn service_with_cluster_ip(name: &str, ip: &str, port: u16) -> String {
 
 #[test]
 fn opaque_tcp_through_the_mesh() {
-    if !netns_preconditions("opaque_tcp_through_the_mesh") {
+    if !prerequisites(
+        "opaque_tcp_through_the_mesh",
+        &["ip", "iptables"],
+        "iproute2 iptables",
+    ) {
         return;
     }
     // Cluster IPs on loopback (all of 127/8 routes to `lo`), redirected by iptables.

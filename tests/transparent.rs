@@ -9,7 +9,9 @@
 //! Needs root with `ip`, `iptables`, `curl`, `python3` and `setpriv`. Without them the tests
 //! print a notice and pass, unless `CI=true`, where they fail saying what is missing.
 
-use std::io::{Read, Write};
+mod support;
+
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -30,49 +32,13 @@ const CALLS: usize = 3;
 
 // ----- preconditions -----
 
-/// Finds a tool in PATH, /usr/sbin or /sbin.
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// True when this test can run. Otherwise: a notice (and `false`), or under `CI=true` a failure.
+/// True when this test can run (root, and the tools it drives); see `support::prerequisites`.
 fn preconditions(test: &str) -> bool {
-    let mut missing = Vec::new();
-    if !is_root() {
-        missing.push("root (it creates network namespaces)".to_string());
-    }
-    for tool in ["ip", "iptables", "curl", "python3", "setpriv"] {
-        if find_tool(tool).is_none() {
-            missing.push(format!("`{tool}`"));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!(
-        "{test} needs {}; as root: apt-get install -y iproute2 iptables curl python3 util-linux",
-        missing.join(", ")
-    );
-    if in_ci() {
-        panic!("{msg} (failing because CI=true)");
-    }
-    // Straight to the stream: libtest captures `eprintln!` of passing tests, and a skip
-    // must be seen.
-    let _ = writeln!(std::io::stderr(), "NOTICE: skipping: {msg}");
-    false
+    support::prerequisites(
+        test,
+        &["ip", "iptables", "curl", "python3", "setpriv"],
+        "iproute2 iptables curl python3 util-linux",
+    )
 }
 
 // ----- bounded commands -----

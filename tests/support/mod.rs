@@ -1684,3 +1684,54 @@ pub fn closed_port() -> SocketAddr {
     drop(l);
     a
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prerequisites of tests that need root and system tools
+// ---------------------------------------------------------------------------------------------
+
+/// Finds a tool in PATH, /usr/sbin or /sbin.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// True when `test` can run: root (for network namespaces) and `tools` are there. Otherwise a
+/// notice naming what's missing and how to install it (and `false`), or under `CI=true` a
+/// failure: a test never silently skips in CI.
+pub fn prerequisites(test: &str, tools: &[&str], apt_packages: &str) -> bool {
+    let mut missing = Vec::new();
+    if !is_root() {
+        missing.push("root (it creates network namespaces)".to_string());
+    }
+    for tool in tools {
+        if find_tool(tool).is_none() {
+            missing.push(format!("`{tool}`"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!(
+        "{test} needs {}; as root: apt-get install -y {apt_packages}",
+        missing.join(", ")
+    );
+    if in_ci() {
+        panic!("{msg} (failing because CI=true)");
+    }
+    // Straight to the stream: libtest captures `eprintln!` of passing tests, and a skip
+    // must be seen.
+    let _ = writeln!(std::io::stderr(), "NOTICE: skipping: {msg}");
+    false
+}
