@@ -248,7 +248,7 @@ const POLICY_KIND: &str = "authorizationpolicy";
 const POLICY_GROUP: &str = "policy.linkerd.io";
 
 /// Identities a requirement accepts, hashed once.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct IdentitySet {
     /// `*`: any authenticated client.
     any: bool,
@@ -292,7 +292,7 @@ impl IdentitySet {
 }
 
 /// One way in: every requirement must hold.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 struct Authz {
     group: &'static str,
     kind: &'static str,
@@ -323,7 +323,7 @@ impl Authz {
 }
 
 /// What one Server (or the default) allows.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 struct ServerPolicy {
     group: &'static str,
     kind: &'static str,
@@ -383,8 +383,9 @@ impl PortPolicy {
     }
 }
 
-/// One workload's inbound policy for every port, built from one snapshot.
-#[derive(Debug)]
+/// One workload's inbound policy for every port, built from one snapshot. Comparable, so
+/// a config change that leaves it as it was can be told apart (decisions stay valid).
+#[derive(Debug, PartialEq, Eq)]
 pub struct InboundPolicy {
     ports: HashMap<u16, Arc<ServerPolicy>>,
     default: Arc<ServerPolicy>,

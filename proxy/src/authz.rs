@@ -8,7 +8,7 @@
 //! to the next request even on a kept-alive connection.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -49,12 +49,13 @@ impl Client {
         }
     }
 
-    /// The `tls`/`client_id` labels of this client's traffic.
-    pub fn tls_label(&self, no_tls_reason: &'static str) -> Tls {
+    /// The `tls`/`client_id` labels of this client's traffic (Linkerd's `no_tls_from_remote`
+    /// when it sent plaintext).
+    pub fn tls_label(&self) -> Tls {
         match (&self.id, self.tls) {
             (Some(id), true) => Tls::ClientId(id.clone()),
             (None, true) => Tls::Secured,
-            _ => Tls::NoIdentity(no_tls_reason),
+            _ => Tls::NoIdentity("no_tls_from_remote"),
         }
     }
 }
@@ -125,8 +126,12 @@ impl InboundAuthz {
                 let snapshot: Arc<Snapshot> = rx.borrow_and_update().clone();
                 let Some(this) = this.upgrade() else { return };
                 let policy = snapshot.inbound_policy(&this.namespace, &this.labels, &this.config);
-                this.policy.store(policy);
-                this.generation.fetch_add(1, Ordering::Release);
+                // Most config changes (endpoints, routes) leave the policy as it was: then
+                // every connection's decision still holds and nothing is decided again.
+                if *policy != **this.policy.load() {
+                    this.policy.store(policy);
+                    this.generation.fetch_add(1, Ordering::Release);
+                }
             }
         });
     }
@@ -146,16 +151,12 @@ impl InboundAuthz {
     /// allows everything and would log every connection).
     pub fn decide(&self, port: u16, client: &Client, target_addr: &Arc<str>) -> Decision {
         let policy = self.policy.load().for_port(port);
-        let peer = match client.addr.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            ip => ip,
-        };
+        // (`authorize` takes an IPv4-mapped peer as IPv4 itself.)
         let a = policy.authorize(&ClientInfo {
-            peer,
+            peer: client.addr.ip(),
             tls: client.tls,
             identity: client.id.as_deref(),
         });
-        let tls = client.tls_label("no_tls_from_remote");
         let server = format_args!("{}/{}", a.srv_kind, a.srv_name);
         if !a.allowed {
             tracing::info!(client = %client.addr, client_id = ?client.id, tls = client.tls, port, %server, "connection denied by policy");
@@ -175,7 +176,7 @@ impl InboundAuthz {
                 authz: a
                     .allowed
                     .then(|| (s(a.authz_group), s(a.authz_kind), s(a.authz_name))),
-                tls,
+                tls: client.tls_label(),
             },
             metrics: self.metrics.clone(),
         }

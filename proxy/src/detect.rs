@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::TcpStream;
 
 use crate::io::PrefixedIo;
 
@@ -24,14 +23,15 @@ pub enum Protocol {
     Tcp,
 }
 
-/// Detects an accepted connection's protocol, unless its port is opaque (then it is TCP at once).
+/// Detects a connection's protocol (a plain accepted socket, or what mesh TLS decrypted), unless
+/// its port is opaque (then it is TCP at once).
 /// The returned IO replays what detection read. `None`: the client left before saying anything.
-pub async fn accept(
-    mut stream: TcpStream,
+pub async fn accept<I: AsyncRead + Unpin>(
+    mut stream: I,
     opaque: bool,
     timeout: Duration,
     peer: std::net::SocketAddr,
-) -> Option<(Protocol, PrefixedIo<TcpStream>)> {
+) -> Option<(Protocol, PrefixedIo<I>)> {
     let (protocol, prefix) = if opaque {
         (Protocol::Tcp, Bytes::new())
     } else {

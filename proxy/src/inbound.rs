@@ -43,7 +43,7 @@ use crate::http::metrics::HttpMetricsLayer;
 use crate::http::route::RouteLayer;
 use crate::http::tap::{TapLayer, Telemetry};
 use crate::http::timeout::ResponseTimeoutLayer;
-use crate::http::{server, HttpStack};
+use crate::http::{orig_proto, server, HttpStack};
 use crate::io::{CountingIo, PrefixedIo};
 use crate::mesh_tls::MeshTls;
 use crate::orig_dst::original_dst;
@@ -52,7 +52,6 @@ use crate::shutdown::Shutdown;
 use crate::tcp;
 use pylon_tap_server::Direction as TapDirection;
 
-const NO_TLS_REASON: &str = "no_tls_from_remote";
 /// How long an opaque port waits for a meshed client's ClientHello (see `serve_connection`).
 const OPAQUE_TLS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Bound on per-authority metric handles per port (authorities come from clients).
@@ -145,13 +144,9 @@ impl Inbound {
 
         // 2. Mesh TLS from another proxy: terminate it and learn the client's identity.
         let Some(mesh_tls) = self.mesh_tls.clone() else {
-            let client = Client::plain(peer);
-            let Some((protocol, io)) =
-                detect::accept(stream, opaque, self.args.detect_timeout, peer).await
-            else {
-                return;
-            };
-            return self.serve_app(addr, client, protocol, io).await;
+            return self
+                .detect_and_serve(addr, Client::plain(peer), opaque, stream)
+                .await;
         };
         // A meshed client's proxy sends its ClientHello as soon as it connects; on opaque
         // (server-speaks-first) ports an unmeshed client says nothing, so it waits at most
@@ -216,23 +211,16 @@ impl Inbound {
         addr: SocketAddr,
         client: Client,
         opaque: bool,
-        mut io: I,
+        io: I,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (protocol, prefix) = if opaque {
-            (Protocol::Tcp, bytes::Bytes::new())
-        } else {
-            match detect::detect(&mut io, self.args.detect_timeout).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::debug!(client = %client.addr, error = %e, "connection closed during detection");
-                    return;
-                }
-            }
+        let Some((protocol, io)) =
+            detect::accept(io, opaque, self.args.detect_timeout, client.addr).await
+        else {
+            return;
         };
-        self.serve_app(addr, client, protocol, PrefixedIo::new(prefix, io))
-            .await
+        self.serve_app(addr, client, protocol, io).await
     }
 
     /// 3. Authorization, then the connection's protocol to the app.
@@ -245,11 +233,12 @@ impl Inbound {
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let port = self.app_port(addr, client.tls_label(NO_TLS_REASON));
+        let port = self.app_port(addr, client.tls_label());
         let generation = self.authz.generation();
-        let decision = self.authz.decide(addr.port(), &client, &port.target_label);
+        let decide = || self.authz.decide(addr.port(), &client, &port.target_label);
         match protocol {
             Protocol::Tcp => {
+                let decision = decide();
                 decision.count_tcp();
                 if !decision.allowed {
                     return;
@@ -266,6 +255,7 @@ impl Inbound {
                 }
             }
             Protocol::Http1 | Protocol::H2 => {
+                let decision = decide();
                 let io = CountingIo::new(io, port.tcp.open());
                 // Denied clients are still served, so each request gets its 403 (and a policy
                 // change can let the next one through).
@@ -300,7 +290,7 @@ impl Inbound {
             // The workload's port is the target; metrics are kept by the authority requested.
             // A request another proxy carried over h2 goes to the app as the HTTP/1 it was.
             .map_request(move |mut req: Request<Incoming>| {
-                restore_orig_proto(&mut req);
+                orig_proto::downgrade_request(&mut req);
                 let AuthorityTarget { target, routes } =
                     this.target_for(&port, request_authority(&req));
                 req.extensions_mut().insert(target);
@@ -323,8 +313,17 @@ impl Inbound {
     }
 
     /// The port's state for clients with this TLS status (their traffic is labelled with it).
+    /// Clients with different TLS statuses share the port's connections to the app and its
+    /// routes; only their metric handles differ.
     fn app_port(&self, addr: SocketAddr, tls: Tls) -> Arc<AppPort> {
         let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(port) = ports.get(&(addr, tls.clone())) {
+            return port.clone();
+        }
+        let shared = ports
+            .iter()
+            .find(|((a, _), _)| *a == addr)
+            .map(|(_, port)| port.unnamed.clone());
         ports
             .entry((addr, tls.clone()))
             .or_insert_with(|| {
@@ -333,18 +332,25 @@ impl Inbound {
                     self.labels("".into(), &target_label, tls.clone())
                         .with_peer(Peer::Src),
                 );
-                let unnamed = AuthorityTarget {
-                    target: EndpointTarget::new(
-                        addr,
-                        target_label.clone(),
-                        self.http_metrics(&target_label, &target_label, &tls),
-                        self.args.connect_timeout,
-                    ),
-                    routes: self.profiles.destination(
-                        Direction::Inbound,
-                        target_label.clone(),
-                        None,
-                    ),
+                let metrics = self.http_metrics(&target_label, &target_label, &tls);
+                let unnamed = match shared {
+                    Some(shared) => AuthorityTarget {
+                        target: shared.target.named(target_label.clone(), metrics),
+                        routes: shared.routes,
+                    },
+                    None => AuthorityTarget {
+                        target: EndpointTarget::new(
+                            addr,
+                            target_label.clone(),
+                            metrics,
+                            self.args.connect_timeout,
+                        ),
+                        routes: self.profiles.destination(
+                            Direction::Inbound,
+                            target_label.clone(),
+                            None,
+                        ),
+                    },
                 };
                 Arc::new(AppPort {
                     target_label,
@@ -422,18 +428,4 @@ impl Inbound {
             None => host.to_ascii_lowercase(),
         })
     }
-}
-
-/// Linkerd's header for an HTTP/1 request another proxy carried over h2 (`HTTP/1.1`,
-/// `HTTP/1.0`): the request goes to the app as that version again.
-const ORIG_PROTO: &str = "l5d-orig-proto";
-
-fn restore_orig_proto<B>(req: &mut Request<B>) {
-    let Some(orig) = req.headers_mut().remove(ORIG_PROTO) else {
-        return;
-    };
-    *req.version_mut() = match orig.as_bytes() {
-        b"HTTP/1.0" => http::Version::HTTP_10,
-        _ => http::Version::HTTP_11,
-    };
 }

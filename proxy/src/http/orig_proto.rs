@@ -3,8 +3,8 @@
 //!
 //! The outbound proxy marks the request with `l5d-orig-proto: HTTP/1.1` (or `HTTP/1.0`), sends
 //! its `Host` as `:authority`, and restores the response to the app's version. The inbound
-//! proxy turns the request back into HTTP/1 when it sees the header (and tags its response with
-//! the app's version the same way). Linkerd's header name and values, so the two meshes agree.
+//! proxy turns the request back into HTTP/1 when it sees the header ([`downgrade_request`]).
+//! Linkerd's header name and values, so the two meshes agree.
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -67,6 +67,19 @@ pub fn downgrade_response<B>(rsp: &mut Response<B>, orig: Version) {
         _ => orig,
     };
     *rsp.version_mut() = version;
+}
+
+/// At the inbound proxy: a request another proxy carried over h2 goes to the app as the
+/// HTTP/1 it was (`l5d-orig-proto`, removed); other requests are left alone.
+pub fn downgrade_request<B>(req: &mut Request<B>) {
+    let Some(orig) = req.headers_mut().remove(L5D_ORIG_PROTO) else {
+        return;
+    };
+    *req.version_mut() = if orig == HTTP_10 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
 }
 
 #[cfg(test)]
