@@ -167,21 +167,18 @@ impl Shared {
         let mut state = self.lock_state();
         let fingerprint = Fingerprint::of(&self.dir);
         if fingerprint != state.fingerprint || state.failed {
-            let changed = fingerprint != state.fingerprint;
             state.fingerprint = fingerprint;
             match Credentials::load(&self.dir) {
                 Ok(creds) => {
                     let old = self.current.load();
-                    if changed || state.failed || old.serial() != creds.serial() {
-                        tracing::info!(
-                            dir = %self.dir.display(),
-                            identity = %creds.identity(),
-                            serial = creds.serial(),
-                            previous_serial = old.serial(),
-                            not_after = %fmt_unix(creds.not_after()),
-                            "identity reloaded"
-                        );
-                    }
+                    tracing::info!(
+                        dir = %self.dir.display(),
+                        identity = %creds.identity(),
+                        serial = creds.serial(),
+                        previous_serial = old.serial(),
+                        not_after = %fmt_unix(creds.not_after()),
+                        "identity reloaded"
+                    );
                     self.current.store(Arc::new(creds));
                     self.last_error.store(None);
                     state.failed = false;
