@@ -92,6 +92,15 @@ struct Tap {
     dropped: Arc<AtomicU64>,
 }
 
+impl Tap {
+    /// Queues an event for this tap's client; one that doesn't fit is dropped and counted.
+    fn offer(&self, event: pb::TapEvent) {
+        if self.events.try_send(event).is_err() && !self.events.is_closed() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Taps {
     pub fn new() -> Self {
         Self::default()
@@ -300,11 +309,14 @@ impl TapHandle {
                 event: Some(event),
             })),
         };
-        for tap in &self.taps {
-            if tap.events.try_send(event.clone()).is_err() && !tap.events.is_closed() {
-                tap.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        // The last tap gets the event itself; only the others need a copy.
+        let Some((last, others)) = self.taps.split_last() else {
+            return;
+        };
+        for tap in others {
+            tap.offer(event.clone());
         }
+        last.offer(event);
     }
 
     /// The response's head. `proxy_error`: the proxy made this response (`pylon-proxy-error`).

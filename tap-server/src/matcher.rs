@@ -2,6 +2,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
+
 use linkerd2_proxy_api::tap::observe_request::r#match::{self as pb, http as pbhttp, tcp};
 use linkerd2_proxy_api::tap::observe_request::Match as PbMatch;
 
@@ -30,7 +32,7 @@ pub enum Matcher {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TcpMatch {
-    Net { ip: IpAddr, prefix: u32 },
+    Net(IpNet),
     Ports { min: u16, max: u16 },
 }
 
@@ -109,7 +111,10 @@ fn compile_tcp(t: pb::Tcp) -> Result<TcpMatch, InvalidMatch> {
                     n.mask
                 )));
             }
-            Ok(TcpMatch::Net { ip, prefix: n.mask })
+            let prefix = u8::try_from(n.mask).unwrap_or(u8::MAX);
+            IpNet::new(ip, prefix)
+                .map(TcpMatch::Net)
+                .map_err(|_| InvalidMatch(format!("netmask /{} is longer than {max}", n.mask)))
         }
         Some(tcp::Match::Ports(p)) => {
             let port = |v: u32| {
@@ -153,17 +158,8 @@ impl TcpMatch {
         let Some(addr) = addr else { return false };
         match self {
             Self::Ports { min, max } => (*min..=*max).contains(&addr.port()),
-            Self::Net { ip, prefix } => match (ip, addr.ip()) {
-                (IpAddr::V4(net), IpAddr::V4(a)) => {
-                    let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
-                    u32::from(*net) & mask == u32::from(a) & mask
-                }
-                (IpAddr::V6(net), IpAddr::V6(a)) => {
-                    let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
-                    u128::from(*net) & mask == u128::from(a) & mask
-                }
-                _ => false,
-            },
+            // A v4 client on a dual-stack listener arrives as ::ffff:a.b.c.d.
+            Self::Net(net) => net.contains(&addr.ip().to_canonical()),
         }
     }
 }

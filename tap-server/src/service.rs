@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use ipnet::IpNet;
+
 use linkerd2_proxy_api::tap::tap_server::{Tap, TapServer};
 use linkerd2_proxy_api::tap::{ObserveRequest, TapEvent};
 use tokio::net::TcpListener;
@@ -22,7 +24,7 @@ pub const MAX_RPS_HEADER: &str = "pylon-tap-max-rps";
 /// proxy's own inbound policy, when given, also lets in.
 #[derive(Clone, Debug)]
 pub struct Authz {
-    networks: Vec<(IpAddr, u8)>,
+    networks: Vec<IpNet>,
     policy: Option<PolicyCheck>,
 }
 
@@ -40,8 +42,8 @@ impl Default for Authz {
     fn default() -> Self {
         Self {
             networks: vec![
-                (IpAddr::from([127, 0, 0, 0]), 8),
-                (IpAddr::from(std::net::Ipv6Addr::LOCALHOST), 128),
+                IpNet::from(ipnet::Ipv4Net::new_assert([127, 0, 0, 0].into(), 8)),
+                IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
             ],
             policy: None,
         }
@@ -72,7 +74,7 @@ impl Authz {
                         .ok_or_else(|| format!("{n:?}: prefix length must be 0..={max}"))?,
                     None => max,
                 };
-                Ok((ip, len))
+                IpNet::new(ip, len).map_err(|e| format!("{n:?}: {e}"))
             })
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Self {
@@ -94,21 +96,9 @@ impl Authz {
                 return false;
             }
         }
-        let ip = match client.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
-        self.networks.iter().any(|(net, len)| match (net, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
-                u32::from(*n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
-                u128::from(*n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        })
+        // A v4 client on a dual-stack listener arrives as ::ffff:a.b.c.d.
+        let ip = client.ip().to_canonical();
+        self.networks.iter().any(|net| net.contains(&ip))
     }
 }
 
