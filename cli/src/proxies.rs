@@ -18,6 +18,17 @@ use serde_yaml_ng::Value;
 /// The names a proxy's admin port goes by in a pod spec.
 const ADMIN_PORT_NAMES: &[&str] = &["pylon-admin", "linkerd-admin"];
 
+/// The proxies a command talks to: those named with `--proxy` and those listed in
+/// `--config-dir`, each once (a proxy named both ways would otherwise be scraped or tapped
+/// twice, and its numbers counted twice).
+pub fn resolve(named: &[SocketAddr], dir: Option<&Path>) -> Result<Vec<SocketAddr>> {
+    let mut all: BTreeSet<SocketAddr> = named.iter().copied().collect();
+    if let Some(dir) = dir {
+        all.extend(admin_addrs_in_dir(dir)?);
+    }
+    Ok(all.into_iter().collect())
+}
+
 /// The admin addresses of every meshed pod in `dir` (sorted, no duplicates).
 pub fn admin_addrs_in_dir(dir: &Path) -> Result<Vec<SocketAddr>> {
     let entries = std::fs::read_dir(dir)
@@ -28,10 +39,7 @@ pub fn admin_addrs_in_dir(dir: &Path) -> Result<Vec<SocketAddr>> {
             .with_context(|| format!("reading the config dir {}", dir.display()))?
             .path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let wanted = [".yaml", ".yml", ".json"]
-            .iter()
-            .any(|ext| name.ends_with(ext));
-        if name.starts_with('.') || !wanted || !path.is_file() {
+        if !pylon_proxy_policy::is_config_file_name(name) || !path.is_file() {
             continue;
         }
         let text = std::fs::read_to_string(&path)
@@ -141,6 +149,20 @@ spec: {ports: [{port: 80}]}
             "[fd00::9]:4191".parse().expect("addr"),
         ];
         assert_eq!(addrs, want);
+    }
+
+    #[test]
+    fn a_proxy_named_twice_is_used_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("PODS.YAML"), PODS).expect("write");
+        let named: Vec<SocketAddr> = vec![
+            "10.0.0.7:4191".parse().expect("addr"),
+            "10.0.0.7:4191".parse().expect("addr"),
+            "127.0.0.1:4191".parse().expect("addr"),
+        ];
+        let all = resolve(&named, Some(dir.path())).expect("resolve");
+        assert_eq!(all.len(), 3, "{all:?}");
+        assert_eq!(resolve(&named, None).expect("resolve").len(), 2);
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub use crate::route::{
     PathRegex, RequestMatcher, ResponseClass, ResponseMatcher, RetryBudgetSpec, Route, RouteTable,
     WeightedAuthority, DEFAULT_ROUTE_NAME,
 };
-pub use crate::store::{ConfigError, Snapshot, Store, StoreConfig, StoreError, WatchHandle};
+pub use crate::store::{
+    is_config_file_name, ConfigError, Snapshot, Store, StoreConfig, StoreError, WatchHandle,
+};
 /// CIDRs, as [`InboundConfig::cluster_networks`] and [`Network`] hold them.
 pub use ipnet::IpNet;

@@ -438,8 +438,9 @@ async fn debounce(kick: &Notify) {
 }
 
 /// Config files: `*.yaml`, `*.yml`, `*.json`; hidden files (editor swap files, the
-/// `..data` entries of ConfigMap mounts) are skipped.
-fn is_config_file_name(name: &str) -> bool {
+/// `..data` entries of ConfigMap mounts) are skipped. Public so readers of the same dir
+/// (the CLI's proxy listing) pick the same files.
+pub fn is_config_file_name(name: &str) -> bool {
     if name.starts_with('.') {
         return false;
     }

@@ -3,12 +3,13 @@
 //!
 //! - [`resource`]: `deployment/web`, `svc/web`, ... and the label matchers selecting them;
 //! - [`data`]: the numbers, from two scrapes of each proxy's admin `/metrics` a window apart
-//!   (`--proxy`) or from Prometheus (`--prometheus`, PromQL `rate()` over the window);
+//!   (`--proxy`, `--config-dir`) or from Prometheus (`--prometheus`, counter values at the
+//!   window's two ends);
 //! - [`view`]: filtering and summing series into rows, and the tables and JSON.
 //!
 //! What the metrics can say: inbound series are the receiving workload's own (its
-//! `deployment`, `namespace`, `pod` labels) and carry nothing about the client until mTLS
-//! identities exist; outbound series carry the client workload's labels and the destination
+//! `deployment`, `namespace`, `pod` labels) and name the client only by its mTLS identity
+//! (`client_id`, a service account, not a workload); outbound series carry the client workload's labels and the destination
 //! service (`dst_service`, `dst_namespace`). So `stat deploy/web` is what web received,
 //! `stat deploy/client --to svc/web` and `stat svc/web --from deploy/client` what client sent
 //! to web, and `edges` pairs client workloads with destination services.
@@ -85,7 +86,7 @@ pub struct StatArgs {
     to: Option<String>,
 
     /// Traffic RESOURCE receives from this resource (RESOURCE a `svc/` or `authority/`, this a
-    /// workload: inbound metrics carry no client identity until mTLS).
+    /// workload: inbound metrics name clients by mTLS service account, not by workload).
     #[arg(long, value_name = "RESOURCE")]
     from: Option<String>,
 
@@ -175,10 +176,8 @@ fn fetch(src: &SourceArgs, matchers: &[Matcher]) -> Result<Observed, Failure> {
             "no data source: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191), --config-dir DIR or --prometheus URL",
         ));
     }
-    let mut proxies = src.proxies.clone();
-    if let Some(dir) = &src.config_dir {
-        proxies.extend(crate::proxies::admin_addrs_in_dir(dir).map_err(|e| Failure(1, e))?);
-    }
+    let proxies = crate::proxies::resolve(&src.proxies, src.config_dir.as_deref())
+        .map_err(|e| Failure(1, e))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -249,7 +248,7 @@ pub fn stat_selection(
         (None, Some(from)) => {
             if res.kind.is_workload() {
                 return Err(format!(
-                    "--from: the proxies' inbound metrics carry no client identity (that comes with mTLS), so traffic {res} received cannot be split by source; try `pylon stat {from} --to svc/NAME`"
+                    "--from: the proxies' inbound metrics carry no client identity by workload (with mTLS, `client_id` names a service account), so traffic {res} received cannot be split by deployment; try `pylon stat {from} --to svc/NAME`"
                 ));
             }
             if !from.kind.is_workload() {

@@ -34,8 +34,6 @@ use crate::demo::admin_client;
 use crate::stat::resource::{service_of_authority, Kind, Resource};
 use event::{Kind as EventKind, Line};
 
-/// Request metadata setting how many requests per second each proxy samples for this tap.
-const MAX_RPS_HEADER: &str = "pylon-tap-max-rps";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -358,11 +356,8 @@ async fn ask_tap_addr(admin: SocketAddr) -> Result<Target, Failure> {
 }
 
 async fn targets(args: &ProxyArgs, taps: &[SocketAddr]) -> Result<Vec<Target>, Failure> {
-    let mut proxies = args.proxies.clone();
-    if let Some(dir) = &args.config_dir {
-        proxies
-            .extend(crate::proxies::admin_addrs_in_dir(dir).map_err(|e| fail(format!("{e:#}")))?);
-    }
+    let proxies = crate::proxies::resolve(&args.proxies, args.config_dir.as_deref())
+        .map_err(|e| fail(format!("{e:#}")))?;
     if proxies.is_empty() && taps.is_empty() {
         return Err(usage(
             "no proxy to tap: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191), --config-dir DIR or --tap-addr ADDR",
@@ -421,7 +416,8 @@ async fn observe(
         r#match: matcher,
         extract: None,
     });
-    req.metadata_mut().insert(MAX_RPS_HEADER, max_rps.into());
+    req.metadata_mut()
+        .insert(pylon_tap_server::MAX_RPS_HEADER, max_rps.into());
     let rsp = tokio::time::timeout(CONNECT_TIMEOUT, TapClient::new(channel).observe(req))
         .await
         .map_err(|_| fail(format!("the tap port {target} did not answer within 5s")))?;

@@ -3,7 +3,6 @@
 //! success rate. Full-screen and live (ratatui), or one table with `--once DURATION`.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use ratatui::style::{Modifier, Style};
 use ratatui::widgets::{Block, Row, Table};
 
 use super::event::{Kind, Line};
+use crate::stat::view::fmt_percent;
 
 /// What the table is sorted by (`s` cycles through them in the live view).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -154,38 +154,18 @@ fn cells(key: &Key, s: &Stats) -> [String; 8] {
         latency(s.best_us),
         latency(s.worst_us),
         latency(s.last_us),
-        s.success()
-            .map_or("-".to_owned(), |r| format!("{:.2}%", r * 100.0)),
+        fmt_percent(s.success()),
     ]
 }
 
 /// The table as text (for `--once`).
 pub fn render_text(paths: &Paths, by: SortBy) -> String {
-    let rows: Vec<[String; 8]> = paths
+    let rows: Vec<Vec<String>> = paths
         .sorted(by)
         .into_iter()
-        .map(|(k, s)| cells(k, s))
+        .map(|(k, s)| cells(k, s).to_vec())
         .collect();
-    let mut widths: Vec<usize> = HEADERS.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cols: Vec<&str>| {
-        let text: Vec<String> = cols
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", text.join("   ").trim_end());
-    };
-    line(HEADERS.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
+    crate::stat::view::table(&HEADERS, &rows)
 }
 
 /// The live view: redraws twice a second until `q` (or Esc, or Ctrl-C); `s` changes the sort.
