@@ -381,6 +381,18 @@ impl EncodeLabelSet for CloseLabels {
     }
 }
 
+/// `proxy_warnings_total` labels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct EventLabels {
+    pub(crate) event: &'static str,
+}
+
+impl EncodeLabelSet for EventLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
+        label(encoder, "event", self.event)
+    }
+}
+
 /// `proxy_build_info` labels.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct BuildLabels {

@@ -91,7 +91,7 @@ pub use labels::{
 pub use process::ProcessStats;
 pub use tcp::{TcpConnMetrics, TcpTarget};
 
-use labels::{BuildLabels, SkippedLabels};
+use labels::{BuildLabels, EventLabels, SkippedLabels};
 use prometheus_client::metrics::counter::Counter;
 
 /// The proxy's own identity, added as constant labels to every series.
@@ -115,6 +115,9 @@ pub struct Metrics {
     route_actual: http::HttpFamilies<RouteLabels>,
     retry_skipped: Family<SkippedLabels, Counter>,
     ejections: Family<labels::TargetKey, Counter>,
+    ejections_capped: Family<labels::TargetKey, Counter>,
+    balancer_panic: Family<labels::TargetKey, Counter>,
+    warnings: Family<EventLabels, Counter>,
     tcp: tcp::TcpFamilies,
     config_errors: Arc<SourcedCounter>,
     tap_dropped: Arc<SourcedCounter>,
@@ -224,6 +227,24 @@ impl Metrics {
             "Total count of times an endpoint was taken out of balancing after consecutive failures",
             ejections.clone(),
         );
+        let ejections_capped = Family::<labels::TargetKey, Counter>::default();
+        registry.register(
+            "endpoint_ejections_capped",
+            "Total count of times an endpoint failed enough to be ejected but was kept, because ejecting it would take more than half of its destination's endpoints out",
+            ejections_capped.clone(),
+        );
+        let balancer_panic = Family::<labels::TargetKey, Counter>::default();
+        registry.register(
+            "balancer_panic",
+            "Total count of requests balanced over all of a destination's endpoints, ejected ones included, because too few were left in",
+            balancer_panic.clone(),
+        );
+        let warnings = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "proxy_warnings",
+            "Total count of warnings about peers (malformed requests, proxy-made error responses, ...), by event; the log shows at most a few per event every 10 seconds",
+            warnings.clone(),
+        );
 
         let tcp = tcp::TcpFamilies::new();
         registry.register(
@@ -320,6 +341,9 @@ impl Metrics {
             route_actual,
             retry_skipped,
             ejections,
+            ejections_capped,
+            balancer_panic,
+            warnings,
             tcp,
             config_errors,
             tap_dropped,
@@ -358,6 +382,28 @@ impl Metrics {
             self.ejections
                 .get_or_create_owned(&labels::TargetKey(Arc::new(labels))),
         )
+    }
+
+    /// `endpoint_ejections_capped_total` for one endpoint: an ejection the cap prevented.
+    pub fn endpoint_ejections_capped(&self, labels: TargetLabels) -> EventCounter {
+        EventCounter(
+            self.ejections_capped
+                .get_or_create_owned(&labels::TargetKey(Arc::new(labels))),
+        )
+    }
+
+    /// `balancer_panic_total` for one destination (`target_addr` empty): requests balanced over
+    /// every endpoint because too few were left after ejections.
+    pub fn balancer_panic(&self, labels: TargetLabels) -> EventCounter {
+        EventCounter(
+            self.balancer_panic
+                .get_or_create_owned(&labels::TargetKey(Arc::new(labels))),
+        )
+    }
+
+    /// `proxy_warnings_total` for one kind of warning (a fixed vocabulary of short names).
+    pub fn warning_counter(&self, event: &'static str) -> EventCounter {
+        EventCounter(self.warnings.get_or_create_owned(&EventLabels { event }))
     }
 
     /// Resolve a TCP label set once; keep the handle.

@@ -814,6 +814,9 @@ fn families_are_typed() {
     m.route_retry_skipped(route("a:80", "r"), "budget_exhausted")
         .inc();
     m.endpoint_ejections(outbound()).inc();
+    m.endpoint_ejections_capped(outbound()).inc();
+    m.balancer_panic(outbound()).inc();
+    m.warning_counter("malformed_request").inc();
     m.tcp_target(inbound()).open().close(None);
     let text = encode(&m);
     for (name, ty) in [
@@ -828,6 +831,9 @@ fn families_are_typed() {
         ("route_actual_response_latency_ms", "histogram"),
         ("route_retry_skipped", "counter"),
         ("endpoint_ejections", "counter"),
+        ("endpoint_ejections_capped", "counter"),
+        ("balancer_panic", "counter"),
+        ("proxy_warnings", "counter"),
         ("tcp_open", "counter"),
         ("tcp_close", "counter"),
         ("tcp_open_connections", "gauge"),

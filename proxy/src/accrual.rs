@@ -4,15 +4,24 @@
 //! proxies doesn't probe in step. A success restores it; a failed probe ejects it again for
 //! longer. Ejections are logged and counted (`endpoint_ejections_total`).
 //!
-//! On by default (`--failure-accrual`); a Service tunes or disables it with Linkerd's
-//! annotations (`balancer.linkerd.io/failure-accrual: consecutive` and
+//! Accrual must never turn one bad path into an outage of the whole destination. At most half
+//! of a destination's endpoints are out (ejected, or probing after an ejection) at a time, as
+//! Envoy caps its ejections: the ejection that would pass that share is skipped, logged and
+//! counted (`endpoint_ejections_capped_total`), so a one-endpoint service is never ejected at
+//! all. And when fewer than half are left in anyway (the endpoint set shrank under the
+//! ejected ones), the balancer ignores ejections and uses them all, as Envoy's panic threshold
+//! does (`balancer_panic_total`, logged).
+//!
+//! Off unless asked for, as in Linkerd (`--failure-accrual consecutive` for every destination,
+//! or Linkerd's annotations on a Service: `balancer.linkerd.io/failure-accrual: consecutive` and
 //! `balancer.linkerd.io/failure-accrual-consecutive-{max-failures,min-penalty,max-penalty,
-//! jitter-ratio}`), plus `balancer.linkerd.io/failure-accrual: disabled`.
+//! jitter-ratio}`, or `disabled`). Without it, PeakEWMA already steers away from slow and
+//! refusing endpoints, and a refused connection goes to another endpoint.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -124,35 +133,163 @@ impl AccrualPolicy {
     }
 }
 
+/// What one destination's endpoints share: the policy, and how many of them are out.
+pub struct DestinationHealth {
+    /// The destination's policy (its Service's annotations, else the proxy's default).
+    policy: ArcSwap<AccrualPolicy>,
+    /// Endpoints in the destination's current set.
+    endpoints: AtomicUsize,
+    /// How many endpoints are out: ejected, or probing after an ejection until a success.
+    out: AtomicUsize,
+    authority: Arc<str>,
+    /// `balancer_panic_total`, made on first use.
+    panic: LazyCounter,
+}
+
+impl DestinationHealth {
+    pub fn new(policy: AccrualPolicy, authority: Arc<str>, panic: LazyCounter) -> Self {
+        Self {
+            policy: ArcSwap::from_pointee(policy),
+            endpoints: AtomicUsize::new(0),
+            out: AtomicUsize::new(0),
+            authority,
+            panic,
+        }
+    }
+
+    pub fn policy(&self) -> AccrualPolicy {
+        **self.policy.load()
+    }
+
+    pub fn set_policy(&self, policy: AccrualPolicy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// The destination's endpoint set now has `n` endpoints.
+    pub fn set_endpoints(&self, n: usize) {
+        self.endpoints.store(n, Ordering::Release);
+    }
+
+    /// The most endpoints that may be out at once: half, rounded down (none of one).
+    fn max_out(endpoints: usize) -> usize {
+        endpoints / 2
+    }
+
+    /// Takes a place among the endpoints that may be out; `false` when they are all taken.
+    fn take_out(&self) -> bool {
+        let max = Self::max_out(self.endpoints.load(Ordering::Acquire));
+        self.out
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |out| {
+                (out < max).then_some(out + 1)
+            })
+            .is_ok()
+    }
+
+    fn put_back(&self) {
+        let _ = self
+            .out
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |out| {
+                Some(out.saturating_sub(1))
+            });
+    }
+
+    /// Fewer than half of the endpoints are in (the set shrank under the ejected ones): the
+    /// balancer should use them all rather than overload the few, or fail.
+    pub fn too_few_in(&self) -> bool {
+        let endpoints = self.endpoints.load(Ordering::Acquire);
+        self.out.load(Ordering::Acquire) > Self::max_out(endpoints)
+    }
+
+    #[cfg(test)]
+    pub fn set_out(&self, n: usize) {
+        self.out.store(n, Ordering::Release);
+    }
+
+    /// A request balanced over every endpoint, ejected ones included.
+    pub fn panicked(&self) {
+        self.panic.inc();
+        crate::warn_limited!(
+            "balancer_panic",
+            destination = %self.authority,
+            endpoints = self.endpoints.load(Ordering::Relaxed),
+            out = self.out.load(Ordering::Relaxed),
+            "too few endpoints left in after failure accrual; balancing over all of them"
+        );
+    }
+}
+
+/// A counter registered on first use, so a destination that never panics has no series.
+pub struct LazyCounter {
+    make: Option<Box<dyn Fn() -> EventCounter + Send + Sync>>,
+    counter: OnceLock<Option<EventCounter>>,
+}
+
+impl LazyCounter {
+    pub fn new(make: impl Fn() -> EventCounter + Send + Sync + 'static) -> Self {
+        Self {
+            make: Some(Box::new(make)),
+            counter: OnceLock::new(),
+        }
+    }
+
+    /// Counts nothing (tests).
+    pub fn none() -> Self {
+        Self {
+            make: None,
+            counter: OnceLock::new(),
+        }
+    }
+
+    pub fn inc(&self) {
+        let counter = self
+            .counter
+            .get_or_init(|| self.make.as_ref().map(|make| make()));
+        if let Some(c) = counter {
+            c.inc();
+        }
+    }
+
+    #[cfg(test)]
+    pub fn get(&self) -> u64 {
+        self.counter
+            .get()
+            .and_then(Option::as_ref)
+            .map_or(0, EventCounter::get)
+    }
+}
+
 /// The health of one endpoint, shared by every request to it.
 pub struct EndpointHealth {
     consecutive: AtomicU32,
-    /// Ejections since the last success: the backoff exponent.
-    ejections_in_a_row: AtomicU32,
     /// `now_ns()` until which the endpoint is ejected; 0 when it never was or has recovered.
     ejected_until_ns: AtomicU64,
-    /// The destination's policy, shared by its endpoints and updated with the config.
-    policy: Arc<ArcSwap<AccrualPolicy>>,
+    /// Out: ejected, or probing after an ejection (counted in the destination's `out`).
+    out: AtomicBool,
+    /// Ejections since the last success (the backoff exponent). The lock orders ejections and
+    /// recoveries, which are rare; requests read the atomics above.
+    ejections_in_a_row: Mutex<u32>,
+    destination: Arc<DestinationHealth>,
     addr: SocketAddr,
-    destination: Arc<str>,
-    counter: EventCounter,
+    ejections: EventCounter,
+    capped: EventCounter,
 }
 
 impl EndpointHealth {
     pub fn new(
-        policy: Arc<ArcSwap<AccrualPolicy>>,
+        destination: Arc<DestinationHealth>,
         addr: SocketAddr,
-        destination: Arc<str>,
-        counter: EventCounter,
+        ejections: EventCounter,
+        capped: EventCounter,
     ) -> Self {
         Self {
             consecutive: AtomicU32::new(0),
-            ejections_in_a_row: AtomicU32::new(0),
             ejected_until_ns: AtomicU64::new(0),
-            policy,
-            addr,
+            out: AtomicBool::new(false),
+            ejections_in_a_row: Mutex::new(0),
             destination,
-            counter,
+            addr,
+            ejections,
+            capped,
         }
     }
 
@@ -163,44 +300,90 @@ impl EndpointHealth {
     }
 
     pub fn success(&self) {
-        self.consecutive.store(0, Ordering::Release);
-        if self.ejections_in_a_row.swap(0, Ordering::AcqRel) > 0 {
+        // Reads first: a success changes nothing on a healthy endpoint, and a write per
+        // request would bounce the cache line between cores.
+        if self.consecutive.load(Ordering::Relaxed) != 0 {
+            self.consecutive.store(0, Ordering::Release);
+        }
+        if self.out.load(Ordering::Acquire) {
+            self.recover();
+        }
+    }
+
+    fn recover(&self) {
+        let mut level = self.lock();
+        if self.out.swap(false, Ordering::AcqRel) {
+            *level = 0;
             self.ejected_until_ns.store(0, Ordering::Release);
-            tracing::info!(destination = %self.destination, endpoint = %self.addr, "endpoint recovered; back in balancing");
+            self.destination.put_back();
+            tracing::info!(destination = %self.destination.authority, endpoint = %self.addr, "endpoint recovered; back in balancing");
         }
     }
 
     pub fn failure(&self) {
+        self.failure_at(now_ns())
+    }
+
+    fn failure_at(&self, now: u64) {
         let failures = self
             .consecutive
             .fetch_add(1, Ordering::AcqRel)
             .saturating_add(1);
-        let policy = **self.policy.load();
+        let policy = self.destination.policy();
         if policy.max_failures == 0 || failures < policy.max_failures {
             return;
         }
-        let now = now_ns();
-        let until = self.ejected_until_ns.load(Ordering::Acquire);
-        if now < until {
+        if now < self.ejected_until_ns.load(Ordering::Acquire) {
             // Already ejected: requests that were in flight are still failing.
             return;
         }
-        let level = self.ejections_in_a_row.fetch_add(1, Ordering::AcqRel);
-        let backoff = policy.backoff(level);
-        let next = now.saturating_add(backoff.as_nanos() as u64);
-        if self
-            .ejected_until_ns
-            .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.counter.inc();
-            tracing::warn!(
-                destination = %self.destination,
-                endpoint = %self.addr,
-                consecutive_failures = failures,
-                backoff_ms = backoff.as_millis() as u64,
-                "endpoint ejected after consecutive failures"
-            );
+        let mut level = self.lock();
+        if now < self.ejected_until_ns.load(Ordering::Acquire) {
+            return;
+        }
+        if !self.out.load(Ordering::Acquire) {
+            // Its first ejection: only while at least half of its destination stays in.
+            if !self.destination.take_out() {
+                self.consecutive.store(0, Ordering::Release);
+                self.capped.inc();
+                crate::warn_limited!(
+                    "ejection_capped",
+                    destination = %self.destination.authority,
+                    endpoint = %self.addr,
+                    consecutive_failures = failures,
+                    "endpoint not ejected: at most half of a destination's endpoints are taken out"
+                );
+                return;
+            }
+            self.out.store(true, Ordering::Release);
+        }
+        let backoff = policy.backoff(*level);
+        *level = level.saturating_add(1);
+        self.ejected_until_ns.store(
+            now.saturating_add(backoff.as_nanos() as u64),
+            Ordering::Release,
+        );
+        self.ejections.inc();
+        tracing::warn!(
+            destination = %self.destination.authority,
+            endpoint = %self.addr,
+            consecutive_failures = failures,
+            backoff_ms = backoff.as_millis() as u64,
+            "endpoint ejected after consecutive failures"
+        );
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, u32> {
+        self.ejections_in_a_row
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for EndpointHealth {
+    fn drop(&mut self) {
+        if *self.out.get_mut() {
+            self.destination.put_back();
         }
     }
 }
@@ -210,46 +393,154 @@ mod tests {
     use super::*;
 
     const MAX: u32 = AccrualPolicy::CONSECUTIVE.max_failures;
+    /// Backoffs are jittered by at most ±25 % around 1 s, 2 s, ...
+    const SECOND: u64 = 1_000_000_000;
 
-    fn health() -> EndpointHealth {
+    fn destination(endpoints: usize, policy: AccrualPolicy) -> Arc<DestinationHealth> {
+        let d = Arc::new(DestinationHealth::new(
+            policy,
+            "web:80".into(),
+            LazyCounter::none(),
+        ));
+        d.set_endpoints(endpoints);
+        d
+    }
+
+    fn health(destination: &Arc<DestinationHealth>, port: u16) -> EndpointHealth {
         let metrics = pylon_proxy_metrics::Metrics::new(Default::default());
         let labels = pylon_proxy_metrics::TargetLabels::new(
             pylon_proxy_metrics::Direction::Outbound,
             "web:80",
-            "127.0.0.1:1",
+            format!("127.0.0.1:{port}"),
             pylon_proxy_metrics::Tls::NoIdentity("test"),
         );
         EndpointHealth::new(
-            Arc::new(ArcSwap::from_pointee(AccrualPolicy::CONSECUTIVE)),
-            "127.0.0.1:1".parse().unwrap(),
-            "web:80".into(),
-            metrics.endpoint_ejections(labels),
+            destination.clone(),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            metrics.endpoint_ejections(labels.clone()),
+            metrics.endpoint_ejections_capped(labels),
         )
+    }
+
+    fn fail(h: &EndpointHealth, times: u32, at: u64) {
+        for _ in 0..times {
+            h.failure_at(at);
+        }
     }
 
     #[test]
     fn ejected_after_consecutive_failures_only() {
-        let h = health();
-        for _ in 0..MAX - 1 {
-            h.failure();
-        }
+        let d = destination(2, AccrualPolicy::CONSECUTIVE);
+        let h = health(&d, 1);
+        let t = 100 * SECOND;
+        fail(&h, MAX - 1, t);
         h.success();
-        for _ in 0..MAX - 1 {
-            h.failure();
-        }
-        assert!(h.is_available(now_ns()), "a success resets the count");
-        h.failure();
-        assert!(!h.is_available(now_ns()));
-        assert_eq!(h.counter.get(), 1);
+        fail(&h, MAX - 1, t);
+        assert!(h.is_available(t), "a success resets the count");
+        h.failure_at(t);
+        assert!(!h.is_available(t));
+        assert_eq!(h.ejections.get(), 1);
         // Failures while ejected don't extend it.
-        h.failure();
-        assert_eq!(h.counter.get(), 1);
+        h.failure_at(t);
+        assert_eq!(h.ejections.get(), 1);
         let until = h.ejected_until_ns.load(Ordering::Relaxed);
-        let backoff = Duration::from_nanos(until - now_ns());
-        assert!(backoff <= Duration::from_millis(1250), "{backoff:?}");
+        assert!((t + SECOND * 3 / 4..=t + SECOND * 5 / 4).contains(&until));
         assert!(h.is_available(until));
         h.success();
-        assert!(h.is_available(now_ns()));
+        assert!(h.is_available(t));
+        assert_eq!(d.out.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_failed_probe_ejects_again_for_longer_and_a_success_ends_it() {
+        let d = destination(3, AccrualPolicy::CONSECUTIVE);
+        let h = health(&d, 1);
+        let t0 = 100 * SECOND;
+        fail(&h, MAX, t0);
+        let first = h.ejected_until_ns.load(Ordering::Relaxed);
+        // After the backoff it takes a probe; that one failure ejects it again, about 2 s.
+        assert!(h.is_available(first));
+        h.failure_at(first);
+        let second = h.ejected_until_ns.load(Ordering::Relaxed);
+        let backoff = second - first;
+        assert!(
+            (SECOND * 3 / 2..=SECOND * 5 / 2).contains(&backoff),
+            "{backoff}"
+        );
+        assert_eq!(h.ejections.get(), 2);
+        assert_eq!(d.out.load(Ordering::Relaxed), 1, "one endpoint out, twice");
+        // A successful probe restores it and resets the backoff.
+        h.success();
+        assert!(h.is_available(second - 1));
+        assert_eq!(d.out.load(Ordering::Relaxed), 0);
+        fail(&h, MAX, second);
+        let again = h.ejected_until_ns.load(Ordering::Relaxed) - second;
+        assert!(again <= SECOND * 5 / 4, "backoff starts over: {again}");
+    }
+
+    #[test]
+    fn a_lone_endpoint_is_never_ejected() {
+        let d = destination(1, AccrualPolicy::CONSECUTIVE);
+        let h = health(&d, 1);
+        let t = 100 * SECOND;
+        fail(&h, 10 * MAX, t);
+        assert!(h.is_available(t), "ejecting it would be an outage");
+        assert_eq!(h.ejections.get(), 0);
+        // Each would-be ejection is counted (and the count starts over).
+        assert_eq!(h.capped.get(), 10);
+    }
+
+    #[test]
+    fn at_most_half_of_a_destination_is_out() {
+        let d = destination(5, AccrualPolicy::CONSECUTIVE);
+        let hs: Vec<_> = (1..=5).map(|p| health(&d, p)).collect();
+        let t = 100 * SECOND;
+        for h in &hs {
+            fail(h, MAX, t);
+        }
+        let out = hs.iter().filter(|h| !h.is_available(t)).count();
+        assert_eq!(out, 2, "5 endpoints: 2 out, 3 in");
+        assert_eq!(hs.iter().map(|h| h.capped.get()).sum::<u64>(), 3);
+        // One recovers: its place goes to the next that fails enough.
+        let (ejected, kept): (Vec<_>, Vec<_>) = hs.iter().partition(|h| !h.is_available(t));
+        ejected[0].success();
+        fail(kept[0], MAX, t);
+        assert!(!kept[0].is_available(t));
+        assert_eq!(d.out.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn an_endpoint_that_leaves_gives_back_its_place() {
+        let d = destination(2, AccrualPolicy::CONSECUTIVE);
+        let h = health(&d, 1);
+        fail(&h, MAX, 100 * SECOND);
+        assert_eq!(d.out.load(Ordering::Relaxed), 1);
+        drop(h);
+        assert_eq!(d.out.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn too_few_in_when_the_set_shrinks_under_the_ejected() {
+        let d = destination(4, AccrualPolicy::CONSECUTIVE);
+        let hs: Vec<_> = (1..=4).map(|p| health(&d, p)).collect();
+        for h in &hs[..2] {
+            fail(h, MAX, 100 * SECOND);
+        }
+        assert!(!d.too_few_in(), "2 of 4 out is the cap, not too few");
+        // Discovery removes the two healthy ones: 2 endpoints, both out.
+        d.set_endpoints(2);
+        assert!(d.too_few_in());
+        d.set_endpoints(4);
+        assert!(!d.too_few_in());
+    }
+
+    #[test]
+    fn disabled_never_ejects() {
+        let d = destination(4, AccrualPolicy::DISABLED);
+        let h = health(&d, 1);
+        fail(&h, 100, 100 * SECOND);
+        assert!(h.is_available(100 * SECOND));
+        assert_eq!(h.capped.get() + h.ejections.get(), 0);
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl Admin {
             let (stream, peer) = match listener.accept().await {
                 Ok(conn) => conn,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    crate::warn_limited!("accept_failed", error = %e, "admin accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
@@ -92,6 +92,15 @@ impl Admin {
                 text(StatusCode::OK, format!("{}\n", self.log_level.get()))
             }
             (&Method::PUT, "/proxy-log-level") => {
+                // Like Linkerd: only from the pod itself. Anyone else could turn logging off
+                // (hiding authorization denials) or up to trace.
+                if !is_loopback(peer) {
+                    tracing::info!(client = %peer, "log level change refused: not from localhost");
+                    return text(
+                        StatusCode::FORBIDDEN,
+                        "changing the log level is only allowed from localhost\n",
+                    );
+                }
                 let body = match Limited::new(req.into_body(), 4096).collect().await {
                     Ok(b) => b.to_bytes(),
                     Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad body: {e}\n")),
@@ -122,7 +131,7 @@ impl Admin {
                         "shutdown refused by the admin port's authorization policy\n",
                     );
                 }
-                if !peer.ip().is_loopback() {
+                if !is_loopback(peer) {
                     return text(
                         StatusCode::FORBIDDEN,
                         "shutdown is only allowed from localhost\n",
@@ -141,6 +150,12 @@ impl Admin {
     }
 }
 
+/// A peer on this host's loopback, also when a dual-stack (`[::]`) listener shows an IPv4
+/// client as `::ffff:127.0.0.1`.
+fn is_loopback(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
 fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
     let mut rsp = Response::new(Full::new(body.into()));
     *rsp.status_mut() = status;
@@ -149,4 +164,23 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_peers_include_ipv4_mapped_ones() {
+        for local in ["127.0.0.1:5000", "[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
+            assert!(is_loopback(local.parse().unwrap()), "{local}");
+        }
+        for remote in [
+            "10.0.0.1:5000",
+            "[::ffff:10.0.0.1]:5000",
+            "[2001:db8::1]:5000",
+        ] {
+            assert!(!is_loopback(remote.parse().unwrap()), "{remote}");
+        }
+    }
 }

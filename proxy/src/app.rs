@@ -105,6 +105,7 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         pod: args.pod.clone(),
     });
     metrics.set_config_errors_source(store.config_errors_counter());
+    crate::warnings::init(&metrics);
     let tap_networks = if args.tap_allow.is_empty() {
         Authz::default()
     } else {
@@ -130,6 +131,13 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
     let (inbound_listener, inbound_local) = bind("inbound", args.inbound_addr).await?;
     let (outbound_listener, outbound_local) = bind("outbound", args.outbound_addr).await?;
     let (tap_listener, tap_local) = bind("tap", args.tap_addr).await?;
+    crate::loops::set_own_listeners(vec![admin_local, inbound_local, outbound_local, tap_local]);
+    if let Some(forward) = inbound_forward.filter(|f| crate::loops::is_own_listener(*f)) {
+        return Err(StartError::InboundForward {
+            addr: forward.to_string(),
+            reason: "that is this proxy's own listener (a loop)".into(),
+        });
+    }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(StartError::Signals)?;

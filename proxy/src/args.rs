@@ -99,8 +99,9 @@ pub struct ProxyArgs {
 
     /// Failure accrual for destinations whose Service doesn't say (Linkerd's
     /// `balancer.linkerd.io/failure-accrual` annotation): `consecutive` ejects an endpoint after
-    /// 7 failures in a row; `disabled` never ejects.
-    #[arg(long, env = "PYLON_FAILURE_ACCRUAL", default_value = "consecutive", value_parser = ["consecutive", "disabled"])]
+    /// 7 failures in a row (never more than half of a destination's endpoints); `disabled`, the
+    /// default as in Linkerd, never ejects.
+    #[arg(long, env = "PYLON_FAILURE_ACCRUAL", default_value = "disabled", value_parser = ["consecutive", "disabled"])]
     pub failure_accrual: String,
 
     /// This workload's identity: `ca.crt` (trust anchor), `tls.crt` (chain) and `tls.key`, as

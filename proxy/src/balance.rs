@@ -6,19 +6,30 @@
 //! a pair of atomics, so any connection picks concurrently without a lock or a hop. The cost model
 //! is the one tower and Finagle use: `cost = rtt_ewma * (pending + 1)`, where the RTT estimate
 //! jumps to a new peak at once and decays towards lower samples.
+//!
+//! Two things the textbook model gets wrong for a mesh, fixed here:
+//! - A new endpoint starts at its peers' average estimate, not at a fixed 30 ms: against peers
+//!   measured at 1 ms a 30 ms newcomer loses every comparison until its estimate has decayed
+//!   below theirs (about 25 s at one request at a time), the "third pod got zero traffic" of
+//!   a stale-looking endpoint set.
+//! - A request whose endpoint refuses the connection has not left the proxy, so the balancer
+//!   connects before handing the request down and, when that fails, tries another endpoint.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Request;
-use tower::{Layer, Service};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
 
-use crate::accrual::EndpointHealth;
-use crate::discovery::Logical;
+use crate::accrual::{AccrualPolicy, DestinationHealth, EndpointHealth, LazyCounter};
+use crate::discovery::{Endpoint, Logical};
 use crate::http::body::release_on_end;
+use crate::http::client::RequestShape;
 use crate::http::metrics::fail_unrouted;
 use crate::http::tap::EndpointSlot;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
@@ -32,6 +43,9 @@ const DECAY: Duration = Duration::from_secs(10);
 /// this, an endpoint that refuses every connection would look like the quickest one and attract
 /// the traffic. It decays like any observation, so the endpoint is tried again later.
 const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+/// Endpoints a request may try to connect to before it fails. It has not left the proxy, so
+/// going elsewhere is always safe; the bound keeps a dead set from costing many timeouts.
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 
 /// The PeakEWMA load of one endpoint.
 pub struct PeakEwma {
@@ -43,7 +57,8 @@ pub struct PeakEwma {
 }
 
 /// Nanoseconds on one process-wide monotonic clock, so a pick reads the clock once for both
-/// candidates.
+/// candidates. Tokio's clock, so tests of the stages that keep time (balancing, failure accrual,
+/// retry budgets) can pause and advance it.
 pub fn now_ns() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
@@ -57,12 +72,24 @@ impl Default for PeakEwma {
 
 impl PeakEwma {
     pub fn new() -> Self {
+        Self::with_estimate(DEFAULT_RTT.as_nanos() as f64)
+    }
+
+    /// Starts at `rtt_ns` (a new endpoint: its peers' average).
+    pub fn with_estimate(rtt_ns: f64) -> Self {
         Self {
-            rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            rtt_ns: AtomicU64::new(rtt_ns.to_bits()),
             // A new endpoint's default estimate decays from now, like any observation.
             updated_ns: AtomicU64::new(now_ns()),
             pending: AtomicUsize::new(0),
         }
+    }
+
+    /// The RTT estimate at `now_ns`, decayed, without the pending requests.
+    fn estimate_at(&self, now_ns: u64) -> f64 {
+        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let idle_ns = now_ns.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
+        rtt * (-idle_ns / DECAY.as_nanos() as f64).exp()
     }
 
     /// Lower is better. The estimate decays with time since the last observation, so an
@@ -73,11 +100,8 @@ impl PeakEwma {
 
     /// `cost()` at a given `now_ns()` reading.
     pub fn cost_at(&self, now_ns: u64) -> f64 {
-        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        let idle_ns = now_ns.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
-        let decayed = rtt * (-idle_ns / DECAY.as_nanos() as f64).exp();
         let pending = self.pending.load(Ordering::Relaxed) as f64;
-        decayed * (pending + 1.0)
+        self.estimate_at(now_ns) * (pending + 1.0)
     }
 
     /// Marks a request as in flight until the returned guard drops.
@@ -172,7 +196,7 @@ impl Drop for InFlight {
 pub trait Balanced {
     fn load(&self) -> &PeakEwma;
 
-    /// Failure accrual: an ejected endpoint is not picked.
+    /// Failure accrual: an ejected endpoint is not picked (while enough others are in).
     fn is_available(&self, _now_ns: u64) -> bool {
         true
     }
@@ -182,15 +206,12 @@ pub trait Balanced {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PickError {
     NoEndpoints,
-    /// Every endpoint failed repeatedly and waits out its backoff.
-    AllEjected,
 }
 
 impl From<PickError> for ProxyError {
     fn from(e: PickError) -> Self {
         match e {
             PickError::NoEndpoints => ProxyError::NoEndpoints,
-            PickError::AllEjected => ProxyError::AllEndpointsEjected,
         }
     }
 }
@@ -198,16 +219,29 @@ impl From<PickError> for ProxyError {
 /// The live endpoints of one backend. Readers never lock; discovery swaps in a new set.
 pub struct EndpointSet<E> {
     current: ArcSwap<Vec<Arc<E>>>,
+    /// Failure accrual's view of the whole set: how many are out, and whether too many are.
+    health: Arc<DestinationHealth>,
 }
 
 impl<E: Balanced> EndpointSet<E> {
+    /// A set without failure accrual (benches, tests).
     pub fn new(endpoints: Vec<Arc<E>>) -> Self {
+        let health =
+            DestinationHealth::new(AccrualPolicy::DISABLED, "".into(), LazyCounter::none());
+        Self::with_health(endpoints, Arc::new(health))
+    }
+
+    /// A destination's set, sharing `health` with its endpoints' failure accrual.
+    pub fn with_health(endpoints: Vec<Arc<E>>, health: Arc<DestinationHealth>) -> Self {
+        health.set_endpoints(endpoints.len());
         Self {
             current: ArcSwap::from_pointee(endpoints),
+            health,
         }
     }
 
     pub fn update(&self, endpoints: Vec<Arc<E>>) {
+        self.health.set_endpoints(endpoints.len());
         self.current.store(Arc::new(endpoints));
     }
 
@@ -215,15 +249,64 @@ impl<E: Balanced> EndpointSet<E> {
         self.current.load_full()
     }
 
-    /// P2C: two distinct endpoints at random, the one with the lower cost wins. Ejected
-    /// endpoints are passed over.
-    pub fn pick(&self) -> Result<Arc<E>, PickError> {
-        let set = self.current.load();
+    pub fn health(&self) -> &Arc<DestinationHealth> {
+        &self.health
+    }
+
+    /// The estimate a new endpoint starts with: the average of its peers' (those in balancing),
+    /// so it competes for its share from its first request; the default when it has none.
+    pub fn newcomer_estimate(&self) -> f64 {
         let now = now_ns();
+        let set = self.current.load();
+        let (sum, n) = set
+            .iter()
+            .filter(|e| e.is_available(now))
+            .fold((0.0, 0u32), |(sum, n), e| {
+                (sum + e.load().estimate_at(now), n + 1)
+            });
+        if n == 0 {
+            DEFAULT_RTT.as_nanos() as f64
+        } else {
+            sum / f64::from(n)
+        }
+    }
+
+    /// P2C: two distinct endpoints at random, the one with the lower cost wins. Ejected
+    /// endpoints are passed over, unless too few are left in (then all are used).
+    pub fn pick(&self) -> Result<Arc<E>, PickError> {
+        self.p2c(&self.current.load())
+    }
+
+    /// [`pick`](Self::pick) among the endpoints not in `tried`.
+    pub fn pick_excluding(&self, tried: &[Arc<E>]) -> Result<Arc<E>, PickError> {
+        let rest: Vec<Arc<E>> = self
+            .current
+            .load()
+            .iter()
+            .filter(|e| !tried.iter().any(|t| Arc::ptr_eq(t, e)))
+            .cloned()
+            .collect();
+        self.p2c(&rest)
+    }
+
+    fn p2c(&self, set: &[Arc<E>]) -> Result<Arc<E>, PickError> {
+        let now = now_ns();
+        let cheaper = |a: &Arc<E>, b: &Arc<E>| {
+            if b.load().cost_at(now) < a.load().cost_at(now) {
+                b.clone()
+            } else {
+                a.clone()
+            }
+        };
         match set.len() {
             0 => Err(PickError::NoEndpoints),
-            1 if set[0].is_available(now) => Ok(set[0].clone()),
-            1 => Err(PickError::AllEjected),
+            1 => {
+                if !set[0].is_available(now) {
+                    // Ejected, and the only one: ejecting it must not make an outage.
+                    self.health.panicked();
+                }
+                Ok(set[0].clone())
+            }
             n => {
                 let a = rand::random_range(0..n);
                 let mut b = rand::random_range(0..n - 1);
@@ -231,25 +314,95 @@ impl<E: Balanced> EndpointSet<E> {
                     b += 1;
                 }
                 let (ea, eb) = (&set[a], &set[b]);
-                let winner = match (ea.is_available(now), eb.is_available(now)) {
-                    (true, true) if eb.load().cost_at(now) < ea.load().cost_at(now) => eb,
-                    (true, _) => ea,
-                    (false, true) => eb,
+                Ok(match (ea.is_available(now), eb.is_available(now)) {
+                    (true, true) => cheaper(ea, eb),
+                    _ if self.health.too_few_in() => {
+                        self.health.panicked();
+                        cheaper(ea, eb)
+                    }
+                    (true, false) => ea.clone(),
+                    (false, true) => eb.clone(),
                     // Both ejected: any endpoint still in, scanning from a random place.
-                    (false, false) => (0..n)
+                    (false, false) => match (0..n)
                         .map(|i| &set[(a + i) % n])
                         .find(|e| e.is_available(now))
-                        .ok_or(PickError::AllEjected)?,
-                };
-                Ok(winner.clone())
+                    {
+                        Some(e) => e.clone(),
+                        None => {
+                            self.health.panicked();
+                            cheaper(ea, eb)
+                        }
+                    },
+                })
             }
         }
     }
 }
 
-/// `BalanceLayer`: picks the endpoint of the request's logical destination (P2C over PeakEWMA),
-/// hands its target (with its metric handle) down as a request extension, and keeps the request in
-/// flight on that endpoint until the response ends. No endpoints at all fails fast with 503.
+/// An endpoint with a connection ready for the request, and the request in flight on it.
+pub struct Connected<T> {
+    pub endpoint: Arc<Endpoint>,
+    pub in_flight: InFlight,
+    pub conn: T,
+}
+
+/// Connects to `first` with `connect`; when that fails, to another endpoint of `logical`, up to
+/// [`MAX_CONNECT_ATTEMPTS`] in all. Nothing of the request has been sent while connecting, so
+/// any endpoint will do. Each failed endpoint is charged as a connection failure (its latency
+/// penalty, failure accrual). The error comes back with the last endpoint tried.
+pub async fn connect_with_failover<T, F, Fut>(
+    logical: &Logical,
+    first: Arc<Endpoint>,
+    mut connect: F,
+) -> Result<Connected<T>, (ProxyError, Arc<Endpoint>)>
+where
+    F: FnMut(Arc<Endpoint>) -> Fut,
+    Fut: Future<Output = Result<T, ProxyError>>,
+{
+    let mut endpoint = first;
+    let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+    loop {
+        let mut in_flight = endpoint
+            .load_handle()
+            .start()
+            .with_health(endpoint.health.clone());
+        let err = match connect(endpoint.clone()).await {
+            Ok(conn) => {
+                return Ok(Connected {
+                    endpoint,
+                    in_flight,
+                    conn,
+                })
+            }
+            Err(err) => err,
+        };
+        // A loop is this proxy's configuration, not the endpoint's failing.
+        if err.is_endpoint_failure() {
+            in_flight.failed(true);
+        }
+        tried.push(endpoint.clone());
+        let next = (tried.len() < MAX_CONNECT_ATTEMPTS)
+            .then(|| logical.endpoints.pick_excluding(&tried).ok())
+            .flatten();
+        let Some(next) = next else {
+            return Err((err, endpoint));
+        };
+        crate::warn_limited!(
+            "endpoint_connect_failed",
+            destination = %logical.authority,
+            endpoint = %endpoint.addr,
+            error = %err,
+            next = %next.addr,
+            "could not connect to the endpoint; the request goes to another"
+        );
+        endpoint = next;
+    }
+}
+
+/// `BalanceLayer`: picks the endpoint of the request's logical destination (P2C over PeakEWMA)
+/// with a connection ready for it (another endpoint when one can't be reached), hands its target
+/// (with its metric handle) down as a request extension, and keeps the request in flight on
+/// that endpoint until the response ends. No endpoints at all fails fast with 503.
 #[derive(Clone, Copy, Debug)]
 pub struct BalanceLayer {
     access_log: bool,
@@ -279,8 +432,9 @@ pub struct Balance<S> {
 
 impl<S, B> Service<Request<B>> for Balance<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    B: Send + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
@@ -310,19 +464,42 @@ where
             }
         };
         if let Some(slot) = req.extensions().get::<EndpointSlot>() {
-            // Someone is tapping: the tap layer above reports this endpoint.
+            // Someone is tapping: the tap layer above reports this endpoint (the first
+            // choice, should it refuse the connection).
             let _ = slot.0.set(endpoint.addr);
         }
-        let mut in_flight = endpoint
-            .load_handle()
-            .start()
-            .with_health(endpoint.health.clone());
         // The route's response classes decide what failure accrual counts as a failure.
         let route = req.extensions().get::<Arc<RouteState>>().cloned();
-        req.extensions_mut().insert(endpoint.target.clone());
-        let response = self.inner.call(req);
+        let access_log = self.access_log;
+        // The inner service was made ready for this call; keep that one, leave a clone behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let mut rsp = match response.await {
+            let shape = RequestShape::of(&req);
+            let connected = connect_with_failover(&logical, endpoint, |e| async move {
+                e.target.connect_for(shape).await
+            })
+            .await;
+            let Connected {
+                endpoint,
+                mut in_flight,
+                ..
+            } = match connected {
+                Ok(c) => c,
+                Err((err, endpoint)) => {
+                    let metrics = &endpoint.target.metrics;
+                    return Err(fail_unrouted(
+                        "outbound",
+                        &logical.authority,
+                        metrics,
+                        access_log,
+                        &req,
+                        err,
+                    ));
+                }
+            };
+            req.extensions_mut().insert(endpoint.target.clone());
+            let mut rsp = match inner.oneshot(req).await {
                 Ok(rsp) => rsp,
                 Err(err) => {
                     if err.is_retryable() {
@@ -341,6 +518,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pylon_proxy_metrics::{Direction, EventCounter, Metrics, TargetLabels, Tls};
+
+    /// A destination's shared health, counting panics in the returned counter.
+    fn health() -> (Arc<DestinationHealth>, EventCounter) {
+        let metrics = Metrics::new(Default::default());
+        let labels = TargetLabels::new(Direction::Outbound, "web:80", "", Tls::NoIdentity("test"));
+        let counter = metrics.balancer_panic(labels);
+        let c = counter.clone();
+        let health = DestinationHealth::new(
+            AccrualPolicy::CONSECUTIVE,
+            "web:80".into(),
+            LazyCounter::new(move || c.clone()),
+        );
+        (Arc::new(health), counter)
+    }
+
+    fn set_of<E: Balanced>(endpoints: Vec<Arc<E>>) -> EndpointSet<E> {
+        EndpointSet::with_health(endpoints, health().0)
+    }
 
     struct Ep(Arc<PeakEwma>, u16);
     impl Balanced for Ep {
@@ -351,7 +547,7 @@ mod tests {
 
     #[test]
     fn empty_set_picks_nothing() {
-        let set: EndpointSet<Ep> = EndpointSet::new(vec![]);
+        let set: EndpointSet<Ep> = set_of(vec![]);
         assert_eq!(set.pick().err(), Some(PickError::NoEndpoints));
     }
 
@@ -365,17 +561,143 @@ mod tests {
         }
     }
 
+    fn ejectable(ok: bool, id: u16) -> Arc<Ejectable> {
+        Arc::new(Ejectable(Arc::new(PeakEwma::new()), ok, id))
+    }
+
     #[test]
     fn ejected_endpoints_are_passed_over() {
-        let ep = |ok, id| Arc::new(Ejectable(Arc::new(PeakEwma::new()), ok, id));
-        let set = EndpointSet::new(vec![ep(false, 1), ep(true, 2), ep(false, 3), ep(false, 4)]);
+        let (health, panics) = health();
+        let set = EndpointSet::with_health(
+            vec![
+                ejectable(false, 1),
+                ejectable(true, 2),
+                ejectable(false, 3),
+                ejectable(false, 4),
+            ],
+            health,
+        );
         for _ in 0..200 {
             assert_eq!(set.pick().map(|e| e.2).ok(), Some(2));
         }
-        let all_out = EndpointSet::new(vec![ep(false, 1), ep(false, 2)]);
-        assert_eq!(all_out.pick().err(), Some(PickError::AllEjected));
-        let one_out = EndpointSet::new(vec![ep(false, 1)]);
-        assert_eq!(one_out.pick().err(), Some(PickError::AllEjected));
+        assert_eq!(panics.get(), 0);
+    }
+
+    #[test]
+    fn with_every_endpoint_ejected_all_are_used_and_counted() {
+        for endpoints in [
+            vec![ejectable(false, 1)],
+            vec![ejectable(false, 1), ejectable(false, 2)],
+        ] {
+            let n = endpoints.len();
+            let (health, panics) = health();
+            let set = EndpointSet::with_health(endpoints, health);
+            for _ in 0..10 {
+                assert!(set.pick().is_ok(), "{n} ejected endpoints: an outage");
+            }
+            assert_eq!(panics.get(), 10);
+        }
+    }
+
+    #[test]
+    fn too_few_left_in_means_balancing_over_all() {
+        // Four endpoints, three of them out: fewer than half are in, so the ejected ones take
+        // traffic too rather than the last one taking it all.
+        let (health, panics) = health();
+        let set = EndpointSet::with_health(
+            vec![
+                ejectable(true, 1),
+                ejectable(false, 2),
+                ejectable(false, 3),
+                ejectable(false, 4),
+            ],
+            health.clone(),
+        );
+        health.set_out(3);
+        let picks: Vec<u16> = (0..400)
+            .filter_map(|_| set.pick().ok().map(|e| e.2))
+            .collect();
+        let others = picks.iter().filter(|id| **id != 1).count();
+        assert!(others > 100, "ejected endpoints got {others} of 400");
+        assert!(panics.get() > 0);
+        // Back to half out: the ejected ones are passed over again.
+        health.set_out(2);
+        set.update(set.snapshot().to_vec());
+        let before = panics.get();
+        let picks: Vec<u16> = (0..100)
+            .filter_map(|_| set.pick().ok().map(|e| e.2))
+            .collect();
+        assert!(picks.iter().all(|id| *id == 1), "{picks:?}");
+        assert_eq!(panics.get(), before);
+    }
+
+    #[test]
+    fn a_retry_after_a_refused_connection_picks_another_endpoint() {
+        let eps: Vec<_> = (1..=3).map(|id| ejectable(true, id)).collect();
+        let set = set_of(eps.clone());
+        for _ in 0..100 {
+            let next = set.pick_excluding(&eps[..1]).expect("two left");
+            assert_ne!(next.2, 1);
+            let last = set.pick_excluding(&eps[..2]).expect("one left");
+            assert_eq!(last.2, 3);
+        }
+        assert_eq!(set.pick_excluding(&eps).err(), Some(PickError::NoEndpoints));
+    }
+
+    /// Sends `requests` one at a time through `set`, each answered in `rtt` (paused time), and
+    /// returns how many went to the endpoint with id `id`.
+    async fn sequential_picks_of(
+        set: &EndpointSet<Ep>,
+        requests: usize,
+        rtt: Duration,
+        id: u16,
+    ) -> usize {
+        let mut picked = 0;
+        for _ in 0..requests {
+            let e = set.pick().expect("endpoints");
+            picked += usize::from(e.1 == id);
+            let in_flight = e.0.start();
+            tokio::time::advance(rtt).await;
+            drop(in_flight);
+        }
+        picked
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_endpoint_takes_its_share_at_once() {
+        // Three endpoints answering in 2 ms, requests one at a time: the story's third pod.
+        let rtt = Duration::from_millis(2);
+        let peers: Vec<_> = (1..=3)
+            .map(|id| Arc::new(Ep(Arc::new(PeakEwma::new()), id)))
+            .collect();
+        let set = set_of(peers.clone());
+        sequential_picks_of(&set, 300, rtt, 0).await;
+
+        // Starting at its peers' average estimate, it wins its comparisons about half the time:
+        // a quarter of the requests, from the first ones on.
+        let newcomer = Arc::new(Ep(
+            Arc::new(PeakEwma::with_estimate(set.newcomer_estimate())),
+            4,
+        ));
+        let mut next = peers.clone();
+        next.push(newcomer);
+        set.update(next);
+        let share = sequential_picks_of(&set, 400, rtt, 4).await;
+        assert!(share >= 60, "the new endpoint got {share} of 400 requests");
+
+        // With the fixed 30 ms start (tower's and Linkerd's) it loses every comparison for as
+        // long as this test runs (0.8 s of requests; about 25 s in all).
+        let stale = Arc::new(Ep(Arc::new(PeakEwma::new()), 5));
+        let mut next = peers;
+        next.push(stale);
+        set.update(next);
+        assert_eq!(sequential_picks_of(&set, 400, rtt, 5).await, 0);
+    }
+
+    #[test]
+    fn the_first_endpoints_start_at_the_default() {
+        let set: EndpointSet<Ep> = set_of(vec![]);
+        assert_eq!(set.newcomer_estimate(), DEFAULT_RTT.as_nanos() as f64);
     }
 
     #[test]
@@ -396,7 +718,7 @@ mod tests {
         let slow = Arc::new(Ep(Arc::new(PeakEwma::new()), 2));
         fast.0.observe(Duration::from_millis(1));
         slow.0.observe(Duration::from_millis(100));
-        let set = EndpointSet::new(vec![fast, slow]);
+        let set = set_of(vec![fast, slow]);
         let fast_picks = (0..1000)
             .filter(|_| set.pick().map(|e| e.1).ok() == Some(1))
             .count();

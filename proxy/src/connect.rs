@@ -104,7 +104,8 @@ impl Connect {
             Ok(stream) => Ok(EndpointIo::Tls(Box::new(stream))),
             Err(error) => {
                 let failure = TlsFailure::of_io(&error).unwrap_or(TlsFailure::Other);
-                tracing::warn!(
+                crate::warn_limited!(
+                    "mesh_tls_failed",
                     endpoint = %self.addr,
                     server_id = %tls.server_id,
                     error = %error,

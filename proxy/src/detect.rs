@@ -12,7 +12,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A request line longer than this is not HTTP we want to parse; treat the stream as TCP.
 const MAX_REQUEST_LINE: usize = 8 * 1024;
 /// How much of the first request's head we read to validate it before handing it to hyper.
-const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = crate::http::server::MAX_REQUEST_HEAD;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -162,7 +162,7 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if !plausible_method_prefix(buf) {
         return Some(Protocol::Tcp);
     }
-    let Some(line_end) = find_crlf(buf) else {
+    let Some(line_end) = find_line_end(buf) else {
         return (buf.len() >= MAX_REQUEST_LINE).then_some(Protocol::Tcp);
     };
     let line = &buf[..line_end];
@@ -188,18 +188,28 @@ fn classify_at_eof(buf: &[u8]) -> Protocol {
     match classify(buf) {
         Some(p) => p,
         // The client closed mid-head: HTTP that can't complete is still malformed HTTP.
-        None if find_crlf(buf).is_some() => Protocol::MalformedHttp1,
+        None if find_line_end(buf).is_some() => Protocol::MalformedHttp1,
         None => Protocol::Tcp,
     }
 }
 
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    memchr::memchr_iter(b'\n', buf).find_map(|i| (i > 0 && buf[i - 1] == b'\r').then(|| i - 1))
+/// Where the first line ends (before its CRLF, or a bare LF: RFC 9112 §2.2 lets a recipient
+/// take LF alone as a line terminator, and hyper's parser does, so detection must too: else a
+/// bare-LF request would pass as opaque TCP, past per-request policy).
+fn find_line_end(buf: &[u8]) -> Option<usize> {
+    let lf = memchr::memchr(b'\n', buf)?;
+    Some(if lf > 0 && buf[lf - 1] == b'\r' {
+        lf - 1
+    } else {
+        lf
+    })
 }
 
-/// Whether `buf` contains the blank line that ends a request head.
+/// Whether `buf` contains the blank line that ends a request head (CRLF or bare LF).
 fn ends_head(buf: &[u8]) -> bool {
-    memchr::memchr_iter(b'\n', buf).any(|i| i >= 3 && &buf[i - 3..=i] == b"\r\n\r\n")
+    memchr::memchr_iter(b'\n', buf).any(|i| {
+        (i >= 1 && buf[i - 1] == b'\n') || (i >= 2 && buf[i - 1] == b'\r' && buf[i - 2] == b'\n')
+    })
 }
 
 /// While the request line is incomplete, keep reading only if it could still be HTTP: a token
@@ -363,6 +373,24 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn bare_lf_http_is_http() {
+        // RFC 9112 §2.2: a recipient may take LF alone as a line end; hyper does.
+        for head in [
+            &b"GET / HTTP/1.1\nHost: a\n\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\n\n",
+            b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+        ] {
+            let (p, _) = detect_bytes(head, false).await;
+            assert_eq!(p, Protocol::Http1, "{:?}", String::from_utf8_lossy(head));
+        }
+        let mut progress = Progress::default();
+        assert!(progress.worth_classifying(b"GET / HTTP/1.1\nHost: a\n"));
+        assert!(ends_head(b"Host: a\n\n"));
+        assert!(ends_head(b"Host: a\r\n\r\n"));
+        assert!(!ends_head(b"Host: a\r\nB: c\r\n"));
     }
 
     #[tokio::test]

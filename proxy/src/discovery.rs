@@ -12,11 +12,12 @@ use http::uri::Authority;
 use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, Tls};
 use pylon_proxy_policy::{ServiceRef, Snapshot, Store};
 
-use crate::accrual::{AccrualPolicy, EndpointHealth};
+use crate::accrual::{AccrualPolicy, DestinationHealth, EndpointHealth, LazyCounter};
 use crate::balance::{Balanced, EndpointSet, PeakEwma, PickError};
 use crate::connect::Connect;
 use crate::http::client::EndpointTarget;
 use crate::http::headers::request_authority;
+use crate::http::metrics::log_proxy_error;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 use crate::mesh_tls::MeshTls;
 use crate::profiles::{DestinationRoutes, Profiles};
@@ -116,8 +117,6 @@ pub struct Logical {
     pub routes: Arc<DestinationRoutes>,
     /// Where its requests go: itself, or backends by weight.
     pub backends: ArcSwap<Backends>,
-    /// Failure accrual for its endpoints (the Service's annotations, else the proxy default).
-    accrual: Arc<ArcSwap<AccrualPolicy>>,
     /// Where proxy-made responses are counted when no endpoint was chosen (first use only).
     no_endpoint: LazyTarget<HttpTarget>,
 }
@@ -265,7 +264,7 @@ impl Discovery {
         let logical = self.new_logical(addr.to_string().into(), TargetKey::Addr(addr), None);
         logical
             .endpoints
-            .update(vec![self.endpoint(&logical, addr, None)]);
+            .update(vec![self.endpoint(&logical, addr, None, None)]);
         logical
     }
 
@@ -429,14 +428,24 @@ impl Discovery {
         let routes =
             self.profiles
                 .destination(Direction::Outbound, authority.clone(), profile_name);
+        // Failure accrual for its endpoints (the Service's annotations, else the proxy
+        // default), and the count of those out.
+        let panic = {
+            let (metrics, labels) = (self.metrics.clone(), no_endpoint.labels.clone());
+            LazyCounter::new(move || metrics.balancer_panic(labels.clone()))
+        };
+        let health = Arc::new(DestinationHealth::new(
+            self.accrual,
+            authority.clone(),
+            panic,
+        ));
         Arc::new(Logical {
             authority,
             key,
             service,
-            endpoints: EndpointSet::new(Vec::new()),
+            endpoints: EndpointSet::with_health(Vec::new(), health),
             routes,
             backends: ArcSwap::from_pointee(Backends::default()),
-            accrual: Arc::new(ArcSwap::from_pointee(self.accrual)),
             no_endpoint,
         })
     }
@@ -460,11 +469,14 @@ impl Discovery {
         }
     }
 
+    /// A new endpoint of `logical`; its latency estimate starts at `estimate` (ns), else the
+    /// default.
     fn endpoint(
         &self,
         logical: &Logical,
         addr: SocketAddr,
         identity: Option<Arc<str>>,
+        estimate: Option<f64>,
     ) -> Arc<Endpoint> {
         let (connect, tls) = match (&identity, &self.mesh_tls) {
             (Some(id), Some(mesh)) => (
@@ -496,12 +508,12 @@ impl Discovery {
                 logical.authority.clone(),
                 self.metrics.http_target(labels.clone()),
             ),
-            load: Arc::new(PeakEwma::new()),
+            load: Arc::new(estimate.map_or_else(PeakEwma::new, PeakEwma::with_estimate)),
             health: Arc::new(EndpointHealth::new(
-                logical.accrual.clone(),
+                logical.endpoints.health().clone(),
                 addr,
-                logical.authority.clone(),
                 self.metrics.endpoint_ejections(labels.clone()),
+                self.metrics.endpoint_ejections_capped(labels.clone()),
             )),
         })
     }
@@ -518,6 +530,7 @@ impl Discovery {
         if current.len() == specs.len() && current.iter().zip(specs).all(|(e, s)| same(e, s)) {
             return;
         }
+        let mut estimate = None;
         let next = specs
             .iter()
             .map(|spec| {
@@ -525,7 +538,12 @@ impl Discovery {
                     .iter()
                     .find(|e| same(e, spec))
                     .cloned()
-                    .unwrap_or_else(|| self.endpoint(logical, spec.0, spec.1.clone()))
+                    .unwrap_or_else(|| {
+                        // Its peers' average: a newcomer takes its share from its first request.
+                        let estimate =
+                            *estimate.get_or_insert_with(|| logical.endpoints.newcomer_estimate());
+                        self.endpoint(logical, spec.0, spec.1.clone(), Some(estimate))
+                    })
             })
             .collect::<Vec<_>>();
         tracing::info!(
@@ -543,11 +561,12 @@ impl Discovery {
         if let Some(svc) = snapshot.service(service) {
             let (policy, problems) =
                 AccrualPolicy::from_annotations(&svc.meta.annotations, self.accrual);
-            if policy != **logical.accrual.load() {
+            let health = logical.endpoints.health();
+            if policy != health.policy() {
                 for problem in &problems {
                     tracing::warn!(service = %service, "{problem}");
                 }
-                logical.accrual.store(Arc::new(policy));
+                health.set_policy(policy);
             }
         }
         let name = format!("{}.{}", service.name, service.namespace);
@@ -630,7 +649,8 @@ impl Discovery {
                 Ok((addrs, ttl))
             }
             Err(e) => {
-                tracing::warn!(%host, error = %e, "DNS resolution failed");
+                // Any client can name any host: rate-limited.
+                crate::warn_limited!("dns_failed", %host, error = %e, "DNS resolution failed");
                 Err(ProxyError::Unresolvable)
             }
         }
@@ -728,7 +748,7 @@ where
                 None => {
                     let Some(authority) = request_authority(&req) else {
                         let err = ProxyError::MissingAuthority;
-                        tracing::warn!(error = %err, "request names no destination");
+                        log_proxy_error("outbound", "", None, err);
                         return Err(err);
                     };
                     layer
@@ -737,7 +757,7 @@ where
                         .await
                         .inspect_err(|err| {
                             let destination = String::from_utf8_lossy(authority);
-                            tracing::warn!(%destination, error = %err, "proxy error response {}", err.status().as_u16());
+                            log_proxy_error("outbound", &destination, None, *err);
                         })?
                 }
             };

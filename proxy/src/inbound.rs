@@ -8,7 +8,8 @@
 //!        ─ authorize the client on this port (the inbound policy)
 //!        ├ opaque TCP ─ closed if denied, else copy bytes to the target
 //!        └ HTTP/1 or h2 server connection, then per request:
-//!            proxy errors → responses
+//!            proxy errors → responses (gRPC errors for gRPC clients)
+//!            ─ validate the request head ─ hop limit (loops through other proxies)
 //!            ─ authorize (403 if denied; decided again after a policy change)
 //!            ─ l5d-orig-proto: back to the HTTP/1 another proxy carried over h2
 //!            ─ target: the workload's port; metrics by the authority requested
@@ -39,10 +40,12 @@ use crate::http::authorize::AuthorizeLayer;
 use crate::http::client::{EndpointClient, EndpointTarget};
 use crate::http::errors::RespondLayer;
 use crate::http::headers::request_authority;
+use crate::http::hops::HopLimitLayer;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::route::RouteLayer;
 use crate::http::tap::{TapLayer, Telemetry};
 use crate::http::timeout::ResponseTimeoutLayer;
+use crate::http::validate::ValidateRequestLayer;
 use crate::http::{orig_proto, server, HttpStack};
 use crate::io::{CountingIo, PrefixedIo};
 use crate::mesh_tls::MeshTls;
@@ -134,7 +137,7 @@ impl Inbound {
             (Some(orig), _) => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), orig.port()),
             (None, Some(fwd)) => fwd,
             (None, None) => {
-                tracing::warn!(client = %peer, "inbound connection was not redirected and --inbound-forward is not set; closing");
+                crate::warn_limited!("no_destination", client = %peer, "inbound connection was not redirected and --inbound-forward is not set; closing");
                 return;
             }
         };
@@ -251,7 +254,7 @@ impl Inbound {
                     )
                 });
                 if let Err(e) = tcp::forward(io, addr, self.args.connect_timeout, to_app).await {
-                    tracing::warn!(client = %client.addr, target = %addr, error = %e, "inbound opaque connection failed");
+                    crate::warn_limited!("tcp_connect_failed", client = %client.addr, target = %addr, error = %e, "inbound opaque connection failed");
                 }
             }
             Protocol::Http1 | Protocol::H2 => {
@@ -283,8 +286,13 @@ impl Inbound {
     ) -> impl HttpStack {
         let this = self.clone();
         ServiceBuilder::new()
-            // Proxy errors from any layer below become responses with `pylon-proxy-error`.
+            // Proxy errors from any layer below become responses with `pylon-proxy-error`
+            // (gRPC errors for gRPC clients).
             .layer(RespondLayer)
+            // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...).
+            .layer(ValidateRequestLayer::new("inbound"))
+            // 508 for a request that has crossed too many proxies: a chain forwarding in a loop.
+            .layer(HopLimitLayer::new("inbound"))
             // The inbound policy: 403 for a client this port doesn't admit.
             .layer(AuthorizeLayer::new(authz))
             // The workload's port is the target; metrics are kept by the authority requested.

@@ -28,6 +28,7 @@ pub mod init;
 mod io;
 mod listener;
 mod logging;
+mod loops;
 mod mesh_tls;
 mod orig_dst;
 mod outbound;
@@ -36,6 +37,7 @@ mod retry_budget;
 mod shutdown;
 mod split;
 mod tcp;
+mod warnings;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

@@ -63,7 +63,7 @@ pub async fn accept_loop<F, Fut>(
             }
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning.
-                tracing::warn!(listener = %local, error = %e, "accept failed");
+                crate::warn_limited!("accept_failed", listener = %local, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         }

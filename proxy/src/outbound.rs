@@ -6,7 +6,8 @@
 //!        ├ opaque TCP ─ logical destination of the dialled address ─ balancer
 //!        │            ─ connect (mesh TLS to a meshed endpoint) ─ copy bytes
 //!        └ HTTP/1 or h2 server connection, then per request the stack in `http_stack`:
-//!            proxy errors → responses
+//!            proxy errors → responses (gRPC errors for gRPC clients)
+//!            ─ validate the request head ─ hop limit (loops through other proxies)
 //!            ─ logical destination (dialled address, else Host / :authority / absolute URI)
 //!            ─ route (the destination's ServiceProfile): route metrics and classification
 //!            ─ route timeout (retries included) ─ retries within the retry budget
@@ -30,18 +31,21 @@ use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 
 use crate::args::ProxyArgs;
-use crate::balance::BalanceLayer;
+use crate::balance::{connect_with_failover, BalanceLayer, Connected};
 use crate::detect::{self, Protocol};
 use crate::discovery::{Discovery, Logical, LogicalLayer};
 use crate::http::client::EndpointClient;
 use crate::http::errors::RespondLayer;
+use crate::http::hops::HopLimitLayer;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::retry::RetryLayer;
 use crate::http::route::{RouteActualLayer, RouteLayer};
 use crate::http::tap::{TapLayer, Telemetry};
 use crate::http::timeout::{ResponseTimeoutLayer, RouteTimeoutLayer};
+use crate::http::validate::ValidateRequestLayer;
 use crate::http::{server, HttpStack, ProxyError};
 use crate::io::CountingIo;
+use crate::mesh_tls::Alpn;
 use crate::orig_dst::original_dst;
 use crate::shutdown::Shutdown;
 use crate::split::SplitLayer;
@@ -104,7 +108,8 @@ impl Outbound {
                     let io = CountingIo::new(io, self.accepted(Some(&logical), orig_dst, local));
                     self.forward_tcp(io, &logical).await
                 }
-                None => tracing::warn!(
+                None => crate::warn_limited!(
+                    "no_destination",
                     client = %peer,
                     "opaque connection to the outbound listener has no original destination; closing"
                 ),
@@ -122,8 +127,13 @@ impl Outbound {
     /// The path of one outbound HTTP request, top to bottom.
     fn http_stack(&self, dialled: Option<Arc<Logical>>, client: SocketAddr) -> impl HttpStack {
         ServiceBuilder::new()
-            // Proxy errors from any layer below become responses with `pylon-proxy-error`.
+            // Proxy errors from any layer below become responses with `pylon-proxy-error`
+            // (gRPC errors for gRPC clients).
             .layer(RespondLayer)
+            // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...).
+            .layer(ValidateRequestLayer::new("outbound"))
+            // 508 for a request that has crossed too many proxies: a chain forwarding in a loop.
+            .layer(HopLimitLayer::new("outbound"))
             // The logical destination: the dialled address, else the request's authority.
             .layer(LogicalLayer::new(self.discovery.clone(), dialled))
             // The route: first match in the destination's ServiceProfile, else [DEFAULT];
@@ -180,27 +190,40 @@ impl Outbound {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let endpoint = match logical.pick() {
+        let first = match logical.pick() {
             Ok(e) => e,
             Err(e) => {
                 let err = ProxyError::from(e);
-                tracing::warn!(destination = %logical.authority, error = %err, "closing opaque connection");
+                crate::warn_limited!("proxy_error", destination = %logical.authority, error = %err, "closing opaque connection");
                 return;
             }
         };
-        let mut in_flight = endpoint
-            .load_handle()
-            .start()
-            .with_health(endpoint.health.clone());
-        // Over mesh TLS when the endpoint is meshed (its handshake failure is a connect failure).
-        let result = tcp::forward_to(io, &endpoint.connect).await;
-        // Only the connect can fail here; what flows afterwards is the app's business.
-        match &result {
-            Ok(()) => in_flight.finished(true),
-            Err(_) => in_flight.failed(true),
-        }
-        if let Err(e) = result {
-            tracing::warn!(destination = %logical.authority, endpoint = %endpoint.addr, error = %e, "opaque connection failed");
+        // Over mesh TLS when the endpoint is meshed (its handshake failure is a connect
+        // failure). Nothing of the client's has been sent yet, so a refusing endpoint is
+        // replaced by another.
+        let connected = connect_with_failover(logical, first, |e| async move {
+            e.connect
+                .connect(Alpn::Opaque)
+                .await
+                .map_err(|err| ProxyError::from_connect(&err))
+        })
+        .await;
+        match connected {
+            Ok(Connected {
+                endpoint,
+                mut in_flight,
+                conn,
+            }) => {
+                // Only the connect can fail here; what flows afterwards is the app's business.
+                // The connect time is its latency; it stays pending (load) while it lasts.
+                in_flight.response_received();
+                in_flight.finished(true);
+                tcp::splice(io, conn, endpoint.addr).await;
+                drop(in_flight);
+            }
+            Err((err, endpoint)) => {
+                crate::warn_limited!("tcp_connect_failed", destination = %logical.authority, endpoint = %endpoint.addr, error = %err, "opaque connection failed");
+            }
         }
     }
 }

@@ -16,6 +16,9 @@ use crate::mesh_tls::Alpn;
 pub enum ConnectError {
     #[error("connect to {0} timed out")]
     Timeout(SocketAddr),
+    /// The address is one of this proxy's own listeners.
+    #[error("{0} is this proxy's own listener: loop detected")]
+    Loop(SocketAddr),
     #[error("connect to {0}: {1}")]
     Io(SocketAddr, std::io::Error),
     /// The TCP connection opened, but mesh TLS with the endpoint failed.
@@ -33,6 +36,7 @@ impl ConnectError {
     pub fn errno(&self) -> &'static str {
         match self {
             Self::Timeout(_) => "ETIMEDOUT",
+            Self::Loop(_) => "ELOOP",
             Self::Io(_, e) => errno_name(e),
             Self::Tls { failure, error, .. } => match failure {
                 TlsFailure::TimedOut => "ETIMEDOUT",
@@ -47,6 +51,10 @@ impl ConnectError {
 /// A TCP connection to an endpoint within `timeout`, with Nagle off (the proxy writes whole
 /// messages).
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    // Every connection the proxy makes comes here: none may reach the proxy itself.
+    if crate::loops::is_own_listener(addr) {
+        return Err(ConnectError::Loop(addr));
+    }
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout(addr))?
@@ -75,18 +83,24 @@ where
 
 /// Proxies `client` to the endpoint `connect` reaches: over mesh TLS (no ALPN: the bytes are
 /// opaque) when the endpoint is meshed. Counted where `connect` counts its connections.
-pub async fn forward_to<I>(mut client: I, connect: &Connect) -> Result<(), ConnectError>
+pub async fn forward_to<I>(client: I, connect: &Connect) -> Result<(), ConnectError>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut upstream = connect.connect(Alpn::Opaque).await?;
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok(_) => {}
-        Err(e) => {
-            tracing::debug!(endpoint = %connect.addr(), error = %e, "tcp connection closed with error")
-        }
-    }
+    let upstream = connect.connect(Alpn::Opaque).await?;
+    splice(client, upstream, connect.addr()).await;
     Ok(())
+}
+
+/// Copies bytes both ways between the client and a connected endpoint until either closes.
+pub async fn splice<I, U>(mut client: I, mut upstream: U, endpoint: SocketAddr)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%endpoint, error = %e, "tcp connection closed with error")
+    }
 }
 
 pub fn errno_name(e: &std::io::Error) -> &'static str {

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use pylon_proxy_metrics::{Classification, HttpTarget, RouteTarget};
 
 use super::pool::PooledConn;
+use super::request_body::ClientBodyOutcome;
 use super::{ProxyError, ProxyResponse};
 use crate::access_log::AccessEntry;
 use crate::balance::InFlight;
@@ -67,15 +68,77 @@ impl RouteRecord {
         );
     }
 
-    /// A response the proxy made itself (no endpoint answered in time, or at all).
+    /// A response the proxy made itself (no endpoint answered in time, or at all; or the
+    /// client's request was bad).
     pub fn proxy_error(self, err: ProxyError) {
         self.metrics.classified_response(
             Some(err.status().as_u16()),
             None,
             Some(err.reason()),
-            Classification::Failure,
+            err.classification(),
             self.start.elapsed(),
         );
+    }
+}
+
+/// What to record when the client cancels a request before its response: hyper drops the
+/// request's future when the client resets its stream or closes its connection, so nothing
+/// else would record it. A cancellation is the client's doing: recorded with no status as
+/// `client aborted request`, never as a failure.
+pub trait OnCancel {
+    fn cancelled(self);
+}
+
+/// Records `T` as cancelled when dropped before [`answered`](Self::answered).
+pub struct RecordIfCancelled<T: OnCancel>(Option<T>);
+
+impl<T: OnCancel> RecordIfCancelled<T> {
+    pub fn new(record: T) -> Self {
+        Self(Some(record))
+    }
+
+    /// The request got its response (or a proxy error): hands the record back.
+    pub fn answered(&mut self) -> Option<T> {
+        self.0.take()
+    }
+}
+
+impl<T: OnCancel> Drop for RecordIfCancelled<T> {
+    fn drop(&mut self) {
+        if let Some(record) = self.0.take() {
+            record.cancelled();
+        }
+    }
+}
+
+fn record_cancelled<L: pylon_proxy_metrics::HandleLabels>(
+    metrics: &pylon_proxy_metrics::HttpTarget<L>,
+    start: Instant,
+) {
+    metrics.classified_response(
+        None,
+        None,
+        Some(ProxyError::ClientAborted.reason()),
+        Classification::Success,
+        start.elapsed(),
+    );
+}
+
+impl OnCancel for RouteRecord {
+    fn cancelled(self) {
+        record_cancelled(&self.metrics, self.start);
+    }
+}
+
+/// An endpoint's (or inbound authority's) request, until it is answered.
+pub struct Pending {
+    pub metrics: HttpTarget,
+    pub start: Instant,
+}
+
+impl OnCancel for Pending {
+    fn cancelled(self) {
+        record_cancelled(&self.metrics, self.start);
     }
 }
 
@@ -88,7 +151,13 @@ pub fn record_proxy_error(
 ) {
     let latency: Duration = start.elapsed();
     let status = err.status().as_u16();
-    metrics.response(Some(status), None, Some(err.reason()), latency);
+    metrics.classified_response(
+        Some(status),
+        None,
+        Some(err.reason()),
+        err.classification(),
+        latency,
+    );
     if let Some(entry) = access {
         entry.emit(status, None, Some(err.reason()), latency);
     }
@@ -171,6 +240,9 @@ pub struct ResponseBody {
     conn: Option<PooledConn>,
     /// A tap observing this response (only while someone taps).
     tap: Option<Box<TapHandle>>,
+    /// The request's body, streaming alongside: if it failed, a broken response is the
+    /// client's doing, not the endpoint's.
+    client_body: Option<ClientBodyOutcome>,
 }
 
 enum Kind {
@@ -201,7 +273,13 @@ impl ResponseBody {
             in_flight: None,
             conn: None,
             tap: None,
+            client_body: None,
         }
+    }
+
+    /// Watches the request body that streams alongside this response (see `client_body`).
+    pub fn client_body(&mut self, outcome: ClientBodyOutcome) {
+        self.client_body = Some(outcome);
     }
 
     /// Sends the tap's response-end event when the stream ends (counting its bytes till then).
@@ -307,11 +385,20 @@ impl Body for ResponseBody {
             }
             Poll::Ready(None) => this.finish(End::Clean),
             Poll::Ready(Some(Err(_))) => {
-                // The endpoint broke the stream mid-body: count it as a failure.
-                if let Some(head) = this.head.as_mut() {
-                    head.0 = head.0.max(502);
+                if this
+                    .client_body
+                    .as_ref()
+                    .is_some_and(|c| c.failure().is_some())
+                {
+                    // The client's request broke first: the exchange ended on its account.
+                    this.finish(End::Dropped);
+                } else {
+                    // The endpoint broke the stream mid-body: count it as a failure.
+                    if let Some(head) = this.head.as_mut() {
+                        head.0 = head.0.max(502);
+                    }
+                    this.finish(End::Broken);
                 }
-                this.finish(End::Broken);
             }
             Poll::Pending => {}
         }

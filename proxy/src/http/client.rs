@@ -70,6 +70,32 @@ impl EndpointTarget {
         }
     }
 
+    /// How a request of this shape reaches this endpoint.
+    fn transport(&self, shape: RequestShape) -> Transport {
+        if shape.connect {
+            Transport::Tunnel
+        } else if shape.version == Version::HTTP_2
+            || (self.meshed && !shape.upgrade && orig_proto::can_upgrade(shape.version))
+        {
+            // HTTP/1 between meshed proxies rides the endpoint's h2 connection.
+            Transport::H2
+        } else {
+            Transport::H1
+        }
+    }
+
+    /// Makes sure a connection that can carry a request of this shape is open, opening one
+    /// when none is (an idle pooled one, or the h2 connection, does). The balancer calls this
+    /// before it hands the request down: a request whose endpoint refuses to connect has not
+    /// left the proxy, so it can go to another endpoint. (Tunnels connect when they're sent.)
+    pub async fn connect_for(&self, shape: RequestShape) -> Result<(), ProxyError> {
+        match self.transport(shape) {
+            Transport::Tunnel => Ok(()),
+            Transport::H2 => self.h2.ready().await,
+            Transport::H1 => self.h1.ensure_idle().await,
+        }
+    }
+
     /// The same endpoint and connections, named (and recorded) as another destination.
     pub fn named(&self, destination: Arc<str>, metrics: HttpTarget) -> Self {
         Self {
@@ -78,6 +104,37 @@ impl EndpointTarget {
             ..self.clone()
         }
     }
+}
+
+/// What of a request decides the connection it needs.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestShape {
+    version: Version,
+    /// An HTTP/1.1 protocol upgrade (WebSocket).
+    upgrade: bool,
+    /// `CONNECT`: a tunnel to the endpoint.
+    connect: bool,
+}
+
+impl RequestShape {
+    pub fn of<B>(req: &Request<B>) -> Self {
+        Self {
+            version: req.version(),
+            upgrade: req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers()),
+            connect: req.method() == Method::CONNECT,
+        }
+    }
+}
+
+/// How a request travels to its endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    /// The endpoint's pool of HTTP/1 connections.
+    H1,
+    /// The endpoint's multiplexed h2 connection.
+    H2,
+    /// A TCP tunnel of its own (`CONNECT`).
+    Tunnel,
 }
 
 #[derive(Clone)]
@@ -104,12 +161,35 @@ impl EndpointClient {
 }
 
 impl ClientInner {
+    /// Sends the request; an exchange that failed because the client's body did (a malformed
+    /// chunk, a client gone mid-body) is the client's error, never the endpoint's.
     async fn send(
         &self,
         target: EndpointTarget,
         mut req: Request<RequestBody>,
     ) -> Result<ProxyResponse, ProxyError> {
-        if req.method() == Method::CONNECT {
+        let client_body = req.body_mut().watch();
+        match self.exchange(target, req).await {
+            Ok(mut rsp) => {
+                if let Some(outcome) = client_body {
+                    rsp.body_mut().client_body(outcome);
+                }
+                Ok(rsp)
+            }
+            Err(err) => Err(client_body
+                .and_then(|outcome| outcome.failure())
+                .unwrap_or(err)),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        target: EndpointTarget,
+        mut req: Request<RequestBody>,
+    ) -> Result<ProxyResponse, ProxyError> {
+        let shape = RequestShape::of(&req);
+        let transport = target.transport(shape);
+        if transport == Transport::Tunnel {
             if target.meshed {
                 // The tunnel carries whatever the client sends (often its own TLS); it goes
                 // to the endpoint's address as asked, outside mesh TLS.
@@ -120,22 +200,22 @@ impl ClientInner {
                 .await;
         }
 
-        let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+        let upgrade = shape.upgrade;
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-        let (mut rsp, pooled) = if req.version() == Version::HTTP_2 {
+        let (mut rsp, pooled) = if transport == Transport::H1 {
+            set_host(&mut req, &target.destination);
+            let (rsp, conn) = target.h1.send(req).await?;
+            (rsp, Some(conn))
+        } else if req.version() == Version::HTTP_2 {
             (target.h2.send(req).await?, None)
-        } else if target.meshed && !upgrade && orig_proto::can_upgrade(req.version()) {
+        } else {
             // HTTP/1 between meshed proxies rides the endpoint's h2 connection.
             let orig = orig_proto::upgrade_request(&mut req, &target.destination)?;
             let mut rsp = target.h2.send(req).await?;
             orig_proto::downgrade_response(&mut rsp, orig);
             (rsp, None)
-        } else {
-            set_host(&mut req, &target.destination);
-            let (rsp, conn) = target.h1.send(req).await?;
-            (rsp, Some(conn))
         };
 
         if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -228,6 +308,14 @@ impl H2Connection {
             .send_request(req)
             .await
             .map_err(|e| ProxyError::from_upstream(&e))
+    }
+
+    /// Opens the connection unless it is open.
+    pub async fn ready(&self) -> Result<(), ProxyError> {
+        if self.sender.load().as_ref().is_some_and(|s| !s.is_closed()) {
+            return Ok(());
+        }
+        self.ready_sender().await.map(|_| ())
     }
 
     async fn ready_sender(&self) -> Result<http2::SendRequest<RequestBody>, ProxyError> {

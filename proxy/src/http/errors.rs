@@ -1,5 +1,10 @@
 //! Responses the proxy makes itself. Each carries `pylon-proxy-error: <reason>` so operators can
 //! tell a proxy's 504 from the app's, and each is logged once at warn where it happens.
+//!
+//! Errors say who caused them. A client's bad or aborted request is a 4xx (or a cancelled
+//! request), recorded as the client's, and never counts against an endpoint: not for failure
+//! accrual, not for retries, not in the endpoint's success rate. A gRPC client gets every
+//! proxy-made error as gRPC does errors: HTTP 200 with `grpc-status` and `grpc-message`.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -8,18 +13,32 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service, ServiceExt};
 
+use pylon_proxy_metrics::Classification;
+
 use super::{BoxFuture, ProxyResponse, ResponseBody};
 use crate::connect::TlsFailure;
 
 pub const PROXY_ERROR_HEADER: &str = "pylon-proxy-error";
 
+const GRPC_CANCELLED: u32 = 1;
+const GRPC_INVALID_ARGUMENT: u32 = 3;
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+const GRPC_PERMISSION_DENIED: u32 = 7;
+const GRPC_UNAVAILABLE: u32 = 14;
+
+/// A gRPC request (`application/grpc`, `application/grpc+proto`, ...; not gRPC-Web, whose
+/// errors travel in the body).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().strip_prefix(b"application/grpc"))
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
     #[error("no endpoints")]
     NoEndpoints,
-    /// Failure accrual took every endpoint out; they are probed again after a backoff.
-    #[error("all endpoints ejected after consecutive failures")]
-    AllEndpointsEjected,
     #[error("endpoint connection refused")]
     ConnectionRefused,
     #[error("endpoint connection reset")]
@@ -43,6 +62,16 @@ pub enum ProxyError {
     MissingAuthority,
     #[error("malformed request")]
     MalformedRequest,
+    /// The client's request body could not be parsed (a bad chunk): the client's fault.
+    #[error("malformed request body")]
+    MalformedRequestBody,
+    /// The client went away (or reset its stream) before its request body ended.
+    #[error("client aborted request")]
+    ClientAborted,
+    /// The request would come back to this proxy (one of its own listeners) or has already
+    /// crossed too many proxies.
+    #[error("loop detected")]
+    LoopDetected,
     /// The inbound policy does not let this client call this port.
     #[error("unauthorized connection")]
     Unauthorized,
@@ -51,9 +80,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
-            Self::NoEndpoints | Self::AllEndpointsEjected | Self::Unresolvable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoEndpoints | Self::Unresolvable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ConnectionRefused
             | Self::ConnectionReset
             | Self::EndpointProtocol
@@ -61,8 +88,56 @@ impl ProxyError {
             Self::ConnectTimeout | Self::ResponseTimeout | Self::RouteTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            Self::MissingAuthority | Self::MalformedRequest => StatusCode::BAD_REQUEST,
+            Self::MissingAuthority
+            | Self::MalformedRequest
+            | Self::MalformedRequestBody
+            | Self::ClientAborted => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::FORBIDDEN,
+            Self::LoopDetected => StatusCode::LOOP_DETECTED,
+        }
+    }
+
+    /// The client caused it (a request it should not have sent, or sent only in part): a 4xx
+    /// that is recorded as the client's, never as a failure of the destination.
+    pub fn caused_by_client(self) -> bool {
+        matches!(
+            self,
+            Self::MissingAuthority
+                | Self::MalformedRequest
+                | Self::MalformedRequestBody
+                | Self::ClientAborted
+                | Self::Unauthorized
+        )
+    }
+
+    /// How the response counts in success rates: the client's errors are 4xx, which Linkerd's
+    /// default rule (and Pylon's) calls a success of the server; every other proxy error fails.
+    pub fn classification(self) -> Classification {
+        if self.caused_by_client() {
+            Classification::Success
+        } else {
+            Classification::Failure
+        }
+    }
+
+    /// The gRPC status a gRPC client gets instead of the HTTP status.
+    pub fn grpc_status(self) -> u32 {
+        match self {
+            Self::ConnectTimeout | Self::ResponseTimeout | Self::RouteTimeout => {
+                GRPC_DEADLINE_EXCEEDED
+            }
+            Self::Unauthorized => GRPC_PERMISSION_DENIED,
+            Self::MissingAuthority | Self::MalformedRequest | Self::MalformedRequestBody => {
+                GRPC_INVALID_ARGUMENT
+            }
+            Self::ClientAborted => GRPC_CANCELLED,
+            Self::NoEndpoints
+            | Self::ConnectionRefused
+            | Self::ConnectionReset
+            | Self::EndpointProtocol
+            | Self::TlsHandshake(_)
+            | Self::Unresolvable
+            | Self::LoopDetected => GRPC_UNAVAILABLE,
         }
     }
 
@@ -89,7 +164,6 @@ impl ProxyError {
     pub fn reason(self) -> &'static str {
         match self {
             Self::NoEndpoints => "no endpoints",
-            Self::AllEndpointsEjected => "all endpoints ejected after consecutive failures",
             Self::ConnectionRefused => "endpoint connection refused",
             Self::ConnectionReset => "endpoint connection reset",
             Self::EndpointProtocol => "endpoint protocol error",
@@ -100,18 +174,38 @@ impl ProxyError {
             Self::Unresolvable => "destination not resolvable",
             Self::MissingAuthority => "missing destination authority",
             Self::MalformedRequest => "malformed request",
+            Self::MalformedRequestBody => "malformed request body",
+            Self::ClientAborted => "client aborted request",
             Self::Unauthorized => "unauthorized connection",
+            Self::LoopDetected => "loop detected",
         }
     }
 
-    pub fn response(self) -> Response<ResponseBody> {
+    /// The response the client gets: the HTTP status with the reason as text, or for a gRPC
+    /// request a trailers-only gRPC error (HTTP 200, `grpc-status`, `grpc-message`), as Linkerd
+    /// answers. Both carry `pylon-proxy-error`.
+    pub fn response(self, grpc: bool) -> Response<ResponseBody> {
+        let reason = HeaderValue::from_static(self.reason());
+        if grpc {
+            let mut rsp = Response::new(ResponseBody::empty());
+            let headers = rsp.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(self.grpc_status()));
+            // The reasons are printable ASCII without '%': valid grpc-message as they are.
+            headers.insert("grpc-message", reason.clone());
+            headers.insert(PROXY_ERROR_HEADER, reason);
+            return rsp;
+        }
         let mut rsp = Response::new(ResponseBody::full(Bytes::from(format!(
             "{}\n",
             self.reason()
         ))));
         *rsp.status_mut() = self.status();
         let headers = rsp.headers_mut();
-        headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.reason()));
+        headers.insert(PROXY_ERROR_HEADER, reason);
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain"),
@@ -123,6 +217,7 @@ impl ProxyError {
     pub fn from_connect(err: &crate::tcp::ConnectError) -> Self {
         match err {
             crate::tcp::ConnectError::Timeout(_) => Self::ConnectTimeout,
+            crate::tcp::ConnectError::Loop(_) => Self::LoopDetected,
             crate::tcp::ConnectError::Io(_, e) => Self::from_upstream(e),
             crate::tcp::ConnectError::Tls { failure, .. } => Self::TlsHandshake(*failure),
         }
@@ -202,10 +297,11 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let inner = self.inner.clone();
+        let grpc = is_grpc(req.headers());
         Box::pin(async move {
             Ok(match inner.oneshot(req).await {
                 Ok(rsp) => rsp,
-                Err(err) => err.response(),
+                Err(err) => err.response(grpc),
             })
         })
     }
@@ -242,7 +338,7 @@ mod tests {
         let err = ProxyError::TlsHandshake(TlsFailure::WrongIdentity);
         assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
         assert!(err.is_endpoint_failure());
-        let rsp = err.response();
+        let rsp = err.response(false);
         let reason = rsp.headers()[PROXY_ERROR_HEADER].to_str().unwrap();
         assert!(
             reason.contains("TLS") && reason.contains("identity"),
@@ -252,8 +348,101 @@ mod tests {
 
     #[test]
     fn responses_carry_the_reason() {
-        let rsp = ProxyError::NoEndpoints.response();
+        let rsp = ProxyError::NoEndpoints.response(false);
         assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(rsp.headers()[PROXY_ERROR_HEADER], "no endpoints");
+    }
+
+    #[test]
+    fn grpc_clients_get_grpc_errors() {
+        for (err, code) in [
+            (ProxyError::NoEndpoints, GRPC_UNAVAILABLE),
+            (ProxyError::ConnectionRefused, GRPC_UNAVAILABLE),
+            (ProxyError::RouteTimeout, GRPC_DEADLINE_EXCEEDED),
+            (ProxyError::ResponseTimeout, GRPC_DEADLINE_EXCEEDED),
+            (ProxyError::Unauthorized, GRPC_PERMISSION_DENIED),
+            (ProxyError::LoopDetected, GRPC_UNAVAILABLE),
+        ] {
+            let rsp = err.response(true);
+            assert_eq!(rsp.status(), StatusCode::OK, "{err}");
+            assert_eq!(rsp.headers()["content-type"], "application/grpc");
+            assert_eq!(rsp.headers()["grpc-status"], code.to_string().as_str());
+            assert_eq!(rsp.headers()["grpc-message"], err.reason());
+            assert_eq!(rsp.headers()[PROXY_ERROR_HEADER], err.reason());
+            // Trailers-only: the status is in the headers and the stream ends with them.
+            assert!(http_body::Body::is_end_stream(rsp.body()));
+        }
+    }
+
+    #[test]
+    fn grpc_is_told_by_content_type() {
+        let with = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_str(ct).unwrap(),
+            );
+            is_grpc(&h)
+        };
+        assert!(with("application/grpc"));
+        assert!(with("application/grpc+proto"));
+        assert!(with("application/grpc;charset=utf-8"));
+        assert!(!with("application/grpc-web"));
+        assert!(!with("application/json"));
+        assert!(!is_grpc(&http::HeaderMap::new()));
+    }
+
+    #[test]
+    fn every_reason_is_a_valid_grpc_message() {
+        use crate::connect::TlsFailure as F;
+        let all = [
+            ProxyError::NoEndpoints,
+            ProxyError::ConnectionRefused,
+            ProxyError::ConnectionReset,
+            ProxyError::EndpointProtocol,
+            ProxyError::TlsHandshake(F::WrongIdentity),
+            ProxyError::TlsHandshake(F::UnknownCa),
+            ProxyError::TlsHandshake(F::CertificateNotValidNow),
+            ProxyError::TlsHandshake(F::Refused),
+            ProxyError::TlsHandshake(F::NotTls),
+            ProxyError::TlsHandshake(F::TimedOut),
+            ProxyError::TlsHandshake(F::Other),
+            ProxyError::ConnectTimeout,
+            ProxyError::ResponseTimeout,
+            ProxyError::RouteTimeout,
+            ProxyError::Unresolvable,
+            ProxyError::MissingAuthority,
+            ProxyError::MalformedRequest,
+            ProxyError::MalformedRequestBody,
+            ProxyError::ClientAborted,
+            ProxyError::LoopDetected,
+            ProxyError::Unauthorized,
+        ];
+        for err in all {
+            let r = err.reason();
+            assert!(
+                r.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%'),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn client_errors_are_4xx_and_never_the_endpoints() {
+        for err in [
+            ProxyError::MalformedRequestBody,
+            ProxyError::ClientAborted,
+            ProxyError::MalformedRequest,
+        ] {
+            assert!(err.status().is_client_error(), "{err}");
+            assert!(err.caused_by_client());
+            assert!(!err.is_endpoint_failure());
+            assert!(!err.is_retryable());
+            assert_eq!(err.classification(), Classification::Success);
+        }
+        assert_eq!(
+            ProxyError::ConnectionReset.classification(),
+            Classification::Failure
+        );
     }
 }

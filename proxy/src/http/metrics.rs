@@ -10,7 +10,7 @@ use http::Request;
 use pylon_proxy_metrics::HttpTarget;
 use tower::{Layer, Service};
 
-use super::body::{record_on_end, record_proxy_error, Recorder};
+use super::body::{record_on_end, record_proxy_error, Pending, RecordIfCancelled, Recorder};
 use super::client::EndpointTarget;
 use super::{BoxFuture, ProxyError, ProxyResponse};
 use crate::access_log::AccessEntry;
@@ -80,8 +80,14 @@ where
             m.request();
         }
         let response = self.inner.call(req);
+        let mut pending = metrics.map(|metrics| RecordIfCancelled::new(Pending { metrics, start }));
         Box::pin(async move {
-            match response.await {
+            let result = response.await;
+            let metrics = pending
+                .as_mut()
+                .and_then(RecordIfCancelled::answered)
+                .map(|p| p.metrics);
+            match result {
                 Ok(mut rsp) => {
                     if let Some(metrics) = metrics {
                         let recorder = Recorder {
@@ -99,14 +105,7 @@ where
                         Some(t) => (&*t.destination, Some(t.addr)),
                         None => ("", None),
                     };
-                    tracing::warn!(
-                        direction,
-                        destination,
-                        endpoint = ?endpoint,
-                        error = %err,
-                        "proxy error response {}",
-                        err.status().as_u16()
-                    );
+                    log_proxy_error(direction, destination, endpoint, err);
                     if let Some(m) = &metrics {
                         record_proxy_error(m, err, start, access);
                     }
@@ -114,6 +113,22 @@ where
                 }
             }
         })
+    }
+}
+
+/// Logs a proxy-made error response at warn, rate-limited: a client can cause one per request.
+/// The client's own errors are a separate event, so they can't hide the destination's.
+pub fn log_proxy_error(
+    direction: &'static str,
+    destination: &str,
+    endpoint: Option<std::net::SocketAddr>,
+    err: ProxyError,
+) {
+    let status = err.status().as_u16();
+    if err.caused_by_client() {
+        crate::warn_limited!("client_error", direction, destination, endpoint = endpoint.map(tracing::field::display), error = %err, "proxy error response {status} (the client's)");
+    } else {
+        crate::warn_limited!("proxy_error", direction, destination, endpoint = endpoint.map(tracing::field::display), error = %err, "proxy error response {status}");
     }
 }
 
@@ -127,7 +142,7 @@ pub fn fail_unrouted<B>(
     req: &Request<B>,
     err: ProxyError,
 ) -> ProxyError {
-    tracing::warn!(direction, destination, error = %err, "proxy error response {}", err.status().as_u16());
+    log_proxy_error(direction, destination, None, err);
     let access = access_log.then(|| AccessEntry::new(direction, req, destination));
     metrics.request();
     record_proxy_error(metrics, err, Instant::now(), access);

@@ -9,6 +9,7 @@ pub mod client;
 pub mod errors;
 pub mod headers;
 pub mod hibernate;
+pub mod hops;
 pub mod metrics;
 pub mod orig_proto;
 pub mod pool;
@@ -19,6 +20,7 @@ pub mod server;
 pub mod tap;
 pub mod timeout;
 pub mod upgrade;
+pub mod validate;
 
 use std::convert::Infallible;
 use std::future::Future;

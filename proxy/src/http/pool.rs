@@ -103,6 +103,20 @@ impl Http1Pool {
         Ok((rsp, conn))
     }
 
+    /// Opens a connection and parks it idle, unless one is idle already.
+    pub async fn ensure_idle(&self) -> Result<(), ProxyError> {
+        if !self.idle.is_empty() {
+            return Ok(());
+        }
+        let sender = self.connect().await?;
+        // A full pool closes it (dropping the sender); someone returned one meanwhile.
+        let _ = self.idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+        Ok(())
+    }
+
     async fn checkout(&self) -> Result<(http1::SendRequest<RequestBody>, bool), ProxyError> {
         while let Some(Idle { mut sender, since }) = self.idle.pop() {
             if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {

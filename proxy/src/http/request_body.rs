@@ -6,8 +6,13 @@
 //! would add the body's upload time to every request and would deadlock a streaming call
 //! whose client waits for response data before it sends more. A retry is possible only when
 //! the first attempt read the body to its end within the limit.
+//!
+//! When the client's stream fails (a malformed chunk, a client that hangs up or resets its
+//! stream mid-body) the body notes it in its [`ClientBodyOutcome`], so the error the endpoint
+//! exchange then ends with is charged to the client, not to the endpoint.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
@@ -16,11 +21,68 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::ProxyError;
+
 /// Bodies larger than this are streamed without a copy and never retried.
 pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
 
 pub struct RequestBody {
     kind: Kind,
+    /// Told when the client's stream fails; only while someone watches (see `watch`).
+    outcome: Option<ClientBodyOutcome>,
+}
+
+/// Whether the client's side of a request body failed, and how. Shared by the body (which
+/// sets it as it streams) and the endpoint client (which reads it when the exchange fails).
+#[derive(Clone, Debug, Default)]
+pub struct ClientBodyOutcome(Arc<AtomicU8>);
+
+const BODY_OK: u8 = 0;
+const BODY_MALFORMED: u8 = 1;
+const BODY_ABORTED: u8 = 2;
+
+impl ClientBodyOutcome {
+    /// The client's error, if its body failed.
+    pub fn failure(&self) -> Option<ProxyError> {
+        match self.0.load(Ordering::Acquire) {
+            BODY_MALFORMED => Some(ProxyError::MalformedRequestBody),
+            BODY_ABORTED => Some(ProxyError::ClientAborted),
+            _ => None,
+        }
+    }
+
+    fn failed(&self, err: &hyper::Error) {
+        let code = match client_body_error(err) {
+            ProxyError::MalformedRequestBody => BODY_MALFORMED,
+            _ => BODY_ABORTED,
+        };
+        // The first failure is the one that counts.
+        let _ = self
+            .0
+            .compare_exchange(BODY_OK, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// What a failure of the client's body stream means: bytes that don't parse as a body (a bad
+/// chunk size, hyper's `InvalidInput`/`InvalidData`) are a malformed request; anything else (EOF
+/// before the declared length, a reset stream, a dropped connection) is the client going away.
+pub fn client_body_error(err: &hyper::Error) -> ProxyError {
+    if err.is_parse() {
+        return ProxyError::MalformedRequestBody;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            ) {
+                return ProxyError::MalformedRequestBody;
+            }
+        }
+        cur = e.source();
+    }
+    ProxyError::ClientAborted
 }
 
 enum Kind {
@@ -78,7 +140,21 @@ impl RequestBody {
     pub fn streaming(inner: Incoming) -> Self {
         Self {
             kind: Kind::Streaming(inner),
+            outcome: None,
         }
+    }
+
+    /// Notes from now on whether the client's stream fails (only a body still to come can).
+    pub fn watch(&mut self) -> Option<ClientBodyOutcome> {
+        let live = match &self.kind {
+            Kind::Streaming(inner) => !inner.is_end_stream(),
+            Kind::Capturing(c) => !c.inner.is_end_stream(),
+            Kind::Replay(_) => false,
+        };
+        if !live {
+            return None;
+        }
+        Some(self.outcome.get_or_insert_with(Default::default).clone())
     }
 
     /// Streams `inner` and keeps a copy in the returned slot when it ends within
@@ -103,6 +179,7 @@ impl RequestBody {
         }
         let body = Self {
             kind: Kind::Capturing(capture),
+            outcome: None,
         };
         (body, slot)
     }
@@ -115,6 +192,7 @@ impl RequestBody {
                 next: 0,
                 trailers_sent: false,
             }),
+            outcome: None,
         }
     }
 }
@@ -158,7 +236,8 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().kind {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
             Kind::Streaming(inner) => Pin::new(inner).poll_frame(cx),
             Kind::Capturing(c) => {
                 let polled = Pin::new(&mut c.inner).poll_frame(cx);
@@ -189,7 +268,11 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(None)
             }
+        };
+        if let (Poll::Ready(Some(Err(e))), Some(outcome)) = (&polled, &this.outcome) {
+            outcome.failed(e);
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -14,7 +14,7 @@ use std::time::Instant;
 use http::Request;
 use tower::{Layer, Service};
 
-use super::body::{record_route_on_end, RouteRecord};
+use super::body::{record_route_on_end, RecordIfCancelled, RouteRecord};
 use super::{BoxFuture, ProxyError, ProxyResponse};
 use crate::discovery::Logical;
 use crate::profiles::{DestinationRoutes, RouteState};
@@ -123,8 +123,13 @@ fn recorded<F>(response: F, record: RouteRecord) -> BoxFuture<Result<ProxyRespon
 where
     F: std::future::Future<Output = Result<ProxyResponse, ProxyError>> + Send + 'static,
 {
+    let mut pending = RecordIfCancelled::new(record);
     Box::pin(async move {
-        match response.await {
+        let result = response.await;
+        let Some(record) = pending.answered() else {
+            return result;
+        };
+        match result {
             Ok(mut rsp) => {
                 record_route_on_end(&mut rsp, record);
                 Ok(rsp)

@@ -19,6 +19,10 @@ use super::hibernate::{Activity, ActivityService, HibernatingIo};
 use super::{ProxyError, ResponseBody};
 use crate::shutdown::Shutdown;
 
+/// The largest request head (request line and headers) the proxy takes, as nginx and HAProxy
+/// bound theirs: a client can't make the proxy hold, or the app receive, 100 KB headers.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// What serves a connection's requests: a direction's stack, adapted to hyper.
 pub trait ConnService:
     Service<
@@ -57,6 +61,8 @@ where
                 .timer(TokioTimer::new())
                 .adaptive_window(true)
                 .max_concurrent_streams(10_000)
+                // A larger header block is refused with 431 (h2 does it for the stream).
+                .max_header_list_size(MAX_REQUEST_HEAD as u32)
                 .serve_connection(TokioIo::new(io), svc),
         );
         drive("h2", conn, shutdown, |c| {
@@ -99,6 +105,8 @@ async fn session<I, S>(
             .timer(TokioTimer::new())
             .keep_alive(true)
             .header_read_timeout(Duration::from_secs(30))
+            // A longer head is answered 431 and the connection closed.
+            .max_buf_size(MAX_REQUEST_HEAD)
             .serve_connection(
                 TokioIo::new(session_io),
                 ActivityService::new(svc.clone(), activity.clone()),
@@ -168,7 +176,7 @@ async fn drive<C>(
 
 fn log_conn_error(proto: &str, e: &hyper::Error) {
     if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
-        tracing::warn!(protocol = proto, error = %e, "malformed request; answered 400 and closed");
+        crate::warn_limited!("malformed_request", protocol = proto, error = %e, "malformed request; answered 4xx and closed");
     } else {
         tracing::debug!(protocol = proto, error = %e, "client connection closed with error");
     }
@@ -181,7 +189,7 @@ where
     I: AsyncWrite + Unpin,
 {
     let err = ProxyError::MalformedRequest;
-    tracing::warn!(client = %peer, error = %err, "malformed HTTP/1 request; answering 400");
+    crate::warn_limited!("malformed_request", client = %peer, error = %err, "malformed HTTP/1 request; answering 400");
     let rsp = format!(
         "HTTP/1.1 400 Bad Request\r\n{}: {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
         super::errors::PROXY_ERROR_HEADER,

@@ -12,6 +12,7 @@ use pylon_tap_server::{Direction, RequestMeta, Taps};
 use tower::{Layer, Service};
 
 use super::client::EndpointTarget;
+use super::errors::is_grpc;
 use super::headers::request_authority;
 use super::retry::Attempt;
 use super::{PassThrough, ProxyError, ProxyResponse};
@@ -87,6 +88,7 @@ where
         let Some(mut handle) = self.observe(&seen, destination) else {
             return PassThrough::Inner(response);
         };
+        let grpc = is_grpc(&seen.headers);
         PassThrough::Own(Box::pin(async move {
             match response.await {
                 Ok(mut rsp) => {
@@ -95,12 +97,10 @@ where
                     Ok(rsp)
                 }
                 Err(err) => {
-                    handle.response_init(
-                        err.status().as_u16(),
-                        &HeaderMap::new(),
-                        Some(err.reason()),
-                    );
-                    handle.response_end(None, None);
+                    // What the client will get (a gRPC client, a gRPC error).
+                    let rsp = err.response(grpc);
+                    handle.response_init(rsp.status().as_u16(), rsp.headers(), Some(err.reason()));
+                    handle.response_end(grpc.then(|| err.grpc_status()), None);
                     Err(err)
                 }
             }

@@ -111,7 +111,8 @@ where
                 Ok(result) => result,
                 // Dropping the inner future cancels the attempt in flight.
                 Err(_) => {
-                    tracing::warn!(
+                    crate::warn_limited!(
+                        "route_timeout",
                         destination = %route.dst,
                         route = %route.route.name(),
                         timeout_ms = timeout.as_millis() as u64,

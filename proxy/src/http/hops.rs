@@ -1,0 +1,175 @@
+//! `HopLimitLayer`: loop prevention, part two. Proxies that forward to each other (A's outbound
+//! sends to B's, which sends back to A's, or an inbound forwarding to another proxy) would pass
+//! a request around until something runs out. Every Pylon hop counts itself in the `pylon-hops`
+//! request header and refuses a request that has already crossed [`MAX_HOPS`] proxies with 508
+//! `pylon-proxy-error: loop detected`. (A proxy connecting to itself is refused before that, in
+//! `loops`.)
+//!
+//! The header goes on to the app too: a request that really is that deep in a mesh, with apps
+//! that copy every header onward, is already a loop in all but name.
+
+use std::sync::LazyLock;
+use std::task::{Context, Poll};
+
+use http::{HeaderName, HeaderValue, Request};
+use tower::{Layer, Service};
+
+use super::{PassThrough, ProxyError, ProxyResponse};
+
+pub const HOPS_HEADER: HeaderName = HeaderName::from_static("pylon-hops");
+/// Proxies a request may cross (an outbound and an inbound proxy are two).
+pub const MAX_HOPS: usize = 32;
+
+/// `pylon-hops` values, made once: setting the header allocates nothing per request.
+static HOP_VALUES: LazyLock<[HeaderValue; MAX_HOPS + 1]> =
+    LazyLock::new(|| std::array::from_fn(HeaderValue::from));
+
+/// The hop count a request arrived with (a value that isn't a small number counts as the limit:
+/// only proxies write the header).
+fn hops_so_far(value: Option<&HeaderValue>) -> usize {
+    match value {
+        None => 0,
+        Some(v) => std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(MAX_HOPS)
+            .min(MAX_HOPS),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct HopLimitLayer {
+    direction: &'static str,
+}
+
+impl HopLimitLayer {
+    pub fn new(direction: &'static str) -> Self {
+        Self { direction }
+    }
+}
+
+impl<S> Layer<S> for HopLimitLayer {
+    type Service = HopLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        HopLimit {
+            inner,
+            direction: self.direction,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct HopLimit<S> {
+    inner: S,
+    direction: &'static str,
+}
+
+impl<S, B> Service<Request<B>> for HopLimit<S>
+where
+    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S::Future: Unpin,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = PassThrough<S::Future, Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let hops = hops_so_far(req.headers().get(&HOPS_HEADER));
+        if hops >= MAX_HOPS {
+            let destination = super::headers::request_authority(&req)
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            super::metrics::log_proxy_error(
+                self.direction,
+                &destination,
+                None,
+                ProxyError::LoopDetected,
+            );
+            return PassThrough::Own(Box::pin(std::future::ready(Err(ProxyError::LoopDetected))));
+        }
+        req.headers_mut()
+            .insert(HOPS_HEADER, HOP_VALUES[hops + 1].clone());
+        PassThrough::Inner(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::ResponseBody;
+    use tower::ServiceExt;
+
+    /// Echoes the hop count it received in the response's `pylon-hops`.
+    fn echo() -> impl Service<
+        Request<()>,
+        Response = ProxyResponse,
+        Error = ProxyError,
+        Future = std::future::Ready<Result<ProxyResponse, ProxyError>>,
+    > + Clone {
+        tower::service_fn(|req: Request<()>| {
+            let mut rsp = http::Response::new(ResponseBody::empty());
+            if let Some(v) = req.headers().get(&HOPS_HEADER) {
+                rsp.headers_mut().insert(HOPS_HEADER, v.clone());
+            }
+            std::future::ready(Ok(rsp))
+        })
+    }
+
+    async fn through(hops: Option<&str>) -> Result<ProxyResponse, ProxyError> {
+        let mut req = Request::new(());
+        if let Some(h) = hops {
+            req.headers_mut()
+                .insert(HOPS_HEADER, HeaderValue::from_str(h).unwrap());
+        }
+        HopLimitLayer::new("outbound")
+            .layer(echo())
+            .oneshot(req)
+            .await
+    }
+
+    #[tokio::test]
+    async fn each_proxy_counts_itself() {
+        let rsp = through(None).await.unwrap();
+        assert_eq!(rsp.headers()[HOPS_HEADER], "1");
+        let rsp = through(Some("7")).await.unwrap();
+        assert_eq!(rsp.headers()[HOPS_HEADER], "8");
+    }
+
+    #[tokio::test]
+    async fn a_request_past_the_limit_is_a_loop() {
+        let last = (MAX_HOPS - 1).to_string();
+        assert!(through(Some(&last)).await.is_ok());
+        for past in [MAX_HOPS.to_string().as_str(), "1000", "junk", "-1"] {
+            assert_eq!(
+                through(Some(past)).await.err(),
+                Some(ProxyError::LoopDetected),
+                "{past}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chain_of_proxies_stops_at_the_limit() {
+        // Each hop is another proxy's HopLimit in front of the next.
+        let mut hops: Option<String> = None;
+        let mut crossed = 0;
+        loop {
+            match through(hops.as_deref()).await {
+                Ok(rsp) => {
+                    crossed += 1;
+                    hops = Some(rsp.headers()[HOPS_HEADER].to_str().unwrap().to_owned());
+                }
+                Err(e) => {
+                    assert_eq!(e, ProxyError::LoopDetected);
+                    break;
+                }
+            }
+            assert!(crossed <= MAX_HOPS, "never stopped");
+        }
+        assert_eq!(crossed, MAX_HOPS);
+    }
+}

@@ -1,0 +1,124 @@
+//! `ValidateRequestLayer`: requests hyper accepts but the RFCs call malformed, answered 400
+//! before they go anywhere (nginx and HAProxy answer 400 too):
+//!
+//! - more than one `Host` (RFC 9112 §3.2): a proxy that routes by the first while the app reads
+//!   the second can be steered past the app's own checks;
+//! - an HTTP/2 request whose `Host` names another authority than its `:authority` (RFC 9113
+//!   §8.3.1).
+//!
+//! The size of a request's head is bounded where it is parsed (`server`: 64 KiB, 431 past it).
+
+use std::task::{Context, Poll};
+
+use http::{header, Request, Version};
+use tower::{Layer, Service};
+
+use super::{PassThrough, ProxyError, ProxyResponse};
+
+fn is_malformed<B>(req: &Request<B>) -> bool {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return false;
+    };
+    if hosts.next().is_some() {
+        return true;
+    }
+    req.version() == Version::HTTP_2
+        && req
+            .uri()
+            .authority()
+            .is_some_and(|a| !a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()))
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ValidateRequestLayer {
+    direction: &'static str,
+}
+
+impl ValidateRequestLayer {
+    pub fn new(direction: &'static str) -> Self {
+        Self { direction }
+    }
+}
+
+impl<S> Layer<S> for ValidateRequestLayer {
+    type Service = ValidateRequest<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ValidateRequest {
+            inner,
+            direction: self.direction,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ValidateRequest<S> {
+    inner: S,
+    direction: &'static str,
+}
+
+impl<S, B> Service<Request<B>> for ValidateRequest<S>
+where
+    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S::Future: Unpin,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = PassThrough<S::Future, Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if is_malformed(&req) {
+            let err = ProxyError::MalformedRequest;
+            super::metrics::log_proxy_error(self.direction, "", None, err);
+            return PassThrough::Own(Box::pin(std::future::ready(Err(err))));
+        }
+        PassThrough::Inner(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, uri: &str, hosts: &[&str]) -> Request<()> {
+        let mut r = Request::builder().version(version).uri(uri);
+        for h in hosts {
+            r = r.header(header::HOST, *h);
+        }
+        r.body(()).unwrap()
+    }
+
+    #[test]
+    fn two_hosts_are_malformed() {
+        assert!(is_malformed(&req(Version::HTTP_11, "/", &["a", "b"])));
+        // Even the same one twice (RFC 9112: "more than one Host header field line").
+        assert!(is_malformed(&req(Version::HTTP_11, "/", &["a", "a"])));
+        assert!(!is_malformed(&req(Version::HTTP_11, "/", &["a"])));
+        assert!(!is_malformed(&req(Version::HTTP_10, "/", &[])));
+    }
+
+    #[test]
+    fn h2_host_must_agree_with_authority() {
+        assert!(is_malformed(&req(
+            Version::HTTP_2,
+            "http://a:80/",
+            &["b:80"]
+        )));
+        assert!(!is_malformed(&req(
+            Version::HTTP_2,
+            "http://a:80/",
+            &["A:80"]
+        )));
+        assert!(!is_malformed(&req(Version::HTTP_2, "http://a:80/", &[])));
+        // HTTP/1.1 absolute-form: the URI's authority wins and Host is replaced (RFC 9112 §3.2.2).
+        assert!(!is_malformed(&req(
+            Version::HTTP_11,
+            "http://a:80/",
+            &["b"]
+        )));
+    }
+}
