@@ -141,20 +141,6 @@ async fn h2_prior_knowledge_multiplexes_streams() {
     .await
 }
 
-/// Samples the proxy's RSS every 100 ms until `stop` is set; returns the maximum in KiB.
-fn rss_sampler(pid: u32, stop: Arc<AtomicU64>) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let mut max = 0;
-        while stop.load(Ordering::SeqCst) == 0 {
-            if let Some(kib) = rss_kib(pid) {
-                max = max.max(kib);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        max
-    })
-}
-
 const RSS_LIMIT_KIB: u64 = 100 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

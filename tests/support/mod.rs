@@ -1735,3 +1735,275 @@ pub fn prerequisites(test: &str, tools: &[&str], apt_packages: &str) -> bool {
     let _ = writeln!(std::io::stderr(), "NOTICE: skipping: {msg}");
     false
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reliability helpers (e2e_reliability; rss_sampler moved here from e2e_http): RSS sampling,
+// raw HTTP/2 frames, a bounded closed-loop HTTP/1 load.
+// ---------------------------------------------------------------------------------------------
+
+use std::sync::atomic::AtomicBool;
+
+/// Samples the proxy's RSS every 100 ms until `stop` is set; returns the maximum in KiB.
+pub fn rss_sampler(pid: u32, stop: Arc<AtomicU64>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut max = 0;
+        while stop.load(Ordering::SeqCst) == 0 {
+            if let Some(kib) = rss_kib(pid) {
+                max = max.max(kib);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        max
+    })
+}
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+pub const H2_CLIENT_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const H2_DATA: u8 = 0x0;
+pub const H2_HEADERS: u8 = 0x1;
+pub const H2_RST_STREAM: u8 = 0x3;
+pub const H2_SETTINGS: u8 = 0x4;
+pub const H2_PING: u8 = 0x6;
+pub const H2_GOAWAY: u8 = 0x7;
+pub const H2_WINDOW_UPDATE: u8 = 0x8;
+pub const H2_CONTINUATION: u8 = 0x9;
+pub const H2_FLAG_ACK: u8 = 0x1;
+pub const H2_FLAG_END_STREAM: u8 = 0x1;
+pub const H2_FLAG_END_HEADERS: u8 = 0x4;
+/// GOAWAY / RST_STREAM error code ENHANCE_YOUR_CALM (RFC 9113 §7).
+pub const H2_ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// One HTTP/2 frame as read off the wire (RFC 9113 §4.1).
+#[derive(Debug, Clone)]
+pub struct H2Frame {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+}
+
+impl H2Frame {
+    /// A GOAWAY's error code.
+    pub fn goaway_code(&self) -> Option<u32> {
+        (self.kind == H2_GOAWAY && self.payload.len() >= 8)
+            .then(|| u32::from_be_bytes(self.payload[4..8].try_into().unwrap()))
+    }
+}
+
+/// Encodes one frame: 24-bit length, type, flags, 31-bit stream id, payload.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 1 << 24, "frame payload too long");
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&len[1..]);
+    f.push(kind);
+    f.push(flags);
+    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads one frame (any size the peer sends).
+pub async fn read_h2_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<H2Frame> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head).await?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    Ok(H2Frame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff,
+        payload,
+    })
+}
+
+/// One request of a [`ClosedLoad`] that did not get a 200.
+#[derive(Debug, Clone)]
+pub struct LoadFailure {
+    pub conn: usize,
+    pub seq: usize,
+    /// The response's status, or `None` for a transport error or timeout.
+    pub status: Option<u16>,
+    pub proxy_error: Option<String>,
+    pub what: String,
+}
+
+/// What a [`ClosedLoad`] did: successes, failures, and which backend (`x-backend`) answered.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub ok: usize,
+    pub failures: Vec<LoadFailure>,
+    pub by_backend: HashMap<String, usize>,
+}
+
+impl LoadReport {
+    pub fn total(&self) -> usize {
+        self.ok + self.failures.len()
+    }
+
+    /// The first `n` failures, one a line, for assertion messages.
+    pub fn failures_text(&self, n: usize) -> String {
+        self.failures
+            .iter()
+            .take(n)
+            .map(|f| format!("{f:?}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Closed-loop HTTP/1.1 load: `conns` kept-alive client connections each sending sequential
+/// GETs until stopped, `max_per_conn` requests were sent or `max_time` passed (bounded in count
+/// and in time; every request is bounded by [`OP_TIMEOUT`]). A failed request is recorded (never
+/// a panic) and its connection replaced; a connection the proxy closed while idle (its
+/// `ready()` fails before anything was sent) is replaced without counting a failure.
+pub struct ClosedLoad {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    ok: Arc<AtomicUsize>,
+    tasks: Vec<JoinHandle<LoadReport>>,
+}
+
+impl ClosedLoad {
+    pub fn start(
+        addr: SocketAddr,
+        authority: &str,
+        path: &str,
+        conns: usize,
+        max_per_conn: usize,
+        max_time: Duration,
+    ) -> ClosedLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let ok_count = Arc::new(AtomicUsize::new(0));
+        let deadline = Instant::now() + max_time;
+        let tasks = (0..conns)
+            .map(|conn| {
+                let (stop, done, ok_count) = (stop.clone(), done.clone(), ok_count.clone());
+                let (authority, path) = (authority.to_string(), path.to_string());
+                tokio::spawn(async move {
+                    let mut report = LoadReport::default();
+                    let mut client: Option<H1Client> = None;
+                    let mut seq = 0;
+                    while seq < max_per_conn
+                        && !stop.load(Ordering::SeqCst)
+                        && Instant::now() < deadline
+                    {
+                        let mut c = match client.take() {
+                            Some(c) => c,
+                            None => match try_h1_client(addr).await {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    report.failures.push(LoadFailure {
+                                        conn,
+                                        seq,
+                                        status: None,
+                                        proxy_error: None,
+                                        what: format!("connect: {e}"),
+                                    });
+                                    done.fetch_add(1, Ordering::SeqCst);
+                                    seq += 1;
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                    continue;
+                                }
+                            },
+                        };
+                        if c.ready().await.is_err() {
+                            // Closed while idle: nothing was sent; open another one.
+                            continue;
+                        }
+                        let req = h1_request("GET", &authority, &path, empty());
+                        let res = tokio::time::timeout(OP_TIMEOUT, async {
+                            let resp = c.send_request(req).await?;
+                            read_resp(resp).await
+                        })
+                        .await;
+                        seq += 1;
+                        match res {
+                            Ok(Ok(r)) if r.status == StatusCode::OK => {
+                                report.ok += 1;
+                                ok_count.fetch_add(1, Ordering::SeqCst);
+                                let backend = r.backend().unwrap_or("").to_string();
+                                *report.by_backend.entry(backend).or_default() += 1;
+                                client = Some(c);
+                            }
+                            Ok(Ok(r)) => {
+                                report.failures.push(LoadFailure {
+                                    conn,
+                                    seq,
+                                    status: Some(r.status.as_u16()),
+                                    proxy_error: r.proxy_error().map(str::to_string),
+                                    what: format!("body {:?}", r.text()),
+                                });
+                                client = Some(c);
+                            }
+                            Ok(Err(e)) => report.failures.push(LoadFailure {
+                                conn,
+                                seq,
+                                status: None,
+                                proxy_error: None,
+                                what: format!("error: {e}"),
+                            }),
+                            Err(_) => report.failures.push(LoadFailure {
+                                conn,
+                                seq,
+                                status: None,
+                                proxy_error: None,
+                                what: format!("no response within {OP_TIMEOUT:?}"),
+                            }),
+                        }
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    report
+                })
+            })
+            .collect();
+        ClosedLoad {
+            stop,
+            done,
+            ok: ok_count,
+            tasks,
+        }
+    }
+
+    /// Requests answered so far (any outcome).
+    pub fn done(&self) -> usize {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Requests answered 200 so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Stops the load and collects every connection's report.
+    pub async fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all = LoadReport::default();
+        for t in self.tasks {
+            let r = within("load task", OP_TIMEOUT + Duration::from_secs(5), t)
+                .await
+                .expect("load task panicked");
+            all.ok += r.ok;
+            all.failures.extend(r.failures);
+            for (k, v) in r.by_backend {
+                *all.by_backend.entry(k).or_default() += v;
+            }
+        }
+        all
+    }
+}
+
+/// Like [`h1_client`], but a failed connect is an error instead of a panic.
+pub async fn try_h1_client(addr: SocketAddr) -> Result<H1Client, BoxError> {
+    let tcp = tokio::time::timeout(OP_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connect {addr}: timed out"))??;
+    let _ = tcp.set_nodelay(true);
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(send)
+}
