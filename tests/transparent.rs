@@ -680,6 +680,66 @@ fn call_passes_through_both_proxies_without_loops() {
     lab.assert_running("proxy-b");
 }
 
+/// `curl -X method url -d body` from `ns`: the status code and the body.
+fn curl_in(ns: &str, method: &str, url: &str, body: &str) -> (String, String) {
+    let out = run_bounded(
+        in_ns(ns, "curl").args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "--data-binary",
+            body,
+            "-w",
+            "\n%{http_code}",
+            url,
+        ]),
+        Duration::from_secs(10),
+    );
+    let out = text(&out.stdout);
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+    (code.to_string(), body.to_string())
+}
+
+/// The admin port listens on every address (Linkerd's default), so its mutations check that
+/// the peer is on this host: from another host, `PUT /proxy-log-level` (which could hide
+/// authorization denials by turning logging off) and `POST /shutdown` are refused; reads work.
+#[test]
+fn admin_mutations_are_refused_from_another_host() {
+    if !preconditions("admin_mutations_are_refused_from_another_host") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let (a, b) = (lab.netns(), lab.netns());
+    let octet = std::process::id() % 250 + 1;
+    let (ip_a, ip_b) = (format!("10.78.{octet}.1"), format!("10.78.{octet}.2"));
+    lab.link(&a, &format!("{ip_a}/30"), &b, &format!("{ip_b}/30"));
+    start_proxy(&mut lab, &a, "proxy-a");
+
+    let remote = format!("http://{ip_a}:{ADMIN_PORT}");
+    let (code, body) = curl_in(&b, "PUT", &format!("{remote}/proxy-log-level"), "off");
+    assert_eq!(code, "403", "remote PUT /proxy-log-level: {body}");
+    let (code, body) = curl_in(&b, "POST", &format!("{remote}/shutdown"), "");
+    assert_eq!(code, "403", "remote POST /shutdown: {body}");
+    let (code, _) = curl_in(&b, "GET", &format!("{remote}/metrics"), "");
+    assert_eq!(code, "200", "remote GET /metrics");
+    let (code, body) = curl_in(&b, "GET", &format!("{remote}/proxy-log-level"), "");
+    assert_eq!(
+        (code.as_str(), body.trim()),
+        ("200", "info"),
+        "the remote PUT changed it"
+    );
+    lab.assert_running("proxy-a");
+
+    // From the pod itself, the same change is made.
+    let local = format!("http://127.0.0.1:{ADMIN_PORT}/proxy-log-level");
+    let (code, body) = curl_in(&a, "PUT", &local, "warn");
+    assert_eq!(code, "204", "local PUT /proxy-log-level: {body}");
+    let (code, body) = curl_in(&a, "GET", &local, "");
+    assert_eq!((code.as_str(), body.trim()), ("200", "warn"));
+}
+
 #[test]
 fn init_is_idempotent_and_remove_takes_everything() {
     if !preconditions("init_is_idempotent_and_remove_takes_everything") {

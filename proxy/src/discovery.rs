@@ -856,6 +856,73 @@ mod tests {
         assert!(d.by_authority.load().len() <= MAX_CACHED_AUTHORITIES);
     }
 
+    async fn connect_opaque(e: Arc<Endpoint>) -> Result<crate::connect::EndpointIo, ProxyError> {
+        e.connect
+            .connect(crate::mesh_tls::Alpn::Opaque)
+            .await
+            .map_err(|err| ProxyError::from_connect(&err))
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_goes_to_another_endpoint() {
+        use crate::balance::{connect_with_failover, Connected, MAX_CONNECT_ATTEMPTS};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let alive = listener.local_addr().unwrap();
+        let dead: Vec<SocketAddr> = (0..MAX_CONNECT_ATTEMPTS)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap()
+            })
+            .collect();
+        let d = discovery();
+        let l = d.resolve_authority(b"127.0.0.1:1").await.unwrap();
+        let find = |addr: SocketAddr| {
+            l.endpoints
+                .snapshot()
+                .iter()
+                .find(|e| e.addr == addr)
+                .cloned()
+                .unwrap()
+        };
+
+        // One dead, one alive, the dead one picked first: the alive one takes the request.
+        d.set_endpoints(&l, &[(dead[0], None), (alive, None)]);
+        let first = find(dead[0]);
+        let Ok(Connected { endpoint, .. }) =
+            connect_with_failover(&l, first.clone(), connect_opaque).await
+        else {
+            panic!("no endpoint connected");
+        };
+        assert_eq!(endpoint.addr, alive);
+        // The refusal was charged to the dead one: it now looks slow to the balancer.
+        assert!(first.load_handle().cost() > 0.9e9);
+
+        // All dead: the error, after at most MAX_CONNECT_ATTEMPTS endpoints.
+        let specs: Vec<EndpointSpec> = dead
+            .iter()
+            .map(|a| (*a, None))
+            .chain([(closed(), None)])
+            .collect();
+        d.set_endpoints(&l, &specs);
+        let Err((err, last)) = connect_with_failover(&l, find(dead[0]), connect_opaque).await
+        else {
+            panic!("a dead endpoint connected");
+        };
+        assert_eq!(err, ProxyError::ConnectionRefused);
+        let tried = l
+            .endpoints
+            .snapshot()
+            .iter()
+            .filter(|e| e.load_handle().cost() > 0.9e9)
+            .count();
+        assert_eq!(tried, MAX_CONNECT_ATTEMPTS, "last tried: {}", last.addr);
+    }
+
+    fn closed() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
     #[tokio::test]
     async fn a_malformed_authority_is_a_bad_request() {
         let d = discovery();

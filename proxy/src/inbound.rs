@@ -36,16 +36,16 @@ use tower::ServiceBuilder;
 use crate::args::ProxyArgs;
 use crate::authz::{Client, ConnectionAuthz, InboundAuthz};
 use crate::detect::{self, Protocol};
-use crate::http::authorize::AuthorizeLayer;
+use crate::http::authorize::Authorize;
 use crate::http::client::{EndpointClient, EndpointTarget};
 use crate::http::errors::RespondLayer;
 use crate::http::headers::request_authority;
-use crate::http::hops::HopLimitLayer;
+use crate::http::hops::HopLimit;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::route::RouteLayer;
 use crate::http::tap::{TapLayer, Telemetry};
 use crate::http::timeout::ResponseTimeoutLayer;
-use crate::http::validate::ValidateRequestLayer;
+use crate::http::validate::ValidateRequest;
 use crate::http::{orig_proto, server, HttpStack};
 use crate::io::{CountingIo, PrefixedIo};
 use crate::mesh_tls::MeshTls;
@@ -290,11 +290,11 @@ impl Inbound {
             // (gRPC errors for gRPC clients).
             .layer(RespondLayer)
             // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...).
-            .layer(ValidateRequestLayer::new("inbound"))
+            .layer(ValidateRequest::layer("inbound"))
             // 508 for a request that has crossed too many proxies: a chain forwarding in a loop.
-            .layer(HopLimitLayer::new("inbound"))
+            .layer(HopLimit::layer("inbound"))
             // The inbound policy: 403 for a client this port doesn't admit.
-            .layer(AuthorizeLayer::new(authz))
+            .layer(Authorize::layer(authz))
             // The workload's port is the target; metrics are kept by the authority requested.
             // A request another proxy carried over h2 goes to the app as the HTTP/1 it was.
             .map_request(move |mut req: Request<Incoming>| {

@@ -36,13 +36,13 @@ use crate::detect::{self, Protocol};
 use crate::discovery::{Discovery, Logical, LogicalLayer};
 use crate::http::client::EndpointClient;
 use crate::http::errors::RespondLayer;
-use crate::http::hops::HopLimitLayer;
+use crate::http::hops::HopLimit;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::retry::RetryLayer;
 use crate::http::route::{RouteActualLayer, RouteLayer};
 use crate::http::tap::{TapLayer, Telemetry};
 use crate::http::timeout::{ResponseTimeoutLayer, RouteTimeoutLayer};
-use crate::http::validate::ValidateRequestLayer;
+use crate::http::validate::ValidateRequest;
 use crate::http::{server, HttpStack, ProxyError};
 use crate::io::CountingIo;
 use crate::mesh_tls::Alpn;
@@ -131,9 +131,9 @@ impl Outbound {
             // (gRPC errors for gRPC clients).
             .layer(RespondLayer)
             // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...).
-            .layer(ValidateRequestLayer::new("outbound"))
+            .layer(ValidateRequest::layer("outbound"))
             // 508 for a request that has crossed too many proxies: a chain forwarding in a loop.
-            .layer(HopLimitLayer::new("outbound"))
+            .layer(HopLimit::layer("outbound"))
             // The logical destination: the dialled address, else the request's authority.
             .layer(LogicalLayer::new(self.discovery.clone(), dialled))
             // The route: first match in the destination's ServiceProfile, else [DEFAULT];

@@ -141,20 +141,23 @@ mod tests {
         assert!(!none.withdraw());
     }
 
-    #[test]
-    fn deposits_expire_after_the_ttl() {
-        let b = RetryBudget::new(RetryBudgetSpec {
-            retry_ratio: 1.0,
-            min_retries_per_second: 0,
-            ttl: MIN_TTL,
-        });
+    #[tokio::test(start_paused = true)]
+    async fn deposits_expire_after_the_ttl() {
+        let (early, late) = (
+            RetryBudget::new(spec(1.0, 0, 10)),
+            RetryBudget::new(spec(1.0, 0, 10)),
+        );
         for _ in 0..10 {
-            b.deposit();
+            early.deposit();
+            late.deposit();
         }
-        std::thread::sleep(MIN_TTL + MIN_TTL / 2);
-        assert!(!b.withdraw(), "old deposits left the window");
-        b.deposit();
-        assert!(b.withdraw());
+        // Still in the window a bucket (1 s) before the ttl, gone after it.
+        tokio::time::advance(Duration::from_millis(8_900)).await;
+        assert!(early.withdraw(), "a deposit left the window early");
+        tokio::time::advance(Duration::from_millis(1_200)).await;
+        assert!(!late.withdraw(), "old deposits left the window");
+        late.deposit();
+        assert!(late.withdraw());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `HopLimitLayer`: loop prevention, part two. Proxies that forward to each other (A's outbound
+//! `HopLimit`: loop prevention, part two. Proxies that forward to each other (A's outbound
 //! sends to B's, which sends back to A's, or an inbound forwarding to another proxy) would pass
 //! a request around until something runs out. Every Pylon hop counts itself in the `pylon-hops`
 //! request header and refuses a request that has already crossed [`MAX_HOPS`] proxies with 508
@@ -9,12 +9,11 @@
 //! that copy every header onward, is already a loop in all but name.
 
 use std::sync::LazyLock;
-use std::task::{Context, Poll};
 
 use http::{HeaderName, HeaderValue, Request};
-use tower::{Layer, Service};
 
-use super::{PassThrough, ProxyError, ProxyResponse};
+use super::guard::{GuardLayer, RequestGuard};
+use super::ProxyError;
 
 pub const HOPS_HEADER: HeaderName = HeaderName::from_static("pylon-hops");
 /// Proxies a request may cross (an outbound and an inbound proxy are two).
@@ -37,50 +36,23 @@ fn hops_so_far(value: Option<&HeaderValue>) -> usize {
     }
 }
 
+/// Counts this proxy in `pylon-hops`, refusing a request that has crossed too many.
 #[derive(Clone, Copy, Debug)]
-pub struct HopLimitLayer {
+pub struct HopLimit {
     direction: &'static str,
 }
 
-impl HopLimitLayer {
-    pub fn new(direction: &'static str) -> Self {
-        Self { direction }
+impl HopLimit {
+    pub fn layer(direction: &'static str) -> GuardLayer<Self> {
+        GuardLayer::new(Self { direction })
     }
 }
 
-impl<S> Layer<S> for HopLimitLayer {
-    type Service = HopLimit<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        HopLimit {
-            inner,
-            direction: self.direction,
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct HopLimit<S> {
-    inner: S,
-    direction: &'static str,
-}
-
-impl<S, B> Service<Request<B>> for HopLimit<S>
-where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
-    S::Future: Unpin,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = PassThrough<S::Future, Result<ProxyResponse, ProxyError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+impl RequestGuard for HopLimit {
+    fn check<B>(&self, req: &mut Request<B>) -> Result<(), ProxyError> {
         let hops = hops_so_far(req.headers().get(&HOPS_HEADER));
         if hops >= MAX_HOPS {
-            let destination = super::headers::request_authority(&req)
+            let destination = super::headers::request_authority(req)
                 .map(String::from_utf8_lossy)
                 .unwrap_or_default();
             super::metrics::log_proxy_error(
@@ -89,19 +61,19 @@ where
                 None,
                 ProxyError::LoopDetected,
             );
-            return PassThrough::Own(Box::pin(std::future::ready(Err(ProxyError::LoopDetected))));
+            return Err(ProxyError::LoopDetected);
         }
         req.headers_mut()
             .insert(HOPS_HEADER, HOP_VALUES[hops + 1].clone());
-        PassThrough::Inner(self.inner.call(req))
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::ResponseBody;
-    use tower::ServiceExt;
+    use crate::http::{ProxyResponse, ResponseBody};
+    use tower::{Layer, Service, ServiceExt};
 
     /// Echoes the hop count it received in the response's `pylon-hops`.
     fn echo() -> impl Service<
@@ -125,10 +97,7 @@ mod tests {
             req.headers_mut()
                 .insert(HOPS_HEADER, HeaderValue::from_str(h).unwrap());
         }
-        HopLimitLayer::new("outbound")
-            .layer(echo())
-            .oneshot(req)
-            .await
+        HopLimit::layer("outbound").layer(echo()).oneshot(req).await
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ pub mod authorize;
 pub mod body;
 pub mod client;
 pub mod errors;
+pub mod guard;
 pub mod headers;
 pub mod hibernate;
 pub mod hops;
@@ -18,6 +19,8 @@ pub mod retry;
 pub mod route;
 pub mod server;
 pub mod tap;
+#[cfg(test)]
+pub mod test_support;
 pub mod timeout;
 pub mod upgrade;
 pub mod validate;

@@ -147,3 +147,138 @@ impl Head {
         req
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The retry stage against a scripted endpoint, on tokio's paused clock.
+
+    use std::time::Duration;
+
+    use http::StatusCode;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::http::test_support::{route, routed, Answer, Mock};
+
+    const RETRYABLE: &str = "  routes:\n  - name: POST /items\n    condition: {method: POST, pathRegex: /items}\n    isRetryable: true\n";
+    const NOW: Duration = Duration::ZERO;
+
+    fn with_budget(ratio: &str, min_per_second: u32) -> String {
+        format!(
+            "{RETRYABLE}  retryBudget:\n    retryRatio: {ratio}\n    minRetriesPerSecond: {min_per_second}\n    ttl: 10s\n"
+        )
+    }
+
+    async fn send(
+        mock: &Mock,
+        route: &Arc<RouteState>,
+        body: &'static [u8],
+    ) -> Result<ProxyResponse, ProxyError> {
+        let req = routed(route, "POST", "/items", body).await;
+        RetryLayer.layer(mock.clone()).oneshot(req).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_attempt_is_retried_with_the_same_body() {
+        let (route, _) = route(RETRYABLE, "POST", "/items");
+        let mock = Mock::new([Answer::Status(503, NOW), Answer::Status(200, NOW)]);
+        let rsp = send(&mock, &route, b"hello").await.expect("a response");
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let seen = mock.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].attempt, Some(1));
+        assert_eq!(seen[1].attempt, Some(2));
+        assert!(seen.iter().all(|s| &s.body[..] == b"hello"), "{seen:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_error_is_retried_and_a_client_error_is_not() {
+        let (route, _) = route(RETRYABLE, "POST", "/items");
+        let mock = Mock::new([
+            Answer::Fail(ProxyError::ConnectionRefused, NOW),
+            Answer::Status(200, NOW),
+        ]);
+        assert_eq!(send(&mock, &route, b"x").await.unwrap().status(), 200);
+        assert_eq!(mock.attempts(), 2);
+        // The client's own failures go back to it as they are.
+        for err in [ProxyError::ClientAborted, ProxyError::MalformedRequestBody] {
+            let mock = Mock::new([Answer::Fail(err, NOW), Answer::Status(200, NOW)]);
+            assert_eq!(send(&mock, &route, b"x").await.err(), Some(err));
+            assert_eq!(mock.attempts(), 1, "{err} was retried");
+        }
+        // A 4xx is the route's success by default: not retried.
+        let mock = Mock::new([Answer::Status(404, NOW), Answer::Status(200, NOW)]);
+        assert_eq!(send(&mock, &route, b"x").await.unwrap().status(), 404);
+        assert_eq!(mock.attempts(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_non_retryable_route_is_not_retried() {
+        let (route, _) = route(RETRYABLE, "POST", "/other");
+        let mock = Mock::new([Answer::Status(503, NOW), Answer::Status(200, NOW)]);
+        let req = routed(&route, "POST", "/other", b"x").await;
+        let rsp = RetryLayer.layer(mock.clone()).oneshot(req).await.unwrap();
+        assert_eq!(rsp.status(), 503);
+        assert_eq!(mock.attempts(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_bounds_retries_over_its_window() {
+        // 0.2 retries per request and no reserve: 10 failing requests earn 2 retries.
+        let (route, _) = route(&with_budget("0.2", 0), "POST", "/items");
+        let mock = Mock::new([Answer::Status(503, NOW)]);
+        for _ in 0..10 {
+            assert_eq!(send(&mock, &route, b"x").await.unwrap().status(), 503);
+        }
+        assert_eq!(mock.attempts(), 12);
+        // Every request ended on a failure the budget could not pay to retry.
+        assert_eq!(route.skipped_budget.get(), 10);
+        // Deposits leave the window after its ttl (10 s): nothing is left to spend.
+        for _ in 0..4 {
+            send(&mock, &route, b"x").await.unwrap();
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let before = mock.attempts();
+        send(&mock, &route, b"x").await.unwrap();
+        assert_eq!(
+            mock.attempts(),
+            before + 1,
+            "an expired deposit paid for a retry"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reserve_allows_retries_without_traffic() {
+        // minRetriesPerSecond 1 over a 10 s window: 10 retries, then none.
+        let (route, _) = route(&with_budget("0", 1), "POST", "/items");
+        let mock = Mock::new([
+            Answer::Status(503, NOW),
+            Answer::Status(503, NOW),
+            Answer::Status(200, NOW),
+        ]);
+        let mock_fails = Mock::new([Answer::Status(503, NOW)]);
+        assert_eq!(send(&mock, &route, b"x").await.unwrap().status(), 200);
+        assert_eq!(mock.attempts(), 3);
+        for _ in 0..10 {
+            send(&mock_fails, &route, b"x").await.unwrap();
+        }
+        // 2 retries above, 8 more here, then the budget is spent.
+        assert_eq!(mock_fails.attempts(), 10 + 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_over_64_kib_is_not_retried() {
+        static BIG: [u8; 70 * 1024] = [b'z'; 70 * 1024];
+        let (route, _) = route(RETRYABLE, "POST", "/items");
+        let mock = Mock::new([Answer::Status(503, NOW), Answer::Status(200, NOW)]);
+        let rsp = send(&mock, &route, &BIG).await.unwrap();
+        assert_eq!(rsp.status(), 503);
+        assert_eq!(mock.attempts(), 1);
+        assert_eq!(route.skipped_body.get(), 1);
+        assert_eq!(
+            mock.seen.lock().unwrap()[0].body.len(),
+            BIG.len(),
+            "streamed whole"
+        );
+    }
+}

@@ -124,3 +124,88 @@ where
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Timeouts against a scripted endpoint, on tokio's paused clock: a timeout fires exactly
+    //! when it should, and nothing races a real clock.
+
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::http::request_body::RequestBody;
+    use crate::http::retry::RetryLayer;
+    use crate::http::test_support::{route, routed, Answer, Mock};
+
+    const SLOW: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn the_route_timeout_covers_the_request_and_its_retries() {
+        let (route, _) = route(
+            "  routes:\n  - name: POST /items\n    condition: {method: POST, pathRegex: /items}\n    isRetryable: true\n    timeout: 1500ms\n",
+            "POST",
+            "/items",
+        );
+        // Each attempt fails after a second: the second is cut off half-way.
+        let mock = Mock::new([Answer::Status(503, SLOW)]);
+        let stack = RouteTimeoutLayer.layer(RetryLayer.layer(mock.clone()));
+        let start = Instant::now();
+        let req = routed(&route, "POST", "/items", b"x").await;
+        let result = stack.oneshot(req).await;
+        assert_eq!(result.err(), Some(ProxyError::RouteTimeout));
+        assert_eq!(start.elapsed(), Duration::from_millis(1500));
+        let seen = mock.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].at - start, SLOW, "the retry went at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_route_without_a_timeout_waits() {
+        let (route, _) = route("  routes: []\n", "GET", "/");
+        let mock = Mock::new([Answer::Status(200, Duration::from_secs(3600))]);
+        let start = Instant::now();
+        let req = routed(&route, "GET", "/", b"")
+            .await
+            .map(RequestBody::streaming);
+        let rsp = RouteTimeoutLayer.layer(mock).oneshot(req).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(start.elapsed(), Duration::from_secs(3600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_response_timeout_bounds_each_attempt_and_a_retry_follows() {
+        let (route, _) = route(
+            "  routes:\n  - name: POST /items\n    condition: {method: POST, pathRegex: /items}\n    isRetryable: true\n",
+            "POST",
+            "/items",
+        );
+        let timeout = Duration::from_millis(200);
+        // Alone: 504 response timeout after exactly 200 ms.
+        let mock = Mock::new([Answer::Status(200, SLOW)]);
+        let start = Instant::now();
+        let req = routed(&route, "POST", "/items", b"x")
+            .await
+            .map(RequestBody::streaming);
+        let result = ResponseTimeoutLayer::new(Some(timeout))
+            .layer(mock)
+            .oneshot(req)
+            .await;
+        assert_eq!(result.err(), Some(ProxyError::ResponseTimeout));
+        assert_eq!(start.elapsed(), timeout);
+        // Under retries: the slow attempt is abandoned and the next one answers.
+        let mock = Mock::new([
+            Answer::Status(200, SLOW),
+            Answer::Status(200, Duration::ZERO),
+        ]);
+        let stack = RetryLayer.layer(ResponseTimeoutLayer::new(Some(timeout)).layer(mock.clone()));
+        let start = Instant::now();
+        let req = routed(&route, "POST", "/items", b"x").await;
+        let rsp = stack.oneshot(req).await.expect("the retry answers");
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(start.elapsed(), timeout);
+        assert_eq!(mock.attempts(), 2);
+    }
+}

@@ -1,4 +1,4 @@
-//! `ValidateRequestLayer`: requests hyper accepts but the RFCs call malformed, answered 400
+//! `ValidateRequest`: requests hyper accepts but the RFCs call malformed, answered 400
 //! before they go anywhere (nginx and HAProxy answer 400 too):
 //!
 //! - more than one `Host` (RFC 9112 §3.2): a proxy that routes by the first while the app reads
@@ -8,12 +8,10 @@
 //!
 //! The size of a request's head is bounded where it is parsed (`server`: 64 KiB, 431 past it).
 
-use std::task::{Context, Poll};
-
 use http::{header, Request, Version};
-use tower::{Layer, Service};
 
-use super::{PassThrough, ProxyError, ProxyResponse};
+use super::guard::{GuardLayer, RequestGuard};
+use super::ProxyError;
 
 fn is_malformed<B>(req: &Request<B>) -> bool {
     let mut hosts = req.headers().get_all(header::HOST).iter();
@@ -30,53 +28,26 @@ fn is_malformed<B>(req: &Request<B>) -> bool {
             .is_some_and(|a| !a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()))
 }
 
+/// Refuses what hyper accepts but the RFCs call malformed.
 #[derive(Clone, Copy, Debug)]
-pub struct ValidateRequestLayer {
+pub struct ValidateRequest {
     direction: &'static str,
 }
 
-impl ValidateRequestLayer {
-    pub fn new(direction: &'static str) -> Self {
-        Self { direction }
+impl ValidateRequest {
+    pub fn layer(direction: &'static str) -> GuardLayer<Self> {
+        GuardLayer::new(Self { direction })
     }
 }
 
-impl<S> Layer<S> for ValidateRequestLayer {
-    type Service = ValidateRequest<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        ValidateRequest {
-            inner,
-            direction: self.direction,
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct ValidateRequest<S> {
-    inner: S,
-    direction: &'static str,
-}
-
-impl<S, B> Service<Request<B>> for ValidateRequest<S>
-where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
-    S::Future: Unpin,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = PassThrough<S::Future, Result<ProxyResponse, ProxyError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        if is_malformed(&req) {
+impl RequestGuard for ValidateRequest {
+    fn check<B>(&self, req: &mut Request<B>) -> Result<(), ProxyError> {
+        if is_malformed(req) {
             let err = ProxyError::MalformedRequest;
             super::metrics::log_proxy_error(self.direction, "", None, err);
-            return PassThrough::Own(Box::pin(std::future::ready(Err(err))));
+            return Err(err);
         }
-        PassThrough::Inner(self.inner.call(req))
+        Ok(())
     }
 }
 
