@@ -448,6 +448,10 @@ async fn two_hosts_or_a_huge_head_are_refused_in_both_directions() {
             .await;
             let rsp = raw.response().await.expect("response");
             assert_eq!(rsp.status, 431, "{} {:?}", rsp.status_line, rsp.headers);
+            assert_eq!(
+                rsp.header("pylon-proxy-error"),
+                Some("request headers too large")
+            );
         }
         // Over h2 too (the header block's size is announced in SETTINGS and enforced).
         let mut c = h2_client(proxy.outbound()).await;
@@ -645,6 +649,48 @@ async fn repeated_warnings_are_counted_not_flooded() {
         assert!(
             (1..=20).contains(&lines),
             "{lines} log lines for {N} warnings"
+        );
+    })
+    .await
+}
+
+/// Slowloris: clients that start a request and never finish it. Each is given up after the
+/// detection timeout; that used to log one warning per connection (1,111 in one run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_run_is_counted_not_flooded() {
+    test_body(async {
+        let proxy = Proxy::start(&["--detect-timeout", "100ms"]);
+        const N: usize = 40;
+        let mut conns = Vec::new();
+        for _ in 0..N {
+            let mut c = RawConn::connect(proxy.outbound()).await;
+            c.send("GET / HTTP/1.1\r\nHost: slow").await;
+            conns.push(c);
+        }
+        for c in &mut conns {
+            assert!(c.closed_within(OP_TIMEOUT).await, "a slow client was kept");
+        }
+        let counted = wait_until(
+            || {
+                proxy.metric_value("proxy_warnings_total", &[("event", "no_destination")])
+                    == Some(N as f64)
+            },
+            OP_TIMEOUT,
+        )
+        .await;
+        assert!(
+            counted,
+            "{}",
+            series_of(&proxy.metrics(), "proxy_warnings_total")
+        );
+        let lines = proxy
+            .logs()
+            .iter()
+            .filter(|l| l.contains("no original destination"))
+            .count();
+        assert!(
+            (1..=20).contains(&lines),
+            "{lines} log lines for {N} slow clients"
         );
     })
     .await

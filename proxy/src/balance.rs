@@ -470,19 +470,30 @@ where
         }
         // The route's response classes decide what failure accrual counts as a failure.
         let route = req.extensions().get::<Arc<RouteState>>().cloned();
+        let shape = RequestShape::of(&req);
+        if endpoint.target.is_connected(shape) {
+            // The usual case: a connection is ready, nothing to wait for before sending.
+            let in_flight = endpoint
+                .load_handle()
+                .start()
+                .with_health(endpoint.health.clone());
+            req.extensions_mut().insert(endpoint.target.clone());
+            let response = self.inner.call(req);
+            return Box::pin(async move { respond(response.await, in_flight, route) });
+        }
+        // Connect first (to another endpoint if this one can't be reached), then send.
         let access_log = self.access_log;
         // The inner service was made ready for this call; keep that one, leave a clone behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let shape = RequestShape::of(&req);
             let connected = connect_with_failover(&logical, endpoint, |e| async move {
                 e.target.connect_for(shape).await
             })
             .await;
             let Connected {
                 endpoint,
-                mut in_flight,
+                in_flight,
                 ..
             } = match connected {
                 Ok(c) => c,
@@ -499,20 +510,31 @@ where
                 }
             };
             req.extensions_mut().insert(endpoint.target.clone());
-            let mut rsp = match inner.oneshot(req).await {
-                Ok(rsp) => rsp,
-                Err(err) => {
-                    if err.is_retryable() {
-                        in_flight.failed(err.is_endpoint_failure());
-                    }
-                    return Err(err);
-                }
-            };
-            in_flight.response_received();
-            release_on_end(&mut rsp, in_flight, route);
-            Ok(rsp)
+            respond(inner.oneshot(req).await, in_flight, route)
         })
     }
+}
+
+/// The endpoint's answer: its load and failure accrual learn how it went (when the response
+/// body ends, or at once for an error). Inlined: a response is large to pass by value.
+#[inline(always)]
+fn respond(
+    response: Result<ProxyResponse, ProxyError>,
+    mut in_flight: InFlight,
+    route: Option<Arc<RouteState>>,
+) -> Result<ProxyResponse, ProxyError> {
+    let mut rsp = match response {
+        Ok(rsp) => rsp,
+        Err(err) => {
+            if err.is_retryable() {
+                in_flight.failed(err.is_endpoint_failure());
+            }
+            return Err(err);
+        }
+    };
+    in_flight.response_received();
+    release_on_end(&mut rsp, in_flight, route);
+    Ok(rsp)
 }
 
 #[cfg(test)]

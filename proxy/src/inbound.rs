@@ -289,12 +289,14 @@ impl Inbound {
             // Proxy errors from any layer below become responses with `pylon-proxy-error`
             // (gRPC errors for gRPC clients).
             .layer(RespondLayer)
-            // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...).
-            .layer(ValidateRequest::layer("inbound"))
-            // 508 for a request that has crossed too many proxies: a chain forwarding in a loop.
-            .layer(HopLimit::layer("inbound"))
-            // The inbound policy: 403 for a client this port doesn't admit.
-            .layer(Authorize::layer(authz))
+            // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...), 431
+            // for a head over 64 KiB; 508 for a request that has crossed too many proxies (a
+            // chain forwarding in a loop); 403 for a client the inbound policy doesn't admit.
+            .layer(
+                ValidateRequest::layer("inbound")
+                    .and(HopLimit::layer("inbound"))
+                    .and(Authorize::layer(authz)),
+            )
             // The workload's port is the target; metrics are kept by the authority requested.
             // A request another proxy carried over h2 goes to the app as the HTTP/1 it was.
             .map_request(move |mut req: Request<Incoming>| {

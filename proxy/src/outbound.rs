@@ -130,10 +130,10 @@ impl Outbound {
             // Proxy errors from any layer below become responses with `pylon-proxy-error`
             // (gRPC errors for gRPC clients).
             .layer(RespondLayer)
-            // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...).
-            .layer(ValidateRequest::layer("outbound"))
-            // 508 for a request that has crossed too many proxies: a chain forwarding in a loop.
-            .layer(HopLimit::layer("outbound"))
+            // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...), 431
+            // for a head over 64 KiB; then 508 for a request that has crossed too many proxies
+            // (a chain forwarding in a loop).
+            .layer(ValidateRequest::layer("outbound").and(HopLimit::layer("outbound")))
             // The logical destination: the dialled address, else the request's authority.
             .layer(LogicalLayer::new(self.discovery.clone(), dialled))
             // The route: first match in the destination's ServiceProfile, else [DEFAULT];

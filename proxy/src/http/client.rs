@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use super::pool::Http1Pool;
-use super::request_body::RequestBody;
+use super::request_body::{ClientBodyOutcome, RequestBody};
 use super::{headers, orig_proto, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody};
 use crate::connect::Connect;
 use crate::mesh_tls::Alpn;
@@ -81,6 +81,16 @@ impl EndpointTarget {
             Transport::H2
         } else {
             Transport::H1
+        }
+    }
+
+    /// Whether a connection that can carry a request of this shape is open (an idle pooled
+    /// one, or the h2 connection), so the request can be sent at once.
+    pub fn is_connected(&self, shape: RequestShape) -> bool {
+        match self.transport(shape) {
+            Transport::Tunnel => true,
+            Transport::H2 => self.h2.is_open(),
+            Transport::H1 => self.h1.has_idle(),
         }
     }
 
@@ -161,32 +171,21 @@ impl EndpointClient {
 }
 
 impl ClientInner {
-    /// Sends the request; an exchange that failed because the client's body did (a malformed
-    /// chunk, a client gone mid-body) is the client's error, never the endpoint's.
-    async fn send(
-        &self,
-        target: EndpointTarget,
-        mut req: Request<RequestBody>,
-    ) -> Result<ProxyResponse, ProxyError> {
-        let client_body = req.body_mut().watch();
-        match self.exchange(target, req).await {
-            Ok(mut rsp) => {
-                if let Some(outcome) = client_body {
-                    rsp.body_mut().client_body(outcome);
-                }
-                Ok(rsp)
-            }
-            Err(err) => Err(client_body
-                .and_then(|outcome| outcome.failure())
-                .unwrap_or(err)),
-        }
-    }
-
+    /// Sends the request to the endpoint over the connection its shape needs. An exchange that
+    /// failed because the client's body did (a malformed chunk, a client gone mid-body) is the
+    /// client's error, never the endpoint's.
     async fn exchange(
         &self,
         target: EndpointTarget,
         mut req: Request<RequestBody>,
     ) -> Result<ProxyResponse, ProxyError> {
+        let client_body = req.body_mut().watch();
+        let blame = |err: ProxyError| {
+            client_body
+                .as_ref()
+                .and_then(ClientBodyOutcome::failure)
+                .unwrap_or(err)
+        };
         let shape = RequestShape::of(&req);
         let transport = target.transport(shape);
         if transport == Transport::Tunnel {
@@ -206,14 +205,14 @@ impl ClientInner {
 
         let (mut rsp, pooled) = if transport == Transport::H1 {
             set_host(&mut req, &target.destination);
-            let (rsp, conn) = target.h1.send(req).await?;
+            let (rsp, conn) = target.h1.send(req).await.map_err(blame)?;
             (rsp, Some(conn))
         } else if req.version() == Version::HTTP_2 {
-            (target.h2.send(req).await?, None)
+            (target.h2.send(req).await.map_err(blame)?, None)
         } else {
             // HTTP/1 between meshed proxies rides the endpoint's h2 connection.
             let orig = orig_proto::upgrade_request(&mut req, &target.destination)?;
-            let mut rsp = target.h2.send(req).await?;
+            let mut rsp = target.h2.send(req).await.map_err(blame)?;
             orig_proto::downgrade_response(&mut rsp, orig);
             (rsp, None)
         };
@@ -230,6 +229,9 @@ impl ClientInner {
         let mut rsp = rsp.map(ResponseBody::proxied);
         if let Some(conn) = pooled {
             rsp.body_mut().reuse_on_end(conn);
+        }
+        if let Some(outcome) = client_body {
+            rsp.body_mut().client_body(outcome);
         }
         Ok(rsp)
     }
@@ -254,7 +256,7 @@ impl<B: Into<RequestBody> + Send + 'static> Service<Request<B>> for EndpointClie
                 .get::<EndpointTarget>()
                 .cloned()
                 .ok_or(ProxyError::NoEndpoints)?;
-            this.send(target, req).await
+            this.exchange(target, req).await
         })
     }
 }
@@ -310,9 +312,14 @@ impl H2Connection {
             .map_err(|e| ProxyError::from_upstream(&e))
     }
 
+    /// Whether the connection is open.
+    pub fn is_open(&self) -> bool {
+        self.sender.load().as_ref().is_some_and(|s| !s.is_closed())
+    }
+
     /// Opens the connection unless it is open.
     pub async fn ready(&self) -> Result<(), ProxyError> {
-        if self.sender.load().as_ref().is_some_and(|s| !s.is_closed()) {
+        if self.is_open() {
             return Ok(());
         }
         self.ready_sender().await.map(|_| ())

@@ -24,6 +24,7 @@ const GRPC_CANCELLED: u32 = 1;
 const GRPC_INVALID_ARGUMENT: u32 = 3;
 const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 const GRPC_PERMISSION_DENIED: u32 = 7;
+const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
 const GRPC_UNAVAILABLE: u32 = 14;
 
 /// A gRPC request (`application/grpc`, `application/grpc+proto`, ...; not gRPC-Web, whose
@@ -65,6 +66,9 @@ pub enum ProxyError {
     /// The client's request body could not be parsed (a bad chunk): the client's fault.
     #[error("malformed request body")]
     MalformedRequestBody,
+    /// The request's head (request line and headers) is over 64 KiB.
+    #[error("request headers too large")]
+    HeadersTooLarge,
     /// The client went away (or reset its stream) before its request body ended.
     #[error("client aborted request")]
     ClientAborted,
@@ -94,6 +98,7 @@ impl ProxyError {
             | Self::ClientAborted => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::FORBIDDEN,
             Self::LoopDetected => StatusCode::LOOP_DETECTED,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -105,6 +110,7 @@ impl ProxyError {
             Self::MissingAuthority
                 | Self::MalformedRequest
                 | Self::MalformedRequestBody
+                | Self::HeadersTooLarge
                 | Self::ClientAborted
                 | Self::Unauthorized
         )
@@ -131,6 +137,8 @@ impl ProxyError {
                 GRPC_INVALID_ARGUMENT
             }
             Self::ClientAborted => GRPC_CANCELLED,
+            // As gRPC's own servers answer oversized metadata.
+            Self::HeadersTooLarge => GRPC_RESOURCE_EXHAUSTED,
             Self::NoEndpoints
             | Self::ConnectionRefused
             | Self::ConnectionReset
@@ -175,6 +183,7 @@ impl ProxyError {
             Self::MissingAuthority => "missing destination authority",
             Self::MalformedRequest => "malformed request",
             Self::MalformedRequestBody => "malformed request body",
+            Self::HeadersTooLarge => "request headers too large",
             Self::ClientAborted => "client aborted request",
             Self::Unauthorized => "unauthorized connection",
             Self::LoopDetected => "loop detected",
@@ -414,6 +423,7 @@ mod tests {
             ProxyError::MissingAuthority,
             ProxyError::MalformedRequest,
             ProxyError::MalformedRequestBody,
+            ProxyError::HeadersTooLarge,
             ProxyError::ClientAborted,
             ProxyError::LoopDetected,
             ProxyError::Unauthorized,

@@ -16,6 +16,15 @@ pub trait RequestGuard: Clone {
     fn check<B>(&self, req: &mut Request<B>) -> Result<(), ProxyError>;
 }
 
+/// Several guards in one layer, checked in order: one stage fewer for every request (and its
+/// response) to pass through.
+impl<A: RequestGuard, B: RequestGuard> RequestGuard for (A, B) {
+    fn check<R>(&self, req: &mut Request<R>) -> Result<(), ProxyError> {
+        self.0.check(req)?;
+        self.1.check(req)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct GuardLayer<G> {
     guard: G,
@@ -24,6 +33,11 @@ pub struct GuardLayer<G> {
 impl<G> GuardLayer<G> {
     pub fn new(guard: G) -> Self {
         Self { guard }
+    }
+
+    /// This layer's guard, then `next`'s.
+    pub fn and<N>(self, next: GuardLayer<N>) -> GuardLayer<(G, N)> {
+        GuardLayer::new((self.guard, next.guard))
     }
 }
 

@@ -8,8 +8,6 @@
 //! The header goes on to the app too: a request that really is that deep in a mesh, with apps
 //! that copy every header onward, is already a loop in all but name.
 
-use std::sync::LazyLock;
-
 use http::{HeaderName, HeaderValue, Request};
 
 use super::guard::{GuardLayer, RequestGuard};
@@ -19,9 +17,11 @@ pub const HOPS_HEADER: HeaderName = HeaderName::from_static("pylon-hops");
 /// Proxies a request may cross (an outbound and an inbound proxy are two).
 pub const MAX_HOPS: usize = 32;
 
-/// `pylon-hops` values, made once: setting the header allocates nothing per request.
-static HOP_VALUES: LazyLock<[HeaderValue; MAX_HOPS + 1]> =
-    LazyLock::new(|| std::array::from_fn(HeaderValue::from));
+/// `pylon-hops` values as static text: setting the header allocates and counts nothing.
+const HOP_VALUES: [&str; MAX_HOPS + 1] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "17", "18", "19", "20", "21", "22", "23", "24", "25", "26", "27", "28", "29", "30", "31", "32",
+];
 
 /// The hop count a request arrived with (a value that isn't a small number counts as the limit:
 /// only proxies write the header).
@@ -64,7 +64,7 @@ impl RequestGuard for HopLimit {
             return Err(ProxyError::LoopDetected);
         }
         req.headers_mut()
-            .insert(HOPS_HEADER, HOP_VALUES[hops + 1].clone());
+            .insert(HOPS_HEADER, HeaderValue::from_static(HOP_VALUES[hops + 1]));
         Ok(())
     }
 }
@@ -98,6 +98,13 @@ mod tests {
                 .insert(HOPS_HEADER, HeaderValue::from_str(h).unwrap());
         }
         HopLimit::layer("outbound").layer(echo()).oneshot(req).await
+    }
+
+    #[test]
+    fn the_values_are_the_counts() {
+        for (n, v) in HOP_VALUES.iter().enumerate() {
+            assert_eq!(v.parse::<usize>().unwrap(), n);
+        }
     }
 
     #[tokio::test]

@@ -103,9 +103,14 @@ impl Http1Pool {
         Ok((rsp, conn))
     }
 
+    /// Whether a connection is idle, ready for a request.
+    pub fn has_idle(&self) -> bool {
+        !self.idle.is_empty()
+    }
+
     /// Opens a connection and parks it idle, unless one is idle already.
     pub async fn ensure_idle(&self) -> Result<(), ProxyError> {
-        if !self.idle.is_empty() {
+        if self.has_idle() {
             return Ok(());
         }
         let sender = self.connect().await?;

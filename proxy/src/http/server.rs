@@ -20,7 +20,10 @@ use super::{ProxyError, ResponseBody};
 use crate::shutdown::Shutdown;
 
 /// The largest request head (request line and headers) the proxy takes, as nginx and HAProxy
-/// bound theirs: a client can't make the proxy hold, or the app receive, 100 KB headers.
+/// bound theirs: a client can't make the app receive 100 KB headers. HTTP/1 heads are measured
+/// by `ValidateRequest` (answered 431): hyper's only bound is its read buffer, and a 64 KiB
+/// buffer would cost large bodies extra reads and writes. h2 announces and enforces it as
+/// SETTINGS_MAX_HEADER_LIST_SIZE.
 pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 /// What serves a connection's requests: a direction's stack, adapted to hyper.
@@ -105,8 +108,6 @@ async fn session<I, S>(
             .timer(TokioTimer::new())
             .keep_alive(true)
             .header_read_timeout(Duration::from_secs(30))
-            // A longer head is answered 431 and the connection closed.
-            .max_buf_size(MAX_REQUEST_HEAD)
             .serve_connection(
                 TokioIo::new(session_io),
                 ActivityService::new(svc.clone(), activity.clone()),

@@ -6,12 +6,28 @@
 //! - an HTTP/2 request whose `Host` names another authority than its `:authority` (RFC 9113
 //!   §8.3.1).
 //!
-//! The size of a request's head is bounded where it is parsed (`server`: 64 KiB, 431 past it).
+//! - a head (request line and headers) over 64 KiB, answered 431 as nginx and HAProxy do:
+//!   hyper's only bound on an HTTP/1 head is its read buffer (see `server::MAX_REQUEST_HEAD`).
 
 use http::{header, Request, Version};
 
 use super::guard::{GuardLayer, RequestGuard};
+use super::server::MAX_REQUEST_HEAD;
 use super::ProxyError;
+
+/// The size of a request's head as sent on HTTP/1: the request line, then a line per header.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let line = req.method().as_str().len()
+        + uri
+            .authority()
+            .map_or(0, |a| a.as_str().len() + "http://".len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + "  HTTP/1.1\r\n".len();
+    req.headers().iter().fold(line, |n, (name, value)| {
+        n + name.as_str().len() + value.len() + ": \r\n".len()
+    })
+}
 
 fn is_malformed<B>(req: &Request<B>) -> bool {
     let mut hosts = req.headers().get_all(header::HOST).iter();
@@ -42,12 +58,15 @@ impl ValidateRequest {
 
 impl RequestGuard for ValidateRequest {
     fn check<B>(&self, req: &mut Request<B>) -> Result<(), ProxyError> {
-        if is_malformed(req) {
-            let err = ProxyError::MalformedRequest;
-            super::metrics::log_proxy_error(self.direction, "", None, err);
-            return Err(err);
-        }
-        Ok(())
+        let refused = if is_malformed(req) {
+            ProxyError::MalformedRequest
+        } else if head_size(req) > MAX_REQUEST_HEAD {
+            ProxyError::HeadersTooLarge
+        } else {
+            return Ok(());
+        };
+        super::metrics::log_proxy_error(self.direction, "", None, refused);
+        Err(refused)
     }
 }
 
@@ -91,5 +110,18 @@ mod tests {
             "http://a:80/",
             &["b"]
         )));
+    }
+
+    #[test]
+    fn a_head_is_measured_as_sent() {
+        let r = req(Version::HTTP_11, "/index.html", &["example.com"]);
+        // "GET /index.html HTTP/1.1\r\n" + "host: example.com\r\n"
+        assert_eq!(head_size(&r), 26 + 19);
+        let mut big = req(Version::HTTP_11, "/", &["a"]);
+        big.headers_mut().insert(
+            "x-big",
+            http::HeaderValue::from_str(&"a".repeat(MAX_REQUEST_HEAD)).unwrap(),
+        );
+        assert!(head_size(&big) > MAX_REQUEST_HEAD);
     }
 }
