@@ -627,31 +627,30 @@ async fn repeated_warnings_are_counted_not_flooded() {
             let rsp = bad.response().await.expect("response");
             assert_eq!(rsp.status, 400);
         }
-        let counted = wait_until(
-            || {
-                proxy.metric_value("proxy_warnings_total", &[("event", "malformed_request")])
-                    == Some(N as f64)
-            },
-            OP_TIMEOUT,
-        )
-        .await;
-        assert!(
-            counted,
-            "{}",
-            series_of(&proxy.metrics(), "proxy_warnings_total")
-        );
-        let lines = proxy
-            .logs()
-            .iter()
-            .filter(|l| l.contains("malformed HTTP/1 request"))
-            .count();
-        // 10 a window; the run may straddle two windows.
-        assert!(
-            (1..=20).contains(&lines),
-            "{lines} log lines for {N} warnings"
-        );
+        assert_counted_not_flooded(&proxy, "malformed_request", "malformed HTTP/1 request", N)
+            .await;
     })
     .await
+}
+
+/// Every one of `n` warnings counted as `event`, and at most two windows' worth logged.
+async fn assert_counted_not_flooded(proxy: &Proxy, event: &str, message: &str, n: usize) {
+    let counted = wait_until(
+        || proxy.metric_value("proxy_warnings_total", &[("event", event)]) == Some(n as f64),
+        OP_TIMEOUT,
+    )
+    .await;
+    assert!(
+        counted,
+        "{}",
+        series_of(&proxy.metrics(), "proxy_warnings_total")
+    );
+    let lines = proxy.logs().iter().filter(|l| l.contains(message)).count();
+    // 10 a window; the run may straddle two windows.
+    assert!(
+        (1..=20).contains(&lines),
+        "{lines} log lines for {n} {event} warnings"
+    );
 }
 
 /// Slowloris: clients that start a request and never finish it. Each is given up after the
@@ -670,28 +669,7 @@ async fn a_slowloris_run_is_counted_not_flooded() {
         for c in &mut conns {
             assert!(c.closed_within(OP_TIMEOUT).await, "a slow client was kept");
         }
-        let counted = wait_until(
-            || {
-                proxy.metric_value("proxy_warnings_total", &[("event", "no_destination")])
-                    == Some(N as f64)
-            },
-            OP_TIMEOUT,
-        )
-        .await;
-        assert!(
-            counted,
-            "{}",
-            series_of(&proxy.metrics(), "proxy_warnings_total")
-        );
-        let lines = proxy
-            .logs()
-            .iter()
-            .filter(|l| l.contains("no original destination"))
-            .count();
-        assert!(
-            (1..=20).contains(&lines),
-            "{lines} log lines for {N} slow clients"
-        );
+        assert_counted_not_flooded(&proxy, "no_destination", "no original destination", N).await;
     })
     .await
 }
