@@ -448,6 +448,37 @@ impl Metrics {
     }
 }
 
+/// A handle resolved from `labels` on first use, so a label set that never records has no
+/// series. Resolve it with the [`Metrics`] method that makes the family's handle, e.g.
+/// `lazy.get(Metrics::http_target)`.
+#[derive(Debug)]
+pub struct LazyHandle<T> {
+    metrics: Arc<Metrics>,
+    labels: TargetLabels,
+    handle: std::sync::OnceLock<T>,
+}
+
+impl<T> LazyHandle<T> {
+    pub fn new(metrics: &Arc<Metrics>, labels: TargetLabels) -> Self {
+        Self {
+            metrics: metrics.clone(),
+            labels,
+            handle: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The handle, made with `make` the first time.
+    pub fn get(&self, make: impl FnOnce(&Metrics, TargetLabels) -> T) -> &T {
+        self.handle
+            .get_or_init(|| make(&self.metrics, self.labels.clone()))
+    }
+
+    /// Another lazy handle on the same labels (of another family).
+    pub fn sibling<U>(&self) -> LazyHandle<U> {
+        LazyHandle::new(&self.metrics, self.labels.clone())
+    }
+}
+
 /// A resolved counter of events (no labels to build when counting).
 #[derive(Clone, Debug)]
 pub struct EventCounter(Counter);

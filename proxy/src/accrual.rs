@@ -21,11 +21,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use pylon_proxy_metrics::EventCounter;
+use pylon_proxy_metrics::{Direction, EventCounter, LazyHandle, Metrics, TargetLabels, Tls};
 
 use crate::balance::now_ns;
 
@@ -142,12 +142,17 @@ pub struct DestinationHealth {
     /// How many endpoints are out: ejected, or probing after an ejection until a success.
     out: AtomicUsize,
     authority: Arc<str>,
-    /// `balancer_panic_total`, made on first use.
-    panic: LazyCounter,
+    /// `balancer_panic_total`, made on first use (a destination that never panics has no
+    /// series).
+    panic: LazyHandle<EventCounter>,
 }
 
 impl DestinationHealth {
-    pub fn new(policy: AccrualPolicy, authority: Arc<str>, panic: LazyCounter) -> Self {
+    pub fn new(
+        policy: AccrualPolicy,
+        authority: Arc<str>,
+        panic: LazyHandle<EventCounter>,
+    ) -> Self {
         Self {
             policy: ArcSwap::from_pointee(policy),
             endpoints: AtomicUsize::new(0),
@@ -155,6 +160,19 @@ impl DestinationHealth {
             authority,
             panic,
         }
+    }
+
+    /// A destination with a metric registry of its own (benches, tests).
+    pub fn standalone(policy: AccrualPolicy) -> Self {
+        let metrics = Metrics::new(Default::default());
+        let labels = TargetLabels::new(Direction::Outbound, "", "", Tls::NoIdentity("standalone"));
+        Self::new(policy, "".into(), LazyHandle::new(&metrics, labels))
+    }
+
+    /// How many requests were balanced over every endpoint.
+    #[cfg(test)]
+    pub fn panics(&self) -> u64 {
+        self.panic.get(Metrics::balancer_panic).get()
     }
 
     pub fn policy(&self) -> AccrualPolicy {
@@ -207,7 +225,7 @@ impl DestinationHealth {
 
     /// A request balanced over every endpoint, ejected ones included.
     pub fn panicked(&self) {
-        self.panic.inc();
+        self.panic.get(Metrics::balancer_panic).inc();
         crate::warn_limited!(
             "balancer_panic",
             destination = %self.authority,
@@ -215,46 +233,6 @@ impl DestinationHealth {
             out = self.out.load(Ordering::Relaxed),
             "too few endpoints left in after failure accrual; balancing over all of them"
         );
-    }
-}
-
-/// A counter registered on first use, so a destination that never panics has no series.
-pub struct LazyCounter {
-    make: Option<Box<dyn Fn() -> EventCounter + Send + Sync>>,
-    counter: OnceLock<Option<EventCounter>>,
-}
-
-impl LazyCounter {
-    pub fn new(make: impl Fn() -> EventCounter + Send + Sync + 'static) -> Self {
-        Self {
-            make: Some(Box::new(make)),
-            counter: OnceLock::new(),
-        }
-    }
-
-    /// Counts nothing (tests).
-    pub fn none() -> Self {
-        Self {
-            make: None,
-            counter: OnceLock::new(),
-        }
-    }
-
-    pub fn inc(&self) {
-        let counter = self
-            .counter
-            .get_or_init(|| self.make.as_ref().map(|make| make()));
-        if let Some(c) = counter {
-            c.inc();
-        }
-    }
-
-    #[cfg(test)]
-    pub fn get(&self) -> u64 {
-        self.counter
-            .get()
-            .and_then(Option::as_ref)
-            .map_or(0, EventCounter::get)
     }
 }
 
@@ -397,11 +375,7 @@ mod tests {
     const SECOND: u64 = 1_000_000_000;
 
     fn destination(endpoints: usize, policy: AccrualPolicy) -> Arc<DestinationHealth> {
-        let d = Arc::new(DestinationHealth::new(
-            policy,
-            "web:80".into(),
-            LazyCounter::none(),
-        ));
+        let d = Arc::new(DestinationHealth::standalone(policy));
         d.set_endpoints(endpoints);
         d
     }

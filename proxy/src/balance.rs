@@ -26,7 +26,7 @@ use http::Request;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::accrual::{AccrualPolicy, DestinationHealth, EndpointHealth, LazyCounter};
+use crate::accrual::{AccrualPolicy, DestinationHealth, EndpointHealth};
 use crate::discovery::{Endpoint, Logical};
 use crate::http::body::release_on_end;
 use crate::http::client::RequestShape;
@@ -226,8 +226,7 @@ pub struct EndpointSet<E> {
 impl<E: Balanced> EndpointSet<E> {
     /// A set without failure accrual (benches, tests).
     pub fn new(endpoints: Vec<Arc<E>>) -> Self {
-        let health =
-            DestinationHealth::new(AccrualPolicy::DISABLED, "".into(), LazyCounter::none());
+        let health = DestinationHealth::standalone(AccrualPolicy::DISABLED);
         Self::with_health(endpoints, Arc::new(health))
     }
 
@@ -540,24 +539,14 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pylon_proxy_metrics::{Direction, EventCounter, Metrics, TargetLabels, Tls};
 
-    /// A destination's shared health, counting panics in the returned counter.
-    fn health() -> (Arc<DestinationHealth>, EventCounter) {
-        let metrics = Metrics::new(Default::default());
-        let labels = TargetLabels::new(Direction::Outbound, "web:80", "", Tls::NoIdentity("test"));
-        let counter = metrics.balancer_panic(labels);
-        let c = counter.clone();
-        let health = DestinationHealth::new(
-            AccrualPolicy::CONSECUTIVE,
-            "web:80".into(),
-            LazyCounter::new(move || c.clone()),
-        );
-        (Arc::new(health), counter)
+    /// A destination's shared health, with failure accrual on.
+    fn health() -> Arc<DestinationHealth> {
+        Arc::new(DestinationHealth::standalone(AccrualPolicy::CONSECUTIVE))
     }
 
     fn set_of<E: Balanced>(endpoints: Vec<Arc<E>>) -> EndpointSet<E> {
-        EndpointSet::with_health(endpoints, health().0)
+        EndpointSet::with_health(endpoints, health())
     }
 
     struct Ep(Arc<PeakEwma>, u16);
@@ -589,7 +578,7 @@ mod tests {
 
     #[test]
     fn ejected_endpoints_are_passed_over() {
-        let (health, panics) = health();
+        let health = health();
         let set = EndpointSet::with_health(
             vec![
                 ejectable(false, 1),
@@ -597,12 +586,12 @@ mod tests {
                 ejectable(false, 3),
                 ejectable(false, 4),
             ],
-            health,
+            health.clone(),
         );
         for _ in 0..200 {
             assert_eq!(set.pick().map(|e| e.2).ok(), Some(2));
         }
-        assert_eq!(panics.get(), 0);
+        assert_eq!(health.panics(), 0);
     }
 
     #[test]
@@ -612,12 +601,12 @@ mod tests {
             vec![ejectable(false, 1), ejectable(false, 2)],
         ] {
             let n = endpoints.len();
-            let (health, panics) = health();
-            let set = EndpointSet::with_health(endpoints, health);
+            let health = health();
+            let set = EndpointSet::with_health(endpoints, health.clone());
             for _ in 0..10 {
                 assert!(set.pick().is_ok(), "{n} ejected endpoints: an outage");
             }
-            assert_eq!(panics.get(), 10);
+            assert_eq!(health.panics(), 10);
         }
     }
 
@@ -625,7 +614,7 @@ mod tests {
     fn too_few_left_in_means_balancing_over_all() {
         // Four endpoints, three of them out: fewer than half are in, so the ejected ones take
         // traffic too rather than the last one taking it all.
-        let (health, panics) = health();
+        let health = health();
         let set = EndpointSet::with_health(
             vec![
                 ejectable(true, 1),
@@ -641,16 +630,16 @@ mod tests {
             .collect();
         let others = picks.iter().filter(|id| **id != 1).count();
         assert!(others > 100, "ejected endpoints got {others} of 400");
-        assert!(panics.get() > 0);
+        assert!(health.panics() > 0);
         // Back to half out: the ejected ones are passed over again.
         health.set_out(2);
         set.update(set.snapshot().to_vec());
-        let before = panics.get();
+        let before = health.panics();
         let picks: Vec<u16> = (0..100)
             .filter_map(|_| set.pick().ok().map(|e| e.2))
             .collect();
         assert!(picks.iter().all(|id| *id == 1), "{picks:?}");
-        assert_eq!(panics.get(), before);
+        assert_eq!(health.panics(), before);
     }
 
     #[test]

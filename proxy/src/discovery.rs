@@ -4,15 +4,15 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, Tls};
+use pylon_proxy_metrics::{Direction, HttpTarget, LazyHandle, Metrics, Peer, TargetLabels, Tls};
 use pylon_proxy_policy::{ServiceRef, Snapshot, Store};
 
-use crate::accrual::{AccrualPolicy, DestinationHealth, EndpointHealth, LazyCounter};
+use crate::accrual::{AccrualPolicy, DestinationHealth, EndpointHealth};
 use crate::balance::{Balanced, EndpointSet, PeakEwma, PickError};
 use crate::connect::Connect;
 use crate::http::client::EndpointTarget;
@@ -64,28 +64,6 @@ impl Endpoint {
     }
 }
 
-/// A metric handle resolved on first use.
-struct LazyTarget<T> {
-    metrics: Arc<Metrics>,
-    labels: TargetLabels,
-    handle: OnceLock<T>,
-}
-
-impl<T> LazyTarget<T> {
-    fn new(metrics: &Arc<Metrics>, labels: TargetLabels) -> Self {
-        Self {
-            metrics: metrics.clone(),
-            labels,
-            handle: OnceLock::new(),
-        }
-    }
-
-    fn get(&self, make: impl FnOnce(&Metrics, TargetLabels) -> T) -> &T {
-        self.handle
-            .get_or_init(|| make(&self.metrics, self.labels.clone()))
-    }
-}
-
 impl Balanced for Endpoint {
     fn load(&self) -> &PeakEwma {
         &self.load
@@ -118,7 +96,7 @@ pub struct Logical {
     /// Where its requests go: itself, or backends by weight.
     pub backends: ArcSwap<Backends>,
     /// Where proxy-made responses are counted when no endpoint was chosen (first use only).
-    no_endpoint: LazyTarget<HttpTarget>,
+    no_endpoint: LazyHandle<HttpTarget>,
 }
 
 impl Logical {
@@ -127,7 +105,7 @@ impl Logical {
     }
 
     pub fn no_endpoint_metrics(&self) -> &HttpTarget {
-        self.no_endpoint.get(|m, l| m.http_target(l))
+        self.no_endpoint.get(Metrics::http_target)
     }
 }
 
@@ -415,7 +393,7 @@ impl Discovery {
         key: TargetKey,
         service: Option<ServiceRef>,
     ) -> Arc<Logical> {
-        let no_endpoint = LazyTarget::new(
+        let no_endpoint = LazyHandle::new(
             &self.metrics,
             self.labels(&authority, "", service.as_ref(), NOT_MESHED),
         );
@@ -430,14 +408,10 @@ impl Discovery {
                 .destination(Direction::Outbound, authority.clone(), profile_name);
         // Failure accrual for its endpoints (the Service's annotations, else the proxy
         // default), and the count of those out.
-        let panic = {
-            let (metrics, labels) = (self.metrics.clone(), no_endpoint.labels.clone());
-            LazyCounter::new(move || metrics.balancer_panic(labels.clone()))
-        };
         let health = Arc::new(DestinationHealth::new(
             self.accrual,
             authority.clone(),
-            panic,
+            no_endpoint.sibling(),
         ));
         Arc::new(Logical {
             authority,
@@ -868,12 +842,7 @@ mod tests {
         use crate::balance::{connect_with_failover, Connected, MAX_CONNECT_ATTEMPTS};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let alive = listener.local_addr().unwrap();
-        let dead: Vec<SocketAddr> = (0..MAX_CONNECT_ATTEMPTS)
-            .map(|_| {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap()
-            })
-            .collect();
+        let dead: Vec<SocketAddr> = (0..MAX_CONNECT_ATTEMPTS).map(|_| closed()).collect();
         let d = discovery();
         let l = d.resolve_authority(b"127.0.0.1:1").await.unwrap();
         let find = |addr: SocketAddr| {
@@ -918,6 +887,7 @@ mod tests {
         assert_eq!(tried, MAX_CONNECT_ATTEMPTS, "last tried: {}", last.addr);
     }
 
+    /// A loopback address nothing listens on.
     fn closed() -> SocketAddr {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()

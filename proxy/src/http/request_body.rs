@@ -66,7 +66,7 @@ impl ClientBodyOutcome {
 /// What a failure of the client's body stream means: bytes that don't parse as a body (a bad
 /// chunk size, hyper's `InvalidInput`/`InvalidData`) are a malformed request; anything else (EOF
 /// before the declared length, a reset stream, a dropped connection) is the client going away.
-pub fn client_body_error(err: &hyper::Error) -> ProxyError {
+fn client_body_error(err: &hyper::Error) -> ProxyError {
     if err.is_parse() {
         return ProxyError::MalformedRequestBody;
     }
