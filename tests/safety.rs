@@ -21,6 +21,16 @@ fn open_fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// No response (in `direction`, or any) was recorded as a failure.
+fn assert_no_failures(metrics: &str, direction: Option<&str>) {
+    let failures = metric_sum(metrics, "response_total", |s| {
+        s.label("classification") == Some("failure")
+            && direction.is_none_or(|d| s.label("direction") == Some(d))
+    })
+    .unwrap_or(0.0);
+    assert_eq!(failures, 0.0, "{}", series_of(metrics, "response_total"));
+}
+
 fn response_count(proxy: &Proxy, labels: &[(&str, &str)]) -> f64 {
     proxy.metric_value("response_total", labels).unwrap_or(0.0)
 }
@@ -233,11 +243,7 @@ async fn a_malformed_or_aborted_request_body_is_a_client_error() {
             "{}",
             series_of(&text, "response_total")
         );
-        let failures = metric_sum(&text, "response_total", |s| {
-            s.label("classification") == Some("failure")
-        })
-        .unwrap_or(0.0);
-        assert_eq!(failures, 0.0, "{}", series_of(&text, "response_total"));
+        assert_no_failures(&text, None);
     })
     .await
 }
@@ -253,18 +259,7 @@ async fn inbound_client_errors_are_not_the_apps_failures() {
             assert_eq!(send_malformed_chunked(proxy.inbound()).await.status, 400);
             assert_eq!(send_short_body(proxy.inbound()).await.status, 400);
         }
-        let failures = proxy
-            .metric_sum("response_total", |s| {
-                s.label("direction") == Some("inbound")
-                    && s.label("classification") == Some("failure")
-            })
-            .unwrap_or(0.0);
-        assert_eq!(
-            failures,
-            0.0,
-            "{}",
-            series_of(&proxy.metrics(), "response_total")
-        );
+        assert_no_failures(&proxy.metrics(), Some("inbound"));
         assert_eq!(
             response_count(&proxy, &[("direction", "inbound"), ("status_code", "400")]),
             6.0
@@ -318,11 +313,7 @@ async fn an_h2_client_gone_mid_body_is_not_the_endpoints_failure() {
             series_of(&text, "response_total"),
             proxy.log_tail(30)
         );
-        let failures = metric_sum(&text, "response_total", |s| {
-            s.label("classification") == Some("failure")
-        })
-        .unwrap_or(0.0);
-        assert_eq!(failures, 0.0, "{}", series_of(&text, "response_total"));
+        assert_no_failures(&text, None);
         let any = |name| metric_sum(&text, name, |_| true).unwrap_or(0.0);
         assert_eq!(any("endpoint_ejections_capped_total"), 0.0);
         // The endpoint serves on.

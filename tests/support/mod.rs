@@ -975,19 +975,24 @@ impl Resp {
 pub type H1Client = hyper::client::conn::http1::SendRequest<Body>;
 pub type H2Client = hyper::client::conn::http2::SendRequest<Body>;
 
-/// Opens one HTTP/1.1 client connection.
-pub async fn h1_client(addr: SocketAddr) -> H1Client {
-    let tcp = within("connect", OP_TIMEOUT, TcpStream::connect(addr))
+/// Opens one HTTP/1.1 client connection; a failed connect or handshake is an error.
+pub async fn try_h1_client(addr: SocketAddr) -> Result<H1Client, BoxError> {
+    let tcp = tokio::time::timeout(OP_TIMEOUT, TcpStream::connect(addr))
         .await
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        .map_err(|_| format!("connect {addr}: timed out"))??;
     let _ = tcp.set_nodelay(true);
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("h1 handshake");
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
-    send
+    Ok(send)
+}
+
+/// Opens one HTTP/1.1 client connection (panics if it can't).
+pub async fn h1_client(addr: SocketAddr) -> H1Client {
+    try_h1_client(addr)
+        .await
+        .unwrap_or_else(|e| panic!("h1 client to {addr}: {e}"))
 }
 
 /// Opens one HTTP/2 prior-knowledge (h2c) client connection.
@@ -1993,17 +1998,4 @@ impl ClosedLoad {
         }
         all
     }
-}
-
-/// Like [`h1_client`], but a failed connect is an error instead of a panic.
-pub async fn try_h1_client(addr: SocketAddr) -> Result<H1Client, BoxError> {
-    let tcp = tokio::time::timeout(OP_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| format!("connect {addr}: timed out"))??;
-    let _ = tcp.set_nodelay(true);
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
-    Ok(send)
 }
