@@ -29,8 +29,9 @@ use tower::{Layer, Service, ServiceExt};
 use crate::accrual::{AccrualPolicy, DestinationHealth, EndpointHealth};
 use crate::discovery::{Endpoint, Logical};
 use crate::http::body::release_on_end;
-use crate::http::client::RequestShape;
+use crate::http::client::{RequestShape, UnsentSlot};
 use crate::http::metrics::fail_unrouted;
+use crate::http::request_body::RequestBody;
 use crate::http::tap::EndpointSlot;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 use crate::profiles::RouteState;
@@ -345,13 +346,15 @@ pub struct Connected<T> {
     pub conn: T,
 }
 
-/// Connects to `first` with `connect`; when that fails, to another endpoint of `logical`, up to
+/// Connects to `first` with `connect`; when that fails, to another endpoint of `logical` not in
+/// `tried` (the endpoints a request already failed at, added to as it goes), up to
 /// [`MAX_CONNECT_ATTEMPTS`] in all. Nothing of the request has been sent while connecting, so
 /// any endpoint will do. Each failed endpoint is charged as a connection failure (its latency
 /// penalty, failure accrual). The error comes back with the last endpoint tried.
 pub async fn connect_with_failover<T, F, Fut>(
     logical: &Logical,
     first: Arc<Endpoint>,
+    tried: &mut Vec<Arc<Endpoint>>,
     mut connect: F,
 ) -> Result<Connected<T>, (ProxyError, Arc<Endpoint>)>
 where
@@ -359,7 +362,6 @@ where
     Fut: Future<Output = Result<T, ProxyError>>,
 {
     let mut endpoint = first;
-    let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     loop {
         let mut in_flight = endpoint
             .load_handle()
@@ -380,22 +382,33 @@ where
             in_flight.failed(true);
         }
         tried.push(endpoint.clone());
-        let next = (tried.len() < MAX_CONNECT_ATTEMPTS)
-            .then(|| logical.endpoints.pick_excluding(&tried).ok())
-            .flatten();
-        let Some(next) = next else {
+        let Some(next) = next_untried(logical, tried, err) else {
             return Err((err, endpoint));
         };
-        crate::warn_limited!(
-            "endpoint_connect_failed",
-            destination = %logical.authority,
-            endpoint = %endpoint.addr,
-            error = %err,
-            next = %next.addr,
-            "could not connect to the endpoint; the request goes to another"
-        );
         endpoint = next;
     }
+}
+
+/// Another endpoint for a request that failed with `err`, before any of it was sent, at those
+/// in `tried` (the last one last); none once [`MAX_CONNECT_ATTEMPTS`] endpoints were tried.
+fn next_untried(
+    logical: &Logical,
+    tried: &[Arc<Endpoint>],
+    err: ProxyError,
+) -> Option<Arc<Endpoint>> {
+    if tried.len() >= MAX_CONNECT_ATTEMPTS {
+        return None;
+    }
+    let next = logical.endpoints.pick_excluding(tried).ok()?;
+    crate::warn_limited!(
+        "endpoint_connect_failed",
+        destination = %logical.authority,
+        endpoint = tried.last().map(|e| tracing::field::display(e.addr)),
+        error = %err,
+        next = %next.addr,
+        "could not reach the endpoint; the request goes to another"
+    );
+    Some(next)
 }
 
 /// `BalanceLayer`: picks the endpoint of the request's logical destination (P2C over PeakEWMA)
@@ -429,11 +442,13 @@ pub struct Balance<S> {
     access_log: bool,
 }
 
-impl<S, B> Service<Request<B>> for Balance<S>
+impl<S> Service<Request<RequestBody>> for Balance<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError> + Clone + Send + 'static,
+    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
@@ -443,7 +458,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         let Some(logical) = req.extensions().get::<Arc<Logical>>().cloned() else {
             // LogicalLayer always runs first; without it there is nothing to balance over.
             return Box::pin(std::future::ready(Err(ProxyError::NoEndpoints)));
@@ -467,50 +482,118 @@ where
             // choice, should it refuse the connection).
             let _ = slot.0.set(endpoint.addr);
         }
-        // The route's response classes decide what failure accrual counts as a failure.
-        let route = req.extensions().get::<Arc<RouteState>>().cloned();
-        let shape = RequestShape::of(&req);
-        if endpoint.target.is_connected(shape) {
-            // The usual case: a connection is ready, nothing to wait for before sending.
-            let in_flight = endpoint
-                .load_handle()
-                .start()
-                .with_health(endpoint.health.clone());
-            req.extensions_mut().insert(endpoint.target.clone());
-            let response = self.inner.call(req);
-            return Box::pin(async move { respond(response.await, in_flight, route) });
+        let delivery = Delivery {
+            logical,
+            // The route's response classes decide what failure accrual counts as a failure.
+            route: req.extensions().get::<Arc<RouteState>>().cloned(),
+            access_log: self.access_log,
+            // A clone for a request sent again; the one made ready is used first.
+            inner: self.inner.clone(),
+        };
+        if !endpoint.target.is_connected(RequestShape::of(&req)) {
+            // Connect first (to another endpoint if this one can't be reached), then send.
+            return Box::pin(delivery.deliver(endpoint, Vec::new(), req));
         }
-        // Connect first (to another endpoint if this one can't be reached), then send.
-        let access_log = self.access_log;
-        // The inner service was made ready for this call; keep that one, leave a clone behind.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        // The usual case: a connection is ready, nothing to wait for before sending.
+        let in_flight = endpoint
+            .load_handle()
+            .start()
+            .with_health(endpoint.health.clone());
+        let unsent = UnsentSlot::default();
+        req.extensions_mut()
+            .insert(endpoint.target.with_unsent(&unsent));
+        let response = self.inner.call(req);
         Box::pin(async move {
-            let connected = connect_with_failover(&logical, endpoint, |e| async move {
-                e.target.connect_for(shape).await
-            })
-            .await;
-            let Connected {
-                endpoint,
-                in_flight,
-                ..
-            } = match connected {
-                Ok(c) => c,
+            match (response.await, unsent.take()) {
+                // The connection died before the request went out (its endpoint with it, as
+                // it refused a new one): the request goes to another endpoint.
+                (Err(err), Some(req)) => {
+                    charge(in_flight, err);
+                    Box::pin(delivery.deliver_elsewhere(vec![endpoint], req, err)).await
+                }
+                (result, _) => respond(result, in_flight, delivery.route),
+            }
+        })
+    }
+}
+
+/// What sending a request again needs: where it goes, and the stack below the balancer.
+struct Delivery<S> {
+    logical: Arc<Logical>,
+    route: Option<Arc<RouteState>>,
+    access_log: bool,
+    inner: S,
+}
+
+impl<S> Delivery<S>
+where
+    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError> + Clone,
+{
+    /// Sends `req` to `first` with a connection made for it, or to other endpoints not in
+    /// `tried` while none of the request has left the proxy (the endpoint refused to connect,
+    /// or its connection closed before sending): at most [`MAX_CONNECT_ATTEMPTS`] in all.
+    async fn deliver(
+        self,
+        mut first: Arc<Endpoint>,
+        mut tried: Vec<Arc<Endpoint>>,
+        mut req: Request<RequestBody>,
+    ) -> Result<ProxyResponse, ProxyError> {
+        let shape = RequestShape::of(&req);
+        loop {
+            let connected =
+                connect_with_failover(&self.logical, first, &mut tried, |e| async move {
+                    e.target.connect_for(shape).await
+                })
+                .await;
+            let (endpoint, in_flight) = match connected {
+                Ok(c) => (c.endpoint, c.in_flight),
                 Err((err, endpoint)) => {
-                    let metrics = &endpoint.target.metrics;
                     return Err(fail_unrouted(
                         "outbound",
-                        &logical.authority,
-                        metrics,
-                        access_log,
+                        &self.logical.authority,
+                        &endpoint.target.metrics,
+                        self.access_log,
                         &req,
                         err,
-                    ));
+                    ))
                 }
             };
-            req.extensions_mut().insert(endpoint.target.clone());
-            respond(inner.oneshot(req).await, in_flight, route)
-        })
+            let unsent = UnsentSlot::default();
+            req.extensions_mut()
+                .insert(endpoint.target.with_unsent(&unsent));
+            let (err, again) = match (self.inner.clone().oneshot(req).await, unsent.take()) {
+                (Err(err), Some(again)) => (err, again),
+                (result, _) => return respond(result, in_flight, self.route),
+            };
+            charge(in_flight, err);
+            tried.push(endpoint);
+            let Some(next) = next_untried(&self.logical, &tried, err) else {
+                return Err(err);
+            };
+            first = next;
+            req = again;
+        }
+    }
+
+    /// [`deliver`](Self::deliver) to an endpoint not in `tried`, for a request that failed
+    /// unsent with `err` (the answer when no endpoint is left to try).
+    async fn deliver_elsewhere(
+        self,
+        tried: Vec<Arc<Endpoint>>,
+        req: Request<RequestBody>,
+        err: ProxyError,
+    ) -> Result<ProxyResponse, ProxyError> {
+        match next_untried(&self.logical, &tried, err) {
+            Some(next) => self.deliver(next, tried, req).await,
+            None => Err(err),
+        }
+    }
+}
+
+/// An endpoint's failure to take a request: its load and failure accrual learn of it.
+fn charge(mut in_flight: InFlight, err: ProxyError) {
+    if err.is_retryable() {
+        in_flight.failed(err.is_endpoint_failure());
     }
 }
 
@@ -525,9 +608,7 @@ fn respond(
     let mut rsp = match response {
         Ok(rsp) => rsp,
         Err(err) => {
-            if err.is_retryable() {
-                in_flight.failed(err.is_endpoint_failure());
-            }
+            charge(in_flight, err);
             return Err(err);
         }
     };

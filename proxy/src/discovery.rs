@@ -858,7 +858,7 @@ mod tests {
         d.set_endpoints(&l, &[(dead[0], None), (alive, None)]);
         let first = find(dead[0]);
         let Ok(Connected { endpoint, .. }) =
-            connect_with_failover(&l, first.clone(), connect_opaque).await
+            connect_with_failover(&l, first.clone(), &mut Vec::new(), connect_opaque).await
         else {
             panic!("no endpoint connected");
         };
@@ -873,7 +873,8 @@ mod tests {
             .chain([(closed(), None)])
             .collect();
         d.set_endpoints(&l, &specs);
-        let Err((err, last)) = connect_with_failover(&l, find(dead[0]), connect_opaque).await
+        let Err((err, last)) =
+            connect_with_failover(&l, find(dead[0]), &mut Vec::new(), connect_opaque).await
         else {
             panic!("a dead endpoint connected");
         };
@@ -885,6 +886,63 @@ mod tests {
             .filter(|e| e.load_handle().cost() > 0.9e9)
             .count();
         assert_eq!(tried, MAX_CONNECT_ATTEMPTS, "last tried: {}", last.addr);
+    }
+
+    /// The balancer sends a request the endpoint client handed back unsent (its connection
+    /// died, and its endpoint refused a new one) to another endpoint, whichever it picked first.
+    #[tokio::test]
+    async fn a_request_handed_back_unsent_goes_to_another_endpoint() {
+        use crate::balance::BalanceLayer;
+        use crate::http::client::EndpointTarget;
+        use crate::http::request_body::RequestBody;
+        use http::Request;
+        use tower::{Layer, ServiceExt};
+
+        // Both endpoints accept connections; the mock below plays the client, handing every
+        // request for `gone` back unsent as a dead pooled connection would.
+        let listen = || async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                let mut conns = Vec::new();
+                while let Ok((c, _)) = l.accept().await {
+                    conns.push(c);
+                }
+            });
+            addr
+        };
+        let (gone, alive) = (listen().await, listen().await);
+        let d = discovery();
+        let l = d.resolve_authority(b"127.0.0.1:1").await.unwrap();
+        d.set_endpoints(&l, &[(gone, None), (alive, None)]);
+        let endpoint = |addr| {
+            l.endpoints
+                .snapshot()
+                .iter()
+                .find(|e| e.addr == addr)
+                .cloned()
+                .unwrap()
+        };
+        let client = tower::service_fn(move |req: Request<RequestBody>| async move {
+            let target = req.extensions().get::<EndpointTarget>().cloned().unwrap();
+            if target.addr == gone {
+                target.unsent.expect("a slot").put(req);
+                return Err(ProxyError::ConnectionRefused);
+            }
+            let mut rsp = http::Response::new(crate::http::ResponseBody::empty());
+            *rsp.status_mut() = http::StatusCode::from_u16(200 + target.addr.port() % 100).unwrap();
+            Ok::<_, ProxyError>(rsp)
+        });
+        let balance = BalanceLayer::new(false).layer(client);
+        for _ in 0..20 {
+            let mut req = Request::new(RequestBody::replay(&Default::default()));
+            req.extensions_mut().insert(l.clone());
+            let rsp = balance.clone().oneshot(req).await.expect("answered");
+            assert_eq!(rsp.status().as_u16(), 200 + alive.port() % 100);
+        }
+        // The endpoint that could not take them looks slow now (the connection-failure
+        // penalty), so the balancer keeps away from it.
+        assert!(endpoint(gone).load_handle().cost() > 0.9e9);
     }
 
     /// A loopback address nothing listens on.

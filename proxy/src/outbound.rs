@@ -201,7 +201,7 @@ impl Outbound {
         // Over mesh TLS when the endpoint is meshed (its handshake failure is a connect
         // failure). Nothing of the client's has been sent yet, so a refusing endpoint is
         // replaced by another.
-        let connected = connect_with_failover(logical, first, |e| async move {
+        let connected = connect_with_failover(logical, first, &mut Vec::new(), |e| async move {
             e.connect
                 .connect(Alpn::Opaque)
                 .await

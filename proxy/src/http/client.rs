@@ -41,6 +41,8 @@ pub struct EndpointTarget {
     pub metrics: HttpTarget,
     /// Reached over mesh TLS: HTTP/1 requests go as h2 (decided once, with the connections).
     pub meshed: bool,
+    /// Where a request that could not be sent at all goes back to (outbound: the balancer's).
+    pub unsent: Option<UnsentSlot>,
 }
 
 impl EndpointTarget {
@@ -67,6 +69,15 @@ impl EndpointTarget {
             h2: Arc::new(H2Connection::new(connect)),
             destination,
             metrics,
+            unsent: None,
+        }
+    }
+
+    /// This target for one request, handing the request back to `slot` if it can't be sent.
+    pub fn with_unsent(&self, slot: &UnsentSlot) -> Self {
+        Self {
+            unsent: Some(slot.clone()),
+            ..self.clone()
         }
     }
 
@@ -113,6 +124,55 @@ impl EndpointTarget {
             metrics,
             ..self.clone()
         }
+    }
+}
+
+/// A request that failed at its endpoint, and the request itself when none of it left the
+/// proxy (no connection could be had, or the one it got closed before sending).
+pub struct SendError {
+    pub error: ProxyError,
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+impl SendError {
+    pub fn sent(error: ProxyError) -> Self {
+        Self {
+            error,
+            unsent: None,
+        }
+    }
+
+    pub fn unsent(error: ProxyError, req: Request<RequestBody>) -> Self {
+        Self {
+            error,
+            unsent: Some(req),
+        }
+    }
+}
+
+/// Where the endpoint client leaves a request it could not send at all, so the balancer
+/// above can send it to another endpoint: a refusing endpoint costs the client nothing. Set
+/// by the balancer on the request's `EndpointTarget`.
+#[derive(Clone, Default)]
+pub struct UnsentSlot(Arc<std::sync::Mutex<Option<Request<RequestBody>>>>);
+
+impl UnsentSlot {
+    /// The request, if it came back unsent.
+    pub fn take(&self) -> Option<Request<RequestBody>> {
+        self.lock().take()
+    }
+
+    pub fn is_filled(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Hands `req` back (the endpoint client, when none of it was sent).
+    pub fn put(&self, req: Request<RequestBody>) {
+        *self.lock() = Some(req);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Request<RequestBody>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -180,12 +240,6 @@ impl ClientInner {
         mut req: Request<RequestBody>,
     ) -> Result<ProxyResponse, ProxyError> {
         let client_body = req.body_mut().watch();
-        let blame = |err: ProxyError| {
-            client_body
-                .as_ref()
-                .and_then(ClientBodyOutcome::failure)
-                .unwrap_or(err)
-        };
         let shape = RequestShape::of(&req);
         let transport = target.transport(shape);
         if transport == Transport::Tunnel {
@@ -202,6 +256,20 @@ impl ClientInner {
         let upgrade = shape.upgrade;
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // A request none of which was sent goes back to the balancer (when it left a slot) for
+        // another endpoint; otherwise a failure is the client's when its body failed first.
+        // (An upgrade's client side is taken out above: it can't go anywhere else.)
+        let unsent_slot = target.unsent.as_ref().filter(|_| !upgrade);
+        let blame = |err: SendError| {
+            if let (Some(req), Some(slot)) = (err.unsent, unsent_slot) {
+                slot.put(req);
+                return err.error;
+            }
+            client_body
+                .as_ref()
+                .and_then(ClientBodyOutcome::failure)
+                .unwrap_or(err.error)
+        };
 
         let (mut rsp, pooled) = if transport == Transport::H1 {
             set_host(&mut req, &target.destination);
@@ -210,9 +278,14 @@ impl ClientInner {
         } else if req.version() == Version::HTTP_2 {
             (target.h2.send(req).await.map_err(blame)?, None)
         } else {
-            // HTTP/1 between meshed proxies rides the endpoint's h2 connection.
+            // HTTP/1 between meshed proxies rides the endpoint's h2 connection. Rewritten for
+            // the hop, the request can't go to another endpoint as it is.
             let orig = orig_proto::upgrade_request(&mut req, &target.destination)?;
-            let mut rsp = target.h2.send(req).await.map_err(blame)?;
+            let mut rsp = target
+                .h2
+                .send(req)
+                .await
+                .map_err(|e| blame(SendError::sent(e.error)))?;
             orig_proto::downgrade_response(&mut rsp, orig);
             (rsp, None)
         };
@@ -293,23 +366,32 @@ impl H2Connection {
         }
     }
 
+    /// Sends `req` on the connection; a request the connection could not be had (or was
+    /// closed) for comes back unsent with the error.
     pub async fn send(
         &self,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, SendError> {
         if req.uri().scheme().is_none() {
             let mut parts = req.uri().clone().into_parts();
             parts.scheme = Some(Scheme::HTTP);
             if parts.path_and_query.is_none() {
                 parts.path_and_query = Some(PathAndQuery::from_static("/"));
             }
-            *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::MissingAuthority)?;
+            *req.uri_mut() = Uri::from_parts(parts)
+                .map_err(|_| SendError::sent(ProxyError::MissingAuthority))?;
         }
-        let mut sender = self.ready_sender().await?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| ProxyError::from_upstream(&e))
+        let mut sender = match self.ready_sender().await {
+            Ok(sender) => sender,
+            Err(error) => return Err(SendError::unsent(error, req)),
+        };
+        sender.try_send_request(req).await.map_err(|mut e| {
+            let error = ProxyError::from_upstream(e.error());
+            match e.take_message() {
+                Some(req) => SendError::unsent(error, req),
+                None => SendError::sent(error),
+            }
+        })
     }
 
     /// Whether the connection is open.
@@ -525,6 +607,41 @@ mod tests {
         let err = send(http11_get(&target, "web")).await.err();
         assert_eq!(err, Some(ProxyError::TlsHandshake(TlsFailure::UnknownCa)));
         assert!(seen.lock().unwrap().is_empty());
+    }
+
+    fn plain_target(addr: SocketAddr) -> EndpointTarget {
+        let metrics = Metrics::new(Default::default()).http_target(TargetLabels::new(
+            Direction::Outbound,
+            "web:80",
+            addr.to_string(),
+            Tls::NoIdentity("test"),
+        ));
+        EndpointTarget::new(addr, "web:80".into(), metrics, Duration::from_secs(5))
+    }
+
+    #[tokio::test]
+    async fn a_request_that_could_not_be_sent_is_handed_back() {
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let target = plain_target(dead);
+        // HTTP/1 and h2 alike; the balancer left a slot.
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let slot = UnsentSlot::default();
+            let mut req = http11_get(&target.with_unsent(&slot), "web");
+            *req.version_mut() = version;
+            if version == Version::HTTP_2 {
+                *req.uri_mut() = Uri::from_static("http://web/hello?x=1");
+            }
+            assert_eq!(send(req).await.err(), Some(ProxyError::ConnectionRefused));
+            let back = slot.take().expect("handed back");
+            assert_eq!(back.uri().path(), "/hello");
+            assert_eq!(back.headers()["x-mixed-case"], "yes");
+        }
+        // Without a slot (inbound: the app has no other endpoint) it is just the error.
+        let err = send(http11_get(&target, "web")).await.err();
+        assert_eq!(err, Some(ProxyError::ConnectionRefused));
     }
 
     #[tokio::test]

@@ -102,18 +102,11 @@ impl ProxyError {
         }
     }
 
-    /// The client caused it (a request it should not have sent, or sent only in part): a 4xx
-    /// that is recorded as the client's, never as a failure of the destination.
+    /// The client caused it (a request it should not have sent, or sent only in part): its
+    /// status is a 4xx, and it is recorded as the client's, never as a failure of the
+    /// destination.
     pub fn caused_by_client(self) -> bool {
-        matches!(
-            self,
-            Self::MissingAuthority
-                | Self::MalformedRequest
-                | Self::MalformedRequestBody
-                | Self::HeadersTooLarge
-                | Self::ClientAborted
-                | Self::Unauthorized
-        )
+        self.status().is_client_error()
     }
 
     /// How the response counts in success rates: the client's errors are 4xx, which Linkerd's

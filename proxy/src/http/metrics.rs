@@ -11,7 +11,7 @@ use pylon_proxy_metrics::HttpTarget;
 use tower::{Layer, Service};
 
 use super::body::{record_on_end, record_proxy_error, Pending, RecordIfCancelled, Recorder};
-use super::client::EndpointTarget;
+use super::client::{EndpointTarget, UnsentSlot};
 use super::{BoxFuture, ProxyError, ProxyResponse};
 use crate::access_log::AccessEntry;
 use crate::profiles::RouteState;
@@ -105,7 +105,17 @@ where
                         Some(t) => (&*t.destination, Some(t.addr)),
                         None => ("", None),
                     };
-                    log_proxy_error(direction, destination, endpoint, err);
+                    // A request handed back unsent goes to another endpoint: the balancer says
+                    // so; the client isn't answered with this error.
+                    let handed_back = target
+                        .as_ref()
+                        .and_then(|t| t.unsent.as_ref())
+                        .is_some_and(UnsentSlot::is_filled);
+                    if handed_back {
+                        tracing::debug!(direction, destination, endpoint = endpoint.map(tracing::field::display), error = %err, "request handed back unsent");
+                    } else {
+                        log_proxy_error(direction, destination, endpoint, err);
+                    }
                     if let Some(m) = &metrics {
                         record_proxy_error(m, err, start, access);
                     }

@@ -20,6 +20,7 @@ use super::request_body::RequestBody;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
+use super::client::SendError;
 use super::ProxyError;
 use crate::connect::Connect;
 use crate::mesh_tls::Alpn;
@@ -68,11 +69,12 @@ impl Http1Pool {
     }
 
     /// Sends `req` in origin form, keeping its headers. On success, the connection comes back as
-    /// `PooledConn` for the response body to release when it ends.
+    /// `PooledConn` for the response body to release when it ends. A request no connection
+    /// could be had for comes back unsent with the error.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, PooledConn), ProxyError> {
+    ) -> Result<(Response<Incoming>, PooledConn), SendError> {
         let pq = req
             .uri()
             .path_and_query()
@@ -82,18 +84,27 @@ impl Http1Pool {
 
         // A pooled connection the server closed just as we sent gives the request back unsent:
         // then it goes once more, on a fresh connection.
-        let (mut sender, reused) = self.checkout().await?;
+        let (mut sender, reused) = match self.checkout().await {
+            Ok(checked_out) => checked_out,
+            Err(error) => return Err(SendError::unsent(error, req)),
+        };
         let rsp = match sender.try_send_request(req).await {
             Ok(rsp) => rsp,
             Err(mut e) => match e.take_message() {
                 Some(req) if reused => {
-                    sender = self.connect().await?;
+                    sender = match self.connect().await {
+                        Ok(sender) => sender,
+                        Err(error) => return Err(SendError::unsent(error, req)),
+                    };
                     sender
                         .send_request(req)
                         .await
-                        .map_err(|e| ProxyError::from_upstream(&e))?
+                        .map_err(|e| SendError::sent(ProxyError::from_upstream(&e)))?
                 }
-                _ => return Err(ProxyError::from_upstream(e.error())),
+                Some(req) => {
+                    return Err(SendError::unsent(ProxyError::from_upstream(e.error()), req))
+                }
+                None => return Err(SendError::sent(ProxyError::from_upstream(e.error()))),
             },
         };
         let conn = PooledConn {

@@ -52,9 +52,10 @@ impl ClientBodyOutcome {
     }
 
     fn failed(&self, err: &hyper::Error) {
-        let code = match client_body_error(err) {
-            ProxyError::MalformedRequestBody => BODY_MALFORMED,
-            _ => BODY_ABORTED,
+        let code = if is_malformed_body(err) {
+            BODY_MALFORMED
+        } else {
+            BODY_ABORTED
         };
         // The first failure is the one that counts.
         let _ = self
@@ -66,10 +67,7 @@ impl ClientBodyOutcome {
 /// What a failure of the client's body stream means: bytes that don't parse as a body (a bad
 /// chunk size, hyper's `InvalidInput`/`InvalidData`) are a malformed request; anything else (EOF
 /// before the declared length, a reset stream, a dropped connection) is the client going away.
-fn client_body_error(err: &hyper::Error) -> ProxyError {
-    if err.is_parse() {
-        return ProxyError::MalformedRequestBody;
-    }
+fn is_malformed_body(err: &hyper::Error) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -77,12 +75,12 @@ fn client_body_error(err: &hyper::Error) -> ProxyError {
                 io.kind(),
                 std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
             ) {
-                return ProxyError::MalformedRequestBody;
+                return true;
             }
         }
         cur = e.source();
     }
-    ProxyError::ClientAborted
+    err.is_parse()
 }
 
 enum Kind {
