@@ -49,17 +49,19 @@ pub use crate::inbound::{
 pub use crate::objects::{
     is_dns1123_subdomain, AddressType, AuthenticationKind, AuthenticationRef, AuthorizationPolicy,
     Endpoint, EndpointPort, EndpointSlice, IdentityRef, LabelSelector, LabelSelectorRequirement,
-    MeshObject, MeshTlsAuthentication, Network, NetworkAuthentication, ObjectKey, ObjectKind,
-    ObjectMeta, PolicyTarget, Protocol, ProxyProtocol, ResolvedService, SelectorOperator, Server,
-    ServerPort, Service, ServicePort, ServiceProfile, ServiceRef, SliceEndpoint, SplitBackend,
-    TargetPort, TrafficSplit, IDENTITY_ANNOTATION, SERVICE_NAME_LABEL,
+    MeshObject, MeshTlsAuthentication, Namespace, Network, NetworkAuthentication, ObjectKey,
+    ObjectKind, ObjectMeta, OwnerRef, Pod, PolicyTarget, Protocol, ProxyProtocol, ResolvedService,
+    SelectorOperator, Server, ServerPort, Service, ServicePort, ServiceProfile, ServiceRef,
+    SliceEndpoint, SplitBackend, TargetPort, TrafficSplit, Workload, WorkloadKind,
+    IDENTITY_ANNOTATION, PROXY_CONTAINER_NAMES, SERVICE_NAME_LABEL,
 };
 pub use crate::route::{
     PathRegex, RequestMatcher, ResponseClass, ResponseMatcher, RetryBudgetSpec, Route, RouteTable,
     WeightedAuthority, DEFAULT_ROUTE_NAME,
 };
 pub use crate::store::{
-    is_config_file_name, ConfigError, Snapshot, Store, StoreConfig, StoreError, WatchHandle,
+    is_config_file_name, ApiChange, ApiObject, ConfigError, Snapshot, Store, StoreConfig,
+    StoreError, WatchHandle,
 };
 /// CIDRs, as [`InboundConfig::cluster_networks`] and [`Network`] hold them.
 pub use ipnet::IpNet;

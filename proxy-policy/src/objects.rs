@@ -20,10 +20,12 @@ pub use self::authz::{
     LabelSelectorRequirement, MeshTlsAuthentication, Network, NetworkAuthentication, PolicyTarget,
     ProxyProtocol, SelectorOperator, Server, ServerPort,
 };
+pub use self::pod::{Namespace, OwnerRef, Pod, Workload, WorkloadKind, PROXY_CONTAINER_NAMES};
 pub use self::profile::ServiceProfile;
 pub use self::split::{SplitBackend, TrafficSplit};
 
 mod authz;
+mod pod;
 mod profile;
 mod split;
 
@@ -48,6 +50,10 @@ pub enum ObjectKind {
     MeshTlsAuthentication,
     /// `policy.linkerd.io/v1alpha1 NetworkAuthentication`: a set of client networks.
     NetworkAuthentication,
+    /// `v1 Pod`: an endpoint's workload, ServiceAccount and whether it is meshed.
+    Pod,
+    /// `v1 Namespace` (cluster-scoped: its key's namespace is empty).
+    Namespace,
 }
 
 impl ObjectKind {
@@ -82,6 +88,8 @@ impl ObjectKind {
             ("policy.linkerd.io/v1alpha1", "NetworkAuthentication") => {
                 Some(Self::NetworkAuthentication)
             }
+            ("v1", "Pod") => Some(Self::Pod),
+            ("v1", "Namespace") => Some(Self::Namespace),
             _ => None,
         }
     }
@@ -96,6 +104,8 @@ impl ObjectKind {
             Self::AuthorizationPolicy => "AuthorizationPolicy",
             Self::MeshTlsAuthentication => "MeshTLSAuthentication",
             Self::NetworkAuthentication => "NetworkAuthentication",
+            Self::Pod => "Pod",
+            Self::Namespace => "Namespace",
         }
     }
 }
@@ -132,6 +142,8 @@ pub enum MeshObject {
     AuthorizationPolicy(AuthorizationPolicy),
     MeshTlsAuthentication(MeshTlsAuthentication),
     NetworkAuthentication(NetworkAuthentication),
+    Pod(Pod),
+    Namespace(Namespace),
 }
 
 impl MeshObject {
@@ -145,6 +157,8 @@ impl MeshObject {
             Self::AuthorizationPolicy(p) => (ObjectKind::AuthorizationPolicy, &p.meta),
             Self::MeshTlsAuthentication(a) => (ObjectKind::MeshTlsAuthentication, &a.meta),
             Self::NetworkAuthentication(a) => (ObjectKind::NetworkAuthentication, &a.meta),
+            Self::Pod(p) => (ObjectKind::Pod, &p.meta),
+            Self::Namespace(n) => (ObjectKind::Namespace, &n.meta),
         };
         ObjectKey {
             kind,
@@ -460,6 +474,8 @@ pub fn parse_document(doc: &Value, default_namespace: &str) -> ParsedDocument {
             authz::parse_network_authentication(root, meta, &mut unknown)
                 .map(MeshObject::NetworkAuthentication)
         }
+        ObjectKind::Pod => pod::parse_pod(root, meta).map(MeshObject::Pod),
+        ObjectKind::Namespace => Ok(MeshObject::Namespace(pod::parse_namespace(meta))),
     };
     match parsed {
         Ok(object) => ParsedDocument::Valid {
@@ -527,7 +543,9 @@ fn parse_meta(
         | ObjectKind::Server
         | ObjectKind::AuthorizationPolicy
         | ObjectKind::MeshTlsAuthentication
-        | ObjectKind::NetworkAuthentication => is_dns1123_subdomain(name),
+        | ObjectKind::NetworkAuthentication
+        | ObjectKind::Pod => is_dns1123_subdomain(name),
+        ObjectKind::Namespace => is_dns1123_label(name),
     };
     if !name_ok {
         return Err(FieldError::new(
@@ -535,8 +553,12 @@ fn parse_meta(
             format!("invalid name {name:?}: must be lowercase alphanumerics and '-'"),
         ));
     }
-    let namespace = opt_str(meta, "metadata", "namespace")?.unwrap_or(default_namespace);
-    if !is_dns1123_label(namespace) {
+    let namespace = match kind {
+        // Cluster-scoped.
+        ObjectKind::Namespace => "",
+        _ => opt_str(meta, "metadata", "namespace")?.unwrap_or(default_namespace),
+    };
+    if kind != ObjectKind::Namespace && !is_dns1123_label(namespace) {
         return Err(FieldError::new(
             "metadata.namespace",
             format!("invalid namespace {namespace:?}: must be a DNS label"),

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use crate::inbound::{InboundConfig, InboundPolicy};
 use crate::objects::{
-    AddressType, AuthenticationKind, Endpoint, EndpointSlice, MeshObject, ObjectKey, ObjectKind,
-    PolicyTarget, Protocol, ResolvedService, Service, ServicePort, ServiceProfile, ServiceRef,
-    TargetPort, TrafficSplit,
+    AddressType, AuthenticationKind, Endpoint, EndpointSlice, MeshObject, Namespace, ObjectKey,
+    ObjectKind, Pod, PolicyTarget, Protocol, ResolvedService, Service, ServicePort, ServiceProfile,
+    ServiceRef, TargetPort, TrafficSplit,
 };
 use crate::route::RouteTable;
 use crate::store::ConfigError;
@@ -48,6 +48,8 @@ pub struct Snapshot {
     route_tables: HashMap<Arc<str>, Arc<RouteTable>>,
     /// Apex service -> the TrafficSplit that shares its traffic.
     splits: HashMap<ServiceRef, Arc<MeshObject>>,
+    /// Pod IP -> the pod using it (a ready one first: finished pods keep their IPs).
+    pods_by_ip: HashMap<IpAddr, Arc<MeshObject>>,
 }
 
 #[derive(Debug)]
@@ -162,6 +164,22 @@ impl Snapshot {
             }
         }
 
+        let mut pods_by_ip: HashMap<IpAddr, Arc<MeshObject>> = HashMap::new();
+        for object in objects.values() {
+            let MeshObject::Pod(pod) = &**object else {
+                continue;
+            };
+            for ip in &pod.ips {
+                let replace = match pods_by_ip.get(ip).map(|o| &**o) {
+                    Some(MeshObject::Pod(first)) => pod.ready && !first.ready,
+                    _ => true,
+                };
+                if replace {
+                    pods_by_ip.insert(*ip, object.clone());
+                }
+            }
+        }
+
         Self {
             generation,
             default_namespace,
@@ -175,6 +193,7 @@ impl Snapshot {
             by_cluster_ip,
             route_tables,
             splits,
+            pods_by_ip,
         }
     }
 
@@ -355,6 +374,40 @@ impl Snapshot {
     pub fn has_endpoint_slices(&self, svc: &ServiceRef) -> bool {
         self.entry(&svc.namespace, &svc.name)
             .is_some_and(|e| e.has_endpoint_slices)
+    }
+
+    /// A pod by namespace and name.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        let key = ObjectKey {
+            kind: ObjectKind::Pod,
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        match self.objects.get(&key).map(|o| &**o) {
+            Some(MeshObject::Pod(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The pod with this IP, a ready one if several have had it.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        match self.pods_by_ip.get(&ip).map(|o| &**o) {
+            Some(MeshObject::Pod(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// A Namespace object, when the source has them (the cluster does; a config dir may).
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        let key = ObjectKey {
+            kind: ObjectKind::Namespace,
+            namespace: "".into(),
+            name: name.into(),
+        };
+        match self.objects.get(&key).map(|o| &**o) {
+            Some(MeshObject::Namespace(n)) => Some(n),
+            _ => None,
+        }
     }
 
     /// All validated objects in force, in key order.

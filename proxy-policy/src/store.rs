@@ -91,6 +91,42 @@ struct LoadState {
     listing: Vec<(PathBuf, FileFingerprint)>,
     files: BTreeMap<PathBuf, FileState>,
     dir_error_logged: bool,
+    /// Objects from the Kubernetes API, by REST path, each a one-document "file" so that the
+    /// last-good and error rules are the config dir's own.
+    api: BTreeMap<PathBuf, ApiEntry>,
+}
+
+struct ApiEntry {
+    /// The watched collection it came from, so a relist can drop what is gone.
+    collection: Arc<str>,
+    state: FileState,
+}
+
+/// One object as the Kubernetes API serves it.
+#[derive(Clone, Debug)]
+pub struct ApiObject {
+    /// Its REST path (`/api/v1/namespaces/shop/services/web`): errors name it where a config
+    /// dir's name the file.
+    pub path: PathBuf,
+    pub value: serde_json::Value,
+}
+
+/// A change seen by a watch of one collection (`"v1/services"`, any stable name).
+#[derive(Clone, Debug)]
+pub enum ApiChange {
+    /// A (re)list: these are all of the collection's objects now; any other is gone.
+    Replace {
+        collection: Arc<str>,
+        objects: Vec<ApiObject>,
+    },
+    /// Added or modified.
+    Apply {
+        collection: Arc<str>,
+        object: ApiObject,
+    },
+    Delete {
+        path: PathBuf,
+    },
 }
 
 /// Cheap change detection for the polling fallback. The inode catches atomic
@@ -180,6 +216,69 @@ impl Store {
     /// The same count, shared, so a metrics registry can read it at scrape time.
     pub fn config_errors_counter(&self) -> Arc<AtomicU64> {
         self.config_errors_total.clone()
+    }
+
+    /// Applies changes seen on the Kubernetes API (the controller's source), then publishes
+    /// one snapshot for all of them if anything changed. An invalid object keeps its last good
+    /// version and is reported with its path, object and field, as a config file's would be.
+    pub fn apply_api_changes(&self, changes: impl IntoIterator<Item = ApiChange>) {
+        let mut state = self.lock_state();
+        let mut changed = false;
+        for change in changes {
+            match change {
+                ApiChange::Replace {
+                    collection,
+                    objects,
+                } => {
+                    let keep: HashSet<&Path> = objects.iter().map(|o| o.path.as_path()).collect();
+                    state.api.retain(|path, e| {
+                        e.collection != collection || keep.contains(path.as_path())
+                    });
+                    for object in objects {
+                        self.apply_api_object(&mut state, collection.clone(), object);
+                    }
+                    changed = true;
+                }
+                ApiChange::Apply { collection, object } => {
+                    self.apply_api_object(&mut state, collection, object);
+                    changed = true;
+                }
+                ApiChange::Delete { path } => changed |= state.api.remove(&path).is_some(),
+            }
+        }
+        if changed {
+            self.publish_if_changed(&state);
+        }
+    }
+
+    fn apply_api_object(&self, state: &mut LoadState, collection: Arc<str>, object: ApiObject) {
+        let prev = state.api.remove(&object.path);
+        let doc = match serde_yaml_ng::to_value(&object.value) {
+            Ok(doc) => doc,
+            // JSON always converts; keep the last good version if it somehow does not.
+            Err(error) => {
+                tracing::warn!(path = %object.path.display(), %error, "unreadable API object");
+                if let Some(prev) = prev {
+                    state.api.insert(object.path, prev);
+                }
+                return;
+            }
+        };
+        let label = object.path.display().to_string();
+        let parsed = parse_documents(
+            &object.path,
+            None,
+            vec![(label, doc)],
+            prev.as_ref().map(|p| &p.state),
+            &self.default_namespace,
+        );
+        state.api.insert(
+            object.path,
+            ApiEntry {
+                collection,
+                state: parsed,
+            },
+        );
     }
 
     /// Re-read the dir now (used by watch and tests).
@@ -275,7 +374,12 @@ impl Store {
     }
 
     fn publish_if_changed(&self, state: &LoadState) {
-        let content = merge_files(&state.files);
+        let content = merge_files(
+            state
+                .files
+                .iter()
+                .chain(state.api.iter().map(|(path, e)| (path, &e.state))),
+        );
         let current = self.current.load();
         if current.has_content(&content) {
             return;
@@ -547,18 +651,27 @@ fn parse_file(
     prev: Option<&FileState>,
     default_namespace: &str,
 ) -> FileState {
+    match split_documents(path, &content) {
+        Ok(docs) => parse_documents(path, Some(content), docs, prev, default_namespace),
+        Err(error) => FileState {
+            content: Some(content),
+            objects: prev.map(|p| p.objects.clone()).unwrap_or_default(),
+            errors: vec![error],
+            warnings: Vec::new(),
+        },
+    }
+}
+
+/// Parses the documents of one file (or one API object). Objects that are now invalid keep
+/// the version the source last contributed.
+fn parse_documents(
+    path: &Path,
+    content: Option<Vec<u8>>,
+    docs: Vec<(String, Value)>,
+    prev: Option<&FileState>,
+    default_namespace: &str,
+) -> FileState {
     let prev_objects = prev.map(|p| &p.objects);
-    let docs = match split_documents(path, &content) {
-        Ok(docs) => docs,
-        Err(error) => {
-            return FileState {
-                content: Some(content),
-                objects: prev_objects.cloned().unwrap_or_default(),
-                errors: vec![error],
-                warnings: Vec::new(),
-            }
-        }
-    };
 
     let mut objects: BTreeMap<ObjectKey, Arc<MeshObject>> = BTreeMap::new();
     let mut errors = Vec::new();
@@ -630,7 +743,7 @@ fn parse_file(
     }
 
     FileState {
-        content: Some(content),
+        content,
         objects,
         errors,
         warnings,
@@ -640,7 +753,7 @@ fn parse_file(
 /// Merges every file's contribution; files are visited in path order, so when two files
 /// define the same object the first path wins and the other is reported (and the ignored
 /// copy's warnings are dropped).
-fn merge_files(files: &BTreeMap<PathBuf, FileState>) -> MeshContent {
+fn merge_files<'a>(files: impl Iterator<Item = (&'a PathBuf, &'a FileState)>) -> MeshContent {
     let mut content = MeshContent::default();
     for (path, file) in files {
         content.errors.extend(file.errors.iter().cloned());
@@ -1163,5 +1276,84 @@ mod tests {
     fn watch_without_runtime_is_an_error() {
         let (_dir, store) = load(&[], cfg());
         assert!(matches!(store.watch(), Err(StoreError::NoRuntime)));
+    }
+
+    /// A YAML test object as the API would serve it, at `path`.
+    fn api_object(path: &str, yaml: &str) -> ApiObject {
+        ApiObject {
+            path: path.into(),
+            value: serde_yaml_ng::from_str(yaml).expect("test YAML"),
+        }
+    }
+
+    #[test]
+    fn api_changes_follow_the_config_dirs_rules() {
+        let store = Store::empty(cfg());
+        let services: Arc<str> = "v1/services".into();
+        let slices: Arc<str> = "discovery.k8s.io/v1/endpointslices".into();
+        let svc_path = "/api/v1/namespaces/shop/services/web";
+        let slice = |name: &str, ip: &str| {
+            api_object(
+                &format!("/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/{name}"),
+                &web_slice(name, &endpoint(ip, "p1")),
+            )
+        };
+        store.apply_api_changes([
+            ApiChange::Replace {
+                collection: services.clone(),
+                objects: vec![api_object(svc_path, WEB_SERVICE)],
+            },
+            ApiChange::Replace {
+                collection: slices.clone(),
+                objects: vec![slice("web-a", "10.0.0.1")],
+            },
+        ]);
+        // Both changes, one snapshot.
+        assert_eq!(store.snapshot().generation(), 1);
+        assert_eq!(web_addrs(&store.snapshot()), ["10.0.0.1:8080"]);
+
+        // An invalid version keeps the last good one and names the API path and the field.
+        let mut bad = serde_yaml_ng::from_str::<serde_json::Value>(&web_slice(
+            "web-a",
+            &endpoint("10.0.0.2", "p1"),
+        ))
+        .expect("yaml");
+        bad["addressType"] = "IPv5".into();
+        store.apply_api_changes([ApiChange::Apply {
+            collection: slices.clone(),
+            object: ApiObject {
+                path: "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/web-a".into(),
+                value: bad,
+            },
+        }]);
+        let snap = store.snapshot();
+        assert_eq!(web_addrs(&snap), ["10.0.0.1:8080"]);
+        let error = &snap.errors()[0];
+        assert_eq!(
+            error.to_string(),
+            "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/web-a: \
+             EndpointSlice shop/web-a: addressType: unsupported address type \"IPv5\": \
+             expected IPv4, IPv6 or FQDN"
+        );
+        assert_eq!(store.config_errors_total(), 1);
+
+        // A relist drops what is gone from that collection only.
+        store.apply_api_changes([ApiChange::Replace {
+            collection: slices.clone(),
+            objects: vec![slice("web-b", "10.0.0.3")],
+        }]);
+        let snap = store.snapshot();
+        assert_eq!(web_addrs(&snap), ["10.0.0.3:8080"]);
+        assert!(snap.errors().is_empty());
+        store.apply_api_changes([ApiChange::Delete {
+            path: svc_path.into(),
+        }]);
+        assert!(store.snapshot().resolve_name("web.shop", 80).is_none());
+        // Deleting what is not there publishes nothing.
+        let generation = store.snapshot().generation();
+        store.apply_api_changes([ApiChange::Delete {
+            path: svc_path.into(),
+        }]);
+        assert_eq!(store.snapshot().generation(), generation);
     }
 }

@@ -201,7 +201,7 @@ pub fn audit(snapshot: &Snapshot) -> Vec<Finding> {
             MeshObject::AuthorizationPolicy(policy) => authz::check_policy(policy, &mut out),
             MeshObject::MeshTlsAuthentication(authn) => authz::check_meshtls(authn, &mut out),
             MeshObject::NetworkAuthentication(authn) => authz::check_network(authn, &mut out),
-            MeshObject::EndpointSlice(_) => {}
+            MeshObject::EndpointSlice(_) | MeshObject::Pod(_) | MeshObject::Namespace(_) => {}
         }
     }
     // Stable: within an object, the order the checks found things in (field order).
