@@ -88,7 +88,7 @@ pub use labels::{
     classify, AuthzLabels, Classification, Direction, HandleLabels, Peer, RouteLabels,
     TargetLabels, Tls,
 };
-pub use process::ProcessStats;
+pub use process::{ProcessCollector, ProcessStats};
 pub use tcp::{TcpConnMetrics, TcpTarget};
 
 use labels::{BuildLabels, EventLabels, SkippedLabels};

@@ -42,9 +42,9 @@ impl ProcessStats {
     }
 }
 
-/// Collector emitting `process_*` at each scrape.
+/// Collector emitting `process_*` at each scrape (the controller registers it too).
 #[derive(Debug, Default)]
-pub(crate) struct ProcessCollector;
+pub struct ProcessCollector;
 
 fn gauge<V>(
     encoder: &mut DescriptorEncoder,

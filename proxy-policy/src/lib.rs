@@ -36,6 +36,8 @@
 pub mod duration;
 pub mod inbound;
 mod objects;
+#[cfg(feature = "proto")]
+pub mod proto;
 pub mod route;
 mod snapshot;
 mod store;

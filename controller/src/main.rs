@@ -1,0 +1,109 @@
+//! `pylon-controller`: see the library's documentation.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use pylon_controller::mesh::MeshConfig;
+use pylon_controller::{Controller, ControllerConfig, MeshSource};
+
+/// Pylon's control plane: watches the Kubernetes API (or a config dir) and serves proxies over
+/// Linkerd's destination, policy and identity APIs.
+#[derive(Debug, Parser)]
+#[command(name = "pylon-controller", version)]
+struct Args {
+    /// Serve from this config dir instead of the Kubernetes API (one machine, tests).
+    #[arg(long, env = "PYLON_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    /// The kubeconfig to use; default: $KUBECONFIG, ~/.kube/config, else in-cluster.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Destination API (Linkerd's port 8086).
+    #[arg(long, env = "PYLON_DESTINATION_ADDR", default_value = "0.0.0.0:8086")]
+    destination_addr: SocketAddr,
+    /// /metrics, /ready, /live (Linkerd's destination admin port 9996).
+    #[arg(
+        long,
+        env = "PYLON_CONTROLLER_ADMIN_ADDR",
+        default_value = "0.0.0.0:9996"
+    )]
+    admin_addr: SocketAddr,
+    #[arg(long, env = "PYLON_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Trust domain of workload identities.
+    #[arg(long, env = "PYLON_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The issuer part of identity names: `pylon` (`SA.NS.serviceaccount.identity.pylon.TD`),
+    /// or `linkerd` to keep the names of a cluster moving from Linkerd.
+    #[arg(long, env = "PYLON_IDENTITY_ISSUER_NAME", default_value = "pylon")]
+    identity_issuer_name: String,
+    /// Namespace for a config dir's objects that name none.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PYLON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "pylon-controller failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let source = match &args.config_dir {
+        Some(dir) => MeshSource::ConfigDir(dir.clone()),
+        None => MeshSource::Kubernetes(kube_client(args.kubeconfig.as_deref()).await?),
+    };
+    let _controller = Controller::start(ControllerConfig {
+        source,
+        cluster_domain: args.cluster_domain,
+        default_namespace: args.namespace,
+        mesh: MeshConfig {
+            trust_domain: args.trust_domain,
+            identity_issuer: args.identity_issuer_name,
+            ..MeshConfig::default()
+        },
+        destination_addr: args.destination_addr,
+        admin_addr: args.admin_addr,
+    })
+    .await?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM received; exiting"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; exiting"),
+    }
+    Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}

@@ -1,0 +1,126 @@
+//! Start-up: the Store and its source, then the gRPC servers and the admin server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use linkerd2_proxy_api::destination::destination_server::DestinationServer;
+use pylon_proxy_policy::{Store, StoreConfig};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::{Admin, ControllerMetrics};
+use crate::destination::DestinationService;
+use crate::kubernetes::{self, WatchStatus};
+use crate::mesh::MeshConfig;
+
+/// Where the mesh's objects come from.
+#[derive(Clone)]
+pub enum MeshSource {
+    /// The Kubernetes API, through this client.
+    Kubernetes(kube::Client),
+    /// A config dir, watched (one machine, tests).
+    ConfigDir(PathBuf),
+}
+
+#[derive(Clone)]
+pub struct ControllerConfig {
+    pub source: MeshSource,
+    pub cluster_domain: String,
+    /// Namespace for a config dir's objects without one.
+    pub default_namespace: String,
+    pub mesh: MeshConfig,
+    pub destination_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("config dir: {0}")]
+    Store(#[from] pylon_proxy_policy::StoreError),
+}
+
+/// A running controller: its Store and the addresses it serves on.
+pub struct Controller {
+    pub store: Arc<Store>,
+    pub destination_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub watches: Option<Arc<WatchStatus>>,
+    _config_watch: Option<pylon_proxy_policy::WatchHandle>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Controller {
+    /// Binds every listener (so a bad address fails start-up), starts the source and serves.
+    pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
+        let store_config = StoreConfig {
+            default_namespace: config.default_namespace.clone(),
+            cluster_domain: config.cluster_domain.clone(),
+        };
+        let (store, watches, config_watch) = match &config.source {
+            MeshSource::Kubernetes(client) => {
+                let store = Store::empty(store_config);
+                let watches = kubernetes::spawn_watches(client.clone(), store.clone());
+                (store, Some(watches), None)
+            }
+            MeshSource::ConfigDir(dir) => {
+                let store = Store::load_dir(dir, store_config)?;
+                let watch = store.watch()?;
+                (store, None, Some(watch))
+            }
+        };
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let destination_listener = bind("destination", config.destination_addr).await?;
+        let admin_listener = bind("admin", config.admin_addr).await?;
+        let destination_addr = local_addr(&destination_listener, config.destination_addr);
+        let admin_addr = local_addr(&admin_listener, config.admin_addr);
+
+        let metrics = ControllerMetrics::new(store.clone(), watches.clone());
+        let mesh = Arc::new(config.mesh.clone());
+        let destination =
+            DestinationService::new(store.clone(), mesh.clone(), metrics.destination.clone());
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(DestinationServer::new(destination))
+                .serve_with_incoming(TcpListenerStream::new(destination_listener))
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "destination server stopped");
+            }
+        }));
+        let admin = Arc::new(Admin::new(metrics, watches.clone()));
+        tasks.push(tokio::spawn(admin.serve(admin_listener)));
+        tracing::info!(%destination_addr, %admin_addr, "serving");
+        Ok(Controller {
+            store,
+            destination_addr,
+            admin_addr,
+            watches,
+            _config_watch: config_watch,
+            tasks,
+        })
+    }
+}
+
+fn local_addr(listener: &TcpListener, asked: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(asked)
+}
