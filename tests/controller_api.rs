@@ -11,7 +11,11 @@ use linkerd2_proxy_api::destination::{
     destination_client::DestinationClient, protocol_hint, tls_identity, update, GetDestination,
     Update, WeightedAddr,
 };
+use linkerd2_proxy_api::inbound::{
+    authn, inbound_server_policies_client::InboundServerPoliciesClient, proxy_protocol, PortSpec,
+};
 use pylon_controller::mesh::MeshConfig;
+use pylon_controller::policy::PolicyDefaults;
 use pylon_controller::{Controller, ControllerConfig, MeshSource};
 use pylon_proxy_policy::proto::socket_addr;
 use tonic::Streaming;
@@ -113,7 +117,9 @@ async fn controller(dir: &Path) -> Controller {
         cluster_domain: "cluster.local".into(),
         default_namespace: "default".into(),
         mesh: MeshConfig::default(),
+        policy: PolicyDefaults::default(),
         destination_addr: "127.0.0.1:0".parse().expect("addr"),
+        policy_addr: "127.0.0.1:0".parse().expect("addr"),
         admin_addr: "127.0.0.1:0".parse().expect("addr"),
     })
     .await
@@ -126,14 +132,17 @@ async fn client(c: &Controller) -> DestinationClient<tonic::transport::Channel> 
         .expect("connect")
 }
 
-async fn next(stream: &mut Streaming<Update>) -> update::Update {
+/// The stream's next message.
+async fn message<T>(stream: &mut Streaming<T>) -> T {
     tokio::time::timeout(WAIT, stream.message())
         .await
-        .expect("an update in time")
+        .expect("a message in time")
         .expect("stream ok")
         .expect("stream open")
-        .update
-        .expect("update set")
+}
+
+async fn next(stream: &mut Streaming<Update>) -> update::Update {
+    message(stream).await.update.expect("update set")
 }
 
 async fn get(c: &Controller, path: &str) -> Streaming<Update> {
@@ -354,11 +363,7 @@ async fn get_profile_streams_routes_budget_and_split() {
         .await
         .expect("GetProfile")
         .into_inner();
-    let profile = tokio::time::timeout(WAIT, stream.message())
-        .await
-        .expect("in time")
-        .expect("ok")
-        .expect("open");
+    let profile = message(&mut stream).await;
     assert_eq!(profile.fully_qualified_name, "web.shop.svc.cluster.local");
     assert!(!profile.opaque_protocol);
     assert_eq!(profile.routes.len(), 1);
@@ -411,11 +416,7 @@ async fn get_profile_streams_routes_budget_and_split() {
         "profile.yaml",
         &PROFILE.replace("timeout: 250ms", "timeout: 2s"),
     );
-    let profile = tokio::time::timeout(WAIT, stream.message())
-        .await
-        .expect("in time")
-        .expect("ok")
-        .expect("open");
+    let profile = message(&mut stream).await;
     assert_eq!(
         profile.routes[0].timeout,
         Some(prost_types::Duration {
@@ -423,4 +424,121 @@ async fn get_profile_streams_routes_budget_and_split() {
             nanos: 0
         })
     );
+}
+
+const POLICY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  annotations: {config.linkerd.io/default-inbound-policy: cluster-authenticated}
+---
+apiVersion: policy.linkerd.io/v1beta3
+kind: Server
+metadata: {name: web-http, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  port: 8080
+  proxyProtocol: HTTP/1
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: MeshTLSAuthentication
+metadata: {name: gateway, namespace: shop}
+spec:
+  identityRefs: [{kind: ServiceAccount, name: gateway, namespace: edge}]
+"#;
+
+const AUTHZ: &str = r#"
+apiVersion: policy.linkerd.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: from-gateway, namespace: shop}
+spec:
+  targetRef: {group: policy.linkerd.io, kind: Server, name: web-http}
+  requiredAuthenticationRefs:
+  - {group: policy.linkerd.io, kind: MeshTLSAuthentication, name: gateway}
+"#;
+
+#[tokio::test]
+async fn watch_port_streams_the_ports_server_and_authorizations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "web.yaml", WEB);
+    write(dir.path(), "policy.yaml", POLICY);
+    write(dir.path(), "authz.yaml", AUTHZ);
+    let c = controller(dir.path()).await;
+    let mut client = InboundServerPoliciesClient::connect(format!("http://{}", c.policy_addr))
+        .await
+        .expect("connect");
+    let spec = |port| PortSpec {
+        workload: r#"{"ns":"shop","pod":"web-7d4b9c-aaaaa"}"#.into(),
+        port,
+    };
+    let mut stream = client
+        .watch_port(spec(8080))
+        .await
+        .expect("WatchPort")
+        .into_inner();
+    let server = message(&mut stream).await;
+    assert_eq!(server.labels["name"], "web-http");
+    assert_eq!(server.labels["kind"], "server");
+    assert!(matches!(
+        server.protocol.as_ref().and_then(|p| p.kind.as_ref()),
+        Some(proxy_protocol::Kind::Http1(h)) if h.routes.len() == 1
+    ));
+    assert_eq!(
+        server.authorizations.len(),
+        1,
+        "the policy; no accessPolicy means deny"
+    );
+    let authz = &server.authorizations[0];
+    assert_eq!(authz.labels["name"], "from-gateway");
+    let Some(authn::Permit::MeshTls(mtls)) =
+        authz.authentication.as_ref().and_then(|a| a.permit.clone())
+    else {
+        panic!("mesh TLS required")
+    };
+    let Some(authn::permit_mesh_tls::Clients::Identities(ids)) = mtls.clients else {
+        panic!("by identity")
+    };
+    assert_eq!(ids.identities.len(), 1);
+    assert_eq!(
+        ids.identities[0].name,
+        "gateway.edge.serviceaccount.identity.pylon.cluster.local"
+    );
+    assert_eq!(server.server_ips.len(), 1);
+
+    // The policy goes: the stream says so.
+    std::fs::remove_file(dir.path().join("authz.yaml")).expect("rm");
+    let server = message(&mut stream).await;
+    assert!(
+        server.authorizations.is_empty(),
+        "{:?}",
+        server.authorizations
+    );
+
+    // A port no Server selects: the namespace's default policy.
+    let other = client
+        .get_port(spec(9000))
+        .await
+        .expect("GetPort")
+        .into_inner();
+    assert_eq!(other.labels["kind"], "default");
+    assert_eq!(other.labels["name"], "cluster-authenticated");
+    // Unknown pods and bad specs are errors, not crashes.
+    let missing = client
+        .get_port(PortSpec {
+            workload: "shop:nope".into(),
+            port: 8080,
+        })
+        .await;
+    assert_eq!(
+        missing.expect_err("no such pod").code(),
+        tonic::Code::NotFound
+    );
+    let bad = client
+        .get_port(PortSpec {
+            workload: "garbage".into(),
+            port: 8080,
+        })
+        .await;
+    assert_eq!(bad.expect_err("bad").code(), tonic::Code::InvalidArgument);
 }

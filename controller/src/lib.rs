@@ -14,6 +14,7 @@ pub mod admin;
 pub mod destination;
 pub mod kubernetes;
 pub mod mesh;
+pub mod policy;
 mod server;
 
 pub use crate::server::{Controller, ControllerConfig, MeshSource, StartError};

@@ -22,6 +22,21 @@ struct Args {
     /// Destination API (Linkerd's port 8086).
     #[arg(long, env = "PYLON_DESTINATION_ADDR", default_value = "0.0.0.0:8086")]
     destination_addr: SocketAddr,
+    /// Inbound policy API (Linkerd's port 8090).
+    #[arg(long, env = "PYLON_POLICY_ADDR", default_value = "0.0.0.0:8090")]
+    policy_addr: SocketAddr,
+    /// Default inbound policy for ports no Server selects, where neither the pod nor its
+    /// namespace has `config.linkerd.io/default-inbound-policy`.
+    #[arg(
+        long,
+        env = "PYLON_DEFAULT_INBOUND_POLICY",
+        default_value = "all-unauthenticated"
+    )]
+    default_inbound_policy: pylon_proxy_policy::DefaultPolicy,
+    /// Networks the `cluster-*` default policies trust (comma-separated CIDRs); default:
+    /// Linkerd's clusterNetworks.
+    #[arg(long, env = "PYLON_CLUSTER_NETWORKS", value_delimiter = ',')]
+    cluster_networks: Vec<pylon_proxy_policy::IpNet>,
     /// /metrics, /ready, /live (Linkerd's destination admin port 9996).
     #[arg(
         long,
@@ -81,7 +96,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             identity_issuer: args.identity_issuer_name,
             ..MeshConfig::default()
         },
+        policy: pylon_controller::policy::PolicyDefaults {
+            default_policy: args.default_inbound_policy,
+            cluster_networks: if args.cluster_networks.is_empty() {
+                pylon_proxy_policy::default_cluster_networks()
+            } else {
+                args.cluster_networks
+            },
+        },
         destination_addr: args.destination_addr,
+        policy_addr: args.policy_addr,
         admin_addr: args.admin_addr,
     })
     .await?;

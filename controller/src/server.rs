@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use linkerd2_proxy_api::destination::destination_server::DestinationServer;
+use linkerd2_proxy_api::inbound::inbound_server_policies_server::InboundServerPoliciesServer;
 use pylon_proxy_policy::{Store, StoreConfig};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -13,6 +14,7 @@ use crate::admin::{Admin, ControllerMetrics};
 use crate::destination::DestinationService;
 use crate::kubernetes::{self, WatchStatus};
 use crate::mesh::MeshConfig;
+use crate::policy::{PolicyDefaults, PolicyService};
 
 /// Where the mesh's objects come from.
 #[derive(Clone)]
@@ -30,7 +32,10 @@ pub struct ControllerConfig {
     /// Namespace for a config dir's objects without one.
     pub default_namespace: String,
     pub mesh: MeshConfig,
+    pub policy: PolicyDefaults,
+    /// Linkerd's ports: destination 8086, policy 8090.
     pub destination_addr: SocketAddr,
+    pub policy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
 }
 
@@ -50,6 +55,7 @@ pub enum StartError {
 pub struct Controller {
     pub store: Arc<Store>,
     pub destination_addr: SocketAddr,
+    pub policy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub watches: Option<Arc<WatchStatus>>,
     _config_watch: Option<pylon_proxy_policy::WatchHandle>,
@@ -89,8 +95,10 @@ impl Controller {
                 .map_err(|source| StartError::Bind { what, addr, source })
         };
         let destination_listener = bind("destination", config.destination_addr).await?;
+        let policy_listener = bind("policy", config.policy_addr).await?;
         let admin_listener = bind("admin", config.admin_addr).await?;
         let destination_addr = local_addr(&destination_listener, config.destination_addr);
+        let policy_addr = local_addr(&policy_listener, config.policy_addr);
         let admin_addr = local_addr(&admin_listener, config.admin_addr);
 
         let metrics = ControllerMetrics::new(store.clone(), watches.clone());
@@ -107,12 +115,24 @@ impl Controller {
                 tracing::error!(%error, "destination server stopped");
             }
         }));
+        let policy =
+            PolicyService::new(store.clone(), mesh.clone(), Arc::new(config.policy.clone()));
+        tasks.push(tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(InboundServerPoliciesServer::new(policy))
+                .serve_with_incoming(TcpListenerStream::new(policy_listener))
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "policy server stopped");
+            }
+        }));
         let admin = Arc::new(Admin::new(metrics, watches.clone()));
         tasks.push(tokio::spawn(admin.serve(admin_listener)));
-        tracing::info!(%destination_addr, %admin_addr, "serving");
+        tracing::info!(%destination_addr, %policy_addr, %admin_addr, "serving");
         Ok(Controller {
             store,
             destination_addr,
+            policy_addr,
             admin_addr,
             watches,
             _config_watch: config_watch,

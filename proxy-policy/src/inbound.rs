@@ -294,8 +294,8 @@ impl IdentitySet {
 /// One way in: every requirement must hold.
 #[derive(Debug, PartialEq, Eq)]
 struct Authz {
-    group: &'static str,
-    kind: &'static str,
+    group: Arc<str>,
+    kind: Arc<str>,
     name: Arc<str>,
     /// Each entry is one required authentication's identities.
     identities: Box<[Arc<IdentitySet>]>,
@@ -325,8 +325,8 @@ impl Authz {
 /// What one Server (or the default) allows.
 #[derive(Debug, PartialEq, Eq)]
 struct ServerPolicy {
-    group: &'static str,
-    kind: &'static str,
+    group: Arc<str>,
+    kind: Arc<str>,
     name: Arc<str>,
     protocol: ProxyProtocol,
     /// Tried in order: AuthorizationPolicies by name, then the access/default policy.
@@ -349,13 +349,13 @@ impl PortPolicy {
         let s = &*self.server;
         let allowed = s.authzs.iter().find(|a| a.permits(client, peer));
         let (authz_group, authz_kind, authz_name) = match allowed {
-            Some(a) => (a.group, a.kind, &*a.name),
+            Some(a) => (&*a.group, &*a.kind, &*a.name),
             None => ("", "", ""),
         };
         Authorization {
             allowed: allowed.is_some(),
-            srv_group: s.group,
-            srv_kind: s.kind,
+            srv_group: &s.group,
+            srv_kind: &s.kind,
             srv_name: &s.name,
             srv_port: self.port,
             route_group: "",
@@ -379,7 +379,7 @@ impl PortPolicy {
 
     /// The Server's name, or `None` when the default policy applies.
     pub fn server_name(&self) -> Option<&str> {
-        (self.server.kind == SERVER_KIND).then_some(&*self.server.name)
+        (&*self.server.kind == SERVER_KIND).then_some(&*self.server.name)
     }
 }
 
@@ -494,8 +494,8 @@ pub(crate) fn build(
     }
 
     let default = Arc::new(ServerPolicy {
-        group: "",
-        kind: DEFAULT_KIND,
+        group: "".into(),
+        kind: DEFAULT_KIND.into(),
         name: cfg.default_policy.as_str().into(),
         protocol: ProxyProtocol::Unknown,
         authzs: b.default_authz(cfg.default_policy).into_iter().collect(),
@@ -537,8 +537,8 @@ impl Builder<'_> {
                 continue;
             }
             authzs.push(Authz {
-                group: POLICY_GROUP,
-                kind: POLICY_KIND,
+                group: POLICY_GROUP.into(),
+                kind: POLICY_KIND.into(),
                 name: policy.meta.name.clone(),
                 identities: identities.into(),
                 networks: networks.into(),
@@ -546,8 +546,8 @@ impl Builder<'_> {
         }
         authzs.extend(self.default_authz(server.access_policy));
         ServerPolicy {
-            group: POLICY_GROUP,
-            kind: SERVER_KIND,
+            group: POLICY_GROUP.into(),
+            kind: SERVER_KIND.into(),
             name: server.meta.name.clone(),
             protocol: server.proxy_protocol,
             authzs: authzs.into(),
@@ -565,8 +565,8 @@ impl Builder<'_> {
             DefaultPolicy::Deny => return None,
         };
         Some(Authz {
-            group: "",
-            kind: DEFAULT_KIND,
+            group: "".into(),
+            kind: DEFAULT_KIND.into(),
             name: policy.as_str().into(),
             identities: if authenticated {
                 Box::new([self.any_identity.clone()])
@@ -643,6 +643,8 @@ impl Builder<'_> {
 
 #[cfg(test)]
 mod policy_tests;
+#[cfg(feature = "proto")]
+mod proto;
 
 #[cfg(test)]
 mod tests {
