@@ -1,1 +1,1 @@
-//! A fake Kubernetes API server for tests (being written).
+//! (in progress)

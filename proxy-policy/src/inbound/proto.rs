@@ -298,7 +298,7 @@ fn authz_from_proto(a: &api::Authz, field: &str) -> Result<Authz, ProtoError> {
     let mut networks = Vec::with_capacity(a.networks.len());
     for (i, n) in a.networks.iter().enumerate() {
         let net = |n: &linkerd2_proxy_api::net::IpNetwork, f: String| {
-            IpNet::try_from(n.clone()).map_err(|e| error(f, e.to_string()))
+            IpNet::try_from(*n).map_err(|e| error(f, e.to_string()))
         };
         let cidr = n
             .net
