@@ -117,6 +117,10 @@ impl Peer {
 /// The values end up verbatim (escaped) in the exposition: the caller keeps
 /// their cardinality bounded (e.g. an `authority` taken from a `Host` header
 /// should be one the proxy knows).
+/// A destination's labels as a control plane names them (`pod`, `deployment`, ...), sorted by
+/// name; each is encoded as `dst_<name>`.
+pub type DstLabels = Arc<[(Arc<str>, Arc<str>)]>;
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TargetLabels {
     /// `direction`.
@@ -133,6 +137,9 @@ pub struct TargetLabels {
     pub dst_service: Option<Arc<str>>,
     /// `dst_namespace` (outbound, when known).
     pub dst_namespace: Option<Arc<str>>,
+    /// The rest of the destination's labels, as a control plane names them (`pod`,
+    /// `deployment`, `serviceaccount`, ...), each encoded as `dst_<name>`.
+    pub dst_labels: Option<DstLabels>,
     /// `srv_port` (inbound server port, when known).
     pub srv_port: Option<u16>,
 }
@@ -153,6 +160,7 @@ impl TargetLabels {
             tls,
             dst_service: None,
             dst_namespace: None,
+            dst_labels: None,
             srv_port: None,
         }
     }
@@ -208,6 +216,9 @@ impl EncodeLabelSet for TargetLabels {
         }
         if let Some(svc) = &self.dst_service {
             label(encoder, "dst_service", &**svc)?;
+        }
+        for (name, value) in self.dst_labels.iter().flat_map(|l| l.iter()) {
+            label(encoder, &format!("dst_{name}"), &**value)?;
         }
         Ok(())
     }

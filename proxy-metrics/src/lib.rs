@@ -85,7 +85,7 @@ mod tcp;
 pub use histogram::{LATENCY_MS_BUCKETS, TCP_DURATION_MS_BUCKETS};
 pub use http::{HttpTarget, RouteTarget};
 pub use labels::{
-    classify, AuthzLabels, Classification, Direction, HandleLabels, Peer, RouteLabels,
+    classify, AuthzLabels, Classification, Direction, DstLabels, HandleLabels, Peer, RouteLabels,
     TargetLabels, Tls,
 };
 pub use process::{ProcessCollector, ProcessStats};
@@ -118,6 +118,8 @@ pub struct Metrics {
     ejections_capped: Family<labels::TargetKey, Counter>,
     balancer_panic: Family<labels::TargetKey, Counter>,
     warnings: Family<EventLabels, Counter>,
+    control_streams: Family<ControlLabels, Gauge>,
+    control_disconnects: Family<ControlLabels, Counter>,
     tcp: tcp::TcpFamilies,
     config_errors: Arc<SourcedCounter>,
     tap_dropped: Arc<SourcedCounter>,
@@ -246,6 +248,19 @@ impl Metrics {
             warnings.clone(),
         );
 
+        let control_streams = Family::<ControlLabels, Gauge>::default();
+        registry.register(
+            "control_plane_streams",
+            "Subscriptions to the control plane by API and state: a disconnected one keeps routing on the last state it received while it reconnects",
+            control_streams.clone(),
+        );
+        let control_disconnects = Family::<ControlLabels, Counter>::default();
+        registry.register(
+            "control_plane_stream_errors",
+            "Total count of control-plane subscriptions that failed or ended and were retried, by API",
+            control_disconnects.clone(),
+        );
+
         let tcp = tcp::TcpFamilies::new();
         registry.register(
             "tcp_open",
@@ -344,6 +359,8 @@ impl Metrics {
             ejections_capped,
             balancer_panic,
             warnings,
+            control_streams,
+            control_disconnects,
             tcp,
             config_errors,
             tap_dropped,
@@ -406,6 +423,21 @@ impl Metrics {
         EventCounter(self.warnings.get_or_create_owned(&EventLabels { event }))
     }
 
+    /// The gauges and counter of one control-plane API's subscriptions (`destination`,
+    /// `profile`, `policy`, `identity`).
+    pub fn control_plane(&self, api: &'static str) -> ControlPlaneMetrics {
+        let labels = |state| ControlLabels { api, state };
+        ControlPlaneMetrics {
+            connected: self
+                .control_streams
+                .get_or_create_owned(&labels("connected")),
+            disconnected: self
+                .control_streams
+                .get_or_create_owned(&labels("disconnected")),
+            errors: EventCounter(self.control_disconnects.get_or_create_owned(&labels(""))),
+        }
+    }
+
     /// Resolve a TCP label set once; keep the handle.
     pub fn tcp_target(&self, labels: TargetLabels) -> TcpTarget {
         TcpTarget::new(&self.tcp, labels)
@@ -445,6 +477,36 @@ impl Metrics {
     /// [`Metrics::CONTENT_TYPE`].
     pub fn encode(&self, out: &mut String) -> std::fmt::Result {
         prometheus_client::encoding::text::encode(out, &self.registry)
+    }
+}
+
+/// One control-plane API's subscription metrics.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneMetrics {
+    /// Subscriptions with a live stream.
+    pub connected: Gauge,
+    /// Subscriptions reconnecting, serving their last state meanwhile.
+    pub disconnected: Gauge,
+    pub errors: EventCounter,
+}
+
+/// `control_plane_*` labels: `api` and, for the streams gauge, `state`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ControlLabels {
+    api: &'static str,
+    state: &'static str,
+}
+
+impl prometheus_client::encoding::EncodeLabelSet for ControlLabels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder,
+    ) -> std::fmt::Result {
+        labels::label(encoder, "api", self.api)?;
+        if !self.state.is_empty() {
+            labels::label(encoder, "state", self.state)?;
+        }
+        Ok(())
     }
 }
 

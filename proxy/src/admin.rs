@@ -82,6 +82,11 @@ impl Admin {
             (&Method::GET, "/ready") => {
                 if self.shutdown.is_draining() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if !self.authz.is_ready() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: waiting for the inbound policy of --inbound-ports\n",
+                    )
                 } else {
                     text(StatusCode::OK, "ready\n")
                 }

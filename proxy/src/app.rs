@@ -11,7 +11,8 @@ use crate::access_log;
 use crate::admin::Admin;
 use crate::args::ProxyArgs;
 use crate::authz::{Client, InboundAuthz};
-use crate::discovery::Discovery;
+use crate::control::ControlPlane;
+use crate::discovery::{Discovery, DiscoverySettings};
 use crate::http::tap::Telemetry;
 use crate::inbound::Inbound;
 use crate::listener::{accept_loop, bind};
@@ -38,6 +39,8 @@ enum StartError {
     TapAllow(String),
     #[error("--identity-dir: {0}")]
     Identity(#[from] pylon_identity::IdentityError),
+    #[error(transparent)]
+    ControlPlane(#[from] crate::control::AddrError),
 }
 
 pub fn main(args: ProxyArgs) -> ExitCode {
@@ -74,7 +77,8 @@ pub fn main(args: ProxyArgs) -> ExitCode {
     }
 }
 
-async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartError> {
+async fn run(mut args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartError> {
+    args.apply_linkerd_env();
     let args = Arc::new(args);
     let shutdown = Shutdown::new();
 
@@ -124,7 +128,25 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
             t.local_identity().trust_domain()
         })
         .to_owned();
-    let authz = InboundAuthz::new(&args, &store, &trust_domain, metrics.clone());
+    // With a control plane, destinations and inbound policy are subscribed there instead.
+    let control = if args.destination_addr.is_some() || args.policy_addr.is_some() {
+        Some(Arc::new(ControlPlane::new(
+            args.destination_addr.as_deref(),
+            args.policy_addr.as_deref(),
+            args.destination_context(),
+            args.policy_workload(),
+            metrics.clone(),
+        )?))
+    } else {
+        None
+    };
+    let authz = InboundAuthz::new(
+        &args,
+        &store,
+        &trust_domain,
+        metrics.clone(),
+        control.clone(),
+    );
 
     // Bind everything before serving anything, so a bad address fails start-up cleanly.
     let (admin_listener, admin_local) = bind("admin", args.admin_addr).await?;
@@ -151,10 +173,13 @@ async fn run(args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), StartE
         store.clone(),
         metrics.clone(),
         profiles.clone(),
-        args.connect_timeout,
-        args.failure_accrual(),
-        &args.cluster_domain,
+        DiscoverySettings {
+            connect_timeout: args.connect_timeout,
+            accrual: args.failure_accrual(),
+            cluster_domain: &args.cluster_domain,
+        },
         mesh_tls.clone(),
+        control,
     );
     discovery.spawn_updates();
     let telemetry = Telemetry {

@@ -125,6 +125,27 @@ pub struct ProxyArgs {
     #[arg(long, env = "PYLON_CLUSTER_NETWORKS", value_delimiter = ',')]
     pub cluster_networks: Vec<pylon_proxy_policy::IpNet>,
 
+    /// The control plane's destination API (`host:port`; Linkerd's
+    /// `LINKERD2_PROXY_DESTINATION_SVC_ADDR` is read too): endpoints, routes and splits come
+    /// from it, subscribed per destination, instead of `--config-dir`.
+    #[arg(long, env = "PYLON_DESTINATION_ADDR")]
+    pub destination_addr: Option<String>,
+
+    /// The control plane's inbound policy API (`host:port`; or Linkerd's
+    /// `LINKERD2_PROXY_POLICY_SVC_ADDR`): each inbound port's policy is subscribed there.
+    #[arg(long, env = "PYLON_POLICY_ADDR")]
+    pub policy_addr: Option<String>,
+
+    /// Sent with destination lookups (Linkerd's `LINKERD2_PROXY_DESTINATION_CONTEXT`);
+    /// default `{"ns":NAMESPACE,"pod":POD}`.
+    #[arg(long, env = "PYLON_DESTINATION_CONTEXT")]
+    pub destination_context: Option<String>,
+
+    /// The workload's ports whose policy `/ready` waits for (Linkerd's
+    /// `LINKERD2_PROXY_INBOUND_PORTS`); other ports are subscribed on first use.
+    #[arg(long, env = "PYLON_INBOUND_PORTS", value_delimiter = ',')]
+    pub inbound_ports: Vec<u16>,
+
     /// Worker threads (default: the number of CPUs); 1 runs everything on one thread.
     #[arg(long, env = "PYLON_THREADS")]
     pub threads: Option<usize>,
@@ -140,6 +161,50 @@ impl ProxyArgs {
 
     pub fn is_opaque_port(&self, port: u16) -> bool {
         DEFAULT_OPAQUE_PORTS.contains(&port) || self.opaque_ports.contains(&port)
+    }
+
+    /// Fills what Pylon's own flags and variables left unset from Linkerd's variables, so a
+    /// pod injected for Linkerd runs Pylon unchanged.
+    pub fn apply_linkerd_env(&mut self) {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        if self.destination_addr.is_none() {
+            self.destination_addr = env("LINKERD2_PROXY_DESTINATION_SVC_ADDR");
+        }
+        if self.policy_addr.is_none() {
+            self.policy_addr = env("LINKERD2_PROXY_POLICY_SVC_ADDR");
+        }
+        if self.destination_context.is_none() {
+            self.destination_context = env("LINKERD2_PROXY_DESTINATION_CONTEXT");
+        }
+        if self.inbound_ports.is_empty() {
+            self.inbound_ports = env("LINKERD2_PROXY_INBOUND_PORTS")
+                .map(|ports| {
+                    ports
+                        .split(',')
+                        .filter_map(|p| p.trim().parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+    }
+
+    /// The context token destination lookups carry: the client's namespace and pod.
+    pub fn destination_context(&self) -> String {
+        self.destination_context.clone().unwrap_or_else(|| {
+            serde_json::json!({"ns": self.namespace, "pod": self.pod.clone().unwrap_or_default()})
+                .to_string()
+        })
+    }
+
+    /// This pod as the policy API names it (Linkerd's `LINKERD2_PROXY_POLICY_WORKLOAD`).
+    pub fn policy_workload(&self) -> String {
+        std::env::var("LINKERD2_PROXY_POLICY_WORKLOAD")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| {
+                serde_json::json!({"ns": self.namespace, "pod": self.pod.clone().unwrap_or_default()})
+                    .to_string()
+            })
     }
 }
 

@@ -1,5 +1,8 @@
 //! Inbound authorization: who may connect to which port of this workload, from the
-//! `policy.linkerd.io` objects of the config dir and `--default-policy`.
+//! `policy.linkerd.io` objects of the config dir and `--default-policy`, or, with
+//! `--policy-addr`, from the control plane, port by port (`--inbound-ports` are subscribed at
+//! start and `/ready` waits for them; any other port on its first connection, with the default
+//! policy until the answer comes).
 //!
 //! The policy is rebuilt once per config change and read lock-free. A connection is decided
 //! when it is accepted (its client, TLS identity and port can't change) and its metric
@@ -7,18 +10,19 @@
 //! bumps a counter, and is decided again only after the policy changed, so a change applies
 //! to the next request even on a kept-alive connection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use pylon_proxy_metrics::{AuthzCounter, AuthzLabels, EventCounter, Metrics, Tls};
 use pylon_proxy_policy::{
-    ClientInfo, InboundConfig, InboundPolicy, ProxyProtocol, Snapshot, Store,
+    ClientInfo, InboundConfig, InboundPolicy, PortPolicy, ProxyProtocol, Snapshot, Store,
 };
 
 use crate::args::ProxyArgs;
+use crate::control::ControlPlane;
 
 pub struct InboundAuthz {
     namespace: String,
@@ -28,6 +32,18 @@ pub struct InboundAuthz {
     /// Bumped after every policy update: requests on older decisions decide again.
     generation: AtomicU64,
     metrics: Arc<Metrics>,
+    /// With `--policy-addr`: the policies the control plane sent, by port.
+    remote: Option<RemotePolicies>,
+    me: Weak<InboundAuthz>,
+}
+
+struct RemotePolicies {
+    control: Arc<ControlPlane>,
+    ports: ArcSwap<HashMap<u16, PortPolicy>>,
+    /// Ports subscribed to (each once).
+    followed: Mutex<HashSet<u16>>,
+    /// `--inbound-ports`: ready once each has its first policy.
+    required: Vec<u16>,
 }
 
 /// A connection's client, as authorization sees it.
@@ -95,6 +111,7 @@ impl InboundAuthz {
         store: &Arc<Store>,
         trust_domain: &str,
         metrics: Arc<Metrics>,
+        control: Option<Arc<ControlPlane>>,
     ) -> Arc<InboundAuthz> {
         let mut config = InboundConfig::with_trust_domain(trust_domain);
         config.default_policy = args.default_policy;
@@ -105,16 +122,83 @@ impl InboundAuthz {
         let policy = store
             .snapshot()
             .inbound_policy(&args.namespace, &labels, &config);
-        let this = Arc::new(InboundAuthz {
+        let remote = control
+            .filter(|c| c.policy.is_some())
+            .map(|control| RemotePolicies {
+                control,
+                ports: ArcSwap::from_pointee(HashMap::new()),
+                followed: Mutex::new(HashSet::new()),
+                required: args.inbound_ports.clone(),
+            });
+        let this = Arc::new_cyclic(|me| InboundAuthz {
             namespace: args.namespace.clone(),
             labels,
             config,
             policy: ArcSwap::new(policy),
             generation: AtomicU64::new(0),
             metrics,
+            remote,
+            me: me.clone(),
         });
         this.spawn_updates(store);
+        if let Some(remote) = &this.remote {
+            for port in &remote.required {
+                this.follow_port(remote, *port);
+            }
+        }
         this
+    }
+
+    /// Subscribes to `port`'s policy on the control plane, once.
+    fn follow_port(&self, remote: &RemotePolicies, port: u16) {
+        let first = remote
+            .followed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(port);
+        if first {
+            tokio::spawn(crate::control::policy::follow_port(
+                self.me.clone(),
+                remote.control.clone(),
+                port,
+            ));
+        }
+    }
+
+    /// The control plane's policy for `port` (each answer, as it comes).
+    pub(crate) fn set_port_policy(&self, port: u16, policy: PortPolicy) {
+        let Some(remote) = &self.remote else { return };
+        tracing::info!(port, server = ?policy.server_name(), protocol = ?policy.protocol(), "inbound policy from the control plane");
+        remote.ports.rcu(|ports| {
+            let mut ports = HashMap::clone(ports);
+            ports.insert(port, policy.clone());
+            ports
+        });
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Whether every `--inbound-ports` port has its policy (always, without a control plane).
+    pub fn is_ready(&self) -> bool {
+        match &self.remote {
+            None => true,
+            Some(remote) => {
+                let ports = remote.ports.load();
+                remote.required.iter().all(|p| ports.contains_key(p))
+            }
+        }
+    }
+
+    /// `port`'s policy: the control plane's, else the Store's (or the default policy).
+    fn port_policy(&self, port: u16) -> PortPolicy {
+        if let Some(remote) = &self.remote {
+            if let Some(policy) = remote.ports.load().get(&port) {
+                return policy.clone();
+            }
+            // Until the control plane answers, the default policy decides, as it does for a
+            // proxy without one.
+            self.follow_port(remote, port);
+        }
+        self.policy.load().for_port(port)
     }
 
     /// Policy changes apply to connections accepted after them.
@@ -143,14 +227,14 @@ impl InboundAuthz {
 
     /// What the Server on `port` declares it speaks (`Unknown` when nothing declares it).
     pub fn declared_protocol(&self, port: u16) -> ProxyProtocol {
-        self.policy.load().for_port(port).protocol()
+        self.port_policy(port).protocol()
     }
 
     /// Decides `client` on `port` and logs the decision (denials and allows at info, as
     /// Linkerd does; allows only at debug for the default all-unauthenticated policy, which
     /// allows everything and would log every connection).
     pub fn decide(&self, port: u16, client: &Client, target_addr: &Arc<str>) -> Decision {
-        let policy = self.policy.load().for_port(port);
+        let policy = self.port_policy(port);
         // (`authorize` takes an IPv4-mapped peer as IPv4 itself.)
         let a = policy.authorize(&ClientInfo {
             peer: client.addr.ip(),

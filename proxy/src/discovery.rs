@@ -9,12 +9,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use pylon_proxy_metrics::{Direction, HttpTarget, LazyHandle, Metrics, Peer, TargetLabels, Tls};
+use pylon_proxy_metrics::{
+    Direction, DstLabels, HttpTarget, LazyHandle, Metrics, Peer, TargetLabels, Tls,
+};
 use pylon_proxy_policy::{ServiceRef, Snapshot, Store};
 
 use crate::accrual::{AccrualPolicy, DestinationHealth, EndpointHealth};
 use crate::balance::{Balanced, EndpointSet, PeakEwma, PickError};
 use crate::connect::Connect;
+use crate::control::ControlPlane;
 use crate::http::client::EndpointTarget;
 use crate::http::headers::request_authority;
 use crate::http::metrics::log_proxy_error;
@@ -34,13 +37,30 @@ const DNS_RETRY: Duration = Duration::from_secs(5);
 /// The `tls` label of an endpoint discovery names no identity for (Linkerd's reason).
 const NOT_MESHED: Tls = Tls::NoIdentity("not_provided_by_service_discovery");
 
-/// What discovery says of one endpoint: its address and, when it is meshed, the TLS identity
-/// its proxy serves (the EndpointSlice's `pylon.io/identity`).
-type EndpointSpec = (SocketAddr, Option<Arc<str>>);
+/// What discovery says of one endpoint: its address, the TLS identity its proxy serves when
+/// it is meshed (the EndpointSlice's `pylon.io/identity`, or the control plane's
+/// `tls_identity`), and the labels a control plane gives it (`namespace`, `service`, `pod`,
+/// `deployment`, ...), which its metrics carry as `dst_*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub addr: SocketAddr,
+    pub identity: Option<Arc<str>>,
+    pub labels: Option<DstLabels>,
+}
+
+impl EndpointSpec {
+    pub fn new(addr: SocketAddr, identity: Option<Arc<str>>) -> Self {
+        Self {
+            addr,
+            identity,
+            labels: None,
+        }
+    }
+}
 
 /// Endpoints learnt from DNS or dialled by address: no identity, so plaintext.
-fn unmeshed(addrs: &[SocketAddr]) -> Vec<EndpointSpec> {
-    addrs.iter().map(|a| (*a, None)).collect()
+pub(crate) fn unmeshed(addrs: &[SocketAddr]) -> Vec<EndpointSpec> {
+    addrs.iter().map(|a| EndpointSpec::new(*a, None)).collect()
 }
 
 /// One endpoint of one logical destination, with its load, metric handles and connections.
@@ -48,6 +68,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// The identity discovery named for it; a change makes a new `Endpoint` (new connections).
     identity: Option<Arc<str>>,
+    /// Its control-plane labels; a change makes a new `Endpoint` (new metric series).
+    labels: Option<DstLabels>,
     /// How its connections are made: over mesh TLS when it is meshed and this proxy has an
     /// identity. Decided here, once, for every request and connection to it.
     pub connect: Arc<Connect>,
@@ -82,6 +104,10 @@ enum TargetKey {
     Dns { host: Arc<str>, port: u16 },
     /// An address with no Service: forwarded as-is.
     Addr(SocketAddr),
+    /// A name or address the control plane resolves (`--destination-addr`): its profile,
+    /// split and endpoints are followed there, with DNS as the fallback for names it does
+    /// not know.
+    Remote { authority: Arc<str> },
 }
 
 /// A destination as the client named it: a service, a DNS name or an address.
@@ -123,6 +149,16 @@ pub struct Discovery {
     by_authority: ArcSwap<HashMap<Box<[u8]>, Arc<Logical>>>,
     by_target: Mutex<HashMap<TargetKey, Arc<Logical>>>,
     dns: Option<hickory_resolver::TokioResolver>,
+    /// With `--destination-addr`, names and addresses are resolved there.
+    control: Option<Arc<ControlPlane>>,
+}
+
+/// How endpoints are reached and judged, from the proxy's flags.
+pub struct DiscoverySettings<'a> {
+    pub connect_timeout: Duration,
+    /// Failure accrual where a Service doesn't say.
+    pub accrual: AccrualPolicy,
+    pub cluster_domain: &'a str,
 }
 
 impl Discovery {
@@ -130,11 +166,15 @@ impl Discovery {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         profiles: Arc<Profiles>,
-        connect_timeout: Duration,
-        accrual: AccrualPolicy,
-        cluster_domain: &str,
+        settings: DiscoverySettings<'_>,
         mesh_tls: Option<Arc<MeshTls>>,
+        control: Option<Arc<ControlPlane>>,
     ) -> Arc<Self> {
+        let DiscoverySettings {
+            connect_timeout,
+            accrual,
+            cluster_domain,
+        } = settings;
         let dns = match hickory_resolver::TokioResolver::builder_tokio() {
             Ok(b) => Some(b.build()),
             Err(e) => {
@@ -153,7 +193,16 @@ impl Discovery {
             by_authority: ArcSwap::from_pointee(HashMap::new()),
             by_target: Mutex::new(HashMap::new()),
             dns,
+            control: control.filter(|c| c.destination.is_some()),
         })
+    }
+
+    pub(crate) fn profiles(&self) -> &Arc<Profiles> {
+        &self.profiles
+    }
+
+    pub(crate) fn store_snapshot(&self) -> Arc<Snapshot> {
+        self.store.snapshot()
     }
 
     /// Keeps every cached destination's endpoints current as the Store changes.
@@ -185,7 +234,15 @@ impl Discovery {
             .trim_start_matches('[')
             .trim_end_matches(']');
         let snapshot = self.store.snapshot();
-        let key = if let Ok(ip) = host.parse::<IpAddr>() {
+        let key = if self.control.is_some() {
+            TargetKey::Remote {
+                authority: match host.parse::<IpAddr>() {
+                    Ok(ip) => SocketAddr::new(ip, port).to_string(),
+                    Err(_) => format!("{}:{port}", host.trim_end_matches('.').to_ascii_lowercase()),
+                }
+                .into(),
+            }
+        } else if let Ok(ip) = host.parse::<IpAddr>() {
             self.key_for_addr(&snapshot, SocketAddr::new(ip, port))
         } else if let Some(svc) = snapshot
             .resolve_name(host, port)
@@ -220,7 +277,12 @@ impl Discovery {
     /// forwarded as-is.
     pub async fn resolve_addr(self: &Arc<Self>, addr: SocketAddr) -> Arc<Logical> {
         let snapshot = self.store.snapshot();
-        let key = self.key_for_addr(&snapshot, addr);
+        let key = match &self.control {
+            Some(_) => TargetKey::Remote {
+                authority: addr.to_string().into(),
+            },
+            None => self.key_for_addr(&snapshot, addr),
+        };
         match self.logical(key, &snapshot).await {
             Ok(l) => l,
             // Only DNS keys can fail, and an address never becomes one.
@@ -240,9 +302,11 @@ impl Discovery {
 
     fn addr_logical(&self, addr: SocketAddr) -> Arc<Logical> {
         let logical = self.new_logical(addr.to_string().into(), TargetKey::Addr(addr), None);
-        logical
-            .endpoints
-            .update(vec![self.endpoint(&logical, addr, None, None)]);
+        logical.endpoints.update(vec![self.endpoint(
+            &logical,
+            &EndpointSpec::new(addr, None),
+            None,
+        )]);
         logical
     }
 
@@ -270,12 +334,24 @@ impl Discovery {
                 self.spawn_dns_refresh(&logical, addrs.1);
                 logical
             }
+            TargetKey::Remote { authority } => {
+                let logical = self.new_logical(authority.clone(), key.clone(), None);
+                if let Some(control) = &self.control {
+                    // The first answers are awaited (briefly), so the first request does not
+                    // find an empty endpoint set.
+                    let resolved =
+                        crate::control::destination::follow_logical(self, &logical, control);
+                    resolved.await;
+                }
+                logical
+            }
         };
         let (logical, inserted) = {
             let mut targets = self.lock_targets();
             if targets.len() >= MAX_CACHED_TARGETS {
-                // Names and addresses come from clients: forget them (their DNS refreshes stop)
-                // rather than grow without bound. Services are bounded by the config.
+                // Names and addresses come from clients: forget them (their DNS refreshes and
+                // control-plane subscriptions stop) rather than grow without bound. Services
+                // are bounded by the config.
                 targets.retain(|k, _| matches!(k, TargetKey::Service { .. }));
                 self.by_authority.store(Arc::new(HashMap::new()));
             }
@@ -288,8 +364,9 @@ impl Discovery {
                 }
             }
         };
-        if inserted {
-            // Cached first, so a split whose backends lead back here finds it.
+        if inserted && !matches!(logical.key, TargetKey::Remote { .. }) {
+            // Cached first, so a split whose backends lead back here finds it. (A remote
+            // destination's split comes with its profile.)
             let spec = self.backend_spec(&logical, snapshot);
             if !spec.is_empty() {
                 let backends = Box::pin(self.resolve_backends(&logical, spec, snapshot)).await;
@@ -311,7 +388,8 @@ impl Discovery {
                     .collect();
             }
         }
-        // Named when the destination was made; no profile for a bare address.
+        // Named when the destination was made; no profile for a bare address (nor, from the
+        // Store, for a remote destination).
         let Some(profile) = logical.routes.profile_name() else {
             return Vec::new();
         };
@@ -331,7 +409,7 @@ impl Discovery {
             .unwrap_or_default()
     }
 
-    async fn resolve_backends(
+    pub(crate) async fn resolve_backends(
         self: &Arc<Self>,
         apex: &Arc<Logical>,
         spec: Vec<(BackendTarget, u64)>,
@@ -401,7 +479,8 @@ impl Discovery {
         let profile_name = match &key {
             TargetKey::Service { service, .. } => Some(service.fqdn(&self.cluster_domain)),
             TargetKey::Dns { host, .. } => Some(host.to_string()),
-            TargetKey::Addr(_) => None,
+            // The control plane sends a remote destination's routes.
+            TargetKey::Addr(_) | TargetKey::Remote { .. } => None,
         };
         let routes =
             self.profiles
@@ -439,8 +518,25 @@ impl Discovery {
             tls,
             dst_service: service.map(|s| s.name.clone()),
             dst_namespace: service.map(|s| s.namespace.clone()),
+            dst_labels: None,
             srv_port: None,
         }
+    }
+
+    /// Labels with a control plane's names for the destination: `namespace` and `service`
+    /// become `dst_namespace` and `dst_service`, the rest `dst_<name>`.
+    fn with_dst_labels(mut labels: TargetLabels, dst: Option<&DstLabels>) -> TargetLabels {
+        let Some(dst) = dst else { return labels };
+        let mut rest = Vec::with_capacity(dst.len());
+        for (name, value) in dst.iter() {
+            match &**name {
+                "namespace" => labels.dst_namespace = Some(value.clone()),
+                "service" => labels.dst_service = Some(value.clone()),
+                _ => rest.push((name.clone(), value.clone())),
+            }
+        }
+        labels.dst_labels = (!rest.is_empty()).then(|| rest.into());
+        labels
     }
 
     /// A new endpoint of `logical`; its latency estimate starts at `estimate` (ns), else the
@@ -448,10 +544,10 @@ impl Discovery {
     fn endpoint(
         &self,
         logical: &Logical,
-        addr: SocketAddr,
-        identity: Option<Arc<str>>,
+        spec: &EndpointSpec,
         estimate: Option<f64>,
     ) -> Arc<Endpoint> {
+        let (addr, identity) = (spec.addr, spec.identity.clone());
         let (connect, tls) = match (&identity, &self.mesh_tls) {
             (Some(id), Some(mesh)) => (
                 Connect::meshed(addr, self.connect_timeout, mesh.clone(), id.clone()),
@@ -464,11 +560,14 @@ impl Discovery {
             ),
             (None, _) => (Connect::plain(addr, self.connect_timeout), NOT_MESHED),
         };
-        let labels = self.labels(
-            &logical.authority,
-            &addr.to_string(),
-            logical.service.as_ref(),
-            tls,
+        let labels = Self::with_dst_labels(
+            self.labels(
+                &logical.authority,
+                &addr.to_string(),
+                logical.service.as_ref(),
+                tls,
+            ),
+            spec.labels.as_ref(),
         );
         // Every connection to the endpoint (HTTP or opaque) is counted, as Linkerd does.
         let connect =
@@ -476,6 +575,7 @@ impl Discovery {
         Arc::new(Endpoint {
             addr,
             identity,
+            labels: spec.labels.clone(),
             connect: connect.clone(),
             target: EndpointTarget::with_connect(
                 connect,
@@ -496,10 +596,10 @@ impl Discovery {
     /// An endpoint whose identity changed is a new one: its connections (plaintext or TLS to
     /// the old identity) must not be reused. Endpoints that leave finish their in-flight
     /// requests: those hold their own `Arc`.
-    fn set_endpoints(&self, logical: &Logical, specs: &[EndpointSpec]) {
+    pub(crate) fn set_endpoints(&self, logical: &Logical, specs: &[EndpointSpec]) {
         let current = logical.endpoints.snapshot();
-        let same = |e: &Endpoint, (addr, identity): &EndpointSpec| {
-            e.addr == *addr && e.identity == *identity
+        let same = |e: &Endpoint, spec: &EndpointSpec| {
+            e.addr == spec.addr && e.identity == spec.identity && e.labels == spec.labels
         };
         if current.len() == specs.len() && current.iter().zip(specs).all(|(e, s)| same(e, s)) {
             return;
@@ -516,7 +616,7 @@ impl Discovery {
                         // Its peers' average: a newcomer takes its share from its first request.
                         let estimate =
                             *estimate.get_or_insert_with(|| logical.endpoints.newcomer_estimate());
-                        self.endpoint(logical, spec.0, spec.1.clone(), Some(estimate))
+                        self.endpoint(logical, spec, Some(estimate))
                     })
             })
             .collect::<Vec<_>>();
@@ -549,7 +649,7 @@ impl Discovery {
                 let specs: Vec<EndpointSpec> = resolved
                     .endpoints
                     .iter()
-                    .map(|e| (e.addr, e.identity.clone()))
+                    .map(|e| EndpointSpec::new(e.addr, e.identity.clone()))
                     .collect();
                 self.set_endpoints(logical, &specs);
                 true
@@ -565,6 +665,10 @@ impl Discovery {
         let mut stale = Vec::new();
         let mut resplit = Vec::new();
         for (key, logical) in self.lock_targets().iter() {
+            if matches!(key, TargetKey::Remote { .. }) {
+                // Followed on the control plane, not in the Store.
+                continue;
+            }
             let spec = self.backend_spec(logical, snapshot);
             if spec != logical.backends.load().spec() {
                 resplit.push((logical.clone(), spec));
@@ -575,6 +679,7 @@ impl Discovery {
                 // be looked up again.
                 TargetKey::Dns { host, port } => snapshot.resolve_name(host, *port).is_none(),
                 TargetKey::Addr(addr) => snapshot.resolve_cluster_ip(*addr).is_none(),
+                TargetKey::Remote { .. } => true,
             };
             if !keep {
                 stale.push(key.clone());
@@ -602,7 +707,7 @@ impl Discovery {
         }
     }
 
-    async fn resolve_dns(
+    pub(crate) async fn resolve_dns(
         &self,
         host: &str,
         port: u16,
@@ -757,10 +862,13 @@ mod tests {
             store,
             metrics,
             profiles,
-            Duration::from_secs(1),
-            AccrualPolicy::CONSECUTIVE,
-            "cluster.local",
+            DiscoverySettings {
+                connect_timeout: Duration::from_secs(1),
+                accrual: AccrualPolicy::CONSECUTIVE,
+                cluster_domain: "cluster.local",
+            },
             mesh_tls,
+            None,
         )
     }
 
@@ -776,21 +884,21 @@ mod tests {
         assert!(plain.connect.server_id().is_none());
 
         // The slice gains the annotation: new endpoint, connections and metric labels.
-        d.set_endpoints(&l, &[(addr, Some(identity("web")))]);
+        d.set_endpoints(&l, &[EndpointSpec::new(addr, Some(identity("web")))]);
         let meshed = l.pick().unwrap();
         assert!(!Arc::ptr_eq(&plain, &meshed));
         assert!(meshed.target.meshed);
         assert_eq!(meshed.connect.server_id(), Some(&identity("web")));
 
         // Unchanged: the same endpoint (its connections and load are kept).
-        d.set_endpoints(&l, &[(addr, Some(identity("web")))]);
+        d.set_endpoints(&l, &[EndpointSpec::new(addr, Some(identity("web")))]);
         assert!(Arc::ptr_eq(&meshed, &l.pick().unwrap()));
 
         // Another identity, or none: new again.
-        d.set_endpoints(&l, &[(addr, Some(identity("api")))]);
+        d.set_endpoints(&l, &[EndpointSpec::new(addr, Some(identity("api")))]);
         let other = l.pick().unwrap();
         assert_eq!(other.connect.server_id(), Some(&identity("api")));
-        d.set_endpoints(&l, &[(addr, None)]);
+        d.set_endpoints(&l, &[EndpointSpec::new(addr, None)]);
         assert!(!l.pick().unwrap().target.meshed);
     }
 
@@ -800,7 +908,7 @@ mod tests {
         let d = discovery();
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let l = d.resolve_authority(b"127.0.0.1:8080").await.unwrap();
-        d.set_endpoints(&l, &[(addr, Some(identity("web")))]);
+        d.set_endpoints(&l, &[EndpointSpec::new(addr, Some(identity("web")))]);
         let e = l.pick().unwrap();
         assert!(!e.target.meshed);
         assert!(e.connect.server_id().is_none());
@@ -855,7 +963,7 @@ mod tests {
         };
 
         // One dead, one alive, the dead one picked first: the alive one takes the request.
-        d.set_endpoints(&l, &[(dead[0], None), (alive, None)]);
+        d.set_endpoints(&l, &unmeshed(&[dead[0], alive]));
         let first = find(dead[0]);
         let Ok(Connected { endpoint, .. }) =
             connect_with_failover(&l, first.clone(), &mut Vec::new(), connect_opaque).await
@@ -867,11 +975,9 @@ mod tests {
         assert!(first.load_handle().cost() > 0.9e9);
 
         // All dead: the error, after at most MAX_CONNECT_ATTEMPTS endpoints.
-        let specs: Vec<EndpointSpec> = dead
-            .iter()
-            .map(|a| (*a, None))
-            .chain([(closed(), None)])
-            .collect();
+        let mut addrs = dead.clone();
+        addrs.push(closed());
+        let specs = unmeshed(&addrs);
         d.set_endpoints(&l, &specs);
         let Err((err, last)) =
             connect_with_failover(&l, find(dead[0]), &mut Vec::new(), connect_opaque).await
@@ -914,7 +1020,7 @@ mod tests {
         let (gone, alive) = (listen().await, listen().await);
         let d = discovery();
         let l = d.resolve_authority(b"127.0.0.1:1").await.unwrap();
-        d.set_endpoints(&l, &[(gone, None), (alive, None)]);
+        d.set_endpoints(&l, &unmeshed(&[gone, alive]));
         let endpoint = |addr| {
             l.endpoints
                 .snapshot()

@@ -383,6 +383,7 @@ impl Inbound {
             tls,
             dst_service: None,
             dst_namespace: None,
+            dst_labels: None,
             srv_port: None,
         }
     }

@@ -20,6 +20,7 @@ mod args;
 mod authz;
 pub mod balance;
 mod connect;
+mod control;
 pub mod detect;
 mod discovery;
 mod http;

@@ -181,6 +181,7 @@ impl Outbound {
                 tls: Tls::NoIdentity("not_provided_by_service_discovery"),
                 dst_service: None,
                 dst_namespace: None,
+                dst_labels: None,
                 srv_port: None,
             })
             .open()

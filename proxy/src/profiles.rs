@@ -195,6 +195,24 @@ impl Profiles {
         }
     }
 
+    /// Replaces a destination's routes with what the control plane sent (its Store profile
+    /// name is `None`, so Store updates leave it alone).
+    pub fn set_table(&self, dest: &DestinationRoutes, table: Option<Arc<RouteTable>>) {
+        let current = dest.current.load();
+        let same = match (&current.table, &table) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        let routes = table.as_ref().map_or(0, |t| t.routes().len());
+        let policy = self.build(dest.direction, &dest.dst, table, Some(&current));
+        dest.current.store(Arc::new(policy));
+        tracing::info!(dst = %dest.dst, routes, "routes updated from the control plane");
+    }
+
     fn table(snapshot: &Snapshot, name: Option<&str>) -> Option<Arc<RouteTable>> {
         name.and_then(|n| snapshot.route_table(n)).cloned()
     }

@@ -522,6 +522,7 @@ mod tests {
             tls: Tls::ServerId(server_id.clone()),
             dst_service: None,
             dst_namespace: None,
+            dst_labels: None,
             srv_port: None,
         });
         let connect = Connect::meshed(addr, Duration::from_secs(5), client, server_id);

@@ -1,0 +1,266 @@
+//! A real `pylon-proxy` fed by a real `pylon-controller` over Linkerd's proxy API
+//! (`--destination-addr`, `--policy-addr`): it routes on what the controller serves, labels its
+//! metrics with the controller's `dst_*` names, follows changes, and keeps routing on the last
+//! state while the controller is gone, reconnecting when it is back.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// A bound on how long a change may take to reach the proxy; the observed time is printed.
+const PROPAGATION_BOUND: Duration = Duration::from_secs(2);
+
+/// The controller binary, next to the proxy's (`cargo build --workspace --bins` builds both).
+fn controller_bin() -> String {
+    let proxy = Path::new(&*PROXY_BIN);
+    let bin = proxy.with_file_name("pylon-controller");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build -p pylon-controller --bins`",
+        bin.display()
+    );
+    bin.display().to_string()
+}
+
+use std::path::Path;
+
+/// A free loopback port (bound, then released for the controller to take).
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+struct ControllerProcess {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl ControllerProcess {
+    fn start(cfg: &ConfigDir, destination: SocketAddr, policy: SocketAddr) -> ControllerProcess {
+        let admin = free_port();
+        let mut child = Command::new(controller_bin())
+            .args(["--config-dir", &cfg.path_str()])
+            .args(["--destination-addr", &destination.to_string()])
+            .args(["--policy-addr", &policy.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .env("PYLON_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pylon-controller");
+        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+        for out in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    logs.lock().expect("logs").push(line);
+                }
+            });
+        }
+        let c = ControllerProcess { child, logs };
+        let serving = wait_for(
+            || c.logs_joined().contains("\"serving\""),
+            Duration::from_secs(20),
+        );
+        assert!(
+            serving,
+            "the controller did not start:\n{}",
+            c.logs_joined()
+        );
+        c
+    }
+
+    fn logs_joined(&self) -> String {
+        self.logs.lock().expect("logs").join("\n")
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Service `web` in `default`, one slice whose endpoints name their pods, and the pods
+/// (Deployment `web`, ServiceAccount `web`).
+fn write_web(cfg: &ConfigDir, backends: &[(&str, SocketAddr)]) {
+    let mut y = service_yaml("web", "default", &[HTTP_PORT]);
+    for (pod, _) in backends {
+        y.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: default\n  labels: {{app: web, pod-template-hash: 5f6d7}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: web-5f6d7, uid: u, controller: true}}]\nspec:\n  serviceAccountName: web\n  containers: [{{name: app}}]\nstatus: {{phase: Running}}\n"
+        ));
+    }
+    // One slice per endpoint: each backend listens on its own port.
+    for (pod, addr) in backends {
+        y.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-{pod}\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints:\n- addresses: [\"{}\"]\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n",
+            addr.port(),
+            addr.ip()
+        ));
+    }
+    cfg.write("web.yaml", &y);
+}
+
+async fn backend_of(proxy: &Proxy) -> String {
+    let rsp = get(proxy.outbound(), "web.default.svc.cluster.local", "/")
+        .await
+        .expect("a response");
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    rsp.backend().unwrap_or_default().to_string()
+}
+
+/// Sends requests until they all go to `want` (bounded by `PROPAGATION_BOUND`); returns how
+/// long that took.
+async fn until_backend(proxy: &Proxy, want: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        if backend_of(proxy).await == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < PROPAGATION_BOUND,
+            "requests did not move to {want} within {PROPAGATION_BOUND:?}\n{}",
+            proxy.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_routes_on_the_controllers_answers_and_keeps_them_when_it_goes() {
+    test_body(async {
+        let a = Backend::start("a").await;
+        let b = Backend::start("b").await;
+        let cfg = ConfigDir::new();
+        write_web(&cfg, &[("web-5f6d7-aaaaa", a.addr)]);
+        let (destination, policy) = (free_port(), free_port());
+        let controller = ControllerProcess::start(&cfg, destination, policy);
+        let proxy = Proxy::builder()
+            .args(["--destination-addr", &destination.to_string()])
+            .args(["--policy-addr", &policy.to_string()])
+            .args(["--namespace", "default", "--pod", "client-0"])
+            .start();
+
+        assert_eq!(backend_of(&proxy).await, "a");
+        // The controller's metric_labels become dst_* labels.
+        let metrics = proxy.metrics();
+        let labelled = metric_sum(&metrics, "response_total", |s| {
+            s.label("direction") == Some("outbound")
+                && s.label("dst_pod") == Some("web-5f6d7-aaaaa")
+                && s.label("dst_deployment") == Some("web")
+                && s.label("dst_serviceaccount") == Some("web")
+                && s.label("dst_service") == Some("web")
+                && s.label("dst_namespace") == Some("default")
+        });
+        assert_eq!(
+            labelled,
+            Some(1.0),
+            "{}",
+            series_of(&metrics, "response_total")
+        );
+
+        // An endpoint change reaches the proxy.
+        write_web(&cfg, &[("web-5f6d7-bbbbb", b.addr)]);
+        let took = until_backend(&proxy, "b").await;
+        println!("endpoint change reached the proxy in {took:?}");
+
+        // The controller goes: the proxy keeps routing on the last endpoints and says so.
+        controller.kill();
+        for _ in 0..5 {
+            assert_eq!(backend_of(&proxy).await, "b");
+        }
+        // One subscription (web's endpoints) runs on its last state.
+        let noticed = proxy
+            .wait_metric(
+                "control_plane_streams",
+                &[("api", "destination"), ("state", "disconnected")],
+                1.0,
+                Duration::from_secs(10),
+            )
+            .await;
+        assert_eq!(
+            noticed,
+            Some(1.0),
+            "{}",
+            series_of(&proxy.metrics(), "control_plane_streams")
+        );
+        assert!(proxy.logs_joined().contains("control plane stream failed"));
+        assert_eq!(backend_of(&proxy).await, "b");
+
+        // Changes made while it was away arrive when it is back.
+        write_web(&cfg, &[("web-5f6d7-aaaaa", a.addr)]);
+        let _controller = ControllerProcess::start(&cfg, destination, policy);
+        // Reconnecting waits out the backoff (at most 10 s), then the change applies at once.
+        let start = Instant::now();
+        while backend_of(&proxy).await != "a" {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "the proxy did not reconnect\n{}",
+                proxy.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!("reconnected and caught up in {:?}", start.elapsed());
+        let restored = proxy
+            .wait_metric(
+                "control_plane_streams",
+                &[("api", "destination"), ("state", "connected")],
+                1.0,
+                Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(restored, Some(1.0));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn ready_waits_for_the_inbound_policy_of_the_declared_ports() {
+    test_body(async {
+        let cfg = ConfigDir::new();
+        cfg.write(
+            "pod.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: server-0\n  namespace: default\n  labels: {app: server}\nspec:\n  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]\nstatus: {phase: Running, podIP: 127.0.0.1}\n---\napiVersion: policy.linkerd.io/v1beta3\nkind: Server\nmetadata: {name: server-http, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  port: http\n  proxyProtocol: HTTP/1\n",
+        );
+        let (destination, policy) = (free_port(), free_port());
+        // No controller yet: not ready.
+        let proxy = Proxy::builder()
+            .args(["--policy-addr", &policy.to_string()])
+            .args(["--inbound-ports", "8080"])
+            .args(["--namespace", "default", "--pod", "server-0"])
+            .start();
+        let (status, body) = proxy.admin_request("GET", "/ready", "");
+        assert_eq!(status, 503, "{body}");
+        let _controller = ControllerProcess::start(&cfg, destination, policy);
+        let ready = wait_until(
+            || proxy.admin_request("GET", "/ready", "").0 == 200,
+            Duration::from_secs(15),
+        )
+        .await;
+        assert!(ready, "{}", proxy.log_tail(20));
+        assert!(
+            proxy
+                .logs_joined()
+                .contains("inbound policy from the control plane"),
+            "{}",
+            proxy.log_tail(20)
+        );
+    })
+    .await
+}
