@@ -23,6 +23,7 @@ mod connect;
 pub mod detect;
 mod discovery;
 mod http;
+mod identity_client;
 mod inbound;
 pub mod init;
 mod io;
