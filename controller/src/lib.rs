@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod destination;
+pub mod identity;
 pub mod kubernetes;
 pub mod mesh;
 pub mod policy;

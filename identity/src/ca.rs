@@ -15,9 +15,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use time::OffsetDateTime;
 
 use crate::fsutil::{self, unix_secs};
@@ -130,6 +133,22 @@ impl IssuedCert {
     }
 }
 
+/// A leaf signed for someone else's key ([`Ca::certify_csr`]): what an identity service sends
+/// back. DER throughout, as Linkerd's `CertifyResponse` carries it.
+#[derive(Clone, Debug)]
+pub struct CertifiedLeaf {
+    pub identity: IdentityName,
+    pub leaf_der: CertificateDer<'static>,
+    /// The issuer (and any certificates above it short of the trust anchor), in order.
+    pub intermediates_der: Vec<CertificateDer<'static>>,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds; what `valid_until` says.
+    pub not_after: i64,
+    /// Lowercase hex.
+    pub serial: String,
+}
+
 /// A CA able to issue: its trust anchor and its intermediate issuer (with key).
 pub struct Ca {
     trust_domain: String,
@@ -137,6 +156,8 @@ pub struct Ca {
     /// Only when generated here; a loaded CA does not need (or read) the root key.
     anchor_key_pem: Option<String>,
     issuer_pem: String,
+    /// `issuer_pem`'s certificates, DER, for the intermediates of a certified leaf.
+    issuer_chain: Vec<CertificateDer<'static>>,
     issuer_key_pem: String,
     issuer: Issuer<'static, KeyPair>,
     not_after: i64,
@@ -186,6 +207,7 @@ impl Ca {
             anchor_pem: root_cert.pem(),
             anchor_key_pem: Some(root_issuer.key().serialize_pem()),
             issuer_pem: issuer_cert.pem(),
+            issuer_chain: vec![issuer_cert.der().clone()],
             issuer_key_pem: issuer_key.serialize_pem(),
             issuer: Issuer::new(issuer, issuer_key),
             not_after: na,
@@ -209,9 +231,10 @@ impl Ca {
         let anchor_pem = fsutil::read_string(&anchor_path)?;
 
         let issuer_path = dir.join(ISSUER_CRT);
-        let issuer_der = fsutil::read_certs(&issuer_path)?
-            .into_iter()
-            .next()
+        let issuer_chain = fsutil::read_certs(&issuer_path)?;
+        let issuer_der = issuer_chain
+            .first()
+            .cloned()
             .ok_or_else(|| IdentityError::NotPem {
                 path: issuer_path.clone(),
                 what: "certificate",
@@ -251,6 +274,7 @@ impl Ca {
             anchor_pem,
             anchor_key_pem: None,
             issuer_pem,
+            issuer_chain,
             issuer_key_pem,
             issuer,
             not_after,
@@ -323,21 +347,7 @@ impl Ca {
         window: ValidityWindow,
     ) -> Result<IssuedCert, IdentityError> {
         let (nb, na) = window.unix()?;
-        let mut params = CertificateParams::default();
-        params.not_before = offset_time(nb)?;
-        params.not_after = offset_time(na)?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, identity.as_str());
-        params.distinguished_name = dn;
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-
+        let params = leaf_params(&identity, sans, nb, na)?;
         let key = generate_key("the workload key")?;
         let cert =
             params
@@ -364,6 +374,194 @@ impl Ca {
             serial,
         })
     }
+}
+
+impl Ca {
+    /// Signs a workload's certificate signing request (DER, as Linkerd's `CertifyRequest`
+    /// carries it) for `expected`, valid from [`CLOCK_SKEW_ALLOWANCE`] ago for `lifetime`, cut
+    /// to the issuer's own expiry.
+    ///
+    /// The CSR's signature must verify (proof that the requester holds the key), and it must
+    /// ask for `expected` and nothing else: every DNS SAN and the subject CN, when present, equal
+    /// to it (at least one of them present), URI SANs only its SPIFFE id, no other names. Only
+    /// the CSR's public key is used: the leaf has exactly the shape [`Ca::issue`] gives (CN and
+    /// DNS SAN = the identity, URI SAN = its SPIFFE id, serverAuth + clientAuth, not a CA),
+    /// whatever else the CSR asks for. Serials are random, since a workload keeps its key
+    /// across renewals.
+    ///
+    /// Whether the requester is entitled to `expected` is the caller's business (the identity
+    /// service checks its token).
+    pub fn certify_csr(
+        &self,
+        csr_der: &[u8],
+        expected: &IdentityName,
+        lifetime: Duration,
+    ) -> Result<CertifiedLeaf, IdentityError> {
+        self.certify_csr_at(csr_der, expected, lifetime, SystemTime::now())
+    }
+
+    /// [`certify_csr`](Self::certify_csr) as if the time were `now`.
+    pub fn certify_csr_at(
+        &self,
+        csr_der: &[u8],
+        expected: &IdentityName,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<CertifiedLeaf, IdentityError> {
+        if expected.trust_domain() != self.trust_domain {
+            return Err(IdentityError::ForeignTrustDomain {
+                identity: expected.to_string(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        let now_secs = unix_secs(now);
+        if self.not_after <= now_secs {
+            return Err(IdentityError::IssuerExpired {
+                not_after: self.not_after,
+            });
+        }
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|e| match e {
+                    rcgen::Error::InvalidCertificationRequestSignature => {
+                        IdentityError::CsrSignature
+                    }
+                    rcgen::Error::CouldNotParseCertificationRequest => IdentityError::CsrInvalid {
+                        reason: "not a DER PKCS#10 certificate signing request".into(),
+                    },
+                    other => IdentityError::CsrInvalid {
+                        reason: other.to_string(),
+                    },
+                })?;
+        check_csr_names(&csr.params, expected)?;
+
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        let nb = now_secs.saturating_sub(secs(CLOCK_SKEW_ALLOWANCE));
+        // A leaf outliving its issuer would just fail verification at the issuer's expiry.
+        let na = now_secs.saturating_add(secs(lifetime)).min(self.not_after);
+        if na <= now_secs {
+            return Err(IdentityError::Validity(format!(
+                "a lifetime of {lifetime:?} ends before it starts"
+            )));
+        }
+        let dns = ia5(expected.as_str())?;
+        let uri = ia5(&expected.spiffe_id())?;
+        let mut params = leaf_params(
+            expected,
+            vec![SanType::DnsName(dns), SanType::URI(uri)],
+            nb,
+            na,
+        )?;
+        let serial = random_serial();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|source| IdentityError::Generate {
+                what: "the workload certificate",
+                source,
+            })?;
+        Ok(CertifiedLeaf {
+            identity: expected.clone(),
+            leaf_der: cert.der().clone(),
+            intermediates_der: self.issuer_chain.clone(),
+            not_before: nb,
+            not_after: na,
+            serial: hex(&serial),
+        })
+    }
+
+    /// The trust anchor(s), DER.
+    pub fn anchors_der(&self) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(self.anchor_pem.as_bytes())
+            .filter_map(Result::ok)
+            .collect()
+    }
+}
+
+/// Every name a CSR asks for must be `expected` (or its SPIFFE id, as a URI SAN).
+fn check_csr_names(
+    params: &CertificateParams,
+    expected: &IdentityName,
+) -> Result<(), IdentityError> {
+    let mut requested = Vec::new();
+    let mut wrong = false;
+    let mut named = false;
+    for (ty, value) in params.distinguished_name.iter() {
+        if *ty != DnType::CommonName {
+            continue;
+        }
+        let cn = match value {
+            DnValue::Utf8String(s) => s.clone(),
+            DnValue::PrintableString(s) => s.as_str().to_owned(),
+            DnValue::Ia5String(s) => s.as_str().to_owned(),
+            other => format!("{other:?}"),
+        };
+        if cn.is_empty() {
+            continue;
+        }
+        wrong |= !cn.eq_ignore_ascii_case(expected.as_str());
+        named = true;
+        requested.push(format!("CN={cn}"));
+    }
+    for san in &params.subject_alt_names {
+        let (shown, ok) = match san {
+            SanType::DnsName(dns) => {
+                named = true;
+                (
+                    dns.as_str().to_owned(),
+                    dns.as_str().eq_ignore_ascii_case(expected.as_str()),
+                )
+            }
+            SanType::URI(uri) => (
+                format!("URI:{}", uri.as_str()),
+                uri.as_str() == expected.spiffe_id(),
+            ),
+            SanType::IpAddress(ip) => (format!("IP:{ip}"), false),
+            SanType::Rfc822Name(email) => (format!("email:{}", email.as_str()), false),
+            other => (format!("{other:?}"), false),
+        };
+        wrong |= !ok;
+        requested.push(shown);
+    }
+    if wrong || !named {
+        return Err(IdentityError::CsrIdentityMismatch {
+            expected: expected.to_string(),
+            requested,
+        });
+    }
+    Ok(())
+}
+
+/// The shape of every workload certificate: subject CN and DNS SAN = the identity, `sans` as
+/// given, digitalSignature, serverAuth + clientAuth, not a CA.
+fn leaf_params(
+    identity: &IdentityName,
+    sans: Vec<SanType>,
+    nb: i64,
+    na: i64,
+) -> Result<CertificateParams, IdentityError> {
+    let mut params = CertificateParams::default();
+    params.not_before = offset_time(nb)?;
+    params.not_after = offset_time(na)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity.as_str());
+    params.distinguished_name = dn;
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// 128 random bits, positive and of fixed length as a DER INTEGER (RFC 5280 allows 20 octets).
+fn random_serial() -> [u8; 16] {
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    serial
 }
 
 /// `pylon identity init-ca`: a new CA for `trust_domain`, valid from now for `valid_for`,
@@ -646,6 +844,250 @@ mod tests {
         };
         assert!(matches!(
             Ca::generate("cluster.local", far),
+            Err(IdentityError::Validity(_))
+        ));
+    }
+
+    fn csr_with(cn: Option<&str>, sans: Vec<SanType>) -> Vec<u8> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        if let Some(cn) = cn {
+            dn.push(DnType::CommonName, cn);
+        }
+        params.distinguished_name = dn;
+        params.subject_alt_names = sans;
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    fn dns(name: &str) -> SanType {
+        SanType::DnsName(name.try_into().unwrap())
+    }
+
+    #[test]
+    fn certify_csr_signs_the_requested_identity_for_the_requesters_key() {
+        let ca = Ca::generate(
+            "cluster.local",
+            ValidityWindow::starting_now(Duration::from_secs(86_400)).unwrap(),
+        )
+        .unwrap();
+        let id = IdentityName::new("web", "default", "cluster.local").unwrap();
+        let key = crate::IdentityKey::generate(&id).unwrap();
+        let hour = Duration::from_secs(3600);
+        let leaf = ca.certify_csr(key.csr_der(), &id, hour).unwrap();
+        assert_eq!(leaf.identity, id);
+        assert_eq!(leaf.not_after - leaf.not_before, 3600 + 60);
+        assert_eq!(leaf.intermediates_der, ca.issuer_chain);
+
+        // The same shape `issue` gives, whatever the CSR said.
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf.leaf_der).unwrap();
+        assert_eq!(
+            cert.subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+            id.as_str()
+        );
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [format!("DNSName({id})"), format!("URI({})", id.spiffe_id())]
+        );
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(!cert.is_ca());
+        assert_eq!(hex(cert.raw_serial()), leaf.serial);
+
+        // It is for the requester's key: the key and the leaf make working credentials.
+        let anchors = crate::TrustAnchors::from_pem(ca.anchor_pem().as_bytes(), "anchors").unwrap();
+        let creds = key
+            .credentials(
+                leaf.leaf_der.clone(),
+                leaf.intermediates_der.clone(),
+                &anchors,
+            )
+            .unwrap();
+        assert_eq!(creds.identity(), &id);
+        assert_eq!(creds.not_after(), leaf.not_after);
+
+        // A renewal re-sends the same CSR; serials differ anyway.
+        let again = ca.certify_csr(key.csr_der(), &id, hour).unwrap();
+        assert_ne!(again.serial, leaf.serial);
+
+        // Linkerd's form is signed as asked.
+        let linkerd = IdentityName::new_linkerd("web", "default", "cluster.local").unwrap();
+        let linkerd_key = crate::IdentityKey::generate(&linkerd).unwrap();
+        let leaf = ca
+            .certify_csr(linkerd_key.csr_der(), &linkerd, hour)
+            .unwrap();
+        let creds = linkerd_key
+            .credentials(leaf.leaf_der, leaf.intermediates_der, &anchors)
+            .unwrap();
+        assert_eq!(creds.identity(), &linkerd);
+    }
+
+    #[test]
+    fn certify_csr_accepts_a_dns_san_or_a_cn_alone() {
+        let ca = Ca::generate(
+            "cluster.local",
+            ValidityWindow::starting_now(Duration::from_secs(86_400)).unwrap(),
+        )
+        .unwrap();
+        let id = IdentityName::new("web", "default", "cluster.local").unwrap();
+        let hour = Duration::from_secs(3600);
+        // Linkerd's proxy: no subject, one DNS SAN.
+        ca.certify_csr(&csr_with(None, vec![dns(id.as_str())]), &id, hour)
+            .unwrap();
+        ca.certify_csr(&csr_with(Some(id.as_str()), vec![]), &id, hour)
+            .unwrap();
+        let spiffe = SanType::URI(id.spiffe_id().as_str().try_into().unwrap());
+        ca.certify_csr(&csr_with(None, vec![dns(id.as_str()), spiffe]), &id, hour)
+            .unwrap();
+    }
+
+    #[test]
+    fn certify_csr_refuses_csrs_for_other_names() {
+        let ca = Ca::generate(
+            "cluster.local",
+            ValidityWindow::starting_now(Duration::from_secs(86_400)).unwrap(),
+        )
+        .unwrap();
+        let id = IdentityName::new("web", "default", "cluster.local").unwrap();
+        let other = IdentityName::new("api", "prod", "cluster.local").unwrap();
+        let hour = Duration::from_secs(3600);
+
+        let key = crate::IdentityKey::generate(&other).unwrap();
+        match ca.certify_csr(key.csr_der(), &id, hour) {
+            Err(e @ IdentityError::CsrIdentityMismatch { .. }) => {
+                let IdentityError::CsrIdentityMismatch {
+                    expected,
+                    requested,
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!(expected, id.as_str());
+                assert_eq!(requested, &[format!("CN={other}"), other.to_string()]);
+                assert!(e.to_string().contains("api.prod"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let ip = SanType::IpAddress("10.0.0.1".parse().unwrap());
+        let uri = SanType::URI("spiffe://cluster.local/ns/prod/sa/api".try_into().unwrap());
+        for csr in [
+            // The right name plus another.
+            csr_with(
+                None,
+                vec![dns(id.as_str()), dns("web.default.svc.cluster.local")],
+            ),
+            csr_with(None, vec![dns(id.as_str()), ip]),
+            csr_with(None, vec![dns(id.as_str()), uri]),
+            // A right SAN, a wrong CN.
+            csr_with(Some("admin"), vec![dns(id.as_str())]),
+            // No name at all.
+            csr_with(None, vec![]),
+            // Linkerd's form of the same account is another name.
+            csr_with(
+                None,
+                vec![dns(
+                    "web.default.serviceaccount.identity.linkerd.cluster.local",
+                )],
+            ),
+        ] {
+            assert!(
+                matches!(
+                    ca.certify_csr(&csr, &id, hour),
+                    Err(IdentityError::CsrIdentityMismatch { .. })
+                ),
+                "accepted a CSR for other names"
+            );
+        }
+
+        // Another trust domain's identity is not this CA's to sign.
+        let foreign = IdentityName::new("web", "default", "example.org").unwrap();
+        let key = crate::IdentityKey::generate(&foreign).unwrap();
+        assert!(matches!(
+            ca.certify_csr(key.csr_der(), &foreign, hour),
+            Err(IdentityError::ForeignTrustDomain { .. })
+        ));
+    }
+
+    #[test]
+    fn certify_csr_refuses_tampered_and_garbage_csrs() {
+        let ca = Ca::generate(
+            "cluster.local",
+            ValidityWindow::starting_now(Duration::from_secs(86_400)).unwrap(),
+        )
+        .unwrap();
+        let id = IdentityName::new("web", "default", "cluster.local").unwrap();
+        let victim = IdentityName::new("wex", "default", "cluster.local").unwrap();
+        let hour = Duration::from_secs(3600);
+        let key = crate::IdentityKey::generate(&id).unwrap();
+
+        // Someone else's CSR rewritten to name another identity: still well-formed DER, but
+        // the signature no longer covers what it says.
+        let mut tampered = key.csr_der().to_vec();
+        let mut rewritten = 0;
+        for at in 0..tampered.len().saturating_sub(4) {
+            if &tampered[at..at + 4] == b"web." {
+                tampered[at + 2] = b'x';
+                rewritten += 1;
+            }
+        }
+        assert_eq!(rewritten, 2, "CN and DNS SAN");
+        assert!(matches!(
+            ca.certify_csr(&tampered, &victim, hour),
+            Err(IdentityError::CsrSignature)
+        ));
+
+        for garbage in [&b""[..], b"not a csr", &key.csr_der()[..20]] {
+            match ca.certify_csr(garbage, &id, hour) {
+                Err(e @ IdentityError::CsrInvalid { .. }) => {
+                    assert!(e.to_string().contains("certificate signing request"), "{e}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A certificate is not a CSR.
+        assert!(matches!(
+            ca.certify_csr(&ca.issuer_chain[0], &id, hour),
+            Err(IdentityError::CsrInvalid { .. })
+        ));
+    }
+
+    #[test]
+    fn certified_leaves_are_capped_by_the_issuer() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let ca =
+            Ca::generate("cluster.local", ValidityWindow::starting_now(hour).unwrap()).unwrap();
+        let id = IdentityName::new("web", "default", "cluster.local").unwrap();
+        let key = crate::IdentityKey::generate(&id).unwrap();
+        let leaf = ca.certify_csr(key.csr_der(), &id, 24 * hour).unwrap();
+        assert_eq!(leaf.not_after, ca.not_after());
+        assert!(leaf.not_before <= unix_secs(now) - 60 + 1);
+
+        // Past the issuer's end nothing is signed.
+        let later = now + 2 * hour;
+        match ca.certify_csr_at(key.csr_der(), &id, hour, later) {
+            Err(IdentityError::IssuerExpired { not_after }) => {
+                assert_eq!(not_after, ca.not_after())
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            ca.certify_csr(key.csr_der(), &id, Duration::ZERO),
             Err(IdentityError::Validity(_))
         ));
     }

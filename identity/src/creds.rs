@@ -1,6 +1,6 @@
 //! Loading an identity dir into checked credentials and the rustls configs built from them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -10,12 +10,17 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, CommonState, InconsistentKeys, RootCertStore, ServerConfig};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use crate::fsutil::{self, unix_secs};
 use crate::{IdentityError, IdentityName, CA_CRT, TLS_CRT, TLS_KEY};
+
+/// How [`Credentials::from_parts`] names its parts in errors.
+const LEAF_SOURCE: &str = "certified leaf";
+const KEY_SOURCE: &str = "local key";
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
@@ -63,6 +68,94 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// The certificates a workload trusts, parsed and checked once; where they came from (a file,
+/// or an environment variable) names them in errors.
+#[derive(Clone)]
+pub struct TrustAnchors {
+    certs: Vec<CertificateDer<'static>>,
+    roots: Arc<RootCertStore>,
+    source: PathBuf,
+}
+
+impl std::fmt::Debug for TrustAnchors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustAnchors")
+            .field("source", &self.source)
+            .field("count", &self.certs.len())
+            .finish()
+    }
+}
+
+impl TrustAnchors {
+    /// Every `CERTIFICATE` block of the PEM file at `path` (at least one).
+    pub fn load(path: &Path) -> Result<TrustAnchors, IdentityError> {
+        Self::from_der(fsutil::read_certs(path)?, path)
+    }
+
+    /// Every `CERTIFICATE` block of `pem` (at least one); `source` names them in errors.
+    pub fn from_pem(pem: &[u8], source: impl Into<PathBuf>) -> Result<TrustAnchors, IdentityError> {
+        let source = source.into();
+        let not_pem = |reason: String| IdentityError::NotPem {
+            path: source.clone(),
+            what: "certificate",
+            reason,
+        };
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| not_pem(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(not_pem("no CERTIFICATE block".into()));
+        }
+        Self::from_der(certs, source)
+    }
+
+    fn from_der(
+        certs: Vec<CertificateDer<'static>>,
+        source: impl Into<PathBuf>,
+    ) -> Result<TrustAnchors, IdentityError> {
+        let source = source.into();
+        let mut roots = RootCertStore::empty();
+        for cert in &certs {
+            roots
+                .add(cert.clone())
+                .map_err(|e| IdentityError::BadCertificate {
+                    path: source.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(TrustAnchors {
+            certs,
+            roots: Arc::new(roots),
+            source,
+        })
+    }
+
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
+        &self.certs
+    }
+
+    /// Where the anchors came from (a path, or a label such as an environment variable).
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// A client config for a workload that has no certificate yet (talking to the identity
+    /// service): TLS 1.3, servers verified against these anchors, no client certificate,
+    /// offering `alpn`.
+    pub fn anonymous_client_config(
+        &self,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ClientConfig>, IdentityError> {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| IdentityError::Tls(e.to_string()))?
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
 impl Credentials {
     /// Loads `ca.crt`, `tls.crt` and `tls.key` from `dir` and checks them: PEM with the
     /// right blocks, the key matches the leaf, the leaf carries a Pylon identity DNS SAN, it
@@ -75,23 +168,61 @@ impl Credentials {
     /// [`load`](Self::load) as if the time were `now` (tests load expired credentials this way
     /// to see that peers refuse them).
     pub(crate) fn load_at(dir: &Path, now: SystemTime) -> Result<Credentials, IdentityError> {
-        let ca_path = dir.join(CA_CRT);
         let crt_path = dir.join(TLS_CRT);
         let key_path = dir.join(TLS_KEY);
-        let anchors = fsutil::read_certs(&ca_path)?;
+        let anchors = TrustAnchors::load(&dir.join(CA_CRT))?;
         let chain = fsutil::read_certs(&crt_path)?;
         let key = fsutil::read_key(&key_path)?;
+        Self::build(&anchors, chain, key, &crt_path, &key_path, now)
+    }
 
-        let mut roots = RootCertStore::empty();
-        for anchor in anchors {
-            roots
-                .add(anchor)
-                .map_err(|e| IdentityError::BadCertificate {
-                    path: ca_path.clone(),
-                    reason: e.to_string(),
-                })?;
-        }
-        let roots = Arc::new(roots);
+    /// Credentials from parts held in memory (a key made here and a certificate an identity
+    /// service signed for it), checked as [`load`](Self::load) checks an identity dir. Errors
+    /// name the part: `certified leaf`, `local key`, or the anchors' source.
+    pub fn from_parts(
+        key: PrivateKeyDer<'static>,
+        leaf: CertificateDer<'static>,
+        intermediates: Vec<CertificateDer<'static>>,
+        anchors: &TrustAnchors,
+    ) -> Result<Credentials, IdentityError> {
+        Self::from_parts_at(key, leaf, intermediates, anchors, SystemTime::now())
+    }
+
+    /// [`from_parts`](Self::from_parts) as if the time were `now`.
+    pub(crate) fn from_parts_at(
+        key: PrivateKeyDer<'static>,
+        leaf: CertificateDer<'static>,
+        intermediates: Vec<CertificateDer<'static>>,
+        anchors: &TrustAnchors,
+        now: SystemTime,
+    ) -> Result<Credentials, IdentityError> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(leaf);
+        chain.extend(intermediates);
+        Self::build(
+            anchors,
+            chain,
+            key,
+            Path::new(LEAF_SOURCE),
+            Path::new(KEY_SOURCE),
+            now,
+        )
+    }
+
+    /// The checks and configs shared by [`load`](Self::load) and
+    /// [`from_parts`](Self::from_parts); `crt_path` and `key_path` name the sources in errors.
+    fn build(
+        anchors: &TrustAnchors,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        crt_path: &Path,
+        key_path: &Path,
+        now: SystemTime,
+    ) -> Result<Credentials, IdentityError> {
+        let ca_path = anchors.source.clone();
+        let crt_path = crt_path.to_path_buf();
+        let key_path = key_path.to_path_buf();
+        let roots = anchors.roots.clone();
 
         let bad_cert = |reason: String| IdentityError::BadCertificate {
             path: crt_path.clone(),
@@ -648,6 +779,133 @@ mod tests {
                 assert_eq!(found, vec!["web.example.com".to_string()])
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// The parts of an issued identity: key, leaf, intermediates, anchors.
+    fn parts(
+        issued: &crate::ca::IssuedCert,
+    ) -> (
+        PrivateKeyDer<'static>,
+        CertificateDer<'static>,
+        Vec<CertificateDer<'static>>,
+        TrustAnchors,
+    ) {
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+        let mut chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+                .map(Result::unwrap)
+                .collect();
+        let leaf = chain.remove(0);
+        let anchors = TrustAnchors::from_pem(issued.ca_pem.as_bytes(), "TEST_ANCHORS").unwrap();
+        (key, leaf, chain, anchors)
+    }
+
+    #[tokio::test]
+    async fn credentials_from_parts_are_the_same_as_from_a_dir() {
+        let ca = test_ca("cluster.local");
+        let (dir, issued) = identity_dir(&ca, "web", "default");
+        let from_dir = Credentials::load(dir.path()).unwrap();
+        let (key, leaf, intermediates, anchors) = parts(&issued);
+        assert_eq!(anchors.certs().len(), 1);
+        assert_eq!(anchors.source(), Path::new("TEST_ANCHORS"));
+        let from_parts = Credentials::from_parts(key, leaf, intermediates, &anchors).unwrap();
+        assert_eq!(from_parts.identity(), from_dir.identity());
+        assert_eq!(from_parts.serial(), from_dir.serial());
+        assert_eq!(from_parts.not_after(), from_dir.not_after());
+
+        // They interoperate: a server from a dir, a client from parts.
+        let (s, c) = handshake(
+            from_dir.server_config(),
+            from_parts.client_config(),
+            from_dir.identity().server_name(),
+        )
+        .await;
+        let (s, _) = (s.unwrap(), c.unwrap());
+        assert_eq!(
+            peer_identity(s.get_ref().1).as_ref(),
+            Some(from_parts.identity())
+        );
+
+        // The anchors alone make a client with no certificate (for the identity service).
+        let anonymous = anchors.anonymous_client_config(&[ALPN_H2]).unwrap();
+        assert_eq!(anonymous.alpn_protocols, vec![ALPN_H2.to_vec()]);
+        let (s, c) = handshake(
+            from_dir.server_config(),
+            anonymous,
+            from_dir.identity().server_name(),
+        )
+        .await;
+        assert_eq!(peer_identity(s.unwrap().get_ref().1), None);
+        assert_eq!(
+            c.unwrap().get_ref().1.alpn_protocol(),
+            Some(ALPN_H2),
+            "h2 negotiated"
+        );
+    }
+
+    #[test]
+    fn credentials_from_parts_are_checked_and_errors_name_the_part() {
+        let ca = test_ca("cluster.local");
+        let issued = ca.issue("web", "default", day()).unwrap();
+        let other = ca.issue("web", "default", day()).unwrap();
+        let (key, leaf, intermediates, anchors) = parts(&issued);
+        let (other_key, ..) = parts(&other);
+
+        match Credentials::from_parts(other_key, leaf.clone(), intermediates.clone(), &anchors) {
+            Err(IdentityError::KeyMismatch { key, cert }) => {
+                assert_eq!(key, Path::new(KEY_SOURCE));
+                assert_eq!(cert, Path::new(LEAF_SOURCE));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // No intermediate: the leaf does not chain to the anchor.
+        match Credentials::from_parts(key.clone_key(), leaf.clone(), vec![], &anchors) {
+            Err(e @ IdentityError::ChainInvalid { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(LEAF_SOURCE) && msg.contains("TEST_ANCHORS"),
+                    "{msg}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Another CA's anchors.
+        let theirs = test_ca("cluster.local");
+        let their_anchors =
+            TrustAnchors::from_pem(theirs.anchor_pem().as_bytes(), "THEIRS").unwrap();
+        assert!(matches!(
+            Credentials::from_parts(
+                key.clone_key(),
+                leaf.clone(),
+                intermediates.clone(),
+                &their_anchors
+            ),
+            Err(IdentityError::ChainInvalid { .. })
+        ));
+
+        // Checked against the time as well.
+        let later = SystemTime::now() + Duration::from_secs(2 * 86_400);
+        assert!(matches!(
+            Credentials::from_parts_at(key, leaf, intermediates, &anchors, later),
+            Err(IdentityError::Expired { .. })
+        ));
+
+        for garbage in [
+            &b""[..],
+            b"garbage",
+            b"-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n",
+        ] {
+            match TrustAnchors::from_pem(garbage, "LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS") {
+                Err(e) => assert_eq!(
+                    e.path(),
+                    Some(Path::new("LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS")),
+                    "{e}"
+                ),
+                Ok(a) => panic!("{a:?}"),
+            }
         }
     }
 

@@ -53,7 +53,7 @@ pub enum IdentityError {
     NotYetValid { path: PathBuf, not_before: i64 },
 
     #[error(
-        "{}: certificate has no Pylon identity DNS SAN (NAME.NS.serviceaccount.identity.pylon.DOMAIN); DNS SANs found: {found:?}",
+        "{}: certificate has no Pylon identity DNS SAN (NAME.NS.serviceaccount.identity.pylon.DOMAIN, or Linkerd's ...identity.linkerd.DOMAIN); DNS SANs found: {found:?}",
         .path.display()
     )]
     NoIdentity { path: PathBuf, found: Vec<String> },
@@ -81,6 +81,38 @@ pub enum IdentityError {
 
     #[error("watching identity files needs a tokio runtime")]
     NoRuntime,
+
+    /// Not a DER certificate signing request, or one using what we cannot sign (an unknown
+    /// key algorithm or extension).
+    #[error("bad certificate signing request: {reason}")]
+    CsrInvalid { reason: String },
+
+    /// The CSR's signature does not verify with the public key it carries.
+    #[error("certificate signing request signature does not verify")]
+    CsrSignature,
+
+    /// The CSR asks for names other than the identity the caller is entitled to.
+    #[error("certificate signing request is not for {expected}: it asks for {requested:?}")]
+    CsrIdentityMismatch {
+        expected: String,
+        requested: Vec<String>,
+    },
+
+    /// A certificate signed for another identity than the one asked for.
+    #[error("certificate is for {found}, not {expected}")]
+    UnexpectedIdentity { expected: String, found: String },
+
+    /// A CA signs identities of its own trust domain only.
+    #[error("{identity} is not in this CA's trust domain ({trust_domain})")]
+    ForeignTrustDomain {
+        identity: String,
+        trust_domain: String,
+    },
+
+    /// The issuer has expired (`not_after` in unix seconds): it would only sign what no peer
+    /// accepts.
+    #[error("the issuer expired at {}", crate::fsutil::fmt_unix(*.not_after))]
+    IssuerExpired { not_after: i64 },
 }
 
 impl IdentityError {
@@ -103,7 +135,13 @@ impl IdentityError {
             | Self::Validity(_)
             | Self::Generate { .. }
             | Self::Tls(_)
-            | Self::NoRuntime => None,
+            | Self::NoRuntime
+            | Self::CsrInvalid { .. }
+            | Self::CsrSignature
+            | Self::CsrIdentityMismatch { .. }
+            | Self::ForeignTrustDomain { .. }
+            | Self::UnexpectedIdentity { .. }
+            | Self::IssuerExpired { .. } => None,
         }
     }
 }

@@ -13,7 +13,11 @@
 //!   when presented, server identity checked through the name the client connects to;
 //!   [`peer_identity`] reads the peer's identity off an established connection;
 //! - [`IdentityWatcher`]: the identity dir watched and reloaded live (the last good credentials
-//!   kept when new files are broken), published lock-free, with warnings as expiry nears;
+//!   kept when new files are broken), published lock-free, with warnings as expiry nears; or
+//!   fed by code through a [`CredentialsPublisher`] (an identity service client);
+//! - [`Ca::certify_csr`](ca::Ca::certify_csr) (the identity service's side of Linkerd's
+//!   `Certify`) and [`IdentityKey`] (the workload's side: a key and a CSR), with
+//!   [`Credentials::from_parts`] turning what comes back into credentials;
 //! - [`detect_client_hello`]: whether the first bytes of a connection are a TLS ClientHello.
 //!
 //! It must not know about listeners, HTTP or policy: it answers "who am I, whom do I trust, and
@@ -26,16 +30,18 @@ mod creds;
 mod detect;
 mod error;
 mod fsutil;
+mod key;
 mod name;
 #[cfg(test)]
 mod test_support;
 mod watch;
 
-pub use crate::creds::{peer_identity, Credentials, ALPN_H2, ALPN_HTTP1};
+pub use crate::creds::{peer_identity, Credentials, TrustAnchors, ALPN_H2, ALPN_HTTP1};
 pub use crate::detect::{client_hello_sni, detect_client_hello, Detect};
 pub use crate::error::IdentityError;
+pub use crate::key::IdentityKey;
 pub use crate::name::{IdentityName, NameError};
-pub use crate::watch::{IdentityWatchHandle, IdentityWatcher};
+pub use crate::watch::{CredentialsPublisher, IdentityWatchHandle, IdentityWatcher};
 
 pub use rustls;
 pub use tokio_rustls;

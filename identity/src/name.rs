@@ -1,5 +1,5 @@
-//! Workload identity names: `NAME.NS.serviceaccount.identity.pylon.<trust domain>`, as
-//! Linkerd's `NAME.NS.serviceaccount.identity.linkerd.<domain>`, and the SPIFFE form.
+//! Workload identity names: `NAME.NS.serviceaccount.identity.pylon.<trust domain>` (Linkerd's
+//! `NAME.NS.serviceaccount.identity.linkerd.<domain>` parses too), and the SPIFFE form.
 
 use std::fmt;
 use std::str::FromStr;
@@ -8,6 +8,9 @@ use rustls_pki_types::{DnsName, ServerName};
 
 /// Between the namespace and the trust domain.
 const MARKER: &str = ".serviceaccount.identity.pylon.";
+/// Linkerd's: `identity.<control plane namespace>`, which is `linkerd` in every Linkerd
+/// install. Parsed so Linkerd proxies' names (`LINKERD2_PROXY_IDENTITY_LOCAL_NAME`) work.
+const LINKERD_MARKER: &str = ".serviceaccount.identity.linkerd.";
 const SPIFFE_SCHEME: &str = "spiffe://";
 const MAX_DNS_NAME: usize = 253;
 
@@ -38,33 +41,61 @@ pub struct IdentityName {
     sa: String,
     namespace: String,
     trust_domain: String,
+    /// Parsed from Linkerd's form.
+    linkerd: bool,
 }
 
 impl IdentityName {
     /// The identity of service account `sa` in namespace `namespace` of `trust_domain`.
     pub fn new(sa: &str, namespace: &str, trust_domain: &str) -> Result<Self, NameError> {
-        let dns = format!("{sa}.{namespace}{MARKER}{trust_domain}").to_ascii_lowercase();
+        Self::build(sa, namespace, trust_domain, MARKER)
+    }
+
+    /// The same service account in Linkerd's form,
+    /// `NAME.NS.serviceaccount.identity.linkerd.<trust domain>`.
+    pub fn new_linkerd(sa: &str, namespace: &str, trust_domain: &str) -> Result<Self, NameError> {
+        Self::build(sa, namespace, trust_domain, LINKERD_MARKER)
+    }
+
+    fn build(
+        sa: &str,
+        namespace: &str,
+        trust_domain: &str,
+        marker: &str,
+    ) -> Result<Self, NameError> {
+        let dns = format!("{sa}.{namespace}{marker}{trust_domain}").to_ascii_lowercase();
         let name = Self::parse(&dns)?;
         // A service account name with `.serviceaccount.identity.pylon.` inside it would parse
         // back as something else; refuse what cannot round-trip.
         if name.sa != sa.to_ascii_lowercase()
             || name.namespace != namespace.to_ascii_lowercase()
             || name.trust_domain != trust_domain.to_ascii_lowercase()
+            || name.linkerd != (marker == LINKERD_MARKER)
         {
             return Err(NameError::new(&dns, "ambiguous: parses back differently"));
         }
         Ok(name)
     }
 
-    /// Parses the DNS form, `NAME.NS.serviceaccount.identity.pylon.<trust domain>`.
+    /// Parses the DNS form, `NAME.NS.serviceaccount.identity.pylon.<trust domain>`, or
+    /// Linkerd's `NAME.NS.serviceaccount.identity.linkerd.<trust domain>` (kept as given: the
+    /// two are different names, as certificates carry them).
     pub fn parse(input: &str) -> Result<Self, NameError> {
         let err = |reason: &str| NameError::new(input, reason);
         let dns = input.to_ascii_lowercase();
         if dns.len() > MAX_DNS_NAME {
             return Err(err("longer than 253 characters"));
         }
-        let (sa_ns, trust_domain) = dns
-            .split_once(MARKER)
+        // The first marker of either form: a name holding both is refused below (its service
+        // account or trust domain would hold a marker) rather than read two ways.
+        let (linkerd, sa_ns, trust_domain) = [MARKER, LINKERD_MARKER]
+            .into_iter()
+            .filter_map(|marker| {
+                let at = dns.find(marker)?;
+                Some((at, marker, &dns[..at], &dns[at + marker.len()..]))
+            })
+            .min_by_key(|(at, ..)| *at)
+            .map(|(_, marker, sa_ns, td)| (marker == LINKERD_MARKER, sa_ns, td))
             .ok_or_else(|| err("expected NAME.NS.serviceaccount.identity.pylon.TRUST_DOMAIN"))?;
         // Namespaces are single DNS labels; service account names may contain dots.
         let (sa, namespace) = sa_ns
@@ -77,6 +108,7 @@ impl IdentityName {
             sa: sa.to_string(),
             namespace: namespace.to_string(),
             trust_domain: trust_domain.to_string(),
+            linkerd,
             dns,
         })
     }
@@ -116,6 +148,18 @@ impl IdentityName {
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// Whether this is Linkerd's form (`...serviceaccount.identity.linkerd.<trust domain>`).
+    pub fn is_linkerd_form(&self) -> bool {
+        self.linkerd
+    }
+
+    /// Whether `other` is the same service account of the same trust domain, in either form.
+    pub fn same_account(&self, other: &IdentityName) -> bool {
+        self.sa == other.sa
+            && self.namespace == other.namespace
+            && self.trust_domain == other.trust_domain
     }
 
     /// The DNS form, as in certificates' DNS SAN.
@@ -233,6 +277,34 @@ mod tests {
     }
 
     #[test]
+    fn linkerds_form_parses_and_stays_linkerds() {
+        let linkerd =
+            IdentityName::parse("web.default.serviceaccount.identity.linkerd.cluster.local")
+                .unwrap();
+        assert_eq!(
+            (linkerd.sa(), linkerd.namespace(), linkerd.trust_domain()),
+            ("web", "default", "cluster.local")
+        );
+        assert!(linkerd.is_linkerd_form());
+        assert_eq!(
+            linkerd.as_str(),
+            "web.default.serviceaccount.identity.linkerd.cluster.local"
+        );
+        assert_eq!(
+            IdentityName::new_linkerd("web", "default", "cluster.local").unwrap(),
+            linkerd
+        );
+        let pylon = IdentityName::new("web", "default", "cluster.local").unwrap();
+        assert!(!pylon.is_linkerd_form());
+        assert_ne!(pylon, linkerd);
+        assert!(pylon.same_account(&linkerd));
+        assert_eq!(pylon.spiffe_id(), linkerd.spiffe_id());
+        assert!(
+            IdentityName::new_linkerd("x.serviceaccount.identity.pylon.y", "ns", "td").is_err()
+        );
+    }
+
+    #[test]
     fn parsing_lowercases() {
         let id =
             IdentityName::parse("Web.Default.serviceaccount.identity.pylon.Cluster.Local").unwrap();
@@ -253,7 +325,8 @@ mod tests {
             "web_1.default.serviceaccount.identity.pylon.cluster.local",
             "-web.default.serviceaccount.identity.pylon.cluster.local",
             "web.default.serviceaccount.identity.pylon.cluster..local",
-            "web.default.serviceaccount.identity.linkerd.cluster.local",
+            "web.default.serviceaccount.identity.other.cluster.local",
+            "a.serviceaccount.identity.linkerd.b.ns.serviceaccount.identity.pylon.td",
         ] {
             assert!(IdentityName::parse(bad).is_err(), "{bad:?} parsed");
         }

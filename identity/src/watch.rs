@@ -1,11 +1,12 @@
 //! The identity dir, watched: reloaded when its files change, the last good credentials kept
-//! when the new ones are broken, expiry warned about.
+//! when the new ones are broken, expiry warned about. Or credentials fed by code (an identity
+//! service client) through a [`CredentialsPublisher`]: readers do not care which.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
 
 use crate::fsutil::{fmt_unix, unix_secs};
@@ -24,8 +25,8 @@ const EXPIRY_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Warn this close to expiry at least (or within the last fifth of the lifetime, if longer).
 const MIN_EXPIRY_WARNING: i64 = 3600;
 
-/// The current credentials of an identity dir, kept up to date by a background task.
-/// Cheap to clone; every clone sees the same credentials.
+/// The current credentials of an identity dir, kept up to date by a background task, or fed
+/// by a [`CredentialsPublisher`]. Cheap to clone; every clone sees the same credentials.
 #[derive(Clone)]
 pub struct IdentityWatcher {
     shared: Arc<Shared>,
@@ -41,8 +42,12 @@ impl std::fmt::Debug for IdentityWatcher {
 }
 
 struct Shared {
-    dir: PathBuf,
-    current: ArcSwap<Credentials>,
+    /// `None` when fed by a publisher.
+    dir: Option<PathBuf>,
+    /// Always set for a dir (its first load must succeed); a publisher's until it publishes.
+    current: ArcSwapOption<Credentials>,
+    /// Woken whenever `current` changes.
+    changed: Notify,
     /// The last reload's error, until a reload succeeds.
     last_error: ArcSwapOption<String>,
     /// Touched only by the watch task; a mutex so the task can hand it to a blocking thread.
@@ -112,8 +117,9 @@ impl IdentityWatcher {
             "identity loaded"
         );
         let shared = Arc::new(Shared {
-            dir,
-            current: ArcSwap::from_pointee(creds),
+            dir: Some(dir.clone()),
+            current: ArcSwapOption::from_pointee(creds),
+            changed: Notify::new(),
             last_error: ArcSwapOption::empty(),
             state: Mutex::new(ReloadState {
                 fingerprint,
@@ -125,7 +131,7 @@ impl IdentityWatcher {
 
         let kick = Arc::new(Notify::new());
         let watcher = if options.fs_events {
-            start_fs_watcher(&shared.dir, kick.clone())
+            start_fs_watcher(&dir, kick.clone())
         } else {
             None
         };
@@ -139,10 +145,48 @@ impl IdentityWatcher {
         ))
     }
 
+    /// Credentials fed by code rather than read from a dir: none until the publisher's first
+    /// [`publish`](CredentialsPublisher::publish). Needs no runtime; the publisher does the
+    /// work (and logs), the watcher only hands out the latest.
+    pub fn published() -> (IdentityWatcher, CredentialsPublisher) {
+        let shared = Arc::new(Shared {
+            dir: None,
+            current: ArcSwapOption::empty(),
+            changed: Notify::new(),
+            last_error: ArcSwapOption::empty(),
+            state: Mutex::new(ReloadState {
+                fingerprint: Fingerprint([None, None, None]),
+                failed: false,
+                last_expiry_log: None,
+            }),
+        });
+        (
+            IdentityWatcher {
+                shared: shared.clone(),
+            },
+            CredentialsPublisher { shared },
+        )
+    }
+
     /// The current credentials; lock-free. Take it per handshake: a rotation only changes
-    /// what later calls return.
-    pub fn current(&self) -> Arc<Credentials> {
+    /// what later calls return. Always `Some` for a dir; `None` from a publisher that has not
+    /// published yet.
+    pub fn current(&self) -> Option<Arc<Credentials>> {
         self.shared.current.load_full()
+    }
+
+    /// The current credentials, once there are any (at once for a dir).
+    pub async fn wait_current(&self) -> Arc<Credentials> {
+        loop {
+            // Registered before looking, so a publish in between is not missed.
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(creds) = self.current() {
+                return creds;
+            }
+            notified.await;
+        }
     }
 
     /// Why the last reload failed, while the previous credentials are still in use.
@@ -150,8 +194,40 @@ impl IdentityWatcher {
         self.shared.last_error.load_full()
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.shared.dir
+    /// The watched dir; `None` for published credentials.
+    pub fn dir(&self) -> Option<&Path> {
+        self.shared.dir.as_deref()
+    }
+}
+
+/// Feeds an [`IdentityWatcher`] made by [`IdentityWatcher::published`]. Cheap to clone.
+#[derive(Clone)]
+pub struct CredentialsPublisher {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CredentialsPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialsPublisher")
+            .field("current", &self.shared.current.load())
+            .finish()
+    }
+}
+
+impl CredentialsPublisher {
+    /// Makes `creds` current (new handshakes use them; established ones keep theirs) and
+    /// clears the last error.
+    pub fn publish(&self, creds: Credentials) {
+        self.shared.current.store(Some(Arc::new(creds)));
+        self.shared.last_error.store(None);
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Records why getting new credentials failed; the current ones stay in use.
+    pub fn publish_error(&self, error: impl std::fmt::Display) {
+        self.shared
+            .last_error
+            .store(Some(Arc::new(error.to_string())));
     }
 }
 
@@ -164,22 +240,24 @@ impl Shared {
     /// Reloads if the files changed since the last attempt (or that attempt failed: a
     /// not-yet-valid certificate becomes valid with time), then checks expiry.
     fn check(&self) {
+        let Some(dir) = &self.dir else { return };
         let mut state = self.lock_state();
-        let fingerprint = Fingerprint::of(&self.dir);
+        let fingerprint = Fingerprint::of(dir);
         if fingerprint != state.fingerprint || state.failed {
             state.fingerprint = fingerprint;
-            match Credentials::load(&self.dir) {
+            match Credentials::load(dir) {
                 Ok(creds) => {
                     let old = self.current.load();
                     tracing::info!(
-                        dir = %self.dir.display(),
+                        dir = %dir.display(),
                         identity = %creds.identity(),
                         serial = creds.serial(),
-                        previous_serial = old.serial(),
+                        previous_serial = old.as_ref().map(|c| c.serial()),
                         not_after = %fmt_unix(creds.not_after()),
                         "identity reloaded"
                     );
-                    self.current.store(Arc::new(creds));
+                    self.current.store(Some(Arc::new(creds)));
+                    self.changed.notify_waiters();
                     self.last_error.store(None);
                     state.failed = false;
                     // A new certificate gets its own expiry warnings.
@@ -196,10 +274,10 @@ impl Shared {
                     if !repeated {
                         let current = self.current.load();
                         tracing::error!(
-                            dir = %self.dir.display(),
+                            dir = %dir.display(),
                             file = ?error.path(),
                             %error,
-                            serial = current.serial(),
+                            serial = current.as_ref().map(|c| c.serial()),
                             "identity reload failed; keeping the last good credentials"
                         );
                     }
@@ -212,7 +290,9 @@ impl Shared {
     }
 
     fn check_expiry(&self, state: &mut ReloadState, now: SystemTime) {
-        let creds = self.current.load();
+        let Some(creds) = self.current.load_full() else {
+            return;
+        };
         let expiry = expiry(creds.not_before(), creds.not_after(), unix_secs(now));
         if expiry == Expiry::Fine {
             return;
@@ -227,14 +307,14 @@ impl Shared {
         match expiry {
             Expiry::Fine => {}
             Expiry::Soon { remaining } => tracing::warn!(
-                dir = %self.dir.display(),
+                dir = ?self.dir,
                 identity = %creds.identity(),
                 not_after = %fmt_unix(creds.not_after()),
                 remaining_secs = remaining,
                 "identity certificate expires soon; re-issue it"
             ),
             Expiry::Expired => tracing::error!(
-                dir = %self.dir.display(),
+                dir = ?self.dir,
                 identity = %creds.identity(),
                 not_after = %fmt_unix(creds.not_after()),
                 "identity certificate has expired; peers will refuse it"
@@ -364,14 +444,17 @@ mod tests {
         let ca = test_ca("cluster.local");
         let (dir, first) = identity_dir(&ca, "web", "default");
         let (watcher, _handle) = IdentityWatcher::spawn(dir.path()).unwrap();
-        assert_eq!(watcher.current().serial(), first.serial);
-        let config_before = watcher.current().server_config();
+        assert_eq!(watcher.current().unwrap().serial(), first.serial);
+        let config_before = watcher.current().unwrap().server_config();
 
         let second = ca.issue("web", "default", day()).unwrap();
         assert_ne!(second.serial, first.serial);
         second.write(dir.path()).unwrap();
         assert!(
-            eventually(Duration::from_secs(5), || watcher.current().serial()
+            eventually(Duration::from_secs(5), || watcher
+                .current()
+                .unwrap()
+                .serial()
                 == second.serial)
             .await,
             "re-issued certificate not picked up"
@@ -380,7 +463,7 @@ mod tests {
         // New handshakes get a new config; the old one (held by live connections) is intact.
         assert!(!Arc::ptr_eq(
             &config_before,
-            &watcher.current().server_config()
+            &watcher.current().unwrap().server_config()
         ));
 
         crate::fsutil::write_atomic(&dir.path().join(TLS_CRT), b"garbage", 0o644).unwrap();
@@ -390,13 +473,16 @@ mod tests {
         );
         let error = watcher.last_error().unwrap();
         assert!(error.contains("tls.crt"), "{error}");
-        assert_eq!(watcher.current().serial(), second.serial);
+        assert_eq!(watcher.current().unwrap().serial(), second.serial);
 
         // Fixed again: picked up, error cleared.
         let third = ca.issue("web", "default", day()).unwrap();
         third.write(dir.path()).unwrap();
         assert!(
-            eventually(Duration::from_secs(5), || watcher.current().serial()
+            eventually(Duration::from_secs(5), || watcher
+                .current()
+                .unwrap()
+                .serial()
                 == third.serial)
             .await
         );
@@ -415,7 +501,10 @@ mod tests {
         let next = ca.issue("web", "default", day()).unwrap();
         next.write(dir.path()).unwrap();
         assert!(
-            eventually(Duration::from_secs(5), || watcher.current().serial()
+            eventually(Duration::from_secs(5), || watcher
+                .current()
+                .unwrap()
+                .serial()
                 == next.serial)
             .await
         );
@@ -438,6 +527,42 @@ mod tests {
             IdentityWatcher::spawn(dir.path()),
             Err(IdentityError::NoRuntime)
         ));
+    }
+
+    #[tokio::test]
+    async fn published_credentials_start_empty_and_follow_the_publisher() {
+        let ca = test_ca("cluster.local");
+        let (dir, first) = identity_dir(&ca, "web", "default");
+        let (watcher, publisher) = IdentityWatcher::published();
+        assert!(watcher.current().is_none());
+        assert!(watcher.dir().is_none());
+
+        // Waiting starts before anything is published and ends when something is.
+        let waiting = tokio::spawn({
+            let watcher = watcher.clone();
+            async move { watcher.wait_current().await.serial().to_owned() }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        publisher.publish(Credentials::load(dir.path()).unwrap());
+        let serial = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("waiter woken")
+            .unwrap();
+        assert_eq!(serial, first.serial);
+
+        // A failure is reported while the credentials stay; the next publish clears it.
+        publisher.publish_error("identity service unavailable");
+        assert_eq!(
+            watcher.last_error().as_deref().map(String::as_str),
+            Some("identity service unavailable")
+        );
+        assert_eq!(watcher.current().unwrap().serial(), first.serial);
+        let second = ca.issue("web", "default", day()).unwrap();
+        second.write(dir.path()).unwrap();
+        publisher.publish(Credentials::load(dir.path()).unwrap());
+        assert!(watcher.last_error().is_none());
+        assert_eq!(watcher.wait_current().await.serial(), second.serial);
     }
 
     #[test]

@@ -125,6 +125,8 @@ pub struct Metrics {
     tap_dropped: Arc<SourcedCounter>,
     authz: AuthzFamilies,
     identity_expiry: Gauge,
+    identity_refreshes: Counter,
+    identity_certify_failures: Counter,
 }
 
 /// Linkerd's inbound authorization counters.
@@ -334,6 +336,20 @@ impl Metrics {
             "Time when this proxy's current mTLS identity certificate will expire (in seconds since the UNIX epoch)",
             identity_expiry.clone(),
         );
+        // Linkerd's proxy names this `identity_cert_refresh_count` (Prometheus text, no
+        // `_total`); OpenMetrics counters end in `_total`.
+        let identity_refreshes = Counter::default();
+        registry.register(
+            "identity_cert_refresh",
+            "Total count of times this proxy's mTLS identity certificate has been refreshed by the identity service",
+            identity_refreshes.clone(),
+        );
+        let identity_certify_failures = Counter::default();
+        registry.register(
+            "identity_certify_failures",
+            "Total count of failed requests to the identity service for this proxy's certificate (each is retried with backoff, the current certificate kept)",
+            identity_certify_failures.clone(),
+        );
 
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
@@ -366,6 +382,8 @@ impl Metrics {
             tap_dropped,
             authz,
             identity_expiry,
+            identity_refreshes,
+            identity_certify_failures,
         })
     }
 
@@ -471,6 +489,16 @@ impl Metrics {
     /// `identity_cert_expiration_timestamp_seconds`: the current certificate's `notAfter`.
     pub fn set_identity_expiry(&self, unix_secs: i64) {
         self.identity_expiry.set(unix_secs);
+    }
+
+    /// `identity_cert_refresh_total`: certificates obtained from the identity service.
+    pub fn identity_cert_refreshes(&self) -> EventCounter {
+        EventCounter(self.identity_refreshes.clone())
+    }
+
+    /// `identity_certify_failures_total`: failed requests to the identity service.
+    pub fn identity_certify_failures(&self) -> EventCounter {
+        EventCounter(self.identity_certify_failures.clone())
     }
 
     /// OpenMetrics text for `/metrics` (ends with `# EOF`); serve it with

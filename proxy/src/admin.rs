@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::authz::{Client, InboundAuthz};
 use crate::logging::LogLevel;
+use crate::mesh_tls::MeshTls;
 use crate::shutdown::Shutdown;
 
 pub struct Admin {
@@ -29,6 +30,8 @@ pub struct Admin {
     pub admin_addr: SocketAddr,
     /// `target_addr` of the admin port's authorization metrics.
     pub admin_label: Arc<str>,
+    /// This workload's identity: `/ready` waits for its certificate.
+    pub mesh_tls: Option<Arc<MeshTls>>,
 }
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -82,6 +85,14 @@ impl Admin {
             (&Method::GET, "/ready") => {
                 if self.shutdown.is_draining() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if let Some(tls) = self.mesh_tls.as_ref().filter(|t| !t.is_ready()) {
+                    let why = tls
+                        .last_error()
+                        .map_or_else(String::new, |e| format!(": {e}"));
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("waiting for an identity certificate{why}\n"),
+                    )
                 } else if !self.authz.is_ready() {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -41,6 +41,8 @@ enum StartError {
     Identity(#[from] pylon_identity::IdentityError),
     #[error(transparent)]
     ControlPlane(#[from] crate::control::AddrError),
+    #[error(transparent)]
+    IdentityService(#[from] crate::identity_client::ConfigError),
 }
 
 pub fn main(args: ProxyArgs) -> ExitCode {
@@ -118,9 +120,12 @@ async fn run(mut args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), St
     let taps = Taps::new();
     metrics.set_tap_dropped_source(taps.dropped_counter());
     // Without an identity the proxy neither originates nor terminates mesh TLS.
-    let mesh_tls = match &args.identity_dir {
-        Some(dir) => Some(MeshTls::start(dir, metrics.clone())?),
-        None => None,
+    let identity_service =
+        crate::identity_client::Config::from_args(&args, |name| std::env::var(name).ok())?;
+    let mesh_tls = match (&args.identity_dir, identity_service) {
+        (Some(dir), _) => Some(MeshTls::start(dir, metrics.clone())?),
+        (None, Some(config)) => Some(MeshTls::start_certifying(config, metrics.clone())?),
+        (None, None) => None,
     };
     let trust_domain = mesh_tls
         .as_ref()
@@ -200,7 +205,7 @@ async fn run(mut args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), St
         profiles,
         metrics.clone(),
         telemetry,
-        mesh_tls,
+        mesh_tls.clone(),
         authz.clone(),
         shutdown.clone(),
     );
@@ -221,6 +226,7 @@ async fn run(mut args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), St
         admin_label: admin_local.to_string().into(),
         admin_addr: admin_local,
         authz,
+        mesh_tls,
     });
 
     tokio::spawn(admin.serve(admin_listener));

@@ -107,8 +107,39 @@ pub struct ProxyArgs {
     /// This workload's identity: `ca.crt` (trust anchor), `tls.crt` (chain) and `tls.key`, as
     /// `pylon identity issue` writes them; watched and rotated live. Without it the proxy
     /// neither originates nor terminates mesh TLS.
-    #[arg(long, env = "PYLON_IDENTITY_DIR")]
+    #[arg(long, env = "PYLON_IDENTITY_DIR", conflicts_with = "identity_addr")]
     pub identity_dir: Option<PathBuf>,
+
+    /// The identity service (Linkerd's `Identity/Certify` API), HOST:PORT: this workload's
+    /// key is made in the process and its certificate requested there, renewed at 70% of its
+    /// lifetime; `/ready` waits for the first one. Linkerd's
+    /// `LINKERD2_PROXY_IDENTITY_SVC_ADDR` is read when neither this nor `--identity-dir` is set.
+    #[arg(long, env = "PYLON_IDENTITY_ADDR")]
+    pub identity_addr: Option<String>,
+
+    /// With `--identity-addr`: the identity to ask for,
+    /// `SA.NS.serviceaccount.identity.pylon.DOMAIN` (or Linkerd's `...identity.linkerd.DOMAIN`);
+    /// else `LINKERD2_PROXY_IDENTITY_LOCAL_NAME`.
+    #[arg(long, env = "PYLON_IDENTITY_NAME")]
+    pub identity_name: Option<String>,
+
+    /// With `--identity-addr`: the ServiceAccount token proving the identity, re-read for every
+    /// request; else `LINKERD2_PROXY_IDENTITY_TOKEN_FILE`, else
+    /// /var/run/secrets/tokens/linkerd-identity-token if present, else the pod's ServiceAccount
+    /// token.
+    #[arg(long, env = "PYLON_IDENTITY_TOKEN_FILE")]
+    pub identity_token_file: Option<PathBuf>,
+
+    /// With `--identity-addr`: the trust anchors, a PEM file (or PEM text); else
+    /// `LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS` (PEM text).
+    #[arg(long, env = "PYLON_IDENTITY_TRUST_ANCHORS", allow_hyphen_values = true)]
+    pub identity_trust_anchors: Option<String>,
+
+    /// With `--identity-addr`: the identity service's own identity; when set (or
+    /// `LINKERD2_PROXY_IDENTITY_SVC_NAME`) the proxy talks TLS to it and checks it proves this
+    /// name, otherwise plaintext gRPC.
+    #[arg(long, env = "PYLON_IDENTITY_SVC_NAME")]
+    pub identity_svc_name: Option<String>,
 
     /// Who may connect to a port no `Server` describes: `all-unauthenticated`,
     /// `all-authenticated`, `cluster-authenticated`, `cluster-unauthenticated`, `deny` or

@@ -24,6 +24,7 @@ mod control;
 pub mod detect;
 mod discovery;
 mod http;
+mod identity_client;
 mod inbound;
 pub mod init;
 mod io;

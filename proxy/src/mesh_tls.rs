@@ -1,9 +1,10 @@
 //! Mesh TLS for the proxy: this workload's identity (from `--identity-dir`, watched and
-//! rotated by `pylon-identity`), the client side of a hop to a meshed endpoint, and the
-//! server side of a hop from a meshed client.
+//! rotated by `pylon-identity`, or from the identity service at `--identity-addr`), the client
+//! side of a hop to a meshed endpoint, and the server side of a hop from a meshed client.
 //!
 //! Every handshake reads the current credentials, so a rotation applies to new connections
-//! and never touches established ones.
+//! and never touches established ones. Before the identity service's first certificate,
+//! handshakes wait for it (within the handshake timeout), and `/ready` says not ready.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,6 +17,8 @@ use pylon_identity::{
     peer_identity, IdentityError, IdentityName, IdentityWatchHandle, IdentityWatcher, ALPN_H2,
     ALPN_HTTP1,
 };
+
+use crate::identity_client::{self, AbortOnDrop};
 use pylon_proxy_metrics::Metrics;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -56,9 +59,15 @@ pub struct Accepted {
 
 pub struct MeshTls {
     watcher: IdentityWatcher,
-    _watch: IdentityWatchHandle,
+    /// What keeps `watcher` current: the dir's watch, or the identity service's client.
+    _source: Source,
     /// This workload's identity name (fixed: a rotation re-issues the same name).
     local: IdentityName,
+}
+
+enum Source {
+    Dir(#[allow(dead_code)] IdentityWatchHandle),
+    Service(#[allow(dead_code)] AbortOnDrop),
 }
 
 impl MeshTls {
@@ -67,12 +76,53 @@ impl MeshTls {
     /// `identity_cert_expiration_timestamp_seconds` gauge current.
     pub fn start(dir: &Path, metrics: Arc<Metrics>) -> Result<Arc<MeshTls>, IdentityError> {
         let (watcher, watch) = IdentityWatcher::spawn(dir)?;
-        let current = watcher.current();
-        let local = current.identity().clone();
-        metrics.set_identity_expiry(current.not_after());
+        let local = match watcher.current() {
+            Some(current) => current.identity().clone(),
+            // Unreachable: a dir's first load must succeed for `spawn` to return.
+            None => {
+                return Err(IdentityError::Missing {
+                    path: dir.to_path_buf(),
+                })
+            }
+        };
+        Ok(Self::with_watcher(
+            watcher,
+            Source::Dir(watch),
+            local,
+            metrics,
+        ))
+    }
+
+    /// Gets this workload's certificate from the identity service and keeps it renewed; until
+    /// the first arrives, [`is_ready`](Self::is_ready) is false and handshakes wait.
+    pub fn start_certifying(
+        config: identity_client::Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<MeshTls>, identity_client::ConfigError> {
+        let (watcher, publisher) = IdentityWatcher::published();
+        let local = config.name.clone();
+        let client = identity_client::spawn(config, publisher, metrics.clone())?;
+        Ok(Self::with_watcher(
+            watcher,
+            Source::Service(client),
+            local,
+            metrics,
+        ))
+    }
+
+    /// Keeps the `identity_cert_expiration_timestamp_seconds` gauge current.
+    fn with_watcher(
+        watcher: IdentityWatcher,
+        source: Source,
+        local: IdentityName,
+        metrics: Arc<Metrics>,
+    ) -> Arc<MeshTls> {
+        if let Some(current) = watcher.current() {
+            metrics.set_identity_expiry(current.not_after());
+        }
         let tls = Arc::new(MeshTls {
             watcher,
-            _watch: watch,
+            _source: source,
             local,
         });
         let weak = Arc::downgrade(&tls);
@@ -81,10 +131,23 @@ impl MeshTls {
             loop {
                 tick.tick().await;
                 let Some(tls) = weak.upgrade() else { return };
-                metrics.set_identity_expiry(tls.watcher.current().not_after());
+                if let Some(current) = tls.watcher.current() {
+                    metrics.set_identity_expiry(current.not_after());
+                }
             }
         });
-        Ok(tls)
+        tls
+    }
+
+    /// Whether this workload has a certificate (always, from a dir).
+    pub fn is_ready(&self) -> bool {
+        self.watcher.current().is_some()
+    }
+
+    /// Why the last attempt to get (or reload) the certificate failed, while it still
+    /// matters.
+    pub fn last_error(&self) -> Option<Arc<String>> {
+        self.watcher.last_error()
     }
 
     pub fn local_identity(&self) -> &IdentityName {
@@ -104,11 +167,14 @@ impl MeshTls {
                 format!("server identity {server_id:?}: {e}"),
             )
         })?;
-        let config = self
-            .watcher
-            .current()
-            .client_config_with_alpn(alpn.protocols());
-        let connect = TlsConnector::from(config).connect(name, tcp);
+        let connect = async {
+            let config = self
+                .watcher
+                .wait_current()
+                .await
+                .client_config_with_alpn(alpn.protocols());
+            TlsConnector::from(config).connect(name, tcp).await
+        };
         tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
             .await
             .map_err(|_| {
@@ -125,8 +191,11 @@ impl MeshTls {
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
-        let acceptor = TlsAcceptor::from(self.watcher.current().server_config());
-        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
+        let accept = async {
+            let acceptor = TlsAcceptor::from(self.watcher.wait_current().await.server_config());
+            acceptor.accept(io).await
+        };
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)
             .await
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
