@@ -120,6 +120,7 @@ async fn controller(dir: &Path) -> Controller {
         policy: PolicyDefaults::default(),
         destination_addr: "127.0.0.1:0".parse().expect("addr"),
         policy_addr: "127.0.0.1:0".parse().expect("addr"),
+        identity: None,
         admin_addr: "127.0.0.1:0".parse().expect("addr"),
     })
     .await

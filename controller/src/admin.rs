@@ -22,6 +22,7 @@ use pylon_proxy_policy::Store;
 use tokio::net::TcpListener;
 
 use crate::destination::DestinationStats;
+use crate::identity::CertifyStats;
 use crate::kubernetes::WatchStatus;
 
 /// Everything the controller counts, read at scrape time.
@@ -29,14 +30,20 @@ use crate::kubernetes::WatchStatus;
 pub struct ControllerMetrics {
     store: Arc<Store>,
     watches: Option<Arc<WatchStatus>>,
+    identity: Option<Arc<CertifyStats>>,
     pub destination: Arc<DestinationStats>,
 }
 
 impl ControllerMetrics {
-    pub fn new(store: Arc<Store>, watches: Option<Arc<WatchStatus>>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        watches: Option<Arc<WatchStatus>>,
+        identity: Option<Arc<CertifyStats>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             watches,
+            identity,
             destination: Arc::default(),
         })
     }
@@ -101,6 +108,21 @@ impl Collector for Scrape {
             "Updates sent to proxies.",
             d.updates_sent.load(Ordering::Relaxed),
         )?;
+        if let Some(i) = &m.identity {
+            counter(
+                &mut e,
+                "identity_certify_issued",
+                "Certificates issued.",
+                i.issued(),
+            )?;
+            counter(
+                &mut e,
+                "identity_certify_refused",
+                "Certify requests refused (token, identity or CSR).",
+                i.refused(),
+            )?;
+            counter(&mut e, "identity_certify_failed", "Certify requests that failed on the controller's side (token review unavailable, issuer expired).", i.failed())?;
+        }
         if let Some(w) = &m.watches {
             counter(
                 &mut e,

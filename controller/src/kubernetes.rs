@@ -16,14 +16,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
 use pylon_proxy_policy::{ApiChange, ApiObject, Store};
 use tokio::sync::mpsc;
+
+use crate::identity::{ReviewError, TokenReviewer};
 
 /// How often a missing CRD group is looked for again (it may be installed later).
 const CRD_RECHECK: Duration = Duration::from_secs(30);
@@ -319,4 +322,45 @@ fn object_path(resource: &ApiResource, object: &DynamicObject) -> PathBuf {
         None => format!("{base}/{}/{name}", resource.plural),
     };
     PathBuf::from(path)
+}
+
+/// Reviews ServiceAccount tokens with the API server (`authentication.k8s.io/v1 TokenReview`),
+/// as Linkerd's identity controller does.
+pub struct KubeTokenReviewer {
+    client: Client,
+}
+
+impl KubeTokenReviewer {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+}
+
+#[tonic::async_trait]
+impl TokenReviewer for KubeTokenReviewer {
+    async fn review(&self, token: &str, audiences: &[String]) -> Result<String, ReviewError> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_string(),
+                audiences: (!audiences.is_empty()).then(|| audiences.to_vec()),
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
+        let status = reviewed
+            .status
+            .ok_or_else(|| ReviewError::Unavailable("the TokenReview has no status".into()))?;
+        if status.authenticated != Some(true) {
+            return Err(ReviewError::NotAuthenticated(
+                status.error.unwrap_or_else(|| "not authenticated".into()),
+            ));
+        }
+        status
+            .user
+            .and_then(|u| u.username)
+            .ok_or_else(|| ReviewError::NotAuthenticated("no username in the review".into()))
+    }
 }

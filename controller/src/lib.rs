@@ -18,4 +18,4 @@ pub mod mesh;
 pub mod policy;
 mod server;
 
-pub use crate::server::{Controller, ControllerConfig, MeshSource, StartError};
+pub use crate::server::{Controller, ControllerConfig, IdentityConfig, MeshSource, StartError};

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pylon_controller::mesh::MeshConfig;
-use pylon_controller::{Controller, ControllerConfig, MeshSource};
+use std::sync::Arc;
+
+use anyhow::Context;
+use pylon_controller::kubernetes::KubeTokenReviewer;
+use pylon_controller::{Controller, ControllerConfig, IdentityConfig, MeshSource};
 
 /// Pylon's control plane: watches the Kubernetes API (or a config dir) and serves proxies over
 /// Linkerd's destination, policy and identity APIs.
@@ -53,6 +57,26 @@ struct Args {
     /// or `linkerd` to keep the names of a cluster moving from Linkerd.
     #[arg(long, env = "PYLON_IDENTITY_ISSUER_NAME", default_value = "pylon")]
     identity_issuer_name: String,
+    /// Serve Linkerd's identity API with the issuer in this CA dir (`issuer.crt`,
+    /// `issuer.key`, `ca.crt`, `trust-domain`, as `pylon identity init-ca` writes them).
+    /// Tokens are reviewed by the Kubernetes API.
+    #[arg(long, env = "PYLON_IDENTITY_ISSUER_DIR")]
+    identity_issuer_dir: Option<PathBuf>,
+    /// Identity API (Linkerd's port 8080).
+    #[arg(long, env = "PYLON_IDENTITY_ADDR", default_value = "0.0.0.0:8080")]
+    identity_addr: SocketAddr,
+    /// Lifetime of issued certificates.
+    #[arg(long, env = "PYLON_IDENTITY_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    identity_cert_lifetime: std::time::Duration,
+    /// Audiences a proxy's token must be valid for (Linkerd's projected token's
+    /// `identity.l5d.io`); `--identity-token-audience ''` accepts the API server's default.
+    #[arg(
+        long,
+        env = "PYLON_IDENTITY_TOKEN_AUDIENCE",
+        default_value = "identity.l5d.io",
+        value_delimiter = ','
+    )]
+    identity_token_audience: Vec<String>,
     /// Namespace for a config dir's objects that name none.
     #[arg(long, default_value = "default")]
     namespace: String,
@@ -87,6 +111,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(dir) => MeshSource::ConfigDir(dir.clone()),
         None => MeshSource::Kubernetes(kube_client(args.kubeconfig.as_deref()).await?),
     };
+    let identity = match (&args.identity_issuer_dir, &source) {
+        (None, _) => None,
+        (Some(dir), MeshSource::Kubernetes(client)) => Some(IdentityConfig {
+            ca: Arc::new(
+                pylon_identity::ca::Ca::load(dir)
+                    .with_context(|| format!("--identity-issuer-dir {}", dir.display()))?,
+            ),
+            reviewer: Arc::new(KubeTokenReviewer::new(client.clone())),
+            lifetime: args.identity_cert_lifetime,
+            audiences: args
+                .identity_token_audience
+                .iter()
+                .filter(|a| !a.is_empty())
+                .cloned()
+                .collect(),
+            addr: args.identity_addr,
+        }),
+        (Some(_), MeshSource::ConfigDir(_)) => {
+            anyhow::bail!("--identity-issuer-dir needs the Kubernetes API to review tokens; it can't be used with --config-dir")
+        }
+    };
     let _controller = Controller::start(ControllerConfig {
         source,
         cluster_domain: args.cluster_domain,
@@ -106,6 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         destination_addr: args.destination_addr,
         policy_addr: args.policy_addr,
+        identity,
         admin_addr: args.admin_addr,
     })
     .await?;
@@ -130,4 +176,8 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
         None => kube::Config::infer().await?,
     };
     Ok(kube::Client::try_from(config)?)
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    pylon_proxy_policy::duration::parse(s).map_err(|e| e.to_string())
 }

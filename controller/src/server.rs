@@ -12,9 +12,23 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::{Admin, ControllerMetrics};
 use crate::destination::DestinationService;
+use crate::identity::{IdentityService, TokenReviewer};
 use crate::kubernetes::{self, WatchStatus};
 use crate::mesh::MeshConfig;
 use crate::policy::{PolicyDefaults, PolicyService};
+
+/// The identity service: the issuer that signs, and who reviews the tokens.
+#[derive(Clone)]
+pub struct IdentityConfig {
+    pub ca: Arc<pylon_identity::ca::Ca>,
+    pub reviewer: Arc<dyn TokenReviewer>,
+    pub lifetime: std::time::Duration,
+    /// Audiences a proxy's token must be valid for (Linkerd's `identity.l5d.io`); empty: the
+    /// API server's default.
+    pub audiences: Vec<String>,
+    /// Linkerd's port 8080.
+    pub addr: SocketAddr,
+}
 
 /// Where the mesh's objects come from.
 #[derive(Clone)]
@@ -37,6 +51,8 @@ pub struct ControllerConfig {
     pub destination_addr: SocketAddr,
     pub policy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Serve `Identity/Certify` (needs an issuer).
+    pub identity: Option<IdentityConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +72,7 @@ pub struct Controller {
     pub store: Arc<Store>,
     pub destination_addr: SocketAddr,
     pub policy_addr: SocketAddr,
+    pub identity_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub watches: Option<Arc<WatchStatus>>,
     _config_watch: Option<pylon_proxy_policy::WatchHandle>,
@@ -96,12 +113,29 @@ impl Controller {
         };
         let destination_listener = bind("destination", config.destination_addr).await?;
         let policy_listener = bind("policy", config.policy_addr).await?;
+        let identity_listener = match &config.identity {
+            Some(identity) => Some(bind("identity", identity.addr).await?),
+            None => None,
+        };
         let admin_listener = bind("admin", config.admin_addr).await?;
         let destination_addr = local_addr(&destination_listener, config.destination_addr);
         let policy_addr = local_addr(&policy_listener, config.policy_addr);
         let admin_addr = local_addr(&admin_listener, config.admin_addr);
 
-        let metrics = ControllerMetrics::new(store.clone(), watches.clone());
+        let identity_addr = identity_listener
+            .as_ref()
+            .zip(config.identity.as_ref())
+            .map(|(l, c)| local_addr(l, c.addr));
+        let identity = config.identity.as_ref().map(|c| {
+            IdentityService::new(c.ca.clone(), c.reviewer.clone())
+                .with_lifetime(c.lifetime)
+                .with_audiences(c.audiences.clone())
+        });
+        let metrics = ControllerMetrics::new(
+            store.clone(),
+            watches.clone(),
+            identity.as_ref().map(IdentityService::stats),
+        );
         let mesh = Arc::new(config.mesh.clone());
         let destination =
             DestinationService::new(store.clone(), mesh.clone(), metrics.destination.clone());
@@ -126,13 +160,25 @@ impl Controller {
                 tracing::error!(%error, "policy server stopped");
             }
         }));
+        if let (Some(identity), Some(listener)) = (identity, identity_listener) {
+            tasks.push(tokio::spawn(async move {
+                let served = tonic::transport::Server::builder()
+                    .add_service(identity.into_server())
+                    .serve_with_incoming(TcpListenerStream::new(listener))
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "identity server stopped");
+                }
+            }));
+        }
         let admin = Arc::new(Admin::new(metrics, watches.clone()));
         tasks.push(tokio::spawn(admin.serve(admin_listener)));
-        tracing::info!(%destination_addr, %policy_addr, %admin_addr, "serving");
+        tracing::info!(%destination_addr, %policy_addr, identity_addr = ?identity_addr, %admin_addr, "serving");
         Ok(Controller {
             store,
             destination_addr,
             policy_addr,
+            identity_addr,
             admin_addr,
             watches,
             _config_watch: config_watch,
