@@ -123,6 +123,9 @@ pub struct Logical {
     pub backends: ArcSwap<Backends>,
     /// Where proxy-made responses are counted when no endpoint was chosen (first use only).
     no_endpoint: LazyHandle<HttpTarget>,
+    /// The control plane says its connections are opaque TCP (`opaque_protocol`): no
+    /// protocol detection for them.
+    pub opaque: std::sync::atomic::AtomicBool,
 }
 
 impl Logical {
@@ -500,6 +503,7 @@ impl Discovery {
             routes,
             backends: ArcSwap::from_pointee(Backends::default()),
             no_endpoint,
+            opaque: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -93,8 +93,12 @@ impl Outbound {
             None => None,
         };
 
-        // 2. What it speaks.
-        let opaque = orig_dst.is_some_and(|d| self.args.is_opaque_port(d.port()));
+        // 2. What it speaks (nothing to detect on an opaque port, or where the control plane
+        // says the destination is opaque).
+        let opaque = orig_dst.is_some_and(|d| self.args.is_opaque_port(d.port()))
+            || dialled
+                .as_ref()
+                .is_some_and(|l| l.opaque.load(std::sync::atomic::Ordering::Relaxed));
         let Some((protocol, io)) =
             detect::accept(stream, opaque, self.args.detect_timeout, peer).await
         else {

@@ -136,6 +136,10 @@ impl Follower {
         logical: &Arc<Logical>,
         profile: &api::DestinationProfile,
     ) {
+        logical.opaque.store(
+            profile.opaque_protocol,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         match profile_from_proto(profile) {
             Ok(table) => {
                 let spec: Vec<(BackendTarget, u64)> = table
