@@ -10,6 +10,7 @@
 mod app;
 mod bench;
 mod chain;
+mod controller;
 mod loadgen;
 mod machine;
 mod procs;
@@ -44,6 +45,9 @@ enum Command {
         #[arg(long)]
         echo: SocketAddr,
     },
+    /// The control plane at scale: a fake Kubernetes API, a release pylon-controller and
+    /// thousands of subscribed streams (writes benches/results/controller-latest.md).
+    Controller(controller::Options),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::App { http, echo }) => runtime.block_on(app::serve(http, echo)),
+        Some(Command::Controller(o)) => controller::main(o, &runtime),
         None => bench::main(cli.run, &runtime),
     };
     match result {

@@ -20,7 +20,8 @@ use linkerd2_proxy_api::destination::{
 use linkerd2_proxy_api::meta;
 use pylon_proxy_policy::proto::{profile_to_proto, tcp_address};
 use pylon_proxy_policy::{
-    Endpoint, Pod, ResolvedService, RouteTable, ServiceRef, Snapshot, Store, WeightedAuthority,
+    Endpoint, MeshObject, Pod, ResolvedService, RouteTable, ServiceRef, Snapshot, Store,
+    WeightedAuthority,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -74,18 +75,23 @@ impl Destination for DestinationService {
             let _count = Gauge::inc(&stats.get_streams);
             let mut snapshots = store.subscribe();
             let mut sent = EndpointView::Unsent;
+            let mut inputs: Option<Inputs> = None;
             loop {
-                let view = {
-                    let snapshot = snapshots.borrow_and_update().clone();
-                    EndpointView::of(&snapshot, &mesh, &target)
-                };
-                for update in sent.diff(&view) {
-                    stats.updates_sent.fetch_add(1, Ordering::Relaxed);
-                    if tx.send(Ok(update)).await.is_err() {
-                        return;
+                let snapshot = snapshots.borrow_and_update().clone();
+                // Most changes are to other destinations: then nothing is recomputed.
+                let now = Inputs::of(&snapshot, &target);
+                if inputs.as_ref() != Some(&now) {
+                    let view = EndpointView::of(&snapshot, &mesh, &target);
+                    drop(snapshot);
+                    for update in sent.diff(&view) {
+                        stats.updates_sent.fetch_add(1, Ordering::Relaxed);
+                        if tx.send(Ok(update)).await.is_err() {
+                            return;
+                        }
                     }
+                    sent = view;
+                    inputs = Some(now);
                 }
-                sent = view;
                 tokio::select! {
                     changed = snapshots.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
@@ -127,6 +133,71 @@ impl Destination for DestinationService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What a destination's endpoints are computed from: the resolved service (by value) and the
+/// objects its answer reads (its Service, Namespace and endpoints' Pods), held so that an
+/// unchanged one is known by `Arc::ptr_eq` (a snapshot reuses untouched objects).
+struct Inputs {
+    service: Option<ResolvedService>,
+    /// Whether slices exist decides "unknown" for a service without a selector.
+    has_slices: bool,
+    objects: Vec<Option<Arc<MeshObject>>>,
+}
+
+impl PartialEq for Inputs {
+    fn eq(&self, other: &Self) -> bool {
+        self.service == other.service
+            && self.has_slices == other.has_slices
+            && self.objects.len() == other.objects.len()
+            && self
+                .objects
+                .iter()
+                .zip(&other.objects)
+                .all(|(a, b)| match (a, b) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                })
+    }
+}
+
+impl Inputs {
+    fn of(snapshot: &Snapshot, target: &Target) -> Inputs {
+        let service = match target {
+            Target::Name { host, port } => snapshot.resolve_name(host, *port),
+            Target::Addr(addr) => snapshot.resolve_cluster_ip(*addr),
+        };
+        let mut objects = Vec::new();
+        match &service {
+            Some(svc) => {
+                let ns = &svc.service.namespace;
+                objects.push(snapshot.service_object(&svc.service).cloned());
+                objects.push(snapshot.namespace_object(ns).cloned());
+                for ep in svc.endpoints.iter() {
+                    let pod = ep
+                        .pod
+                        .as_deref()
+                        .and_then(|name| snapshot.pod_object(ns, name))
+                        .or_else(|| snapshot.pod_object_by_ip(ep.addr.ip()));
+                    objects.push(pod.cloned());
+                }
+            }
+            None => {
+                if let Target::Addr(addr) = target {
+                    objects.push(snapshot.pod_object_by_ip(addr.ip()).cloned());
+                }
+            }
+        }
+        let has_slices = service
+            .as_ref()
+            .is_some_and(|svc| snapshot.has_endpoint_slices(&svc.service));
+        Inputs {
+            service,
+            has_slices,
+            objects,
+        }
     }
 }
 

@@ -1,5 +1,10 @@
 //! `pylon-controller`: see the library's documentation.
 
+// jemalloc, as the proxy: glibc's arenas contend and fragment under the controller's
+// many-threaded snapshot rebuilds (measured in benches/results/controller-latest.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -16,6 +16,13 @@ use crate::objects::{
 use crate::route::RouteTable;
 use crate::store::ConfigError;
 
+fn as_pod(object: Option<&Arc<MeshObject>>) -> Option<&Pod> {
+    match object.map(|o| &**o) {
+        Some(MeshObject::Pod(p)) => Some(p),
+        _ => None,
+    }
+}
+
 /// What the Store merged from its files: everything a snapshot is built from.
 #[derive(Debug, Default)]
 pub(crate) struct MeshContent {
@@ -50,6 +57,8 @@ pub struct Snapshot {
     splits: HashMap<ServiceRef, Arc<MeshObject>>,
     /// Pod IP -> the pod using it (a ready one first: finished pods keep their IPs).
     pods_by_ip: HashMap<IpAddr, Arc<MeshObject>>,
+    /// namespace -> name -> pod, so a lookup borrows `&str` and allocates nothing.
+    pods: HashMap<Arc<str>, HashMap<Arc<str>, Arc<MeshObject>>>,
 }
 
 #[derive(Debug)]
@@ -165,10 +174,14 @@ impl Snapshot {
         }
 
         let mut pods_by_ip: HashMap<IpAddr, Arc<MeshObject>> = HashMap::new();
+        let mut pods: HashMap<Arc<str>, HashMap<Arc<str>, Arc<MeshObject>>> = HashMap::new();
         for object in objects.values() {
             let MeshObject::Pod(pod) = &**object else {
                 continue;
             };
+            pods.entry(pod.meta.namespace.clone())
+                .or_default()
+                .insert(pod.meta.name.clone(), object.clone());
             for ip in &pod.ips {
                 let replace = match pods_by_ip.get(ip).map(|o| &**o) {
                     Some(MeshObject::Pod(first)) => pod.ready && !first.ready,
@@ -194,6 +207,7 @@ impl Snapshot {
             route_tables,
             splits,
             pods_by_ip,
+            pods,
         }
     }
 
@@ -378,36 +392,47 @@ impl Snapshot {
 
     /// A pod by namespace and name.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-        let key = ObjectKey {
-            kind: ObjectKind::Pod,
-            namespace: namespace.into(),
-            name: name.into(),
-        };
-        match self.objects.get(&key).map(|o| &**o) {
-            Some(MeshObject::Pod(p)) => Some(p),
-            _ => None,
-        }
+        as_pod(self.pod_object(namespace, name))
     }
 
     /// The pod with this IP, a ready one if several have had it.
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
-        match self.pods_by_ip.get(&ip).map(|o| &**o) {
-            Some(MeshObject::Pod(p)) => Some(p),
-            _ => None,
-        }
+        as_pod(self.pod_object_by_ip(ip))
+    }
+
+    /// [`Snapshot::pod`] as the shared object. An object no change touched is the same
+    /// allocation in the next snapshot (`Arc::ptr_eq`): a reader can tell cheaply that nothing
+    /// it depends on changed.
+    pub fn pod_object(&self, namespace: &str, name: &str) -> Option<&Arc<MeshObject>> {
+        self.pods.get(namespace)?.get(name)
+    }
+
+    /// [`Snapshot::pod_by_ip`] as the shared object.
+    pub fn pod_object_by_ip(&self, ip: IpAddr) -> Option<&Arc<MeshObject>> {
+        self.pods_by_ip.get(&ip)
+    }
+
+    /// [`Snapshot::service`] as the shared object.
+    pub fn service_object(&self, svc: &ServiceRef) -> Option<&Arc<MeshObject>> {
+        self.entry(&svc.namespace, &svc.name).map(|e| &e.service)
     }
 
     /// A Namespace object, when the source has them (the cluster does; a config dir may).
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        match self.namespace_object(name).map(|o| &**o) {
+            Some(MeshObject::Namespace(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// [`Snapshot::namespace`] as the shared object.
+    pub fn namespace_object(&self, name: &str) -> Option<&Arc<MeshObject>> {
         let key = ObjectKey {
             kind: ObjectKind::Namespace,
             namespace: "".into(),
             name: name.into(),
         };
-        match self.objects.get(&key).map(|o| &**o) {
-            Some(MeshObject::Namespace(n)) => Some(n),
-            _ => None,
-        }
+        self.objects.get(&key)
     }
 
     /// All validated objects in force, in key order.
