@@ -79,7 +79,7 @@ impl Destination for DestinationService {
             loop {
                 let snapshot = snapshots.borrow_and_update().clone();
                 // Most changes are to other destinations: then nothing is recomputed.
-                let now = Inputs::of(&snapshot, &target);
+                let now = Inputs::for_endpoints(&snapshot, &target);
                 if inputs.as_ref() != Some(&now) {
                     let view = EndpointView::of(&snapshot, &mesh, &target);
                     drop(snapshot);
@@ -114,17 +114,21 @@ impl Destination for DestinationService {
             let _count = Gauge::inc(&stats.profile_streams);
             let mut snapshots = store.subscribe();
             let mut sent: Option<api::DestinationProfile> = None;
+            let mut inputs: Option<Inputs> = None;
             loop {
-                let profile = {
-                    let snapshot = snapshots.borrow_and_update().clone();
-                    profile_for(&snapshot, &mesh, &target, client_ns.as_deref())
-                };
-                if sent.as_ref() != Some(&profile) {
-                    stats.updates_sent.fetch_add(1, Ordering::Relaxed);
-                    if tx.send(Ok(profile.clone())).await.is_err() {
-                        return;
+                let snapshot = snapshots.borrow_and_update().clone();
+                let now = Inputs::for_profile(&snapshot, &target);
+                if inputs.as_ref() != Some(&now) {
+                    let profile = profile_for(&snapshot, &mesh, &target, client_ns.as_deref());
+                    drop(snapshot);
+                    if sent.as_ref() != Some(&profile) {
+                        stats.updates_sent.fetch_add(1, Ordering::Relaxed);
+                        if tx.send(Ok(profile.clone())).await.is_err() {
+                            return;
+                        }
+                        sent = Some(profile);
                     }
-                    sent = Some(profile);
+                    inputs = Some(now);
                 }
                 tokio::select! {
                     changed = snapshots.changed() => if changed.is_err() { return },
@@ -136,20 +140,27 @@ impl Destination for DestinationService {
     }
 }
 
-/// What a destination's endpoints are computed from: the resolved service (by value) and the
-/// objects its answer reads (its Service, Namespace and endpoints' Pods), held so that an
-/// unchanged one is known by `Arc::ptr_eq` (a snapshot reuses untouched objects).
+/// What a destination's answer is computed from: the resolved service (by value) and the
+/// objects the answer reads (its Service, Namespace, endpoints' Pods, split, routes), held so
+/// that an unchanged one is known by `Arc::ptr_eq` (a snapshot reuses untouched objects, and
+/// holding them means a freed object's address can't come back as a false match).
 struct Inputs {
     service: Option<ResolvedService>,
     /// Whether slices exist decides "unknown" for a service without a selector.
     has_slices: bool,
     objects: Vec<Option<Arc<MeshObject>>>,
+    routes: Option<Arc<RouteTable>>,
 }
 
 impl PartialEq for Inputs {
     fn eq(&self, other: &Self) -> bool {
         self.service == other.service
             && self.has_slices == other.has_slices
+            && match (&self.routes, &other.routes) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
             && self.objects.len() == other.objects.len()
             && self
                 .objects
@@ -164,11 +175,8 @@ impl PartialEq for Inputs {
 }
 
 impl Inputs {
-    fn of(snapshot: &Snapshot, target: &Target) -> Inputs {
-        let service = match target {
-            Target::Name { host, port } => snapshot.resolve_name(host, *port),
-            Target::Addr(addr) => snapshot.resolve_cluster_ip(*addr),
-        };
+    fn for_endpoints(snapshot: &Snapshot, target: &Target) -> Inputs {
+        let service = resolve(snapshot, target);
         let mut objects = Vec::new();
         match &service {
             Some(svc) => {
@@ -197,7 +205,41 @@ impl Inputs {
             service,
             has_slices,
             objects,
+            routes: None,
         }
+    }
+
+    fn for_profile(snapshot: &Snapshot, target: &Target) -> Inputs {
+        let service = resolve(snapshot, target);
+        let (objects, routes) = match (&service, target) {
+            (Some(svc), _) => (
+                vec![
+                    snapshot.service_object(&svc.service).cloned(),
+                    snapshot.namespace_object(&svc.service.namespace).cloned(),
+                    snapshot.split_object(&svc.service).cloned(),
+                ],
+                snapshot
+                    .route_table(&svc.service.fqdn(snapshot.cluster_domain()))
+                    .cloned(),
+            ),
+            (None, Target::Name { host, .. }) => (Vec::new(), snapshot.route_table(host).cloned()),
+            (None, Target::Addr(addr)) => {
+                (vec![snapshot.pod_object_by_ip(addr.ip()).cloned()], None)
+            }
+        };
+        Inputs {
+            service,
+            has_slices: false,
+            objects,
+            routes,
+        }
+    }
+}
+
+fn resolve(snapshot: &Snapshot, target: &Target) -> Option<ResolvedService> {
+    match target {
+        Target::Name { host, port } => snapshot.resolve_name(host, *port),
+        Target::Addr(addr) => snapshot.resolve_cluster_ip(*addr),
     }
 }
 

@@ -13,7 +13,7 @@ use futures_util::Stream;
 use linkerd2_proxy_api::inbound::{
     self as api, inbound_server_policies_server::InboundServerPolicies,
 };
-use pylon_proxy_policy::{DefaultPolicy, InboundConfig, IpNet, Snapshot, Store};
+use pylon_proxy_policy::{DefaultPolicy, InboundConfig, IpNet, MeshObject, Snapshot, Store};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -141,6 +141,46 @@ impl Workload {
     }
 }
 
+/// What a pod's port policy is compiled from, held so that unchanged objects are known by
+/// `Arc::ptr_eq`: the pod (labels, named ports, annotation), its Namespace (annotation) and the
+/// authorization objects. (Port names learnt from Services only fill in what the pod's own
+/// container ports don't name, so Service changes are not watched for.)
+struct PolicyInputs {
+    pod: Option<Arc<MeshObject>>,
+    namespace: Option<Arc<MeshObject>>,
+    policy: Vec<Arc<MeshObject>>,
+}
+
+impl PolicyInputs {
+    fn of(snapshot: &Snapshot, workload: &Workload) -> Self {
+        Self {
+            pod: snapshot
+                .pod_object(&workload.namespace, &workload.pod)
+                .cloned(),
+            namespace: snapshot.namespace_object(&workload.namespace).cloned(),
+            policy: snapshot.policy_objects().to_vec(),
+        }
+    }
+}
+
+impl PartialEq for PolicyInputs {
+    fn eq(&self, other: &Self) -> bool {
+        let same = |a: &Option<Arc<MeshObject>>, b: &Option<Arc<MeshObject>>| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same(&self.pod, &other.pod)
+            && same(&self.namespace, &other.namespace)
+            && self.policy.len() == other.policy.len()
+            && self
+                .policy
+                .iter()
+                .zip(&other.policy)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
 fn port(spec: &api::PortSpec) -> Result<u16, Status> {
     u16::try_from(spec.port)
         .ok()
@@ -174,7 +214,10 @@ impl InboundServerPolicies for PolicyService {
         let mut snapshots = self.store.subscribe();
         // The first answer is checked here, so an unknown pod is an error the proxy sees (and
         // retries) rather than a stream that never speaks.
-        let first = self.server(&snapshots.borrow_and_update().clone(), &workload, port)?;
+        let snapshot = snapshots.borrow_and_update().clone();
+        let first = self.server(&snapshot, &workload, port)?;
+        let mut inputs = PolicyInputs::of(&snapshot, &workload);
+        drop(snapshot);
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
@@ -188,6 +231,12 @@ impl InboundServerPolicies for PolicyService {
                     _ = tx.closed() => return,
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
+                // Most changes (endpoints, routes) leave the policy's inputs as they were.
+                let now = PolicyInputs::of(&snapshot, &workload);
+                if now == inputs {
+                    continue;
+                }
+                inputs = now;
                 match this.server(&snapshot, &workload, port) {
                     Ok(server) if server != sent => {
                         if tx.send(Ok(server.clone())).await.is_err() {

@@ -59,6 +59,8 @@ pub struct Snapshot {
     pods_by_ip: HashMap<IpAddr, Arc<MeshObject>>,
     /// namespace -> name -> pod, so a lookup borrows `&str` and allocates nothing.
     pods: HashMap<Arc<str>, HashMap<Arc<str>, Arc<MeshObject>>>,
+    /// The authorization objects, in key order: what an inbound policy is compiled from.
+    policy_objects: Vec<Arc<MeshObject>>,
 }
 
 #[derive(Debug)]
@@ -173,6 +175,19 @@ impl Snapshot {
             }
         }
 
+        let policy_objects = objects
+            .values()
+            .filter(|o| {
+                matches!(
+                    &***o,
+                    MeshObject::Server(_)
+                        | MeshObject::AuthorizationPolicy(_)
+                        | MeshObject::MeshTlsAuthentication(_)
+                        | MeshObject::NetworkAuthentication(_)
+                )
+            })
+            .cloned()
+            .collect();
         let mut pods_by_ip: HashMap<IpAddr, Arc<MeshObject>> = HashMap::new();
         let mut pods: HashMap<Arc<str>, HashMap<Arc<str>, Arc<MeshObject>>> = HashMap::new();
         for object in objects.values() {
@@ -208,6 +223,7 @@ impl Snapshot {
             splits,
             pods_by_ip,
             pods,
+            policy_objects,
         }
     }
 
@@ -275,6 +291,18 @@ impl Snapshot {
             Some(MeshObject::TrafficSplit(split)) => Some(split),
             _ => None,
         }
+    }
+
+    /// The authorization objects (Servers, AuthorizationPolicies, MeshTLS- and
+    /// NetworkAuthentications) as shared objects, in key order: an inbound policy depends on
+    /// these, its workload's labels and the port names it is given.
+    pub fn policy_objects(&self) -> &[Arc<MeshObject>] {
+        &self.policy_objects
+    }
+
+    /// [`Snapshot::split_for`] as the shared object (see [`Snapshot::pod_object`]).
+    pub fn split_object(&self, service: &ServiceRef) -> Option<&Arc<MeshObject>> {
+        self.splits.get(service)
     }
 
     /// Every current configuration problem (the objects they affect keep their last good
