@@ -6,9 +6,10 @@
 //! and Linkerd's authorization objects: `policy.linkerd.io` `Server` `v1alpha1`-`v1beta3`,
 //! `AuthorizationPolicy`, `MeshTLSAuthentication` and `NetworkAuthentication` `v1alpha1`), their
 //! parsing from YAML/JSON files, their validation (every problem names file, object and
-//! field), and the [`Store`], which keeps the last good version of each object, watches
-//! the config directory, and publishes immutable [`Snapshot`]s that the data path reads
-//! without locks. A snapshot also lists what was rejected ([`Snapshot::errors`]), fields that
+//! field), and the [`Store`], which keeps the last good version of each object, is fed by one
+//! of two sources (a watched config directory, or the changes `pylon-controller` sees on the
+//! Kubernetes API, [`Store::apply_api_changes`], under the same rules), and publishes
+//! immutable [`Snapshot`]s that the data path reads without locks. A snapshot also lists what was rejected ([`Snapshot::errors`]), fields that
 //! were ignored and references that lead nowhere ([`Snapshot::warnings`]) and the file each
 //! object came from, which is all an audit such as `pylon check` needs to report problems
 //! without parsing anything itself.
@@ -28,6 +29,11 @@
 //! [`Snapshot::route_table`]; [`RouteTable::route_for`] picks the first matching route or
 //! the default one, and [`Route::classify`] decides whether a response is a failure, both
 //! without allocating.
+//!
+//! With the `proto` feature, [`proto`] converts routes and a port's policy to and from
+//! Linkerd's proxy API, both ways, for the controller and for a proxy fed by a controller.
+//! `v1 Pod` and `v1 Namespace` say what endpoints are (workload, ServiceAccount, meshed) for
+//! the controller's answers.
 //!
 //! It must not know about sockets, HTTP or metrics: it answers "which service and which
 //! endpoints does this name or cluster IP mean", "which route is this request on" and "may

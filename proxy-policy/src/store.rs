@@ -1,9 +1,12 @@
-//! The Store: loads mesh objects from a config directory, keeps the last good version of
-//! each object, and publishes immutable [`Snapshot`]s that readers load without locks.
+//! The Store: loads mesh objects from a config directory (or takes them from the Kubernetes
+//! API, each object a one-document source named by its REST path), keeps the last good
+//! version of each object, and publishes immutable [`Snapshot`]s that readers load without
+//! locks.
 //!
 //! Reload pipeline: list the directory -> re-parse only files whose bytes changed ->
 //! per file, keep last good objects for invalid documents -> merge all files -> publish a
-//! new snapshot only if the objects or errors differ from the current one.
+//! new snapshot only if the objects or errors differ from the current one. API changes take
+//! the same path from "re-parse" on, one batch of changes per snapshot.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
