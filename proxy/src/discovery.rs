@@ -126,6 +126,8 @@ pub struct Logical {
     /// The control plane says its connections are opaque TCP (`opaque_protocol`): no
     /// protocol detection for them.
     pub opaque: std::sync::atomic::AtomicBool,
+    /// For a destination followed on the control plane: true once it has endpoints to use.
+    pub(crate) resolved: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Logical {
@@ -318,8 +320,10 @@ impl Discovery {
         key: TargetKey,
         snapshot: &Arc<Snapshot>,
     ) -> Result<Arc<Logical>, ProxyError> {
-        if let Some(l) = self.lock_targets().get(&key) {
-            return Ok(l.clone());
+        let cached = self.lock_targets().get(&key).cloned();
+        if let Some(l) = cached {
+            crate::control::destination::first_answer(&l).await;
+            return Ok(l);
         }
         let logical = match &key {
             TargetKey::Addr(addr) => self.addr_logical(*addr),
@@ -337,16 +341,9 @@ impl Discovery {
                 self.spawn_dns_refresh(&logical, addrs.1);
                 logical
             }
+            // Followed once cached (below), so its own split finds it.
             TargetKey::Remote { authority } => {
-                let logical = self.new_logical(authority.clone(), key.clone(), None);
-                if let Some(control) = &self.control {
-                    // The first answers are awaited (briefly), so the first request does not
-                    // find an empty endpoint set.
-                    let resolved =
-                        crate::control::destination::follow_logical(self, &logical, control);
-                    resolved.await;
-                }
-                logical
+                self.new_logical(authority.clone(), key.clone(), None)
             }
         };
         let (logical, inserted) = {
@@ -367,9 +364,15 @@ impl Discovery {
                 }
             }
         };
-        if inserted && !matches!(logical.key, TargetKey::Remote { .. }) {
-            // Cached first, so a split whose backends lead back here finds it. (A remote
-            // destination's split comes with its profile.)
+        if let TargetKey::Remote { .. } = &logical.key {
+            if let (true, Some(control)) = (inserted, &self.control) {
+                crate::control::destination::follow_logical(self, &logical, control);
+            }
+            // The first answers are awaited (briefly), so the first request does not find an
+            // empty endpoint set. Its split comes with its profile.
+            crate::control::destination::first_answer(&logical).await;
+        } else if inserted {
+            // Cached first, so a split whose backends lead back here finds it.
             let spec = self.backend_spec(&logical, snapshot);
             if !spec.is_empty() {
                 let backends = Box::pin(self.resolve_backends(&logical, spec, snapshot)).await;
@@ -504,6 +507,7 @@ impl Discovery {
             backends: ArcSwap::from_pointee(Backends::default()),
             no_endpoint,
             opaque: std::sync::atomic::AtomicBool::new(false),
+            resolved: std::sync::OnceLock::new(),
         })
     }
 

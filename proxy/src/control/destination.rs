@@ -30,14 +30,17 @@ const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a DNS fallback is looked up again when the answer had no usable TTL.
 const DNS_FALLBACK_REFRESH: Duration = Duration::from_secs(5);
 
-/// Starts following `logical` (a `host:port` or `ip:port` authority) and returns a future that
-/// completes when its first endpoints are known, or after [`FIRST_ANSWER_TIMEOUT`].
+/// Starts following `logical` (a `host:port` or `ip:port` authority); [`first_answer`] waits
+/// for its first endpoints.
 pub(crate) fn follow_logical(
     discovery: &Arc<Discovery>,
     logical: &Arc<Logical>,
     control: &Arc<ControlPlane>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let (resolved_tx, mut resolved) = watch::channel(false);
+) {
+    let (resolved_tx, resolved) = watch::channel(false);
+    if logical.resolved.set(resolved).is_err() {
+        return;
+    }
     let follower = Follower {
         discovery: Arc::downgrade(discovery),
         logical: Arc::downgrade(logical),
@@ -46,13 +49,21 @@ pub(crate) fn follow_logical(
         resolved: Arc::new(resolved_tx),
     };
     tokio::spawn(follower.run());
-    let authority = logical.authority.clone();
-    async move {
-        let waited =
-            tokio::time::timeout(FIRST_ANSWER_TIMEOUT, resolved.wait_for(|done| *done)).await;
-        if waited.is_err() {
-            tracing::warn!(%authority, "no answer from the control plane yet; going on without it");
-        }
+}
+
+/// Waits until a followed destination has its first endpoints, or [`FIRST_ANSWER_TIMEOUT`];
+/// at once for any other.
+pub(crate) async fn first_answer(logical: &Logical) {
+    let Some(resolved) = logical.resolved.get() else {
+        return;
+    };
+    let mut resolved = resolved.clone();
+    if *resolved.borrow() {
+        return;
+    }
+    let waited = tokio::time::timeout(FIRST_ANSWER_TIMEOUT, resolved.wait_for(|done| *done)).await;
+    if waited.is_err() {
+        crate::warn_limited!("control_plane_slow", authority = %logical.authority, "no answer from the control plane yet; going on without it");
     }
 }
 
