@@ -9,11 +9,9 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pylon_fake_kube_api::FakeApiServer;
@@ -24,132 +22,8 @@ use support::*;
 /// loaded 2-core machine (as the config-dir tests allow). The observed time is printed.
 const PROPAGATION_BOUND: Duration = Duration::from_secs(2);
 
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
-fn controller_bin() -> String {
-    let bin = Path::new(&*PROXY_BIN).with_file_name("pylon-controller");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first with `cargo build -p pylon-controller --bins`",
-        bin.display()
-    );
-    bin.display().to_string()
-}
-
-/// A `pylon-controller` process on fixed ports (so a restart keeps them).
-struct Controller {
-    child: Option<Child>,
-    logs: Arc<Mutex<Vec<String>>>,
-    args: Vec<String>,
-    admin: SocketAddr,
-    destination: SocketAddr,
-    identity: SocketAddr,
-}
-
-impl Controller {
-    fn start(kubeconfig: &Path, extra: &[&str]) -> Controller {
-        let (destination, policy, identity, admin) =
-            (free_port(), free_port(), free_port(), free_port());
-        let mut args: Vec<String> = vec![
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-            "--destination-addr".into(),
-            destination.to_string(),
-            "--policy-addr".into(),
-            policy.to_string(),
-            "--identity-addr".into(),
-            identity.to_string(),
-            "--admin-addr".into(),
-            admin.to_string(),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let mut c = Controller {
-            child: None,
-            logs: Arc::default(),
-            args,
-            admin,
-            destination,
-            identity,
-        };
-        c.spawn();
-        c
-    }
-
-    fn spawn(&mut self) {
-        let mut child = Command::new(controller_bin())
-            .args(&self.args)
-            .env("PYLON_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pylon-controller");
-        for out in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let logs = self.logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    logs.lock().expect("logs").push(line);
-                }
-            });
-        }
-        self.child = Some(child);
-        // Ready once every kind has been listed.
-        let ready = wait_for(
-            || blocking_get(self.admin, "/ready").is_some_and(|(s, _)| s == 200),
-            Duration::from_secs(30),
-        );
-        assert!(
-            ready,
-            "the controller never got ready:\n{}",
-            self.logs_joined()
-        );
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn logs_joined(&self) -> String {
-        self.logs.lock().expect("logs").join("\n")
-    }
-
-    fn metrics(&self) -> String {
-        blocking_get(self.admin, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One plain HTTP/1.1 GET over a fresh connection: `(status, body)`.
-fn blocking_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
 }
 
 fn service(name: &str) -> serde_json::Value {
@@ -293,7 +167,7 @@ async fn cluster_changes_reach_proxies_and_outages_lose_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let kubeconfig = dir.path().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-        let mut controller = Controller::start(&kubeconfig, &[]);
+        let mut controller = ControllerProcess::start(&["--kubeconfig", &path_str(&kubeconfig)]);
         let counts = api.request_counts();
         assert!(
             counts.keys().any(|(verb, plural)| verb == "watch" && plural == "endpointslices"),
@@ -392,10 +266,12 @@ async fn a_proxy_is_certified_after_a_token_review() {
         api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
         let ca = dir.path().join("ca");
         pylon_identity::ca::init_ca("cluster.local", &ca, Duration::from_secs(3600)).expect("CA");
-        let controller = Controller::start(
-            &kubeconfig,
-            &["--identity-issuer-dir", &ca.display().to_string()],
-        );
+        let controller = ControllerProcess::start(&[
+            "--kubeconfig",
+            &path_str(&kubeconfig),
+            "--identity-issuer-dir",
+            &path_str(&ca),
+        ]);
         let token = dir.path().join("token");
         std::fs::write(&token, "web-token").expect("token");
         let proxy = Proxy::builder()

@@ -5,97 +5,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::*;
 
 /// A bound on how long a change may take to reach the proxy; the observed time is printed.
 const PROPAGATION_BOUND: Duration = Duration::from_secs(2);
-
-/// The controller binary, next to the proxy's (`cargo build --workspace --bins` builds both).
-fn controller_bin() -> String {
-    let proxy = Path::new(&*PROXY_BIN);
-    let bin = proxy.with_file_name("pylon-controller");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first with `cargo build -p pylon-controller --bins`",
-        bin.display()
-    );
-    bin.display().to_string()
-}
-
-use std::path::Path;
-
-/// A free loopback port (bound, then released for the controller to take).
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
-struct ControllerProcess {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl ControllerProcess {
-    fn start(cfg: &ConfigDir, destination: SocketAddr, policy: SocketAddr) -> ControllerProcess {
-        let admin = free_port();
-        let mut child = Command::new(controller_bin())
-            .args(["--config-dir", &cfg.path_str()])
-            .args(["--destination-addr", &destination.to_string()])
-            .args(["--policy-addr", &policy.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
-            .env("PYLON_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pylon-controller");
-        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
-        for out in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    logs.lock().expect("logs").push(line);
-                }
-            });
-        }
-        let c = ControllerProcess { child, logs };
-        let serving = wait_for(
-            || c.logs_joined().contains("\"serving\""),
-            Duration::from_secs(20),
-        );
-        assert!(
-            serving,
-            "the controller did not start:\n{}",
-            c.logs_joined()
-        );
-        c
-    }
-
-    fn logs_joined(&self) -> String {
-        self.logs.lock().expect("logs").join("\n")
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Service `web` in `default`, one slice whose endpoints name their pods, and the pods
 /// (Deployment `web`, ServiceAccount `web`).
@@ -149,11 +65,10 @@ async fn a_proxy_routes_on_the_controllers_answers_and_keeps_them_when_it_goes()
         let b = Backend::start("b").await;
         let cfg = ConfigDir::new();
         write_web(&cfg, &[("web-5f6d7-aaaaa", a.addr)]);
-        let (destination, policy) = (free_port(), free_port());
-        let controller = ControllerProcess::start(&cfg, destination, policy);
+        let mut controller = ControllerProcess::start(&["--config-dir", &cfg.path_str()]);
         let proxy = Proxy::builder()
-            .args(["--destination-addr", &destination.to_string()])
-            .args(["--policy-addr", &policy.to_string()])
+            .args(["--destination-addr", &controller.destination.to_string()])
+            .args(["--policy-addr", &controller.policy.to_string()])
             .args(["--namespace", "default", "--pod", "client-0"])
             .start();
 
@@ -205,7 +120,7 @@ async fn a_proxy_routes_on_the_controllers_answers_and_keeps_them_when_it_goes()
 
         // Changes made while it was away arrive when it is back.
         write_web(&cfg, &[("web-5f6d7-aaaaa", a.addr)]);
-        let _controller = ControllerProcess::start(&cfg, destination, policy);
+        controller.spawn();
         // Reconnecting waits out the backoff (at most 10 s), then the change applies at once.
         let start = Instant::now();
         while backend_of(&proxy).await != "a" {
@@ -238,16 +153,16 @@ async fn ready_waits_for_the_inbound_policy_of_the_declared_ports() {
             "pod.yaml",
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: server-0\n  namespace: default\n  labels: {app: server}\nspec:\n  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]\nstatus: {phase: Running, podIP: 127.0.0.1}\n---\napiVersion: policy.linkerd.io/v1beta3\nkind: Server\nmetadata: {name: server-http, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  port: http\n  proxyProtocol: HTTP/1\n",
         );
-        let (destination, policy) = (free_port(), free_port());
+        let mut controller = ControllerProcess::new(&["--config-dir", &cfg.path_str()]);
         // No controller yet: not ready.
         let proxy = Proxy::builder()
-            .args(["--policy-addr", &policy.to_string()])
+            .args(["--policy-addr", &controller.policy.to_string()])
             .args(["--inbound-ports", "8080"])
             .args(["--namespace", "default", "--pod", "server-0"])
             .start();
         let (status, body) = proxy.admin_request("GET", "/ready", "");
         assert_eq!(status, 503, "{body}");
-        let _controller = ControllerProcess::start(&cfg, destination, policy);
+        controller.spawn();
         let ready = wait_until(
             || proxy.admin_request("GET", "/ready", "").0 == 200,
             Duration::from_secs(15),

@@ -54,6 +54,142 @@ pub async fn test_body<F: Future>(fut: F) -> F::Output {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The controller process
+// ---------------------------------------------------------------------------------------------
+
+/// A free loopback address (bound, then released for a child process to take).
+pub fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// One plain HTTP/1.1 GET over a fresh connection, blocking: `(status, body)`.
+pub fn blocking_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// A `pylon-controller` process on fixed loopback ports (chosen up front, so proxies can be
+/// pointed at it before it starts and a restart keeps them).
+pub struct ControllerProcess {
+    child: Option<Child>,
+    logs: Arc<Mutex<Vec<String>>>,
+    args: Vec<String>,
+    pub destination: SocketAddr,
+    pub policy: SocketAddr,
+    pub identity: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl ControllerProcess {
+    /// Its ports and arguments (`source`: `--config-dir D` or `--kubeconfig K`, and any more
+    /// flags); not started.
+    pub fn new(source: &[&str]) -> ControllerProcess {
+        let (destination, policy, identity, admin) =
+            (free_port(), free_port(), free_port(), free_port());
+        let mut args: Vec<String> = source.iter().map(|a| a.to_string()).collect();
+        for (flag, addr) in [
+            ("--destination-addr", destination),
+            ("--policy-addr", policy),
+            ("--identity-addr", identity),
+            ("--admin-addr", admin),
+        ] {
+            args.push(flag.into());
+            args.push(addr.to_string());
+        }
+        ControllerProcess {
+            child: None,
+            logs: Arc::default(),
+            args,
+            destination,
+            policy,
+            identity,
+            admin,
+        }
+    }
+
+    /// Started, and ready (every watched kind listed once).
+    pub fn start(source: &[&str]) -> ControllerProcess {
+        let mut c = Self::new(source);
+        c.spawn();
+        c
+    }
+
+    /// Starts (or restarts) the process on its ports and waits (bounded) for `/ready`.
+    pub fn spawn(&mut self) {
+        let bin = Path::new(&*PROXY_BIN).with_file_name("pylon-controller");
+        assert!(
+            bin.exists(),
+            "{} not found: build it first with `cargo build -p pylon-controller --bins`",
+            bin.display()
+        );
+        let mut child = Command::new(&bin)
+            .args(&self.args)
+            .env("PYLON_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pylon-controller");
+        for out in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let logs = self.logs.clone();
+            std::thread::spawn(move || {
+                for line in StdBufReader::new(out).lines().map_while(Result::ok) {
+                    logs.lock().expect("logs").push(line);
+                }
+            });
+        }
+        self.child = Some(child);
+        let admin = self.admin;
+        let ready = wait_for(
+            || blocking_get(admin, "/ready").is_some_and(|(s, _)| s == 200),
+            Duration::from_secs(30),
+        );
+        assert!(
+            ready,
+            "the controller never got ready:\n{}",
+            self.logs_joined()
+        );
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn logs_joined(&self) -> String {
+        self.logs.lock().expect("logs").join("\n")
+    }
+
+    pub fn metrics(&self) -> String {
+        blocking_get(self.admin, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The proxy process
 // ---------------------------------------------------------------------------------------------
 
