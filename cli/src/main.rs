@@ -14,6 +14,8 @@
 //!   of them into a ServiceProfile.
 //! - `pylon identity init-ca` and `pylon identity issue` make a mesh CA and workload
 //!   certificates (the proxy's `ca.crt`, `tls.crt`, `tls.key` identity dir).
+//! - `pylon inject` / `pylon uninject` add the proxy to Kubernetes YAML (or take it out), with
+//!   the transform the controller's webhook runs.
 //! - `pylon proxy ...` (hidden) runs the sidecar proxy itself with the given flags, so the demo
 //!   can start proxies from this same binary without anything else installed.
 
@@ -25,6 +27,7 @@ use clap::{Parser, Subcommand};
 mod check;
 mod demo;
 mod identity;
+mod inject;
 mod proxies;
 mod stat;
 mod tap;
@@ -66,6 +69,12 @@ enum Command {
     /// Mesh identity: create a CA, issue workload certificates.
     Identity(identity::IdentityArgs),
 
+    /// Add the Pylon proxy to the pods of Kubernetes YAML (files, dirs or `-`), printed to stdout.
+    Inject(inject::InjectArgs),
+
+    /// Take the Pylon proxy out of Kubernetes YAML again.
+    Uninject(inject::UninjectArgs),
+
     /// Run the sidecar proxy (`pylon-proxy`) with the given flags.
     #[command(hide = true, disable_help_flag = true)]
     Proxy {
@@ -91,6 +100,8 @@ fn main() -> ExitCode {
         Command::Profile(args) => tap::run_profile(args),
         Command::Top(args) => tap::run_top(args),
         Command::Identity(args) => identity::run(args),
+        Command::Inject(args) => inject::run_inject(args),
+        Command::Uninject(args) => inject::run_uninject(args),
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -232,7 +232,11 @@ fn transform(
         Some(Value::Mapping(a)) if !path.is_empty() => a.clone(),
         _ => Mapping::new(),
     };
-    let workload = (!path.is_empty()).then(|| (kind.to_ascii_lowercase(), name.clone()));
+    let workload = if path.is_empty() {
+        pod_workload(object)
+    } else {
+        Some((kind.to_ascii_lowercase(), name.clone()))
+    };
     let template = mapping_at(object, path, &describe)?;
     let (meta, spec) = split_template(template, &describe, path)?;
     let mut pod = PodTemplate {
@@ -249,6 +253,26 @@ fn transform(
         outcome,
     });
     Ok(())
+}
+
+/// A Pod's workload from its owner, by the rule the controller labels metrics with
+/// ([`pylon_proxy_policy::Pod::workload`]); `None` for a bare pod.
+fn pod_workload(pod: &Value) -> Option<(String, String)> {
+    use pylon_proxy_policy::{MeshObject, WorkloadKind};
+    // A pod the webhook sees may have no name yet (`generateName`); the owner is what counts.
+    let mut named = pod.clone();
+    if str_at(&named, &["metadata", "name"]).is_none() {
+        if let Some(meta) = named.get_mut("metadata").and_then(Value::as_mapping_mut) {
+            meta.insert("name".into(), "pending".into());
+        }
+    }
+    match pylon_proxy_policy::parse_pod(&named) {
+        Some(MeshObject::Pod(p)) => {
+            let w = p.workload();
+            (w.kind != WorkloadKind::Pod).then(|| (w.kind.label().to_string(), w.name.to_string()))
+        }
+        _ => None,
+    }
 }
 
 fn str_at(v: &Value, path: &[&str]) -> Option<String> {

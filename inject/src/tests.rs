@@ -269,3 +269,19 @@ fn native_sidecars_from_1_29() {
     assert!(!supports_native_sidecars("1.28.9"));
     assert!(!supports_native_sidecars("garbage"));
 }
+
+#[test]
+fn a_pod_names_its_workload_from_its_owner() {
+    let mut pod = yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  generateName: web-5d8f7-\n  labels: {pod-template-hash: 5d8f7}\n  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-5d8f7, uid: u, controller: true}]\nspec: {containers: [{name: app, image: a}]}\n",
+    );
+    inject(&mut pod, &config()).expect("inject");
+    assert_eq!(
+        pod["metadata"]["labels"]["pylon.io/proxy-deployment"].as_str(),
+        Some("web")
+    );
+    assert_eq!(
+        env_of(&pod["spec"]["initContainers"][1], "PYLON_WORKLOAD"),
+        Some("deployment/web")
+    );
+}

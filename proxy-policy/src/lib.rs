@@ -55,13 +55,13 @@ pub use crate::inbound::{
     InboundConfig, InboundPolicy, PortPolicy, UnknownDefaultPolicy,
 };
 pub use crate::objects::{
-    is_dns1123_subdomain, AddressType, AuthenticationKind, AuthenticationRef, AuthorizationPolicy,
-    Endpoint, EndpointPort, EndpointSlice, IdentityRef, LabelSelector, LabelSelectorRequirement,
-    MeshObject, MeshTlsAuthentication, Namespace, Network, NetworkAuthentication, ObjectKey,
-    ObjectKind, ObjectMeta, OwnerRef, Pod, PolicyTarget, Protocol, ProxyProtocol, ResolvedService,
-    SelectorOperator, Server, ServerPort, Service, ServicePort, ServiceProfile, ServiceRef,
-    SliceEndpoint, SplitBackend, TargetPort, TrafficSplit, Workload, WorkloadKind,
-    IDENTITY_ANNOTATION, PROXY_CONTAINER_NAMES, SERVICE_NAME_LABEL,
+    is_dns1123_subdomain, parse_pod, AddressType, AuthenticationKind, AuthenticationRef,
+    AuthorizationPolicy, Endpoint, EndpointPort, EndpointSlice, IdentityRef, LabelSelector,
+    LabelSelectorRequirement, MeshObject, MeshTlsAuthentication, Namespace, Network,
+    NetworkAuthentication, ObjectKey, ObjectKind, ObjectMeta, OwnerRef, Pod, PolicyTarget,
+    Protocol, ProxyProtocol, ResolvedService, SelectorOperator, Server, ServerPort, Service,
+    ServicePort, ServiceProfile, ServiceRef, SliceEndpoint, SplitBackend, TargetPort, TrafficSplit,
+    Workload, WorkloadKind, IDENTITY_ANNOTATION, PROXY_CONTAINER_NAMES, SERVICE_NAME_LABEL,
 };
 pub use crate::route::{
     PathRegex, RequestMatcher, ResponseClass, ResponseMatcher, RetryBudgetSpec, Route, RouteTable,

@@ -400,6 +400,18 @@ pub enum ParsedDocument {
     },
 }
 
+/// A `v1 Pod` document as Pylon reads it (`None` when it is not a valid Pod): what the
+/// injector uses to name a pod's workload the way the controller does.
+pub fn parse_pod(doc: &Value) -> Option<MeshObject> {
+    match parse_document(doc, "default") {
+        ParsedDocument::Valid {
+            object: object @ MeshObject::Pod(_),
+            ..
+        } => Some(object),
+        _ => None,
+    }
+}
+
 /// Parses one document with the given namespace default.
 pub fn parse_document(doc: &Value, default_namespace: &str) -> ParsedDocument {
     if doc.is_null() {
