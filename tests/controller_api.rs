@@ -121,6 +121,7 @@ async fn controller(dir: &Path) -> Controller {
         destination_addr: "127.0.0.1:0".parse().expect("addr"),
         policy_addr: "127.0.0.1:0".parse().expect("addr"),
         identity: None,
+        webhook: None,
         admin_addr: "127.0.0.1:0".parse().expect("addr"),
     })
     .await

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use pylon_controller::kubernetes::KubeTokenReviewer;
-use pylon_controller::{Controller, ControllerConfig, IdentityConfig, MeshSource};
+use pylon_controller::{Controller, ControllerConfig, IdentityConfig, MeshSource, WebhookConfig};
 
 /// Pylon's control plane: watches the Kubernetes API (or a config dir) and serves proxies over
 /// Linkerd's destination, policy and identity APIs.
@@ -82,6 +82,16 @@ struct Args {
         value_delimiter = ','
     )]
     identity_token_audience: Vec<String>,
+    /// Serve the proxy injector (an admission webhook over HTTPS) here; needs
+    /// `--webhook-tls-dir`.
+    #[arg(long, env = "PYLON_WEBHOOK_ADDR", requires = "webhook_tls_dir")]
+    webhook_addr: Option<SocketAddr>,
+    /// The webhook's certificate and key (`tls.crt`, `tls.key`).
+    #[arg(long, env = "PYLON_WEBHOOK_TLS_DIR")]
+    webhook_tls_dir: Option<PathBuf>,
+    /// The image injected pods run the proxy from.
+    #[arg(long, env = "PYLON_PROXY_IMAGE")]
+    proxy_image: Option<String>,
     /// Namespace for a config dir's objects that name none.
     #[arg(long, default_value = "default")]
     namespace: String,
@@ -137,6 +147,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("--identity-issuer-dir needs the Kubernetes API to review tokens; it can't be used with --config-dir")
         }
     };
+    let webhook = match (args.webhook_addr, &args.webhook_tls_dir) {
+        (Some(addr), Some(dir)) => {
+            let mut inject = pylon_inject::InjectConfig::new(env!("CARGO_PKG_VERSION"));
+            inject.created_by = format!("pylon/webhook {}", env!("CARGO_PKG_VERSION"));
+            if let Some(image) = &args.proxy_image {
+                inject.image = image.clone();
+            }
+            inject.cluster_domain = args.cluster_domain.clone();
+            inject.trust_domain = args.trust_domain.clone();
+            inject.trust_anchors_pem = identity.as_ref().map(|i| i.ca.anchor_pem().to_string());
+            if let MeshSource::Kubernetes(client) = &source {
+                // Native sidecars where the cluster has them.
+                match client.apiserver_version().await {
+                    Ok(v) => {
+                        inject.native_sidecar = pylon_inject::supports_native_sidecars(&format!(
+                            "{}.{}",
+                            v.major,
+                            v.minor.trim_end_matches('+')
+                        ))
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the API server's version; injecting native sidecars")
+                    }
+                }
+            }
+            Some(WebhookConfig {
+                addr,
+                tls: pylon_controller::webhook::tls_acceptor(dir)?,
+                inject,
+            })
+        }
+        _ => None,
+    };
     let _controller = Controller::start(ControllerConfig {
         source,
         cluster_domain: args.cluster_domain,
@@ -157,6 +200,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         destination_addr: args.destination_addr,
         policy_addr: args.policy_addr,
         identity,
+        webhook,
         admin_addr: args.admin_addr,
     })
     .await?;

@@ -30,6 +30,14 @@ pub struct IdentityConfig {
     pub addr: SocketAddr,
 }
 
+/// The injection webhook: where it listens, its TLS, and how it injects.
+#[derive(Clone)]
+pub struct WebhookConfig {
+    pub addr: SocketAddr,
+    pub tls: pylon_identity::tokio_rustls::TlsAcceptor,
+    pub inject: pylon_inject::InjectConfig,
+}
+
 /// Where the mesh's objects come from.
 #[derive(Clone)]
 pub enum MeshSource {
@@ -53,6 +61,8 @@ pub struct ControllerConfig {
     pub admin_addr: SocketAddr,
     /// Serve `Identity/Certify` (needs an issuer).
     pub identity: Option<IdentityConfig>,
+    /// Serve the proxy injector.
+    pub webhook: Option<WebhookConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +83,7 @@ pub struct Controller {
     pub destination_addr: SocketAddr,
     pub policy_addr: SocketAddr,
     pub identity_addr: Option<SocketAddr>,
+    pub webhook_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub watches: Option<Arc<WatchStatus>>,
     _config_watch: Option<pylon_proxy_policy::WatchHandle>,
@@ -115,6 +126,10 @@ impl Controller {
         let policy_listener = bind("policy", config.policy_addr).await?;
         let identity_listener = match &config.identity {
             Some(identity) => Some(bind("identity", identity.addr).await?),
+            None => None,
+        };
+        let webhook_listener = match &config.webhook {
+            Some(webhook) => Some(bind("webhook", webhook.addr).await?),
             None => None,
         };
         let admin_listener = bind("admin", config.admin_addr).await?;
@@ -171,14 +186,26 @@ impl Controller {
                 }
             }));
         }
+        let webhook_addr = webhook_listener
+            .as_ref()
+            .zip(config.webhook.as_ref())
+            .map(|(l, c)| local_addr(l, c.addr));
+        if let (Some(listener), Some(webhook)) = (webhook_listener, &config.webhook) {
+            let server = Arc::new(crate::webhook::Webhook {
+                store: store.clone(),
+                config: webhook.inject.clone(),
+            });
+            tasks.push(tokio::spawn(server.serve(listener, webhook.tls.clone())));
+        }
         let admin = Arc::new(Admin::new(metrics, watches.clone()));
         tasks.push(tokio::spawn(admin.serve(admin_listener)));
-        tracing::info!(%destination_addr, %policy_addr, identity_addr = ?identity_addr, %admin_addr, "serving");
+        tracing::info!(%destination_addr, %policy_addr, identity_addr = ?identity_addr, webhook_addr = ?webhook_addr, %admin_addr, "serving");
         Ok(Controller {
             store,
             destination_addr,
             policy_addr,
             identity_addr,
+            webhook_addr,
             admin_addr,
             watches,
             _config_watch: config_watch,
