@@ -14,6 +14,8 @@
 //!   of them into a ServiceProfile.
 //! - `pylon identity init-ca` and `pylon identity issue` make a mesh CA and workload
 //!   certificates (the proxy's `ca.crt`, `tls.crt`, `tls.key` identity dir).
+//! - `pylon install [--crds] [--ha]` prints the control plane (with a fresh trust anchor,
+//!   issuer and webhook certificate) or the CRDs, for `kubectl apply -f -`.
 //! - `pylon inject` / `pylon uninject` add the proxy to Kubernetes YAML (or take it out), with
 //!   the transform the controller's webhook runs.
 //! - `pylon proxy ...` (hidden) runs the sidecar proxy itself with the given flags, so the demo
@@ -28,6 +30,7 @@ mod check;
 mod demo;
 mod identity;
 mod inject;
+mod install;
 mod proxies;
 mod stat;
 mod tap;
@@ -69,6 +72,9 @@ enum Command {
     /// Mesh identity: create a CA, issue workload certificates.
     Identity(identity::IdentityArgs),
 
+    /// Print the control plane for `kubectl apply -f -` (`--crds` first), with fresh keys.
+    Install(install::InstallArgs),
+
     /// Add the Pylon proxy to the pods of Kubernetes YAML (files, dirs or `-`), printed to stdout.
     Inject(inject::InjectArgs),
 
@@ -100,6 +106,7 @@ fn main() -> ExitCode {
         Command::Profile(args) => tap::run_profile(args),
         Command::Top(args) => tap::run_top(args),
         Command::Identity(args) => identity::run(args),
+        Command::Install(args) => install::run(args),
         Command::Inject(args) => inject::run_inject(args),
         Command::Uninject(args) => inject::run_uninject(args),
         Command::Demo(args) => match demo::run(args) {

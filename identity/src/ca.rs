@@ -646,6 +646,43 @@ fn ca_params(
     Ok(params)
 }
 
+/// A self-signed serving certificate for `dns_names` (the first is its CN), valid for
+/// `window`: `(certificate PEM, private key PEM)`. For servers the API server calls with a
+/// pinned CA bundle, such as the injection webhook, where the certificate is its own CA.
+pub fn self_signed_server_cert(
+    dns_names: &[String],
+    window: ValidityWindow,
+) -> Result<(String, String), IdentityError> {
+    let (nb, na) = window.unix()?;
+    let mut params = CertificateParams::default();
+    params.not_before = offset_time(nb)?;
+    params.not_after = offset_time(na)?;
+    let mut dn = DistinguishedName::new();
+    if let Some(first) = dns_names.first() {
+        dn.push(DnType::CommonName, first.as_str());
+    }
+    dn.push(DnType::OrganizationName, "Pylon");
+    params.distinguished_name = dn;
+    params.subject_alt_names = dns_names
+        .iter()
+        .map(|n| ia5(n).map(SanType::DnsName))
+        .collect::<Result<_, _>>()?;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyCertSign,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let key = generate_key("the serving key")?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|source| IdentityError::Generate {
+            what: "the serving certificate",
+            source,
+        })?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 fn generate_key(what: &'static str) -> Result<KeyPair, IdentityError> {
     KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
         .map_err(|source| IdentityError::Generate { what, source })
