@@ -752,7 +752,12 @@ fn the_control_plane_as_shipped_and_as_installed_validates() {
             pylon_out(args),
         ));
         // Everything shipped, plus the two Secrets and the ConfigMap it generates.
-        assert_eq!(report.kubectl.len(), shipped.kubectl.len() + 3, "{:?}", report.kubectl);
+        assert_eq!(
+            report.kubectl.len(),
+            shipped.kubectl.len() + 3,
+            "{:?}",
+            report.kubectl
+        );
     }
 }
 
@@ -772,7 +777,12 @@ fn injected_workloads_validate() {
     let app = root().join("tests/golden/inject/app.yaml");
     harness::assert_manifests_valid(&Manifests::yaml(
         "pylon inject --kubernetes-version 1.28",
-        pylon_out(&["inject", "--kubernetes-version", "1.28", &app.display().to_string()]),
+        pylon_out(&[
+            "inject",
+            "--kubernetes-version",
+            "1.28",
+            &app.display().to_string(),
+        ]),
     ));
 }
 
