@@ -4,163 +4,20 @@
 //! 500 (`x-status: 500`). Read by scraping the proxies' admin `/metrics` directly, and through a
 //! real Prometheus (Debian's `prometheus`) scraping them every second.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-const PYLON: &str = env!("CARGO_BIN_EXE_pylon");
 /// Every tenth request fails.
+mod blocking;
+use blocking::*;
+
 const FAIL_EVERY: u64 = 10;
-
-/// Kills the child process when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The proxy: `pylon-proxy` next to `pylon` in the target dir (built with
-/// `cargo build -p pylon-proxy --bins`), else the same proxy through `pylon proxy`.
-fn proxy_command() -> Command {
-    let sibling = Path::new(PYLON).with_file_name("pylon-proxy");
-    if sibling.exists() {
-        Command::new(sibling)
-    } else {
-        let mut cmd = Command::new(PYLON);
-        cmd.arg("proxy");
-        cmd
-    }
-}
-
-struct Proxy {
-    _proc: Proc,
-    inbound: SocketAddr,
-    outbound: SocketAddr,
-    admin: SocketAddr,
-}
-
-/// Starts a proxy on loopback (port 0 everywhere) and waits for its listening lines.
-fn start_proxy(args: &[&str]) -> Proxy {
-    let mut cmd = proxy_command();
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PYLON_") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.env("PYLON_LOG", "info")
-        .env("PYLON_THREADS", "1")
-        .args(["--inbound-addr", "127.0.0.1:0"])
-        .args(["--outbound-addr", "127.0.0.1:0"])
-        .args(["--admin-addr", "127.0.0.1:0"])
-        .args(["--tap-addr", "127.0.0.1:0"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn the proxy");
-    let stderr = child.stderr.take().expect("stderr");
-    let child = Proc(child);
-    let (tx, rx) = mpsc::channel::<(String, SocketAddr)>();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            let field = |k: &str| {
-                v.get(k)
-                    .or_else(|| v.get("fields").and_then(|f| f.get(k)))
-                    .and_then(|x| x.as_str())
-                    .map(str::to_owned)
-            };
-            if field("message").as_deref() == Some("listening") {
-                if let (Some(l), Some(a)) = (field("listener"), field("addr")) {
-                    if let Ok(addr) = a.parse() {
-                        let _ = tx.send((l, addr));
-                    }
-                }
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let (mut inbound, mut outbound, mut admin) = (None, None, None);
-    while inbound.is_none() || outbound.is_none() || admin.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (l, addr) = rx
-            .recv_timeout(left)
-            .expect("the proxy logs its listening addresses within 15 s");
-        match l.as_str() {
-            "inbound" => inbound = Some(addr),
-            "outbound" => outbound = Some(addr),
-            "admin" => admin = Some(addr),
-            _ => {}
-        }
-    }
-    Proxy {
-        _proc: child,
-        inbound: inbound.expect("inbound"),
-        outbound: outbound.expect("outbound"),
-        admin: admin.expect("admin"),
-    }
-}
-
-/// An HTTP/1.1 backend answering `x-status` (default 200), keep-alive.
-fn start_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
-    let addr = listener.local_addr().expect("addr");
-    thread::spawn(move || {
-        for conn in listener.incoming().map_while(Result::ok) {
-            thread::spawn(move || serve(conn));
-        }
-    });
-    addr
-}
-
-fn serve(conn: TcpStream) {
-    let mut reader = BufReader::new(match conn.try_clone() {
-        Ok(c) => c,
-        Err(_) => return,
-    });
-    let mut writer = conn;
-    loop {
-        let mut status = 200u16;
-        let mut length = 0usize;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                match k.trim().to_ascii_lowercase().as_str() {
-                    "x-status" => status = v.trim().parse().unwrap_or(200),
-                    "content-length" => length = v.trim().parse().unwrap_or(0),
-                    _ => {}
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let resp = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok");
-        if writer.write_all(resp.as_bytes()).is_err() {
-            return;
-        }
-    }
-}
 
 /// Service `web` (port 80) whose one endpoint is `web`'s inbound proxy.
 fn write_mesh(dir: &Path, web_inbound: SocketAddr) {
@@ -210,7 +67,7 @@ impl Mesh {
 
     /// The mesh with no traffic until the test sends some.
     fn quiet() -> Mesh {
-        let backend = start_backend();
+        let backend = start_backend(200);
         let dir = tempfile::tempdir().expect("tempdir");
         let web = start_proxy(&[
             "--workload",
@@ -329,32 +186,6 @@ fn load(outbound: SocketAddr, stop: &AtomicBool, sent: &AtomicU64, failed: &Atom
     }
 }
 
-fn read_response(reader: &mut BufReader<TcpStream>) -> Option<u16> {
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    let status = line.split_whitespace().nth(1)?.parse().ok()?;
-    let mut length = 0usize;
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().ok()?;
-            }
-        }
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).ok()?;
-    Some(status)
-}
-
-/// Runs `pylon ARGS`, bounded to 40 s.
 fn pylon(args: &[String]) -> Output {
     wait_pylon(spawn_pylon(args), args)
 }
@@ -694,20 +525,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, resp.split_once("\r\n\r\n")?.1.to_owned()))
 }
 
 /// The value of a one-element PromQL answer.

@@ -18,17 +18,17 @@
 //! passes, except under `CI=true`, where it fails.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const PYLON: &str = env!("CARGO_BIN_EXE_pylon");
+mod blocking;
+use blocking::*;
 
 /// The repository's `deploy/` dir (this crate is `cli/`).
 fn deploy() -> PathBuf {
@@ -133,73 +133,6 @@ fn show(out: &Output) -> String {
     )
 }
 
-/// A binary built next to `pylon` in the target dir.
-fn sibling(name: &str) -> PathBuf {
-    let bin = Path::new(PYLON).with_file_name(name);
-    assert!(
-        bin.exists(),
-        "{} not found: build it first with `cargo build -p {name} --bins`",
-        bin.display()
-    );
-    bin
-}
-
-/// Kills the child process when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
-/// One HTTP/1.1 GET, `Connection: close`: `(status, body)`.
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let raw = String::from_utf8_lossy(&raw);
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Some((status, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
-    }
-    out
-}
-
 fn metrics(admin: SocketAddr) -> String {
     match http_get(admin, "/metrics") {
         Some((200, body)) => body,
@@ -224,150 +157,6 @@ fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 // ---------------------------------------------------------------------------------------------
 // A small mesh of real processes
 // ---------------------------------------------------------------------------------------------
-
-/// A `pylon-proxy` on loopback (port 0 everywhere), with the addresses it logged.
-struct Proxy {
-    _proc: Proc,
-    inbound: SocketAddr,
-    outbound: SocketAddr,
-    admin: SocketAddr,
-}
-
-fn start_proxy(args: &[&str]) -> Proxy {
-    let mut cmd = Command::new(sibling("pylon-proxy"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PYLON_") || k.starts_with("LINKERD2_PROXY_") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.env("PYLON_LOG", "info")
-        .env("PYLON_THREADS", "1")
-        .args(["--inbound-addr", "127.0.0.1:0"])
-        .args(["--outbound-addr", "127.0.0.1:0"])
-        .args(["--admin-addr", "127.0.0.1:0"])
-        .args(["--tap-addr", "127.0.0.1:0"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn pylon-proxy");
-    let stderr = child.stderr.take().expect("stderr");
-    let proc = Proc(child);
-    let (tx, rx) = mpsc::channel::<(String, SocketAddr)>();
-    thread::spawn(move || {
-        // {"message":"listening","listener":"admin","addr":"127.0.0.1:40123",...}, the fields
-        // at the top level or under "fields".
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            let field = |k: &str| {
-                v.get(k)
-                    .or_else(|| v.get("fields").and_then(|f| f.get(k)))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            };
-            if field("message").as_deref() == Some("listening") {
-                if let (Some(l), Some(Ok(addr))) =
-                    (field("listener"), field("addr").map(|a| a.parse()))
-                {
-                    let _ = tx.send((l, addr));
-                }
-            }
-        }
-    });
-    let mut found = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while found.len() < 4 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (l, addr) = rx.recv_timeout(left).unwrap_or_else(|_| {
-            panic!("pylon-proxy {args:?} did not log its 4 listeners within 15 s: {found:?}")
-        });
-        found.insert(l, addr);
-    }
-    Proxy {
-        _proc: proc,
-        inbound: found["inbound"],
-        outbound: found["outbound"],
-        admin: found["admin"],
-    }
-}
-
-/// An HTTP/1.1 server answering `x-status` (else `default_status`), keep-alive.
-fn start_backend(default_status: u16) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a backend");
-    let addr = listener.local_addr().expect("addr");
-    thread::spawn(move || {
-        for conn in listener.incoming().map_while(Result::ok) {
-            thread::spawn(move || serve(conn, default_status));
-        }
-    });
-    addr
-}
-
-fn serve(conn: TcpStream, default_status: u16) {
-    let Ok(read_half) = conn.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(read_half);
-    let mut writer = conn;
-    loop {
-        let (mut status, mut length) = (default_status, 0usize);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                match k.trim().to_ascii_lowercase().as_str() {
-                    "x-status" => status = v.trim().parse().unwrap_or(default_status),
-                    "content-length" => length = v.trim().parse().unwrap_or(0),
-                    _ => {}
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let resp = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok");
-        if writer.write_all(resp.as_bytes()).is_err() {
-            return;
-        }
-    }
-}
-
-/// Reads one response (status line, headers, content-length body); its status.
-fn read_response(reader: &mut BufReader<TcpStream>) -> Option<u16> {
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    let status = line.split_whitespace().nth(1)?.parse().ok()?;
-    let mut length = 0usize;
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().ok()?;
-            }
-        }
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).ok()?;
-    Some(status)
-}
 
 const WEB: &str = "web.default.svc.cluster.local";
 
