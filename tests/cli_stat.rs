@@ -737,3 +737,87 @@ fn stat_and_edges_from_prometheus() {
         show(&out)
     );
 }
+
+/// Route names hold braces (`GET /orders/{id}`, as Linkerd's and `pylon profile --tap`'s do):
+/// `pylon routes` shows them, with their traffic, and `stat -o wide` their retries column.
+#[test]
+fn routes_whose_names_hold_braces_are_shown() {
+    let backend = start_backend(200);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n\
+         spec:\n  ports:\n  - name: http\n    port: 80\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: web-0\n  namespace: default\n  labels:\n    kubernetes.io/service-name: web\n\
+         addressType: IPv4\nports:\n- name: http\n  port: {port}\n\
+         endpoints:\n- addresses: [\"127.0.0.1\"]\n\
+         ---\napiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\n\
+         metadata:\n  name: web.default.svc.cluster.local\n  namespace: default\n\
+         spec:\n  routes:\n  - name: GET /orders/{{id}}\n    condition: {{method: GET, pathRegex: '/orders/[^/]+'}}\n    isRetryable: true\n",
+        port = backend.port()
+    );
+    std::fs::write(dir.path().join("web.yaml"), yaml).expect("write");
+    let client = start_proxy(&[
+        "--config-dir",
+        dir.path().to_str().expect("utf-8"),
+        "--workload",
+        "deployment/client",
+    ]);
+    let admins = vec!["--proxy".to_string(), client.admin.to_string()];
+    let conn =
+        TcpStream::connect_timeout(&client.outbound, Duration::from_secs(2)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    let mut writer = conn;
+    // Requests on the route for as long as `pylon` measures (bounded: 1,000 at most).
+    let mut measure = |list: &[&str]| {
+        let argv = args(list, &admins);
+        let mut child = spawn_pylon(&argv);
+        for i in 0..1_000 {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            write!(
+                writer,
+                "GET http://web.default.svc.cluster.local/orders/{i} HTTP/1.1\r\nhost: web.default.svc.cluster.local\r\n\r\n"
+            )
+            .expect("send");
+            assert_eq!(read_response(&mut reader), Some(200));
+            thread::sleep(Duration::from_millis(10));
+        }
+        wait_pylon(child, &argv)
+    };
+    let out = measure(&[
+        "routes",
+        "deploy/client",
+        "--to",
+        "svc/web",
+        "--window",
+        "2s",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let text = stdout(&out);
+    println!("$ pylon routes deploy/client --to svc/web\n{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("GET /orders/{id} ")),
+        "{text}"
+    );
+    // The same in JSON, with its traffic.
+    let out = measure(&[
+        "routes",
+        "deploy/client",
+        "--to",
+        "svc/web",
+        "--window",
+        "2s",
+        "-o",
+        "json",
+    ]);
+    let routes = json_rows(&out, "rows");
+    let route = routes
+        .iter()
+        .find(|r| r["name"] == "GET /orders/{id}")
+        .unwrap_or_else(|| panic!("the route is shown: {routes:?}"));
+    assert!(route["rps"].as_f64().unwrap_or(0.0) > 0.0, "{routes:?}");
+}

@@ -28,6 +28,7 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod demo;
+mod exposition;
 mod identity;
 mod inject;
 mod install;

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::exposition::{self, Sample};
 use anyhow::{Context, Result};
-use prometheus_parse::{Scrape, Value};
 
 /// A cumulative histogram: `(upper bound "le", observations <= le)`, sorted by bound, the last
 /// bound normally `+Inf`.
@@ -16,6 +16,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    #[cfg(test)]
     pub fn from_buckets(buckets: impl IntoIterator<Item = (f64, f64)>) -> Self {
         let mut h = Histogram::default();
         for (le, count) in buckets {
@@ -26,7 +27,7 @@ impl Histogram {
 
     /// Adds `count` to the bucket bounded by `le`, creating it if needed (series with different
     /// label values but the same bucket layout are summed, as `sum by (le)` would).
-    fn add_bucket(&mut self, le: f64, count: f64) {
+    pub(crate) fn add_bucket(&mut self, le: f64, count: f64) {
         if le.is_nan() || count.is_nan() {
             return;
         }
@@ -174,28 +175,30 @@ impl TrafficCounters {
         (responses > 0.0).then(|| self.successes / responses)
     }
 
-    fn add(&mut self, metric: &str, sample: &prometheus_parse::Sample) {
-        match (metric, &sample.value) {
-            ("request_total", v) => self.requests += scalar(v),
-            ("response_total", v) => match sample.labels.get("classification") {
-                Some("success") => self.successes += scalar(v),
-                Some("failure") => self.failures += scalar(v),
+    fn add(&mut self, sample: &Sample) {
+        match sample.name.as_str() {
+            "request_total" => self.requests += sample.value,
+            "response_total" => match sample.label("classification") {
+                Some("success") => self.successes += sample.value,
+                Some("failure") => self.failures += sample.value,
                 _ => {}
             },
-            ("response_latency_ms", Value::Histogram(buckets)) => {
-                self.latency_ms.merge(&Histogram::from_buckets(
-                    buckets.iter().map(|b| (b.less_than, b.count)),
-                ));
+            // Buckets of every series are summed by bound, as `sum by (le)` would.
+            "response_latency_ms_bucket" => {
+                if let Some(le) = sample.label("le").and_then(bucket_bound) {
+                    self.latency_ms.add_bucket(le, sample.value);
+                }
             }
             _ => {}
         }
     }
 }
 
-fn scalar(value: &Value) -> f64 {
-    match value {
-        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-        Value::Histogram(_) | Value::Summary(_) => 0.0,
+/// A bucket's `le` (`+Inf` included).
+pub fn bucket_bound(le: &str) -> Option<f64> {
+    match le {
+        "+Inf" | "Inf" => Some(f64::INFINITY),
+        _ => le.parse().ok(),
     }
 }
 
@@ -211,29 +214,21 @@ pub struct ProxyTraffic {
 impl ProxyTraffic {
     /// Parses a Prometheus text exposition (as served on the admin `/metrics`).
     pub fn parse(exposition: &str) -> Result<ProxyTraffic> {
-        let scrape = Scrape::parse(exposition.lines().map(|l| Ok(l.to_owned())))
-            .context("parsing the Prometheus exposition")?;
+        let samples = exposition::parse(exposition).context("parsing the Prometheus exposition")?;
         let mut traffic = ProxyTraffic::default();
-        for sample in &scrape.samples {
-            let metric = sample.metric.as_str();
-            if !matches!(
-                metric,
-                "request_total" | "response_total" | "response_latency_ms"
-            ) {
-                continue;
-            }
-            match sample.labels.get("direction") {
+        for sample in &samples {
+            match sample.label("direction") {
                 Some("outbound") => {
-                    let Some(target) = sample.labels.get("target_addr") else {
+                    let Some(target) = sample.label("target_addr") else {
                         continue;
                     };
                     traffic
                         .outbound_by_endpoint
                         .entry(target.to_owned())
                         .or_default()
-                        .add(metric, sample);
+                        .add(sample);
                 }
-                Some("inbound") => traffic.inbound.add(metric, sample),
+                Some("inbound") => traffic.inbound.add(sample),
                 _ => {}
             }
         }

@@ -21,7 +21,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{CONNECTION, HOST};
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
-use prometheus_parse::{Scrape, Value};
 use tokio::net::TcpStream;
 
 use super::resource::{service_of_authority, Matcher};
@@ -92,34 +91,29 @@ type Flat = HashMap<(String, Vec<(String, String)>, Option<u64>), f64>;
 
 /// Flattens an exposition into the families the views read.
 pub fn flatten(exposition: &str) -> Result<Flat> {
-    let scrape = Scrape::parse(exposition.lines().map(|l| Ok(l.to_owned())))
-        .context("parsing the Prometheus exposition")?;
+    let samples =
+        crate::exposition::parse(exposition).context("parsing the Prometheus exposition")?;
     let mut out = Flat::new();
-    for sample in scrape.samples {
+    for sample in samples {
+        if !FAMILIES.contains(&sample.name.as_str()) {
+            continue;
+        }
+        let mut le = None;
         let mut labels: Vec<(String, String)> = sample
             .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .into_iter()
+            .filter(|(k, v)| {
+                if k == "le" {
+                    le = crate::demo::metrics::bucket_bound(v);
+                    false
+                } else {
+                    true
+                }
+            })
             .collect();
         labels.sort();
-        match sample.value {
-            Value::Histogram(buckets) => {
-                let metric = format!("{}_bucket", sample.metric);
-                if !FAMILIES.contains(&metric.as_str()) {
-                    continue;
-                }
-                for b in buckets {
-                    let key = (metric.clone(), labels.clone(), Some(b.less_than.to_bits()));
-                    *out.entry(key).or_default() += b.count;
-                }
-            }
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => {
-                if FAMILIES.contains(&sample.metric.as_str()) {
-                    *out.entry((sample.metric, labels, None)).or_default() += v;
-                }
-            }
-            Value::Summary(_) => {}
-        }
+        *out.entry((sample.name, labels, le.map(f64::to_bits)))
+            .or_default() += sample.value;
     }
     Ok(out)
 }
