@@ -91,8 +91,10 @@ fn parse_line(line: &str) -> Result<Sample, String> {
     })
 }
 
+type Labels = Vec<(String, String)>;
+
 /// Labels after `{`, up to and including the matching `}`; the rest of the line.
-fn parse_labels(mut s: &str) -> Result<(Vec<(String, String)>, &str), String> {
+fn parse_labels(mut s: &str) -> Result<(Labels, &str), String> {
     let mut labels = Vec::new();
     loop {
         s = s.trim_start();
