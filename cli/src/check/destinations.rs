@@ -2,14 +2,22 @@
 //! authorities and profiles for services that do not exist or have no ready endpoints, and
 //! objects the proxy ignores because another one took their place.
 //!
+//! Where the config (or the cluster) has Pods, a Service's endpoints are compared with the
+//! pods its selector picks: a ready pod missing from the EndpointSlices (the proxy sends it
+//! nothing: "2 of 3 pods"), a slice address no pod has (a stale endpoint), a selector that
+//! picks no pod.
+//!
 //! Every answer comes from the Snapshot the proxy itself would use (`resolve_name`,
 //! `has_endpoint_slices`, `split_for`, `resolve_cluster_ip`), so "no ready endpoints" means
 //! exactly what the proxy would find: no ready endpoint (nor, when none is ready, a serving
 //! terminating one) for any port the proxy carries.
 
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 
-use pylon_proxy_policy::{Protocol, Service, ServiceProfile, ServiceRef, Snapshot, TrafficSplit};
+use pylon_proxy_policy::{
+    MeshObject, Pod, Protocol, Service, ServiceProfile, ServiceRef, Snapshot, TrafficSplit,
+};
 
 use super::ObjectFindings;
 
@@ -216,6 +224,91 @@ pub(super) fn check_service(snapshot: &Snapshot, service: &Service, out: &mut Ob
                 ),
             );
         }
+    }
+    check_pods(snapshot, service, out);
+}
+
+/// The Service's endpoints against the pods its selector picks (when the source has Pods).
+fn check_pods(snapshot: &Snapshot, service: &Service, out: &mut ObjectFindings) {
+    let ns = &*service.meta.namespace;
+    let pods: Vec<&Pod> = snapshot
+        .objects()
+        .filter_map(|o| match o {
+            MeshObject::Pod(p) if &*p.meta.namespace == ns => Some(p),
+            _ => None,
+        })
+        .collect();
+    // Without Pods (a hand-written config dir) or a selector (endpoints managed by hand)
+    // there is nothing to compare.
+    if pods.is_empty() || service.selector.is_empty() {
+        return;
+    }
+    let selected: Vec<&Pod> = pods
+        .iter()
+        .copied()
+        .filter(|p| {
+            service
+                .selector
+                .iter()
+                .all(|(k, v)| p.meta.labels.get(k) == Some(v))
+        })
+        .collect();
+    if selected.is_empty() {
+        out.warning(
+            "spec.selector",
+            format!("selects no Pod in namespace {ns}: the service has no workload behind it"),
+        );
+        return;
+    }
+    // Every address the proxy would send to, on any port it carries.
+    let name = format!("{}.{ns}", service.meta.name);
+    let mut in_slices: BTreeSet<IpAddr> = BTreeSet::new();
+    for port in service.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+        if let Some(resolved) = snapshot.resolve_name(&name, port.port) {
+            in_slices.extend(resolved.endpoints.iter().map(|e| e.addr.ip()));
+        }
+    }
+    let ready: Vec<&Pod> = selected
+        .iter()
+        .copied()
+        .filter(|p| p.ready && !p.ips.is_empty())
+        .collect();
+    let missing: Vec<&Pod> = ready
+        .iter()
+        .copied()
+        .filter(|p| !p.ips.iter().any(|ip| in_slices.contains(ip)))
+        .collect();
+    if !missing.is_empty() {
+        let names: Vec<String> = missing
+            .iter()
+            .map(|p| format!("{} ({})", p.meta.name, p.ips[0]))
+            .collect();
+        out.warning(
+            "endpoints",
+            format!(
+                "endpoints {} of {} ready pods: {} missing from the EndpointSlices, so the proxy \
+                 sends {} nothing (a stale or hand-written slice, or the endpoint controller is behind)",
+                ready.len() - missing.len(),
+                ready.len(),
+                names.join(", "),
+                if missing.len() == 1 { "it" } else { "them" }
+            ),
+        );
+    }
+    let pod_ips: BTreeSet<IpAddr> = pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
+    let stale: Vec<String> = in_slices
+        .iter()
+        .filter(|ip| !pod_ips.contains(ip))
+        .map(ToString::to_string)
+        .collect();
+    if !stale.is_empty() {
+        out.warning(
+            "endpoints",
+            format!(
+                "the EndpointSlices name {} that no Pod has: requests sent there fail (a stale endpoint)",
+                stale.join(", ")
+            ),
+        );
     }
 }
 
@@ -441,5 +534,70 @@ mod tests {
                  that one"
             )]
         );
+    }
+
+    fn pod(name: &str, ip: &str, ready: bool, app: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\n\
+             spec: {{containers: [{{name: c}}]}}\n\
+             status: {{phase: Running, podIP: {ip}, conditions: [{{type: Ready, status: \"{}\"}}]}}\n",
+            if ready { "True" } else { "False" }
+        )
+    }
+
+    fn selected_service() -> String {
+        service("web", Some(true)).replace("spec: {ports:", "spec: {selector: {app: web}, ports:")
+    }
+
+    #[test]
+    fn a_ready_pod_missing_from_the_slices_is_named() {
+        // The story's incident: three ready pods, a slice with one of them (10.0.0.1).
+        let findings = audit_files(&[
+            ("web.yaml", &selected_service()),
+            ("a.yaml", &pod("web-a", "10.0.0.1", true, "web")),
+            ("b.yaml", &pod("web-b", "10.0.0.2", true, "web")),
+            ("c.yaml", &pod("web-c", "10.0.0.3", true, "web")),
+            // Not ready: rightly absent.
+            ("d.yaml", &pod("web-d", "10.0.0.4", false, "web")),
+        ]);
+        let on = on_field(&findings, "endpoints");
+        assert_eq!(on.len(), 1, "{findings:?}");
+        assert_eq!(on[0].0, Severity::Warning);
+        assert!(
+            on[0].1.starts_with(
+                "endpoints 1 of 3 ready pods: web-b (10.0.0.2), web-c (10.0.0.3) missing"
+            ),
+            "{}",
+            on[0].1
+        );
+    }
+
+    #[test]
+    fn a_stale_address_and_an_empty_selector_are_named() {
+        let findings = audit_files(&[
+            ("web.yaml", &selected_service()),
+            ("b.yaml", &pod("web-b", "10.0.0.2", true, "web")),
+        ]);
+        let on = on_field(&findings, "endpoints");
+        assert!(
+            on.iter()
+                .any(|(_, m)| m.contains("name 10.0.0.1 that no Pod has")),
+            "{findings:?}"
+        );
+        let findings = audit_files(&[
+            ("web.yaml", &selected_service()),
+            ("other.yaml", &pod("api-0", "10.0.0.9", true, "api")),
+        ]);
+        assert_eq!(
+            on_field(&findings, "spec.selector"),
+            [(
+                Severity::Warning,
+                "selects no Pod in namespace default: the service has no workload behind it"
+            )]
+        );
+        // A config dir without Pods: nothing to compare, nothing said.
+        let findings = audit_files(&[("web.yaml", &selected_service())]);
+        assert!(on_field(&findings, "endpoints").is_empty());
+        assert!(on_field(&findings, "spec.selector").is_empty());
     }
 }
