@@ -739,9 +739,10 @@ fn stat_and_edges_from_prometheus() {
 }
 
 /// Route names hold braces (`GET /orders/{id}`, as Linkerd's and `pylon profile --tap`'s do):
-/// `pylon routes` shows them, with their traffic, and `stat -o wide` their retries column.
+/// `pylon routes` shows them with their traffic. And the destination is a workload too: the
+/// config dir's Pod names its deployment, so `stat deploy/client --to deploy/web` answers.
 #[test]
-fn routes_whose_names_hold_braces_are_shown() {
+fn routes_with_braces_and_destinations_by_workload() {
     let backend = start_backend(200);
     let dir = tempfile::tempdir().expect("tempdir");
     let yaml = format!(
@@ -750,7 +751,11 @@ fn routes_whose_names_hold_braces_are_shown() {
          ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata:\n  name: web-0\n  namespace: default\n  labels:\n    kubernetes.io/service-name: web\n\
          addressType: IPv4\nports:\n- name: http\n  port: {port}\n\
-         endpoints:\n- addresses: [\"127.0.0.1\"]\n\
+         endpoints:\n- addresses: [\"127.0.0.1\"]\n  targetRef: {{kind: Pod, name: web-5d8f7-x2x4z, namespace: default}}\n\
+         ---\napiVersion: v1\nkind: Pod\n\
+         metadata:\n  name: web-5d8f7-x2x4z\n  namespace: default\n  labels: {{app: web, pod-template-hash: 5d8f7}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: web-5d8f7, uid: u, controller: true}}]\n\
+         spec: {{serviceAccountName: web, containers: [{{name: app}}]}}\n\
+         status: {{phase: Running, podIP: 127.0.0.1, conditions: [{{type: Ready, status: \"True\"}}]}}\n\
          ---\napiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\n\
          metadata:\n  name: web.default.svc.cluster.local\n  namespace: default\n\
          spec:\n  routes:\n  - name: GET /orders/{{id}}\n    condition: {{method: GET, pathRegex: '/orders/[^/]+'}}\n    isRetryable: true\n",
@@ -820,4 +825,20 @@ fn routes_whose_names_hold_braces_are_shown() {
         .find(|r| r["name"] == "GET /orders/{id}")
         .unwrap_or_else(|| panic!("the route is shown: {routes:?}"));
     assert!(route["rps"].as_f64().unwrap_or(0.0) > 0.0, "{routes:?}");
+
+    // Linkerd's users type --to deployment/ first.
+    let out = measure(&[
+        "stat",
+        "deploy/client",
+        "--to",
+        "deploy/web",
+        "--window",
+        "2s",
+        "-o",
+        "json",
+    ]);
+    let rows = json_rows(&out, "rows");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0]["rps"].as_f64().unwrap_or(0.0) > 0.0, "{rows:?}");
+    assert_eq!(rows[0]["success_rate"], 1.0, "{rows:?}");
 }

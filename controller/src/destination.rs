@@ -437,21 +437,14 @@ fn pod_addr(
     endpoint: Option<&Endpoint>,
     opaque: Option<bool>,
 ) -> api::WeightedAddr {
-    let mut labels = BTreeMap::new();
-    if let Some(pod) = pod {
-        let workload = pod.workload();
-        labels.insert("pod".to_string(), pod.meta.name.to_string());
-        labels.insert(
-            "serviceaccount".to_string(),
-            pod.service_account.to_string(),
-        );
-        if workload.kind != pylon_proxy_policy::WorkloadKind::Pod {
-            labels.insert(workload.kind.label().to_string(), workload.name.to_string());
-        }
-        if let Some(hash) = pod.meta.labels.get("pod-template-hash") {
-            labels.insert("pod_template_hash".to_string(), hash.clone());
-        }
-    }
+    let mut labels: BTreeMap<String, String> = pod
+        .map(|p| {
+            p.metric_labels()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect()
+        })
+        .unwrap_or_default();
     if let Some(zone) = endpoint.and_then(|e| e.zone.as_deref()) {
         labels.insert("zone".to_string(), zone.to_string());
     }

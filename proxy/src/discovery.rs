@@ -58,6 +58,26 @@ impl EndpointSpec {
     }
 }
 
+/// The `dst_*` labels of an endpoint on a Pod the config dir knows (by the slice's `targetRef`,
+/// else by address), as a control plane would send them.
+fn pod_labels(
+    snapshot: &Snapshot,
+    namespace: &str,
+    endpoint: &pylon_proxy_policy::Endpoint,
+) -> Option<DstLabels> {
+    let pod = endpoint
+        .pod
+        .as_deref()
+        .and_then(|name| snapshot.pod(namespace, name))
+        .or_else(|| snapshot.pod_by_ip(endpoint.addr.ip()))?;
+    Some(
+        pod.metric_labels()
+            .into_iter()
+            .map(|(k, v)| (Arc::from(k), Arc::from(v)))
+            .collect(),
+    )
+}
+
 /// Endpoints learnt from DNS or dialled by address: no identity, so plaintext.
 pub(crate) fn unmeshed(addrs: &[SocketAddr]) -> Vec<EndpointSpec> {
     addrs.iter().map(|a| EndpointSpec::new(*a, None)).collect()
@@ -657,7 +677,11 @@ impl Discovery {
                 let specs: Vec<EndpointSpec> = resolved
                     .endpoints
                     .iter()
-                    .map(|e| EndpointSpec::new(e.addr, e.identity.clone()))
+                    .map(|e| EndpointSpec {
+                        addr: e.addr,
+                        identity: e.identity.clone(),
+                        labels: pod_labels(snapshot, &service.namespace, e),
+                    })
                     .collect();
                 self.set_endpoints(logical, &specs);
                 true

@@ -208,12 +208,13 @@ fn namespace(src: &SourceArgs) -> Option<&str> {
 /// Where `--to`/`--from` may point: a destination that outbound series name.
 fn destination(r: &Resource, flag: &str) -> Result<(), Failure> {
     match r.kind {
-        Kind::Service | Kind::Authority if r.name.is_some() => Ok(()),
-        Kind::Deployment | Kind::Pod => Err(usage(format!(
-            "{flag} {r}: the proxies' outbound metrics name the destination service, not its workload; use {flag} svc/NAME"
-        ))),
+        // Outbound series carry the destination's `dst_deployment`/`dst_pod` (from the
+        // control plane, or the config dir's Pods) as well as its service and authority.
+        Kind::Service | Kind::Authority | Kind::Deployment | Kind::Pod if r.name.is_some() => {
+            Ok(())
+        }
         _ => Err(usage(format!(
-            "{flag} {r}: expected svc/NAME or authority/HOST"
+            "{flag} {r}: expected deployment/NAME, pod/NAME, svc/NAME or authority/HOST"
         ))),
     }
 }
@@ -242,7 +243,7 @@ pub fn stat_selection(
             }
             sel.matchers.push(outbound);
             sel.matchers.extend(res.matchers(ns));
-            sel.matchers.extend(to.matchers(ns));
+            sel.matchers.extend(to.dst_matchers(ns));
             sel.meshed = Some(res.matchers(ns));
         }
         (None, Some(from)) => {
@@ -347,6 +348,12 @@ fn routes(args: RoutesArgs) -> Result<String, Failure> {
     let to = args.to.as_deref().map(parse_resource).transpose()?;
     if let Some(to) = &to {
         destination(to, "--to")?;
+        // Route series name their destination by authority (a ServiceProfile is a service's).
+        if matches!(to.kind, Kind::Deployment | Kind::Pod) {
+            return Err(usage(format!(
+                "--to {to}: routes belong to a destination service's ServiceProfile; use --to svc/NAME"
+            )));
+        }
     }
     let src = &args.source;
     let ns = namespace(src);
@@ -505,12 +512,23 @@ mod tests {
     }
 
     #[test]
-    fn to_must_name_a_destination() {
-        let Err(Failure(code, e)) = destination(&r("deploy/web"), "--to") else {
+    fn to_names_a_destination_by_workload_service_or_authority() {
+        for ok in ["deploy/web", "pod/web-0", "svc/web", "authority/web:80"] {
+            assert!(destination(&r(ok), "--to").is_ok(), "{ok}");
+        }
+        let Err(Failure(code, e)) = destination(&r("ns/shop"), "--to") else {
             panic!("accepted")
         };
         assert_eq!(code, 2);
-        assert!(e.to_string().contains("use --to svc/NAME"), "{e}");
-        assert!(destination(&r("svc/web"), "--to").is_ok());
+        assert!(e.to_string().contains("expected deployment/NAME"), "{e}");
+        let sel = stat_selection(
+            &r("deploy/client"),
+            Some(&r("deploy/web")),
+            None,
+            Some("shop"),
+        )
+        .expect("a workload to a workload");
+        assert!(sel.matchers.contains(&Matcher::eq("dst_deployment", "web")));
+        assert!(sel.matchers.contains(&Matcher::eq("dst_namespace", "shop")));
     }
 }

@@ -114,6 +114,27 @@ impl Resource {
         out
     }
 
+    /// Matchers selecting this resource as a *destination*: outbound series name it by the
+    /// `dst_*` labels (`dst_deployment`, `dst_pod`, `dst_service`, with `dst_namespace`), or
+    /// by authority.
+    pub fn dst_matchers(&self, namespace: Option<&str>) -> Vec<Matcher> {
+        let name_label = match self.kind {
+            Kind::Deployment => "dst_deployment",
+            Kind::Pod => "dst_pod",
+            Kind::Service => "dst_service",
+            Kind::Namespace => "dst_namespace",
+            Kind::Authority => return self.matchers(namespace),
+        };
+        let mut out = Vec::new();
+        if let (Some(ns), false) = (namespace, self.kind == Kind::Namespace) {
+            out.push(Matcher::eq("dst_namespace", ns));
+        }
+        if let Some(name) = &self.name {
+            out.push(Matcher::eq(name_label, name));
+        }
+        out
+    }
+
     /// The labels a row of this kind is grouped by.
     pub fn group_labels(&self) -> Vec<&'static str> {
         let mut out = Vec::new();

@@ -140,6 +140,22 @@ impl Pod {
         }
     }
 
+    /// The labels Linkerd's destination controller gives an endpoint on this pod (its
+    /// `metric_labels`, which proxies export as `dst_<name>`): `pod`, the workload's kind and
+    /// name (`deployment: web`), `pod_template_hash` and `serviceaccount`.
+    pub fn metric_labels(&self) -> Vec<(&'static str, String)> {
+        let mut labels = vec![("pod", self.meta.name.to_string())];
+        let workload = self.workload();
+        if workload.kind != WorkloadKind::Pod {
+            labels.push((workload.kind.label(), workload.name.to_string()));
+        }
+        if let Some(hash) = self.meta.labels.get(POD_TEMPLATE_HASH_LABEL) {
+            labels.push(("pod_template_hash", hash.clone()));
+        }
+        labels.push(("serviceaccount", self.service_account.to_string()));
+        labels
+    }
+
     /// The number of a named container port.
     pub fn named_port(&self, name: &str) -> Option<u16> {
         self.named_ports
