@@ -478,6 +478,17 @@ fn errors_a_user_can_act_on() {
                 "stat",
                 "deploy/client",
                 "--to",
+                "ns/shop",
+                "--proxy",
+                "127.0.0.1:1",
+            ],
+            "expected deployment/NAME, pod/NAME, svc/NAME or authority/HOST",
+        ),
+        (
+            vec![
+                "routes",
+                "deploy/client",
+                "--to",
                 "deploy/web",
                 "--proxy",
                 "127.0.0.1:1",
