@@ -531,13 +531,6 @@ fn errors_a_user_can_act_on() {
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 /// The value of a one-element PromQL answer.
 fn prom_value(prometheus: SocketAddr, query: &str) -> Option<f64> {
     let encoded: String = query
@@ -591,22 +584,8 @@ fn stat_and_edges_from_prometheus() {
         ),
     )
     .expect("write prometheus.yml");
-    let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let _prometheus = Proc(
-        Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={listen}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
-    );
+    let (_prometheus, listen) =
+        start_prometheus(Path::new(PROMETHEUS), &config, &dir.path().join("data"));
     let url = format!("http://{listen}");
 
     // Until Prometheus scrapes both proxies (bounded).
@@ -739,7 +718,7 @@ fn stat_and_edges_from_prometheus() {
     );
 
     // Prometheus unreachable: exit 1, naming it.
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("http://{}", free_addr());
     let out = pylon(&args(&["stat", "deploy/web", "--prometheus", &dead], &[]));
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(

@@ -1342,21 +1342,8 @@ fn prometheus_relabels_scrapes_and_evaluates_as_pylon_stat_and_the_dashboards_ex
         serde_yaml_ng::to_string(&config).expect("YAML"),
     )
     .expect("write");
-    let listen = free_addr();
-    let _prometheus = Proc(
-        Command::new(&prometheus)
-            .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={listen}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
-    );
+    let (_prometheus, listen) =
+        start_prometheus(&prometheus, &config_file, &dir.path().join("data"));
     let url = format!("http://{listen}");
 
     // The targets: the admin ports only, labelled from the API.

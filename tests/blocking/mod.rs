@@ -227,3 +227,21 @@ pub fn read_response(reader: &mut BufReader<TcpStream>) -> Option<u16> {
     reader.read_exact(&mut body).ok()?;
     Some(status)
 }
+
+/// A Prometheus server for `config` on a free loopback port, its data under `data`: the
+/// process (killed when dropped) and its address.
+pub fn start_prometheus(program: &Path, config: &Path, data: &Path) -> (Proc, SocketAddr) {
+    let listen = free_addr();
+    let proc = Proc(
+        Command::new(program)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", data.display()))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    (proc, listen)
+}
