@@ -12,7 +12,7 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pylon_fake_kube_api::FakeApiServer;
 use serde_json::json;
@@ -72,33 +72,7 @@ fn delete_slice(api: &FakeApiServer, pod: &str) {
     assert!(gone.is_some(), "slice web-{pod} existed");
 }
 
-async fn backend_of(proxy: &Proxy) -> String {
-    let rsp = get(proxy.outbound(), "web.default.svc.cluster.local", "/")
-        .await
-        .expect("a response");
-    assert_eq!(rsp.status, 200, "{}\n{}", rsp.text(), proxy.log_tail(20));
-    rsp.backend().unwrap_or_default().to_string()
-}
-
-/// Until every one of a few requests goes to a backend in `want`; returns how long it took.
-async fn until_backends(proxy: &Proxy, want: &[&str], bound: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        let mut all = true;
-        for _ in 0..4 {
-            all &= want.contains(&backend_of(proxy).await.as_str());
-        }
-        if all {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < bound,
-            "requests did not move to {want:?} within {bound:?}\n{}",
-            proxy.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+const WEB: &str = "web.default.svc.cluster.local";
 
 /// Sends requests until `stop`, counting failures: traffic must not notice an outage.
 fn keep_sending(
@@ -178,7 +152,7 @@ async fn cluster_changes_reach_proxies_and_outages_lose_nothing() {
             .args(["--destination-addr", &controller.destination.to_string()])
             .args(["--namespace", "default", "--pod", "client-0"])
             .start();
-        assert_eq!(backend_of(&proxy).await, "a");
+        assert_eq!(proxy.backend_for(WEB).await, "a");
         let metrics = proxy.metrics();
         assert_eq!(
             metric_sum(&metrics, "response_total", |s| s.label("dst_pod")
@@ -191,17 +165,17 @@ async fn cluster_changes_reach_proxies_and_outages_lose_nothing() {
 
         // Added, then changed, then deleted in the API: each reaches the proxy.
         api.apply(slice("web-6c9f8-bbbbb", b.addr)).expect("apply");
-        let added = until_backends(&proxy, &["a", "b"], PROPAGATION_BOUND).await;
+        let added = proxy.until_backends(WEB, &["a", "b"], PROPAGATION_BOUND).await;
         let mut both = std::collections::HashSet::new();
         for _ in 0..40 {
-            both.insert(backend_of(&proxy).await);
+            both.insert(proxy.backend_for(WEB).await);
         }
         assert_eq!(both.len(), 2, "both endpoints used: {both:?}");
         let mut changed = slice("web-6c9f8-aaaaa", c.addr);
         changed["endpoints"][0]["targetRef"]["name"] = "web-6c9f8-ccccc".into();
         api.apply(changed).expect("apply");
         delete_slice(&api, "web-6c9f8-bbbbb");
-        let deleted = until_backends(&proxy, &["c"], PROPAGATION_BOUND).await;
+        let deleted = proxy.until_backends(WEB, &["c"], PROPAGATION_BOUND).await;
         println!("API change -> proxy: added {added:?}, changed+deleted {deleted:?}");
 
         // The API server restarts (state kept, as etcd keeps it) while traffic flows; a change
@@ -211,7 +185,7 @@ async fn cluster_changes_reach_proxies_and_outages_lose_nothing() {
         api.apply(slice("web-6c9f8-aaaaa", a.addr)).expect("apply while down");
         tokio::time::sleep(Duration::from_millis(300)).await;
         api.restart().await.expect("restart");
-        let back = until_backends(&proxy, &["a"], Duration::from_secs(15)).await;
+        let back = proxy.until_backends(WEB, &["a"], Duration::from_secs(15)).await;
         println!("API server restart: change seen {back:?} after the restart");
         let sent = finish(load).await;
         assert!(sent > 0);
@@ -223,7 +197,7 @@ async fn cluster_changes_reach_proxies_and_outages_lose_nothing() {
         let before = relists();
         api.compact();
         api.apply(slice("web-6c9f8-bbbbb", b.addr)).expect("apply");
-        until_backends(&proxy, &["a", "b"], Duration::from_secs(10)).await;
+        proxy.until_backends(WEB, &["a", "b"], Duration::from_secs(10)).await;
         let relisted = wait_for(|| relists() > before, Duration::from_secs(10));
         assert!(relisted, "{}", controller.metrics());
 
@@ -234,7 +208,7 @@ async fn cluster_changes_reach_proxies_and_outages_lose_nothing() {
         delete_slice(&api, "web-6c9f8-bbbbb");
         tokio::time::sleep(Duration::from_millis(500)).await;
         controller.spawn();
-        until_backends(&proxy, &["a"], Duration::from_secs(15)).await;
+        proxy.until_backends(WEB, &["a"], Duration::from_secs(15)).await;
         finish(load).await;
 
         // An invalid object is reported with its path and field; the last good one stays.
@@ -250,7 +224,7 @@ async fn cluster_changes_reach_proxies_and_outages_lose_nothing() {
             Duration::from_secs(5),
         );
         assert!(logged, "{}", controller.logs_joined());
-        assert_eq!(backend_of(&proxy).await, "a");
+        assert_eq!(proxy.backend_for(WEB).await, "a");
     })
     .await
 }

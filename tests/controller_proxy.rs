@@ -33,30 +33,7 @@ fn write_web(cfg: &ConfigDir, backends: &[(&str, SocketAddr)]) {
     cfg.write("web.yaml", &y);
 }
 
-async fn backend_of(proxy: &Proxy) -> String {
-    let rsp = get(proxy.outbound(), "web.default.svc.cluster.local", "/")
-        .await
-        .expect("a response");
-    assert_eq!(rsp.status, 200, "{}", rsp.text());
-    rsp.backend().unwrap_or_default().to_string()
-}
-
-/// Sends requests until they all go to `want` (bounded by `PROPAGATION_BOUND`); returns how
-/// long that took.
-async fn until_backend(proxy: &Proxy, want: &str) -> Duration {
-    let start = Instant::now();
-    loop {
-        if backend_of(proxy).await == want {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < PROPAGATION_BOUND,
-            "requests did not move to {want} within {PROPAGATION_BOUND:?}\n{}",
-            proxy.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+const WEB: &str = "web.default.svc.cluster.local";
 
 #[tokio::test]
 async fn a_proxy_routes_on_the_controllers_answers_and_keeps_them_when_it_goes() {
@@ -72,7 +49,7 @@ async fn a_proxy_routes_on_the_controllers_answers_and_keeps_them_when_it_goes()
             .args(["--namespace", "default", "--pod", "client-0"])
             .start();
 
-        assert_eq!(backend_of(&proxy).await, "a");
+        assert_eq!(proxy.backend_for(WEB).await, "a");
         // The controller's metric_labels become dst_* labels.
         let metrics = proxy.metrics();
         let labelled = metric_sum(&metrics, "response_total", |s| {
@@ -92,13 +69,13 @@ async fn a_proxy_routes_on_the_controllers_answers_and_keeps_them_when_it_goes()
 
         // An endpoint change reaches the proxy.
         write_web(&cfg, &[("web-5f6d7-bbbbb", b.addr)]);
-        let took = until_backend(&proxy, "b").await;
+        let took = proxy.until_backends(WEB, &["b"], PROPAGATION_BOUND).await;
         println!("endpoint change reached the proxy in {took:?}");
 
         // The controller goes: the proxy keeps routing on the last endpoints and says so.
         controller.kill();
         for _ in 0..5 {
-            assert_eq!(backend_of(&proxy).await, "b");
+            assert_eq!(proxy.backend_for(WEB).await, "b");
         }
         // One subscription (web's endpoints) runs on its last state.
         let noticed = proxy
@@ -116,14 +93,14 @@ async fn a_proxy_routes_on_the_controllers_answers_and_keeps_them_when_it_goes()
             series_of(&proxy.metrics(), "control_plane_streams")
         );
         assert!(proxy.logs_joined().contains("control plane stream failed"));
-        assert_eq!(backend_of(&proxy).await, "b");
+        assert_eq!(proxy.backend_for(WEB).await, "b");
 
         // Changes made while it was away arrive when it is back.
         write_web(&cfg, &[("web-5f6d7-aaaaa", a.addr)]);
         controller.spawn();
         // Reconnecting waits out the backoff (at most 10 s), then the change applies at once.
         let start = Instant::now();
-        while backend_of(&proxy).await != "a" {
+        while proxy.backend_for(WEB).await != "a" {
             assert!(
                 start.elapsed() < Duration::from_secs(15),
                 "the proxy did not reconnect\n{}",

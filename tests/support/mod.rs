@@ -393,6 +393,41 @@ fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
 }
 
 impl Proxy {
+    /// The `x-backend` that answered one GET for `authority` through the outbound listener.
+    pub async fn backend_for(&self, authority: &str) -> String {
+        let rsp = get(self.outbound(), authority, "/")
+            .await
+            .expect("a response");
+        assert_eq!(rsp.status, 200, "{}\n{}", rsp.text(), self.log_tail(20));
+        rsp.backend().unwrap_or_default().to_string()
+    }
+
+    /// Sends requests for `authority` until four in a row go to backends in `want` (within
+    /// `bound`, else the test fails); returns how long that took.
+    pub async fn until_backends(
+        &self,
+        authority: &str,
+        want: &[&str],
+        bound: Duration,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let mut all = true;
+            for _ in 0..4 {
+                all &= want.contains(&self.backend_for(authority).await.as_str());
+            }
+            if all {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < bound,
+                "requests did not move to {want:?} within {bound:?}\n{}",
+                self.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn builder() -> ProxyBuilder {
         ProxyBuilder::default()
     }
