@@ -24,14 +24,13 @@ use pylon_identity::rustls;
 use pylon_identity::rustls::pki_types::pem::PemObject;
 use pylon_identity::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use pylon_identity::tokio_rustls::TlsAcceptor;
-use pylon_inject::InjectConfig;
+use pylon_inject::{InjectConfig, INJECT_ANNOTATIONS};
 use pylon_proxy_policy::Store;
 use serde_json::Value as Json;
 use tokio::net::TcpListener;
 
 /// Largest AdmissionReview accepted (a pod with a very large spec is still far below it).
 const MAX_BODY: usize = 4 * 1024 * 1024;
-const INJECT_ANNOTATIONS: [&str; 2] = ["pylon.io/inject", "linkerd.io/inject"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookTlsError {

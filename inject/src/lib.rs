@@ -56,7 +56,8 @@ pub const ANNOTATIONS: &[&str] = &[
     "default-inbound-policy",
 ];
 
-const INJECT_ANNOTATIONS: [&str; 2] = ["pylon.io/inject", "linkerd.io/inject"];
+/// The annotations that turn injection on (`enabled`) or off (`disabled`), Pylon's first.
+pub const INJECT_ANNOTATIONS: [&str; 2] = ["pylon.io/inject", "linkerd.io/inject"];
 const VERSION_ANNOTATION: &str = "pylon.io/proxy-version";
 const CREATED_BY_ANNOTATION: &str = "pylon.io/created-by";
 const CONTROL_PLANE_LABEL: &str = "pylon.io/control-plane-ns";
