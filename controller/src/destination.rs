@@ -106,7 +106,6 @@ impl Destination for DestinationService {
         request: Request<api::GetDestination>,
     ) -> Result<Response<ProfileStream>, Status> {
         let target = Target::parse(&request.get_ref().path)?;
-        let client_ns = context_namespace(&request.get_ref().context_token);
         tracing::debug!(path = %request.get_ref().path, "GetProfile");
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let (store, mesh, stats) = (self.store.clone(), self.mesh.clone(), self.stats.clone());
@@ -119,7 +118,7 @@ impl Destination for DestinationService {
                 let snapshot = snapshots.borrow_and_update().clone();
                 let now = Inputs::for_profile(&snapshot, &target);
                 if inputs.as_ref() != Some(&now) {
-                    let profile = profile_for(&snapshot, &mesh, &target, client_ns.as_deref());
+                    let profile = profile_for(&snapshot, &mesh, &target);
                     drop(snapshot);
                     if sent.as_ref() != Some(&profile) {
                         stats.updates_sent.fetch_add(1, Ordering::Relaxed);
@@ -284,13 +283,6 @@ impl Target {
             },
         })
     }
-}
-
-/// Linkerd's proxies send `{"ns":"shop",...}` as the context token: the client's namespace,
-/// which decides whose ServiceProfile wins when several namespaces define one.
-fn context_namespace(token: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(token).ok()?;
-    value.get("ns")?.as_str().map(str::to_string)
 }
 
 /// A destination's endpoints as last computed.
@@ -498,12 +490,7 @@ fn pod_addr(
 
 /// The profile for a target: its service's routes and split, or an external name's routes,
 /// or (for a pod's address) that endpoint alone.
-fn profile_for(
-    snapshot: &Snapshot,
-    mesh: &MeshConfig,
-    target: &Target,
-    client_ns: Option<&str>,
-) -> api::DestinationProfile {
+fn profile_for(snapshot: &Snapshot, mesh: &MeshConfig, target: &Target) -> api::DestinationProfile {
     let service = match target {
         Target::Name { host, port } => snapshot.resolve_name(host, *port),
         Target::Addr(addr) => snapshot.resolve_cluster_ip(*addr),
@@ -511,7 +498,7 @@ fn profile_for(
     let Some(service) = service else {
         return match target {
             Target::Name { host, .. } => {
-                let table = route_table(snapshot, host, client_ns);
+                let table = route_table(snapshot, host);
                 profile_to_proto(&table, "", false)
             }
             Target::Addr(addr) => {
@@ -525,7 +512,7 @@ fn profile_for(
     };
     let svc = &service.service;
     let fqdn = svc.fqdn(snapshot.cluster_domain());
-    let table = route_table(snapshot, &fqdn, client_ns);
+    let table = route_table(snapshot, &fqdn);
     // A TrafficSplit on the service decides its backends, as the SMI adaptor makes it do.
     let table = match snapshot.split_for(svc) {
         Some(split) => {
@@ -560,7 +547,10 @@ fn profile_for(
     profile
 }
 
-fn route_table(snapshot: &Snapshot, name: &str, _client_ns: Option<&str>) -> RouteTable {
+/// A profile's routes (the default table without one). When several namespaces define one,
+/// the Store's rule picks it (its default namespace first); Linkerd's per-client choice by the
+/// context token's namespace is not made.
+fn route_table(snapshot: &Snapshot, name: &str) -> RouteTable {
     snapshot
         .route_table(name)
         .map(|t| RouteTable::clone(t))

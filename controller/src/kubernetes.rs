@@ -83,6 +83,8 @@ pub struct WatchStatus {
     kinds: Mutex<BTreeMap<&'static str, KindStatus>>,
     /// Every watched kind has been listed once (a CRD that is not installed counts as listed).
     synced: AtomicBool,
+    /// How many kinds are watched.
+    watched: usize,
     pub events_total: AtomicU64,
     pub errors_total: AtomicU64,
     pub relists_total: AtomicU64,
@@ -113,7 +115,7 @@ impl WatchStatus {
     fn update(&self, kind: &'static str, f: impl FnOnce(&mut KindStatus)) {
         let mut kinds = self.lock();
         f(kinds.entry(kind).or_default());
-        let all_listed = kinds.len() == 4 + CUSTOM_KINDS.len() && kinds.values().all(|k| k.listed);
+        let all_listed = kinds.len() == self.watched && kinds.values().all(|k| k.listed);
         if all_listed && !self.synced.swap(true, Ordering::AcqRel) {
             tracing::info!("every watched kind listed; serving the cluster's state");
         }
@@ -123,16 +125,20 @@ impl WatchStatus {
 /// Starts the watches and the task that applies their changes to `store`; runs until the
 /// runtime stops.
 pub fn spawn_watches(client: Client, store: Arc<Store>) -> Arc<WatchStatus> {
-    let status = Arc::new(WatchStatus::default());
     let (tx, rx) = mpsc::channel::<ApiChange>(4 * MAX_BATCH);
     tokio::spawn(apply_changes(rx, store));
 
+    // The built-in kinds, at their one stable version (no discovery needed).
     let core = [
         ("Service", ApiResource::erase::<Service>(&())),
         ("EndpointSlice", ApiResource::erase::<EndpointSlice>(&())),
         ("Pod", ApiResource::erase::<Pod>(&())),
         ("Namespace", ApiResource::erase::<Namespace>(&())),
     ];
+    let status = Arc::new(WatchStatus {
+        watched: core.len() + CUSTOM_KINDS.len(),
+        ..WatchStatus::default()
+    });
     for (kind, resource) in core {
         tokio::spawn(watch_kind(
             client.clone(),
