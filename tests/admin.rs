@@ -27,6 +27,53 @@ async fn ready_live_and_metrics() {
     .await
 }
 
+/// `/metrics/window`: what the HTTP series counted lately, answered at once, for `pylon stat`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_window_counts_recent_requests() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        let proxy = Proxy::with_config(&cfg, &[]);
+        for _ in 0..3 {
+            let r = get(proxy.outbound(), "web.default.svc.cluster.local", "/")
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+        }
+        let (status, text) = proxy.admin_request("GET", "/metrics/window?window=1m", "");
+        assert_eq!(status, 200, "{text}");
+        let samples = parse_metrics(&text)
+            .unwrap_or_else(|e| panic!("not valid Prometheus text ({e}):\n{text}"));
+        let sum = |name: &str| -> f64 {
+            samples
+                .iter()
+                .filter(|s| s.name == name && s.label("direction") == Some("outbound"))
+                .map(|s| s.value)
+                .sum()
+        };
+        assert_eq!(sum("request_total"), 3.0, "{text}");
+        assert_eq!(sum("response_total"), 3.0, "{text}");
+        assert_eq!(sum("route_request_total"), 3.0, "{text}");
+        let covered = samples
+            .iter()
+            .find(|s| s.name == "window_seconds")
+            .map(|s| s.value);
+        assert!(covered.is_some_and(|c| (0.0..=61.0).contains(&c)), "{text}");
+        // Only the windowed families and two gauges: not a second /metrics.
+        assert!(
+            !samples.iter().any(|s| s.name.starts_with("process_")),
+            "{text}"
+        );
+
+        for bad in ["window=16m", "window=0s", "window=later"] {
+            let (status, body) = proxy.admin_request("GET", &format!("/metrics/window?{bad}"), "");
+            assert_eq!(status, 400, "{bad}: {body}");
+            assert!(body.contains("bad window"), "{bad}: {body}");
+        }
+    })
+    .await
+}
+
 fn level_of(line: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     Some(v.get("level")?.as_str()?.to_ascii_uppercase())

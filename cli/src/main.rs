@@ -8,7 +8,8 @@
 //!   backends, shadowed routes, risky retries), and exits 1 when it finds errors.
 //! - `pylon stat RESOURCE`, `pylon routes RESOURCE`, `pylon edges KIND` show the mesh's
 //!   success rate, requests/s and latency per resource, route and edge, from the proxies'
-//!   `/metrics` (two scrapes a window apart) or from Prometheus.
+//!   rolling windows on their admin ports (answered at once, up to 15 minutes) or from
+//!   Prometheus.
 //! - `pylon tap RESOURCE` prints live requests from the proxies' tap ports (Linkerd's tap API),
 //!   one line per request, response and end; `pylon profile --tap RESOURCE` turns a few seconds
 //!   of them into a ServiceProfile.

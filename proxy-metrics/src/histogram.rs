@@ -68,6 +68,23 @@ impl MsHistogram {
         self.0.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// The bucket bounds (ms), without the implied `+Inf`.
+    pub(crate) fn bounds(&self) -> &'static [f64] {
+        self.0.bounds
+    }
+
+    /// Identity of the counts: clones share it.
+    pub(crate) fn id(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+
+    /// The bucket counts (not cumulative, `+Inf` last) into `counts`; returns the sum in
+    /// microseconds.
+    pub(crate) fn read(&self, counts: &mut Vec<u64>) -> u64 {
+        counts.extend(self.0.buckets.iter().map(|b| b.load(Ordering::Relaxed)));
+        self.0.sum_us.load(Ordering::Relaxed)
+    }
+
     /// Number of observations.
     #[cfg(test)]
     pub fn count(&self) -> u64 {

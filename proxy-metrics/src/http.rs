@@ -14,6 +14,7 @@ use crate::labels::{
     TargetLabels,
 };
 use crate::slots::{IndexedSlots, SlotTable};
+use crate::window::{Source, WindowStore, WindowedHttp};
 
 type HistCtor = fn() -> MsHistogram;
 
@@ -28,14 +29,39 @@ pub(crate) struct HttpFamilies<L = TargetLabels> {
     pub(crate) requests: Family<TargetKey<L>, Counter>,
     pub(crate) responses: Family<ResponseLabels<L>, Counter>,
     pub(crate) latency: Family<LatencyLabels<L>, MsHistogram, HistCtor>,
+    /// Every series of these families is also kept in rolling windows.
+    window: Arc<WindowStore>,
+    windowed: WindowedHttp,
 }
 
 impl<L: HandleLabels> HttpFamilies<L> {
-    pub(crate) fn new() -> Self {
+    /// Registers the three families under the names `/metrics` and the window share.
+    pub(crate) fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let names = self.windowed;
+        registry.register(
+            names.requests.name(),
+            names.requests.help(),
+            self.requests.clone(),
+        );
+        registry.register(
+            names.responses.name(),
+            names.responses.help(),
+            self.responses.clone(),
+        );
+        registry.register(
+            names.latency.name(),
+            names.latency.help(),
+            self.latency.clone(),
+        );
+    }
+
+    pub(crate) fn new(window: Arc<WindowStore>, windowed: WindowedHttp) -> Self {
         Self {
             requests: Family::default(),
             responses: Family::default(),
             latency: Family::new_with_constructor(latency_histogram as HistCtor),
+            window,
+            windowed,
         }
     }
 }
@@ -100,9 +126,13 @@ struct HttpInner<L> {
 impl<L: HandleLabels> HttpTarget<L> {
     pub(crate) fn new(families: &HttpFamilies<L>, labels: L) -> Self {
         let labels = Arc::new(labels);
-        let requests = families
-            .requests
-            .get_or_create_owned(&TargetKey(labels.clone()));
+        let key = TargetKey(labels.clone());
+        let requests = families.requests.get_or_create_owned(&key);
+        families.window.track(
+            families.windowed.requests,
+            Source::Counter(requests.clone()),
+            || key,
+        );
         Self(Arc::new(HttpInner {
             labels,
             families: families.clone(),
@@ -185,18 +215,30 @@ impl<L: HandleLabels> HttpTarget<L> {
 
 impl<L: HandleLabels> HttpInner<L> {
     fn resolve(&self, key: ResponseKey) -> ResponseSlot {
-        let total = self
-            .families
-            .responses
-            .get_or_create_owned(&ResponseLabels {
-                target: self.labels.clone(),
-                key,
-            });
-        let latency = self.families.latency.get_or_create_owned(&LatencyLabels {
+        let families = &self.families;
+        let response_labels = ResponseLabels {
+            target: self.labels.clone(),
+            key,
+        };
+        let total = families.responses.get_or_create_owned(&response_labels);
+        let latency_labels = LatencyLabels {
             target: self.labels.clone(),
             classification: key.classification,
             status: key.status,
-        });
+        };
+        let latency = families.latency.get_or_create_owned(&latency_labels);
+        // A first occurrence, or (past the cached slots) a lookup that finds the series
+        // already kept.
+        families.window.track(
+            families.windowed.responses,
+            Source::Counter(total.clone()),
+            || response_labels,
+        );
+        families.window.track(
+            families.windowed.latency,
+            Source::Histogram(latency.clone()),
+            || latency_labels,
+        );
         ResponseSlot { total, latency }
     }
 }

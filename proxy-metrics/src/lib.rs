@@ -81,6 +81,7 @@ mod labels;
 mod process;
 mod slots;
 mod tcp;
+mod window;
 
 pub use histogram::{LATENCY_MS_BUCKETS, TCP_DURATION_MS_BUCKETS};
 pub use http::{HttpTarget, RouteTarget};
@@ -90,9 +91,11 @@ pub use labels::{
 };
 pub use process::{ProcessCollector, ProcessStats};
 pub use tcp::{TcpConnMetrics, TcpTarget};
+pub use window::{WindowStore, MAX_WINDOW};
 
 use labels::{BuildLabels, EventLabels, SkippedLabels};
 use prometheus_client::metrics::counter::Counter;
+use window::WindowedHttp;
 
 /// The proxy's own identity, added as constant labels to every series.
 /// `None` fields are left out.
@@ -110,6 +113,10 @@ pub struct ProxyLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The proxy's constant labels, for the window's registry.
+    constant: Vec<(Cow<'static, str>, Cow<'static, str>)>,
+    window: Arc<WindowStore>,
+    build_info: Family<BuildLabels, Gauge>,
     http: http::HttpFamilies,
     route: http::HttpFamilies<RouteLabels>,
     route_actual: http::HttpFamilies<RouteLabels>,
@@ -163,61 +170,20 @@ impl Metrics {
         .into_iter()
         .filter_map(|(k, v)| Some((Cow::Borrowed(k), Cow::Owned(v?))))
         .collect();
-        let mut registry = Registry::with_labels(constant.into_iter());
+        let mut registry = Registry::with_labels(constant.clone().into_iter());
+        let window = WindowStore::new(std::time::Instant::now());
 
-        let http = http::HttpFamilies::new();
         // Counters are registered without `_total` (the encoder adds it) and
         // help texts without a final period (the registry adds one).
-        registry.register(
-            "request",
-            "Total count of HTTP requests",
-            http.requests.clone(),
-        );
-        registry.register(
-            "response",
-            "Total count of HTTP responses",
-            http.responses.clone(),
-        );
-        registry.register(
-            "response_latency_ms",
-            "Elapsed times between a request's headers being received and its response stream completing, in milliseconds",
-            http.latency.clone(),
-        );
-
+        let http = http::HttpFamilies::new(window.clone(), WindowedHttp::TARGET);
         // Per route (ServiceProfile routes, `[DEFAULT]` for the rest), as Linkerd names them:
         // `route_*` once per request the client made, `route_actual_*` once per attempt.
-        let route = http::HttpFamilies::<RouteLabels>::new();
-        registry.register(
-            "route_request",
-            "Total count of HTTP requests, per route",
-            route.requests.clone(),
-        );
-        registry.register(
-            "route_response",
-            "Total count of HTTP responses, per route",
-            route.responses.clone(),
-        );
-        registry.register(
-            "route_response_latency_ms",
-            "Elapsed times between a request's headers being received and its response stream completing, per route, in milliseconds",
-            route.latency.clone(),
-        );
-        let route_actual = http::HttpFamilies::<RouteLabels>::new();
-        registry.register(
-            "route_actual_request",
-            "Total count of HTTP requests sent to backends (retries included), per route",
-            route_actual.requests.clone(),
-        );
-        registry.register(
-            "route_actual_response",
-            "Total count of HTTP responses from backends (retries included), per route",
-            route_actual.responses.clone(),
-        );
-        registry.register(
-            "route_actual_response_latency_ms",
-            "Elapsed times of each attempt sent to a backend, per route, in milliseconds",
-            route_actual.latency.clone(),
-        );
+        let route = http::HttpFamilies::<RouteLabels>::new(window.clone(), WindowedHttp::ROUTE);
+        let route_actual =
+            http::HttpFamilies::<RouteLabels>::new(window.clone(), WindowedHttp::ROUTE_ACTUAL);
+        http.register(&mut registry);
+        route.register(&mut registry);
+        route_actual.register(&mut registry);
         let retry_skipped = Family::<SkippedLabels, Counter>::default();
         registry.register(
             "route_retry_skipped",
@@ -360,13 +326,16 @@ impl Metrics {
         registry.register(
             "proxy_build_info",
             "Proxy build info (always 1)",
-            build_info,
+            build_info.clone(),
         );
 
         registry.register_collector(Box::new(process::ProcessCollector));
 
         Arc::new(Metrics {
             registry,
+            constant,
+            window,
+            build_info,
             http,
             route,
             route_actual,
@@ -505,6 +474,42 @@ impl Metrics {
     /// [`Metrics::CONTENT_TYPE`].
     pub fn encode(&self, out: &mut String) -> std::fmt::Result {
         prometheus_client::encoding::text::encode(out, &self.registry)
+    }
+
+    /// Moves the rolling windows on (see [`WindowStore::tick`]); call it about once a second.
+    pub fn window_tick(&self, now: std::time::Instant) {
+        self.window.tick(now);
+    }
+
+    /// OpenMetrics text of the last `window` (at most [`MAX_WINDOW`]): each HTTP request,
+    /// response and latency series' increase over it under its usual name and labels,
+    /// `window_seconds` (what the increases cover), and the current `tcp_open_connections`
+    /// and `proxy_build_info`. Not for Prometheus (its counters go down); for tools that want
+    /// a recent window at once.
+    pub fn encode_window(
+        &self,
+        out: &mut String,
+        window: std::time::Duration,
+        now: std::time::Instant,
+    ) -> std::fmt::Result {
+        let mut registry = Registry::with_labels(self.constant.clone().into_iter());
+        registry.register(
+            "tcp_open_connections",
+            "Number of currently-open connections",
+            self.tcp.open_connections.clone(),
+        );
+        registry.register(
+            "proxy_build_info",
+            "Proxy build info (always 1)",
+            self.build_info.clone(),
+        );
+        registry.register_collector(self.window.collector(window, now));
+        prometheus_client::encoding::text::encode(out, &registry)
+    }
+
+    /// Bytes the rolling windows' rings take.
+    pub fn window_bytes(&self) -> usize {
+        self.window.ring_bytes()
     }
 }
 

@@ -983,3 +983,123 @@ fn promtool_allow_list_is_narrow() {
         text
     ));
 }
+
+// ---------------------------------------------------------------------------
+// Rolling windows.
+
+fn encode_window(m: &Metrics, window: Duration, now: std::time::Instant) -> Vec<Sample> {
+    let mut out = String::new();
+    m.encode_window(&mut out, window, now).expect("encode");
+    parse(&out)
+}
+
+#[test]
+fn windows_count_what_each_series_did_lately() {
+    let m = Metrics::new(proxy_labels());
+    let t0 = std::time::Instant::now();
+    let target = m.http_target(outbound());
+    // A second handle on the same labels shares the series: counted once, kept once.
+    let twin = m.http_target(outbound());
+    let ok = |n: usize| {
+        for _ in 0..n {
+            target.request();
+            target.response(Some(200), None, None, Duration::from_millis(3));
+        }
+    };
+    ok(5);
+    m.window_tick(t0 + Duration::from_secs(1));
+    ok(3);
+    twin.request();
+    twin.response(Some(503), None, None, Duration::from_millis(40));
+    m.window_tick(t0 + Duration::from_secs(2));
+    // Since the last tick: read live.
+    ok(2);
+
+    let now = t0 + Duration::from_millis(2_500);
+    let last_second = encode_window(&m, Duration::from_secs(1), now);
+    let mut ok_labels = labels(PROXY);
+    ok_labels.extend(labels(OUTBOUND));
+    ok_labels.extend(labels(&[
+        ("classification", "success"),
+        ("status_code", "200"),
+    ]));
+    assert_eq!(value_exact(&last_second, "response_total", &ok_labels), 5.0);
+    let mut req = labels(PROXY);
+    req.extend(labels(OUTBOUND));
+    assert_eq!(value_exact(&last_second, "request_total", &req), 6.0);
+
+    let minute = encode_window(&m, Duration::from_secs(60), now);
+    assert_eq!(value_exact(&minute, "request_total", &req), 11.0);
+    assert_eq!(value_exact(&minute, "response_total", &ok_labels), 10.0);
+    let covered = find(&minute, "window_seconds", PROXY);
+    assert_eq!(covered.len(), 1);
+    assert!((covered[0].value - 2.5).abs() < 0.01, "{covered:?}");
+    // Latency buckets of the window: ten successes within 3 ms, one failure within 40 ms.
+    let bucket = |le: &str, class: &str| {
+        find(
+            &minute,
+            "response_latency_ms_bucket",
+            &[("le", le), ("classification", class)],
+        )
+        .iter()
+        .map(|s| s.value)
+        .sum::<f64>()
+    };
+    assert_eq!(bucket("3.0", "success"), 10.0);
+    assert_eq!(bucket("2.0", "success"), 0.0);
+    assert_eq!(bucket("+Inf", "failure"), 1.0);
+    assert_eq!(bucket("30.0", "failure"), 0.0);
+    let sum = find(
+        &minute,
+        "response_latency_ms_sum",
+        &[("classification", "failure")],
+    );
+    assert_eq!(sum.len(), 1);
+    assert!((sum[0].value - 40.0).abs() < 1e-6, "{sum:?}");
+    // Route families are windowed too; gauges are current.
+    let route = m.route_target(route(
+        "books.default.svc.cluster.local:8080",
+        "GET /books/{id}",
+    ));
+    route.request();
+    let tcp = m.tcp_target(outbound());
+    let _conn = tcp.open();
+    let minute = encode_window(&m, Duration::from_secs(60), now);
+    assert_eq!(
+        find(
+            &minute,
+            "route_request_total",
+            &[("rt_route", "GET /books/{id}")]
+        )
+        .len(),
+        1
+    );
+    assert_eq!(find(&minute, "tcp_open_connections", PROXY)[0].value, 1.0);
+    assert_eq!(find(&minute, "proxy_build_info", PROXY).len(), 1);
+    // Nothing else from /metrics.
+    assert!(find(&minute, "tcp_open_total", &[]).is_empty());
+}
+
+#[test]
+fn window_memory_is_bounded_per_series() {
+    let m = Metrics::new(proxy_labels());
+    let t0 = std::time::Instant::now();
+    let target = m.http_target(outbound());
+    for s in 1..=1_000u64 {
+        target.request();
+        target.response(Some(200), None, None, Duration::from_millis(3));
+        m.window_tick(t0 + Duration::from_secs(s));
+    }
+    // request_total and response_total: one ring each; the histogram: its one bucket and
+    // its sum. However long it runs.
+    let counter_ring = 4 * (60 + 91);
+    assert_eq!(m.window_bytes(), 3 * counter_ring + 2 * counter_ring);
+    let samples = encode_window(
+        &m,
+        Duration::from_secs(900),
+        t0 + Duration::from_secs(1_000),
+    );
+    let mut req = labels(PROXY);
+    req.extend(labels(OUTBOUND));
+    assert_eq!(value_exact(&samples, "request_total", &req), 900.0);
+}

@@ -1,9 +1,12 @@
-//! The admin server: `/metrics`, `/ready`, `/live`, `GET|PUT /proxy-log-level`, `POST /shutdown`,
-//! `GET /tap-addr` (where the tap port listens, so tools name a proxy by its admin address).
+//! The admin server: `/metrics`, `/metrics/window?window=1m` (what the HTTP series counted over
+//! a recent window, so `pylon stat` answers at once), `/ready`, `/live`,
+//! `GET|PUT /proxy-log-level`, `POST /shutdown`, `GET /tap-addr` (where the tap port listens, so
+//! tools name a proxy by its admin address).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -11,7 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use pylon_proxy_metrics::Metrics;
+use pylon_proxy_metrics::{Metrics, MAX_WINDOW};
 use tokio::net::TcpListener;
 
 use crate::authz::{Client, InboundAuthz};
@@ -82,6 +85,7 @@ impl Admin {
                 );
                 rsp
             }
+            (&Method::GET, "/metrics/window") => self.window(req.uri().query()),
             (&Method::GET, "/ready") => {
                 if self.shutdown.is_draining() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
@@ -159,11 +163,59 @@ impl Admin {
             }
             (
                 _,
-                "/metrics" | "/ready" | "/live" | "/proxy-log-level" | "/shutdown" | "/tap-addr",
+                "/metrics" | "/metrics/window" | "/ready" | "/live" | "/proxy-log-level"
+                | "/shutdown" | "/tap-addr",
             ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
+}
+
+impl Admin {
+    /// `GET /metrics/window?window=DURATION` (default `1m`, at most 15m).
+    fn window(&self, query: Option<&str>) -> AdminResponse {
+        let window = match window_param(query) {
+            Ok(w) => w,
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        };
+        let mut body = String::with_capacity(16 * 1024);
+        let now = tokio::time::Instant::now().into_std();
+        if let Err(e) = self.metrics.encode_window(&mut body, window, now) {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding failed: {e}\n"),
+            );
+        }
+        let mut rsp = Response::new(Full::new(Bytes::from(body)));
+        rsp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(Metrics::CONTENT_TYPE),
+        );
+        rsp
+    }
+}
+
+/// The `window` query parameter: a Go duration (`30s`, `1m30s`) or whole seconds.
+fn window_param(query: Option<&str>) -> Result<Duration, String> {
+    let value = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("window="));
+    let Some(value) = value else {
+        return Ok(Duration::from_secs(60));
+    };
+    let window = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => pylon_proxy_policy::duration::parse(value)
+            .map_err(|e| format!("bad window {value:?}: {e}"))?,
+    };
+    if window.is_zero() || window > MAX_WINDOW {
+        return Err(format!(
+            "bad window {value:?}: this proxy keeps windows from 1s to {}m",
+            MAX_WINDOW.as_secs() / 60
+        ));
+    }
+    Ok(window)
 }
 
 /// A peer on this host's loopback, also when a dual-stack (`[::]`) listener shows an IPv4
@@ -185,6 +237,24 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_parameter() {
+        assert_eq!(window_param(None), Ok(Duration::from_secs(60)));
+        assert_eq!(
+            window_param(Some("window=10s")),
+            Ok(Duration::from_secs(10))
+        );
+        assert_eq!(
+            window_param(Some("x=1&window=1m30s")),
+            Ok(Duration::from_secs(90))
+        );
+        assert_eq!(window_param(Some("window=900")), Ok(MAX_WINDOW));
+        for bad in ["window=16m", "window=0s", "window=soon"] {
+            let e = window_param(Some(bad)).expect_err(bad);
+            assert!(e.starts_with("bad window"), "{e}");
+        }
+    }
 
     #[test]
     fn loopback_peers_include_ipv4_mapped_ones() {

@@ -229,6 +229,7 @@ async fn run(mut args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), St
         mesh_tls,
     });
 
+    tokio::spawn(tick_windows(admin.metrics.clone()));
     tokio::spawn(admin.serve(admin_listener));
     {
         let (taps, shutdown) = (taps.clone(), shutdown.clone());
@@ -275,4 +276,14 @@ fn resolve_forward(addr: &str) -> Result<SocketAddr, StartError> {
         .map_err(|e| err(e.to_string()))?
         .next()
         .ok_or_else(|| err("resolved to no address".into()))
+}
+
+/// Moves the metrics' rolling windows on once a second, for the life of the process.
+async fn tick_windows(metrics: Arc<Metrics>) {
+    let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));
+    every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every_second.tick().await;
+        metrics.window_tick(tokio::time::Instant::now().into_std());
+    }
 }

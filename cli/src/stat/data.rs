@@ -1,25 +1,26 @@
-//! Where the numbers come from: two scrapes of each proxy's `/metrics` a window apart, or
-//! Prometheus' samples at the window's two ends. Both give the same thing, an [`Observed`]
-//! list of [`Series`]: how much each counter and histogram bucket grew over the window,
-//! current values for gauges, each with its labels. The views in [`super::view`] filter and
-//! sum them the same way whatever the source.
+//! Where the numbers come from: each proxy's own rolling window (`/metrics/window` on its
+//! admin port: what every HTTP series counted over the last `--window`, up to 15 minutes,
+//! answered at once), or Prometheus' samples at the window's two ends. Both give the same
+//! thing, an [`Observed`] list of [`Series`]: how much each counter and histogram bucket grew
+//! over the window, current values for gauges, each with its labels. The views in
+//! [`super::view`] filter and sum them the same way whatever the source.
 //!
-//! Counts are differences of the counters' values at the window's ends, not PromQL's
-//! `increase()`: `increase()` extrapolates (so a known number of requests comes back as
-//! a few percent more or less) and misses everything a series counted before its first
+//! Prometheus counts are differences of the counters' values at the window's ends, not
+//! PromQL's `increase()`: `increase()` extrapolates (so a known number of requests comes back
+//! as a few percent more or less) and misses everything a series counted before its first
 //! scrape, which after a deploy is a new pod's whole first window. A series absent at the
 //! start counts from zero; a counter that went down was reset (a restarted proxy) and counts
-//! from zero too.
+//! from zero too. A proxy's window needs neither rule: it counts from the series' start.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{CONNECTION, HOST};
-use hyper::{Request, Uri};
+use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -145,26 +146,60 @@ pub fn increases(before: &Flat, after: &Flat) -> Vec<Series> {
     out
 }
 
-async fn scrape(addr: SocketAddr) -> Result<(Flat, Instant)> {
-    let text = admin_client::metrics(addr).await.with_context(|| {
-        format!("proxy admin address {addr} is unreachable (is the proxy running, and is this its --admin-addr?)")
-    })?;
-    let at = Instant::now();
-    let flat = flatten(&text).with_context(|| format!("reading http://{addr}/metrics"))?;
-    Ok((flat, at))
+/// The longest window a proxy keeps.
+pub const PROXY_WINDOW_MAX: Duration = Duration::from_secs(15 * 60);
+
+/// One proxy's window: its series and the time they cover (`window_seconds`: the window asked
+/// for, or the proxy's uptime when shorter).
+async fn proxy_window(addr: SocketAddr, secs: u64) -> Result<(Flat, Duration)> {
+    let path = format!("/metrics/window?window={secs}s");
+    let (status, body) = admin_client::request(addr, Method::GET, &path, Duration::from_secs(5))
+        .await
+        .with_context(|| {
+            format!("proxy admin address {addr} is unreachable (is the proxy running, and is this its --admin-addr?)")
+        })?;
+    if status == StatusCode::NOT_FOUND {
+        bail!("the proxy at {addr} keeps no windows (GET {path} answered 404: not a Pylon proxy of this version?); read it through --prometheus URL instead");
+    }
+    if !status.is_success() {
+        bail!(
+            "GET http://{addr}{path} answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    let text = std::str::from_utf8(&body)
+        .with_context(|| format!("GET http://{addr}{path} is not UTF-8"))?;
+    let covered = crate::exposition::parse(text)
+        .context("parsing the Prometheus exposition")?
+        .into_iter()
+        .find(|s| s.name == "window_seconds")
+        .map(|s| s.value)
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .ok_or_else(|| anyhow!("GET http://{addr}{path} has no window_seconds"))?;
+    let flat = flatten(text).with_context(|| format!("reading http://{addr}{path}"))?;
+    Ok((flat, Duration::from_secs_f64(covered)))
 }
 
-/// Scrapes every proxy twice, `window` apart, and returns what grew in between. The window
-/// reported is the longest time between one proxy's two scrapes.
+/// Asks every proxy what its series counted over the last `window` (at most 15 minutes: what
+/// proxies keep), at once. The window reported is the longest any proxy covered: shorter than
+/// asked when every proxy started within it.
 pub async fn from_proxies(proxies: &[SocketAddr], window: Duration) -> Result<Observed> {
-    let first = futures_join(proxies.iter().map(|&a| scrape(a))).await?;
-    tokio::time::sleep(window).await;
-    let second = futures_join(proxies.iter().map(|&a| scrape(a))).await?;
-    let mut out = Observed::default();
-    for ((before, t0), (after, t1)) in first.iter().zip(&second) {
-        out.series.extend(increases(before, after));
-        out.window = out.window.max(t1.saturating_duration_since(*t0));
+    if window > PROXY_WINDOW_MAX {
+        bail!(
+            "proxies keep the last 15m; for a longer --window read from Prometheus (--prometheus URL)"
+        );
     }
+    // Proxies keep whole seconds.
+    let secs = window.as_secs() + u64::from(window.subsec_nanos() > 0);
+    let answers = futures_join(proxies.iter().map(|&a| proxy_window(a, secs))).await?;
+    let mut out = Observed::default();
+    let none = Flat::new();
+    for (flat, covered) in &answers {
+        out.series.extend(increases(&none, flat));
+        out.window = out.window.max(*covered);
+    }
+    // Rates divide by it: a proxy that just started still covered some time.
+    out.window = out.window.max(Duration::from_millis(1));
     Ok(out)
 }
 

@@ -2,9 +2,9 @@
 //! route and per edge, read from the proxies' Linkerd-compatible metrics.
 //!
 //! - [`resource`]: `deployment/web`, `svc/web`, ... and the label matchers selecting them;
-//! - [`data`]: the numbers, from two scrapes of each proxy's admin `/metrics` a window apart
-//!   (`--proxy`, `--config-dir`) or from Prometheus (`--prometheus`, counter values at the
-//!   window's two ends);
+//! - [`data`]: the numbers, from each proxy's own rolling window on its admin port
+//!   (`--proxy`, `--config-dir`: up to 15 minutes, at once) or from Prometheus (`--prometheus`,
+//!   counter values at the window's two ends);
 //! - [`view`]: filtering and summing series into rows, and the tables and JSON.
 //!
 //! What the metrics can say: inbound series are the receiving workload's own (its
@@ -49,8 +49,8 @@ pub struct SourceArgs {
     #[arg(long, value_name = "URL", conflicts_with = "proxies")]
     prometheus: Option<String>,
 
-    /// The time window (Go-style duration: 30s, 1m, 1m30s). Scraping proxies directly waits
-    /// this long between the two scrapes.
+    /// The time window (Go-style duration: 30s, 1m, 1m30s): up to 15m from the proxies (they
+    /// keep it and answer at once), any length from Prometheus.
     #[arg(long, short = 'w', default_value = "1m")]
     window: String,
 
@@ -185,17 +185,7 @@ fn fetch(src: &SourceArgs, matchers: &[Matcher]) -> Result<Observed, Failure> {
     let result = rt.block_on(async {
         match &src.prometheus {
             Some(url) => data::from_prometheus(url, window, matchers).await,
-            None => {
-                if src.output != Output::Json && window >= Duration::from_secs(5) {
-                    eprintln!(
-                        "scraping {} prox{} twice, {} apart...",
-                        proxies.len(),
-                        if proxies.len() == 1 { "y" } else { "ies" },
-                        src.window
-                    );
-                }
-                data::from_proxies(&proxies, window).await
-            }
+            None => data::from_proxies(&proxies, window).await,
         }
     });
     result.map_err(|e| Failure(1, e))
