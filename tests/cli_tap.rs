@@ -517,12 +517,22 @@ async fn top_is_driven_in_tmux_and_its_screen_read_back() {
             String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout)
                 .into_owned()
         };
+        // The view is drawn once the taps are open: requests sent before would not be seen.
+        let mut last = String::new();
+        let open = wait_until(
+            || {
+                last = screen(&tmux);
+                last.contains("METHOD")
+            },
+            OP_TIMEOUT,
+        )
+        .await;
+        assert!(open, "pylon top never drew its table:\n{last}");
         for _ in 0..5 {
             get(proxy.outbound(), AUTHORITY, "/seen-in-top")
                 .await
                 .unwrap();
         }
-        let mut last = String::new();
         let drawn = wait_until(
             || {
                 last = screen(&tmux);
@@ -560,4 +570,494 @@ async fn top_is_driven_in_tmux_and_its_screen_read_back() {
         assert!(quit, "q did not quit pylon top");
     })
     .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// A workload's proxies, and destinations by workload
+// ---------------------------------------------------------------------------------------------
+
+const B_AUTHORITY: &str = "b.default.svc.cluster.local:80";
+const C_AUTHORITY: &str = "c.default.svc.cluster.local:80";
+const A_POD: &str = "a-5c6d7-aaaaa";
+const B_POD: &str = "b-7d9f8-bbbbb";
+
+/// A Deployment's pod on loopback: `name` is `<deployment>-<hash>-<suffix>`, owned by the
+/// ReplicaSet `<deployment>-<hash>`; `admin` is its proxy's admin port, if it has one.
+fn pod_yaml(deployment: &str, hash: &str, name: &str, admin: Option<u16>) -> String {
+    let proxy = admin.map_or(String::new(), |port| {
+        format!(
+            "\n  - name: pylon-proxy\n    ports: [{{name: pylon-admin, containerPort: {port}}}]"
+        )
+    });
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: {deployment}, pod-template-hash: {hash}}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {deployment}-{hash}, uid: u-{name}, controller: true}}]\nspec:\n  serviceAccountName: {deployment}\n  containers:\n  - name: app{proxy}\nstatus: {{phase: Running, podIP: 127.0.0.1, conditions: [{{type: Ready, status: 'True'}}]}}\n"
+    )
+}
+
+/// Service `name`'s one endpoint `addr`, on pod `pod`.
+fn slice_with_pod(name: &str, addr: std::net::SocketAddr, pod: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints:\n- addresses: ['{ip}']\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n",
+        port = addr.port(),
+        ip = addr.ip(),
+    )
+}
+
+/// Two meshed deployments on loopback, as a config dir lists them: `a` calls service `b`,
+/// whose endpoint is `b`'s inbound proxy (forwarding to its app), and service `c`, an
+/// unmeshed pod of deployment `c`. Every pod has IP 127.0.0.1, so only the EndpointSlices'
+/// `targetRef`s tell the endpoints apart.
+struct TwoWorkloads {
+    cfg: ConfigDir,
+    a: Proxy,
+    b: Proxy,
+    b_app: Backend,
+    _c_app: Backend,
+}
+
+impl TwoWorkloads {
+    async fn start() -> TwoWorkloads {
+        let b_app = Backend::start("b-app").await;
+        let c_app = Backend::start("c-app").await;
+        let forward = b_app.addr.to_string();
+        let b = Proxy::start(&[
+            "--workload",
+            "deployment/b",
+            "--namespace",
+            "default",
+            "--pod",
+            B_POD,
+            "--inbound-forward",
+            &forward,
+        ]);
+        let cfg = ConfigDir::new();
+        for svc in ["b", "c"] {
+            cfg.write_service(svc, &[HTTP_PORT]);
+        }
+        cfg.write("b-endpoints.yaml", &slice_with_pod("b", b.inbound(), B_POD));
+        cfg.write(
+            "c-endpoints.yaml",
+            &slice_with_pod("c", c_app.addr, "c-6b8f9-ccccc"),
+        );
+        let a = Proxy::with_config(
+            &cfg,
+            &[
+                "--workload",
+                "deployment/a",
+                "--namespace",
+                "default",
+                "--pod",
+                A_POD,
+            ],
+        );
+        let pods = [
+            pod_yaml("a", "5c6d7", A_POD, Some(a.admin().port())),
+            pod_yaml("b", "7d9f8", B_POD, Some(b.admin().port())),
+            pod_yaml("c", "6b8f9", "c-6b8f9-ccccc", None),
+        ];
+        cfg.write("pods.yaml", &pods.join("---\n"));
+        let mesh = TwoWorkloads {
+            cfg,
+            a,
+            b,
+            b_app,
+            _c_app: c_app,
+        };
+        // Both paths work before anything is tapped.
+        mesh.call(B_AUTHORITY, "/warm").await;
+        mesh.call(C_AUTHORITY, "/warm").await;
+        mesh
+    }
+
+    async fn call(&self, authority: &str, path: &str) {
+        let rsp = get(self.a.outbound(), authority, path).await.unwrap();
+        assert_eq!(
+            rsp.status,
+            200,
+            "{authority}{path}: {}",
+            self.a.log_tail(20)
+        );
+    }
+
+    fn dir(&self) -> String {
+        self.cfg.path_str()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tap_of_a_workload_uses_its_proxies_and_to_takes_a_deployment() {
+    test_body(async {
+        let mesh = TwoWorkloads::start().await;
+        let dir = mesh.dir();
+        let b_endpoint = mesh.b.inbound().to_string();
+
+        // What a sends to b: a's proxy only, its outbound side, b's requests only.
+        let mut cli = Cli::spawn(&[
+            "tap",
+            "deployment/a",
+            "--to",
+            "deployment/b",
+            "--config-dir",
+            &dir,
+            "--limit",
+            "2",
+        ]);
+        cli.wait_tapping().await;
+        let err = cli.stderr();
+        assert!(
+            err.contains("tapping deployment/a to deployment/b on 1 proxy:"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("of proxy {} (pod {A_POD}", mesh.a.admin())),
+            "{err}"
+        );
+        mesh.call(C_AUTHORITY, "/c-only").await;
+        mesh.call(C_AUTHORITY, "/c-only").await;
+        for i in 1..=2 {
+            mesh.call(B_AUTHORITY, &format!("/b/{i}")).await;
+        }
+        let status = cli.wait_exit().await;
+        assert!(status.success(), "exit {status}: {}", cli.stderr());
+        let out = cli.stdout();
+        assert_eq!(out.len(), 6, "2 requests x req/rsp/end: {out:#?}");
+        let reqs = lines_of(&out, "req");
+        for (i, req) in reqs.iter().enumerate() {
+            assert!(req.contains(" proxy=out "), "{req}");
+            assert!(req.contains(&format!(" dst={b_endpoint} ")), "{req}");
+            assert!(
+                req.contains(&format!(" :authority={B_AUTHORITY} ")),
+                "{req}"
+            );
+            assert!(req.contains(&format!(" :path=/b/{} ", i + 1)), "{req}");
+        }
+        assert!(!out.iter().any(|l| l.contains("c-only")), "{out:#?}");
+
+        // -o wide names the pod and workload behind the address.
+        let mut cli = Cli::spawn(&[
+            "tap",
+            "deploy/a",
+            "--to",
+            "deploy/b",
+            "--config-dir",
+            &dir,
+            "--limit",
+            "1",
+            "-o",
+            "wide",
+        ]);
+        cli.wait_tapping().await;
+        mesh.call(B_AUTHORITY, "/wide").await;
+        let status = cli.wait_exit().await;
+        assert!(status.success(), "exit {status}: {}", cli.stderr());
+        let out = cli.stdout();
+        assert_eq!(out.len(), 3, "{out:#?}");
+        // The pod is on every line already; wide adds the workload and namespace.
+        for line in &out {
+            assert!(line.contains(&format!(" dst_pod={B_POD} ")), "{line}");
+            assert!(
+                line.contains(" dst_res=deployment/b dst_ns=default"),
+                "{line}"
+            );
+        }
+
+        // b's own proxy, both sides: what b serves shows as `in`, from b's proxy alone.
+        let mut cli = Cli::spawn(&["tap", "deployment/b", "--config-dir", &dir, "--limit", "1"]);
+        cli.wait_tapping().await;
+        assert!(
+            cli.stderr()
+                .contains(&format!("of proxy {} (pod {B_POD}", mesh.b.admin())),
+            "{}",
+            cli.stderr()
+        );
+        mesh.call(B_AUTHORITY, "/served").await;
+        let status = cli.wait_exit().await;
+        assert!(status.success(), "exit {status}: {}", cli.stderr());
+        let out = cli.stdout();
+        assert_eq!(out.len(), 3, "{out:#?}");
+        let req = lines_of(&out, "req");
+        assert!(req[0].contains(" proxy=in "), "{out:#?}");
+        assert!(req[0].contains(" :path=/served "), "{out:#?}");
+        assert!(
+            req[0].contains(&format!(" dst={} ", mesh.b_app.addr)),
+            "{out:#?}"
+        );
+
+        // --from: b's requests from a, seen where both ends are known (a's outbound side).
+        let mut cli = Cli::spawn(&[
+            "tap",
+            "svc/b",
+            "--from",
+            "deployment/a",
+            "--config-dir",
+            &dir,
+            "--limit",
+            "1",
+        ]);
+        cli.wait_tapping().await;
+        mesh.call(C_AUTHORITY, "/c-only").await;
+        mesh.call(B_AUTHORITY, "/from-a").await;
+        let status = cli.wait_exit().await;
+        assert!(status.success(), "exit {status}: {}", cli.stderr());
+        let out = cli.stdout();
+        assert_eq!(out.len(), 3, "{out:#?}");
+        assert!(
+            out[0].contains(" proxy=out ") && out[0].contains(":path=/from-a "),
+            "{out:#?}"
+        );
+
+        // A workload with no proxy in the dir: exit 1, naming those there are.
+        let (status, _, err) = run(&["tap", "deployment/nothing", "--config-dir", &dir]).await;
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("no proxy of deployment/nothing in namespace default in the config dir"),
+            "{err}"
+        );
+        assert!(
+            err.contains("deployment/a") && err.contains("deployment/b"),
+            "{err}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn top_and_profile_of_a_workload_count_its_own_requests_once() {
+    test_body(async {
+        let mesh = TwoWorkloads::start().await;
+        let dir = mesh.dir();
+
+        // top: a's requests to b only, split by destination.
+        let mut cli = Cli::spawn(&[
+            "top",
+            "deployment/a",
+            "--to",
+            "deployment/b",
+            "--once",
+            "3s",
+            "-o",
+            "wide",
+            "--config-dir",
+            &dir,
+        ]);
+        cli.wait_tapping().await;
+        for _ in 0..3 {
+            mesh.call(B_AUTHORITY, "/top").await;
+            mesh.call(C_AUTHORITY, "/c-only").await;
+        }
+        let status = cli.wait_exit().await;
+        assert!(status.success(), "exit {status}: {}", cli.stderr());
+        let out = cli.stdout();
+        assert!(out[0].starts_with("METHOD"), "{out:#?}");
+        assert_eq!(out.len(), 2, "one row: {out:#?}");
+        let row: Vec<&str> = out[1].split_whitespace().collect();
+        assert_eq!(
+            row[..5],
+            ["GET", B_AUTHORITY, "deployment/b", "/top", "3"],
+            "{out:#?}"
+        );
+
+        // profile: what b serves (its inbound side, each request once), not a's calls to c.
+        let mut cli = Cli::spawn(&[
+            "profile",
+            "--tap",
+            "deployment/b",
+            "--tap-duration",
+            "3s",
+            "--config-dir",
+            &dir,
+        ]);
+        cli.wait_tapping().await;
+        for i in 1..=3 {
+            mesh.call(B_AUTHORITY, &format!("/users/{i}")).await;
+        }
+        mesh.call(B_AUTHORITY, "/health").await;
+        mesh.call(C_AUTHORITY, "/c-only").await;
+        let status = cli.wait_exit().await;
+        assert!(status.success(), "exit {status}: {}", cli.stderr());
+        let yaml = cli.stdout().join("\n") + "\n";
+        assert!(
+            yaml.contains("name: 'b.default.svc.cluster.local'"),
+            "{yaml}"
+        );
+        assert!(
+            yaml.contains("from 4 request(s) observed"),
+            "counted once: {yaml}"
+        );
+        assert!(
+            yaml.contains("# 3 request(s) observed\n  - name: 'GET /users/{id}'"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("- name: 'GET /health'"), "{yaml}");
+        assert!(!yaml.contains("c-only"), "{yaml}");
+    })
+    .await
+}
+
+/// `NAME.CLUSTER` names are refused before any proxy is asked (the proxy given is closed:
+/// asking it would fail differently), for every command that takes a resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multicluster_names_and_bad_peers_fail_at_once() {
+    test_body(async {
+        let closed = closed_port().to_string();
+        for args in [
+            &["tap", "deployment/api-gateway", "--to", "deployment/data-service.remote-cluster"][..],
+            &["tap", "svc/data-service.remote-cluster", "--from", "deployment/api-gateway"],
+            &["top", "deployment/api-gateway", "--to", "svc/data-service.remote-cluster", "--once", "1s"],
+            &["profile", "--tap", "deployment/data-service.remote-cluster"],
+        ] {
+            let mut argv = args.to_vec();
+            argv.extend(["--proxy", &closed]);
+            let (status, _, err) = run(&argv).await;
+            assert_eq!(status.code(), Some(2), "{argv:?}: {err}");
+            assert!(
+                err.contains("not supported yet: multicluster: ")
+                    && err.contains("data-service.remote-cluster names \"data-service\" in cluster \"remote-cluster\""),
+                "{argv:?}: {err}"
+            );
+        }
+        let (status, _, err) =
+            run(&["tap", "deploy/a", "--from", "svc/b", "--proxy", &closed]).await;
+        assert_eq!(status.code(), Some(2), "{err}");
+        assert!(err.contains("--from svc/b: expected a workload"), "{err}");
+        let (status, _, err) =
+            run(&["top", "svc/a", "--to", "deploy/b", "--proxy", &closed]).await;
+        assert_eq!(status.code(), Some(2), "{err}");
+        assert!(err.contains("svc/a is not a workload"), "{err}");
+        let (status, _, err) = run(&["top", "deploy/a", "-o", "json", "--proxy", &closed]).await;
+        assert_eq!(status.code(), Some(2), "{err}");
+        assert!(err.contains("-o json prints the table of --once"), "{err}");
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy's own responses, as `pylon tap` prints them
+// ---------------------------------------------------------------------------------------------
+
+/// The story's "504s came from the mesh proxy, not the application": every response the proxy
+/// makes itself is a `rsp` line with its status and `proxy_error=`, and its `end` says so too,
+/// outbound (a route timeout, a refused connection) and inbound (an authorization denial), so
+/// `pylon tap ... | grep -E "status=5[0-9][0-9]|timeout"` finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tap_prints_the_proxys_own_responses_with_their_reason() {
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        cfg.write(
+            "web-profile.yaml",
+            &profile_yaml("  - name: GET /slow\n    condition: {method: GET, pathRegex: /slow}\n    timeout: 300ms\n"),
+        );
+        cfg.write_service("refused", &[HTTP_PORT]);
+        cfg.set_endpoints("refused", "http", &[closed_port()]);
+        cfg.write("web-server.yaml", &identity_only_server_yaml(backend.addr.port()));
+        let forward = backend.addr.to_string();
+        let proxy = Proxy::with_config(
+            &cfg,
+            &["--inbound-forward", &forward, "--workload-labels", "app=web", "--namespace", "default"],
+        );
+        let admin = proxy.admin().to_string();
+        let mut cli = Cli::spawn(&["tap", "deploy/web", "--proxy", &admin, "--limit", "3"]);
+        cli.wait_tapping().await;
+
+        // The app would take 30 s; the route's timeout answers at 300 ms.
+        let rsp = get_with(proxy.outbound(), AUTHORITY, "/slow", &[("x-delay-ms", "30000")])
+            .await
+            .unwrap();
+        assert_eq!(rsp.status, 504, "{}", rsp.text());
+        let rsp = get(proxy.outbound(), "refused.default.svc.cluster.local:80", "/refused")
+            .await
+            .unwrap();
+        assert_eq!(rsp.status, 502, "{}", rsp.text());
+        let rsp = get(proxy.inbound(), "web", "/denied").await.unwrap();
+        assert_eq!(rsp.status, 403, "{}", rsp.text());
+
+        let status = cli.wait_exit().await;
+        assert!(status.success(), "exit {status}: {}", cli.stderr());
+        let out = cli.stdout();
+        assert_eq!(out.len(), 9, "3 requests x req/rsp/end: {out:#?}");
+        let id = |l: &str| l.split_whitespace().nth(1).unwrap_or_default().to_string();
+        for (path, direction, status, reason) in [
+            ("/slow", "out", 504, "route timeout"),
+            ("/refused", "out", 502, "endpoint connection refused"),
+            ("/denied", "in", 403, "unauthorized connection"),
+        ] {
+            let req = out
+                .iter()
+                .find(|l| {
+                    l.starts_with("req ")
+                        && l.split_whitespace().any(|w| w == format!(":path={path}"))
+                })
+                .unwrap_or_else(|| panic!("no req line for {path}: {out:#?}"));
+            assert!(req.contains(&format!(" proxy={direction} ")), "{req}");
+            let of = |kind: &str| {
+                out.iter()
+                    .find(|l| l.starts_with(kind) && id(l) == id(req))
+                    .unwrap_or_else(|| panic!("no {kind} line for {path}: {out:#?}"))
+            };
+            let rsp = of("rsp ");
+            assert!(rsp.contains(&format!(" :status={status} ")), "{rsp}");
+            assert!(rsp.ends_with(&format!(" proxy_error={reason}")), "{rsp}");
+            let end = of("end ");
+            assert!(end.ends_with(&format!(" proxy_error={reason}")), "{end}");
+            assert!(!end.contains("reset-error"), "not a reset: {end}");
+        }
+        // What the story's grep keeps: the 504's response line (and its end, by its reason).
+        let grepped: Vec<&String> = out
+            .iter()
+            .filter(|l| {
+                l.split_whitespace().any(|w| {
+                    w.strip_prefix(":status=5")
+                        .is_some_and(|r| r.len() == 2 && r.bytes().all(|b| b.is_ascii_digit()))
+                }) || l.contains("timeout")
+            })
+            .collect();
+        assert!(
+            grepped.iter().any(|l| l.starts_with("rsp ") && l.contains(":status=504")),
+            "{grepped:#?}"
+        );
+    })
+    .await
+}
+
+/// `pylon completion SHELL` prints a script that knows the subcommands; bash parses it.
+#[test]
+fn completion_scripts_for_bash_zsh_and_fish() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(PYLON)
+            .args(["completion", shell])
+            .output()
+            .expect("run pylon completion");
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8(out.stdout).expect("UTF-8");
+        for sub in [
+            "stat",
+            "routes",
+            "edges",
+            "tap",
+            "top",
+            "profile",
+            "completion",
+        ] {
+            assert!(script.contains(sub), "{shell} script lacks {sub}");
+        }
+        if shell == "bash" {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let file = dir.path().join("pylon.bash");
+            std::fs::write(&file, &script).expect("write");
+            match Command::new("bash").arg("-n").arg(&file).output() {
+                Ok(check) => assert!(
+                    check.status.success(),
+                    "bash -n: {}",
+                    String::from_utf8_lossy(&check.stderr)
+                ),
+                Err(e) => assert!(std::env::var("CI").is_err(), "bash is missing: {e}"),
+            }
+        }
+    }
+    let out = Command::new(PYLON)
+        .args(["completion", "powershell-7"])
+        .output()
+        .expect("run pylon completion");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }

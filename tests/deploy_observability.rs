@@ -158,6 +158,39 @@ fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 // A small mesh of real processes
 // ---------------------------------------------------------------------------------------------
 
+/// A `pylon-controller` on `config_dir`, once ready: the process and its admin address.
+fn start_controller(config_dir: &Path) -> (Proc, SocketAddr) {
+    let admin = free_addr();
+    let mut command = Command::new(sibling("pylon-controller"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PYLON_")) {
+        command.env_remove(k);
+    }
+    let controller = Proc(
+        command
+            .env("PYLON_LOG", "warn")
+            .arg("--config-dir")
+            .arg(config_dir)
+            .args(["--destination-addr", "127.0.0.1:0"])
+            .args(["--policy-addr", "127.0.0.1:0"])
+            .args(["--identity-addr", "127.0.0.1:0"])
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn pylon-controller"),
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            http_get(admin, "/ready").is_some_and(|(s, _)| s == 200)
+        }),
+        "pylon-controller on {} was not ready within 30 s",
+        config_dir.display()
+    );
+    (controller, admin)
+}
+
 const WEB: &str = "web.default.svc.cluster.local";
 
 /// `client` calls service `web`, whose endpoints are `web`'s inbound proxy (to a backend that
@@ -228,33 +261,7 @@ impl Mesh {
         let db = start_proxy(&["--workload", "statefulset/db", "--pod", "db-0"]);
 
         let empty = tempfile::tempdir().expect("tempdir");
-        let controller_admin = free_addr();
-        let mut command = Command::new(sibling("pylon-controller"));
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PYLON_")) {
-            command.env_remove(k);
-        }
-        let controller = Proc(
-            command
-                .env("PYLON_LOG", "warn")
-                .arg("--config-dir")
-                .arg(empty.path())
-                .args(["--destination-addr", "127.0.0.1:0"])
-                .args(["--policy-addr", "127.0.0.1:0"])
-                .args(["--identity-addr", "127.0.0.1:0"])
-                .arg("--admin-addr")
-                .arg(controller_admin.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn pylon-controller"),
-        );
-        assert!(
-            wait_for(Duration::from_secs(30), || {
-                http_get(controller_admin, "/ready").is_some_and(|(s, _)| s == 200)
-            }),
-            "pylon-controller on an empty config dir was not ready within 30 s"
-        );
+        let (controller, controller_admin) = start_controller(empty.path());
         Mesh {
             web,
             client,
@@ -1606,4 +1613,141 @@ fn prometheus_relabels_scrapes_and_evaluates_as_pylon_stat_and_the_dashboards_ex
             "{uid}: {place} shows nothing for the traffic sent; shown: {shown:?}"
         );
     }
+}
+
+/// The story's stale endpoint set as Prometheus sees it: pylon-controller, on a config dir
+/// where Service `web`'s slices name 2 of its 3 ready pods, exports the `endpoints_*` gauges;
+/// the real Prometheus scrapes them through the controller's scrape job, the alert rule goes
+/// pending on them, and `pylon stat --prometheus` names the missing pod.
+#[test]
+fn prometheus_alerts_on_a_stale_endpoint_set_and_pylon_stat_names_the_pod() {
+    let Some(prometheus) = tool("prometheus") else {
+        return;
+    };
+    const MISSING: &str = "web-7c9f5-c";
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let mut docs = vec![
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec: {selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}\n"
+            .to_string(),
+    ];
+    for (i, pod) in ["web-7c9f5-a", "web-7c9f5-b", MISSING].iter().enumerate() {
+        docs.push(format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: shop\n  \
+             labels: {{app: web, pod-template-hash: 7c9f5}}\n  \
+             ownerReferences: [{{kind: ReplicaSet, name: web-7c9f5, controller: true}}]\n\
+             spec: {{containers: [{{name: web}}]}}\n\
+             status: {{phase: Running, podIP: 10.42.1.{i}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+        ));
+    }
+    docs.push(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: web-abc, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nports: [{name: http, port: 8080}]\n\
+         endpoints: [{addresses: [10.42.1.0]}, {addresses: [10.42.1.1]}]\n"
+            .to_string(),
+    );
+    std::fs::write(cfg.path().join("mesh.yaml"), docs.join("---\n")).expect("write the mesh");
+    let (_controller, controller_admin) = start_controller(cfg.path());
+    // A proxy, so that Prometheus has Pylon's proxies (`pylon stat` checks it scrapes some).
+    let proxy = start_proxy(&["--workload", "deployment/client", "--namespace", "shop"]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("targets")).expect("mkdir");
+    let controller_meta = [
+        ("__meta_kubernetes_pod_controller_kind", "ReplicaSet"),
+        (
+            "__meta_kubernetes_pod_controller_name",
+            "pylon-controller-6d5c4b3a2",
+        ),
+        ("__meta_kubernetes_pod_label_pod_template_hash", "6d5c4b3a2"),
+    ];
+    let targets = [
+        (
+            "pylon-controller",
+            json!([pod_target(
+                controller_admin,
+                "pylon",
+                "pylon-controller-6d5c4b3a2-zzzzz",
+                "pylon-controller",
+                "admin-http",
+                &controller_meta
+            )]),
+        ),
+        (
+            "pylon-proxy",
+            json!([pod_target(
+                proxy.admin,
+                "shop",
+                "client-0",
+                "pylon-proxy",
+                "pylon-admin",
+                &[]
+            )]),
+        ),
+    ];
+    for (job, targets) in targets {
+        std::fs::write(
+            dir.path().join(format!("targets/{job}.json")),
+            serde_json::to_string_pretty(&targets).expect("JSON"),
+        )
+        .expect("write targets");
+    }
+    let full = yaml(&prometheus_yml());
+    let mut config = full.clone();
+    config["global"] =
+        json!({"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"});
+    config["rule_files"] = json!([rules_file()]);
+    config["scrape_configs"] = with_file_sd(&full["scrape_configs"], dir.path());
+    let config_file = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config_file,
+        serde_yaml_ng::to_string(&config).expect("YAML"),
+    )
+    .expect("write");
+    let (_prometheus, listen) =
+        start_prometheus(&prometheus, &config_file, &dir.path().join("data"));
+
+    // The gauges as scraped (the info family included), the alert pending on them, and the
+    // proxy (what `pylon stat` looks for first).
+    for (what, q) in [
+        ("the proxy", r#"proxy_build_info{job="pylon-proxy"}"#),
+        (
+            "the missing pods",
+            r#"endpoints_missing_pods{job="pylon-controller", dst_namespace="shop", dst_service="web"} == 1"#,
+        ),
+        (
+            "the ready pods",
+            r#"endpoints_ready_pods{job="pylon-controller", dst_namespace="shop", dst_service="web"} == 3"#,
+        ),
+        (
+            "the missing pod's name",
+            r#"endpoints_missing_pod_info{dst_service="web", dst_pod="web-7c9f5-c", dst_deployment="web"}"#,
+        ),
+        (
+            "the alert",
+            r#"ALERTS{alertname="PylonServiceEndpointsMissingPods", alertstate="pending", dst_namespace="shop", dst_service="web"}"#,
+        ),
+    ] {
+        let mut last = Ok(Vec::new());
+        let found = wait_for(Duration::from_secs(30), || {
+            last = prom_query(listen, q);
+            last.as_ref().is_ok_and(|r| !r.is_empty())
+        });
+        assert!(found, "no {what} in Prometheus: {q} -> {last:?}");
+    }
+
+    // Nobody calls web, so stat has no traffic to show; it says why there may be none.
+    let url = format!("http://{listen}");
+    let out = pylon(&["stat", "svc/web", "-n", "shop", "--prometheus", &url]);
+    let shown = show(&out);
+    println!("{shown}");
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "endpoints 2 of 3 ready pods of svc/web (namespace shop): {MISSING} (deployment/web) \
+             is ready but not among its endpoints"
+        )),
+        "{shown}"
+    );
 }

@@ -1311,3 +1311,259 @@ async fn a_quiet_websocket_is_not_hibernated() {
     })
     .await
 }
+
+// ---------------------------------------------------------------------------------------------
+// What the logs say of a failing endpoint: what was malformed, which pod, no Rust Debug forms.
+// ---------------------------------------------------------------------------------------------
+
+const AUTH_POD: &str = "auth-5d8f7-x2x4z";
+
+/// The proxy's JSON log lines at `level` (as `jq 'select(.level == "ERROR")'` keeps them).
+fn logs_at(proxy: &Proxy, level: &str) -> Vec<serde_json::Value> {
+    json_logs(&proxy.logs())
+        .into_iter()
+        .filter(|l| l["level"] == level)
+        .collect()
+}
+
+fn field<'a>(line: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    log_field(line, key).and_then(|v| v.as_str())
+}
+
+/// The incident: a new authentication service answered with invalid HTTP headers and the mesh
+/// turned its successes into errors. The client gets 502 `endpoint protocol error`; the proxy's
+/// error-level log line says what hyper found malformed and which endpoint sent it, by address
+/// and by pod, so `... | jq 'select(.level == "ERROR")'` names the culprit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_response_is_named_in_an_error_log_line() {
+    test_body(async {
+        let cases: [(&[u8], &str); 3] = [
+            // A header name with a space in it.
+            (
+                b"HTTP/1.1 200 OK\r\nx-auth token: abc\r\ncontent-length: 2\r\n\r\nok",
+                "invalid HTTP header parsed",
+            ),
+            // A header value with a control character.
+            (
+                b"HTTP/1.1 200 OK\r\nx-auth: a\x01b\r\ncontent-length: 2\r\n\r\nok",
+                "invalid HTTP header parsed",
+            ),
+            // A status line that isn't one.
+            (
+                b"HTTP/1.1 2OO OK\r\ncontent-length: 2\r\n\r\nok",
+                "invalid HTTP status-code parsed",
+            ),
+        ];
+        for (response, cause) in cases {
+            let auth = RawHttpServer::start(response).await;
+            let cfg = ConfigDir::web(&[auth.addr]);
+            cfg.write(
+                "auth-pod.yaml",
+                &deployment_pod_yaml(AUTH_POD, "auth", auth.addr.ip()),
+            );
+            let proxy = Proxy::with_config(&cfg, &[]);
+
+            let rsp = get(proxy.outbound(), WEB_FQDN, "/login").await.unwrap();
+            assert_eq!(rsp.status, 502, "{cause}: {}", rsp.text());
+            assert_eq!(rsp.proxy_error(), Some("endpoint protocol error"));
+            // Linkerd's header carries what was malformed, as Linkerd's messages do.
+            let message = format!("endpoint protocol error: {cause}");
+            assert_eq!(rsp.header("l5d-proxy-error"), Some(message.as_str()));
+            assert_eq!(auth.requests(), 1, "{cause}: sent once, not retried");
+
+            let named = proxy
+                .wait_for_log(Duration::from_secs(5), |l| l.contains(cause))
+                .await;
+            assert!(named.is_some(), "{cause}: {}", proxy.log_tail(20));
+            let errors = logs_at(&proxy, "ERROR");
+            assert_eq!(errors.len(), 1, "{cause}: {errors:#?}");
+            let line = &errors[0];
+            let endpoint = auth.addr.to_string();
+            assert_eq!(field(line, "endpoint"), Some(endpoint.as_str()), "{line}");
+            assert_eq!(field(line, "endpoint_pod"), Some(AUTH_POD), "{line}");
+            assert_eq!(
+                field(line, "endpoint_workload"),
+                Some("deployment/auth"),
+                "{line}"
+            );
+            assert_eq!(field(line, "endpoint_namespace"), Some("default"), "{line}");
+            assert_eq!(
+                field(line, "destination"),
+                Some("web.default.svc.cluster.local:80"),
+                "{line}"
+            );
+            assert_eq!(
+                field(line, "error"),
+                Some("endpoint protocol error"),
+                "{line}"
+            );
+            assert_eq!(field(line, "cause"), Some(cause), "{line}");
+            assert!(
+                field(line, "message").is_some_and(|m| m.contains(cause)),
+                "{line}"
+            );
+            // The 502 itself is the usual proxy-error warning, with the same endpoint.
+            let warned = logs_at(&proxy, "WARN").into_iter().any(|l| {
+                field(&l, "error") == Some("endpoint protocol error")
+                    && field(&l, "endpoint_pod") == Some(AUTH_POD)
+            });
+            assert!(warned, "{}", proxy.log_tail(20));
+        }
+    })
+    .await
+}
+
+/// The incident as a mesh has it: the client's proxy calls the auth service's proxy, which
+/// reads the malformed response. That proxy logs it at error; the client's proxy, which only
+/// gets a 502 from it, logs at error too what its peer said (`l5d-proxy-error`), naming the
+/// pod: the client side's `jq 'select(.level == "ERROR")'` names the culprit and the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_response_behind_a_peer_proxy_is_named_on_both_sides() {
+    test_body(async {
+        let auth = RawHttpServer::start(
+            b"HTTP/1.1 200 OK\r\nx-auth user: alice\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .await;
+        let app = auth.addr.to_string();
+        let server = Proxy::start(&["--inbound-forward", &app]);
+        let cfg = ConfigDir::web(&[server.inbound()]);
+        cfg.write(
+            "auth-pod.yaml",
+            &deployment_pod_yaml(AUTH_POD, "auth", server.inbound().ip()),
+        );
+        let client = Proxy::with_config(&cfg, &[]);
+
+        let rsp = get(client.outbound(), WEB_FQDN, "/login").await.unwrap();
+        assert_eq!(rsp.status, 502, "{}", rsp.text());
+        let message = "endpoint protocol error: invalid HTTP header parsed";
+        assert_eq!(rsp.header("l5d-proxy-error"), Some(message));
+
+        for (side, proxy) in [("server", &server), ("client", &client)] {
+            let logged = proxy
+                .wait_for_log(Duration::from_secs(5), |l| {
+                    l.contains("\"ERROR\"") && l.contains("invalid HTTP header parsed")
+                })
+                .await;
+            assert!(logged.is_some(), "{side}: {}", proxy.log_tail(20));
+        }
+        let errors = logs_at(&client, "ERROR");
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        let line = &errors[0];
+        let endpoint = server.inbound().to_string();
+        assert_eq!(field(line, "endpoint"), Some(endpoint.as_str()), "{line}");
+        assert_eq!(field(line, "endpoint_pod"), Some(AUTH_POD), "{line}");
+        assert_eq!(
+            field(line, "destination"),
+            Some("web.default.svc.cluster.local:80"),
+            "{line}"
+        );
+        assert_eq!(field(line, "error"), Some(message), "{line}");
+    })
+    .await
+}
+
+/// Every error path of both directions, with the proxy's own debug lines and the access log
+/// on: no log field holds a Rust `Debug` form (`Some(10.0.0.5:8080)`, `None`, a struct), and
+/// lines about an endpoint discovery knows a pod for name it next to the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_name_endpoints_by_pod_and_hold_no_debug_forms() {
+    test_body(async {
+        let malformed =
+            RawHttpServer::start(b"HTTP/1.1 200 OK\r\nbad header\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        let app = Backend::start("app").await;
+        let cfg = ConfigDir::web(&[malformed.addr]);
+        // Every endpoint here is on 127.0.0.1, so this pod names them all.
+        cfg.write("auth-pod.yaml", &deployment_pod_yaml(AUTH_POD, "auth", malformed.addr.ip()));
+        cfg.write_service("refused", &[HTTP_PORT]);
+        cfg.set_endpoints("refused", "http", &[closed_port()]);
+        cfg.write_service("empty", &[HTTP_PORT]);
+        cfg.set_endpoints("empty", "http", &[]);
+        cfg.write_service("slow", &[HTTP_PORT]);
+        cfg.set_endpoints("slow", "http", &[app.addr]);
+        cfg.write(
+            "slow-profile.yaml",
+            "apiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\nmetadata: {name: slow.default.svc.cluster.local, namespace: default}\nspec:\n  routes:\n  - name: GET /slow\n    condition: {method: GET, pathRegex: /slow}\n    timeout: 200ms\n",
+        );
+        cfg.write("app-server.yaml", &identity_only_server_yaml(app.addr.port()));
+        let forward = app.addr.to_string();
+        let proxy = Proxy::builder()
+            .arg("--config-dir")
+            .arg(cfg.path_str())
+            .args(["--inbound-forward", &forward, "--workload-labels", "app=web", "--namespace", "default"])
+            .env("PYLON_LOG", "info,pylon_proxy=debug,pylon_tap_server=debug")
+            .env("PYLON_ACCESS_LOG", "json")
+            .start();
+
+        let status = |authority: &'static str, path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+            let addr = proxy.outbound();
+            async move { get_with(addr, authority, path, headers).await.unwrap().status }
+        };
+        assert_eq!(status(WEB_FQDN, "/malformed", &[]).await, 502);
+        assert_eq!(status("refused.default.svc.cluster.local", "/refused", &[]).await, 502);
+        assert_eq!(status("empty.default.svc.cluster.local", "/empty", &[]).await, 503);
+        assert_eq!(
+            status("slow.default.svc.cluster.local", "/slow", &[("x-delay-ms", "30000")]).await,
+            504
+        );
+        assert_eq!(get(proxy.inbound(), "web", "/denied").await.unwrap().status, 403);
+        // A malformed request: two Host headers.
+        let mut raw = RawConn::connect(proxy.outbound()).await;
+        raw.send("GET / HTTP/1.1\r\nhost: web\r\nhost: other\r\n\r\n").await;
+        assert_eq!(raw.response().await.unwrap().status, 400);
+
+        // The last of them logged (each is logged before its response is sent).
+        let last = proxy
+            .wait_for_log(Duration::from_secs(5), |l| l.contains("malformed request"))
+            .await;
+        assert!(last.is_some(), "{}", proxy.log_tail(30));
+        let debug = debug_forms_in_logs(&proxy.logs());
+        assert!(debug.is_empty(), "Debug forms in the logs:\n{}", debug.join("\n"));
+        // (The check itself finds what it looks for.)
+        let planted = [
+            r#"{"level":"WARN","endpoint":"Some(10.0.0.5:8080)"}"#,
+            r#"{"level":"INFO","fields":{"client_id":"None"}}"#,
+            r#"{"level":"INFO","backend":"Service(ServiceRef { namespace: \"default\" })"}"#,
+        ];
+        let planted: Vec<String> = planted.iter().map(|l| l.to_string()).collect();
+        assert_eq!(debug_forms_in_logs(&planted).len(), 3);
+
+        // The route timeout's cancelled attempt is the 504 the client got, in the access log
+        // and in the endpoint's metrics: not a client that went away.
+        let slow = json_logs(&proxy.logs())
+            .into_iter()
+            .find(|l| l["message"] == "access" && l["path"] == "/slow")
+            .unwrap_or_else(|| panic!("no access line for /slow: {}", proxy.log_tail(30)));
+        assert_eq!(slow["status"], 504, "{slow}");
+        assert_eq!(slow["proxy_error"], "route timeout", "{slow}");
+        assert_eq!(
+            proxy.metric_value(
+                "response_total",
+                &[("authority", "slow.default.svc.cluster.local:80"), ("error", "route timeout"), ("classification", "failure")]
+            ),
+            Some(1.0),
+            "{}",
+            series_of(&proxy.metrics(), "response_total")
+        );
+
+        // The refused endpoint's warning names its pod next to its address.
+        let refused = json_logs(&proxy.logs())
+            .into_iter()
+            .find(|l| {
+                field(l, "error") == Some("endpoint connection refused")
+                    && field(l, "message").is_some_and(|m| m.starts_with("proxy error response"))
+            })
+            .unwrap_or_else(|| panic!("no refused warning: {}", proxy.log_tail(30)));
+        assert!(field(&refused, "endpoint").is_some(), "{refused}");
+        assert_eq!(field(&refused, "endpoint_pod"), Some(AUTH_POD), "{refused}");
+        assert_eq!(field(&refused, "endpoint_workload"), Some("deployment/auth"), "{refused}");
+        // No field is logged empty: an absent value is left out.
+        for line in json_logs(&proxy.logs()) {
+            for key in ["endpoint", "endpoint_pod", "destination", "client_id"] {
+                assert_ne!(log_field(&line, key).and_then(|v| v.as_str()), Some(""), "{line}");
+                assert!(!log_field(&line, key).is_some_and(|v| v.is_null()), "{line}");
+            }
+        }
+    })
+    .await
+}

@@ -282,3 +282,133 @@ async fn concurrent_taps_each_get_their_own_events() {
     })
     .await
 }
+
+/// One request's events, by the stream id they share.
+#[derive(Default, Debug)]
+struct Exchange {
+    direction: i32,
+    path: Option<String>,
+    status: Option<u32>,
+    /// `l5d-proxy-error` among the response headers, as Linkerd's proxy sets it.
+    l5d_proxy_error: Option<String>,
+    /// The `pylon-proxy-error` label on the response and on its end.
+    rsp_label: Option<String>,
+    end_label: Option<String>,
+    reset: bool,
+    ended: bool,
+}
+
+/// Every response the proxy makes itself (a route timeout, a refused connection, no endpoints,
+/// an authorization denial) reaches a tap as a response with its status and reason, carried
+/// as Linkerd's proxy carries it (`l5d-proxy-error` among the response headers), in both
+/// directions; none ends as a bare reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_proxy_made_response_is_a_response_event_in_both_directions() {
+    use linkerd2_proxy_api::tap::eos;
+    test_body(async {
+        let backend = Backend::start("web-a").await;
+        let cfg = ConfigDir::web(&[backend.addr]);
+        cfg.write(
+            "web-profile.yaml",
+            "apiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\nmetadata: {name: web.default.svc.cluster.local, namespace: default}\nspec:\n  routes:\n  - name: GET /slow\n    condition: {method: GET, pathRegex: /slow}\n    timeout: 300ms\n",
+        );
+        cfg.write_service("refused", &[HTTP_PORT]);
+        cfg.set_endpoints("refused", "http", &[closed_port()]);
+        cfg.write_service("empty", &[HTTP_PORT]);
+        cfg.set_endpoints("empty", "http", &[]);
+        cfg.write("web-server.yaml", &identity_only_server_yaml(backend.addr.port()));
+        let forward = backend.addr.to_string();
+        let proxy = Proxy::with_config(
+            &cfg,
+            &["--inbound-forward", &forward, "--workload-labels", "app=web", "--namespace", "default"],
+        );
+        let mut tap = client(&proxy).await;
+        let mut stream = tap
+            .observe(ObserveRequest::default())
+            .await
+            .expect("observe accepted")
+            .into_inner();
+
+        // The backend would answer after 30 s; the route's timeout answers at 300 ms.
+        let rsp = get_with(proxy.outbound(), AUTHORITY, "/slow", &[("x-delay-ms", "30000")])
+            .await
+            .unwrap();
+        assert_eq!(rsp.status, 504, "{}", rsp.text());
+        assert_eq!(rsp.proxy_error(), Some("route timeout"));
+        assert_eq!(rsp.header("l5d-proxy-error"), Some("route timeout"));
+        let rsp = get(proxy.outbound(), "refused.default.svc.cluster.local:80", "/refused")
+            .await
+            .unwrap();
+        assert_eq!(rsp.status, 502, "{}", rsp.text());
+        let rsp = get(proxy.outbound(), "empty.default.svc.cluster.local:80", "/empty")
+            .await
+            .unwrap();
+        assert_eq!(rsp.status, 503);
+        let rsp = get(proxy.inbound(), "web", "/denied").await.unwrap();
+        assert_eq!(rsp.status, 403, "{}", rsp.text());
+        assert_eq!(backend.requests(), 1, "only /slow reached the backend");
+
+        let mut seen: std::collections::HashMap<u64, Exchange> = Default::default();
+        while seen.values().filter(|x| x.ended).count() < 4 {
+            let ev = within("tap event", OP_TIMEOUT, stream.message())
+                .await
+                .expect("tap stream")
+                .expect("stream open");
+            let label = label(&ev, "pylon-proxy-error").map(str::to_owned);
+            let x = match http(&ev) {
+                HttpEvent::RequestInit(req) => {
+                    let id = req.id.unwrap().stream;
+                    let x = seen.entry(id).or_default();
+                    x.path = Some(req.path.clone());
+                    x
+                }
+                HttpEvent::ResponseInit(rsp) => {
+                    let id = rsp.id.unwrap().stream;
+                    let x = seen.entry(id).or_default();
+                    x.status = Some(rsp.http_status);
+                    x.rsp_label = label;
+                    x.l5d_proxy_error = rsp
+                        .headers
+                        .iter()
+                        .flat_map(|h| &h.headers)
+                        .find(|h| h.name == "l5d-proxy-error")
+                        .map(|h| String::from_utf8_lossy(&h.value).into_owned());
+                    x
+                }
+                HttpEvent::ResponseEnd(end) => {
+                    let id = end.id.unwrap().stream;
+                    let x = seen.entry(id).or_default();
+                    x.ended = true;
+                    x.end_label = label;
+                    x.reset = matches!(
+                        end.eos.as_ref().and_then(|e| e.end.as_ref()),
+                        Some(eos::End::ResetErrorCode(_))
+                    );
+                    x
+                }
+            };
+            x.direction = ev.proxy_direction;
+        }
+        drop(stream);
+        let out = tap_event::ProxyDirection::Outbound as i32;
+        let inb = tap_event::ProxyDirection::Inbound as i32;
+        for (path, direction, status, reason) in [
+            ("/slow", out, 504, "route timeout"),
+            ("/refused", out, 502, "endpoint connection refused"),
+            ("/empty", out, 503, "no endpoints"),
+            ("/denied", inb, 403, "unauthorized connection"),
+        ] {
+            let x = seen
+                .values()
+                .find(|x| x.path.as_deref() == Some(path))
+                .unwrap_or_else(|| panic!("no request event for {path}: {seen:#?}"));
+            assert_eq!(x.direction, direction, "{path}: {x:?}");
+            assert_eq!(x.status, Some(status), "{path}: {x:?}");
+            assert_eq!(x.l5d_proxy_error.as_deref(), Some(reason), "{path}: {x:?}");
+            assert_eq!(x.rsp_label.as_deref(), Some(reason), "{path}: {x:?}");
+            assert_eq!(x.end_label.as_deref(), Some(reason), "{path}: {x:?}");
+            assert!(!x.reset, "{path} ended as a reset: {x:?}");
+        }
+    })
+    .await
+}

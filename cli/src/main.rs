@@ -11,8 +11,11 @@
 //!   rolling windows on their admin ports (answered at once, up to 15 minutes) or from
 //!   Prometheus.
 //! - `pylon tap RESOURCE` prints live requests from the proxies' tap ports (Linkerd's tap API),
-//!   one line per request, response and end; `pylon profile --tap RESOURCE` turns a few seconds
-//!   of them into a ServiceProfile.
+//!   one line per request, response and end; `pylon top RESOURCE` the busiest paths among
+//!   them; `pylon profile --tap RESOURCE` turns a few seconds of them into a ServiceProfile.
+//!   The five share one set of flags (`crate::flags`): `-n`, `-A`, `--to`, `--from`, `-o`,
+//!   `--proxy`, `--config-dir`.
+//! - `pylon completion bash|zsh|fish` prints a shell completion script.
 //! - `pylon identity init-ca` and `pylon identity issue` make a mesh CA and workload
 //!   certificates (the proxy's `ca.crt`, `tls.crt`, `tls.key` identity dir).
 //! - `pylon install [--crds] [--ha]` prints the control plane (with a fresh trust anchor,
@@ -25,11 +28,13 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod check;
+mod completion;
 mod demo;
 mod exposition;
+mod flags;
 mod identity;
 mod inject;
 mod install;
@@ -83,6 +88,9 @@ enum Command {
     /// Take the Pylon proxy out of Kubernetes YAML again.
     Uninject(inject::UninjectArgs),
 
+    /// Print a shell completion script (bash, zsh or fish).
+    Completion(completion::CompletionArgs),
+
     /// Run the sidecar proxy (`pylon-proxy`) with the given flags.
     #[command(hide = true, disable_help_flag = true)]
     Proxy {
@@ -111,6 +119,7 @@ fn main() -> ExitCode {
         Command::Install(args) => install::run(args),
         Command::Inject(args) => inject::run_inject(args),
         Command::Uninject(args) => inject::run_uninject(args),
+        Command::Completion(args) => completion::run(args, Cli::command()),
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

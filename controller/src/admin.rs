@@ -1,10 +1,15 @@
 //! The controller's admin server: `/metrics` (Prometheus text), `/ready` (every watched kind
 //! listed once, so proxies are never told "no such service" by a controller that has not
 //! looked yet) and `/live`.
+//!
+//! `/metrics` includes the `endpoints_*` gauges (see [`pylon_proxy_metrics::EndpointGauges`]):
+//! each Service's endpoints against the ready pods its selector picks, from the cluster's own
+//! Pods and EndpointSlices, kept current by [`keep_endpoint_gauges`].
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -18,6 +23,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use pylon_proxy_metrics::EndpointGauges;
 use pylon_proxy_policy::Store;
 use tokio::net::TcpListener;
 
@@ -32,6 +38,8 @@ pub struct ControllerMetrics {
     watches: Option<Arc<WatchStatus>>,
     identity: Option<Arc<CertifyStats>>,
     pub destination: Arc<DestinationStats>,
+    /// `endpoints_*`, updated by [`keep_endpoint_gauges`].
+    pub endpoints: Arc<EndpointGauges>,
 }
 
 impl ControllerMetrics {
@@ -45,7 +53,36 @@ impl ControllerMetrics {
             watches,
             identity,
             destination: Arc::default(),
+            endpoints: EndpointGauges::new(),
         })
+    }
+}
+
+/// Least time between two recomputations of the `endpoints_*` gauges. A cluster's snapshot
+/// changes with every pod update, and each recomputation compares every Service with its
+/// namespace's pods; the watch keeps only the latest snapshot, so a burst of changes costs
+/// one pass a second.
+const ENDPOINT_GAUGES_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps `gauges` current with `store`'s snapshots (run it as a task).
+pub async fn keep_endpoint_gauges(store: Arc<Store>, gauges: Arc<EndpointGauges>) {
+    let mut rx = store.subscribe();
+    loop {
+        let snapshot = rx.borrow_and_update().clone();
+        // A pass over a large cluster takes a while: off the threads that serve proxies.
+        let g = gauges.clone();
+        if tokio::task::spawn_blocking(move || g.update(&snapshot))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "recomputing the endpoints_* gauges failed; they keep their last values"
+            );
+        }
+        tokio::time::sleep(ENDPOINT_GAUGES_EVERY).await;
+        if rx.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -161,6 +198,7 @@ pub struct Admin {
 impl Admin {
     pub fn new(metrics: Arc<ControllerMetrics>, watches: Option<Arc<WatchStatus>>) -> Self {
         let mut registry = Registry::default();
+        registry.register_collector(Box::new(metrics.endpoints.clone()));
         registry.register_collector(Box::new(Scrape(metrics)));
         registry.register_collector(Box::new(pylon_proxy_metrics::ProcessCollector));
         Self { registry, watches }
@@ -192,18 +230,25 @@ impl Admin {
         }
     }
 
+    /// The `/metrics` body.
+    fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut body = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::text::encode(&mut body, &self.registry)?;
+        Ok(body)
+    }
+
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
-                let mut body = String::with_capacity(8 * 1024);
-                if let Err(error) =
-                    prometheus_client::encoding::text::encode(&mut body, &self.registry)
-                {
-                    return text(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("encoding failed: {error}\n"),
-                    );
-                }
+                let body = match self.encode() {
+                    Ok(body) => body,
+                    Err(error) => {
+                        return text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("encoding failed: {error}\n"),
+                        )
+                    }
+                };
                 let mut rsp = Response::new(Full::new(Bytes::from(body)));
                 rsp.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -244,4 +289,76 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from(body.into())));
     *rsp.status_mut() = status;
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pylon_proxy_policy::StoreConfig;
+
+    const MESH: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1], targetRef: {kind: Pod, name: web-a}}]
+";
+
+    fn pod(name: &str, ip: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: web}}}}\n\
+             spec: {{containers: [{{name: app}}]}}\n\
+             status: {{phase: Running, podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn metrics_say_which_ready_pods_the_endpoints_miss() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("mesh.yaml");
+        let yaml = format!(
+            "{MESH}{}{}",
+            pod("web-a", "10.0.0.1"),
+            pod("web-b", "10.0.0.2")
+        );
+        std::fs::write(&file, yaml).expect("write");
+        let store = Store::load_dir(dir.path(), StoreConfig::default()).expect("load");
+        let metrics = ControllerMetrics::new(store.clone(), None, None);
+        let keeper = tokio::spawn(keep_endpoint_gauges(
+            store.clone(),
+            metrics.endpoints.clone(),
+        ));
+        let admin = Admin::new(metrics, None);
+        let svc = "dst_namespace=\"shop\",dst_service=\"web\"";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let body = admin.encode().expect("encode");
+            if body.contains(&format!("endpoints_missing_pods{{{svc}}} 1")) {
+                assert!(
+                    body.contains(&format!("endpoints_ready_pods{{{svc}}} 2")),
+                    "{body}"
+                );
+                assert!(
+                    body.contains(&format!(
+                        "endpoints_missing_pod_info{{{svc},dst_pod=\"web-b\"}} 1"
+                    )),
+                    "{body}"
+                );
+                assert!(body.contains("controller_store_generation"), "{body}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no endpoints_missing_pods within 10 s:\n{body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        keeper.abort();
+    }
 }

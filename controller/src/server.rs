@@ -197,6 +197,10 @@ impl Controller {
             });
             tasks.push(tokio::spawn(server.serve(listener, webhook.tls.clone())));
         }
+        tasks.push(tokio::spawn(crate::admin::keep_endpoint_gauges(
+            store.clone(),
+            metrics.endpoints.clone(),
+        )));
         let admin = Arc::new(Admin::new(metrics, watches.clone()));
         tasks.push(tokio::spawn(admin.serve(admin_listener)));
         tracing::info!(%destination_addr, %policy_addr, identity_addr = ?identity_addr, webhook_addr = ?webhook_addr, %admin_addr, "serving");

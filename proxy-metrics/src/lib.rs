@@ -2,8 +2,9 @@
 //! Linkerd-compatible names and labels (so Linkerd's dashboards, queries and
 //! alerts work), and the per-target handles the proxy records through.
 //!
-//! It knows nothing of sockets, HTTP libraries or configuration: callers pass
-//! plain `u16` status codes, `Duration`s and `&'static str` reasons.
+//! It knows nothing of sockets or HTTP libraries: callers pass plain `u16` status
+//! codes, `Duration`s and `&'static str` reasons. Of the configuration it reads only
+//! proxy-policy's endpoint coverage, for the `endpoints_*` gauges.
 //!
 //! - [`Metrics`] holds the registry; [`Metrics::encode`] renders it in the
 //!   OpenMetrics text format via `prometheus-client` (never by hand).
@@ -15,6 +16,8 @@
 //! - [`classify`] is the shared success/failure rule.
 //! - `process_*`, `config_errors_total` and `proxy_build_info` are produced
 //!   at scrape time by collectors, with no background task.
+//! - `endpoints_*` ([`EndpointGauges`]) render proxy-policy's endpoint coverage of a mesh
+//!   snapshot, recomputed by the caller when the snapshot changes.
 //!
 //! The proxy's own `namespace`, `deployment` and `pod` ([`ProxyLabels`]) are
 //! constant labels on every series.
@@ -75,6 +78,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+mod endpoints;
 mod histogram;
 mod http;
 mod labels;
@@ -83,6 +87,7 @@ mod slots;
 mod tcp;
 mod window;
 
+pub use endpoints::EndpointGauges;
 pub use histogram::{LATENCY_MS_BUCKETS, TCP_DURATION_MS_BUCKETS};
 pub use http::{HttpTarget, RouteTarget};
 pub use labels::{
@@ -129,6 +134,7 @@ pub struct Metrics {
     control_disconnects: Family<ControlLabels, Counter>,
     tcp: tcp::TcpFamilies,
     config_errors: Arc<SourcedCounter>,
+    endpoints: Arc<EndpointGauges>,
     tap_dropped: Arc<SourcedCounter>,
     authz: AuthzFamilies,
     identity_expiry: Gauge,
@@ -266,6 +272,8 @@ impl Metrics {
             "Total count of invalid mesh objects rejected by the config store.",
         ));
         registry.register_collector(Box::new(config_errors.clone()));
+        let endpoints = EndpointGauges::new();
+        registry.register_collector(Box::new(endpoints.clone()));
         let tap_dropped = Arc::new(SourcedCounter::new(
             "tap_events_dropped",
             "Total count of tap events dropped because a tap client fell behind.",
@@ -348,6 +356,7 @@ impl Metrics {
             control_disconnects,
             tcp,
             config_errors,
+            endpoints,
             tap_dropped,
             authz,
             identity_expiry,

@@ -33,12 +33,15 @@
 //! With the `proto` feature, [`proto`] converts routes and a port's policy to and from
 //! Linkerd's proxy API, both ways, for the controller and for a proxy fed by a controller.
 //! `v1 Pod` and `v1 Namespace` say what endpoints are (workload, ServiceAccount, meshed) for
-//! the controller's answers.
+//! the controller's answers, and [`coverage`] compares each Service's endpoints with the Pods
+//! its selector picks ([`Snapshot::endpoint_coverage`]: a ready pod left out, an address no
+//! pod has), the one computation `pylon check`, `pylon stat` and the `endpoints_*` gauges use.
 //!
 //! It must not know about sockets, HTTP or metrics: it answers "which service and which
 //! endpoints does this name or cluster IP mean", "which route is this request on" and "may
 //! this client connect to this port", and the proxy does the rest.
 
+pub mod coverage;
 pub mod duration;
 pub mod inbound;
 mod objects;
@@ -50,6 +53,7 @@ mod store;
 #[cfg(test)]
 mod test_support;
 
+pub use crate::coverage::{EndpointCoverage, PodCoverage, UnknownAddress};
 pub use crate::inbound::{
     default_cluster_networks, identity_suffix, Authorization, ClientInfo, DefaultPolicy,
     InboundConfig, InboundPolicy, PortPolicy, UnknownDefaultPolicy,

@@ -67,6 +67,8 @@ pub struct Snapshot {
 struct ServiceEntry {
     service: Arc<MeshObject>,
     has_endpoint_slices: bool,
+    /// Its EndpointSlices, in name order.
+    slices: Vec<Arc<MeshObject>>,
     /// Service port -> its resolution, built once per snapshot.
     ports: HashMap<u16, ResolvedService>,
 }
@@ -90,11 +92,11 @@ impl Snapshot {
         } = content;
         let file_warnings = warnings.len();
         warnings.extend(reference_warnings(&objects, &sources));
-        let mut slices_by_service: HashMap<ServiceRef, Vec<&EndpointSlice>> = HashMap::new();
+        let mut slices_by_service: HashMap<ServiceRef, Vec<&Arc<MeshObject>>> = HashMap::new();
         for object in objects.values() {
             if let MeshObject::EndpointSlice(slice) = &**object {
                 match slice.service_ref() {
-                    Some(svc) => slices_by_service.entry(svc).or_default().push(slice),
+                    Some(svc) => slices_by_service.entry(svc).or_default().push(object),
                     None => tracing::debug!(
                         slice = %object.key(),
                         "EndpointSlice has no kubernetes.io/service-name label; unused"
@@ -110,10 +112,17 @@ impl Snapshot {
                 continue;
             };
             let svc_ref = svc.service_ref();
-            let slices = slices_by_service
+            let slice_objects = slices_by_service
                 .get(&svc_ref)
                 .map(Vec::as_slice)
                 .unwrap_or_default();
+            let slices: Vec<&EndpointSlice> = slice_objects
+                .iter()
+                .filter_map(|o| match &***o {
+                    MeshObject::EndpointSlice(s) => Some(s),
+                    _ => None,
+                })
+                .collect();
             let ports = svc
                 .ports
                 .iter()
@@ -124,7 +133,7 @@ impl Snapshot {
                         service: svc_ref.clone(),
                         port: p.port,
                         authority: format!("{}:{}", svc_ref.fqdn(&cluster_domain), p.port).into(),
-                        endpoints: endpoints_for_port(p, slices).into(),
+                        endpoints: endpoints_for_port(p, &slices).into(),
                     };
                     (p.port, resolved)
                 })
@@ -150,6 +159,7 @@ impl Snapshot {
                     ServiceEntry {
                         service: object.clone(),
                         has_endpoint_slices: !slices.is_empty(),
+                        slices: slice_objects.iter().map(|o| Arc::clone(o)).collect(),
                         ports,
                     },
                 );
@@ -416,6 +426,46 @@ impl Snapshot {
     pub fn has_endpoint_slices(&self, svc: &ServiceRef) -> bool {
         self.entry(&svc.namespace, &svc.name)
             .is_some_and(|e| e.has_endpoint_slices)
+    }
+
+    /// Every Service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &Service> + '_ {
+        self.services
+            .values()
+            .flat_map(HashMap::values)
+            .filter_map(|e| match &*e.service {
+                MeshObject::Service(s) => Some(s),
+                _ => None,
+            })
+    }
+
+    /// The EndpointSlices naming this service, in name order.
+    pub fn endpoint_slices(&self, svc: &ServiceRef) -> impl Iterator<Item = &EndpointSlice> + '_ {
+        self.entry(&svc.namespace, &svc.name)
+            .into_iter()
+            .flat_map(|e| e.slices.iter())
+            .filter_map(|o| match &**o {
+                MeshObject::EndpointSlice(s) => Some(s),
+                _ => None,
+            })
+    }
+
+    /// The endpoints the proxy would send this service's traffic to, on any of its ports
+    /// (as [`Snapshot::resolve_name`] gives them per port; an address may repeat).
+    pub fn service_endpoints(&self, svc: &ServiceRef) -> impl Iterator<Item = &Endpoint> + '_ {
+        self.entry(&svc.namespace, &svc.name)
+            .into_iter()
+            .flat_map(|e| e.ports.values())
+            .flat_map(|r| r.endpoints.iter())
+    }
+
+    /// The pods of a namespace, in no particular order.
+    pub fn pods_in(&self, namespace: &str) -> impl Iterator<Item = &Pod> + '_ {
+        self.pods
+            .get(namespace)
+            .into_iter()
+            .flat_map(HashMap::values)
+            .filter_map(|o| as_pod(Some(o)))
     }
 
     /// A pod by namespace and name.

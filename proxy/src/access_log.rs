@@ -3,9 +3,12 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Request;
+
+use crate::names::EndpointNames;
 
 pub fn enabled_from_env() -> bool {
     matches!(std::env::var("PYLON_ACCESS_LOG").as_deref(), Ok("json"))
@@ -18,6 +21,7 @@ pub struct AccessEntry {
     path: String,
     trace_id: Option<String>,
     endpoint: Option<SocketAddr>,
+    endpoint_names: Option<Arc<EndpointNames>>,
 }
 
 impl AccessEntry {
@@ -29,11 +33,14 @@ impl AccessEntry {
             path: req.uri().path().to_string(),
             trace_id: trace_id(req.headers()),
             endpoint: None,
+            endpoint_names: None,
         })
     }
 
-    pub fn set_endpoint(&mut self, endpoint: SocketAddr) {
+    /// The endpoint the request went to, and its pod and workload when discovery knows them.
+    pub fn set_endpoint(&mut self, endpoint: SocketAddr, names: &Arc<EndpointNames>) {
         self.endpoint = Some(endpoint);
+        self.endpoint_names = Some(names.clone());
     }
 
     pub fn emit(
@@ -43,7 +50,7 @@ impl AccessEntry {
         proxy_error: Option<&str>,
         latency: Duration,
     ) {
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "timestamp": unix_timestamp(),
             "level": "INFO",
             "target": "pylon::access",
@@ -53,12 +60,43 @@ impl AccessEntry {
             "authority": self.authority,
             "path": self.path,
             "status": status,
-            "grpc_status": grpc_status,
-            "proxy_error": proxy_error,
             "latency_ms": latency.as_secs_f64() * 1000.0,
-            "endpoint": self.endpoint.map(|e| e.to_string()),
-            "trace_id": self.trace_id,
         });
+        // What an entry doesn't have is left out, as in the other log lines (not `null`).
+        if let Some(map) = line.as_object_mut() {
+            let optional = [
+                ("grpc_status", grpc_status.map(serde_json::Value::from)),
+                ("proxy_error", proxy_error.map(serde_json::Value::from)),
+                (
+                    "endpoint",
+                    self.endpoint
+                        .map(|e| serde_json::Value::from(e.to_string())),
+                ),
+                (
+                    "trace_id",
+                    self.trace_id.clone().map(serde_json::Value::from),
+                ),
+            ];
+            let names = self.endpoint_names.as_deref();
+            let named = [
+                ("endpoint_pod", names.and_then(EndpointNames::pod)),
+                ("endpoint_workload", names.and_then(EndpointNames::workload)),
+                (
+                    "endpoint_namespace",
+                    names.and_then(EndpointNames::namespace),
+                ),
+            ];
+            for (key, value) in optional {
+                if let Some(value) = value {
+                    map.insert(key.to_owned(), value);
+                }
+            }
+            for (key, value) in named {
+                if let Some(value) = value {
+                    map.insert(key.to_owned(), value.into());
+                }
+            }
+        }
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err, "{line}");
     }

@@ -28,6 +28,7 @@ use arc_swap::ArcSwap;
 use pylon_proxy_metrics::{Direction, EventCounter, LazyHandle, Metrics, TargetLabels, Tls};
 
 use crate::balance::now_ns;
+use crate::names::EndpointNames;
 
 const ANNOTATION: &str = "balancer.linkerd.io/failure-accrual";
 const ANNOTATION_PREFIX: &str = "balancer.linkerd.io/failure-accrual-consecutive-";
@@ -248,6 +249,8 @@ pub struct EndpointHealth {
     ejections_in_a_row: Mutex<u32>,
     destination: Arc<DestinationHealth>,
     addr: SocketAddr,
+    /// Its pod and workload, for the logs.
+    names: Arc<EndpointNames>,
     ejections: EventCounter,
     capped: EventCounter,
 }
@@ -266,9 +269,16 @@ impl EndpointHealth {
             ejections_in_a_row: Mutex::new(0),
             destination,
             addr,
+            names: EndpointNames::unknown(),
             ejections,
             capped,
         }
+    }
+
+    /// Discovery's names for the endpoint, for the logs.
+    pub fn named(mut self, names: Arc<EndpointNames>) -> Self {
+        self.names = names;
+        self
     }
 
     /// Whether the balancer may pick this endpoint now (an ejection whose backoff has passed
@@ -294,7 +304,14 @@ impl EndpointHealth {
             *level = 0;
             self.ejected_until_ns.store(0, Ordering::Release);
             self.destination.put_back();
-            tracing::info!(destination = %self.destination.authority, endpoint = %self.addr, "endpoint recovered; back in balancing");
+            tracing::info!(
+                destination = %self.destination.authority,
+                endpoint = %self.addr,
+                endpoint_pod = self.names.pod(),
+                endpoint_workload = self.names.workload(),
+                endpoint_namespace = self.names.namespace(),
+                "endpoint recovered; back in balancing"
+            );
         }
     }
 
@@ -328,6 +345,9 @@ impl EndpointHealth {
                     "ejection_capped",
                     destination = %self.destination.authority,
                     endpoint = %self.addr,
+                    endpoint_pod = self.names.pod(),
+                    endpoint_workload = self.names.workload(),
+                    endpoint_namespace = self.names.namespace(),
                     consecutive_failures = failures,
                     "endpoint not ejected: at most half of a destination's endpoints are taken out"
                 );
@@ -345,6 +365,9 @@ impl EndpointHealth {
         tracing::warn!(
             destination = %self.destination.authority,
             endpoint = %self.addr,
+            endpoint_pod = self.names.pod(),
+            endpoint_workload = self.names.workload(),
+            endpoint_namespace = self.names.namespace(),
             consecutive_failures = failures,
             backoff_ms = backoff.as_millis() as u64,
             "endpoint ejected after consecutive failures"

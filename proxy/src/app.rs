@@ -262,7 +262,10 @@ async fn run(mut args: ProxyArgs, log_level: logging::LogLevel) -> Result<(), St
     if shutdown.drain(args.shutdown_grace).await {
         tracing::info!("drained; exiting");
     } else {
-        tracing::warn!(grace = ?args.shutdown_grace, "shutdown grace expired with connections still open; exiting");
+        tracing::warn!(
+            grace_ms = args.shutdown_grace.as_millis() as u64,
+            "shutdown grace expired with connections still open; exiting"
+        );
     }
     Ok(())
 }

@@ -168,7 +168,12 @@ impl InboundAuthz {
     /// The control plane's policy for `port` (each answer, as it comes).
     pub(crate) fn set_port_policy(&self, port: u16, policy: PortPolicy) {
         let Some(remote) = &self.remote else { return };
-        tracing::info!(port, server = ?policy.server_name(), protocol = ?policy.protocol(), "inbound policy from the control plane");
+        tracing::info!(
+            port,
+            server = policy.server_name(),
+            protocol = policy.protocol().as_str(),
+            "inbound policy from the control plane"
+        );
         remote.ports.rcu(|ports| {
             let mut ports = HashMap::clone(ports);
             ports.insert(port, policy.clone());
@@ -243,12 +248,12 @@ impl InboundAuthz {
         });
         let server = format_args!("{}/{}", a.srv_kind, a.srv_name);
         if !a.allowed {
-            tracing::info!(client = %client.addr, client_id = ?client.id, tls = client.tls, port, %server, "connection denied by policy");
+            tracing::info!(client = %client.addr, client_id = client.id.as_deref(), tls = client.tls, port, %server, "connection denied by policy");
         } else if a.srv_kind == "default" && a.srv_name == "all-unauthenticated" {
-            tracing::debug!(client = %client.addr, client_id = ?client.id, port, %server, "connection allowed");
+            tracing::debug!(client = %client.addr, client_id = client.id.as_deref(), port, %server, "connection allowed");
         } else {
             let authz = format_args!("{}/{}", a.authz_kind, a.authz_name);
-            tracing::info!(client = %client.addr, client_id = ?client.id, tls = client.tls, port, %server, %authz, "connection allowed by policy");
+            tracing::info!(client = %client.addr, client_id = client.id.as_deref(), tls = client.tls, port, %server, %authz, "connection allowed by policy");
         }
         let s = |v: &str| -> Arc<str> { Arc::from(v) };
         Decision {

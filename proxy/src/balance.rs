@@ -34,6 +34,7 @@ use crate::http::metrics::fail_unrouted;
 use crate::http::request_body::RequestBody;
 use crate::http::tap::EndpointSlot;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
+use crate::names::EndpointNames;
 use crate::profiles::RouteState;
 
 /// RTT assumed for an endpoint we have not measured yet (tower's and Linkerd's default).
@@ -400,12 +401,18 @@ fn next_untried(
         return None;
     }
     let next = logical.endpoints.pick_excluding(tried).ok()?;
+    let failed = tried.last().map(|e| &e.target);
+    let names = failed.map(|t| &**t.names());
     crate::warn_limited!(
         "endpoint_connect_failed",
         destination = %logical.authority,
-        endpoint = tried.last().map(|e| tracing::field::display(e.addr)),
+        endpoint = failed.map(|t| tracing::field::display(t.addr)),
+        endpoint_pod = names.and_then(EndpointNames::pod),
+        endpoint_workload = names.and_then(EndpointNames::workload),
+        endpoint_namespace = names.and_then(EndpointNames::namespace),
         error = %err,
         next = %next.addr,
+        next_pod = next.target.names().pod(),
         "could not reach the endpoint; the request goes to another"
     );
     Some(next)
@@ -469,6 +476,7 @@ where
                 let err = fail_unrouted(
                     "outbound",
                     &logical.authority,
+                    None,
                     logical.no_endpoint_metrics(),
                     self.access_log,
                     &req,
@@ -480,7 +488,7 @@ where
         if let Some(slot) = req.extensions().get::<EndpointSlot>() {
             // Someone is tapping: the tap layer above reports this endpoint (the first
             // choice, should it refuse the connection).
-            let _ = slot.0.set(endpoint.addr);
+            slot.set(endpoint.addr, endpoint.labels());
         }
         let delivery = Delivery {
             logical,
@@ -551,6 +559,7 @@ where
                     return Err(fail_unrouted(
                         "outbound",
                         &self.logical.authority,
+                        Some(&endpoint.target),
                         &endpoint.target.metrics,
                         self.access_log,
                         &req,

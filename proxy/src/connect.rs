@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::io::CountingIo;
 use crate::mesh_tls::{Alpn, MeshTls};
+use crate::names::EndpointNames;
 use crate::tcp::{self, ConnectError};
 
 /// How to open connections to one endpoint.
@@ -29,6 +30,8 @@ pub struct Connect {
     tls: Option<ServerTls>,
     /// Where its connections are counted (`tcp_*{peer="dst"}`), when they are.
     tcp: Option<TcpTarget>,
+    /// Its pod and workload, for the logs.
+    names: Arc<EndpointNames>,
 }
 
 /// The mesh TLS an endpoint is reached with: this proxy's credentials, and the identity the
@@ -46,6 +49,7 @@ impl Connect {
             timeout,
             tls: None,
             tcp: None,
+            names: EndpointNames::unknown(),
         }
     }
 
@@ -61,7 +65,18 @@ impl Connect {
             timeout,
             tls: Some(ServerTls { mesh, server_id }),
             tcp: None,
+            names: EndpointNames::unknown(),
         }
+    }
+
+    /// Discovery's names for the endpoint, for the logs.
+    pub fn named(mut self, names: Arc<EndpointNames>) -> Self {
+        self.names = names;
+        self
+    }
+
+    pub fn names(&self) -> &Arc<EndpointNames> {
+        &self.names
     }
 
     /// Counts every connection (HTTP pools, the h2 connection, opaque TCP) in `tcp`.
@@ -106,7 +121,11 @@ impl Connect {
                 let failure = TlsFailure::of_io(&error).unwrap_or(TlsFailure::Other);
                 crate::warn_limited!(
                     "mesh_tls_failed",
+                    destination = self.names.destination(),
                     endpoint = %self.addr,
+                    endpoint_pod = self.names.pod(),
+                    endpoint_workload = self.names.workload(),
+                    endpoint_namespace = self.names.namespace(),
                     server_id = %tls.server_id,
                     error = %error,
                     "mesh TLS handshake failed: {}",

@@ -23,6 +23,7 @@ use crate::http::headers::request_authority;
 use crate::http::metrics::log_proxy_error;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 use crate::mesh_tls::MeshTls;
+use crate::names::EndpointNames;
 use crate::profiles::{DestinationRoutes, Profiles};
 use crate::split::{BackendTarget, Backends};
 
@@ -103,6 +104,11 @@ pub struct Endpoint {
 impl Endpoint {
     pub fn load_handle(&self) -> &Arc<PeakEwma> {
         &self.load
+    }
+
+    /// Its control-plane (or config-dir Pod) labels: `pod`, `deployment`, ...
+    pub fn labels(&self) -> Option<&DstLabels> {
+        self.labels.as_ref()
     }
 }
 
@@ -230,15 +236,20 @@ impl Discovery {
         self.store.snapshot()
     }
 
-    /// Keeps every cached destination's endpoints current as the Store changes.
+    /// Keeps every cached destination's endpoints current as the Store changes, and the
+    /// `endpoints_*` gauges with them (computed here, once per snapshot; a proxy fed by a
+    /// control plane has an empty Store and exports none).
     pub fn spawn_updates(self: &Arc<Self>) {
         let mut rx = self.store.subscribe();
+        let first = rx.borrow().clone();
+        self.metrics.endpoint_gauges().update(&first);
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let snapshot = rx.borrow_and_update().clone();
                 let Some(this) = this.upgrade() else { return };
                 this.apply(&snapshot);
+                this.metrics.endpoint_gauges().update(&snapshot);
             }
         });
     }
@@ -467,7 +478,7 @@ impl Discovery {
                 Ok(b) if Arc::ptr_eq(&b, apex) => Ok(None),
                 Ok(b) => Ok(Some(b)),
                 Err(e) => {
-                    tracing::warn!(destination = %apex.authority, backend = ?target, error = %e, "split backend unavailable; it gets no share");
+                    tracing::warn!(destination = %apex.authority, backend = %target, error = %e, "split backend unavailable; it gets no share");
                     Err(())
                 }
             });
@@ -477,7 +488,7 @@ impl Discovery {
             .zip(&resolved)
             .map(|((t, w), r)| {
                 format!(
-                    "{t:?}={}{}",
+                    "{t}={}{}",
                     *w as f64 / 1000.0,
                     if r.is_err() { "(unavailable)" } else { "" }
                 )
@@ -597,9 +608,18 @@ impl Discovery {
             ),
             spec.labels.as_ref(),
         );
+        // What the logs call it besides its address: its pod and workload, when known.
+        let names = EndpointNames::new(
+            &logical.authority,
+            spec.labels.as_ref(),
+            logical.service.as_ref().map(|s| &s.namespace),
+        );
         // Every connection to the endpoint (HTTP or opaque) is counted, as Linkerd does.
-        let connect =
-            Arc::new(connect.counted(self.metrics.tcp_target(labels.clone().with_peer(Peer::Dst))));
+        let connect = Arc::new(
+            connect
+                .counted(self.metrics.tcp_target(labels.clone().with_peer(Peer::Dst)))
+                .named(names.clone()),
+        );
         Arc::new(Endpoint {
             addr,
             identity,
@@ -611,12 +631,15 @@ impl Discovery {
                 self.metrics.http_target(labels.clone()),
             ),
             load: Arc::new(estimate.map_or_else(PeakEwma::new, PeakEwma::with_estimate)),
-            health: Arc::new(EndpointHealth::new(
-                logical.endpoints.health().clone(),
-                addr,
-                self.metrics.endpoint_ejections(labels.clone()),
-                self.metrics.endpoint_ejections_capped(labels.clone()),
-            )),
+            health: Arc::new(
+                EndpointHealth::new(
+                    logical.endpoints.health().clone(),
+                    addr,
+                    self.metrics.endpoint_ejections(labels.clone()),
+                    self.metrics.endpoint_ejections_capped(labels.clone()),
+                )
+                .named(names),
+            ),
         })
     }
 

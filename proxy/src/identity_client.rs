@@ -79,9 +79,9 @@ pub enum CertifyError {
     },
     #[error("token {}: file is empty", .path.display())]
     EmptyToken { path: PathBuf },
-    #[error("identity service: {code:?}: {message}", code = .0.code(), message = .0.message())]
+    #[error("identity service: {code}: {message}", code = .0.code(), message = .0.message())]
     Rpc(tonic::Status),
-    #[error("identity service did not answer within {REQUEST_TIMEOUT:?}")]
+    #[error("identity service did not answer within {}s", REQUEST_TIMEOUT.as_secs())]
     Timeout,
     #[error("identity service response: {0}")]
     Response(&'static str),
@@ -325,14 +325,14 @@ impl Certifier {
                         Some(not_after) => tracing::warn!(
                             %error,
                             attempt = failed_in_a_row,
-                            retry_in = ?wait,
+                            retry_in_ms = wait.as_millis() as u64,
                             current_not_after = %format_unix_time(not_after),
                             "identity certification failed; keeping the current certificate"
                         ),
                         None => tracing::warn!(
                             %error,
                             attempt = failed_in_a_row,
-                            retry_in = ?wait,
+                            retry_in_ms = wait.as_millis() as u64,
                             "identity certification failed; no certificate yet (not ready)"
                         ),
                     }

@@ -9,6 +9,7 @@
 //!        ├ opaque TCP ─ closed if denied, else copy bytes to the target
 //!        └ HTTP/1 or h2 server connection, then per request:
 //!            proxy errors → responses (gRPC errors for gRPC clients)
+//!            ─ tap of the responses made above the app's (while tapped)
 //!            ─ validate the request head ─ hop limit (loops through other proxies)
 //!            ─ authorize (403 if denied; decided again after a policy change)
 //!            ─ l5d-orig-proto: back to the HTTP/1 another proxy carried over h2
@@ -43,7 +44,7 @@ use crate::http::headers::request_authority;
 use crate::http::hops::HopLimit;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::route::RouteLayer;
-use crate::http::tap::{TapLayer, Telemetry};
+use crate::http::tap::{TapLayer, TapRescueLayer, Telemetry};
 use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::validate::ValidateRequest;
 use crate::http::{orig_proto, server, HttpStack};
@@ -182,7 +183,7 @@ impl Inbound {
         let ours =
             sni.is_some_and(|sni| sni.eq_ignore_ascii_case(mesh_tls.local_identity().as_str()));
         if tls && !ours {
-            tracing::debug!(client = %peer, ?sni, "TLS not for this proxy's identity; passing it through");
+            tracing::debug!(client = %peer, sni, "TLS not for this proxy's identity; passing it through");
         }
         let io = PrefixedIo::new(prefix, stream);
         if !ours {
@@ -289,6 +290,14 @@ impl Inbound {
             // Proxy errors from any layer below become responses with `pylon-proxy-error`
             // (gRPC errors for gRPC clients).
             .layer(RespondLayer)
+            // While tapped: the responses made above the app's (a 403, a refusal) reach the
+            // tap too.
+            .layer(TapRescueLayer::new(
+                self.telemetry.taps.clone(),
+                TapDirection::Inbound,
+                client,
+                Some(port.unnamed.target.addr),
+            ))
             // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...), 431
             // for a head over 64 KiB; 508 for a request that has crossed too many proxies (a
             // chain forwarding in a loop); 403 for a client the inbound policy doesn't admit.

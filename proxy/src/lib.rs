@@ -32,6 +32,7 @@ mod listener;
 mod logging;
 mod loops;
 mod mesh_tls;
+mod names;
 mod orig_dst;
 mod outbound;
 mod profiles;

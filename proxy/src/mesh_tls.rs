@@ -205,7 +205,7 @@ impl MeshTls {
             client_id: peer_identity(session).map(|id| Arc::from(id.as_str())),
             h2: session.alpn_protocol() == Some(ALPN_H2),
         };
-        tracing::debug!(client = %peer, client_id = ?accepted.client_id, h2 = accepted.h2, "mesh TLS accepted");
+        tracing::debug!(client = %peer, client_id = accepted.client_id.as_deref(), h2 = accepted.h2, "mesh TLS accepted");
         Ok((stream, accepted))
     }
 }

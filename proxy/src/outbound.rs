@@ -7,6 +7,7 @@
 //!        │            ─ connect (mesh TLS to a meshed endpoint) ─ copy bytes
 //!        └ HTTP/1 or h2 server connection, then per request the stack in `http_stack`:
 //!            proxy errors → responses (gRPC errors for gRPC clients)
+//!            ─ tap of the responses made above the attempts (while tapped)
 //!            ─ validate the request head ─ hop limit (loops through other proxies)
 //!            ─ logical destination (dialled address, else Host / :authority / absolute URI)
 //!            ─ route (the destination's ServiceProfile): route metrics and classification
@@ -40,7 +41,7 @@ use crate::http::hops::HopLimit;
 use crate::http::metrics::HttpMetricsLayer;
 use crate::http::retry::RetryLayer;
 use crate::http::route::{RouteActualLayer, RouteLayer};
-use crate::http::tap::{TapLayer, Telemetry};
+use crate::http::tap::{TapLayer, TapRescueLayer, Telemetry};
 use crate::http::timeout::{ResponseTimeoutLayer, RouteTimeoutLayer};
 use crate::http::validate::ValidateRequest;
 use crate::http::{server, HttpStack, ProxyError};
@@ -134,6 +135,14 @@ impl Outbound {
             // Proxy errors from any layer below become responses with `pylon-proxy-error`
             // (gRPC errors for gRPC clients).
             .layer(RespondLayer)
+            // While tapped: the responses made above the attempts (a route timeout, a refusal
+            // below) reach the tap too.
+            .layer(TapRescueLayer::new(
+                self.telemetry.taps.clone(),
+                TapDirection::Outbound,
+                client,
+                None,
+            ))
             // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...), 431
             // for a head over 64 KiB; then 508 for a request that has crossed too many proxies
             // (a chain forwarding in a loop).
@@ -227,7 +236,17 @@ impl Outbound {
                 drop(in_flight);
             }
             Err((err, endpoint)) => {
-                crate::warn_limited!("tcp_connect_failed", destination = %logical.authority, endpoint = %endpoint.addr, error = %err, "opaque connection failed");
+                let names = endpoint.target.names();
+                crate::warn_limited!(
+                    "tcp_connect_failed",
+                    destination = %logical.authority,
+                    endpoint = %endpoint.addr,
+                    endpoint_pod = names.pod(),
+                    endpoint_workload = names.workload(),
+                    endpoint_namespace = names.namespace(),
+                    error = %err,
+                    "opaque connection failed"
+                );
             }
         }
     }

@@ -25,6 +25,16 @@ pub enum BackendTarget {
     Authority(Arc<str>),
 }
 
+/// As the logs name it: the service (`default/web-v2`) or the authority.
+impl std::fmt::Display for BackendTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Service(service) => service.fmt(f),
+            Self::Authority(authority) => f.write_str(authority),
+        }
+    }
+}
+
 /// The backends of one logical destination. Empty: everything goes to the destination itself.
 #[derive(Default)]
 pub struct Backends {

@@ -97,6 +97,18 @@ macro_rules! warn_limited {
     }};
 }
 
+/// [`warn_limited!`](crate::warn_limited) at error level: for a defect a peer repeats on every
+/// request (an endpoint answering malformed responses), counted and limited the same way.
+#[macro_export]
+macro_rules! error_limited {
+    ($event:literal, $($rest:tt)+) => {{
+        static WARNING: $crate::warnings::Warning = $crate::warnings::Warning::new($event);
+        if let Some(suppressed) = WARNING.occurred() {
+            tracing::error!(event = $event, suppressed, $($rest)+);
+        }
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,6 +40,8 @@ const REDACTED_HEADERS: &[&str] = &[
     "cookie",
     "set-cookie",
 ];
+/// The destination label naming the reason of a response the proxy made itself.
+pub const PROXY_ERROR_LABEL: &str = "pylon-proxy-error";
 /// The h2 CANCEL code: a stream the proxy or the client abandoned before its end.
 const CANCEL: u32 = 0x8;
 
@@ -117,13 +119,9 @@ impl Taps {
         self.0.dropped.clone()
     }
 
-    /// Opens a tap; its events arrive on the returned receiver. `limit` 0 means no limit.
-    pub(crate) fn open(
-        &self,
-        matcher: Matcher,
-        limit: u64,
-        max_rps: u32,
-    ) -> mpsc::Receiver<pb::TapEvent> {
+    /// Opens a tap; its events arrive on the returned receiver. `limit` 0 means no limit. The
+    /// gRPC service opens one per `Observe` call; tests of the data path open their own.
+    pub fn open(&self, matcher: Matcher, limit: u64, max_rps: u32) -> mpsc::Receiver<pb::TapEvent> {
         let (events, rx) = mpsc::channel(QUEUE);
         let tap = Arc::new(Tap {
             matcher,
@@ -202,6 +200,7 @@ impl Taps {
             request_at: Instant::now(),
             response_at: None,
             bytes: 0,
+            proxy_error: None,
             done: false,
         };
         let init = tap_event::http::RequestInit {
@@ -277,6 +276,8 @@ pub struct TapHandle {
     request_at: Instant,
     response_at: Option<Instant>,
     bytes: u64,
+    /// The reason, when the proxy made the response: its end event carries it too.
+    proxy_error: Option<Box<str>>,
     done: bool,
 }
 
@@ -319,7 +320,10 @@ impl TapHandle {
         last.offer(event);
     }
 
-    /// The response's head. `proxy_error`: the proxy made this response (`pylon-proxy-error`).
+    /// The response's head. `proxy_error`: the proxy made this response. Its headers carry the
+    /// reason as Linkerd's proxy does (`l5d-proxy-error`, which stock tap clients show with the
+    /// other response headers); the `pylon-proxy-error` label repeats it, on this event and on
+    /// the response's end.
     pub fn response_init(&mut self, status: u16, headers_: &HeaderMap, proxy_error: Option<&str>) {
         let now = Instant::now();
         self.response_at = Some(now);
@@ -329,11 +333,13 @@ impl TapHandle {
             http_status: u32::from(status),
             headers: Some(headers(headers_)),
         };
-        let extra: &[(&str, &str)] = match proxy_error {
-            Some(e) => &[("pylon-proxy-error", e)],
-            None => &[],
-        };
-        self.send(tap_event::http::Event::ResponseInit(init), extra);
+        self.proxy_error = proxy_error.map(Into::into);
+        let extra = self.proxy_error_label();
+        self.send(tap_event::http::Event::ResponseInit(init), extra.as_slice());
+    }
+
+    fn proxy_error_label(&self) -> Option<(&'static str, &str)> {
+        self.proxy_error.as_deref().map(|e| (PROXY_ERROR_LABEL, e))
     }
 
     /// Response body bytes seen so far.
@@ -358,7 +364,8 @@ impl TapHandle {
             eos,
             trailers: trailers.map(headers),
         };
-        self.send(tap_event::http::Event::ResponseEnd(end), &[]);
+        let extra = self.proxy_error_label();
+        self.send(tap_event::http::Event::ResponseEnd(end), extra.as_slice());
     }
 }
 

@@ -126,7 +126,10 @@ impl Tap for TapService {
     ) -> Result<Response<Self::ObserveStream>, Status> {
         let client = req.remote_addr();
         if !self.authz.allows(client) {
-            tracing::info!(client = ?client, "tap refused: client not authorized");
+            tracing::info!(
+                client = client.map(tracing::field::display),
+                "tap refused: client not authorized"
+            );
             return Err(Status::permission_denied(
                 "this client may not tap this proxy",
             ));
@@ -145,7 +148,12 @@ impl Tap for TapService {
         let observe = req.into_inner();
         let matcher = Matcher::compile(observe.r#match)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        tracing::info!(client = ?client, limit = observe.limit, max_rps, "tap opened");
+        tracing::info!(
+            client = client.map(tracing::field::display),
+            limit = observe.limit,
+            max_rps,
+            "tap opened"
+        );
         let events = self.taps.open(matcher, u64::from(observe.limit), max_rps);
         let stream = ReceiverStream::new(events).map(Ok);
         Ok(Response::new(Box::pin(stream)))

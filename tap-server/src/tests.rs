@@ -165,6 +165,11 @@ async fn events_carry_the_request_and_redact_secrets() {
         "no endpoints"
     );
     let end = rx.recv().await.expect("response end");
+    // The end says so too, for a client that prints each event on its own.
+    assert_eq!(
+        end.destination_meta.as_ref().unwrap().labels[PROXY_ERROR_LABEL],
+        "no endpoints"
+    );
     let Some(tap_event::Event::Http(tap_event::Http {
         event: Some(tap_event::http::Event::ResponseEnd(end)),
     })) = end.event

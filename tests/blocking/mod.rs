@@ -90,6 +90,18 @@ pub struct Proxy {
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
+    /// Its log (JSON lines), as `kubectl logs` would show it: the last 10,000 lines.
+    pub logs: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+}
+
+impl Proxy {
+    /// The log lines so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.logs
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 pub fn start_proxy(args: &[&str]) -> Proxy {
@@ -113,10 +125,18 @@ pub fn start_proxy(args: &[&str]) -> Proxy {
     let stderr = child.stderr.take().expect("stderr");
     let proc = Proc(child);
     let (tx, rx) = mpsc::channel::<(String, SocketAddr)>();
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let kept = logs.clone();
     thread::spawn(move || {
         // {"message":"listening","listener":"admin","addr":"127.0.0.1:40123",...}, the fields
         // at the top level or under "fields".
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(mut kept) = kept.lock() {
+                if kept.len() == 10_000 {
+                    kept.pop_front();
+                }
+                kept.push_back(line.clone());
+            }
             let Ok(v) = serde_json::from_str::<Value>(&line) else {
                 continue;
             };
@@ -149,6 +169,7 @@ pub fn start_proxy(args: &[&str]) -> Proxy {
         inbound: found["inbound"],
         outbound: found["outbound"],
         admin: found["admin"],
+        logs,
     }
 }
 

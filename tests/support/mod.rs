@@ -2170,3 +2170,141 @@ impl ClosedLoad {
         all
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Endpoints that misbehave, endpoints with pods, and reading the proxy's JSON logs
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP/1 endpoint that answers every request with `response`, byte for byte (a malformed
+/// one, say), then closes the connection. Dropping it stops it.
+pub struct RawHttpServer {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl RawHttpServer {
+    pub async fn start(response: &'static [u8]) -> RawHttpServer {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind raw http");
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let seen = requests.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let seen = seen.clone();
+                conns.spawn(async move {
+                    // The request's head, then the scripted answer.
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let _ = tcp.write_all(response).await;
+                    let _ = tcp.shutdown().await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        RawHttpServer {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawHttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A ready Pod `pod` of Deployment `deployment` (through its ReplicaSet) in `default`, at
+/// `ip`: the config dir's endpoints at that address are then named by it.
+pub fn deployment_pod_yaml(pod: &str, deployment: &str, ip: IpAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\n\
+         metadata:\n  name: {pod}\n  namespace: default\n  labels: {{app: {deployment}, pod-template-hash: 5d8f7}}\n  \
+         ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {deployment}-5d8f7, uid: u, controller: true}}]\n\
+         spec: {{serviceAccountName: {deployment}, containers: [{{name: app}}]}}\n\
+         status: {{phase: Running, podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+    )
+}
+
+/// A Server `web-http` on `port` (pods labelled `app=web`, in `default`) that only meshed
+/// (mTLS) clients may call: a plain client gets 403 from the proxy. Run the proxy with
+/// `--workload-labels app=web --namespace default`.
+pub fn identity_only_server_yaml(port: u16) -> String {
+    format!(
+        "apiVersion: policy.linkerd.io/v1beta3\nkind: Server\n\
+         metadata: {{name: web-http, namespace: default}}\n\
+         spec:\n  podSelector:\n    matchLabels: {{app: web}}\n  port: {port}\n\
+         ---\napiVersion: policy.linkerd.io/v1alpha1\nkind: MeshTLSAuthentication\n\
+         metadata: {{name: meshed, namespace: default}}\nspec:\n  identities: ['*']\n\
+         ---\napiVersion: policy.linkerd.io/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: web-http-meshed, namespace: default}}\nspec:\n  \
+         targetRef: {{group: policy.linkerd.io, kind: Server, name: web-http}}\n  \
+         requiredAuthenticationRefs:\n  \
+         - {{group: policy.linkerd.io, kind: MeshTLSAuthentication, name: meshed}}\n"
+    )
+}
+
+/// The proxy's log lines that parse as JSON.
+pub fn json_logs(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Log fields whose value is a Rust `Debug` form rather than what an operator reads
+/// (`Some(10.0.0.5:8080)`, `None`, `Endpoint { addr: .. }`, `Unavailable(..)`), as
+/// `"field=value in line"`.
+pub fn debug_forms_in_logs(lines: &[String]) -> Vec<String> {
+    fn debug_like(v: &str) -> bool {
+        let v = v.trim();
+        if v == "None" || v.contains("Some(") || v.contains("None)") {
+            return true;
+        }
+        // `Name { field: .. }` or `Name(..)`: a type name, then a struct or tuple body.
+        let name_end = v
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(v.len());
+        let (name, rest) = v.split_at(name_end);
+        let typename = name.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+            && name.chars().any(|c| c.is_ascii_lowercase());
+        typename && (rest.starts_with(" { ") || (rest.starts_with('(') && rest.ends_with(')')))
+    }
+    let mut found = Vec::new();
+    for line in lines {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(line)
+        else {
+            continue;
+        };
+        let fields = map.iter().chain(
+            map.get("fields")
+                .and_then(|f| f.as_object())
+                .into_iter()
+                .flatten(),
+        );
+        for (k, v) in fields {
+            if let Some(s) = v.as_str() {
+                if debug_like(s) {
+                    found.push(format!("{k}={s} in {line}"));
+                }
+            }
+        }
+    }
+    found
+}

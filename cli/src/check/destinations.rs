@@ -5,19 +5,17 @@
 //! Where the config (or the cluster) has Pods, a Service's endpoints are compared with the
 //! pods its selector picks: a ready pod missing from the EndpointSlices (the proxy sends it
 //! nothing: "2 of 3 pods"), a slice address no pod has (a stale endpoint), a selector that
-//! picks no pod.
+//! picks no pod. The comparison is proxy-policy's ([`Snapshot::endpoint_coverage`]), the same
+//! one `pylon stat` and the proxies' and controller's `endpoints_*` gauges show.
 //!
 //! Every answer comes from the Snapshot the proxy itself would use (`resolve_name`,
 //! `has_endpoint_slices`, `split_for`, `resolve_cluster_ip`), so "no ready endpoints" means
 //! exactly what the proxy would find: no ready endpoint (nor, when none is ready, a serving
 //! terminating one) for any port the proxy carries.
 
-use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
-use pylon_proxy_policy::{
-    MeshObject, Pod, Protocol, Service, ServiceProfile, ServiceRef, Snapshot, TrafficSplit,
-};
+use pylon_proxy_policy::{Protocol, Service, ServiceProfile, ServiceRef, Snapshot, TrafficSplit};
 
 use super::ObjectFindings;
 
@@ -228,80 +226,50 @@ pub(super) fn check_service(snapshot: &Snapshot, service: &Service, out: &mut Ob
     check_pods(snapshot, service, out);
 }
 
-/// The Service's endpoints against the pods its selector picks (when the source has Pods).
+/// The Service's endpoints against the pods its selector picks (when the source has Pods),
+/// as [`Snapshot::endpoint_coverage`] compares them for every user of the finding.
 fn check_pods(snapshot: &Snapshot, service: &Service, out: &mut ObjectFindings) {
-    let ns = &*service.meta.namespace;
-    let pods: Vec<&Pod> = snapshot
-        .objects()
-        .filter_map(|o| match o {
-            MeshObject::Pod(p) if &*p.meta.namespace == ns => Some(p),
-            _ => None,
-        })
-        .collect();
     // Without Pods (a hand-written config dir) or a selector (endpoints managed by hand)
     // there is nothing to compare.
-    if pods.is_empty() || service.selector.is_empty() {
+    let Some(coverage) = snapshot.endpoint_coverage(&service.service_ref()) else {
         return;
-    }
-    let selected: Vec<&Pod> = pods
-        .iter()
-        .copied()
-        .filter(|p| {
-            service
-                .selector
-                .iter()
-                .all(|(k, v)| p.meta.labels.get(k) == Some(v))
-        })
-        .collect();
-    if selected.is_empty() {
+    };
+    if coverage.selects_no_pod() {
         out.warning(
             "spec.selector",
-            format!("selects no Pod in namespace {ns}: the service has no workload behind it"),
+            format!(
+                "selects no Pod in namespace {}: the service has no workload behind it",
+                service.meta.namespace
+            ),
         );
         return;
     }
-    // Every address the proxy would send to, on any port it carries.
-    let name = format!("{}.{ns}", service.meta.name);
-    let mut in_slices: BTreeSet<IpAddr> = BTreeSet::new();
-    for port in service.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
-        if let Some(resolved) = snapshot.resolve_name(&name, port.port) {
-            in_slices.extend(resolved.endpoints.iter().map(|e| e.addr.ip()));
-        }
-    }
-    let ready: Vec<&Pod> = selected
-        .iter()
-        .copied()
-        .filter(|p| p.ready && !p.ips.is_empty())
-        .collect();
-    let missing: Vec<&Pod> = ready
-        .iter()
-        .copied()
-        .filter(|p| !p.ips.iter().any(|ip| in_slices.contains(ip)))
+    let missing: Vec<String> = coverage
+        .missing()
+        .map(|p| match &p.listed_not_ready_in {
+            Some(slice) => format!("{} ({}, not ready in EndpointSlice {slice})", p.name, p.ip),
+            None => p.to_string(),
+        })
         .collect();
     if !missing.is_empty() {
-        let names: Vec<String> = missing
-            .iter()
-            .map(|p| format!("{} ({})", p.meta.name, p.ips[0]))
-            .collect();
         out.warning(
             "endpoints",
             format!(
                 "endpoints {} of {} ready pods: {} missing from the EndpointSlices, so the proxy \
                  sends {} nothing (a stale or hand-written slice, or the endpoint controller is behind)",
-                ready.len() - missing.len(),
-                ready.len(),
-                names.join(", "),
+                coverage.covered_count(),
+                coverage.ready_count(),
+                missing.join(", "),
                 if missing.len() == 1 { "it" } else { "them" }
             ),
         );
     }
-    let pod_ips: BTreeSet<IpAddr> = pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
-    let stale: Vec<String> = in_slices
-        .iter()
-        .filter(|ip| !pod_ips.contains(ip))
-        .map(ToString::to_string)
-        .collect();
-    if !stale.is_empty() {
+    if !coverage.unknown_addresses.is_empty() {
+        let stale: Vec<String> = coverage
+            .unknown_addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         out.warning(
             "endpoints",
             format!(

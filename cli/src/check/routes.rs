@@ -49,6 +49,7 @@ pub(super) fn check(table: &RouteTable, out: &mut ObjectFindings) {
         if route.is_retryable() {
             check_retryable(route, i, out);
         }
+        check_classes(route, i, out);
         if let Some(timeout) = route.timeout().filter(|t| *t < SHORTEST_SENSIBLE_TIMEOUT) {
             out.warning(
                 format!("spec.routes[{i}].timeout"),
@@ -96,6 +97,43 @@ pub(super) fn check(table: &RouteTable, out: &mut ObjectFindings) {
             ),
         );
     }
+}
+
+/// A response class that makes successes failures: each 2xx status the route classifies as a
+/// failure (the first class matching a status decides, as in the proxy) counts against the
+/// route's success rate and, on a retryable route, is retried.
+fn check_classes(route: &Route, i: usize, out: &mut ObjectFindings) {
+    let failing: Vec<u16> = (200..=299).filter(|s| route.classify(*s, None)).collect();
+    let (Some(first), Some(last)) = (failing.first(), failing.last()) else {
+        return;
+    };
+    let Some(class) = route
+        .response_classes()
+        .iter()
+        .position(|c| c.is_failure && c.matcher.matches(*first))
+    else {
+        return;
+    };
+    let statuses = if failing.len() == 100 {
+        "every 2xx response".to_string()
+    } else if first == last {
+        format!("{first} responses")
+    } else {
+        format!("{} 2xx statuses ({first}..{last})", failing.len())
+    };
+    let retried = if route.is_retryable() {
+        ", and the proxy retries them"
+    } else {
+        ""
+    };
+    out.warning(
+        format!("spec.routes[{i}].responseClasses[{class}]"),
+        format!(
+            "isFailure classifies {statuses} of route {:?} as failures: successes count \
+             against its success rate{retried}",
+            route.name()
+        ),
+    );
 }
 
 fn check_retryable(route: &Route, i: usize, out: &mut ObjectFindings) {
@@ -383,6 +421,44 @@ mod tests {
                     "spec.routes[3].isRetryable",
                     "isRetryable on a route that matches POST, PATCH, CONNECT: retries may \
                      repeat non-idempotent requests"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn response_classes_that_fail_successes_are_warned_about() {
+        let found = findings(
+            r"  routes:
+  - name: auth
+    condition: {pathRegex: '/auth'}
+    responseClasses:
+    - {condition: {status: {min: 500, max: 599}}, isFailure: true}
+    - {condition: {status: {min: 200, max: 299}}, isFailure: true}
+  - name: created
+    condition: {method: GET, pathRegex: '/orders'}
+    isRetryable: true
+    responseClasses:
+    - {condition: {status: {min: 201, max: 201}}, isFailure: true}
+  - name: fine
+    condition: {pathRegex: '/ok'}
+    responseClasses:
+    - {condition: {status: {min: 200, max: 299}}, isFailure: false}
+    - {condition: {status: {min: 200, max: 599}}, isFailure: true}
+",
+        );
+        assert_eq!(
+            fields_and_messages(&found),
+            [
+                (
+                    "spec.routes[0].responseClasses[1]",
+                    "isFailure classifies every 2xx response of route \"auth\" as failures: \
+                     successes count against its success rate"
+                ),
+                (
+                    "spec.routes[1].responseClasses[0]",
+                    "isFailure classifies 201 responses of route \"created\" as failures: \
+                     successes count against its success rate, and the proxy retries them"
                 ),
             ]
         );

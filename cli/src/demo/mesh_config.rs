@@ -78,8 +78,13 @@ pub struct PodObject<'a> {
     pub admin: SocketAddr,
 }
 
-/// Renders the demo's pods as `v1 Pod`s whose proxy container names its admin port
-/// `pylon-admin`, at `status.podIP` (loopback here, so each pod has its own port).
+/// The `pod-template-hash` of every demo pod: its ReplicaSet is `APP-HASH`, which is how a
+/// pod's Deployment is known (so `stat --to deployment/ml-inference` works on the demo).
+const DEMO_TEMPLATE_HASH: &str = "5d8f7";
+
+/// Renders the demo's pods as `v1 Pod`s of Deployment `app` (through a ReplicaSet, as a
+/// cluster has them) whose proxy container names its admin port `pylon-admin`, at
+/// `status.podIP` (loopback here, so each pod has its own port).
 pub fn render_pods(namespace: &str, pods: &[PodObject]) -> String {
     let mut yaml =
         String::from("# Written by `pylon demo`: its pods and their proxies' admin ports.\n");
@@ -90,14 +95,18 @@ pub fn render_pods(namespace: &str, pods: &[PodObject]) -> String {
         yaml.push_str(&format!(
             "apiVersion: v1\n\
              kind: Pod\n\
-             metadata:\n  name: {pod}\n  namespace: {namespace}\n  labels:\n    app: {app}\n\
+             metadata:\n  name: {pod}\n  namespace: {namespace}\n  labels:\n    app: {app}\n    \
+             pod-template-hash: {hash}\n  ownerReferences:\n  - apiVersion: apps/v1\n    \
+             kind: ReplicaSet\n    name: {app}-{hash}\n    uid: demo-{app}\n    controller: true\n\
              spec:\n  containers:\n  - name: pylon-proxy\n    ports:\n    \
              - name: pylon-admin\n      containerPort: {port}\n\
-             status:\n  podIP: \"{ip}\"\n",
+             status:\n  phase: Running\n  podIP: \"{ip}\"\n  conditions:\n  - type: Ready\n    \
+             status: \"True\"\n",
             pod = p.pod,
             app = p.app,
             port = p.admin.port(),
             ip = p.admin.ip(),
+            hash = DEMO_TEMPLATE_HASH,
         ));
     }
     yaml

@@ -200,7 +200,54 @@ pub async fn from_proxies(proxies: &[SocketAddr], window: Duration) -> Result<Ob
     }
     // Rates divide by it: a proxy that just started still covered some time.
     out.window = out.window.max(Duration::from_millis(1));
+    route_destinations(&mut out.series);
     Ok(out)
+}
+
+/// Destination labels the route series lack: a route's series name its destination by
+/// authority only, but the same proxy's target series for that authority carry the
+/// destination's workload (`dst_deployment`...) from discovery. Each label they all agree on
+/// is copied, so `--to deployment/web` selects web's routes (and their retries) too; one that
+/// differs between endpoints (`dst_pod`) is not.
+pub fn route_destinations(series: &mut [Series]) {
+    const COPIED: [&str; 2] = ["dst_deployment", "dst_pod"];
+    // (proxy pod, authority) -> label -> the one value seen, or None once two differ.
+    type Seen = HashMap<(Option<String>, String), HashMap<&'static str, Option<String>>>;
+    let mut seen: Seen = HashMap::new();
+    // Only what counted: a series from before discovery knew the pods has no labels.
+    for s in series
+        .iter()
+        .filter(|s| s.metric == "response_total" && s.value > 0.0)
+    {
+        let Some(authority) = s.label("authority") else {
+            continue;
+        };
+        let labels = seen.entry((s.label("pod"), authority)).or_default();
+        for k in COPIED {
+            let v = s.label(k);
+            labels
+                .entry(k)
+                .and_modify(|known| {
+                    if *known != v {
+                        *known = None;
+                    }
+                })
+                .or_insert(v);
+        }
+    }
+    for s in series.iter_mut().filter(|s| s.metric.starts_with("route_")) {
+        let Some(dst) = s.label("dst") else { continue };
+        let Some(labels) = seen.get(&(s.label("pod"), dst)) else {
+            continue;
+        };
+        for (k, v) in labels {
+            if let Some(v) = v {
+                s.labels
+                    .entry((*k).to_string())
+                    .or_insert_with(|| v.clone());
+            }
+        }
+    }
 }
 
 /// Runs the futures concurrently; the first error wins.
@@ -223,7 +270,7 @@ where
 
 /// The labels kept on HTTP and TCP series (everything a view filters or groups by).
 const TARGET_BY: &str =
-    "namespace, deployment, pod, direction, authority, dst_service, dst_namespace, tls, server_id, client_id";
+    "namespace, deployment, pod, direction, authority, dst_service, dst_namespace, dst_deployment, dst_pod, tls, server_id, client_id";
 /// The labels kept on route series.
 const ROUTE_BY: &str = "namespace, deployment, pod, direction, dst, rt_route";
 
@@ -299,6 +346,8 @@ pub fn promql_queries(window: Duration, matchers: &[Matcher]) -> Vec<PromQuery> 
         "authority",
         "dst_service",
         "dst_namespace",
+        "dst_deployment",
+        "dst_pod",
     ];
     let t = selector(matchers, &target);
     let r = selector(matchers, &route);
@@ -438,6 +487,7 @@ pub async fn from_prometheus(
             }
         }
     }
+    route_destinations(&mut out.series);
     if out.series.is_empty() {
         // Nothing for this selection: is there anything from Pylon at all?
         if vector("count", "count(proxy_build_info)".into())
@@ -575,6 +625,47 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
     }
 
     #[test]
+    fn route_series_take_the_destination_workload_of_their_authority() {
+        let series = |metric: &str, labels: &[(&str, &str)]| Series {
+            metric: metric.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            le: None,
+            value: 1.0,
+        };
+        let web = "web.default.svc.cluster.local:80";
+        let mut all = vec![
+            series(
+                "response_total",
+                &[
+                    ("pod", "c-0"),
+                    ("authority", web),
+                    ("dst_deployment", "web"),
+                    ("dst_pod", "web-a"),
+                ],
+            ),
+            series(
+                "response_total",
+                &[
+                    ("pod", "c-0"),
+                    ("authority", web),
+                    ("dst_deployment", "web"),
+                    ("dst_pod", "web-b"),
+                ],
+            ),
+            series("route_request_total", &[("pod", "c-0"), ("dst", web)]),
+            // Another proxy's routes learn nothing from c-0's endpoints.
+            series("route_request_total", &[("pod", "d-0"), ("dst", web)]),
+        ];
+        route_destinations(&mut all);
+        assert_eq!(all[2].label("dst_deployment").as_deref(), Some("web"));
+        assert_eq!(all[2].label("dst_pod"), None, "two pods: not one");
+        assert_eq!(all[3].label("dst_deployment"), None);
+    }
+
+    #[test]
     fn a_counter_reset_counts_from_zero() {
         let before = flatten(BEFORE).expect("parses");
         let after = flatten(&BEFORE.replace("} 10\n", "} 4\n")).expect("parses");
@@ -592,7 +683,7 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
         let queries = promql_queries(Duration::from_secs(30), &[]);
         let q = &queries[0];
         assert_eq!(q.metric, "response_total");
-        let by = "namespace, deployment, pod, direction, authority, dst_service, dst_namespace, tls, server_id, client_id, classification";
+        let by = "namespace, deployment, pod, direction, authority, dst_service, dst_namespace, dst_deployment, dst_pod, tls, server_id, client_id, classification";
         assert_eq!(q.expr, format!("sum by ({by}) (response_total)"));
         assert_eq!(
             q.start.as_deref(),

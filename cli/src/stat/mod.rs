@@ -18,77 +18,59 @@
 //! unreachable, no traffic in the window); 2 the command line is wrong.
 
 use std::io::Write;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 pub mod data;
+mod endpoints;
 pub mod resource;
 pub mod view;
 
 use data::Observed;
-use resource::{service_of_authority, Kind, Matcher, Resource};
+use resource::{service_of_authority, Matcher, Resource};
 use view::{Edge, Selection, StatRow};
 
-/// Where the numbers come from, and how to print them (shared by the three verbs).
+pub use crate::flags::Output;
+use crate::flags::{MetricsSource, OutputFlag, Peers, Scope};
+
+/// Where the numbers come from, and how to print them (shared by the three verbs; the flags
+/// are [`crate::flags`]' so tap and top spell them the same).
 #[derive(Args, Debug, Clone)]
 pub struct SourceArgs {
-    /// A proxy's admin address (`/metrics`) to scrape; repeat for every proxy of the mesh.
-    #[arg(long = "proxy", value_name = "ADMIN_ADDR")]
-    proxies: Vec<SocketAddr>,
-
-    /// Scrape every meshed pod listed in this config dir (Pods with a `pylon-admin` port).
-    #[arg(long, value_name = "DIR", conflicts_with = "prometheus")]
-    config_dir: Option<PathBuf>,
-
-    /// Read from Prometheus instead (`http://host:port`), which scrapes the proxies.
-    #[arg(long, value_name = "URL", conflicts_with = "proxies")]
-    prometheus: Option<String>,
+    #[command(flatten)]
+    source: MetricsSource,
 
     /// The time window (Go-style duration: 30s, 1m, 1m30s): up to 15m from the proxies (they
     /// keep it and answer at once), any length from Prometheus.
     #[arg(long, short = 'w', default_value = "1m")]
     window: String,
 
-    /// Namespace of the resources named.
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
+    #[command(flatten)]
+    scope: Scope,
 
-    /// Every namespace.
-    #[arg(long, short = 'A')]
-    all_namespaces: bool,
-
-    /// Output: a table, a wider table (adds RETRY%), or JSON for machines.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
-    output: Output,
+    #[command(flatten)]
+    output: OutputFlag,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Table,
-    Wide,
-    Json,
+impl SourceArgs {
+    fn output(&self) -> Output {
+        self.output.output
+    }
 }
 
 #[derive(Args, Debug)]
 pub struct StatArgs {
-    /// `deployment/NAME` (or `deployment` for all), `pod/NAME`, `ns/NAME`, `svc/NAME`,
-    /// `authority/HOST`.
+    /// deployment/NAME (or deployment for all), pod/NAME, ns/NAME, svc/NAME, authority/HOST.
+    /// Workloads show what they received; with --to, what they sent; a service with --from,
+    /// what the workload sent it (inbound metrics name clients by mTLS identity only).
     #[arg(value_name = "RESOURCE")]
     resource: String,
 
-    /// Traffic RESOURCE sends to this resource (`svc/NAME` or `authority/HOST`).
-    #[arg(long, value_name = "RESOURCE", conflicts_with = "from")]
-    to: Option<String>,
-
-    /// Traffic RESOURCE receives from this resource (RESOURCE a `svc/` or `authority/`, this a
-    /// workload: inbound metrics name clients by mTLS service account, not by workload).
-    #[arg(long, value_name = "RESOURCE")]
-    from: Option<String>,
+    #[command(flatten)]
+    peers: Peers,
 
     #[command(flatten)]
     source: SourceArgs,
@@ -96,15 +78,14 @@ pub struct StatArgs {
 
 #[derive(Args, Debug)]
 pub struct RoutesArgs {
-    /// The workload whose served (inbound) routes to show (`deployment/NAME`...), or
-    /// `svc/NAME` for every client's routes to that service.
+    /// The workload whose served (inbound) routes to show (deployment/NAME...), or
+    /// svc/NAME for every client's routes to that service (with --from, one client's).
+    /// With --to svc/NAME, the routes RESOURCE calls on it, as its outbound proxy saw them.
     #[arg(value_name = "RESOURCE")]
     resource: String,
 
-    /// Instead, the routes RESOURCE calls on this destination (`svc/NAME` or
-    /// `authority/HOST`), as its outbound proxy saw them.
-    #[arg(long, value_name = "RESOURCE")]
-    to: Option<String>,
+    #[command(flatten)]
+    peers: Peers,
 
     #[command(flatten)]
     source: SourceArgs,
@@ -112,9 +93,12 @@ pub struct RoutesArgs {
 
 #[derive(Args, Debug)]
 pub struct EdgesArgs {
-    /// The kind of the edges' sources: `deployment`, `pod` or `ns`.
+    /// The kind of the edges' sources: deployment, pod or ns.
     #[arg(value_name = "RESOURCE-KIND")]
     kind: String,
+
+    #[command(flatten)]
+    peers: Peers,
 
     #[command(flatten)]
     source: SourceArgs,
@@ -171,19 +155,20 @@ fn parse_resource(s: &str) -> Result<Resource, Failure> {
 /// The series over the window, from wherever the flags say.
 fn fetch(src: &SourceArgs, matchers: &[Matcher]) -> Result<Observed, Failure> {
     let window = parse_window(&src.window).map_err(usage)?;
-    if src.proxies.is_empty() && src.config_dir.is_none() && src.prometheus.is_none() {
+    let (named, prometheus) = (&src.source.proxies, &src.source.prometheus);
+    if named.proxies.is_empty() && named.config_dir.is_none() && prometheus.is_none() {
         return Err(usage(
             "no data source: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191), --config-dir DIR or --prometheus URL",
         ));
     }
-    let proxies = crate::proxies::resolve(&src.proxies, src.config_dir.as_deref())
+    let proxies = crate::proxies::resolve(&named.proxies, named.config_dir.as_deref())
         .map_err(|e| Failure(1, e))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure(1, anyhow::anyhow!("starting the runtime: {e}")))?;
     let result = rt.block_on(async {
-        match &src.prometheus {
+        match prometheus {
             Some(url) => data::from_prometheus(url, window, matchers).await,
             None => data::from_proxies(&proxies, window).await,
         }
@@ -192,21 +177,19 @@ fn fetch(src: &SourceArgs, matchers: &[Matcher]) -> Result<Observed, Failure> {
 }
 
 fn namespace(src: &SourceArgs) -> Option<&str> {
-    (!src.all_namespaces).then_some(src.namespace.as_str())
+    src.scope.namespace()
 }
 
-/// Where `--to`/`--from` may point: a destination that outbound series name.
-fn destination(r: &Resource, flag: &str) -> Result<(), Failure> {
-    match r.kind {
-        // Outbound series carry the destination's `dst_deployment`/`dst_pod` (from the
-        // control plane, or the config dir's Pods) as well as its service and authority.
-        Kind::Service | Kind::Authority | Kind::Deployment | Kind::Pod if r.name.is_some() => {
-            Ok(())
-        }
-        _ => Err(usage(format!(
-            "{flag} {r}: expected deployment/NAME, pod/NAME, svc/NAME or authority/HOST"
-        ))),
-    }
+/// RESOURCE, `--to` and `--from`, parsed as every command parses them (outbound series name
+/// a destination by its `dst_*` labels, from the control plane or the config dir's Pods, and
+/// its authority; multicluster names are refused before anything is read).
+fn resources(
+    resource: &str,
+    peers: &Peers,
+) -> Result<(Resource, Option<Resource>, Option<Resource>), Failure> {
+    let res = parse_resource(resource)?;
+    let (to, from) = peers.parse().map_err(usage)?;
+    Ok((res, to, from))
 }
 
 /// The selection `stat` reads, and whether the rows are workloads (MESHED, TCP columns).
@@ -284,15 +267,12 @@ fn no_traffic(what: &str, window: &str) -> Failure {
 }
 
 fn stat(args: StatArgs) -> Result<String, Failure> {
-    let res = parse_resource(&args.resource)?;
-    let to = args.to.as_deref().map(parse_resource).transpose()?;
-    let from = args.from.as_deref().map(parse_resource).transpose()?;
-    if let Some(to) = &to {
-        destination(to, "--to")?;
-    }
+    let (res, to, from) = resources(&args.resource, &args.peers)?;
     let src = &args.source;
     let sel = stat_selection(&res, to.as_ref(), from.as_ref(), namespace(src)).map_err(usage)?;
     let seen = fetch(src, &sel.matchers)?;
+    // Whether the destination's (or the workload's) Services leave ready pods out.
+    let endpoints = endpoints::findings(to.as_ref().unwrap_or(&res), src);
     let rows = view::aggregate(&seen.series, &sel, seen.window.as_secs_f64());
     let workload = sel.meshed.is_some();
     let out: Vec<StatRow> = rows
@@ -311,17 +291,36 @@ fn stat(args: StatArgs) -> Result<String, Failure> {
         if let Some(from) = &from {
             what = format!("{what} from {from}");
         }
-        return Err(no_traffic(&what, &src.window));
+        return Err(endpoints::explain(
+            no_traffic(&what, &src.window),
+            &endpoints,
+        ));
     }
-    let table = view::stat_table(
+    // What a client sends is what its proxy retries: RETRY% belongs in that table (the
+    // story's retry storm was found with exactly `stat deploy/a --to deploy/b`).
+    let mut table = view::stat_table(
         "NAME",
         None,
         &out.iter().cloned().map(|r| (r, None)).collect::<Vec<_>>(),
         workload,
         workload || to.is_some(),
-        src.output == Output::Wide,
+        src.output() == Output::Wide || to.is_some(),
     );
-    render(src.output, &serde_json::json!({ "rows": out }), table)
+    for row in &out {
+        if let Some(ratio) = row.retry_ratio.filter(|r| *r > view::RETRY_HEAVY_ABOVE) {
+            let to = to.as_ref().map_or_else(String::new, |t| format!(" to {t}"));
+            table.push_str(&format!(
+                "\n{name}{to}: {pct:.1}% of requests were retries (over {limit}%): the proxy is \
+                 hiding failures from the app, and SUCCESS counts every attempt\n",
+                name = row.name,
+                pct = ratio * 100.0,
+                limit = view::RETRY_HEAVY_ABOVE * 100.0,
+            ));
+        }
+    }
+    endpoints::append(&mut table, &endpoints);
+    let json = serde_json::json!({ "rows": out, "endpoints": endpoints });
+    render(src.output(), &json, table)
 }
 
 /// A row key `[namespace, name]` or `[name]`.
@@ -333,32 +332,53 @@ fn split_key(key: &[String]) -> (Option<String>, String) {
     }
 }
 
-fn routes(args: RoutesArgs) -> Result<String, Failure> {
-    let res = parse_resource(&args.resource)?;
-    let to = args.to.as_deref().map(parse_resource).transpose()?;
-    if let Some(to) = &to {
-        destination(to, "--to")?;
-        // Route series name their destination by authority (a ServiceProfile is a service's).
-        if matches!(to.kind, Kind::Deployment | Kind::Pod) {
-            return Err(usage(format!(
-                "--to {to}: routes belong to a destination service's ServiceProfile; use --to svc/NAME"
-            )));
+/// The series `routes` reads: a workload's own routes are those it serves (inbound), as
+/// Linkerd shows them; with `--to`, or for a service, those its clients call (outbound); a
+/// service's `--from` client's, from that client's outbound side.
+pub fn routes_matchers(
+    res: &Resource,
+    to: Option<&Resource>,
+    from: Option<&Resource>,
+    ns: Option<&str>,
+) -> Result<Vec<Matcher>, String> {
+    if let Some(to) = to {
+        // Route series name their destination by authority; `--to deployment/X` finds them
+        // through the workload labels the data layer copies from the same proxy's series for
+        // that authority (`data::route_destinations`).
+        if !res.kind.is_workload() {
+            return Err(format!(
+                "--to: {res} is not a workload; routes are called by deployments, pods or namespaces (try `pylon routes {to}`)"
+            ));
         }
     }
-    let src = &args.source;
-    let ns = namespace(src);
-    // A workload's own routes are those it serves (inbound), as Linkerd shows them; with
-    // --to, or for a service, those its clients call (outbound).
-    let direction = if to.is_none() && res.kind.is_workload() {
+    if let Some(from) = from {
+        if res.kind.is_workload() {
+            return Err(format!(
+                "--from: the proxies' inbound route metrics carry no client workload, so the routes {res} served cannot be split by client; try `pylon routes {from} --to svc/NAME`"
+            ));
+        }
+    }
+    let direction = if to.is_none() && from.is_none() && res.kind.is_workload() {
         "inbound"
     } else {
         "outbound"
     };
     let mut matchers = vec![Matcher::eq("direction", direction)];
     matchers.extend(res.matchers(ns));
-    if let Some(to) = &to {
-        matchers.extend(to.matchers(ns));
+    if let Some(to) = to {
+        matchers.extend(to.dst_matchers(ns));
     }
+    if let Some(from) = from {
+        matchers.extend(from.matchers(ns));
+    }
+    Ok(matchers)
+}
+
+fn routes(args: RoutesArgs) -> Result<String, Failure> {
+    let (res, to, from) = resources(&args.resource, &args.peers)?;
+    let src = &args.source;
+    let ns = namespace(src);
+    let matchers = routes_matchers(&res, to.as_ref(), from.as_ref(), ns).map_err(usage)?;
     let sel = Selection {
         matchers,
         group: vec!["authority", "rt_route"],
@@ -393,7 +413,7 @@ fn routes(args: RoutesArgs) -> Result<String, Failure> {
         &out,
         false,
         false,
-        src.output == Output::Wide,
+        src.output() == Output::Wide,
     );
     let json: Vec<serde_json::Value> = out
         .iter()
@@ -405,19 +425,27 @@ fn routes(args: RoutesArgs) -> Result<String, Failure> {
             v
         })
         .collect();
-    render(src.output, &serde_json::json!({ "rows": json }), table)
+    render(src.output(), &serde_json::json!({ "rows": json }), table)
 }
 
 fn edges(args: EdgesArgs) -> Result<String, Failure> {
-    let res = parse_resource(&args.kind)?;
+    let (res, to, from) = resources(&args.kind, &args.peers)?;
     if !res.kind.is_workload() {
         return Err(usage(format!(
             "edges {res}: the sources of edges are workloads: deployment, pod or ns"
         )));
     }
     let src = &args.source;
+    let ns = namespace(src);
+    // Edges are outbound series: `--from` narrows their sources, `--to` their destinations.
     let mut matchers = vec![Matcher::eq("direction", "outbound")];
-    matchers.extend(res.matchers(namespace(src)));
+    matchers.extend(res.matchers(ns));
+    if let Some(from) = &from {
+        matchers.extend(from.matchers(ns));
+    }
+    if let Some(to) = &to {
+        matchers.extend(to.dst_matchers(ns));
+    }
     let sel = Selection {
         matchers,
         group: vec![
@@ -443,7 +471,7 @@ fn edges(args: EdgesArgs) -> Result<String, Failure> {
         return Err(no_traffic(&format!("edges from {res}"), &src.window));
     }
     render(
-        src.output,
+        src.output(),
         &serde_json::json!({ "edges": edges }),
         view::edges_table(&edges),
     )
@@ -503,14 +531,35 @@ mod tests {
 
     #[test]
     fn to_names_a_destination_by_workload_service_or_authority() {
-        for ok in ["deploy/web", "pod/web-0", "svc/web", "authority/web:80"] {
-            assert!(destination(&r(ok), "--to").is_ok(), "{ok}");
+        let peers = |to: &str| Peers {
+            to: Some(to.into()),
+            from: None,
+        };
+        for ok in [
+            "deploy/web",
+            "pod/web-0",
+            "svc/web",
+            "authority/web:80",
+            "ns/shop",
+        ] {
+            assert!(resources("deploy/client", &peers(ok)).is_ok(), "{ok}");
         }
-        let Err(Failure(code, e)) = destination(&r("ns/shop"), "--to") else {
+        let Err(Failure(code, e)) = resources("deploy/client", &peers("deployment")) else {
             panic!("accepted")
         };
         assert_eq!(code, 2);
-        assert!(e.to_string().contains("expected deployment/NAME"), "{e}");
+        assert!(e.to_string().contains("expected one destination"), "{e}");
+        // Another cluster's names fail at once, naming what was given.
+        let Err(Failure(code, e)) = resources(
+            "deployment/api-gateway",
+            &peers("deployment/data-service.remote-cluster"),
+        ) else {
+            panic!("accepted")
+        };
+        assert_eq!(code, 2);
+        let e = e.to_string();
+        assert!(e.starts_with("not supported yet: multicluster"), "{e}");
+        assert!(e.contains("deployment/data-service.remote-cluster"), "{e}");
         let sel = stat_selection(
             &r("deploy/client"),
             Some(&r("deploy/web")),
@@ -520,5 +569,29 @@ mod tests {
         .expect("a workload to a workload");
         assert!(sel.matchers.contains(&Matcher::eq("dst_deployment", "web")));
         assert!(sel.matchers.contains(&Matcher::eq("dst_namespace", "shop")));
+    }
+
+    #[test]
+    fn routes_read_the_side_that_has_the_routes() {
+        let ns = Some("default");
+        let m = routes_matchers(&r("deploy/web"), None, None, ns).expect("served");
+        assert_eq!(m[0], Matcher::eq("direction", "inbound"));
+        let m = routes_matchers(&r("deploy/client"), Some(&r("svc/web")), None, ns).expect("ok");
+        assert_eq!(m[0], Matcher::eq("direction", "outbound"));
+        assert!(m.contains(&Matcher::eq("dst_service", "web")));
+        let m = routes_matchers(&r("svc/web"), None, Some(&r("deploy/client")), ns).expect("ok");
+        assert_eq!(m[0], Matcher::eq("direction", "outbound"));
+        assert!(m.contains(&Matcher::eq("deployment", "client")));
+        assert!(m.contains(&Matcher::eq("dst_service", "web")));
+        // A destination workload: its routes carry its labels once the data layer joined them.
+        let m = routes_matchers(&r("deploy/client"), Some(&r("deploy/web")), None, ns)
+            .expect("a workload's routes");
+        assert!(m.contains(&Matcher::eq("dst_deployment", "web")));
+        let err = routes_matchers(&r("deploy/web"), None, Some(&r("deploy/client")), ns)
+            .expect_err("inbound has no client");
+        assert!(err.contains("cannot be split by client"), "{err}");
+        let err = routes_matchers(&r("svc/web"), Some(&r("svc/db")), None, ns)
+            .expect_err("a service calls nothing");
+        assert!(err.contains("not a workload"), "{err}");
     }
 }

@@ -77,9 +77,57 @@ impl Kind {
 pub struct Resource {
     pub kind: Kind,
     pub name: Option<String>,
+    /// The namespace the name itself gives (`svc/web.shop.svc.cluster.local`); it wins over
+    /// `-n` and `-A`.
+    pub namespace: Option<String>,
+}
+
+/// How a dotted name reads (see [`Resource::parse`]).
+fn dotted_name(kind: Kind, s: &str, name: &str) -> Result<(String, Option<String>), String> {
+    let labels: Vec<&str> = name.split('.').collect();
+    // `NAME.NS.svc` or `NAME.NS.svc.DOMAIN`: a service's in-cluster DNS name.
+    if let [svc, ns, "svc", ..] = labels.as_slice() {
+        if svc.is_empty() || ns.is_empty() {
+            return Err(format!(
+                "bad resource {s:?}: expected svc/NAME.NAMESPACE.svc[.DOMAIN]"
+            ));
+        }
+        if kind == Kind::Service {
+            return Ok((svc.to_string(), Some(ns.to_string())));
+        }
+        return Err(format!(
+            "bad resource {s:?}: only services have DNS names; try svc/{svc} -n {ns} (or {}/NAME -n {ns})",
+            kind.as_str()
+        ));
+    }
+    let (local, cluster) = name.split_once('.').unwrap_or((name, ""));
+    let as_namespace = match kind {
+        Kind::Namespace => String::new(),
+        _ => format!(
+            "; if {cluster:?} is a namespace here, write {}/{local} -n {cluster}",
+            kind.as_str()
+        ),
+    };
+    Err(format!(
+        "not supported yet: multicluster: {s} names {local:?} in cluster {cluster:?}, and Pylon reads this cluster's proxies only (--proxy, --config-dir, --prometheus){as_namespace}"
+    ))
 }
 
 impl Resource {
+    /// Parses `KIND` or `KIND/NAME`.
+    ///
+    /// Names with a dot. Services and namespaces have DNS-label names in Kubernetes (no
+    /// dots), and the one dotted form of a service Pylon takes is its in-cluster DNS name
+    /// (`svc/NAME.NS.svc`, `svc/NAME.NS.svc.cluster.local`, as `authority/` and the proxies'
+    /// `authority` labels spell it), read as `svc/NAME -n NS`. Any other `NAME.SUFFIX` is a
+    /// name qualified by another cluster, as multicluster guides write them
+    /// (`deployment/data-service.remote-cluster`), which Pylon cannot answer for: its proxies,
+    /// config dirs and Prometheus are one cluster's. That is refused at once with a "not
+    /// supported yet" error, rather than read as a local name that never has traffic.
+    /// Deployment and pod names may legally hold dots (DNS subdomains), but a dotted one is
+    /// far more often a cluster-qualified name typed from such a guide, so the rule is the
+    /// same for every kind; `authority/HOST` is a host and is taken as it is. (Linkerd's own
+    /// mirrored services are named `NAME-CLUSTER`, a local Service like any other.)
     pub fn parse(s: &str) -> Result<Resource, String> {
         let (kind, name) = match s.split_once('/') {
             Some((kind, name)) => {
@@ -88,19 +136,58 @@ impl Resource {
                         "bad resource {s:?}: expected KIND/NAME, e.g. deployment/web"
                     ));
                 }
-                (kind, Some(name.to_string()))
+                (kind, Some(name))
             }
             None => (s, None),
         };
+        let kind = Kind::parse(kind)?;
+        let (name, namespace) = match name {
+            Some(name) if kind != Kind::Authority && name.contains('.') => {
+                let (name, ns) = dotted_name(kind, s, name)?;
+                (Some(name), ns)
+            }
+            name => (name.map(str::to_string), None),
+        };
         Ok(Resource {
-            kind: Kind::parse(kind)?,
+            kind,
             name,
+            namespace,
         })
+    }
+
+    /// Parses a `--to`: any kind, named (outbound series and tap events name a destination
+    /// by its `dst_*` labels or its authority).
+    pub fn parse_to(s: &str) -> Result<Resource, String> {
+        let r = Resource::parse(s)?;
+        if r.name.is_none() {
+            return Err(format!(
+                "--to {r}: expected one destination: deployment/NAME, pod/NAME, ns/NAME, svc/NAME or authority/HOST"
+            ));
+        }
+        Ok(r)
+    }
+
+    /// Parses a `--from`: a named workload (traffic is sent by the proxies of deployments,
+    /// pods and namespaces; a service sends nothing).
+    pub fn parse_from(s: &str) -> Result<Resource, String> {
+        let r = Resource::parse(s)?;
+        if r.name.is_none() || !r.kind.is_workload() {
+            return Err(format!(
+                "--from {r}: expected a workload: deployment/NAME, pod/NAME or ns/NAME"
+            ));
+        }
+        Ok(r)
+    }
+
+    /// The namespace this resource is read in: its own, else `namespace` (`None` = all).
+    pub fn namespace_or<'a>(&'a self, namespace: Option<&'a str>) -> Option<&'a str> {
+        self.namespace.as_deref().or(namespace)
     }
 
     /// Matchers selecting this resource's series, from the point of view of the label names
     /// given by [`Kind::name_label`]; `namespace` applies to namespaced kinds (`None` = all).
     pub fn matchers(&self, namespace: Option<&str>) -> Vec<Matcher> {
+        let namespace = self.namespace_or(namespace);
         let mut out = Vec::new();
         if let (Some(ns_label), Some(ns)) = (self.kind.namespace_label(), namespace) {
             out.push(Matcher::eq(ns_label, ns));
@@ -125,6 +212,7 @@ impl Resource {
             Kind::Namespace => "dst_namespace",
             Kind::Authority => return self.matchers(namespace),
         };
+        let namespace = self.namespace_or(namespace);
         let mut out = Vec::new();
         if let (Some(ns), false) = (namespace, self.kind == Kind::Namespace) {
             out.push(Matcher::eq("dst_namespace", ns));
@@ -240,7 +328,8 @@ mod tests {
                 Resource::parse(s),
                 Ok(Resource {
                     kind: Kind::Deployment,
-                    name: Some("web".into())
+                    name: Some("web".into()),
+                    namespace: None,
                 })
             );
         }
@@ -248,7 +337,8 @@ mod tests {
             Resource::parse("deployment"),
             Ok(Resource {
                 kind: Kind::Deployment,
-                name: None
+                name: None,
+                namespace: None,
             })
         );
         assert_eq!(
@@ -274,6 +364,76 @@ mod tests {
         assert!(err.contains("unknown resource kind \"cronjob\""), "{err}");
         assert!(Resource::parse("deployment/").is_err());
         assert!(Resource::parse("deployment/a/b").is_err());
+    }
+
+    #[test]
+    fn dotted_names_are_multicluster_unless_a_service_dns_name() {
+        for s in [
+            "deployment/data-service.remote-cluster",
+            "deploy/data-service.remote-cluster",
+            "svc/data-service.remote-cluster",
+            "pod/web-0.west",
+            "ns/shop.west",
+        ] {
+            let err = Resource::parse(s).expect_err(s);
+            assert!(
+                err.starts_with("not supported yet: multicluster"),
+                "{s}: {err}"
+            );
+            assert!(err.contains(s), "names what was given: {err}");
+        }
+        let err = Resource::parse("svc/web.shop").expect_err("multicluster");
+        assert!(err.contains("write svc/web -n shop"), "{err}");
+        assert!(err.contains("names \"web\" in cluster \"shop\""), "{err}");
+        assert!(!Resource::parse("ns/a.b").expect_err("x").contains(" -n "));
+
+        // A service's in-cluster DNS name is a namespace form.
+        for s in ["svc/web.shop.svc", "svc/web.shop.svc.cluster.local"] {
+            let r = Resource::parse(s).expect(s);
+            assert_eq!(r.name.as_deref(), Some("web"));
+            assert_eq!(r.namespace.as_deref(), Some("shop"));
+            assert_eq!(
+                r.matchers(Some("default")),
+                vec![
+                    Matcher::eq("dst_namespace", "shop"),
+                    Matcher::eq("dst_service", "web")
+                ]
+            );
+            assert_eq!(
+                r.dst_matchers(None)[0],
+                Matcher::eq("dst_namespace", "shop")
+            );
+        }
+        let err = Resource::parse("deploy/web.shop.svc.cluster.local").expect_err("not a svc");
+        assert!(err.contains("only services have DNS names"), "{err}");
+        assert!(Resource::parse("svc/.shop.svc").is_err());
+        // Hosts are hosts.
+        let r = Resource::parse("authority/data-service.remote-cluster:80").expect("a host");
+        assert_eq!(r.name.as_deref(), Some("data-service.remote-cluster:80"));
+    }
+
+    #[test]
+    fn to_and_from_name_one_resource() {
+        for ok in [
+            "deploy/web",
+            "pod/web-0",
+            "ns/shop",
+            "svc/web",
+            "authority/web:80",
+        ] {
+            assert!(Resource::parse_to(ok).is_ok(), "{ok}");
+        }
+        let err = Resource::parse_to("deployment").expect_err("no name");
+        assert!(err.contains("expected one destination"), "{err}");
+        for ok in ["deploy/client", "pod/client-0", "ns/shop"] {
+            assert!(Resource::parse_from(ok).is_ok(), "{ok}");
+        }
+        for bad in ["svc/web", "authority/web:80", "deployment"] {
+            let err = Resource::parse_from(bad).expect_err(bad);
+            assert!(err.contains("expected a workload"), "{err}");
+        }
+        let err = Resource::parse_to("deploy/x.remote").expect_err("multicluster");
+        assert!(err.starts_with("not supported yet"), "{err}");
     }
 
     #[test]

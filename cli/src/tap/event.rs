@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
+use linkerd2_proxy_api::http_types;
 use linkerd2_proxy_api::tap::{eos, tap_event, TapEvent};
 use serde::Serialize;
 
@@ -13,6 +14,9 @@ pub const ROUTE_LABEL: &str = "route";
 pub const ATTEMPT_LABEL: &str = "pylon.io/retry-attempt";
 pub const TRACE_LABEL: &str = "pylon.io/trace-id";
 pub const PROXY_ERROR_LABEL: &str = "pylon-proxy-error";
+/// The response headers that say the proxy made the response, and why: Linkerd's (which a
+/// Linkerd proxy sets too) and Pylon's own.
+pub const PROXY_ERROR_HEADERS: [&str; 2] = ["l5d-proxy-error", "pylon-proxy-error"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -35,6 +39,15 @@ pub struct Line {
     pub src: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dst: Option<SocketAddr>,
+    /// The destination endpoint's pod, workload (`deployment/web`) and namespace, from the
+    /// event's destination labels (discovery's names for the endpoint); in JSON (`-o wide`
+    /// prints them in its own fields).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_namespace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -72,6 +85,29 @@ fn micros(d: Option<&prost_types::Duration>) -> Option<u64> {
     let d = d?;
     let us = i128::from(d.seconds) * 1_000_000 + i128::from(d.nanos) / 1_000;
     u64::try_from(us).ok()
+}
+
+/// Workload kinds as the destination labels name them, the owner that names a workload first.
+const WORKLOAD_KINDS: [&str; 7] = [
+    "deployment",
+    "statefulset",
+    "daemonset",
+    "cronjob",
+    "job",
+    "replicationcontroller",
+    "replicaset",
+];
+
+/// The proxy's reason for a response it made: from the response's headers (Linkerd's
+/// `l5d-proxy-error`, as any Linkerd-compatible proxy sets it), else the event's label.
+fn proxy_error(headers: Option<&http_types::Headers>, label: Option<String>) -> Option<String> {
+    headers
+        .into_iter()
+        .flat_map(|h| &h.headers)
+        .find(|h| PROXY_ERROR_HEADERS.contains(&h.name.to_ascii_lowercase().as_str()))
+        .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+        .filter(|v| !v.is_empty())
+        .or(label)
 }
 
 /// Go's names for gRPC status codes, as Linkerd's tap prints them.
@@ -119,6 +155,11 @@ impl Line {
             src: ev.source.and_then(|a| SocketAddr::try_from(a).ok()),
             dst: ev.destination.and_then(|a| SocketAddr::try_from(a).ok()),
             tls: dst_label("tls"),
+            dst_pod: dst_label("pod"),
+            dst_workload: WORKLOAD_KINDS
+                .iter()
+                .find_map(|kind| dst_label(kind).map(|name| format!("{kind}/{name}"))),
+            dst_namespace: dst_label("namespace"),
             ..Line::default()
         };
         let id = match http {
@@ -144,7 +185,7 @@ impl Line {
                 line.kind = Some(Kind::Rsp);
                 line.status = Some(rsp.http_status);
                 line.latency_us = micros(rsp.since_request_init.as_ref());
-                line.proxy_error = dst_label(PROXY_ERROR_LABEL);
+                line.proxy_error = proxy_error(rsp.headers.as_ref(), dst_label(PROXY_ERROR_LABEL));
                 rsp.id
             }
             H::ResponseEnd(end) => {
@@ -162,6 +203,8 @@ impl Line {
                         .or(end.since_request_init.as_ref()),
                 );
                 line.response_bytes = Some(end.response_bytes);
+                // A response the proxy made ends with its reason too.
+                line.proxy_error = dst_label(PROXY_ERROR_LABEL);
                 end.id
             }
         };
@@ -184,6 +227,10 @@ impl Line {
         let _ = write!(s, "{kind} id={} proxy={}", self.id, self.proxy);
         let addr = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
         let _ = write!(s, " src={} dst={}", addr(self.src), addr(self.dst));
+        // Operators think in pods: name the endpoint's when discovery knows it.
+        if let Some(pod) = &self.dst_pod {
+            let _ = write!(s, " dst_pod={pod}");
+        }
         let _ = write!(s, " tls={}", self.tls.as_deref().unwrap_or("-"));
         let mut field = |k: &str, v: Option<String>| {
             if let Some(v) = v {
@@ -303,6 +350,63 @@ mod tests {
         assert_eq!(json["status"], 503);
         assert_eq!(json["latency_us"], 1234);
         assert_eq!(json["proxy_error"], "no endpoints");
+    }
+
+    #[test]
+    fn the_proxys_reason_comes_from_linkerds_header_and_ends_carry_it_too() {
+        // A Linkerd-style event: the reason in the response headers only.
+        let header = |name: &str, value: &str| http_types::headers::Header {
+            name: name.into(),
+            value: value.as_bytes().to_vec(),
+        };
+        let ev = event(
+            http::Event::ResponseInit(http::ResponseInit {
+                id: ID,
+                since_request_init: None,
+                http_status: 504,
+                headers: Some(http_types::Headers {
+                    headers: vec![
+                        header("content-type", "text/plain"),
+                        header("l5d-proxy-error", "route timeout"),
+                    ],
+                }),
+            }),
+            &[
+                ("tls", "no_identity"),
+                ("pod", "web-7c9f-x2"),
+                ("deployment", "web"),
+            ],
+            None,
+        );
+        let line = Line::from_event(&ev).unwrap();
+        assert_eq!(
+            line.text(),
+            "rsp id=0:3 proxy=out src=127.0.0.1:5000 dst=127.0.0.1:8080 dst_pod=web-7c9f-x2 tls=no_identity :status=504 proxy_error=route timeout"
+        );
+        let json: serde_json::Value = serde_json::from_str(&line.json()).unwrap();
+        assert_eq!(json["dst_pod"], "web-7c9f-x2");
+        assert_eq!(json["dst_workload"], "deployment/web");
+        assert_eq!(json["proxy_error"], "route timeout");
+
+        let end = event(
+            http::Event::ResponseEnd(http::ResponseEnd {
+                id: ID,
+                since_request_init: None,
+                since_response_init: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 5_000,
+                }),
+                response_bytes: 14,
+                eos: None,
+                trailers: None,
+            }),
+            &[(PROXY_ERROR_LABEL, "route timeout")],
+            None,
+        );
+        assert_eq!(
+            Line::from_event(&end).unwrap().text(),
+            "end id=0:3 proxy=out src=127.0.0.1:5000 dst=127.0.0.1:8080 tls=- duration=5µs response-length=14B proxy_error=route timeout"
+        );
     }
 
     #[test]

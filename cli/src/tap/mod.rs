@@ -1,62 +1,59 @@
-//! `pylon tap` and `pylon profile --tap`: live requests from the proxies' tap ports (Linkerd's
-//! `io.linkerd.proxy.tap.Tap/Observe`, the `linkerd2-proxy-api` crate's generated client).
+//! `pylon tap`, `pylon top` and `pylon profile --tap`: live requests from the proxies' tap
+//! ports (Linkerd's `io.linkerd.proxy.tap.Tap/Observe`, the `linkerd2-proxy-api` crate's
+//! generated client).
 //!
-//! A proxy is named by its admin address (`--proxy`, as for `pylon stat`); its tap port is asked
-//! from the admin server (`GET /tap-addr`), or given directly (`--tap ADDR`).
+//! A proxy is named by its admin address (`--proxy`, as for `pylon stat`) or found in a config
+//! dir (`--config-dir`); its tap port is asked from the admin server (`GET /tap-addr`), or
+//! given directly (`--tap-addr`). A workload's (`deployment/X`) commands use only X's proxies.
 //!
+//! - [`select`]: which proxies, and which of their requests (`--to`, `--from`, a side);
 //! - [`event`]: one event as a Linkerd-style line or a JSON object;
-//! - [`profile`]: observed requests grouped into ServiceProfile routes.
+//! - [`profile`]: observed requests grouped into ServiceProfile routes;
+//! - [`top`]: the busiest paths.
 //!
 //! Exit codes: 0 done (the limit was reached, the streams ended, or Ctrl-C); 1 a proxy could
-//! not be tapped (unreachable, refused) or a stream failed; 2 the command line is wrong.
+//! not be tapped (unreachable, refused, none of the workload's) or a stream failed; 2 the
+//! command line is wrong.
 
 pub mod event;
 pub mod profile;
+pub mod select;
 pub mod top;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::anyhow;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use hyper::Method;
-use linkerd2_proxy_api::tap::observe_request::r#match::{self as pb, http as pbhttp};
 use linkerd2_proxy_api::tap::observe_request::Match;
 use linkerd2_proxy_api::tap::tap_client::TapClient;
 use linkerd2_proxy_api::tap::{ObserveRequest, TapEvent};
 use tokio::sync::mpsc;
 
 use crate::demo::admin_client;
-use crate::stat::resource::{service_of_authority, Kind, Resource};
+use crate::flags::{Namespace, Output, OutputFlag, Peers, Sampling, Scope, TapSource};
+use crate::proxies::{self, DirMesh};
+use crate::stat::resource::{Kind, Resource};
 use event::{Kind as EventKind, Line};
+use select::{Filters, Plan, Selector, INBOUND};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TapOutput {
-    /// Linkerd's tap lines.
-    Text,
-    /// One JSON object per event and line.
-    Json,
-}
-
 #[derive(Args, Debug)]
 pub struct TapArgs {
-    /// What to tap: `deployment/NAME`, `pod/NAME`, `ns/NAME` (every request the proxies given
-    /// see), `svc/NAME` or `authority/HOST` (requests to it).
+    /// What to tap: deployment/NAME, pod/NAME, ns/NAME (every request of its proxies, in and
+    /// out), svc/NAME or authority/HOST (requests to it, on every proxy given).
     #[arg(value_name = "RESOURCE")]
     resource: String,
 
-    /// Only requests RESOURCE sends to this destination (`svc/NAME` or `authority/HOST`), as its
-    /// outbound proxy sees them.
-    #[arg(long, value_name = "RESOURCE")]
-    to: Option<String>,
+    #[command(flatten)]
+    peers: Peers,
 
-    /// Only requests with this `:authority` (`HOST` matches any port).
+    /// Only requests with this :authority (HOST matches any port).
     #[arg(long)]
     authority: Option<String>,
 
@@ -68,29 +65,31 @@ pub struct TapArgs {
     #[arg(long, value_name = "PREFIX")]
     path: Option<String>,
 
-    /// Requests sampled per second by each proxy.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-    max_rps: u32,
+    #[command(flatten)]
+    sampling: Sampling,
 
-    /// Stop after this many requests (their `req`, `rsp` and `end` events).
+    /// Stop after this many requests (their req, rsp and end events).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     limit: Option<u32>,
 
-    /// Output: Linkerd's tap lines, or JSON lines.
-    #[arg(long, short = 'o', value_enum, default_value_t = TapOutput::Text)]
-    output: TapOutput,
-
-    /// A tap port to use directly (repeatable), for a proxy whose admin server is out of reach.
-    #[arg(long = "tap", visible_alias = "tap-addr", value_name = "ADDR")]
-    taps: Vec<SocketAddr>,
+    #[command(flatten)]
+    scope: Scope,
 
     #[command(flatten)]
-    proxies: ProxyArgs,
+    output: OutputFlag,
+
+    #[command(flatten)]
+    source: TapSource,
+
+    /// `--tap-addr`'s earlier spelling.
+    #[arg(long = "tap", value_name = "TAP_ADDR", hide = true)]
+    tap_addr_alias: Vec<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
 pub struct ProfileArgs {
-    /// Build the profile from the live requests of this resource (`svc/NAME`, `deploy/NAME`...).
+    /// Build the profile from the live requests of this resource: svc/NAME (its requests on
+    /// every proxy given) or deployment/NAME (the requests its proxies serve).
     #[arg(long = "tap", value_name = "RESOURCE")]
     resource: String,
 
@@ -98,37 +97,37 @@ pub struct ProfileArgs {
     #[arg(long, default_value = "10s")]
     tap_duration: String,
 
-    /// The service the profile is for (default: RESOURCE's, when a `svc/`, else the service
+    /// The service the profile is for (default: RESOURCE's, when a svc/, else the service
     /// the observed requests were addressed to).
     #[arg(long, value_name = "NAME")]
     service: Option<String>,
 
-    /// The cluster domain of the profile's name (`NAME.NS.svc.DOMAIN`).
+    /// The cluster domain of the profile's name (NAME.NS.svc.DOMAIN).
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
 
-    /// Requests sampled per second by each proxy.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-    max_rps: u32,
-
-    /// A tap port to use directly (repeatable), for a proxy whose admin server is out of reach.
-    #[arg(long = "tap-addr", value_name = "ADDR")]
-    taps: Vec<SocketAddr>,
+    #[command(flatten)]
+    sampling: Sampling,
 
     #[command(flatten)]
-    proxies: ProxyArgs,
+    ns: Namespace,
+
+    #[command(flatten)]
+    source: TapSource,
 }
 
 #[derive(Args, Debug)]
 pub struct TopArgs {
-    /// Whose traffic: `deployment/NAME`, `pod/NAME`, `ns/NAME` (every request the proxies
-    /// given see), `svc/NAME` or `authority/HOST` (requests to it).
+    /// Whose traffic: deployment/NAME, pod/NAME, ns/NAME (every request of its proxies, in
+    /// and out), svc/NAME or authority/HOST (requests to it, on every proxy given).
     #[arg(value_name = "RESOURCE")]
     resource: String,
 
-    /// Requests sampled per second by each proxy.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-    max_rps: u32,
+    #[command(flatten)]
+    peers: Peers,
+
+    #[command(flatten)]
+    sampling: Sampling,
 
     /// The initial order (`s` changes it in the live view).
     #[arg(long, value_enum, default_value_t = top::SortBy::Count)]
@@ -139,27 +138,14 @@ pub struct TopArgs {
     #[arg(long, value_name = "DURATION")]
     once: Option<String>,
 
-    /// A tap port to use directly (repeatable), for a proxy whose admin server is out of reach.
-    #[arg(long = "tap-addr", value_name = "ADDR")]
-    taps: Vec<SocketAddr>,
+    #[command(flatten)]
+    scope: Scope,
 
     #[command(flatten)]
-    proxies: ProxyArgs,
-}
+    output: OutputFlag,
 
-#[derive(Args, Debug)]
-pub struct ProxyArgs {
-    /// A proxy's admin address (repeatable); its tap port is asked from it (`GET /tap-addr`).
-    #[arg(long = "proxy", value_name = "ADMIN_ADDR")]
-    proxies: Vec<SocketAddr>,
-
-    /// Every meshed pod listed in this config dir (Pods with a `pylon-admin` port).
-    #[arg(long, value_name = "DIR")]
-    config_dir: Option<PathBuf>,
-
-    /// Namespace of the resources named.
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
+    #[command(flatten)]
+    source: TapSource,
 }
 
 /// A failure with its exit code.
@@ -184,136 +170,38 @@ fn exit(verb: &str, result: Result<(), Failure>) -> ExitCode {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The match
-// ---------------------------------------------------------------------------------------------
-
-fn http_match(m: pbhttp::Match) -> Match {
-    Match {
-        r#match: Some(pb::Match::Http(pb::Http { r#match: Some(m) })),
-    }
-}
-
-fn string_match(m: pbhttp::string_match::Match) -> pbhttp::StringMatch {
-    pbhttp::StringMatch { r#match: Some(m) }
-}
-
-fn any(matches: Vec<Match>) -> Match {
-    Match {
-        r#match: Some(pb::Match::Any(pb::Seq { matches })),
-    }
-}
-
-fn all(mut matches: Vec<Match>) -> Option<Match> {
-    match matches.len() {
-        0 => None,
-        1 => matches.pop(),
-        _ => Some(Match {
-            r#match: Some(pb::Match::All(pb::Seq { matches })),
-        }),
-    }
-}
-
-fn authority_prefix(prefix: String) -> Match {
-    http_match(pbhttp::Match::Authority(string_match(
-        pbhttp::string_match::Match::Prefix(prefix),
-    )))
-}
-
-/// `HOST:PORT` exactly, or `HOST` with any port (or none).
-fn authority_is(a: &str) -> Match {
-    let exact = http_match(pbhttp::Match::Authority(string_match(
-        pbhttp::string_match::Match::Exact(a.to_string()),
-    )));
-    let has_port = a
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-    if has_port {
-        exact
-    } else {
-        any(vec![exact, authority_prefix(format!("{a}:"))])
-    }
-}
-
-/// Requests to a `svc/NAME` (its in-cluster names `NAME.NS.svc.…`) or an `authority/HOST`.
-fn destination_match(r: &Resource, ns: &str, flag: &str) -> Result<Option<Match>, String> {
-    match (r.kind, &r.name) {
-        (Kind::Service, Some(name)) => Ok(Some(authority_prefix(format!("{name}.{ns}.svc.")))),
-        (Kind::Authority, Some(host)) => Ok(Some(authority_is(host))),
-        _ if flag.is_empty() => Ok(None),
-        _ => Err(format!(
-            "{flag} {r}: expected svc/NAME or authority/HOST (tap sees the requests' authority, not the workload behind it)"
-        )),
-    }
-}
-
-/// What the flags ask for.
-#[derive(Debug, PartialEq)]
-pub struct Query {
-    /// Linkerd's match, for the proxies.
-    pub matcher: Option<Match>,
-    /// Only the outbound side (`--to`): the API cannot match a direction, so the CLI filters.
-    pub outbound_only: bool,
-}
-
-pub fn build_query(
-    res: &Resource,
-    to: Option<&Resource>,
-    authority: Option<&str>,
-    method: Option<&str>,
-    path: Option<&str>,
-    ns: &str,
-) -> Result<Query, String> {
-    let mut matches = Vec::new();
-    if let Some(m) = destination_match(res, ns, "")? {
-        matches.push(m);
-    }
-    if let Some(to) = to {
-        if !res.kind.is_workload() {
-            return Err(format!(
-                "--to: {res} is not a workload; requests are sent by deployments, pods or namespaces (try `pylon tap {to}`)"
-            ));
-        }
-        matches.extend(destination_match(to, ns, "--to")?);
-    }
-    if let Some(a) = authority {
-        matches.push(authority_is(a));
-    }
-    if let Some(m) = method {
-        let m = http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-            .map_err(|_| format!("bad --method {m:?}"))?;
-        matches.push(http_match(pbhttp::Match::Method(m.into())));
-    }
-    if let Some(p) = path {
-        if !p.starts_with('/') {
-            return Err(format!("bad --path {p:?}: a path prefix starts with /"));
-        }
-        matches.push(http_match(pbhttp::Match::Path(string_match(
-            pbhttp::string_match::Match::Prefix(p.to_string()),
-        ))));
-    }
-    Ok(Query {
-        matcher: all(matches),
-        outbound_only: to.is_some(),
-    })
+/// RESOURCE, `--to` and `--from`, parsed as every command parses them.
+fn resources(
+    resource: &str,
+    peers: &Peers,
+) -> Result<(Resource, Option<Resource>, Option<Resource>), Failure> {
+    let res = Resource::parse(resource).map_err(usage)?;
+    let (to, from) = peers.parse().map_err(usage)?;
+    Ok((res, to, from))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Reaching the tap ports
 // ---------------------------------------------------------------------------------------------
 
-/// A tap port, and the admin address it was learned from.
+/// A tap port, the admin address it was learned from, and whose proxy it is.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub tap: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// `pod web-0 (deployment/web, namespace default)`, when known.
+    pub owner: Option<String>,
 }
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.admin {
-            Some(admin) => write!(f, "{} of proxy {admin}", self.tap),
-            None => write!(f, "{}", self.tap),
+            Some(admin) => write!(f, "{} of proxy {admin}", self.tap)?,
+            None => write!(f, "{}", self.tap)?,
+        }
+        match &self.owner {
+            Some(owner) => write!(f, " ({owner})"),
+            None => Ok(()),
         }
     }
 }
@@ -330,7 +218,7 @@ pub fn tap_addr_from(admin: SocketAddr, body: &str) -> Result<SocketAddr, String
     })
 }
 
-async fn ask_tap_addr(admin: SocketAddr) -> Result<Target, Failure> {
+async fn ask_tap_addr(admin: SocketAddr) -> Result<SocketAddr, Failure> {
     let (status, body) = admin_client::request(admin, Method::GET, "/tap-addr", CONNECT_TIMEOUT)
         .await
         .map_err(|e| {
@@ -340,7 +228,7 @@ async fn ask_tap_addr(admin: SocketAddr) -> Result<Target, Failure> {
         })?;
     if status == hyper::StatusCode::NOT_FOUND {
         return Err(fail(format!(
-            "the proxy at {admin} does not say where its tap port is (GET /tap-addr: 404); give it with --tap ADDR"
+            "the proxy at {admin} does not say where its tap port is (GET /tap-addr: 404); give it with --tap-addr TAP_ADDR"
         )));
     }
     if !status.is_success() {
@@ -348,29 +236,73 @@ async fn ask_tap_addr(admin: SocketAddr) -> Result<Target, Failure> {
             "the proxy at {admin} answered GET /tap-addr with {status}"
         )));
     }
-    let tap = tap_addr_from(admin, &String::from_utf8_lossy(&body)).map_err(fail)?;
-    Ok(Target {
-        tap,
-        admin: Some(admin),
-    })
+    tap_addr_from(admin, &String::from_utf8_lossy(&body)).map_err(fail)
 }
 
-async fn targets(args: &ProxyArgs, taps: &[SocketAddr]) -> Result<Vec<Target>, Failure> {
-    let proxies = crate::proxies::resolve(&args.proxies, args.config_dir.as_deref())
+/// Where the proxies were named, for messages.
+fn source_name(src: &TapSource) -> String {
+    match (&src.proxies.config_dir, src.proxies.proxies.is_empty()) {
+        (Some(dir), true) => format!("the config dir {}", dir.display()),
+        (Some(dir), false) => format!("the config dir {} and --proxy", dir.display()),
+        (None, _) => "the proxies given with --proxy".to_string(),
+    }
+}
+
+/// The tap ports to read (of the plan's workload only, when it names one), and the config
+/// dir's mesh.
+async fn targets(
+    src: &TapSource,
+    extra_taps: &[SocketAddr],
+    plan: &Plan,
+) -> Result<(Vec<Target>, Option<DirMesh>), Failure> {
+    let (located, mesh) = proxies::locate(&src.proxies)
+        .await
         .map_err(|e| fail(format!("{e:#}")))?;
-    if proxies.is_empty() && taps.is_empty() {
+    let taps: Vec<SocketAddr> = src.taps.iter().chain(extra_taps).copied().collect();
+    if located.is_empty() && taps.is_empty() {
         return Err(usage(
-            "no proxy to tap: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191), --config-dir DIR or --tap-addr ADDR",
+            "no proxy to tap: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191), --config-dir DIR or --tap-addr TAP_ADDR",
         ));
     }
+    let located = match &plan.proxies_of {
+        Some(of) if !located.is_empty() => {
+            proxies::scope(located, of, plan.namespace.as_deref(), &source_name(src))
+                .await
+                .map_err(|e| fail(format!("{e:#}")))?
+        }
+        _ => located,
+    };
     let mut out: Vec<Target> = taps
         .iter()
-        .map(|&tap| Target { tap, admin: None })
+        .map(|&tap| Target {
+            tap,
+            admin: None,
+            owner: None,
+        })
         .collect();
-    for admin in proxies {
-        out.push(ask_tap_addr(admin).await?);
+    for p in located {
+        let known = p.owner != proxies::Owner::default();
+        out.push(Target {
+            tap: ask_tap_addr(p.admin).await?,
+            admin: Some(p.admin),
+            owner: known.then(|| p.owner.to_string()),
+        });
     }
-    Ok(out)
+    Ok((out, mesh))
+}
+
+/// Opens a stream on every target.
+async fn observe_all(
+    targets: &[Target],
+    matcher: &Option<Match>,
+    limit: u32,
+    max_rps: u32,
+) -> Result<Vec<Events>, Failure> {
+    let mut streams = Vec::new();
+    for t in targets {
+        streams.push(observe(t, matcher.clone(), limit, max_rps).await?);
+    }
+    Ok(streams)
 }
 
 fn explain(target: &Target, status: tonic::Status) -> Failure {
@@ -512,6 +444,32 @@ fn describe(targets: &[Target]) -> String {
     )
 }
 
+/// `deployment/a to deployment/b`, for messages.
+fn what(res: &Resource, to: Option<&Resource>, from: Option<&Resource>) -> String {
+    match (to, from) {
+        (Some(to), _) => format!("{res} to {to}"),
+        (None, Some(from)) => format!("{res} from {from}"),
+        (None, None) => res.to_string(),
+    }
+}
+
+/// A tap line with `-o wide`'s destination fields, before the fields that may hold spaces
+/// (`proxy_error=`, `route=`), which a tap line keeps last.
+fn wide_line(text: String, fields: &str) -> String {
+    // The plain line already names the pod when the event did.
+    let fields = match fields.split_once(" dst_pod=") {
+        Some((before, _)) if text.contains(" dst_pod=") => before,
+        _ => fields,
+    };
+    let at = [" proxy_error=", " route="]
+        .iter()
+        .filter_map(|f| text.find(f))
+        .min()
+        .unwrap_or(text.len());
+    let (head, tail) = text.split_at(at);
+    format!("{head}{fields}{tail}")
+}
+
 // ---------------------------------------------------------------------------------------------
 // pylon tap
 // ---------------------------------------------------------------------------------------------
@@ -557,37 +515,38 @@ impl Admitted {
 }
 
 fn tap(args: TapArgs) -> Result<(), Failure> {
-    let res = Resource::parse(&args.resource).map_err(usage)?;
-    let to = args
-        .to
-        .as_deref()
-        .map(Resource::parse)
-        .transpose()
-        .map_err(usage)?;
-    let ns = &args.proxies.namespace;
-    let query = build_query(
+    let (res, to, from) = resources(&args.resource, &args.peers)?;
+    let filters = Filters {
+        authority: args.authority.as_deref(),
+        method: args.method.as_deref(),
+        path: args.path.as_deref(),
+    };
+    let plan = Plan::new(
         &res,
         to.as_ref(),
-        args.authority.as_deref(),
-        args.method.as_deref(),
-        args.path.as_deref(),
-        ns,
+        from.as_ref(),
+        &filters,
+        args.scope.namespace(),
     )
     .map_err(usage)?;
+    let output = args.output.output;
     let rt = runtime()?;
     rt.block_on(async {
-        let targets = targets(&args.proxies, &args.taps).await?;
+        let (targets, mesh) = targets(&args.source, &args.tap_addr_alias, &plan).await?;
         // The proxies end a stream after `limit` requests; with a filter only the CLI can
         // apply, the CLI counts alone.
-        let server_limit = match (args.limit, query.outbound_only) {
-            (Some(l), false) => l,
+        let server_limit = match (args.limit, plan.server_side_only()) {
+            (Some(l), true) => l,
             _ => 0,
         };
-        let mut streams = Vec::new();
-        for t in &targets {
-            streams.push(observe(t, query.matcher.clone(), server_limit, args.max_rps).await?);
-        }
-        eprintln!("tapping {res} on {} (Ctrl-C to stop)", describe(&targets));
+        let streams =
+            observe_all(&targets, &plan.matcher, server_limit, args.sampling.max_rps).await?;
+        eprintln!(
+            "tapping {} on {} (Ctrl-C to stop)",
+            what(&res, to.as_ref(), from.as_ref()),
+            describe(&targets)
+        );
+        let mut selector = Selector::new(plan, mesh);
         let mut admitted = Admitted {
             limit: args.limit.and_then(|l| usize::try_from(l).ok()),
             ..Admitted::default()
@@ -597,15 +556,16 @@ fn tap(args: TapArgs) -> Result<(), Failure> {
             let Some(line) = Line::from_event(&ev) else {
                 return Ok(true);
             };
-            if query.outbound_only && line.proxy != "out" {
+            let Some(dst) = selector.keep(i, &ev, &line) else {
                 return Ok(true);
-            }
+            };
             if !admitted.admit(i, &line) {
                 return Ok(!admitted.done());
             }
-            let text = match args.output {
-                TapOutput::Text => line.text(),
-                TapOutput::Json => line.json(),
+            let text = match output {
+                Output::Table => line.text(),
+                Output::Wide => wide_line(line.text(), &select::wide_fields(&dst)),
+                Output::Json => line.json(),
             };
             let mut out = stdout.lock();
             if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
@@ -619,7 +579,7 @@ fn tap(args: TapArgs) -> Result<(), Failure> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// pylon profile --tap
+// pylon top
 // ---------------------------------------------------------------------------------------------
 
 pub fn run_top(args: TopArgs) -> ExitCode {
@@ -627,46 +587,70 @@ pub fn run_top(args: TopArgs) -> ExitCode {
 }
 
 fn run_top_inner(args: TopArgs) -> Result<(), Failure> {
-    let res = Resource::parse(&args.resource).map_err(usage)?;
+    let (res, to, from) = resources(&args.resource, &args.peers)?;
     let once = args
         .once
         .as_deref()
         .map(pylon_proxy_policy::duration::parse)
         .transpose()
         .map_err(|e| usage(format!("bad --once: {e}")))?;
-    let query =
-        build_query(&res, None, None, None, None, &args.proxies.namespace).map_err(usage)?;
+    let output = args.output.output;
+    if output == Output::Json && once.is_none() {
+        return Err(usage(
+            "-o json prints the table of --once DURATION; the live view is for people",
+        ));
+    }
+    let plan = Plan::new(
+        &res,
+        to.as_ref(),
+        from.as_ref(),
+        &Filters::default(),
+        args.scope.namespace(),
+    )
+    .map_err(usage)?;
     let rt = runtime()?;
-    let (targets, streams) = rt.block_on(async {
-        let targets = targets(&args.proxies, &args.taps).await?;
-        let mut streams = Vec::new();
-        for t in &targets {
-            streams.push(observe(t, query.matcher.clone(), 0, args.max_rps).await?);
-        }
-        Ok::<_, Failure>((targets, streams))
+    let (targets, mesh, streams) = rt.block_on(async {
+        let (targets, mesh) = targets(&args.source, &[], &plan).await?;
+        let streams = observe_all(&targets, &plan.matcher, 0, args.sampling.max_rps).await?;
+        Ok::<_, Failure>((targets, mesh, streams))
     })?;
+    let what = what(&res, to.as_ref(), from.as_ref());
+    let wide = output == Output::Wide;
     let paths = std::sync::Arc::new(std::sync::Mutex::new(top::Paths::default()));
     let sink_paths = paths.clone();
+    let mut selector = Selector::new(plan, mesh);
     let mut sink = move |proxy: usize, ev: TapEvent| -> Result<bool, Failure> {
-        if let Some(line) = Line::from_event(&ev) {
+        let Some(line) = Line::from_event(&ev) else {
+            return Ok(true);
+        };
+        if let Some(dst) = selector.keep(proxy, &ev, &line) {
+            // Unplaced destinations are named by their address.
+            let destination = wide.then(|| {
+                select::destination_name(&dst)
+                    .or_else(|| line.dst.map(|a| a.to_string()))
+                    .unwrap_or_default()
+            });
             sink_paths
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .observe(proxy, &line);
+                .observe(proxy, &line, destination);
         }
         Ok(true)
     };
-    let title = format!("pylon top {res} ({})", describe(&targets));
+    let title = format!("pylon top {what} ({})", describe(&targets));
     match once {
         Some(d) => {
             eprintln!(
-                "tapping {res} on {} for {}...",
+                "tapping {what} on {} for {}...",
                 describe(&targets),
                 args.once.as_deref().unwrap_or("")
             );
             rt.block_on(run_streams(&targets, streams, Some(d), &mut sink))?;
-            let text =
-                top::render_text(&paths.lock().unwrap_or_else(|e| e.into_inner()), args.sort);
+            let paths = paths.lock().unwrap_or_else(|e| e.into_inner());
+            let text = match output {
+                Output::Json => top::render_json(&paths, args.sort),
+                _ => top::render_text(&paths, args.sort, wide),
+            };
             std::io::stdout()
                 .lock()
                 .write_all(text.as_bytes())
@@ -677,11 +661,15 @@ fn run_top_inner(args: TopArgs) -> Result<(), Failure> {
             std::thread::spawn(move || {
                 let _ = rt.block_on(run_streams(&targets, streams, None, &mut sink));
             });
-            top::interactive(paths, title, args.sort)
+            top::interactive(paths, title, args.sort, wide)
                 .map_err(|e| fail(format!("the terminal: {e}")))
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// pylon profile --tap
+// ---------------------------------------------------------------------------------------------
 
 pub fn run_profile(args: ProfileArgs) -> ExitCode {
     match profile(args) {
@@ -700,63 +688,59 @@ fn profile(args: ProfileArgs) -> Result<String, Failure> {
     if duration.is_zero() {
         return Err(usage("bad --tap-duration: must be more than 0s"));
     }
-    let ns = args.proxies.namespace.clone();
+    let ns = res.namespace.clone().unwrap_or(args.ns.namespace.clone());
     let service = match (&args.service, res.kind, &res.name) {
-        (Some(s), _, _) => Some(s.clone()),
-        (None, Kind::Service, Some(name)) => Some(name.clone()),
+        (Some(s), _, _) => Some((s.clone(), ns.clone())),
+        (None, Kind::Service, Some(name)) => Some((name.clone(), ns.clone())),
         _ => None,
     };
-    let query = build_query(&res, None, None, None, None, &ns).map_err(usage)?;
+    let plan = Plan::for_profile(&res, &ns).map_err(usage)?;
     let rt = runtime()?;
-    let (routes, authorities) = rt.block_on(async {
-        let targets = targets(&args.proxies, &args.taps).await?;
-        let mut streams = Vec::new();
-        for t in &targets {
-            streams.push(observe(t, query.matcher.clone(), 0, args.max_rps).await?);
-        }
+    let observed = rt.block_on(async {
+        let (targets, mesh) = targets(&args.source, &[], &plan).await?;
+        let streams = observe_all(&targets, &plan.matcher, 0, args.sampling.max_rps).await?;
         eprintln!(
             "tapping {res} on {} for {}...",
             describe(&targets),
             args.tap_duration
         );
-        let mut routes = profile::Routes::default();
-        let mut authorities: HashMap<String, u64> = HashMap::new();
-        let mut sink = |_: usize, ev: TapEvent| -> Result<bool, Failure> {
+        let mut selector = Selector::new(plan, mesh);
+        let mut observed = profile::Observed::default();
+        let mut sink = |i: usize, ev: TapEvent| -> Result<bool, Failure> {
             let Some(line) = Line::from_event(&ev) else {
                 return Ok(true);
             };
+            let kept = selector.keep(i, &ev, &line).is_some();
             // One per request: retries repeat the request.
-            if line.kind == Some(EventKind::Req) && line.attempt.unwrap_or(1) == 1 {
+            if kept && line.kind == Some(EventKind::Req) && line.attempt.unwrap_or(1) == 1 {
                 if let (Some(m), Some(p)) = (&line.method, &line.path) {
-                    routes.observe(m, p);
-                }
-                if let Some(a) = &line.authority {
-                    *authorities.entry(a.clone()).or_default() += 1;
+                    observed.observe(line.proxy == INBOUND, line.authority.as_deref(), m, p);
                 }
             }
             Ok(true)
         };
         run_streams(&targets, streams, Some(duration), &mut sink).await?;
-        Ok::<_, Failure>((routes, authorities))
+        Ok::<_, Failure>(observed)
     })?;
-    if routes.is_empty() {
+    if observed.is_empty() {
         return Err(fail(format!(
             "no requests for {res} in {} (is traffic flowing through the proxies given?)",
             args.tap_duration
         )));
     }
     let (service, ns) = match service {
-        Some(s) => (s, ns),
-        None => {
-            let mut seen: Vec<(&String, &u64)> = authorities.iter().collect();
-            seen.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            seen.iter()
-                .find_map(|(a, _)| service_of_authority(a))
-                .ok_or_else(|| {
-                    usage("the requests observed name no in-cluster service (NAME.NS.svc...); give --service NAME")
-                })?
-        }
+        Some(s) => s,
+        None => observed.busiest_service().ok_or_else(|| {
+            usage("the requests observed name no in-cluster service (NAME.NS.svc...); give --service NAME")
+        })?,
     };
+    let routes = observed.routes_of(&(service.clone(), ns.clone()));
+    if routes.is_empty() {
+        return Err(fail(format!(
+            "none of the requests observed for {res} in {} were for service {service} in namespace {ns}",
+            args.tap_duration
+        )));
+    }
     let fqdn = format!("{service}.{ns}.svc.{}", args.cluster_domain);
     let comment = format!(
         "Generated by `pylon profile --tap {res}` from {} request(s) observed in {}.",
@@ -768,79 +752,6 @@ fn profile(args: ProfileArgs) -> Result<String, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn r(s: &str) -> Resource {
-        Resource::parse(s).expect("resource")
-    }
-
-    fn prefix(p: &str) -> Match {
-        authority_prefix(p.to_string())
-    }
-
-    #[test]
-    fn workloads_tap_everything_services_their_authority() {
-        let q = build_query(&r("deploy/web"), None, None, None, None, "default").unwrap();
-        assert_eq!(q.matcher, None);
-        assert!(!q.outbound_only);
-        let q = build_query(&r("svc/web"), None, None, None, None, "prod").unwrap();
-        assert_eq!(q.matcher, Some(prefix("web.prod.svc.")));
-    }
-
-    #[test]
-    fn flags_are_all_of_the_match() {
-        let svc = r("svc/web");
-        let q = build_query(
-            &r("deploy/client"),
-            Some(&svc),
-            None,
-            Some("get"),
-            Some("/users"),
-            "default",
-        )
-        .unwrap();
-        assert!(q.outbound_only);
-        let method = http_match(pbhttp::Match::Method(http::Method::GET.into()));
-        let path = http_match(pbhttp::Match::Path(string_match(
-            pbhttp::string_match::Match::Prefix("/users".into()),
-        )));
-        assert_eq!(
-            q.matcher,
-            all(vec![prefix("web.default.svc."), method, path])
-        );
-    }
-
-    #[test]
-    fn authorities_match_with_or_without_port() {
-        let exact = |a: &str| {
-            http_match(pbhttp::Match::Authority(string_match(
-                pbhttp::string_match::Match::Exact(a.into()),
-            )))
-        };
-        assert_eq!(authority_is("web:80"), exact("web:80"));
-        assert_eq!(
-            authority_is("web.example.com"),
-            any(vec![exact("web.example.com"), prefix("web.example.com:")])
-        );
-        let q = build_query(&r("authority/web:80"), None, None, None, None, "x").unwrap();
-        assert_eq!(q.matcher, Some(exact("web:80")));
-    }
-
-    #[test]
-    fn bad_flags_are_usage_errors() {
-        let err = build_query(&r("svc/web"), Some(&r("svc/db")), None, None, None, "d")
-            .expect_err("a service sends nothing");
-        assert!(err.contains("not a workload"), "{err}");
-        let err = build_query(&r("deploy/a"), Some(&r("deploy/b")), None, None, None, "d")
-            .expect_err("--to a workload");
-        assert!(err.contains("expected svc/NAME or authority/HOST"), "{err}");
-        let err = build_query(&r("deploy/a"), None, None, Some("G T"), None, "d").unwrap_err();
-        assert!(err.contains("bad --method"), "{err}");
-        let err = build_query(&r("deploy/a"), None, None, None, Some("users"), "d").unwrap_err();
-        assert!(err.contains("bad --path"), "{err}");
-        assert!(Resource::parse("widget/x")
-            .unwrap_err()
-            .contains("unknown resource kind"));
-    }
 
     #[test]
     fn the_tap_address_of_an_unspecified_ip_is_the_admins_host() {
@@ -876,5 +787,52 @@ mod tests {
         assert!(!a.done(), "one request still open");
         assert!(a.admit(1, &ev(EventKind::End, "1:1")));
         assert!(a.done());
+    }
+
+    #[test]
+    fn wide_fields_go_before_the_fields_with_spaces() {
+        let f = " dst_res=deployment/b";
+        assert_eq!(
+            wide_line("req id=1 :path=/x route=GET /x".into(), f),
+            "req id=1 :path=/x dst_res=deployment/b route=GET /x"
+        );
+        assert_eq!(
+            wide_line("rsp id=1 :status=504 proxy_error=route timeout".into(), f),
+            "rsp id=1 :status=504 dst_res=deployment/b proxy_error=route timeout"
+        );
+        assert_eq!(
+            wide_line("end id=1".into(), f),
+            "end id=1 dst_res=deployment/b"
+        );
+    }
+
+    #[test]
+    fn commands_parse_their_resources_alike() {
+        let peers = Peers {
+            to: Some("deployment/b".into()),
+            from: None,
+        };
+        let (res, to, _) = resources("deploy/a", &peers).unwrap();
+        assert_eq!(
+            what(&res, to.as_ref(), None),
+            "deployment/a to deployment/b"
+        );
+        let peers = Peers {
+            to: Some("deployment/data-service.remote-cluster".into()),
+            from: None,
+        };
+        let Err(Failure(code, e)) = resources("deploy/api-gateway", &peers) else {
+            panic!("accepted")
+        };
+        assert_eq!(code, 2);
+        assert!(
+            e.to_string().starts_with("not supported yet: multicluster"),
+            "{e}"
+        );
+        let peers = Peers {
+            to: None,
+            from: Some("svc/web".into()),
+        };
+        assert!(resources("deploy/a", &peers).is_err(), "--from a service");
     }
 }

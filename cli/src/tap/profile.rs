@@ -41,7 +41,7 @@ pub fn generalise(path: &str) -> (String, String) {
 }
 
 /// The observed routes: `(method, pathRegex)` -> (route name, requests seen).
-#[derive(Default, Debug)]
+#[derive(Clone, Default, Debug)]
 pub struct Routes {
     routes: BTreeMap<(String, String), (String, u64)>,
     pub requests: u64,
@@ -59,6 +59,16 @@ impl Routes {
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    fn merge(&mut self, other: &Routes) {
+        self.requests += other.requests;
+        for (key, (name, count)) in &other.routes {
+            self.routes
+                .entry(key.clone())
+                .or_insert_with(|| (name.clone(), 0))
+                .1 += count;
+        }
     }
 
     /// The ServiceProfile YAML for `fqdn` in `namespace`; `comment` heads it.
@@ -81,6 +91,80 @@ impl Routes {
             out.push_str(&format!("      pathRegex: {}\n", quote(re)));
         }
         out
+    }
+}
+
+/// A service: `(name, namespace)`.
+pub type ServiceName = (String, String);
+
+/// Requests observed on each side of the proxies tapped and for each service their authority
+/// names (`None`: one that names no in-cluster service), so a profile counts each request once
+/// (a request between two tapped proxies is seen by both: the client's outbound side and the
+/// server's inbound side) and holds one service's routes.
+#[derive(Default, Debug)]
+pub struct Observed {
+    by: BTreeMap<(bool, Option<ServiceName>), Routes>,
+}
+
+impl Observed {
+    /// One request, seen on the `inbound` side or not, for `authority`.
+    pub fn observe(&mut self, inbound: bool, authority: Option<&str>, method: &str, path: &str) {
+        let service = authority.and_then(crate::stat::resource::service_of_authority);
+        self.by
+            .entry((inbound, service))
+            .or_default()
+            .observe(method, path);
+    }
+
+    /// The service with the most requests (on its busier side, so none is counted twice);
+    /// ties go to the first by name.
+    pub fn busiest_service(&self) -> Option<ServiceName> {
+        let mut counts: BTreeMap<&ServiceName, (u64, u64)> = BTreeMap::new();
+        for ((inbound, service), routes) in &self.by {
+            let Some(service) = service else { continue };
+            let c = counts.entry(service).or_default();
+            if *inbound {
+                c.0 += routes.requests;
+            } else {
+                c.1 += routes.requests;
+            }
+        }
+        counts
+            .into_iter()
+            .map(|(s, (i, o))| (s, i.max(o)))
+            .fold(
+                None,
+                |best: Option<(&ServiceName, u64)>, (s, n)| match best {
+                    Some((_, m)) if m >= n => best,
+                    _ => Some((s, n)),
+                },
+            )
+            .map(|(s, _)| s.clone())
+    }
+
+    /// The routes of `service`: those requests for it (or for no in-cluster service) seen on
+    /// the inbound side, the requests it served, else on the outbound side, the requests its
+    /// clients sent. Requests for other services are left out.
+    pub fn routes_of(&self, service: &ServiceName) -> Routes {
+        let side = |inbound: bool| {
+            let mut routes = Routes::default();
+            for key in [(inbound, Some(service.clone())), (inbound, None)] {
+                if let Some(r) = self.by.get(&key) {
+                    routes.merge(r);
+                }
+            }
+            routes
+        };
+        let inbound = side(true);
+        if inbound.is_empty() {
+            side(false)
+        } else {
+            inbound
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by.values().all(Routes::is_empty)
     }
 }
 
@@ -154,5 +238,40 @@ mod tests {
         assert_eq!(v["spec"]["routes"][1]["condition"]["method"], "GET");
         assert_eq!(routes.requests, 4);
         assert_eq!(quote("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn each_request_is_counted_once_for_one_service() {
+        const B: &str = "b.default.svc.cluster.local:80";
+        const C: &str = "c.default.svc.cluster.local:80";
+        let b = ("b".to_string(), "default".to_string());
+        let mut seen = Observed::default();
+        // Three requests to b, seen by the client's outbound side and b's inbound side.
+        for i in 1..=3 {
+            seen.observe(false, Some(B), "GET", &format!("/users/{i}"));
+            seen.observe(true, Some(B), "GET", &format!("/users/{i}"));
+        }
+        // The client also calls c, and b is called once by a bare host name.
+        seen.observe(false, Some(C), "GET", "/c-only");
+        seen.observe(false, Some(C), "GET", "/c-only");
+        seen.observe(true, Some("10.0.0.5:8080"), "GET", "/health");
+        assert_eq!(seen.busiest_service(), Some(b.clone()));
+        let routes = seen.routes_of(&b);
+        assert_eq!(routes.requests, 4, "inbound only: {routes:?}");
+        let yaml = routes.yaml("b.default.svc.cluster.local", "default", "x");
+        assert!(
+            yaml.contains("# 3 request(s) observed\n  - name: 'GET /users/{id}'"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("'GET /health'"), "{yaml}");
+        assert!(!yaml.contains("c-only"), "{yaml}");
+
+        // Only clients tapped: their side.
+        let mut seen = Observed::default();
+        seen.observe(false, Some(B), "GET", "/x");
+        assert_eq!(seen.routes_of(&b).requests, 1);
+        assert!(!seen.is_empty());
+        assert!(Observed::default().is_empty());
+        assert_eq!(Observed::default().busiest_service(), None);
     }
 }

@@ -1,6 +1,8 @@
 //! `pylon top`: the busiest paths of the live traffic, from the proxies' tap streams: per
 //! method, authority and path, how many requests, the best, worst and last latency, and the
-//! success rate. Full-screen and live (ratatui), or one table with `--once DURATION`.
+//! success rate. Full-screen and live (ratatui), or one table with `--once DURATION`; `-o wide`
+//! splits the rows by destination (its workload, pod or service, else its address), `-o json`
+//! prints the rows of `--once` for machines.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +42,8 @@ pub struct Key {
     pub method: String,
     pub authority: String,
     pub path: String,
+    /// The destination, when the rows are split by it (`-o wide`); else empty.
+    pub destination: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -68,7 +72,8 @@ pub struct Paths {
 const MAX_OPEN: usize = 10_000;
 
 impl Paths {
-    pub fn observe(&mut self, proxy: usize, line: &Line) {
+    /// One event; a request's row is split by `destination` when one is given.
+    pub fn observe(&mut self, proxy: usize, line: &Line, destination: Option<String>) {
         let id = (proxy, line.id.clone());
         match line.kind {
             Some(Kind::Req) => {
@@ -79,6 +84,7 @@ impl Paths {
                     method: line.method.clone().unwrap_or_default(),
                     authority: line.authority.clone().unwrap_or_default(),
                     path: line.path.clone().unwrap_or_default(),
+                    destination: destination.unwrap_or_default(),
                 };
                 self.open.insert(id, (key, None, true));
             }
@@ -136,6 +142,15 @@ const HEADERS: [&str; 8] = [
     "SUCCESS",
 ];
 
+/// The headers, with DESTINATION after AUTHORITY when `wide`.
+fn headers(wide: bool) -> Vec<&'static str> {
+    let mut h = HEADERS.to_vec();
+    if wide {
+        h.insert(2, "DESTINATION");
+    }
+    h
+}
+
 fn latency(us: Option<u64>) -> String {
     match us {
         None => "-".to_owned(),
@@ -145,8 +160,8 @@ fn latency(us: Option<u64>) -> String {
     }
 }
 
-fn cells(key: &Key, s: &Stats) -> [String; 8] {
-    [
+fn cells(key: &Key, s: &Stats, wide: bool) -> Vec<String> {
+    let mut cells = vec![
         key.method.clone(),
         key.authority.clone(),
         key.path.clone(),
@@ -155,33 +170,74 @@ fn cells(key: &Key, s: &Stats) -> [String; 8] {
         latency(s.worst_us),
         latency(s.last_us),
         fmt_percent(s.success()),
-    ]
+    ];
+    if wide {
+        let dst = if key.destination.is_empty() {
+            "-".to_owned()
+        } else {
+            key.destination.clone()
+        };
+        cells.insert(2, dst);
+    }
+    cells
 }
 
 /// The table as text (for `--once`).
-pub fn render_text(paths: &Paths, by: SortBy) -> String {
+pub fn render_text(paths: &Paths, by: SortBy, wide: bool) -> String {
     let rows: Vec<Vec<String>> = paths
         .sorted(by)
         .into_iter()
-        .map(|(k, s)| cells(k, s).to_vec())
+        .map(|(k, s)| cells(k, s, wide))
         .collect();
-    crate::stat::view::table(&HEADERS, &rows)
+    crate::stat::view::table(&headers(wide), &rows)
+}
+
+/// The rows as JSON (for `--once -o json`): latencies in microseconds, success as a ratio.
+pub fn render_json(paths: &Paths, by: SortBy) -> String {
+    let rows: Vec<serde_json::Value> = paths
+        .sorted(by)
+        .into_iter()
+        .map(|(k, s)| {
+            let mut row = serde_json::json!({
+                "method": k.method,
+                "authority": k.authority,
+                "path": k.path,
+                "count": s.count,
+                "success_rate": s.success(),
+                "best_us": s.best_us,
+                "worst_us": s.worst_us,
+                "last_us": s.last_us,
+            });
+            if let (Some(obj), false) = (row.as_object_mut(), k.destination.is_empty()) {
+                obj.insert("destination".into(), k.destination.clone().into());
+            }
+            row
+        })
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({ "rows": rows }))
+        .map(|s| s + "\n")
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}\n"))
 }
 
 /// The live view: redraws twice a second until `q` (or Esc, or Ctrl-C); `s` changes the sort.
-pub fn interactive(paths: Arc<Mutex<Paths>>, title: String, mut by: SortBy) -> std::io::Result<()> {
+pub fn interactive(
+    paths: Arc<Mutex<Paths>>,
+    title: String,
+    mut by: SortBy,
+    wide: bool,
+) -> std::io::Result<()> {
     let mut terminal = ratatui::init();
     let result = (|| loop {
         let snapshot = {
             let p = paths.lock().unwrap_or_else(|e| e.into_inner());
             p.sorted(by)
                 .into_iter()
-                .map(|(k, s)| cells(k, s))
+                .map(|(k, s)| cells(k, s, wide))
                 .collect::<Vec<_>>()
         };
         terminal.draw(|frame| {
             let rows = snapshot.iter().map(|c| Row::new(c.clone()));
-            let widths = [
+            let mut widths = vec![
                 Constraint::Length(7),
                 Constraint::Percentage(25),
                 Constraint::Percentage(35),
@@ -191,8 +247,11 @@ pub fn interactive(paths: Arc<Mutex<Paths>>, title: String, mut by: SortBy) -> s
                 Constraint::Length(9),
                 Constraint::Length(9),
             ];
+            if wide {
+                widths.insert(2, Constraint::Percentage(20));
+            }
             let table = Table::new(rows, widths)
-                .header(Row::new(HEADERS).style(Style::new().add_modifier(Modifier::BOLD)))
+                .header(Row::new(headers(wide)).style(Style::new().add_modifier(Modifier::BOLD)))
                 .block(
                     Block::bordered()
                         .title(format!(" {title} — sorted by {by:?} (s: sort, q: quit) ")),
@@ -241,12 +300,12 @@ mod tests {
         req.method = Some("GET".into());
         req.authority = Some("web:80".into());
         req.path = Some(path.into());
-        paths.observe(0, &req);
+        paths.observe(0, &req, None);
         let mut rsp = line(Kind::Rsp, id);
         rsp.status = Some(status);
         rsp.latency_us = Some(latency_us);
-        paths.observe(0, &rsp);
-        paths.observe(0, &line(Kind::End, id));
+        paths.observe(0, &rsp, None);
+        paths.observe(0, &line(Kind::End, id), None);
     }
 
     #[test]
@@ -266,10 +325,45 @@ mod tests {
         );
         assert_eq!(paths.sorted(SortBy::Worst)[0].0.path, "/b");
         assert_eq!(paths.sorted(SortBy::Success)[0].0.path, "/a");
-        let text = render_text(&paths, SortBy::Count);
+        let text = render_text(&paths, SortBy::Count, false);
         assert!(text.starts_with("METHOD"), "{text}");
         assert!(text.contains("66.67%") && text.contains("500µs") && text.contains("9.0ms"));
         assert!(text.contains("20ms"), "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&render_json(&paths, SortBy::Count)).unwrap();
+        assert_eq!(json["rows"][0]["path"], "/a");
+        assert_eq!(json["rows"][0]["count"], 3);
+        assert_eq!(json["rows"][0]["worst_us"], 9_000);
+        assert!(json["rows"][0].get("destination").is_none());
+    }
+
+    #[test]
+    fn wide_rows_are_split_by_destination() {
+        let mut paths = Paths::default();
+        for (id, dst) in [
+            ("1", "deployment/b"),
+            ("2", "deployment/b"),
+            ("3", "pod/c-0"),
+        ] {
+            let mut req = line(Kind::Req, id);
+            req.method = Some("GET".into());
+            req.authority = Some("b:80".into());
+            req.path = Some("/x".into());
+            paths.observe(0, &req, Some(dst.into()));
+            paths.observe(0, &line(Kind::End, id), None);
+        }
+        let text = render_text(&paths, SortBy::Count, true);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("METHOD   AUTHORITY   DESTINATION"),
+            "{text}"
+        );
+        let cols: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(cols[2], "deployment/b", "{text}");
+        assert_eq!(cols[4], "2", "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&render_json(&paths, SortBy::Count)).unwrap();
+        assert_eq!(json["rows"][1]["destination"], "pod/c-0");
     }
 
     #[test]
@@ -277,20 +371,20 @@ mod tests {
         let mut paths = Paths::default();
         let mut req = line(Kind::Req, "1");
         req.path = Some("/x".into());
-        paths.observe(0, &req);
+        paths.observe(0, &req, None);
         let mut rsp = line(Kind::Rsp, "1");
         rsp.status = Some(200);
         rsp.proxy_error = Some("no endpoints".into());
-        paths.observe(0, &rsp);
-        paths.observe(0, &line(Kind::End, "1"));
-        paths.observe(1, &req);
+        paths.observe(0, &rsp, None);
+        paths.observe(0, &line(Kind::End, "1"), None);
+        paths.observe(1, &req, None);
         let mut end = line(Kind::End, "1");
         end.reset_error = Some(8);
-        paths.observe(1, &end);
+        paths.observe(1, &end, None);
         let stats = paths.sorted(SortBy::Count)[0].1.clone();
         assert_eq!((stats.count, stats.ok), (2, 0));
         // An end without its request is ignored.
-        paths.observe(0, &line(Kind::End, "nope"));
+        paths.observe(0, &line(Kind::End, "nope"), None);
         assert_eq!(paths.sorted(SortBy::Count)[0].1.count, 2);
     }
 }

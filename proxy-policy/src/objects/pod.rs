@@ -35,6 +35,9 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     /// `status.phase` is `Running` and the `Ready` condition is `True`.
     pub ready: bool,
+    /// `metadata.deletionTimestamp` is set: the pod is shutting down, and Kubernetes takes it
+    /// out of its Services' ready endpoints even while its `Ready` condition still says `True`.
+    pub terminating: bool,
     /// A proxy container (or native sidecar) runs beside the app: its endpoints speak mesh TLS.
     pub meshed: bool,
     /// Named container ports (`name` -> number), for Servers and Services that name a port.
@@ -174,6 +177,7 @@ pub struct Namespace {
 
 pub(super) fn parse_pod(root: &Mapping, meta: ObjectMeta) -> Result<Pod, FieldError> {
     let meta_map = req_mapping(root, "", "metadata")?;
+    let terminating = get(meta_map, "deletionTimestamp").is_some_and(|v| !v.is_null());
     let mut owner = None;
     for (i, item) in opt_seq(meta_map, "metadata", "ownerReferences")?
         .iter()
@@ -260,6 +264,7 @@ pub(super) fn parse_pod(root: &Mapping, meta: ObjectMeta) -> Result<Pod, FieldEr
         service_account: service_account.into(),
         ips,
         ready: running && ready_condition,
+        terminating,
         meshed,
         named_ports,
     })

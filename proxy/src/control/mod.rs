@@ -223,7 +223,7 @@ pub(crate) async fn follow<T, O, F>(
             "control_plane_stream_failed",
             api,
             target,
-            code = ?error.code(),
+            code = %error.code(),
             error = %error.message(),
             retry_in_ms = delay.as_millis() as u64,
             "control plane stream failed; keeping the last state and retrying"

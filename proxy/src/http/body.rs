@@ -2,6 +2,7 @@
 //! metrics, its access-log line, releasing the endpoint's load) waits until the stream ends or is
 //! dropped, because a response isn't over until its last frame: gRPC reports failure in trailers.
 
+use std::cell::Cell;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -81,10 +82,12 @@ impl RouteRecord {
     }
 }
 
-/// What to record when the client cancels a request before its response: hyper drops the
-/// request's future when the client resets its stream or closes its connection, so nothing
-/// else would record it. A cancellation is the client's doing: recorded with no status as
-/// `client aborted request`, never as a failure.
+/// What to record when a request is cancelled before its response: hyper drops the request's
+/// future when the client resets its stream or closes its connection, so nothing else would
+/// record it. A cancellation is the client's doing (recorded with no status as `client aborted
+/// request`, never as a failure) unless a layer above abandoned the attempt for a reason of
+/// its own (see [`abandon`]): then it is recorded as that proxy error, the response the client
+/// got.
 pub trait OnCancel {
     fn cancelled(self);
 }
@@ -111,17 +114,52 @@ impl<T: OnCancel> Drop for RecordIfCancelled<T> {
     }
 }
 
+thread_local! {
+    /// Why the attempt being dropped on this thread was abandoned, while [`abandon`] drops it.
+    /// Dropping a future drops everything it holds at once, on this thread, so the records
+    /// inside read it as they go; nothing on the request path pays for it otherwise.
+    static ABANDONED_FOR: Cell<Option<ProxyError>> = const { Cell::new(None) };
+}
+
+/// Drops `attempt` (a request's future below the caller), which the caller gave up on with
+/// `reason` (a route timeout): what the attempt was recording (its metrics, its tap events)
+/// records the response the client gets, not a client that went away.
+pub fn abandon<T>(attempt: T, reason: ProxyError) {
+    struct Restore(Option<ProxyError>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ABANDONED_FOR.with(|a| a.set(self.0));
+        }
+    }
+    let _restore = Restore(ABANDONED_FOR.with(|a| a.replace(Some(reason))));
+    drop(attempt);
+}
+
+/// The reason the attempt being dropped now was abandoned with, if it was (see [`abandon`]).
+pub fn abandoned_for() -> Option<ProxyError> {
+    ABANDONED_FOR.with(Cell::get)
+}
+
 fn record_cancelled<L: pylon_proxy_metrics::HandleLabels>(
     metrics: &pylon_proxy_metrics::HttpTarget<L>,
     start: Instant,
 ) {
-    metrics.classified_response(
-        None,
-        None,
-        Some(ProxyError::ClientAborted.reason()),
-        Classification::Success,
-        start.elapsed(),
-    );
+    match abandoned_for() {
+        Some(err) => metrics.classified_response(
+            Some(err.status().as_u16()),
+            None,
+            Some(err.reason()),
+            err.classification(),
+            start.elapsed(),
+        ),
+        None => metrics.classified_response(
+            None,
+            None,
+            Some(ProxyError::ClientAborted.reason()),
+            Classification::Success,
+            start.elapsed(),
+        ),
+    }
 }
 
 impl OnCancel for RouteRecord {
@@ -134,11 +172,16 @@ impl OnCancel for RouteRecord {
 pub struct Pending {
     pub metrics: HttpTarget,
     pub start: Instant,
+    pub access: Option<Box<AccessEntry>>,
 }
 
 impl OnCancel for Pending {
     fn cancelled(self) {
-        record_cancelled(&self.metrics, self.start);
+        match abandoned_for() {
+            // The proxy answered for it: recorded, and logged, as that response.
+            Some(err) => record_proxy_error(&self.metrics, err, self.start, self.access),
+            None => record_cancelled(&self.metrics, self.start),
+        }
     }
 }
 

@@ -22,11 +22,13 @@ use pylon_proxy_metrics::HttpTarget;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
+use super::errors::{Malformed, L5D_PROXY_ERROR_HEADER};
 use super::pool::Http1Pool;
 use super::request_body::{ClientBodyOutcome, RequestBody};
 use super::{headers, orig_proto, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody};
 use crate::connect::Connect;
 use crate::mesh_tls::Alpn;
+use crate::names::EndpointNames;
 
 /// Where a request goes, set by the layer that chose it (the balancer outbound, the workload's
 /// port inbound).
@@ -115,6 +117,12 @@ impl EndpointTarget {
             Transport::H2 => self.h2.ready().await,
             Transport::H1 => self.h1.ensure_idle().await,
         }
+    }
+
+    /// Discovery's names for the endpoint (its pod and workload), for the logs: kept with its
+    /// connections, so a target cloned per request carries nothing more.
+    pub fn names(&self) -> &Arc<EndpointNames> {
+        self.h1.names()
     }
 
     /// The same endpoint and connections, named (and recorded) as another destination.
@@ -246,7 +254,7 @@ impl ClientInner {
             if target.meshed {
                 // The tunnel carries whatever the client sends (often its own TLS); it goes
                 // to the endpoint's address as asked, outside mesh TLS.
-                tracing::debug!(endpoint = %target.addr, "CONNECT to a meshed endpoint is tunnelled without mesh TLS");
+                tracing::debug!(endpoint = %target.addr, endpoint_pod = target.names().pod(), endpoint_workload = target.names().workload(), "CONNECT to a meshed endpoint is tunnelled without mesh TLS");
             }
             let on_upgrade = hyper::upgrade::on(&mut req);
             return upgrade::connect(&self.tunnels, on_upgrade, target.addr, self.connect_timeout)
@@ -290,6 +298,12 @@ impl ClientInner {
             (rsp, None)
         };
 
+        // One integer comparison per response; the header is looked for only on errors.
+        if rsp.status().as_u16() >= 400 {
+            if let Some(peer) = rsp.headers().get(L5D_PROXY_ERROR_HEADER) {
+                log_peer_proxy_error(&target, rsp.status(), peer);
+            }
+        }
         if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // The connection now belongs to the tunnel, never back to the pool.
             if let Some(client) = client_upgrade {
@@ -331,6 +345,45 @@ impl<B: Into<RequestBody> + Send + 'static> Service<Request<B>> for EndpointClie
                 .ok_or(ProxyError::NoEndpoints)?;
             this.exchange(target, req).await
         })
+    }
+}
+
+/// The endpoint's own proxy made this response (a meshed endpoint's inbound proxy, for a
+/// malformed answer from its app, a denial, a timeout), and says why in `l5d-proxy-error`:
+/// logged here too, naming the endpoint by address and pod, so this side's log says what
+/// the other side saw. At error for a protocol error (the app behind it is broken, as that
+/// proxy logs it), else at warn; rate-limited, as a peer can repeat it on every request.
+fn log_peer_proxy_error(target: &EndpointTarget, status: StatusCode, message: &HeaderValue) {
+    // A peer's header: shown as text, and not at any length.
+    const MAX: usize = 256;
+    let bytes = message.as_bytes();
+    let message = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]);
+    let names = target.names();
+    let status = status.as_u16();
+    if message.starts_with(ProxyError::EndpointProtocol(Malformed::Other).reason()) {
+        crate::error_limited!(
+            "peer_endpoint_protocol_error",
+            destination = %target.destination,
+            endpoint = %target.addr,
+            endpoint_pod = names.pod(),
+            endpoint_workload = names.workload(),
+            endpoint_namespace = names.namespace(),
+            status,
+            error = %message,
+            "the endpoint's proxy answered {status}: {message}"
+        );
+    } else {
+        crate::warn_limited!(
+            "peer_proxy_error",
+            destination = %target.destination,
+            endpoint = %target.addr,
+            endpoint_pod = names.pod(),
+            endpoint_workload = names.workload(),
+            endpoint_namespace = names.namespace(),
+            status,
+            error = %message,
+            "the endpoint's proxy answered {status}: {message}"
+        );
     }
 }
 
@@ -386,7 +439,7 @@ impl H2Connection {
             Err(error) => return Err(SendError::unsent(error, req)),
         };
         sender.try_send_request(req).await.map_err(|mut e| {
-            let error = ProxyError::from_upstream(e.error());
+            let error = ProxyError::from_endpoint(e.error(), &self.connect);
             match e.take_message() {
                 Some(req) => SendError::unsent(error, req),
                 None => SendError::sent(error),
@@ -432,11 +485,12 @@ impl H2Connection {
             .adaptive_window(true)
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ProxyError::from_upstream(&e))?;
+            .map_err(|e| ProxyError::from_endpoint(&e, &self.connect))?;
         let addr = self.connect.addr();
+        let names = self.connect.names().clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %addr, error = %e, "h2 endpoint connection closed");
+                tracing::debug!(endpoint = %addr, endpoint_pod = names.pod(), endpoint_workload = names.workload(), error = %e, "h2 endpoint connection closed");
             }
         });
         self.sender.store(Some(Arc::new(sender.clone())));

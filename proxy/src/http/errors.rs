@@ -19,6 +19,9 @@ use super::{BoxFuture, ProxyResponse, ResponseBody};
 use crate::connect::TlsFailure;
 
 pub const PROXY_ERROR_HEADER: &str = "pylon-proxy-error";
+/// Linkerd's name for the same header: Linkerd's tools (and its tap's response headers) read
+/// this one, so every proxy-made response carries both.
+pub const L5D_PROXY_ERROR_HEADER: &str = "l5d-proxy-error";
 
 const GRPC_CANCELLED: u32 = 1;
 const GRPC_INVALID_ARGUMENT: u32 = 3;
@@ -44,8 +47,10 @@ pub enum ProxyError {
     ConnectionRefused,
     #[error("endpoint connection reset")]
     ConnectionReset,
+    /// The endpoint broke HTTP (a malformed response, most often): what was malformed, when
+    /// hyper said.
     #[error("endpoint protocol error")]
-    EndpointProtocol,
+    EndpointProtocol(Malformed),
     /// Mesh TLS with a meshed endpoint failed (wrong identity, unknown CA, ...). Never a
     /// reason to fall back to plaintext.
     #[error("{}", .0.reason())]
@@ -87,7 +92,7 @@ impl ProxyError {
             Self::NoEndpoints | Self::Unresolvable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ConnectionRefused
             | Self::ConnectionReset
-            | Self::EndpointProtocol
+            | Self::EndpointProtocol(_)
             | Self::TlsHandshake(_) => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout | Self::ResponseTimeout | Self::RouteTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -135,7 +140,7 @@ impl ProxyError {
             Self::NoEndpoints
             | Self::ConnectionRefused
             | Self::ConnectionReset
-            | Self::EndpointProtocol
+            | Self::EndpointProtocol(_)
             | Self::TlsHandshake(_)
             | Self::Unresolvable
             | Self::LoopDetected => GRPC_UNAVAILABLE,
@@ -149,7 +154,7 @@ impl ProxyError {
             self,
             Self::ConnectionRefused
                 | Self::ConnectionReset
-                | Self::EndpointProtocol
+                | Self::EndpointProtocol(_)
                 | Self::ConnectTimeout
                 | Self::TlsHandshake(_)
         )
@@ -167,7 +172,7 @@ impl ProxyError {
             Self::NoEndpoints => "no endpoints",
             Self::ConnectionRefused => "endpoint connection refused",
             Self::ConnectionReset => "endpoint connection reset",
-            Self::EndpointProtocol => "endpoint protocol error",
+            Self::EndpointProtocol(_) => "endpoint protocol error",
             Self::TlsHandshake(failure) => failure.reason(),
             Self::ConnectTimeout => "connect timeout",
             Self::ResponseTimeout => "response timeout",
@@ -183,11 +188,27 @@ impl ProxyError {
         }
     }
 
+    /// The reason with what the proxy knows more, for people rather than metrics: a malformed
+    /// response says what hyper found malformed (`endpoint protocol error: invalid HTTP
+    /// header parsed`). Linkerd's `l5d-proxy-error` carries its errors' messages so; the
+    /// proxy in front of the client passes it on, and its log and tap show it. Still a fixed
+    /// set of values.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::EndpointProtocol(malformed) => malformed.message(),
+            other => other.reason(),
+        }
+    }
+
     /// The response the client gets: the HTTP status with the reason as text, or for a gRPC
     /// request a trailers-only gRPC error (HTTP 200, `grpc-status`, `grpc-message`), as Linkerd
-    /// answers. Both carry `pylon-proxy-error`.
+    /// answers. Both carry the reason in `pylon-proxy-error` and the [`message`] in Linkerd's
+    /// `l5d-proxy-error`.
+    ///
+    /// [`message`]: Self::message
     pub fn response(self, grpc: bool) -> Response<ResponseBody> {
         let reason = HeaderValue::from_static(self.reason());
+        let message = HeaderValue::from_static(self.message());
         if grpc {
             let mut rsp = Response::new(ResponseBody::empty());
             let headers = rsp.headers_mut();
@@ -197,16 +218,18 @@ impl ProxyError {
             );
             headers.insert("grpc-status", HeaderValue::from(self.grpc_status()));
             // The reasons are printable ASCII without '%': valid grpc-message as they are.
-            headers.insert("grpc-message", reason.clone());
+            headers.insert("grpc-message", message.clone());
+            headers.insert(L5D_PROXY_ERROR_HEADER, message);
             headers.insert(PROXY_ERROR_HEADER, reason);
             return rsp;
         }
         let mut rsp = Response::new(ResponseBody::full(Bytes::from(format!(
             "{}\n",
-            self.reason()
+            self.message()
         ))));
         *rsp.status_mut() = self.status();
         let headers = rsp.headers_mut();
+        headers.insert(L5D_PROXY_ERROR_HEADER, message);
         headers.insert(PROXY_ERROR_HEADER, reason);
         headers.insert(
             http::header::CONTENT_TYPE,
@@ -225,7 +248,39 @@ impl ProxyError {
         }
     }
 
-    /// Classifies a failure to get a response from an endpoint.
+    /// Classifies a failure of the endpoint `connect` reaches, as [`from_upstream`]. An endpoint
+    /// that broke the protocol (a malformed status line or header, a bad h2 frame) is logged
+    /// here, at error, with what was malformed (the error's whole cause chain, e.g. "invalid
+    /// HTTP header parsed") and which endpoint sent it: its 502 and the `error` label only say
+    /// `endpoint protocol error`. Error, not warn: unlike a reset or a timeout it is a defect of
+    /// that workload that retries and time won't heal, and the mesh is turning its answers into
+    /// failures, so it belongs with what an operator filters for first
+    /// (`jq 'select(.level == "ERROR")'`).
+    ///
+    /// [`from_upstream`]: Self::from_upstream
+    pub fn from_endpoint(
+        err: &(dyn std::error::Error + 'static),
+        connect: &crate::connect::Connect,
+    ) -> Self {
+        let classified = Self::from_upstream(err);
+        if let Self::EndpointProtocol(_) = classified {
+            let names = connect.names();
+            crate::error_limited!(
+                "endpoint_protocol_error",
+                destination = names.destination(),
+                endpoint = %connect.addr(),
+                endpoint_pod = names.pod(),
+                endpoint_workload = names.workload(),
+                endpoint_namespace = names.namespace(),
+                error = %classified,
+                cause = %Causes(err),
+                "endpoint protocol error: {}",
+                Causes(err)
+            );
+        }
+        classified
+    }
+
     pub fn from_upstream(err: &(dyn std::error::Error + 'static)) -> Self {
         // A meshed endpoint may refuse this proxy's certificate only after the client side of
         // the handshake is done (TLS 1.3): then the alert arrives as the first read's error.
@@ -242,7 +297,7 @@ impl ProxyError {
                     | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::BrokenPipe
                     | std::io::ErrorKind::UnexpectedEof => Self::ConnectionReset,
-                    _ => Self::EndpointProtocol,
+                    _ => Self::EndpointProtocol(Malformed::Other),
                 };
             }
             if let Some(h) = e.downcast_ref::<hyper::Error>() {
@@ -252,6 +307,9 @@ impl ProxyError {
                 if h.is_timeout() {
                     return Self::ResponseTimeout;
                 }
+                if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+                    return Self::EndpointProtocol(Malformed::of(h));
+                }
             }
             if let Some(h2) = e.downcast_ref::<h2::Error>() {
                 if h2.is_reset() || h2.is_go_away() || h2.is_io() {
@@ -260,7 +318,83 @@ impl ProxyError {
             }
             cur = e.source();
         }
-        Self::EndpointProtocol
+        Self::EndpointProtocol(Malformed::Other)
+    }
+}
+
+/// What an endpoint's malformed response got wrong, as hyper reports it. hyper's messages
+/// are a fixed set, and so are these: safe in a response header and in a tap event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Malformed {
+    StatusLine,
+    Version,
+    Header,
+    ContentLength,
+    TransferEncoding,
+    HeadTooLarge,
+    /// Something else (hyper didn't say, or not in words we know).
+    Other,
+}
+
+impl Malformed {
+    /// hyper's error, by its message (hyper names its parse errors only in words).
+    fn of(err: &hyper::Error) -> Self {
+        if err.is_parse_status() {
+            return Self::StatusLine;
+        }
+        if err.is_parse_too_large() {
+            return Self::HeadTooLarge;
+        }
+        let message = err.to_string();
+        match message.as_str() {
+            "invalid HTTP header parsed" => Self::Header,
+            "invalid content-length parsed" => Self::ContentLength,
+            "invalid transfer-encoding parsed" | "unexpected transfer-encoding parsed" => {
+                Self::TransferEncoding
+            }
+            m if m.starts_with("invalid HTTP version parsed") => Self::Version,
+            _ => Self::Other,
+        }
+    }
+
+    /// `endpoint protocol error`, with hyper's words for what was malformed.
+    fn message(self) -> &'static str {
+        match self {
+            Self::StatusLine => "endpoint protocol error: invalid HTTP status-code parsed",
+            Self::Version => "endpoint protocol error: invalid HTTP version parsed",
+            Self::Header => "endpoint protocol error: invalid HTTP header parsed",
+            Self::ContentLength => "endpoint protocol error: invalid content-length parsed",
+            Self::TransferEncoding => {
+                "endpoint protocol error: unexpected transfer-encoding parsed"
+            }
+            Self::HeadTooLarge => "endpoint protocol error: message head is too large",
+            Self::Other => "endpoint protocol error",
+        }
+    }
+}
+
+/// An error and its sources, as one line (`outer: inner: innermost`), each message once.
+pub struct Causes<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut last = String::new();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self.0);
+        let mut first = true;
+        while let Some(e) = cur {
+            let msg = e.to_string();
+            // Some errors repeat their source's message in their own; say it once.
+            if !msg.is_empty() && !last.contains(&msg) {
+                if !first {
+                    f.write_str(": ")?;
+                }
+                f.write_str(&msg)?;
+                first = false;
+            }
+            last = msg;
+            cur = e.source();
+        }
+        Ok(())
     }
 }
 
@@ -336,6 +470,31 @@ mod tests {
     }
 
     #[test]
+    fn causes_read_as_one_line_each_message_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error sending request")]
+        struct Outer(#[source] Middle);
+        #[derive(Debug, thiserror::Error)]
+        #[error("invalid HTTP header parsed")]
+        struct Middle(#[source] Inner);
+        // An error that repeats its source's message in its own.
+        #[derive(Debug, thiserror::Error)]
+        #[error("invalid HTTP header parsed")]
+        struct Inner;
+        assert_eq!(
+            Causes(&Outer(Middle(Inner))).to_string(),
+            "error sending request: invalid HTTP header parsed"
+        );
+        let io = std::io::Error::other("connection closed");
+        assert_eq!(Causes(&io).to_string(), "connection closed");
+        // What `from_endpoint` logs them for: they are the endpoint's protocol errors.
+        assert_eq!(
+            ProxyError::from_upstream(&Outer(Middle(Inner))),
+            ProxyError::EndpointProtocol(Malformed::Other)
+        );
+    }
+
+    #[test]
     fn tls_failures_are_bad_gateways_that_count_against_the_endpoint() {
         let err = ProxyError::TlsHandshake(TlsFailure::WrongIdentity);
         assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
@@ -353,6 +512,7 @@ mod tests {
         let rsp = ProxyError::NoEndpoints.response(false);
         assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(rsp.headers()[PROXY_ERROR_HEADER], "no endpoints");
+        assert_eq!(rsp.headers()[L5D_PROXY_ERROR_HEADER], "no endpoints");
     }
 
     #[test]
@@ -371,6 +531,7 @@ mod tests {
             assert_eq!(rsp.headers()["grpc-status"], code.to_string().as_str());
             assert_eq!(rsp.headers()["grpc-message"], err.reason());
             assert_eq!(rsp.headers()[PROXY_ERROR_HEADER], err.reason());
+            assert_eq!(rsp.headers()[L5D_PROXY_ERROR_HEADER], err.reason());
             // Trailers-only: the status is in the headers and the stream ends with them.
             assert!(http_body::Body::is_end_stream(rsp.body()));
         }
@@ -401,7 +562,9 @@ mod tests {
             ProxyError::NoEndpoints,
             ProxyError::ConnectionRefused,
             ProxyError::ConnectionReset,
-            ProxyError::EndpointProtocol,
+            ProxyError::EndpointProtocol(Malformed::Other),
+            ProxyError::EndpointProtocol(Malformed::Header),
+            ProxyError::EndpointProtocol(Malformed::StatusLine),
             ProxyError::TlsHandshake(F::WrongIdentity),
             ProxyError::TlsHandshake(F::UnknownCa),
             ProxyError::TlsHandshake(F::CertificateNotValidNow),
@@ -422,12 +585,31 @@ mod tests {
             ProxyError::Unauthorized,
         ];
         for err in all {
-            let r = err.reason();
-            assert!(
-                r.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%'),
-                "{r:?}"
-            );
+            for r in [err.reason(), err.message()] {
+                assert!(
+                    r.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%'),
+                    "{r:?}"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn a_malformed_response_says_what_in_linkerds_header_only() {
+        let err = ProxyError::EndpointProtocol(Malformed::Header);
+        let rsp = err.response(false);
+        assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+        // The reason stays the metrics' fixed one; the message says what was malformed.
+        assert_eq!(rsp.headers()[PROXY_ERROR_HEADER], "endpoint protocol error");
+        assert_eq!(
+            rsp.headers()[L5D_PROXY_ERROR_HEADER],
+            "endpoint protocol error: invalid HTTP header parsed"
+        );
+        assert_eq!(err.to_string(), "endpoint protocol error");
+        assert_eq!(
+            ProxyError::EndpointProtocol(Malformed::Other).message(),
+            "endpoint protocol error"
+        );
     }
 
     #[test]

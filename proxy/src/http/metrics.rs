@@ -14,6 +14,7 @@ use super::body::{record_on_end, record_proxy_error, Pending, RecordIfCancelled,
 use super::client::{EndpointTarget, UnsentSlot};
 use super::{BoxFuture, ProxyError, ProxyResponse};
 use crate::access_log::AccessEntry;
+use crate::names::EndpointNames;
 use crate::profiles::RouteState;
 
 #[derive(Clone, Copy, Debug)]
@@ -71,7 +72,7 @@ where
         let access = match (&target, self.layer.access_log) {
             (Some(t), true) => {
                 let mut entry = AccessEntry::new(direction, &req, &t.destination);
-                entry.set_endpoint(t.addr);
+                entry.set_endpoint(t.addr, t.names());
                 Some(entry)
             }
             _ => None,
@@ -80,16 +81,22 @@ where
             m.request();
         }
         let response = self.inner.call(req);
-        let mut pending = metrics.map(|metrics| RecordIfCancelled::new(Pending { metrics, start }));
+        let mut pending = metrics.map(|metrics| {
+            RecordIfCancelled::new(Pending {
+                metrics,
+                start,
+                access,
+            })
+        });
         Box::pin(async move {
             let result = response.await;
-            let metrics = pending
-                .as_mut()
-                .and_then(RecordIfCancelled::answered)
-                .map(|p| p.metrics);
+            let answered = pending.as_mut().and_then(RecordIfCancelled::answered);
             match result {
                 Ok(mut rsp) => {
-                    if let Some(metrics) = metrics {
+                    if let Some(Pending {
+                        metrics, access, ..
+                    }) = answered
+                    {
                         let recorder = Recorder {
                             metrics,
                             start,
@@ -101,10 +108,7 @@ where
                     Ok(rsp)
                 }
                 Err(err) => {
-                    let (destination, endpoint) = match &target {
-                        Some(t) => (&*t.destination, Some(t.addr)),
-                        None => ("", None),
-                    };
+                    let destination = target.as_ref().map_or("", |t| &*t.destination);
                     // A request handed back unsent goes to another endpoint: the balancer says
                     // so; the client isn't answered with this error.
                     let handed_back = target
@@ -112,12 +116,13 @@ where
                         .and_then(|t| t.unsent.as_ref())
                         .is_some_and(UnsentSlot::is_filled);
                     if handed_back {
-                        tracing::debug!(direction, destination, endpoint = endpoint.map(tracing::field::display), error = %err, "request handed back unsent");
+                        let endpoint = target.as_ref().map(|t| tracing::field::display(t.addr));
+                        tracing::debug!(direction, destination, endpoint, error = %err, "request handed back unsent");
                     } else {
-                        log_proxy_error(direction, destination, endpoint, err);
+                        log_proxy_error(direction, destination, target.as_ref(), err);
                     }
-                    if let Some(m) = &metrics {
-                        record_proxy_error(m, err, start, access);
+                    if let Some(p) = answered {
+                        record_proxy_error(&p.metrics, err, start, p.access);
                     }
                     Err(err)
                 }
@@ -127,33 +132,51 @@ where
 }
 
 /// Logs a proxy-made error response at warn, rate-limited: a client can cause one per request.
-/// The client's own errors are a separate event, so they can't hide the destination's.
+/// The client's own errors are a separate event, so they can't hide the destination's. The
+/// endpoint, when there was one, is named by its address and, when discovery knows them, its
+/// pod and workload.
 pub fn log_proxy_error(
     direction: &'static str,
     destination: &str,
-    endpoint: Option<std::net::SocketAddr>,
+    endpoint: Option<&EndpointTarget>,
     err: ProxyError,
 ) {
     let status = err.status().as_u16();
+    let addr = endpoint.map(|t| tracing::field::display(t.addr));
+    let names = endpoint.map(|t| &**t.names());
+    let pod = names.and_then(EndpointNames::pod);
+    let workload = names.and_then(EndpointNames::workload);
+    let namespace = names.and_then(EndpointNames::namespace);
+    // An unnamed destination (a request refused before it named one) is left out.
+    let destination = (!destination.is_empty()).then_some(destination);
     if err.caused_by_client() {
-        crate::warn_limited!("client_error", direction, destination, endpoint = endpoint.map(tracing::field::display), error = %err, "proxy error response {status} (the client's)");
+        crate::warn_limited!("client_error", direction, destination, endpoint = addr, endpoint_pod = pod, endpoint_workload = workload, endpoint_namespace = namespace, error = %err, "proxy error response {status} (the client's)");
     } else {
-        crate::warn_limited!("proxy_error", direction, destination, endpoint = endpoint.map(tracing::field::display), error = %err, "proxy error response {status}");
+        crate::warn_limited!("proxy_error", direction, destination, endpoint = addr, endpoint_pod = pod, endpoint_workload = workload, endpoint_namespace = namespace, error = %err, "proxy error response {status}");
     }
 }
 
-/// A request that fails before it has an endpoint (say, no endpoints at all): logged and counted
-/// under the destination's own handle, then answered by `RespondLayer`.
+/// A request that fails before it has an endpoint to send it on (none at all, or none that
+/// could be reached: then `endpoint` is the last one tried): logged and counted under
+/// `metrics` (the destination's own handle, or the endpoint's), then answered by
+/// `RespondLayer`.
 pub fn fail_unrouted<B>(
     direction: &'static str,
     destination: &str,
+    endpoint: Option<&EndpointTarget>,
     metrics: &HttpTarget,
     access_log: bool,
     req: &Request<B>,
     err: ProxyError,
 ) -> ProxyError {
-    log_proxy_error(direction, destination, None, err);
-    let access = access_log.then(|| AccessEntry::new(direction, req, destination));
+    log_proxy_error(direction, destination, endpoint, err);
+    let access = access_log.then(|| {
+        let mut entry = AccessEntry::new(direction, req, destination);
+        if let Some(t) = endpoint {
+            entry.set_endpoint(t.addr, t.names());
+        }
+        entry
+    });
     metrics.request();
     record_proxy_error(metrics, err, Instant::now(), access);
     err

@@ -24,6 +24,7 @@ use super::client::SendError;
 use super::ProxyError;
 use crate::connect::Connect;
 use crate::mesh_tls::Alpn;
+use crate::names::EndpointNames;
 
 /// Idle connections kept per endpoint; more are closed when they come back.
 const MAX_IDLE: usize = 512;
@@ -96,15 +97,18 @@ impl Http1Pool {
                         Ok(sender) => sender,
                         Err(error) => return Err(SendError::unsent(error, req)),
                     };
-                    sender
-                        .send_request(req)
-                        .await
-                        .map_err(|e| SendError::sent(ProxyError::from_upstream(&e)))?
+                    sender.send_request(req).await.map_err(|e| {
+                        SendError::sent(ProxyError::from_endpoint(&e, &self.connect))
+                    })?
                 }
                 Some(req) => {
-                    return Err(SendError::unsent(ProxyError::from_upstream(e.error()), req))
+                    let error = ProxyError::from_endpoint(e.error(), &self.connect);
+                    return Err(SendError::unsent(error, req));
                 }
-                None => return Err(SendError::sent(ProxyError::from_upstream(e.error()))),
+                None => {
+                    let error = ProxyError::from_endpoint(e.error(), &self.connect);
+                    return Err(SendError::sent(error));
+                }
             },
         };
         let conn = PooledConn {
@@ -112,6 +116,11 @@ impl Http1Pool {
             sender,
         };
         Ok((rsp, conn))
+    }
+
+    /// Discovery's names for its endpoint, for the logs.
+    pub fn names(&self) -> &Arc<EndpointNames> {
+        self.connect.names()
     }
 
     /// Whether a connection is idle, ready for a request.
@@ -155,12 +164,13 @@ impl Http1Pool {
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ProxyError::from_upstream(&e))?;
+            .map_err(|e| ProxyError::from_endpoint(&e, &self.connect))?;
         let addr = self.connect.addr();
+        let names = self.connect.names().clone();
         tokio::spawn(async move {
             // `with_upgrades` so a 101 hands the connection to the tunnel.
             if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(endpoint = %addr, error = %e, "http/1 endpoint connection closed");
+                tracing::debug!(endpoint = %addr, endpoint_pod = names.pod(), endpoint_workload = names.workload(), error = %e, "http/1 endpoint connection closed");
             }
         });
         Ok(sender)

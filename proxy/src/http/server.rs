@@ -192,9 +192,10 @@ where
     let err = ProxyError::MalformedRequest;
     crate::warn_limited!("malformed_request", client = %peer, error = %err, "malformed HTTP/1 request; answering 400");
     let rsp = format!(
-        "HTTP/1.1 400 Bad Request\r\n{}: {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 400 Bad Request\r\n{}: {reason}\r\n{}: {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
         super::errors::PROXY_ERROR_HEADER,
-        err.reason()
+        super::errors::L5D_PROXY_ERROR_HEADER,
+        reason = err.reason()
     );
     let _ = io.write_all(rsp.as_bytes()).await;
     let _ = io.shutdown().await;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use http::Request;
 use tower::{Layer, Service};
 
+use super::body::abandon;
 use super::{BoxFuture, PassThrough, ProxyError, ProxyResponse};
 use crate::profiles::RouteState;
 
@@ -107,20 +108,28 @@ where
             return PassThrough::Inner(response);
         };
         PassThrough::Own(Box::pin(async move {
-            match tokio::time::timeout(timeout, response).await {
-                Ok(result) => result,
-                // Dropping the inner future cancels the attempt in flight.
-                Err(_) => {
-                    crate::warn_limited!(
-                        "route_timeout",
-                        destination = %route.dst,
-                        route = %route.route.name(),
-                        timeout_ms = timeout.as_millis() as u64,
-                        "route timeout: the proxy cancelled the request and answered 504"
-                    );
-                    Err(ProxyError::RouteTimeout)
-                }
+            let mut response = response;
+            let expired = tokio::time::sleep(timeout);
+            tokio::pin!(expired);
+            let answered = tokio::select! {
+                biased;
+                result = &mut response => Some(result),
+                () = &mut expired => None,
+            };
+            if let Some(result) = answered {
+                return result;
             }
+            // Dropping the inner future cancels the attempt in flight; what it was recording
+            // (metrics, tap) records this 504, not a client gone away.
+            abandon(response, ProxyError::RouteTimeout);
+            crate::warn_limited!(
+                "route_timeout",
+                destination = %route.dst,
+                route = %route.route.name(),
+                timeout_ms = timeout.as_millis() as u64,
+                "route timeout: the proxy cancelled the request and answered 504"
+            );
+            Err(ProxyError::RouteTimeout)
         }))
     }
 }
@@ -160,6 +169,55 @@ mod tests {
         let seen = mock.seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 2);
         assert_eq!(seen[1].at - start, SLOW, "the retry went at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_attempt_a_route_timeout_cancels_is_recorded_as_its_504() {
+        use crate::http::route::RouteActualLayer;
+        let (slow, metrics) = route(
+            "  routes:\n  - name: GET /slow\n    condition: {method: GET, pathRegex: /slow}\n    timeout: 500ms\n",
+            "GET",
+            "/slow",
+        );
+        let actual = |metrics: &pylon_proxy_metrics::Metrics| {
+            let mut text = String::new();
+            metrics.encode(&mut text).unwrap();
+            text.lines()
+                .filter(|l| l.starts_with("route_actual_response_total{"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        // Cancelled by the route's timeout: the client got 504 `route timeout`, and so the
+        // attempt is recorded, a failure of the destination.
+        let mock = Mock::new([Answer::Status(200, SLOW)]);
+        let stack = RouteTimeoutLayer.layer(RetryLayer.layer(RouteActualLayer.layer(mock)));
+        let req = routed(&slow, "GET", "/slow", b"").await;
+        assert_eq!(
+            stack.oneshot(req).await.err(),
+            Some(ProxyError::RouteTimeout)
+        );
+        let lines = actual(&metrics);
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0].contains("status_code=\"504\"")
+                && lines[0].contains("error=\"route timeout\"")
+                && lines[0].contains("classification=\"failure\""),
+            "{lines:#?}"
+        );
+        // Cancelled by the client (its future dropped): still the client's abort.
+        let (plain, metrics) = route("  routes: []\n", "GET", "/");
+        let mock = Mock::new([Answer::Status(200, SLOW)]);
+        let stack = RouteTimeoutLayer.layer(RetryLayer.layer(RouteActualLayer.layer(mock)));
+        let req = routed(&plain, "GET", "/", b"").await;
+        let gone = tokio::time::timeout(Duration::from_millis(10), stack.oneshot(req)).await;
+        assert!(gone.is_err());
+        let lines = actual(&metrics);
+        assert!(
+            lines.len() == 1
+                && lines[0].contains("error=\"client aborted request\"")
+                && lines[0].contains("classification=\"success\""),
+            "{lines:#?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
