@@ -7,7 +7,7 @@
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -187,31 +187,7 @@ fn load(outbound: SocketAddr, stop: &AtomicBool, sent: &AtomicU64, failed: &Atom
 }
 
 fn pylon(args: &[String]) -> Output {
-    wait_pylon(spawn_pylon(args), args)
-}
-
-fn spawn_pylon(args: &[String]) -> Child {
-    Command::new(PYLON)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn pylon")
-}
-
-fn wait_pylon(mut child: Child, args: &[String]) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("pylon {args:?} did not finish within 40 s");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    run_pylon(args)
 }
 
 fn args(list: &[&str], more: &[String]) -> Vec<String> {
@@ -629,16 +605,20 @@ fn stat_and_edges_from_prometheus() {
     assert_eq!(direct[0]["requests"], SENT, "{direct:?}");
     assert_eq!(direct[0]["success_rate"], expected_success, "{direct:?}");
 
-    // Until Prometheus has scraped the proxies after the burst.
-    let inbound = r#"sum(response_total{direction="inbound",deployment="web"})"#;
+    // Until Prometheus has scraped both proxies after the burst (each on its own schedule).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while prom_value(listen, inbound) != Some(SENT as f64) {
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus did not see the {SENT} requests within 20 s: {:?}",
-            prom_value(listen, inbound)
-        );
-        thread::sleep(Duration::from_millis(250));
+    for side in [
+        r#"sum(response_total{direction="inbound",deployment="web"})"#,
+        r#"sum(response_total{direction="outbound",deployment="client"})"#,
+    ] {
+        while prom_value(listen, side) != Some(SENT as f64) {
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus did not see the {SENT} requests within 20 s: {side} = {:?}",
+                prom_value(listen, side)
+            );
+            thread::sleep(Duration::from_millis(250));
+        }
     }
     let prom = |argv: &[&str]| pylon(&args(argv, &["--prometheus".into(), url.clone()]));
     let within_1pct = |row: &serde_json::Value| {

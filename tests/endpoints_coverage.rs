@@ -17,8 +17,7 @@
 //! Prerequisites: `pylon-proxy` and `pylon-controller` next to `pylon` (`cargo build -p
 //! pylon-proxy -p pylon-cli -p pylon-controller --bins`).
 
-use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::thread;
@@ -159,29 +158,12 @@ impl Mesh {
     /// `n` GETs to `web` through the client's outbound proxy, on one connection; the statuses
     /// (0: no response).
     fn send(&self, n: usize) -> Vec<u16> {
-        let mut statuses = Vec::with_capacity(n);
-        if let Ok(conn) = TcpStream::connect_timeout(&self.client.outbound, Duration::from_secs(2))
-        {
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-            if let Ok(read_half) = conn.try_clone() {
-                let mut reader = BufReader::new(read_half);
-                let mut writer = conn;
-                for _ in 0..n {
-                    let req = format!(
-                        "GET http://{WEB}:{PORT}/predict HTTP/1.1\r\nhost: {WEB}:{PORT}\r\n\r\n"
-                    );
-                    if writer.write_all(req.as_bytes()).is_err() {
-                        break;
-                    }
-                    match read_response(&mut reader) {
-                        Some(status) => statuses.push(status),
-                        None => break,
-                    }
-                }
-            }
-        }
-        statuses.resize(n, 0);
-        statuses
+        send_gets(
+            self.client.outbound,
+            &format!("{WEB}:{PORT}"),
+            "/predict",
+            n,
+        )
     }
 
     /// Inbound requests each web pod's proxy received.
@@ -199,24 +181,7 @@ impl Mesh {
 
     /// `pylon ARGS`, bounded to 40 s.
     fn pylon(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(PYLON)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pylon");
-        let deadline = Instant::now() + Duration::from_secs(40);
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                return child.wait_with_output().expect("output");
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("pylon {args:?} did not finish within 40 s");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        run_pylon(args)
     }
 
     /// `pylon stat deployment/web --config-dir DIR [extra]`.

@@ -11,9 +11,9 @@
 //! the incident. Pods all have the address 127.0.0.1 (each with its own ports); slices name
 //! them by `targetRef`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -55,65 +55,29 @@ fn start_app(app: App) -> SocketAddr {
 }
 
 fn serve_app(conn: TcpStream, app: App, counted: &AtomicU64) {
-    let Ok(read_half) = conn.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(read_half);
-    let mut writer = conn;
-    loop {
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-        let mut length = 0usize;
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                if k.trim().eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
+    serve_requests(conn, |req| {
         let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string();
-        let response = if path == PROBE {
-            ok
-        } else {
-            let i = counted.fetch_add(1, Ordering::Relaxed) + 1;
-            match app {
-                App::Ok => ok,
-                App::FailEvery { n, status } if i.is_multiple_of(n) => {
-                    format!("HTTP/1.1 {status} X\r\ncontent-length: 4\r\n\r\nfail")
-                }
-                App::FailEvery { .. } => ok,
-                App::SlowEvery { n, delay } => {
-                    if i.is_multiple_of(n) {
-                        thread::sleep(delay);
-                    }
-                    ok
-                }
-                App::InvalidHeader => {
-                    "HTTP/1.1 200 OK\r\nx-auth user: alice\r\ncontent-length: 2\r\n\r\nok".into()
-                }
-            }
-        };
-        if writer.write_all(response.as_bytes()).is_err() {
-            return;
+        if req.path == PROBE {
+            return ok;
         }
-    }
+        let i = counted.fetch_add(1, Ordering::Relaxed) + 1;
+        match app {
+            App::Ok => ok,
+            App::FailEvery { n, status } if i.is_multiple_of(n) => {
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 4\r\n\r\nfail")
+            }
+            App::FailEvery { .. } => ok,
+            App::SlowEvery { n, delay } => {
+                if i.is_multiple_of(n) {
+                    thread::sleep(delay);
+                }
+                ok
+            }
+            App::InvalidHeader => {
+                "HTTP/1.1 200 OK\r\nx-auth user: alice\r\ncontent-length: 2\r\n\r\nok".into()
+            }
+        }
+    });
 }
 
 /// One Pod: its name, Deployment and proxy.
@@ -265,44 +229,14 @@ impl Mesh {
 
     /// [`Mesh::send`] to an authority as the app writes it.
     fn send_to(&self, from: usize, authority: &str, path: &str, n: usize) -> Vec<u16> {
-        let Ok(conn) =
-            TcpStream::connect_timeout(&self.pods[from].proxy.outbound, Duration::from_secs(2))
-        else {
-            return vec![0; n];
-        };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-        let Ok(read_half) = conn.try_clone() else {
-            return vec![0; n];
-        };
-        let mut reader = BufReader::new(read_half);
-        let mut writer = conn;
-        let mut statuses = Vec::with_capacity(n);
-        for _ in 0..n {
-            let req = format!("GET http://{authority}{path} HTTP/1.1\r\nhost: {authority}\r\n\r\n");
-            if writer.write_all(req.as_bytes()).is_err() {
-                break;
-            }
-            match read_response(&mut reader) {
-                Some(status) => statuses.push(status),
-                None => break,
-            }
-        }
-        statuses.resize(n, 0);
-        statuses
+        send_gets(self.pods[from].proxy.outbound, authority, path, n)
     }
 
     /// `pylon ARGS --config-dir DIR`, bounded to 40 s.
     fn pylon(&self, args: &str) -> Output {
         let mut argv: Vec<String> = args.split_whitespace().map(str::to_string).collect();
         argv.extend(["--config-dir".to_string(), self.dir().to_string()]);
-        let child = Command::new(PYLON)
-            .args(&argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pylon");
-        finish(child, &argv)
+        run_pylon(&argv)
     }
 
     /// `pylon tap ARGS --config-dir DIR` running until dropped, once it prints requests:
@@ -395,20 +329,6 @@ impl Tap {
 /// A service's authority as its clients' proxies see it.
 fn fqdn(service: &str) -> String {
     format!("{service}.default.svc.cluster.local:{PORT}")
-}
-
-fn finish(mut child: Child, argv: &[String]) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("pylon {argv:?} did not finish within 40 s");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn text(out: &Output) -> String {

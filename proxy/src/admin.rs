@@ -72,18 +72,8 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
                 let mut body = String::with_capacity(64 * 1024);
-                if let Err(e) = self.metrics.encode(&mut body) {
-                    return text(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("encoding failed: {e}\n"),
-                    );
-                }
-                let mut rsp = Response::new(Full::new(Bytes::from(body)));
-                rsp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static(Metrics::CONTENT_TYPE),
-                );
-                rsp
+                let encoded = self.metrics.encode(&mut body);
+                openmetrics(encoded.map(|()| body))
             }
             (&Method::GET, "/metrics/window") => self.window(req.uri().query()),
             (&Method::GET, "/ready") => {
@@ -180,19 +170,28 @@ impl Admin {
         };
         let mut body = String::with_capacity(16 * 1024);
         let now = tokio::time::Instant::now().into_std();
-        if let Err(e) = self.metrics.encode_window(&mut body, window, now) {
+        let encoded = self.metrics.encode_window(&mut body, window, now);
+        openmetrics(encoded.map(|()| body))
+    }
+}
+
+/// An encoded exposition as a response (or the encoder's failure as a 500).
+fn openmetrics(encoded: Result<String, std::fmt::Error>) -> AdminResponse {
+    let body = match encoded {
+        Ok(body) => body,
+        Err(e) => {
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("encoding failed: {e}\n"),
-            );
+            )
         }
-        let mut rsp = Response::new(Full::new(Bytes::from(body)));
-        rsp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static(Metrics::CONTENT_TYPE),
-        );
-        rsp
-    }
+    };
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(Metrics::CONTENT_TYPE),
+    );
+    rsp
 }
 
 /// The `window` query parameter: a Go duration (`30s`, `1m30s`) or whole seconds.

@@ -186,41 +186,74 @@ pub fn start_backend(default_status: u16) -> SocketAddr {
 }
 
 fn serve(conn: TcpStream, default_status: u16) {
+    serve_requests(conn, |req| {
+        let status = req
+            .header("x-status")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default_status);
+        format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok")
+    });
+}
+
+/// A request a test server read: its path and headers (names lower-cased); the body is
+/// read and dropped.
+pub struct ServedRequest {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl ServedRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Answers the requests of one keep-alive connection with what `respond` writes (a whole
+/// raw response), until the client closes it.
+pub fn serve_requests(conn: TcpStream, mut respond: impl FnMut(&ServedRequest) -> String) {
     let Ok(read_half) = conn.try_clone() else {
         return;
     };
     let mut reader = BufReader::new(read_half);
     let mut writer = conn;
-    loop {
-        let (mut status, mut length) = (default_status, 0usize);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                match k.trim().to_ascii_lowercase().as_str() {
-                    "x-status" => status = v.trim().parse().unwrap_or(default_status),
-                    "content-length" => length = v.trim().parse().unwrap_or(0),
-                    _ => {}
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let resp = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok");
-        if writer.write_all(resp.as_bytes()).is_err() {
+    while let Some(req) = read_request(&mut reader) {
+        if writer.write_all(respond(&req).as_bytes()).is_err() {
             return;
         }
     }
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> Option<ServedRequest> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let req = ServedRequest { path, headers };
+    let length = req
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0usize);
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(req)
 }
 
 /// Reads one response (status line, headers, content-length body); its status.
@@ -265,4 +298,57 @@ pub fn start_prometheus(program: &Path, config: &Path, data: &Path) -> (Proc, So
             .expect("start prometheus"),
     );
     (proc, listen)
+}
+
+/// `pylon ARGS` to completion, bounded to 40 s (a command that blocks fails the test).
+pub fn run_pylon<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> std::process::Output {
+    let child = Command::new(PYLON)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pylon");
+    wait_pylon(child, args)
+}
+
+/// Waits (at most 40 s) for a `pylon` started with `args`.
+pub fn wait_pylon<S: std::fmt::Debug>(mut child: Child, args: &[S]) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pylon {args:?} did not finish within 40 s");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `n` GETs for `http://AUTHORITY/PATH` through a proxy's outbound listener, on one
+/// keep-alive connection: their statuses, 0 for each one that got no response.
+pub fn send_gets(outbound: SocketAddr, authority: &str, path: &str, n: usize) -> Vec<u16> {
+    let mut statuses = Vec::with_capacity(n);
+    if let Ok(conn) = TcpStream::connect_timeout(&outbound, Duration::from_secs(2)) {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        if let Ok(read_half) = conn.try_clone() {
+            let mut reader = BufReader::new(read_half);
+            let mut writer = conn;
+            for _ in 0..n {
+                let req =
+                    format!("GET http://{authority}{path} HTTP/1.1\r\nhost: {authority}\r\n\r\n");
+                if writer.write_all(req.as_bytes()).is_err() {
+                    break;
+                }
+                match read_response(&mut reader) {
+                    Some(status) => statuses.push(status),
+                    None => break,
+                }
+            }
+        }
+    }
+    statuses.resize(n, 0);
+    statuses
 }
