@@ -23,6 +23,8 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use pylon_proxy_metrics::exposition;
+
 mod blocking;
 use blocking::*;
 
@@ -205,38 +207,17 @@ fn shown(out: &Output) -> String {
     shown
 }
 
-/// The label pairs of an exposition line's sample (`name{a="b",...} value`), naively: the
-/// values here hold no quotes or commas.
-fn sample_labels(line: &str) -> Vec<(String, String)> {
-    let (Some(open), Some(close)) = (line.find('{'), line.rfind('}')) else {
-        return Vec::new();
-    };
-    line[open + 1..close]
-        .split(',')
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            Some((k.trim().to_string(), v.trim().trim_matches('"').to_string()))
-        })
-        .collect()
-}
-
 /// The sum of `name`'s samples whose labels include every pair of `labels`.
 fn sample_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{'))
-        })
-        .filter(|l| {
-            let have = sample_labels(l);
-            labels
-                .iter()
-                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+    parse(exposition)
+        .iter()
+        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        .map(|s| s.value)
         .sum()
+}
+
+fn parse(exposition: &str) -> Vec<exposition::Sample> {
+    exposition::parse(exposition).unwrap_or_else(|e| panic!("unparsable /metrics: {e}"))
 }
 
 /// Web's coverage as `admin`'s `/metrics` says it: (ready, missing, the missing pods named).
@@ -245,14 +226,12 @@ fn gauges(admin: SocketAddr) -> (f64, f64, Vec<String>) {
         .map(|(_, b)| b)
         .unwrap_or_default();
     let svc = [("dst_namespace", "default"), ("dst_service", "web")];
-    let named = text
-        .lines()
-        .filter(|l| l.starts_with("endpoints_missing_pod_info{"))
-        .map(sample_labels)
-        .filter(|ls| ls.iter().any(|(k, v)| k == "dst_service" && v == "web"))
-        .filter_map(|ls| {
-            let pod = ls.iter().find(|(k, _)| k == "dst_pod")?.1.clone();
-            let deployment = ls.iter().find(|(k, _)| k == "dst_deployment")?.1.clone();
+    let named = parse(&text)
+        .iter()
+        .filter(|s| s.name == "endpoints_missing_pod_info" && s.label("dst_service") == Some("web"))
+        .filter_map(|s| {
+            let pod = s.label("dst_pod")?;
+            let deployment = s.label("dst_deployment")?;
             Some(format!("{pod} of deployment/{deployment}"))
         })
         .collect();

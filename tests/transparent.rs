@@ -449,72 +449,9 @@ fn scrape(ns: &str) -> String {
     check(in_ns(ns, "curl").args(["-sS", "--max-time", "5", &url]))
 }
 
-/// One Prometheus sample: name, labels, value.
-type Sample<'a> = (&'a str, Vec<(String, String)>, f64);
-
-/// Splits `name{a="b",c="d"} value` into name, labels and value.
-fn parse_sample(line: &str) -> Option<Sample<'_>> {
-    let line = line.trim();
-    if line.is_empty() || line.starts_with('#') {
-        return None;
-    }
-    let name_end = line.find(['{', ' '])?;
-    let name = &line[..name_end];
-    let mut labels = Vec::new();
-    let mut rest = &line[name_end..];
-    if let Some(body) = rest.strip_prefix('{') {
-        let (mut key, mut val, mut in_val, mut escaped) =
-            (String::new(), String::new(), false, false);
-        let mut end = None;
-        for (i, c) in body.char_indices() {
-            if in_val {
-                match (escaped, c) {
-                    (true, 'n') => {
-                        val.push('\n');
-                        escaped = false;
-                    }
-                    (true, c) => {
-                        val.push(c);
-                        escaped = false;
-                    }
-                    (false, '\\') => escaped = true,
-                    (false, '"') => {
-                        labels.push((std::mem::take(&mut key), std::mem::take(&mut val)));
-                        in_val = false;
-                    }
-                    (false, c) => val.push(c),
-                }
-            } else {
-                match c {
-                    '}' => {
-                        end = Some(i);
-                        break;
-                    }
-                    '"' => in_val = true,
-                    '=' | ',' | ' ' => {}
-                    c => key.push(c),
-                }
-            }
-        }
-        rest = &body[end? + 1..];
-    }
-    let value = rest.split_whitespace().next()?.parse().ok()?;
-    Some((name, labels, value))
-}
-
 /// The sum of `name`'s samples whose labels include all of `want`.
 fn metric_sum(metrics: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    metrics
-        .lines()
-        .filter_map(parse_sample)
-        .filter(|(n, labels, _)| {
-            *n == name
-                && want
-                    .iter()
-                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-        .map(|(_, _, v)| v)
-        .sum()
+    support::metric_value(metrics, name, want).unwrap_or(0.0)
 }
 
 fn requests(metrics: &str, direction: &str) -> f64 {

@@ -20,8 +20,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use prometheus_parse::{Scrape, Value};
 use pylon_identity::ca;
+use pylon_proxy_metrics::exposition;
 use serde::Serialize;
 
 use crate::loadgen::{self, Job, Target, Workload};
@@ -454,21 +454,16 @@ pub fn mtls_responses(metrics: &str, peer: MtlsPeer) -> Result<u64> {
         MtlsPeer::Server(id) => ("outbound", "server_id", id),
         MtlsPeer::Client(id) => ("inbound", "client_id", id),
     };
-    let scrape = Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned())))
-        .context("parsing the Prometheus text")?;
-    let total: f64 = scrape
-        .samples
+    let samples = exposition::parse(metrics).context("parsing the Prometheus text")?;
+    let total: f64 = samples
         .iter()
-        .filter(|s| s.metric == "response_total")
+        .filter(|s| s.name == "response_total")
         .filter(|s| {
-            s.labels.get("direction") == Some(direction)
-                && s.labels.get("tls") == Some("true")
-                && s.labels.get(label) == Some(id)
+            s.label("direction") == Some(direction)
+                && s.label("tls") == Some("true")
+                && s.label(label) == Some(id)
         })
-        .map(|s| match s.value {
-            Value::Counter(v) | Value::Untyped(v) | Value::Gauge(v) => v,
-            Value::Histogram(_) | Value::Summary(_) => 0.0,
-        })
+        .map(|s| s.value)
         .sum();
     Ok(total.max(0.0) as u64)
 }

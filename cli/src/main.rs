@@ -33,7 +33,6 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod check;
 mod completion;
 mod demo;
-mod exposition;
 mod flags;
 mod identity;
 mod inject;

@@ -344,12 +344,12 @@ pub async fn locate(flags: &ProxyFlags) -> Result<(Vec<Located>, Option<DirMesh>
 /// What a proxy says it belongs to: the constant labels of its `proxy_build_info`.
 pub async fn ask_owner(admin: SocketAddr) -> Result<Owner> {
     let text = admin_client::metrics(admin).await?;
-    let samples = crate::exposition::parse(&text)
+    let samples = pylon_proxy_metrics::exposition::parse(&text)
         .with_context(|| format!("reading GET http://{admin}/metrics"))?;
     Ok(owner_from_samples(&samples))
 }
 
-fn owner_from_samples(samples: &[crate::exposition::Sample]) -> Owner {
+fn owner_from_samples(samples: &[pylon_proxy_metrics::exposition::Sample]) -> Owner {
     let Some(info) = samples.iter().find(|s| s.name == "proxy_build_info") else {
         return Owner::default();
     };
@@ -668,7 +668,7 @@ endpoints:
     #[test]
     fn a_proxy_tells_its_workload_by_its_labels() {
         let text = "# TYPE proxy_build_info gauge\nproxy_build_info{namespace=\"default\",deployment=\"web\",pod=\"\",version=\"0.1.0\"} 1\n";
-        let samples = crate::exposition::parse(text).expect("parse");
+        let samples = pylon_proxy_metrics::exposition::parse(text).expect("parse");
         let owner = owner_from_samples(&samples);
         assert_eq!(
             owner,

@@ -16,6 +16,7 @@
 //! - [`classify`] is the shared success/failure rule.
 //! - `process_*`, `config_errors_total` and `proxy_build_info` are produced
 //!   at scrape time by collectors, with no background task.
+//! - [`exposition::parse`] reads the text back (for the CLI, benches and tests).
 //! - `endpoints_*` ([`EndpointGauges`]) render proxy-policy's endpoint coverage of a mesh
 //!   snapshot, recomputed by the caller when the snapshot changes.
 //!
@@ -79,6 +80,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 mod endpoints;
+pub mod exposition;
 mod histogram;
 mod http;
 mod labels;

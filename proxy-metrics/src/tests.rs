@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 // ---------------------------------------------------------------------------
-// A small parser for the sample lines of the text exposition.
+// The exposition read back, labels by name.
 
 #[derive(Debug, Clone, PartialEq)]
 struct Sample {
@@ -15,62 +15,28 @@ struct Sample {
     value: f64,
 }
 
-fn parse_labels(s: &str) -> (BTreeMap<String, String>, &str) {
-    let mut labels = BTreeMap::new();
-    let mut rest = s;
-    loop {
-        rest = rest.trim_start_matches(',');
-        if let Some(r) = rest.strip_prefix('}') {
-            return (labels, r);
-        }
-        let eq = rest.find('=').expect("label without '='");
-        let key = rest[..eq].to_string();
-        let mut chars = rest[eq + 1..].char_indices();
-        assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "in {s}");
-        let mut value = String::new();
-        let mut end = None;
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => match chars.next().map(|(_, c)| c) {
-                    Some('n') => value.push('\n'),
-                    Some(c) => value.push(c),
-                    None => panic!("dangling escape in {s}"),
-                },
-                '"' => {
-                    end = Some(i);
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        let end = end.expect("unterminated label value");
-        assert!(
-            labels.insert(key, value).is_none(),
-            "duplicate label in {s}"
-        );
-        rest = &rest[eq + 1 + end + 1..];
-    }
-}
-
+/// The samples of an OpenMetrics text, read back with [`crate::exposition`].
 fn parse(text: &str) -> Vec<Sample> {
     assert!(
         text.ends_with("# EOF\n"),
         "OpenMetrics text ends with # EOF"
     );
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|line| {
-            let name_end = line.find(['{', ' ']).expect("sample name");
-            let name = line[..name_end].to_string();
-            let (labels, rest) = match line[name_end..].strip_prefix('{') {
-                Some(r) => parse_labels(r),
-                None => (BTreeMap::new(), &line[name_end..]),
-            };
-            let value = rest.trim().parse().expect("sample value");
+    crate::exposition::parse(text)
+        .unwrap_or_else(|e| panic!("{e} in:\n{text}"))
+        .into_iter()
+        .map(|s| {
+            let mut labels = BTreeMap::new();
+            for (k, v) in s.labels {
+                assert!(
+                    labels.insert(k, v).is_none(),
+                    "duplicate label in {}",
+                    s.name
+                );
+            }
             Sample {
-                name,
+                name: s.name,
                 labels,
-                value,
+                value: s.value,
             }
         })
         .collect()

@@ -695,104 +695,12 @@ fn dechunk(mut s: &str) -> String {
 // Prometheus text parsing
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-    pub value: f64,
-}
+pub use pylon_proxy_metrics::exposition::Sample;
 
-impl Sample {
-    pub fn label(&self, k: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Parses Prometheus / OpenMetrics text exposition. Returns an error naming the first bad line.
+/// Parses Prometheus / OpenMetrics text exposition (with the parser the CLI uses). Returns an
+/// error naming the first bad line.
 pub fn parse_metrics(text: &str) -> Result<Vec<Sample>, String> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        out.push(parse_sample(line).ok_or_else(|| format!("line {}: {line:?}", i + 1))?);
-    }
-    Ok(out)
-}
-
-fn parse_sample(line: &str) -> Option<Sample> {
-    let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
-    let name = line[..name_end].to_string();
-    if name.is_empty() {
-        return None;
-    }
-    let mut rest = &line[name_end..];
-    let mut labels = Vec::new();
-    if rest.starts_with('{') {
-        let bytes: Vec<char> = rest.chars().collect();
-        let mut i = 1;
-        loop {
-            while i < bytes.len() && (bytes[i] == ' ' || bytes[i] == ',') {
-                i += 1;
-            }
-            if i >= bytes.len() {
-                return None;
-            }
-            if bytes[i] == '}' {
-                i += 1;
-                break;
-            }
-            let mut key = String::new();
-            while i < bytes.len() && bytes[i] != '=' {
-                key.push(bytes[i]);
-                i += 1;
-            }
-            i += 1; // '='
-            if bytes.get(i) != Some(&'"') {
-                return None;
-            }
-            i += 1;
-            let mut val = String::new();
-            loop {
-                match bytes.get(i)? {
-                    '\\' => {
-                        match bytes.get(i + 1)? {
-                            'n' => val.push('\n'),
-                            c => val.push(*c),
-                        }
-                        i += 2;
-                    }
-                    '"' => {
-                        i += 1;
-                        break;
-                    }
-                    c => {
-                        val.push(*c);
-                        i += 1;
-                    }
-                }
-            }
-            labels.push((key.trim().to_string(), val));
-        }
-        let consumed: usize = bytes[..i].iter().map(|c| c.len_utf8()).sum();
-        rest = &rest[consumed..];
-    }
-    let value_str = rest.split_whitespace().next()?;
-    let value = match value_str {
-        "+Inf" | "Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        "NaN" => f64::NAN,
-        v => v.parse().ok()?,
-    };
-    Some(Sample {
-        name,
-        labels,
-        value,
-    })
+    pylon_proxy_metrics::exposition::parse(text).map_err(|e| e.to_string())
 }
 
 pub fn metric_sum(text: &str, name: &str, pred: impl Fn(&Sample) -> bool) -> Option<f64> {

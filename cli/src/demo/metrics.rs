@@ -1,12 +1,12 @@
-//! Reading the proxies' own `/metrics`: the Prometheus text is parsed by `prometheus-parse`, then
+//! Reading the proxies' own `/metrics`: the text is parsed by `pylon_proxy_metrics::exposition`, then
 //! folded into per-endpoint traffic counters. Rates and latency quantiles are computed the way
 //! PromQL's `rate()` and `histogram_quantile()` would, from the difference between two scrapes.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::exposition::{self, Sample};
 use anyhow::{Context, Result};
+use pylon_proxy_metrics::exposition::{self, Sample};
 
 /// A cumulative histogram: `(upper bound "le", observations <= le)`, sorted by bound, the last
 /// bound normally `+Inf`.

@@ -92,8 +92,8 @@ type Flat = HashMap<(String, Vec<(String, String)>, Option<u64>), f64>;
 
 /// Flattens an exposition into the families the views read.
 pub fn flatten(exposition: &str) -> Result<Flat> {
-    let samples =
-        crate::exposition::parse(exposition).context("parsing the Prometheus exposition")?;
+    let samples = pylon_proxy_metrics::exposition::parse(exposition)
+        .context("parsing the Prometheus exposition")?;
     let mut out = Flat::new();
     for sample in samples {
         if !FAMILIES.contains(&sample.name.as_str()) {
@@ -169,7 +169,7 @@ async fn proxy_window(addr: SocketAddr, secs: u64) -> Result<(Flat, Duration)> {
     }
     let text = std::str::from_utf8(&body)
         .with_context(|| format!("GET http://{addr}{path} is not UTF-8"))?;
-    let covered = crate::exposition::parse(text)
+    let covered = pylon_proxy_metrics::exposition::parse(text)
         .context("parsing the Prometheus exposition")?
         .into_iter()
         .find(|s| s.name == "window_seconds")

@@ -272,7 +272,7 @@ async fn from_proxies(proxies: &[SocketAddr]) -> Result<Vec<Series>> {
     while let Some(joined) = scrapes.join_next().await {
         let (addr, text) = joined.context("scraping a proxy")?;
         let text = text?;
-        let samples = crate::exposition::parse(&text)
+        let samples = pylon_proxy_metrics::exposition::parse(&text)
             .with_context(|| format!("parsing http://{addr}/metrics"))?;
         out.extend(
             samples

@@ -5,8 +5,9 @@
 //! the value, which are skipped. `# HELP`, `# TYPE`, `# UNIT` and `# EOF` lines are skipped too:
 //! histogram buckets, sums and counts are samples like any other (`_bucket` with `le`).
 //!
-//! Written here because the crate the CLI used before (`prometheus-parse`) dropped every line
-//! whose label values held `}`, which made whole routes vanish from `pylon routes`.
+//! The CLI, the benches and the tests read `/metrics` with it. Written here because the crate
+//! used before (`prometheus-parse`) dropped every line whose label values held `}`, which made
+//! whole routes vanish from `pylon routes`; it lives with the families it reads back.
 
 use std::fmt;
 
