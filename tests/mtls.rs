@@ -561,6 +561,59 @@ async fn metrics_name_the_server_and_client_identities() {
     .await
 }
 
+/// Tap says `tls=true` on both sides of a meshed hop, as Linkerd's tap does: outbound for the
+/// endpoint reached over mesh TLS, inbound for the client that connected with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_names_the_hop_as_mesh_tls_on_both_sides() {
+    use linkerd2_proxy_api::tap::tap_client::TapClient;
+    use linkerd2_proxy_api::tap::{tap_event, ObserveRequest};
+
+    test_body(async {
+        let app = Backend::start("app").await;
+        let mesh = Mesh::start(app.addr);
+        assert_eq!(mesh.get("/").await.status, 200, "{}", mesh.logs());
+        let mut streams = Vec::new();
+        for proxy in [&mesh.client, &mesh.server] {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.tap()))
+                    .expect("endpoint")
+                    .connect()
+                    .await
+                    .expect("tap connects");
+            let stream = TapClient::new(channel)
+                .observe(ObserveRequest {
+                    limit: 1,
+                    r#match: None,
+                    extract: None,
+                })
+                .await
+                .expect("observe accepted")
+                .into_inner();
+            streams.push(stream);
+        }
+        let rsp = mesh.get("/tapped").await;
+        assert_eq!(rsp.status, 200, "{}", mesh.logs());
+        for (mut stream, direction) in streams.into_iter().zip(["outbound", "inbound"]) {
+            let ev = within("tap event", APPLY, stream.message())
+                .await
+                .expect("tap stream")
+                .expect("an event");
+            let expected = match direction {
+                "outbound" => tap_event::ProxyDirection::Outbound,
+                _ => tap_event::ProxyDirection::Inbound,
+            };
+            assert_eq!(ev.proxy_direction, expected as i32);
+            let tls = ev
+                .destination_meta
+                .as_ref()
+                .and_then(|m| m.labels.get("tls"))
+                .map(String::as_str);
+            assert_eq!(tls, Some("true"), "{direction}: {ev:?}");
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_annotation_applies_live() {
     test_body(async {

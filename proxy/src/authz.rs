@@ -313,6 +313,11 @@ impl ConnectionAuthz {
     }
 
     /// Whether this request may go on; counted either way.
+    /// The client connected over mesh TLS.
+    pub fn client_tls(&self) -> bool {
+        self.client.tls
+    }
+
     pub fn check_request(&self) -> bool {
         let generation = self.authz.generation();
         let current = self.current.load();

@@ -488,7 +488,7 @@ where
         if let Some(slot) = req.extensions().get::<EndpointSlot>() {
             // Someone is tapping: the tap layer above reports this endpoint (the first
             // choice, should it refuse the connection).
-            slot.set(endpoint.addr, endpoint.labels());
+            slot.set(endpoint.addr, endpoint.labels(), endpoint.target.meshed);
         }
         let delivery = Delivery {
             logical,

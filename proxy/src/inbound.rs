@@ -286,18 +286,22 @@ impl Inbound {
         authz: Arc<ConnectionAuthz>,
     ) -> impl HttpStack {
         let this = self.clone();
+        let client_tls = authz.client_tls();
         ServiceBuilder::new()
             // Proxy errors from any layer below become responses with `pylon-proxy-error`
             // (gRPC errors for gRPC clients).
             .layer(RespondLayer)
             // While tapped: the responses made above the app's (a 403, a refusal) reach the
             // tap too.
-            .layer(TapRescueLayer::new(
-                self.telemetry.taps.clone(),
-                TapDirection::Inbound,
-                client,
-                Some(port.unnamed.target.addr),
-            ))
+            .layer(
+                TapRescueLayer::new(
+                    self.telemetry.taps.clone(),
+                    TapDirection::Inbound,
+                    client,
+                    Some(port.unnamed.target.addr),
+                )
+                .client_tls(client_tls),
+            )
             // 400 for what hyper lets through but the RFCs call malformed (two Hosts, ...), 431
             // for a head over 64 KiB; 508 for a request that has crossed too many proxies (a
             // chain forwarding in a loop); 403 for a client the inbound policy doesn't admit.
@@ -319,11 +323,10 @@ impl Inbound {
             // route_request_total & co. by the workload's own ServiceProfile routes.
             .layer(RouteLayer)
             // Tap events, only while someone taps.
-            .layer(TapLayer::new(
-                self.telemetry.taps.clone(),
-                TapDirection::Inbound,
-                client,
-            ))
+            .layer(
+                TapLayer::new(self.telemetry.taps.clone(), TapDirection::Inbound, client)
+                    .client_tls(client_tls),
+            )
             // request_total, response_total, response_latency_ms and the access log.
             .layer(HttpMetricsLayer::new("inbound", self.telemetry.access_log))
             .layer(ResponseTimeoutLayer::new(self.args.response_timeout))

@@ -56,6 +56,8 @@ pub struct TapLayer {
     direction: Direction,
     /// The client of this connection.
     client: SocketAddr,
+    /// The client's connection is mesh TLS (inbound).
+    client_tls: bool,
 }
 
 impl TapLayer {
@@ -64,7 +66,14 @@ impl TapLayer {
             taps,
             direction,
             client,
+            client_tls: false,
         }
+    }
+
+    /// Inbound: the client connected over mesh TLS (tap's `tls=true`).
+    pub fn client_tls(mut self, tls: bool) -> Self {
+        self.client_tls = tls;
+        self
     }
 }
 
@@ -122,6 +131,11 @@ where
         let picked = slot.0.get();
         let endpoint = attempt.target.or_else(|| picked.map(|p| p.addr));
         let endpoint_labels = picked.and_then(|p| p.labels.as_ref());
+        // Mesh TLS: inbound the client's connection, outbound the endpoint's.
+        let tls = match self.layer.direction {
+            Direction::Inbound => self.layer.client_tls,
+            Direction::Outbound => picked.is_some_and(|p| p.meshed) || attempt.meshed,
+        };
         let Some(handle) = observe(
             &self.layer.taps,
             self.layer.direction,
@@ -130,6 +144,7 @@ where
             &attempt,
             endpoint,
             endpoint_labels,
+            tls,
         ) else {
             return PassThrough::Inner(response);
         };
@@ -182,6 +197,8 @@ pub struct TapRescueLayer {
     /// Where the connection's requests go when that is known before any attempt (inbound:
     /// the workload's port).
     target: Option<SocketAddr>,
+    /// The client's connection is mesh TLS (inbound).
+    client_tls: bool,
 }
 
 impl TapRescueLayer {
@@ -196,7 +213,14 @@ impl TapRescueLayer {
             direction,
             client,
             target,
+            client_tls: false,
         }
+    }
+
+    /// Inbound: the client connected over mesh TLS (tap's `tls=true`).
+    pub fn client_tls(mut self, tls: bool) -> Self {
+        self.client_tls = tls;
+        self
     }
 }
 
@@ -266,6 +290,7 @@ impl TapRescueLayer {
             &AttemptFacts::default(),
             self.target,
             None,
+            self.client_tls && self.direction == Direction::Inbound,
         );
         if let Some(handle) = handle {
             proxy_response(handle, err, is_grpc(&tapped.facts.headers));
@@ -298,13 +323,16 @@ pub struct EndpointSlot(Arc<OnceLock<Picked>>);
 struct Picked {
     addr: SocketAddr,
     labels: Option<DstLabels>,
+    /// Reached over mesh TLS.
+    meshed: bool,
 }
 
 impl EndpointSlot {
-    pub fn set(&self, addr: SocketAddr, labels: Option<&DstLabels>) {
+    pub fn set(&self, addr: SocketAddr, labels: Option<&DstLabels>, meshed: bool) {
         let _ = self.0.set(Picked {
             addr,
             labels: labels.cloned(),
+            meshed,
         });
     }
 }
@@ -345,6 +373,8 @@ struct AttemptFacts {
     attempt: Option<String>,
     /// The service the attempt went to (the backend, after a split).
     service: Option<ServiceRef>,
+    /// The endpoint chosen above is reached over mesh TLS.
+    meshed: bool,
 }
 
 impl AttemptFacts {
@@ -357,6 +387,7 @@ impl AttemptFacts {
             .or_else(|| logical.map(|l| l.authority.clone()));
         Self {
             target: target.map(|t| t.addr),
+            meshed: target.is_some_and(|t| t.meshed),
             destination,
             service: logical.and_then(|l| l.service.clone()),
             route: ext.get::<Arc<RouteState>>().map(|r| r.route.name().clone()),
@@ -380,6 +411,7 @@ fn observe(
     attempt: &AttemptFacts,
     destination: Option<SocketAddr>,
     endpoint_labels: Option<&DstLabels>,
+    tls: bool,
 ) -> Option<TapHandle> {
     let mut labels: Vec<(&str, &str)> = Vec::with_capacity(12);
     if let Some(d) = &attempt.destination {
@@ -387,7 +419,8 @@ fn observe(
     } else if !facts.authority.is_empty() {
         labels.push(("authority", &facts.authority));
     }
-    labels.push(("tls", "no_identity"));
+    // Linkerd's tap labels: `true` over mesh TLS.
+    labels.push(("tls", if tls { "true" } else { "no_identity" }));
     if let Some(a) = &attempt.attempt {
         labels.push(("pylon.io/retry-attempt", a));
     }
