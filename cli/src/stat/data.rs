@@ -119,8 +119,9 @@ pub fn flatten(exposition: &str) -> Result<Flat> {
     Ok(out)
 }
 
-/// Increases between two scrapes (gauges: the later value). Series that appeared in between
-/// counted everything since; a counter that went down was reset.
+/// Increases between two readings (gauges: the later value). Series that appeared in between
+/// counted everything since; a counter that went down was reset. A proxy's window is read
+/// against an empty `before`: its counters are increases already.
 pub fn increases(before: &Flat, after: &Flat) -> Vec<Series> {
     let mut out: Vec<Series> = after
         .iter()
