@@ -90,10 +90,8 @@ fn normalize(mut s: Series) -> Series {
 /// One scrape, flattened: `(metric, labels, le) -> value`.
 type Flat = HashMap<(String, Vec<(String, String)>, Option<u64>), f64>;
 
-/// Flattens an exposition into the families the views read.
-pub fn flatten(exposition: &str) -> Result<Flat> {
-    let samples = pylon_proxy_metrics::exposition::parse(exposition)
-        .context("parsing the Prometheus exposition")?;
+/// Flattens an exposition's samples into the families the views read.
+fn flatten(samples: Vec<pylon_proxy_metrics::exposition::Sample>) -> Flat {
     let mut out = Flat::new();
     for sample in samples {
         if !FAMILIES.contains(&sample.name.as_str()) {
@@ -116,7 +114,7 @@ pub fn flatten(exposition: &str) -> Result<Flat> {
         *out.entry((sample.name, labels, le.map(f64::to_bits)))
             .or_default() += sample.value;
     }
-    Ok(out)
+    out
 }
 
 /// Increases between two readings (gauges: the later value). Series that appeared in between
@@ -170,15 +168,15 @@ async fn proxy_window(addr: SocketAddr, secs: u64) -> Result<(Flat, Duration)> {
     }
     let text = std::str::from_utf8(&body)
         .with_context(|| format!("GET http://{addr}{path} is not UTF-8"))?;
-    let covered = pylon_proxy_metrics::exposition::parse(text)
-        .context("parsing the Prometheus exposition")?
-        .into_iter()
+    let samples = pylon_proxy_metrics::exposition::parse(text)
+        .with_context(|| format!("parsing the Prometheus exposition of http://{addr}{path}"))?;
+    let covered = samples
+        .iter()
         .find(|s| s.name == "window_seconds")
         .map(|s| s.value)
         .filter(|v| v.is_finite() && *v >= 0.0)
         .ok_or_else(|| anyhow!("GET http://{addr}{path} has no window_seconds"))?;
-    let flat = flatten(text).with_context(|| format!("reading http://{addr}{path}"))?;
-    Ok((flat, Duration::from_secs_f64(covered)))
+    Ok((flatten(samples), Duration::from_secs_f64(covered)))
 }
 
 /// Asks every proxy what its series counted over the last `window` (at most 15 minutes: what
@@ -505,7 +503,7 @@ pub async fn from_prometheus(
 
 /// A plain-HTTP GET, bounded to 10 s; the body of a 2xx answer (or of a 400/422 with a
 /// Prometheus error document).
-async fn http_get(url: &str) -> Result<Bytes> {
+pub(super) async fn http_get(url: &str) -> Result<Bytes> {
     let uri: Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
     if uri.scheme_str() != Some("http") {
         bail!("only http:// Prometheus URLs are supported, not {url:?}");
@@ -567,6 +565,10 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
 # EOF
 "#;
 
+    fn flat(text: &str) -> Flat {
+        flatten(pylon_proxy_metrics::exposition::parse(text).expect("parses"))
+    }
+
     fn value(series: &[Series], metric: &str, pred: impl Fn(&Series) -> bool) -> f64 {
         series
             .iter()
@@ -590,8 +592,8 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
                 "le=\"+Inf\",direction=\"inbound\",deployment=\"web\"} 11",
                 "le=\"+Inf\",direction=\"inbound\",deployment=\"web\"} 31",
             );
-        let before = flatten(BEFORE).expect("parses");
-        let after = flatten(&after_text).expect("parses");
+        let before = flat(BEFORE);
+        let after = flat(&after_text);
         let series = increases(&before, &after);
         let ok = value(&series, "response_total", |s| {
             s.labels.get("classification").map(String::as_str) == Some("success")
@@ -668,8 +670,8 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
 
     #[test]
     fn a_counter_reset_counts_from_zero() {
-        let before = flatten(BEFORE).expect("parses");
-        let after = flatten(&BEFORE.replace("} 10\n", "} 4\n")).expect("parses");
+        let before = flat(BEFORE);
+        let after = flat(&BEFORE.replace("} 10\n", "} 4\n"));
         let series = increases(&before, &after);
         let ok = value(&series, "response_total", |s| {
             s.labels.get("classification").map(String::as_str) == Some("success")

@@ -19,14 +19,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use hyper::{Method, Uri};
+use anyhow::{anyhow, Context, Result};
 use pylon_proxy_policy::{EndpointCoverage, Store, StoreConfig};
 use serde::Serialize;
 
-use super::data::{parse_vector, url_encode, Series};
+use super::data::{http_get, parse_vector, url_encode, Series};
 use super::resource::{service_of_authority, Kind, Resource};
 use super::{Failure, SourceArgs};
 use crate::demo::admin_client;
@@ -293,18 +291,6 @@ async fn from_proxies(proxies: &[SocketAddr]) -> Result<Vec<Series>> {
 /// its missing pods.
 async fn from_prometheus(base: &str) -> Result<Vec<Series>> {
     let base = base.trim_end_matches('/');
-    let uri: Uri = base.parse().with_context(|| format!("bad URL {base:?}"))?;
-    if uri.scheme_str() != Some("http") {
-        bail!("only http:// Prometheus URLs are supported, not {base:?}");
-    }
-    let host = uri.host().ok_or_else(|| anyhow!("no host in {base:?}"))?;
-    let port = uri.port_u16().unwrap_or(80);
-    let addr = tokio::net::lookup_host((host, port))
-        .await
-        .with_context(|| format!("resolving {host}"))?
-        .next()
-        .ok_or_else(|| anyhow!("{host} resolves to no address"))?;
-    let prefix = uri.path().trim_end_matches('/');
     let by = "dst_namespace, dst_service";
     // The missing pods as exported (one per exporter; a pod's workload label depends on its
     // kind, so no `by` would keep it): few, as they are only the missing ones.
@@ -316,8 +302,8 @@ async fn from_prometheus(base: &str) -> Result<Vec<Series>> {
     ];
     let mut out = Vec::new();
     for (metric, expr) in queries {
-        let path = format!("{prefix}/api/v1/query?query={}", url_encode(&expr));
-        let (_, body) = admin_client::request(addr, Method::GET, &path, Duration::from_secs(10))
+        let url = format!("{base}/api/v1/query?query={}", url_encode(&expr));
+        let body = http_get(&url)
             .await
             .with_context(|| format!("querying Prometheus at {base}"))?;
         out.extend(parse_vector(metric, &body).with_context(|| format!("query {expr}"))?);
