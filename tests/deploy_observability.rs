@@ -591,6 +591,36 @@ fn job<'a>(jobs: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no scrape job {name:?}"))
 }
 
+/// Prometheus on deploy/prometheus/prometheus.yml with the repo's rules, scraping and
+/// evaluating every second, its file_sd targets (`job` -> JSON target groups) written under
+/// `dir/targets`: the process and its address.
+fn start_repo_prometheus(
+    prometheus: &Path,
+    dir: &Path,
+    targets: &[(&str, &Value)],
+) -> (Proc, SocketAddr) {
+    for (job, groups) in targets {
+        std::fs::write(
+            dir.join(format!("targets/{job}.json")),
+            serde_json::to_string_pretty(groups).expect("JSON"),
+        )
+        .expect("write targets");
+    }
+    let full = yaml(&prometheus_yml());
+    let mut config = full.clone();
+    config["global"] =
+        json!({"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"});
+    config["rule_files"] = json!([rules_file()]);
+    config["scrape_configs"] = with_file_sd(&full["scrape_configs"], dir);
+    let config_file = dir.join("prometheus.yml");
+    std::fs::write(
+        &config_file,
+        serde_yaml_ng::to_string(&config).expect("YAML"),
+    )
+    .expect("write");
+    start_prometheus(prometheus, &config_file, &dir.join("data"))
+}
+
 /// The jobs with their Kubernetes discovery replaced by file discovery of `targets/<job>.json`
 /// under `dir`: same relabelling, the targets given by the test.
 fn with_file_sd(jobs: &Value, dir: &Path) -> Value {
@@ -1325,32 +1355,14 @@ fn prometheus_relabels_scrapes_and_evaluates_as_pylon_stat_and_the_dashboards_ex
             &controller_meta
         ),
     ]);
-    for (job, targets) in [
-        ("pylon-proxy", &proxies),
-        ("pylon-controller", &controllers),
-    ] {
-        std::fs::write(
-            dir.path().join(format!("targets/{job}.json")),
-            serde_json::to_string_pretty(targets).expect("JSON"),
-        )
-        .expect("write targets");
-    }
-
-    // deploy/prometheus/prometheus.yml, scraping and evaluating every second, with the rules.
-    let full = yaml(&prometheus_yml());
-    let mut config = full.clone();
-    config["global"] =
-        json!({"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"});
-    config["rule_files"] = json!([rules_file()]);
-    config["scrape_configs"] = with_file_sd(&full["scrape_configs"], dir.path());
-    let config_file = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config_file,
-        serde_yaml_ng::to_string(&config).expect("YAML"),
-    )
-    .expect("write");
-    let (_prometheus, listen) =
-        start_prometheus(&prometheus, &config_file, &dir.path().join("data"));
+    let (_prometheus, listen) = start_repo_prometheus(
+        &prometheus,
+        dir.path(),
+        &[
+            ("pylon-proxy", &proxies),
+            ("pylon-controller", &controllers),
+        ],
+    );
     let url = format!("http://{listen}");
 
     // The targets: the admin ports only, labelled from the API.
@@ -1686,27 +1698,8 @@ fn prometheus_alerts_on_a_stale_endpoint_set_and_pylon_stat_names_the_pod() {
             )]),
         ),
     ];
-    for (job, targets) in targets {
-        std::fs::write(
-            dir.path().join(format!("targets/{job}.json")),
-            serde_json::to_string_pretty(&targets).expect("JSON"),
-        )
-        .expect("write targets");
-    }
-    let full = yaml(&prometheus_yml());
-    let mut config = full.clone();
-    config["global"] =
-        json!({"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"});
-    config["rule_files"] = json!([rules_file()]);
-    config["scrape_configs"] = with_file_sd(&full["scrape_configs"], dir.path());
-    let config_file = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config_file,
-        serde_yaml_ng::to_string(&config).expect("YAML"),
-    )
-    .expect("write");
-    let (_prometheus, listen) =
-        start_prometheus(&prometheus, &config_file, &dir.path().join("data"));
+    let targets: Vec<(&str, &Value)> = targets.iter().map(|(job, t)| (*job, t)).collect();
+    let (_prometheus, listen) = start_repo_prometheus(&prometheus, dir.path(), &targets);
 
     // The gauges as scraped (the info family included), the alert pending on them, and the
     // proxy (what `pylon stat` looks for first).
