@@ -10,6 +10,8 @@
 //!   success rate, requests/s and latency per resource, route and edge, from the proxies'
 //!   rolling windows on their admin ports (answered at once, up to 15 minutes) or from
 //!   Prometheus.
+//! - `pylon dashboard` serves the same numbers, the topology, a live tap and `check`'s
+//!   findings as web pages on loopback.
 //! - `pylon tap RESOURCE` prints live requests from the proxies' tap ports (Linkerd's tap API),
 //!   one line per request, response and end; `pylon top RESOURCE` the busiest paths among
 //!   them; `pylon profile --tap RESOURCE` turns a few seconds of them into a ServiceProfile.
@@ -32,6 +34,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod check;
 mod completion;
+mod dashboard;
 mod demo;
 mod flags;
 mod identity;
@@ -65,6 +68,10 @@ enum Command {
     /// Who calls whom: source workloads to destination services, failing and retry-heavy
     /// edges flagged.
     Edges(stat::EdgesArgs),
+
+    /// The mesh in a browser: workloads, topology, routes, live tap and check, served on
+    /// loopback.
+    Dashboard(dashboard::DashboardArgs),
 
     /// Live requests, responses and their ends, from the proxies' tap ports.
     Tap(tap::TapArgs),
@@ -111,6 +118,7 @@ fn main() -> ExitCode {
         Command::Stat(args) => stat::run_stat(args),
         Command::Routes(args) => stat::run_routes(args),
         Command::Edges(args) => stat::run_edges(args),
+        Command::Dashboard(args) => dashboard::run(args),
         Command::Tap(args) => tap::run_tap(args),
         Command::Profile(args) => tap::run_profile(args),
         Command::Top(args) => tap::run_top(args),

@@ -137,16 +137,13 @@ pub fn run(args: CheckArgs) -> ExitCode {
         default_namespace: args.namespace,
         cluster_domain: args.cluster_domain,
     };
-    let store = match Store::load_dir(&dir, cfg) {
-        Ok(store) => store,
+    let (findings, summary) = match check_dir(&dir, cfg) {
+        Ok(found) => found,
         Err(e) => {
             eprintln!("pylon check: error: {e}");
             return ExitCode::from(2);
         }
     };
-    let snapshot = store.snapshot();
-    let findings = audit(&snapshot);
-    let summary = Summary::of(&findings, snapshot.objects().count());
     let text = match args.output {
         OutputFormat::Table => report::human(&dir, &findings, summary),
         OutputFormat::Json => match report::json(&dir, &findings, summary) {
@@ -166,6 +163,16 @@ pub fn run(args: CheckArgs) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// What `pylon check DIR` reports: the findings and their counts (the dashboard's check
+/// page shows the same), or why the dir could not be read.
+pub fn check_dir(dir: &Path, cfg: StoreConfig) -> Result<(Vec<Finding>, Summary), String> {
+    let store = Store::load_dir(dir, cfg).map_err(|e| e.to_string())?;
+    let snapshot = store.snapshot();
+    let findings = audit(&snapshot);
+    let summary = Summary::of(&findings, snapshot.objects().count());
+    Ok((findings, summary))
 }
 
 /// Everything wrong with a loaded config dir, grouped by file and object: the Store's errors

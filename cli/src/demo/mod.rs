@@ -45,6 +45,11 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     rps: u32,
 
+    /// Where the dashboard serves the demo's mesh (a loopback address; when it is taken, any
+    /// free port, printed at start).
+    #[arg(long, default_value = crate::dashboard::DEFAULT_ADDR)]
+    dashboard_addr: std::net::SocketAddr,
+
     /// Output format: a table per second, or one JSON object per line.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
@@ -94,7 +99,32 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
         }
     };
 
-    let watched = watch_traffic(&mut mesh, &args, run_for, interrupted, &mut printer).await;
+    let source = crate::stat::data::Source::Proxies {
+        named: Vec::new(),
+        config_dir: Some(mesh.config_dir().to_path_buf()),
+    };
+    let (stop_dashboard, dashboard_stopped) = tokio::sync::oneshot::channel::<()>();
+    let dashboard = match crate::dashboard::spawn_local(source, args.dashboard_addr, async {
+        let _ = dashboard_stopped.await;
+    })
+    .await
+    {
+        Ok(addr) => addr,
+        Err(e) => {
+            let _ = mesh.shutdown().await;
+            return Err(e);
+        }
+    };
+    let watched = watch_traffic(
+        &mut mesh,
+        &args,
+        run_for,
+        dashboard,
+        interrupted,
+        &mut printer,
+    )
+    .await;
+    let _ = stop_dashboard.send(());
     let problems = mesh.shutdown().await;
     for problem in &problems {
         printer.warn(problem);
@@ -122,7 +152,12 @@ fn watch_for_interrupt() -> Result<watch::Receiver<bool>> {
     Ok(rx)
 }
 
-fn mesh_info(mesh: &Mesh, args: &DemoArgs, run_for: Option<Duration>) -> MeshInfo {
+fn mesh_info(
+    mesh: &Mesh,
+    args: &DemoArgs,
+    run_for: Option<Duration>,
+    dashboard: std::net::SocketAddr,
+) -> MeshInfo {
     MeshInfo {
         authority: format!("{}:{}", mesh::AUTHORITY, mesh::SERVICE_PORT),
         host: mesh::AUTHORITY.to_owned(),
@@ -142,6 +177,7 @@ fn mesh_info(mesh: &Mesh, args: &DemoArgs, run_for: Option<Duration>) -> MeshInf
             .collect(),
         rps: args.rps,
         duration: run_for,
+        dashboard,
     }
 }
 
@@ -150,10 +186,11 @@ async fn watch_traffic(
     mesh: &mut Mesh,
     args: &DemoArgs,
     run_for: Option<Duration>,
+    dashboard: std::net::SocketAddr,
     mut interrupted: watch::Receiver<bool>,
     printer: &mut Printer,
 ) -> Result<()> {
-    let info = mesh_info(mesh, args, run_for);
+    let info = mesh_info(mesh, args, run_for, dashboard);
     let plan = LoadPlan {
         proxy: info.outbound_listener,
         authority: mesh::AUTHORITY.to_owned(),

@@ -43,6 +43,8 @@ pub struct MeshInfo {
     pub endpoints: Vec<EndpointInfo>,
     pub rps: u32,
     pub duration: Option<Duration>,
+    /// Where the demo's dashboard serves.
+    pub dashboard: SocketAddr,
 }
 
 /// One scrape of every proxy. `inbound[i]` is endpoint `i`'s own proxy (None if unreachable).
@@ -278,6 +280,7 @@ impl Printer {
                     "outbound_admin": mesh.outbound_admin.to_string(),
                     "rps": mesh.rps,
                     "duration_secs": mesh.duration.map(|d| d.as_secs_f64()),
+                    "dashboard": format!("http://{}/", mesh.dashboard),
                     "endpoints": mesh.endpoints.iter().map(|e| json!({
                         "name": e.pod,
                         "behaviour": e.behaviour,
@@ -297,6 +300,11 @@ impl Printer {
                     text,
                     "pylon demo: {} rps to http://{}/predict through the outbound proxy, {run}",
                     mesh.rps, mesh.host
+                );
+                let _ = writeln!(
+                    text,
+                    "dashboard   http://{}/   (workloads, topology, live tap: open it in a browser)",
+                    mesh.dashboard
                 );
                 let _ = writeln!(text, "config dir  {}", mesh.config_dir);
                 let _ = writeln!(
@@ -473,6 +481,7 @@ mod tests {
             }],
             rps: 10,
             duration: None,
+            dashboard: "127.0.0.1:50750".parse().expect("addr"),
         };
         let t0 = Instant::now();
         let before = MeshScrape {

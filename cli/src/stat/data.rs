@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -27,6 +28,7 @@ use tokio::net::TcpStream;
 use super::resource::{service_of_authority, Matcher};
 use crate::demo::admin_client;
 use crate::demo::metrics::counter_increase;
+use crate::flags::MetricsSource;
 
 /// One series: a metric name as exposed (`response_total`, `response_latency_ms_bucket`...),
 /// its labels (bucket bound in `le`), and its increase over the window (counters, buckets) or
@@ -438,16 +440,19 @@ pub fn parse_vector(metric: &str, body: &[u8]) -> Result<Vec<Series>> {
     Ok(out)
 }
 
-/// Asks Prometheus at `base` (`http://host:port[/prefix]`) for the window ending now. Every
-/// query is evaluated at the same instant, so the counts of all families cover the same
+/// Asks Prometheus at `base` (`http://host:port[/prefix]`) for the window that ended `ago`
+/// (zero: now). Every query is evaluated at the same instant, so the counts of all families cover the same
 /// samples.
-pub async fn from_prometheus(
+async fn from_prometheus(
     base: &str,
     window: Duration,
     matchers: &[Matcher],
+    ago: Duration,
 ) -> Result<Observed> {
     let base = base.trim_end_matches('/');
     let at = std::time::SystemTime::now()
+        .checked_sub(ago)
+        .unwrap_or(std::time::UNIX_EPOCH)
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or_default();
@@ -544,6 +549,156 @@ pub(super) async fn http_get(url: &str) -> Result<Bytes> {
     tokio::time::timeout(Duration::from_secs(10), fut)
         .await
         .map_err(|_| anyhow!("GET {url} timed out after 10s"))?
+}
+
+// ---------------------------------------------------------------------------------------------
+// The source the flags name
+// ---------------------------------------------------------------------------------------------
+
+/// Where the numbers come from, as `--proxy`, `--config-dir` or `--prometheus` said: what
+/// `stat`, `routes`, `edges` and the dashboard all read through.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The proxies named, and those of the config dir's meshed pods (the dir is read at every
+    /// [`Source::observe`], so a long-lived reader such as the dashboard sees new pods).
+    Proxies {
+        named: Vec<SocketAddr>,
+        config_dir: Option<PathBuf>,
+    },
+    /// A Prometheus server scraping the proxies.
+    Prometheus(String),
+}
+
+impl Source {
+    /// The source the flags name, or why there is none.
+    pub fn from_flags(flags: &MetricsSource) -> Result<Source, String> {
+        let named = &flags.proxies;
+        match &flags.prometheus {
+            Some(url) => Ok(Source::Prometheus(url.clone())),
+            None if named.proxies.is_empty() && named.config_dir.is_none() => Err(
+                "no data source: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191), --config-dir DIR or --prometheus URL".into(),
+            ),
+            None => Ok(Source::Proxies {
+                named: named.proxies.clone(),
+                config_dir: named.config_dir.clone(),
+            }),
+        }
+    }
+
+    /// `config dir /x`, `Prometheus at http://...`, `2 proxies`, for people.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Prometheus(url) => format!("Prometheus at {url}"),
+            Source::Proxies {
+                config_dir: Some(dir),
+                ..
+            } => format!("config dir {}", dir.display()),
+            Source::Proxies { named, .. } => match named.len() {
+                1 => "1 proxy".to_string(),
+                n => format!("{n} proxies"),
+            },
+        }
+    }
+
+    /// The config dir, when the source has one.
+    pub fn config_dir(&self) -> Option<&Path> {
+        match self {
+            Source::Proxies { config_dir, .. } => config_dir.as_deref(),
+            Source::Prometheus(_) => None,
+        }
+    }
+
+    /// What the series counted over the last `window` (`matchers` narrow what Prometheus
+    /// is asked; the proxies answer with everything they keep).
+    pub async fn observe(&self, window: Duration, matchers: &[Matcher]) -> Result<Observed> {
+        self.observe_ending(window, matchers, Duration::ZERO).await
+    }
+
+    /// What they counted in each of the `points` windows of `step` up to now, oldest first.
+    /// Proxies answer for the last 15 minutes only: each window is the difference of two of
+    /// theirs (the last `k` steps less the last `k - 1`).
+    pub async fn history(
+        &self,
+        step: Duration,
+        points: u32,
+        matchers: &[Matcher],
+    ) -> Result<Vec<Observed>> {
+        let mut out = Vec::with_capacity(points as usize);
+        match self {
+            Source::Prometheus(_) => {
+                for k in (0..points).rev() {
+                    out.push(self.observe_ending(step, matchers, step * k).await?);
+                }
+            }
+            Source::Proxies { .. } => {
+                if step * points > PROXY_WINDOW_MAX {
+                    bail!("proxies keep the last 15m; read longer histories from Prometheus");
+                }
+                // The last k steps, for k = 0..=points (k = 0: nothing).
+                let mut last = vec![Observed::default()];
+                for k in 1..=points {
+                    last.push(self.observe(step * k, matchers).await?);
+                }
+                for k in (1..=points as usize).rev() {
+                    out.push(difference(&last[k], &last[k - 1]));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn observe_ending(
+        &self,
+        window: Duration,
+        matchers: &[Matcher],
+        ago: Duration,
+    ) -> Result<Observed> {
+        match self {
+            Source::Prometheus(url) => from_prometheus(url, window, matchers, ago).await,
+            Source::Proxies { named, config_dir } => {
+                if !ago.is_zero() {
+                    bail!("proxies answer for windows ending now");
+                }
+                let proxies = crate::proxies::resolve(named, config_dir.as_deref())?;
+                from_proxies(&proxies, window).await
+            }
+        }
+    }
+}
+
+/// What `later` counted that `earlier` (a shorter window ending at the same time) did not:
+/// the counts of the time between their starts. Gauges are left out.
+fn difference(later: &Observed, earlier: &Observed) -> Observed {
+    type Key<'a> = (&'a str, &'a BTreeMap<String, String>, Option<u64>);
+    let before: HashMap<Key, f64> = earlier
+        .series
+        .iter()
+        .map(|s| {
+            (
+                (s.metric.as_str(), &s.labels, s.le.map(f64::to_bits)),
+                s.value,
+            )
+        })
+        .collect();
+    let series = later
+        .series
+        .iter()
+        .filter(|s| !is_gauge(&s.metric))
+        .map(|s| {
+            let then = before
+                .get(&(s.metric.as_str(), &s.labels, s.le.map(f64::to_bits)))
+                .copied()
+                .unwrap_or(0.0);
+            Series {
+                value: (s.value - then).max(0.0),
+                ..s.clone()
+            }
+        })
+        .collect();
+    Observed {
+        series,
+        window: later.window.saturating_sub(earlier.window),
+    }
 }
 
 #[cfg(test)]

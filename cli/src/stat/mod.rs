@@ -29,7 +29,7 @@ mod endpoints;
 pub mod resource;
 pub mod view;
 
-use data::Observed;
+use data::{Observed, Source};
 use resource::{service_of_authority, Matcher, Resource};
 use view::{Edge, Selection, StatRow};
 
@@ -155,25 +155,13 @@ fn parse_resource(s: &str) -> Result<Resource, Failure> {
 /// The series over the window, from wherever the flags say.
 fn fetch(src: &SourceArgs, matchers: &[Matcher]) -> Result<Observed, Failure> {
     let window = parse_window(&src.window).map_err(usage)?;
-    let (named, prometheus) = (&src.source.proxies, &src.source.prometheus);
-    if named.proxies.is_empty() && named.config_dir.is_none() && prometheus.is_none() {
-        return Err(usage(
-            "no data source: give --proxy ADMIN_ADDR (repeatable, e.g. --proxy 127.0.0.1:4191), --config-dir DIR or --prometheus URL",
-        ));
-    }
-    let proxies = crate::proxies::resolve(&named.proxies, named.config_dir.as_deref())
-        .map_err(|e| Failure(1, e))?;
+    let source = Source::from_flags(&src.source).map_err(usage)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure(1, anyhow::anyhow!("starting the runtime: {e}")))?;
-    let result = rt.block_on(async {
-        match prometheus {
-            Some(url) => data::from_prometheus(url, window, matchers).await,
-            None => data::from_proxies(&proxies, window).await,
-        }
-    });
-    result.map_err(|e| Failure(1, e))
+    rt.block_on(source.observe(window, matchers))
+        .map_err(|e| Failure(1, e))
 }
 
 fn namespace(src: &SourceArgs) -> Option<&str> {
@@ -273,16 +261,8 @@ fn stat(args: StatArgs) -> Result<String, Failure> {
     let seen = fetch(src, &sel.matchers)?;
     // Whether the destination's (or the workload's) Services leave ready pods out.
     let endpoints = endpoints::findings(to.as_ref().unwrap_or(&res), src);
-    let rows = view::aggregate(&seen.series, &sel, seen.window.as_secs_f64());
     let workload = sel.meshed.is_some();
-    let out: Vec<StatRow> = rows
-        .iter()
-        .map(|(key, stats)| {
-            let (ns, name) = split_key(key);
-            let meshed = workload.then_some(stats.pods.len());
-            StatRow::new(name, ns, meshed, stats, workload || to.is_some())
-        })
-        .collect();
+    let out = stat_rows(&seen, &sel, to.is_some());
     if out.iter().all(|r| r.requests == 0) {
         let mut what = res.to_string();
         if let Some(to) = &to {
@@ -321,6 +301,20 @@ fn stat(args: StatArgs) -> Result<String, Failure> {
     endpoints::append(&mut table, &endpoints);
     let json = serde_json::json!({ "rows": out, "endpoints": endpoints });
     render(src.output(), &json, table)
+}
+
+/// `stat`'s rows: one per resource of the selection (`to`: the selection is what a workload
+/// sent, so its connections count too).
+pub fn stat_rows(seen: &Observed, sel: &Selection, to: bool) -> Vec<StatRow> {
+    let workload = sel.meshed.is_some();
+    view::aggregate(&seen.series, sel, seen.window.as_secs_f64())
+        .iter()
+        .map(|(key, stats)| {
+            let (ns, name) = split_key(key);
+            let meshed = workload.then_some(stats.pods.len());
+            StatRow::new(name, ns, meshed, stats, workload || to)
+        })
+        .collect()
 }
 
 /// A row key `[namespace, name]` or `[name]`.
@@ -374,21 +368,20 @@ pub fn routes_matchers(
     Ok(matchers)
 }
 
-fn routes(args: RoutesArgs) -> Result<String, Failure> {
-    let (res, to, from) = resources(&args.resource, &args.peers)?;
-    let src = &args.source;
-    let ns = namespace(src);
-    let matchers = routes_matchers(&res, to.as_ref(), from.as_ref(), ns).map_err(usage)?;
-    let sel = Selection {
+/// The route rows of `matchers` ([`routes_matchers`]): one per authority and route.
+pub fn routes_selection(matchers: Vec<Matcher>) -> Selection {
+    Selection {
         matchers,
         group: vec!["authority", "rt_route"],
         routes: true,
         tcp_peer: "dst",
         meshed: None,
-    };
-    let seen = fetch(src, &sel.matchers)?;
-    let rows = view::aggregate(&seen.series, &sel, seen.window.as_secs_f64());
-    let out: Vec<(StatRow, Option<String>)> = rows
+    }
+}
+
+/// `routes`' rows: each route with traffic, and the service it belongs to.
+pub fn route_rows(seen: &Observed, sel: &Selection) -> Vec<(StatRow, Option<String>)> {
+    view::aggregate(&seen.series, sel, seen.window.as_secs_f64())
         .iter()
         .filter(|(_, stats)| stats.requests() > 0.0 || stats.requested > 0.0)
         .filter_map(|(key, stats)| {
@@ -403,7 +396,17 @@ fn routes(args: RoutesArgs) -> Result<String, Failure> {
                 Some(service),
             ))
         })
-        .collect();
+        .collect()
+}
+
+fn routes(args: RoutesArgs) -> Result<String, Failure> {
+    let (res, to, from) = resources(&args.resource, &args.peers)?;
+    let src = &args.source;
+    let ns = namespace(src);
+    let matchers = routes_matchers(&res, to.as_ref(), from.as_ref(), ns).map_err(usage)?;
+    let sel = routes_selection(matchers);
+    let seen = fetch(src, &sel.matchers)?;
+    let out = route_rows(&seen, &sel);
     if out.iter().all(|(r, _)| r.requests == 0) {
         return Err(no_traffic(&format!("the routes of {res}"), &src.window));
     }
@@ -428,6 +431,51 @@ fn routes(args: RoutesArgs) -> Result<String, Failure> {
     render(src.output(), &serde_json::json!({ "rows": json }), table)
 }
 
+/// The series of the edges from workloads of `res`'s kind: outbound ones (`from` narrows
+/// their sources, `to` their destinations), one row per source and destination, the
+/// destination named by `dst_label` (`dst_service`, as `pylon edges` shows them, or another
+/// destination label).
+pub fn edges_selection(
+    res: &Resource,
+    to: Option<&Resource>,
+    from: Option<&Resource>,
+    ns: Option<&str>,
+    dst_label: &'static str,
+) -> Selection {
+    let mut matchers = vec![Matcher::eq("direction", "outbound")];
+    matchers.extend(res.matchers(ns));
+    if let Some(from) = from {
+        matchers.extend(from.matchers(ns));
+    }
+    if let Some(to) = to {
+        matchers.extend(to.dst_matchers(ns));
+    }
+    Selection {
+        matchers,
+        group: vec![
+            "namespace",
+            res.kind.name_label(),
+            "dst_namespace",
+            dst_label,
+        ],
+        routes: false,
+        tcp_peer: "dst",
+        meshed: None,
+    }
+}
+
+/// The edges with traffic, flagged `failing` and `retry-heavy` by [`Edge::new`].
+pub fn edge_rows(seen: &Observed, sel: &Selection) -> Vec<Edge> {
+    view::aggregate(&seen.series, sel, seen.window.as_secs_f64())
+        .iter()
+        .filter(|(_, s)| s.requests() > 0.0)
+        .filter_map(|(key, stats)| match key.as_slice() {
+            [src_ns, src, dst_ns, dst] => Some(Edge::new(src_ns, src, dst_ns, dst, stats)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn edges(args: EdgesArgs) -> Result<String, Failure> {
     let (res, to, from) = resources(&args.kind, &args.peers)?;
     if !res.kind.is_workload() {
@@ -436,37 +484,15 @@ fn edges(args: EdgesArgs) -> Result<String, Failure> {
         )));
     }
     let src = &args.source;
-    let ns = namespace(src);
-    // Edges are outbound series: `--from` narrows their sources, `--to` their destinations.
-    let mut matchers = vec![Matcher::eq("direction", "outbound")];
-    matchers.extend(res.matchers(ns));
-    if let Some(from) = &from {
-        matchers.extend(from.matchers(ns));
-    }
-    if let Some(to) = &to {
-        matchers.extend(to.dst_matchers(ns));
-    }
-    let sel = Selection {
-        matchers,
-        group: vec![
-            "namespace",
-            res.kind.name_label(),
-            "dst_namespace",
-            "dst_service",
-        ],
-        routes: false,
-        tcp_peer: "dst",
-        meshed: None,
-    };
+    let sel = edges_selection(
+        &res,
+        to.as_ref(),
+        from.as_ref(),
+        namespace(src),
+        "dst_service",
+    );
     let seen = fetch(src, &sel.matchers)?;
-    let edges: Vec<Edge> = view::aggregate(&seen.series, &sel, seen.window.as_secs_f64())
-        .iter()
-        .filter(|(_, s)| s.requests() > 0.0)
-        .filter_map(|(key, stats)| match key.as_slice() {
-            [src_ns, src, dst_ns, dst] => Some(Edge::new(src_ns, src, dst_ns, dst, stats)),
-            _ => None,
-        })
-        .collect();
+    let edges = edge_rows(&seen, &sel);
     if edges.is_empty() {
         return Err(no_traffic(&format!("edges from {res}"), &src.window));
     }

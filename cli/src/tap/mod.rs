@@ -152,6 +152,12 @@ pub struct TopArgs {
 #[derive(Debug)]
 pub struct Failure(u8, anyhow::Error);
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.1)
+    }
+}
+
 fn usage(msg: impl std::fmt::Display) -> Failure {
     Failure(2, anyhow!("{msg}"))
 }
@@ -250,7 +256,7 @@ fn source_name(src: &TapSource) -> String {
 
 /// The tap ports to read (of the plan's workload only, when it names one), and the config
 /// dir's mesh.
-async fn targets(
+pub(crate) async fn targets(
     src: &TapSource,
     extra_taps: &[SocketAddr],
     plan: &Plan,
@@ -292,7 +298,7 @@ async fn targets(
 }
 
 /// Opens a stream on every target.
-async fn observe_all(
+pub(crate) async fn observe_all(
     targets: &[Target],
     matcher: &Option<Match>,
     limit: u32,
@@ -326,7 +332,7 @@ fn explain(target: &Target, status: tonic::Status) -> Failure {
     }
 }
 
-type Events = tonic::codec::Streaming<TapEvent>;
+pub(crate) type Events = tonic::codec::Streaming<TapEvent>;
 
 async fn observe(
     target: &Target,
@@ -358,13 +364,21 @@ async fn observe(
 }
 
 /// What the event loop does with each event: `Ok(true)` to go on.
-type Sink<'a> = dyn FnMut(usize, TapEvent) -> Result<bool, Failure> + 'a;
+pub(crate) type Sink<'a> = dyn FnMut(usize, TapEvent) -> Result<bool, Failure> + Send + 'a;
 
-/// Reads every stream until they all end, `sink` says stop, `until` passes or Ctrl-C.
-async fn run_streams(
+/// Ctrl-C, which ends the CLI's taps (the dashboard's end when their page goes).
+async fn interrupted() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Reads every stream until they all end, `sink` says stop, `until` passes or `stop` ends.
+pub(crate) async fn run_streams(
     targets: &[Target],
     streams: Vec<Events>,
     until: Option<Duration>,
+    stop: impl std::future::Future<Output = ()>,
     sink: &mut Sink<'_>,
 ) -> Result<(), Failure> {
     let (tx, mut rx) = mpsc::channel::<(usize, Result<Option<TapEvent>, tonic::Status>)>(256);
@@ -390,8 +404,7 @@ async fn run_streams(
         }
     };
     tokio::pin!(sleep);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    tokio::pin!(stop);
     let mut open = targets.len();
     let result = loop {
         tokio::select! {
@@ -418,7 +431,7 @@ async fn run_streams(
                 }
             },
             _ = &mut sleep => break Ok(()),
-            _ = &mut ctrl_c => break Ok(()),
+            _ = &mut stop => break Ok(()),
         }
     };
     for t in tasks {
@@ -574,7 +587,7 @@ fn tap(args: TapArgs) -> Result<(), Failure> {
             }
             Ok(!admitted.done())
         };
-        run_streams(&targets, streams, None, &mut sink).await
+        run_streams(&targets, streams, None, interrupted(), &mut sink).await
     })
 }
 
@@ -645,7 +658,13 @@ fn run_top_inner(args: TopArgs) -> Result<(), Failure> {
                 describe(&targets),
                 args.once.as_deref().unwrap_or("")
             );
-            rt.block_on(run_streams(&targets, streams, Some(d), &mut sink))?;
+            rt.block_on(run_streams(
+                &targets,
+                streams,
+                Some(d),
+                interrupted(),
+                &mut sink,
+            ))?;
             let paths = paths.lock().unwrap_or_else(|e| e.into_inner());
             let text = match output {
                 Output::Json => top::render_json(&paths, args.sort),
@@ -659,7 +678,13 @@ fn run_top_inner(args: TopArgs) -> Result<(), Failure> {
         None => {
             // The streams run on their own thread; this one draws and reads keys.
             std::thread::spawn(move || {
-                let _ = rt.block_on(run_streams(&targets, streams, None, &mut sink));
+                let _ = rt.block_on(run_streams(
+                    &targets,
+                    streams,
+                    None,
+                    interrupted(),
+                    &mut sink,
+                ));
             });
             top::interactive(paths, title, args.sort, wide)
                 .map_err(|e| fail(format!("the terminal: {e}")))
@@ -719,7 +744,7 @@ fn profile(args: ProfileArgs) -> Result<String, Failure> {
             }
             Ok(true)
         };
-        run_streams(&targets, streams, Some(duration), &mut sink).await?;
+        run_streams(&targets, streams, Some(duration), interrupted(), &mut sink).await?;
         Ok::<_, Failure>(observed)
     })?;
     if observed.is_empty() {

@@ -194,9 +194,17 @@ pub fn render_text(paths: &Paths, by: SortBy, wide: bool) -> String {
 
 /// The rows as JSON (for `--once -o json`): latencies in microseconds, success as a ratio.
 pub fn render_json(paths: &Paths, by: SortBy) -> String {
-    let rows: Vec<serde_json::Value> = paths
+    serde_json::to_string_pretty(&serde_json::json!({ "rows": json_rows(paths, by, usize::MAX) }))
+        .map(|s| s + "\n")
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}\n"))
+}
+
+/// The first `limit` rows as JSON objects (`render_json`'s, and the dashboard's top table).
+pub fn json_rows(paths: &Paths, by: SortBy, limit: usize) -> Vec<serde_json::Value> {
+    paths
         .sorted(by)
         .into_iter()
+        .take(limit)
         .map(|(k, s)| {
             let mut row = serde_json::json!({
                 "method": k.method,
@@ -213,10 +221,7 @@ pub fn render_json(paths: &Paths, by: SortBy) -> String {
             }
             row
         })
-        .collect();
-    serde_json::to_string_pretty(&serde_json::json!({ "rows": rows }))
-        .map(|s| s + "\n")
-        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}\n"))
+        .collect()
 }
 
 /// The live view: redraws twice a second until `q` (or Esc, or Ctrl-C); `s` changes the sort.
