@@ -297,6 +297,14 @@ fn the_api_answers_every_page_from_a_known_mesh() {
         points[0]["requests"], 0,
         "the proxies are younger than that"
     );
+    // The minutes add up to what the proxies counted in all (nothing counted twice).
+    let total: u64 = points.iter().filter_map(|p| p["requests"].as_u64()).sum();
+    let counted = d.json("/api/overview?window=15m");
+    assert_eq!(
+        Some(total),
+        find(&counted["workloads"], "name", "api")["requests"].as_u64(),
+        "{history:#}"
+    );
 
     // Check: the config dir's findings (this one is clean).
     let check = d.json("/api/check");
@@ -336,6 +344,10 @@ fn the_api_answers_every_page_from_a_known_mesh() {
         assert!(
             body.contains(f.mesh.dir()),
             "{path} names its source: {body}"
+        );
+        assert!(
+            body.contains("data-failing-below=\"0.995\""),
+            "{path} carries `pylon edges`' thresholds: {body}"
         );
         let csp = header(&headers, "content-security-policy").unwrap_or("");
         assert!(csp.contains("default-src 'self'"), "{path}: {headers:?}");
@@ -392,6 +404,120 @@ fn the_api_answers_every_page_from_a_known_mesh() {
     );
     let (status, _, body) = d.get("/api/tap?resource=svc/api&to=deployment/auth");
     assert_eq!(status, 400, "a service sends nothing: {body}");
+}
+
+/// The Prometheus server of Debian's `prometheus` package (`./scripts/test` installs it).
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+
+#[test]
+fn prometheus_answers_the_pages_as_the_proxies_do() {
+    if !std::path::Path::new(PROMETHEUS).exists() {
+        let reason = format!("{PROMETHEUS} is not installed (./scripts/test installs it)");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: {reason}"
+        );
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let targets: Vec<String> = f
+        .mesh
+        .pods
+        .iter()
+        .map(|p| format!("'{}'", p.proxy.admin))
+        .collect();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n- job_name: pylon\n  static_configs:\n  - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .expect("write prometheus.yml");
+    let (_prometheus, listen) = start_prometheus(
+        std::path::Path::new(PROMETHEUS),
+        &config,
+        &dir.path().join("data"),
+    );
+    let prom = Dashboard::start(&["--prometheus", &format!("http://{listen}")]);
+
+    // The proxies' own windows are the reference; Prometheus has it all once it scraped
+    // every proxy after the traffic (bounded).
+    // (Each proxy is scraped on its own schedule: api's side and frontend's both.)
+    let direct = f.dashboard.json("/api/overview?window=5m");
+    let want = find(&direct["workloads"], "name", "api").clone();
+    let direct_topo = f.dashboard.json("/api/topology?window=5m");
+    let sent = edge(&direct_topo["edges"], "frontend", "api")["requests"].clone();
+    let answer = |path: &str| -> Option<Value> {
+        let (status, _, body) = prom.get(path);
+        (status == 200).then(|| serde_json::from_str(&body).ok())?
+    };
+    let requests_of = |rows: &Value, key: &str, value: &str| {
+        rows.as_array()
+            .and_then(|rows| rows.iter().find(|r| r[key] == value))
+            .map(|r| r["requests"].clone())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (overview, topo) = loop {
+        let overview = answer("/api/overview?window=5m").unwrap_or_default();
+        let topo = answer("/api/topology?window=5m").unwrap_or_default();
+        if requests_of(&overview["workloads"], "name", "api") == Some(want["requests"].clone())
+            && requests_of(&topo["edges"], "dst", "api") == Some(sent.clone())
+        {
+            break (overview, topo);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not have api's {} requests within 60 s: {overview} {topo}",
+            want["requests"]
+        );
+        thread::sleep(Duration::from_millis(500));
+    };
+    let api = find(&overview["workloads"], "name", "api");
+    assert_eq!(
+        api["success_rate"], want["success_rate"],
+        "{api:#} vs {want:#}"
+    );
+    assert_eq!(api["meshed"], 1);
+    assert!(overview["source"]
+        .as_str()
+        .is_some_and(|s| s.contains("Prometheus")));
+
+    assert_eq!(
+        edge(&topo["edges"], "frontend", "api")["flags"],
+        serde_json::json!(["failing"])
+    );
+    assert_eq!(
+        edge(&topo["edges"], "frontend", "auth")["flags"],
+        serde_json::json!([])
+    );
+    let w = prom.json("/api/workload/default/api?window=5m");
+    assert_eq!(
+        edge(&w["inbound"], "frontend", "api")["requests"],
+        want["requests"]
+    );
+    // Fifteen one-minute windows of Prometheus' samples add up to everything counted.
+    let history = prom.json("/api/workload/default/api/history");
+    let points = history["points"].as_array().expect("points");
+    assert_eq!(points.len(), 15);
+    let total: u64 = points.iter().filter_map(|p| p["requests"].as_u64()).sum();
+    assert_eq!(Some(total), want["requests"].as_u64(), "{history:#}");
+
+    // Check audits a config dir and tap reads proxies: both say so rather than fail.
+    let check = prom.json("/api/check");
+    assert_eq!(check["available"], false);
+    assert!(
+        check["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("--config-dir")),
+        "{check:#}"
+    );
+    let (status, _, body) = prom.get("/api/tap?resource=deployment/frontend");
+    assert_eq!(status, 400);
+    assert!(body.contains("--proxy or --config-dir"), "{body}");
 }
 
 /// The number of elements matching a CSS selector.

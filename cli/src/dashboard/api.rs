@@ -108,6 +108,8 @@ pub struct Workload {
 pub struct Point {
     /// How long ago the point's minute ended.
     pub ago_seconds: u64,
+    /// How much of the minute the source covered (less for proxies younger than it).
+    pub seconds: f64,
     pub success_rate: Option<f64>,
     pub rps: f64,
     pub requests: u64,
@@ -436,6 +438,7 @@ pub async fn history(source: &Source, ns: &str, name: &str) -> Result<History, A
             match rows.get(&key) {
                 Some(stats) => Point {
                     ago_seconds,
+                    seconds: seen.window.as_secs_f64(),
                     success_rate: stats.success_rate(),
                     rps: stats.rps(),
                     requests: stats.requests().round() as u64,
@@ -444,6 +447,7 @@ pub async fn history(source: &Source, ns: &str, name: &str) -> Result<History, A
                 },
                 None => Point {
                     ago_seconds,
+                    seconds: seen.window.as_secs_f64(),
                     ..Point::default()
                 },
             }

@@ -23,6 +23,7 @@ use super::api::{self, ApiError};
 use super::live::{self, TapQuery, TapSlots};
 use crate::flags::{ProxyFlags, TapSource};
 use crate::stat::data::{Source, PROXY_WINDOW_MAX};
+use crate::stat::view::{FAILING_BELOW, RETRY_HEAVY_ABOVE};
 
 const SHELL: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -148,7 +149,9 @@ fn shell(d: &Dashboard, page: &str, title: &str) -> Response {
     let html = SHELL
         .replace("{{PAGE}}", page)
         .replace("{{TITLE}}", &html_escape(title))
-        .replace("{{SOURCE}}", &html_escape(&d.source.describe()));
+        .replace("{{SOURCE}}", &html_escape(&d.source.describe()))
+        .replace("{{FAILING_BELOW}}", &FAILING_BELOW.to_string())
+        .replace("{{RETRY_HEAVY_ABOVE}}", &RETRY_HEAVY_ABOVE.to_string());
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
 }
 
@@ -306,7 +309,13 @@ mod tests {
             html_escape("<a href=\"x\">&'"),
             "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
         );
-        for slot in ["{{PAGE}}", "{{TITLE}}", "{{SOURCE}}"] {
+        for slot in [
+            "{{PAGE}}",
+            "{{TITLE}}",
+            "{{SOURCE}}",
+            "{{FAILING_BELOW}}",
+            "{{RETRY_HEAVY_ABOVE}}",
+        ] {
             assert!(SHELL.contains(slot), "{slot}");
         }
     }

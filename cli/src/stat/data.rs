@@ -492,8 +492,9 @@ async fn from_prometheus(
         }
     }
     route_destinations(&mut out.series);
-    if out.series.is_empty() {
-        // Nothing for this selection: is there anything from Pylon at all?
+    if out.series.is_empty() && ago.is_zero() {
+        // Nothing for this selection: is there anything from Pylon at all? (A past window
+        // may well be from before the proxies.)
         if vector("count", "count(proxy_build_info)".into())
             .await?
             .is_empty()
@@ -640,7 +641,15 @@ impl Source {
                     last.push(self.observe(step * k, matchers).await?);
                 }
                 for k in (1..=points as usize).rev() {
-                    out.push(difference(&last[k], &last[k - 1]));
+                    // Proxies younger than the point's start cover it not at all: their k and
+                    // k - 1 windows both cover their uptime (in whole ticks), and differ only
+                    // by what arrived in the milliseconds between the two reads.
+                    let uncovered = k > 1 && last[k].window <= last[k - 1].window;
+                    out.push(if uncovered {
+                        Observed::default()
+                    } else {
+                        difference(&last[k], &last[k - 1])
+                    });
                 }
             }
         }
@@ -730,6 +739,35 @@ route_request_total{direction="outbound",dst="web.default.svc.cluster.local:80",
             .filter(|s| s.metric == metric && pred(s))
             .map(|s| s.value)
             .sum()
+    }
+
+    #[test]
+    fn a_history_point_is_the_difference_of_two_windows() {
+        let series = |metric: &str, value: f64| Series {
+            metric: metric.into(),
+            labels: [("direction".to_string(), "inbound".to_string())].into(),
+            le: None,
+            value,
+        };
+        let two_minutes = Observed {
+            series: vec![
+                series("response_total", 30.0),
+                series("tcp_open_connections", 3.0),
+            ],
+            window: Duration::from_secs(120),
+        };
+        let one_minute = Observed {
+            series: vec![series("response_total", 12.0)],
+            window: Duration::from_secs(60),
+        };
+        let point = difference(&two_minutes, &one_minute);
+        assert_eq!(point.window, Duration::from_secs(60));
+        // Counters are what the older minute counted; gauges are not history.
+        assert_eq!(point.series, vec![series("response_total", 18.0)]);
+        // A series the shorter window lacks counted it all then; none goes below zero.
+        let point = difference(&one_minute, &two_minutes);
+        assert_eq!(point.series, vec![series("response_total", 0.0)]);
+        assert_eq!(point.window, Duration::ZERO);
     }
 
     #[test]

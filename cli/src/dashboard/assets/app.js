@@ -13,9 +13,10 @@
 // ---------------------------------------------------------------------------------------------
 // Constants
 
-/** The same thresholds as `pylon edges` (the server's `failing`/`flags` win when present). */
-const FAILING_BELOW = 0.995;
-const RETRY_HEAVY_ABOVE = 0.05;
+/** `pylon edges`' thresholds, as the server wrote them into the shell (its `failing` and
+ *  `flags` win where a row has them). */
+const FAILING_BELOW = Number(document.body.dataset.failingBelow);
+const RETRY_HEAVY_ABOVE = Number(document.body.dataset.retryHeavyAbove);
 const DEFAULT_WINDOW = '1m';
 const REFRESH_MS = 5000;
 const HISTORY_REFRESH_MS = 30000;
