@@ -760,3 +760,21 @@ impl Drop for Demo {
         }
     }
 }
+
+#[test]
+fn a_dashboard_for_the_network_or_without_a_source_is_refused() {
+    let out = run_pylon(&[
+        "dashboard",
+        "--config-dir",
+        "/nonexistent",
+        "--addr",
+        "0.0.0.0:0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--allow-remote"), "{err}");
+    let out = run_pylon(&["dashboard", "--addr", "127.0.0.1:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no data source"), "{err}");
+}
