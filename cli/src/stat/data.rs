@@ -642,9 +642,12 @@ impl Source {
                 }
                 for k in (1..=points as usize).rev() {
                     // Proxies younger than the point's start cover it not at all: their k and
-                    // k - 1 windows both cover their uptime (in whole ticks), and differ only
-                    // by what arrived in the milliseconds between the two reads.
-                    let uncovered = k > 1 && last[k].window <= last[k - 1].window;
+                    // k - 1 windows both cover their whole uptime, and differ only by the
+                    // milliseconds between the two reads (a covered point adds at least one of
+                    // the windows' one-second ticks).
+                    let uncovered = k > 1
+                        && last[k].window.saturating_sub(last[k - 1].window)
+                            < Duration::from_secs(1);
                     out.push(if uncovered {
                         Observed::default()
                     } else {

@@ -754,6 +754,8 @@ function renderTopology(main) {
       const { mid, d } = polylineGeometry(pts, ARROW_TRIM);
       const marker = flags.includes('failing') ? 'failing' : flags.includes('retry-heavy') ? 'retry-heavy' : 'ok';
       const strokeWidth = isNum(e.width) && e.width > 0 ? e.width : 2;
+      // The label sits above the line, clear of its stroke.
+      const labelY = mid[1] - strokeWidth / 2 - 8 - (lines.length - 1) * 14;
       const g = svgEl('g', {
         class: `edge ${edgeStatusClass(flags)}${key === selected ? ' selected' : ''}`,
         'data-src': e.src, 'data-dst': e.dst, 'data-src-id': e.src_id, 'data-dst-id': e.dst_id, 'data-flags': flags.join(' '),
@@ -762,7 +764,7 @@ function renderTopology(main) {
       },
       svgEl('path', { class: 'edge-hit', d, 'stroke-width': Math.max(14, strokeWidth + 8) }),
       svgEl('path', { class: 'edge-line', d, 'stroke-width': strokeWidth, 'marker-end': `url(#arrow-${marker})` }),
-      svgEl('text', { class: 'edge-label', x: mid[0].toFixed(1), y: (mid[1] - 6 - (lines.length - 1) * 14).toFixed(1), 'text-anchor': 'middle' },
+      svgEl('text', { class: 'edge-label', x: mid[0].toFixed(1), y: labelY.toFixed(1), 'text-anchor': 'middle' },
         lines.map((line, i) => svgEl('tspan', { x: mid[0].toFixed(1), dy: i ? 14 : null }, i ? ` ${line}` : line))));
       g.addEventListener('click', () => openPanel(key));
       g.addEventListener('keydown', (ev) => {
