@@ -118,7 +118,7 @@ pub async fn serve(
 
 /// The demo's dashboard: on `preferred`, or any free loopback port when that is taken (two
 /// demos at once); returns where it listens.
-pub async fn spawn_local(
+pub async fn serve_on_loopback(
     source: Source,
     preferred: SocketAddr,
     stop: impl std::future::Future<Output = ()> + Send + 'static,

@@ -4,8 +4,9 @@
 //! inbound proxy process), writes the Service and EndpointSlices that describe them to a
 //! temporary config dir, starts a client workload's outbound proxy on that dir, and sends load
 //! through it. Every second it scrapes the proxies' `/metrics` and prints per-endpoint request
-//! rate, success rate and latency. It stops after `--duration` or on Ctrl-C, stops every proxy,
-//! and removes the config dir.
+//! rate, success rate and latency, and serves `pylon dashboard` on the mesh (its URL printed at
+//! start). It stops after `--duration` or on Ctrl-C, stops every proxy, and removes the config
+//! dir.
 
 pub(crate) mod admin_client;
 mod app_server;
@@ -104,7 +105,7 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
         config_dir: Some(mesh.config_dir().to_path_buf()),
     };
     let (stop_dashboard, dashboard_stopped) = tokio::sync::oneshot::channel::<()>();
-    let dashboard = match crate::dashboard::spawn_local(source, args.dashboard_addr, async {
+    let dashboard = match crate::dashboard::serve_on_loopback(source, args.dashboard_addr, async {
         let _ = dashboard_stopped.await;
     })
     .await
