@@ -20,9 +20,26 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::PROXY_AUTHENTICATE,
 ];
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether a header may have to go: a hop-by-hop one, or `TE` (which stays only as
+/// `TE: trailers`). Any header a message's `Connection` names comes with `Connection`.
+fn maybe_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+        || name == header::TE
+}
+
 /// Removes hop-by-hop headers. When `keep_upgrade` is set (a WebSocket handshake), `Upgrade` and
 /// `Connection: upgrade` are kept so the endpoint sees the handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over their few names costs less than a hashed
+    // lookup for each name that could be there (this runs twice per proxied request).
+    if !keep_upgrade && !headers.keys().any(maybe_hop_by_hop) {
+        return;
+    }
     // Headers the sender named in `Connection` are hop-by-hop too.
     if let Some(conn) = headers.get(header::CONNECTION).cloned() {
         if let Ok(conn) = conn.to_str() {
@@ -44,8 +61,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
@@ -100,6 +117,29 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn each_hop_header_alone_is_stripped_and_others_are_left_alone() {
+        for (name, value) in [
+            ("connection", "close"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-authenticate", "Basic"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip"),
+        ] {
+            let mut h = map(&[(name, value), ("x-kept", "yes")]);
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.len(), 1, "{name}");
+            assert_eq!(h["x-kept"], "yes");
+        }
+        let mut h = map(&[("host", "web"), ("accept", "*/*"), ("te", "trailers")]);
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before, "nothing hop-by-hop: untouched");
     }
 
     #[test]

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Instructions per request of one proxy hop, and where they go: valgrind's callgrind.
+
+    benches/profile.py [--requests 3000] [--hop inbound] [--out benches/results/profile-latest.md]
+
+Why instructions: they are the same for the same binary and inputs whatever else a noisy 2-core
+machine is doing, so a change's before -> after is a fact rather than a sample. They are not time
+(a cache miss costs more than an add), so throughput is still the load bench's (`benches/run`).
+
+How: the release `pylon-proxy` (debug info on, as `[profile.release]` has it) runs under
+callgrind as one inbound hop in front of the bench's own app (`pylon-bench app`); a client sends
+plain HTTP/1.1 keep-alive GETs of `/small` on one connection. The proxy is run twice, with a few
+requests and with `--requests` more, and the difference of the two totals divided by the
+difference of the counts is the cost per request, with start-up and shutdown cancelled out. The
+functions' costs are read from the longer run the same way (each minus its cost in the shorter).
+
+Writes a Markdown report (per-request instructions, the top functions by own and inclusive
+cost, and the callers of memcpy) to `--out`.
+"""
+
+import argparse
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+WARM = 200  # requests of the short run
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(admin, deadline_s=60):
+    end = time.time() + deadline_s
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"profile: the proxy was not ready within {deadline_s} s")
+
+
+def send(port, n):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for _ in range(n):
+        conn.request("GET", "/small", headers={"Host": "app"})
+        rsp = conn.getresponse()
+        rsp.read()
+        if rsp.status != 200:
+            sys.exit(f"profile: the hop answered {rsp.status}")
+    conn.close()
+
+
+def run(requests, out_file, app_port):
+    ports = {k: free_port() for k in ("inbound", "outbound", "admin", "tap")}
+    env = dict(os.environ, PYLON_LOG="warn")
+    proxy = subprocess.Popen(
+        [
+            "valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
+            os.path.join(RELEASE, "pylon-proxy"), "--threads", "1",
+            "--inbound-addr", f"127.0.0.1:{ports['inbound']}",
+            "--outbound-addr", f"127.0.0.1:{ports['outbound']}",
+            "--admin-addr", f"127.0.0.1:{ports['admin']}",
+            "--tap-addr", f"127.0.0.1:{ports['tap']}",
+            "--inbound-forward", f"127.0.0.1:{app_port}",
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(ports["admin"])
+        send(ports["inbound"], requests)
+    finally:
+        proxy.send_signal(signal.SIGINT)
+        try:
+            proxy.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
+
+
+def costs(path, inclusive):
+    """function -> instructions, from callgrind_annotate."""
+    args = ["callgrind_annotate", "--threshold=100", "--auto=no"]
+    if inclusive:
+        args.append("--inclusive=yes")
+    text = subprocess.run(args + [path], capture_output=True, text=True, check=True).stdout
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d,]+) \([\s\d.]+%\)\s+(.*)$", line)
+        if m and "PROGRAM TOTALS" not in line:
+            name = re.sub(r"\s*\[[^\]]*\]$", "", m.group(2))
+            out[name] = out.get(name, 0) + int(m.group(1).replace(",", ""))
+    return out
+
+
+def total(path):
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("totals:"):
+                return int(line.split()[1])
+    sys.exit(f"profile: no totals in {path}")
+
+
+def memcpy_callers(path):
+    text = subprocess.run(
+        ["callgrind_annotate", "--tree=caller", "--threshold=100", "--auto=no", path],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    for i, line in enumerate(text):
+        if line.lstrip().startswith(tuple("0123456789")) and "*" in line and "memcpy" in line:
+            callers, j = [], i - 1
+            while j >= 0 and "<" in text[j]:
+                m = re.match(r"\s*([\d,]+)", text[j])
+                if m:
+                    name = re.sub(r"\s*\[[^\]]*\]$", "", text[j].split("<", 1)[1].strip())
+                    callers.append((int(m.group(1).replace(",", "")), name))
+                j -= 1
+            return sorted(callers, reverse=True)
+    return []
+
+
+def short(name, width=110):
+    name = re.sub(r"/root/\.cargo/registry/src/[^/]+/", "", name)
+    name = re.sub(r"/rustc/[0-9a-f]+/library/", "std:", name)
+    name = name.replace(ROOT + "/", "")
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results", "profile-latest.md"))
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args()
+    for tool in ("valgrind", "callgrind_annotate"):
+        if not shutil.which(tool):
+            sys.exit(f"profile: {tool} is missing (apt-get install valgrind)")
+    subprocess.run(["cargo", "build", "--release", "-p", "pylon-proxy", "-p", "pylon-bench"],
+                   cwd=ROOT, check=True, stdout=sys.stderr)
+    app_port, echo_port = free_port(), free_port()
+    app = subprocess.Popen([os.path.join(RELEASE, "pylon-bench"), "app",
+                            "--http", f"127.0.0.1:{app_port}", "--echo", f"127.0.0.1:{echo_port}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = tempfile.mkdtemp(prefix="pylon-profile-")
+    try:
+        time.sleep(0.5)
+        short_run, long_run = os.path.join(work, "short.out"), os.path.join(work, "long.out")
+        run(WARM, short_run, app_port)
+        run(WARM + a.requests, long_run, app_port)
+        per_request = (total(long_run) - total(short_run)) / a.requests
+
+        def per_req(inclusive):
+            s, l = costs(short_run, inclusive), costs(long_run, inclusive)
+            rows = [(name, (cost - s.get(name, 0)) / a.requests) for name, cost in l.items()]
+            return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+
+        own, incl = per_req(False), per_req(True)
+        memcpy = [(c / (WARM + a.requests), n) for c, n in memcpy_callers(long_run)]
+        git = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip()
+        lines = [
+            "# Instructions per request, one HTTP/1.1 inbound hop (callgrind)",
+            "",
+            f"- git {git}, {a.requests} keep-alive GETs of `/small` on one connection"
+            f" (less a {WARM}-request run: start-up and shutdown cancel out)",
+            "- `benches/profile.py` (see its doc for why instructions and how); user-space"
+            " instructions of `pylon-proxy --threads 1`, nothing of the kernel's",
+            "",
+            f"**{per_request:,.0f} instructions per request.**",
+            "",
+            "## Own cost per request (top functions)",
+            "",
+            "| instructions | share | function |",
+            "|---:|---:|---|",
+        ]
+        lines += [f"| {c:,.0f} | {c / per_request:.1%} | `{short(n)}` |" for n, c in own[: a.top]]
+        lines += ["", "## Inclusive cost per request (with what they call)", "",
+                  "| instructions | share | function |", "|---:|---:|---|"]
+        lines += [f"| {c:,.0f} | {min(c / per_request, 1):.1%} | `{short(n)}` |"
+                  for n, c in incl if c < per_request * 1.01][: a.top]
+        lines += ["", "## Who calls memcpy (instructions per request, both runs' requests)", "",
+                  "| instructions | caller |", "|---:|---|"]
+        lines += [f"| {c:,.0f} | `{short(n)}` |" for c, n in memcpy[:12]]
+        with open(a.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"{per_request:,.0f} instructions per request; report in {a.out}")
+    finally:
+        app.kill()
+        app.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
