@@ -116,22 +116,32 @@ def total(path):
     sys.exit(f"profile: no totals in {path}")
 
 
-def memcpy_callers(path):
+def callers(path, function):
+    """caller -> (instructions spent in `function` for it, calls), from the caller tree."""
     text = subprocess.run(
         ["callgrind_annotate", "--tree=caller", "--threshold=100", "--auto=no", path],
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()
     for i, line in enumerate(text):
-        if line.lstrip().startswith(tuple("0123456789")) and "*" in line and "memcpy" in line:
-            callers, j = [], i - 1
+        if re.match(r"\s*[\d,]+ ", line) and "*" in line and function in line:
+            out, j = {}, i - 1
             while j >= 0 and "<" in text[j]:
-                m = re.match(r"\s*([\d,]+)", text[j])
+                m = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+<\s+(.*?)\s*\(([\d,]+)x\)", text[j])
                 if m:
-                    name = re.sub(r"\s*\[[^\]]*\]$", "", text[j].split("<", 1)[1].strip())
-                    callers.append((int(m.group(1).replace(",", "")), name))
+                    cost, calls = (int(g.replace(",", "")) for g in (m.group(1), m.group(3)))
+                    name = re.sub(r"\s*\[[^\]]*\]$", "", m.group(2))
+                    had = out.get(name, (0, 0))
+                    out[name] = (had[0] + cost, had[1] + calls)
                 j -= 1
-            return sorted(callers, reverse=True)
-    return []
+            return out
+    return {}
+
+
+def caller_shares(short_run, long_run, function, requests, field):
+    """Each caller's share of `function` per request (field 0: instructions, 1: calls)."""
+    s, l = callers(short_run, function), callers(long_run, function)
+    rows = [((v[field] - s.get(k, (0, 0))[field]) / requests, k) for k, v in l.items()]
+    return sorted((r for r in rows if r[0] > 0.01), reverse=True)
 
 
 def short(name, width=110):
@@ -170,7 +180,8 @@ def main():
             return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
 
         own, incl = per_req(False), per_req(True)
-        memcpy = [(c / (WARM + a.requests), n) for c, n in memcpy_callers(long_run)]
+        memcpy = caller_shares(short_run, long_run, "__memcpy", a.requests, 0)
+        allocs = caller_shares(short_run, long_run, "__rust_alloc ", a.requests, 1)
         git = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True).stdout.strip()
         lines = [
@@ -193,9 +204,12 @@ def main():
                   "| instructions | share | function |", "|---:|---:|---|"]
         lines += [f"| {c:,.0f} | {min(c / per_request, 1):.1%} | `{short(n)}` |"
                   for n, c in incl if c < per_request * 1.01][: a.top]
-        lines += ["", "## Who calls memcpy (instructions per request, both runs' requests)", "",
+        lines += ["", "## Who calls memcpy (instructions per request)", "",
                   "| instructions | caller |", "|---:|---|"]
         lines += [f"| {c:,.0f} | `{short(n)}` |" for c, n in memcpy[:12]]
+        lines += ["", f"## Allocations per request: {sum(c for c, _ in allocs):.1f}", "",
+                  "| allocations | caller |", "|---:|---|"]
+        lines += [f"| {c:.1f} | `{short(n)}` |" for c, n in allocs]
         with open(a.out, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"{per_request:,.0f} instructions per request; report in {a.out}")

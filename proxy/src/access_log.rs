@@ -102,9 +102,12 @@ impl AccessEntry {
     }
 }
 
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const B3_TRACE_ID: http::HeaderName = http::HeaderName::from_static("x-b3-traceid");
+
 /// The trace id from W3C `traceparent` (`00-<trace-id>-<span-id>-<flags>`) or B3.
 pub fn trace_id(headers: &http::HeaderMap) -> Option<String> {
-    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+    if let Some(tp) = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()) {
         let mut parts = tp.split('-');
         if let (Some(_version), Some(id)) = (parts.next(), parts.next()) {
             if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -113,7 +116,7 @@ pub fn trace_id(headers: &http::HeaderMap) -> Option<String> {
         }
     }
     headers
-        .get("x-b3-traceid")
+        .get(B3_TRACE_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
         .map(str::to_string)

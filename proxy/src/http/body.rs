@@ -392,9 +392,12 @@ impl ResponseBody {
     }
 }
 
+/// Named once: a `&str` key is parsed into a header name at every lookup.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse().ok())
 }
