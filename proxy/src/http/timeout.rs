@@ -14,7 +14,7 @@ use http::Request;
 use tower::{Layer, Service};
 
 use super::body::abandon;
-use super::{BoxFuture, PassThrough, ProxyError, ProxyResponse};
+use super::{PassThrough, ProxyError, ProxyResponse};
 use crate::profiles::RouteState;
 
 #[derive(Clone, Copy, Debug)]
@@ -47,11 +47,12 @@ pub struct ResponseTimeout<S> {
 impl<S, B> Service<Request<B>> for ResponseTimeout<S>
 where
     S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
-    S::Future: Send + 'static,
+    S::Future: Send + Unpin + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+    // Without a timeout (the default) the inner future as it is: no box around its box.
+    type Future = PassThrough<S::Future, Result<ProxyResponse, ProxyError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -61,12 +62,12 @@ where
         let response = self.inner.call(req);
         match self.timeout {
             // Dropping the inner future cancels the upstream request.
-            Some(t) => Box::pin(async move {
+            Some(t) => PassThrough::Own(Box::pin(async move {
                 tokio::time::timeout(t, response)
                     .await
                     .unwrap_or(Err(ProxyError::ResponseTimeout))
-            }),
-            None => Box::pin(response),
+            })),
+            None => PassThrough::Inner(response),
         }
     }
 }
