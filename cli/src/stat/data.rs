@@ -631,14 +631,16 @@ impl Source {
                     out.push(self.observe_ending(step, matchers, step * k).await?);
                 }
             }
-            Source::Proxies { .. } => {
+            Source::Proxies { named, config_dir } => {
                 if step * points > PROXY_WINDOW_MAX {
                     bail!("proxies keep the last 15m; read longer histories from Prometheus");
                 }
+                // The config dir is read once for all the windows.
+                let proxies = crate::proxies::resolve(named, config_dir.as_deref())?;
                 // The last k steps, for k = 0..=points (k = 0: nothing).
                 let mut last = vec![Observed::default()];
                 for k in 1..=points {
-                    last.push(self.observe(step * k, matchers).await?);
+                    last.push(from_proxies(&proxies, step * k).await?);
                 }
                 for k in (1..=points as usize).rev() {
                     // Proxies younger than the point's start cover it not at all: their k and
