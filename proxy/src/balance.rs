@@ -30,9 +30,9 @@ use crate::accrual::{AccrualPolicy, DestinationHealth, EndpointHealth};
 use crate::discovery::{Endpoint, Logical};
 use crate::http::body::release_on_end;
 use crate::http::client::{RequestShape, UnsentSlot};
+use crate::http::ctx::WithCtx;
 use crate::http::metrics::fail_unrouted;
 use crate::http::request_body::RequestBody;
-use crate::http::tap::EndpointSlot;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 use crate::names::EndpointNames;
 use crate::profiles::RouteState;
@@ -420,7 +420,7 @@ fn next_untried(
 
 /// `BalanceLayer`: picks the endpoint of the request's logical destination (P2C over PeakEWMA)
 /// with a connection ready for it (another endpoint when one can't be reached), hands its target
-/// (with its metric handle) down as a request extension, and keeps the request in flight on
+/// (with its metric handle) down in the `RequestCtx`, and keeps the request in flight on
 /// that endpoint until the response ends. No endpoints at all fails fast with 503.
 #[derive(Clone, Copy, Debug)]
 pub struct BalanceLayer {
@@ -466,7 +466,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
-        let Some(logical) = req.extensions().get::<Arc<Logical>>().cloned() else {
+        let Some(logical) = req.ctx().logical.clone() else {
             // LogicalLayer always runs first; without it there is nothing to balance over.
             return Box::pin(std::future::ready(Err(ProxyError::NoEndpoints)));
         };
@@ -485,7 +485,7 @@ where
                 return Box::pin(std::future::ready(Err(err)));
             }
         };
-        if let Some(slot) = req.extensions().get::<EndpointSlot>() {
+        if let Some(slot) = &req.ctx().endpoint_slot {
             // Someone is tapping: the tap layer above reports this endpoint (the first
             // choice, should it refuse the connection).
             slot.set(endpoint.addr, endpoint.labels(), endpoint.target.meshed);
@@ -493,7 +493,7 @@ where
         let delivery = Delivery {
             logical,
             // The route's response classes decide what failure accrual counts as a failure.
-            route: req.extensions().get::<Arc<RouteState>>().cloned(),
+            route: req.ctx().route.clone(),
             access_log: self.access_log,
             // A clone for a request sent again; the one made ready is used first.
             inner: self.inner.clone(),
@@ -508,8 +508,7 @@ where
             .start()
             .with_health(endpoint.health.clone());
         let unsent = UnsentSlot::default();
-        req.extensions_mut()
-            .insert(endpoint.target.with_unsent(&unsent));
+        req.ctx_mut().target = Some(endpoint.target.with_unsent(&unsent));
         let response = self.inner.call(req);
         Box::pin(async move {
             match (response.await, unsent.take()) {
@@ -568,8 +567,7 @@ where
                 }
             };
             let unsent = UnsentSlot::default();
-            req.extensions_mut()
-                .insert(endpoint.target.with_unsent(&unsent));
+            req.ctx_mut().target = Some(endpoint.target.with_unsent(&unsent));
             let (err, again) = match (self.inner.clone().oneshot(req).await, unsent.take()) {
                 (Err(err), Some(again)) => (err, again),
                 (result, _) => return respond(result, in_flight, self.route),

@@ -19,6 +19,7 @@ use crate::balance::{Balanced, EndpointSet, PeakEwma, PickError};
 use crate::connect::Connect;
 use crate::control::ControlPlane;
 use crate::http::client::EndpointTarget;
+use crate::http::ctx::WithCtx;
 use crate::http::headers::request_authority;
 use crate::http::metrics::log_proxy_error;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
@@ -822,7 +823,7 @@ impl Discovery {
 
 /// `LogicalLayer`: the first step of an outbound request, naming its logical destination: the
 /// address the app dialled when iptables redirected it, else the request's authority (absolute
-/// URI, `:authority` or `Host`). The destination travels on as a request extension.
+/// URI, `:authority` or `Host`). The destination travels on in the `RequestCtx`.
 #[derive(Clone)]
 pub struct LogicalLayer {
     discovery: Arc<Discovery>,
@@ -895,7 +896,7 @@ where
                         })?
                 }
             };
-            req.extensions_mut().insert(logical);
+            req.ctx_mut().logical = Some(logical);
             inner.call(req).await
         })
     }
@@ -1054,7 +1055,6 @@ mod tests {
     #[tokio::test]
     async fn a_request_handed_back_unsent_goes_to_another_endpoint() {
         use crate::balance::BalanceLayer;
-        use crate::http::client::EndpointTarget;
         use crate::http::request_body::RequestBody;
         use http::Request;
         use tower::{Layer, ServiceExt};
@@ -1085,7 +1085,7 @@ mod tests {
                 .unwrap()
         };
         let client = tower::service_fn(move |req: Request<RequestBody>| async move {
-            let target = req.extensions().get::<EndpointTarget>().cloned().unwrap();
+            let target = req.ctx().target.clone().unwrap();
             if target.addr == gone {
                 target.unsent.expect("a slot").put(req);
                 return Err(ProxyError::ConnectionRefused);
@@ -1097,7 +1097,7 @@ mod tests {
         let balance = BalanceLayer::new(false).layer(client);
         for _ in 0..20 {
             let mut req = Request::new(RequestBody::replay(&Default::default()));
-            req.extensions_mut().insert(l.clone());
+            req.ctx_mut().logical = Some(l.clone());
             let rsp = balance.clone().oneshot(req).await.expect("answered");
             assert_eq!(rsp.status().as_u16(), 200 + alive.port() % 100);
         }

@@ -39,6 +39,7 @@ use crate::authz::{Client, ConnectionAuthz, InboundAuthz};
 use crate::detect::{self, Protocol};
 use crate::http::authorize::Authorize;
 use crate::http::client::{EndpointClient, EndpointTarget};
+use crate::http::ctx::WithCtx;
 use crate::http::errors::RespondLayer;
 use crate::http::headers::request_authority;
 use crate::http::hops::HopLimit;
@@ -316,8 +317,9 @@ impl Inbound {
                 orig_proto::downgrade_request(&mut req);
                 let AuthorityTarget { target, routes } =
                     this.target_for(&port, request_authority(&req));
-                req.extensions_mut().insert(target);
-                req.extensions_mut().insert(routes);
+                let ctx = req.ctx_mut();
+                ctx.target = Some(target);
+                ctx.routes = Some(routes);
                 req
             })
             // route_request_total & co. by the workload's own ServiceProfile routes.

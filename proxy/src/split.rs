@@ -14,6 +14,7 @@ use pylon_proxy_policy::ServiceRef;
 use tower::{Layer, Service};
 
 use crate::discovery::Logical;
+use crate::http::ctx::WithCtx;
 use crate::http::{ProxyError, ProxyResponse};
 
 /// What a backend list was built from, so discovery can tell when the config changed.
@@ -112,11 +113,12 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // Only a split replaces the destination (most have none: no allocation then).
         let backend = req
-            .extensions()
-            .get::<Arc<Logical>>()
+            .ctx()
+            .logical
+            .as_ref()
             .and_then(|l| l.backends.load().pick().cloned());
         if let Some(backend) = backend {
-            req.extensions_mut().insert(backend);
+            req.ctx_mut().logical = Some(backend);
         }
         self.inner.call(req)
     }

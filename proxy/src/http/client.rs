@@ -22,6 +22,7 @@ use pylon_proxy_metrics::HttpTarget;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
+use super::ctx::WithCtx;
 use super::errors::{Malformed, L5D_PROXY_ERROR_HEADER};
 use super::pool::Http1Pool;
 use super::request_body::{ClientBodyOutcome, RequestBody};
@@ -338,11 +339,7 @@ impl<B: Into<RequestBody> + Send + 'static> Service<Request<B>> for EndpointClie
         let req = req.map(Into::into);
         Box::pin(async move {
             // The layers above always choose a target; without one there is nowhere to go.
-            let target = req
-                .extensions()
-                .get::<EndpointTarget>()
-                .cloned()
-                .ok_or(ProxyError::NoEndpoints)?;
+            let target = req.ctx().target.clone().ok_or(ProxyError::NoEndpoints)?;
             this.exchange(target, req).await
         })
     }
@@ -595,7 +592,7 @@ mod tests {
             .header("X-Mixed-Case", "yes")
             .body(RequestBody::replay(&Captured::default()))
             .unwrap();
-        req.extensions_mut().insert(target.clone());
+        req.ctx_mut().target = Some(target.clone());
         req
     }
 

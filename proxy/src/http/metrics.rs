@@ -2,7 +2,6 @@
 //! latency, classification) when the response stream ends, or the proxy error at once. It also
 //! writes the access-log line, so every request is accounted for in exactly one place.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -12,10 +11,10 @@ use tower::{Layer, Service};
 
 use super::body::{record_on_end, record_proxy_error, Pending, RecordIfCancelled, Recorder};
 use super::client::{EndpointTarget, UnsentSlot};
+use super::ctx::WithCtx;
 use super::{BoxFuture, ProxyError, ProxyResponse};
 use crate::access_log::AccessEntry;
 use crate::names::EndpointNames;
-use crate::profiles::RouteState;
 
 #[derive(Clone, Copy, Debug)]
 pub struct HttpMetricsLayer {
@@ -65,10 +64,11 @@ where
         let start = Instant::now();
         let direction = self.layer.direction;
         // The target (and its metric handle) is set by the layer that chose it.
-        let target = req.extensions().get::<EndpointTarget>().cloned();
+        let ctx = req.ctx();
+        let target = ctx.target.clone();
         let metrics = target.as_ref().map(|t| t.metrics.clone());
         // The route's response classes decide success, when a route was chosen above.
-        let route = req.extensions().get::<Arc<RouteState>>().cloned();
+        let route = ctx.route.clone();
         let access = match (&target, self.layer.access_log) {
             (Some(t), true) => {
                 let mut entry = AccessEntry::new(direction, &req, &t.destination);

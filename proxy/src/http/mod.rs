@@ -6,6 +6,7 @@
 pub mod authorize;
 pub mod body;
 pub mod client;
+pub mod ctx;
 pub mod errors;
 pub mod guard;
 pub mod headers;

@@ -7,7 +7,6 @@
 //! failure reported in trailers after a streamed body is not retried; that would need the whole
 //! response held back from the client.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Method, Request};
@@ -15,6 +14,7 @@ use hyper::body::Incoming;
 use tower::{Layer, Service, ServiceExt};
 
 use super::body::grpc_status;
+use super::ctx::{RequestCtx, WithCtx};
 use super::request_body::RequestBody;
 use super::{headers, PassThrough, ProxyError, ProxyResponse};
 use crate::profiles::RouteState;
@@ -22,7 +22,7 @@ use crate::profiles::RouteState;
 /// A safety net under the budget: no request is sent more than this many times.
 const MAX_ATTEMPTS: u32 = 10;
 
-/// Which attempt a request is (1 = the original), as a request extension.
+/// Which attempt a request is (1 = the original), in its context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attempt(pub u32);
 
@@ -59,8 +59,9 @@ where
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let route = req
-            .extensions()
-            .get::<Arc<RouteState>>()
+            .ctx()
+            .route
+            .as_ref()
             .filter(|r| r.route.is_retryable() && can_replay(&req))
             .cloned();
         let Some(route) = route else {
@@ -70,7 +71,7 @@ where
 
         let (mut parts, body) = req.into_parts();
         let (body, captured) = RequestBody::capturing(body);
-        parts.extensions.insert(Attempt(1));
+        RequestCtx::of_mut(&mut parts.extensions).attempt = Some(Attempt(1));
         let head = Head::of(&parts);
         let first = self.inner.call(Request::from_parts(parts, body));
         // The inner service was made ready for the first call; retries ready their own clone.
@@ -143,7 +144,7 @@ impl Head {
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
         *req.extensions_mut() = self.extensions.clone();
-        req.extensions_mut().insert(attempt);
+        req.ctx_mut().attempt = Some(attempt);
         req
     }
 }
@@ -152,6 +153,7 @@ impl Head {
 mod tests {
     //! The retry stage against a scripted endpoint, on tokio's paused clock.
 
+    use std::sync::Arc;
     use std::time::Duration;
 
     use http::StatusCode;

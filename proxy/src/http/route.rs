@@ -1,13 +1,12 @@
 //! Per-route metrics, in two layers:
 //!
 //! - `RouteLayer` picks the request's route (first match in the destination's profile, else
-//!   `[DEFAULT]`), hands it down as a request extension (timeouts, retries and classification
+//!   `[DEFAULT]`), hands it down in the `RequestCtx` (timeouts, retries and classification
 //!   read it there) and records `route_request_total` / `route_response_total` /
 //!   `route_response_latency_ms` once per request the client made.
 //! - `RouteActualLayer` sits below the retries and records `route_actual_*` once per attempt,
 //!   so `actual / requested - 1` is the retry rate.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -15,12 +14,11 @@ use http::Request;
 use tower::{Layer, Service};
 
 use super::body::{record_route_on_end, RecordIfCancelled, RouteRecord};
+use super::ctx::WithCtx;
 use super::{BoxFuture, ProxyError, ProxyResponse};
-use crate::discovery::Logical;
-use crate::profiles::{DestinationRoutes, RouteState};
 
-/// Needs the destination's routes in the request's extensions: its `Arc<Logical>` (outbound)
-/// or `Arc<DestinationRoutes>` (inbound); without either the request passes through unrouted.
+/// Needs the destination's routes in the request's context: its `logical` (outbound) or
+/// `routes` (inbound); without either the request passes through unrouted.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RouteLayer;
 
@@ -50,17 +48,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let ext = req.extensions();
-        let dest = match ext.get::<Arc<Logical>>() {
-            Some(logical) => &logical.routes,
-            None => match ext.get::<Arc<DestinationRoutes>>() {
-                Some(dest) => dest,
-                None => return Box::pin(self.inner.call(req)),
-            },
+        let ctx = req.ctx();
+        let dest = match (&ctx.logical, &ctx.routes) {
+            (Some(logical), _) => &logical.routes,
+            (None, Some(dest)) => dest,
+            (None, None) => return Box::pin(self.inner.call(req)),
         };
         let route = dest.load().route_for(&req).clone();
         route.metrics.request();
-        req.extensions_mut().insert(route.clone());
+        req.ctx_mut().route = Some(route.clone());
         let record = RouteRecord {
             metrics: route.metrics.clone(),
             route,
@@ -100,11 +96,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(route) = req.extensions().get::<Arc<RouteState>>().cloned() else {
+        let ctx = req.ctx();
+        let Some(route) = ctx.route.clone() else {
             return Box::pin(self.inner.call(req));
         };
         // `dst` is the backend this attempt goes to (a split may have chosen another).
-        let actual = match req.extensions().get::<Arc<Logical>>() {
+        let actual = match &ctx.logical {
             Some(backend) => route.actual_for(&backend.authority),
             None => route.actual_for(&route.dst),
         };

@@ -17,8 +17,8 @@
 //!   requests the proxy refuses before any attempt (a guard's 400/403/508, an unresolvable
 //!   destination) as requests of their own, with their response.
 //!
-//! The two share the request's facts (copied once per tapped request) through a request
-//! extension, so the top layer knows whether an attempt was described.
+//! The two share the request's facts (copied once per tapped request) through its
+//! `RequestCtx`, so the top layer knows whether an attempt was described.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,14 +33,11 @@ use pylon_tap_server::{Direction, RequestMeta, TapHandle, Taps};
 use tower::{Layer, Service};
 
 use super::body::abandoned_for;
-use super::client::EndpointTarget;
+use super::ctx::WithCtx;
 use super::errors::is_grpc;
 use super::headers::request_authority;
-use super::retry::Attempt;
 use super::{PassThrough, ProxyError, ProxyResponse};
 use crate::access_log::trace_id;
-use crate::discovery::Logical;
-use crate::profiles::RouteState;
 
 /// What requests report besides metrics: access-log lines and tap events.
 #[derive(Clone)]
@@ -111,7 +108,7 @@ where
             return PassThrough::Inner(self.inner.call(req));
         }
         // The request's facts: the rescue layer's copy, else (a tap opened meanwhile) our own.
-        let tapped = req.extensions().get::<Arc<Tapped>>().cloned();
+        let tapped = req.ctx().tapped.clone();
         let own;
         let facts = match &tapped {
             Some(t) => {
@@ -126,7 +123,7 @@ where
         let attempt = AttemptFacts::of(&req);
         // Outbound, the balancer below picks the endpoint during `call` and notes it here.
         let slot = EndpointSlot::default();
-        req.extensions_mut().insert(slot.clone());
+        req.ctx_mut().endpoint_slot = Some(slot.clone());
         let response = self.inner.call(req);
         let picked = slot.0.get();
         let endpoint = attempt.target.or_else(|| picked.map(|p| p.addr));
@@ -261,7 +258,7 @@ where
             facts: RequestFacts::of(&req),
             attempted: AtomicBool::new(false),
         });
-        req.extensions_mut().insert(tapped.clone());
+        req.ctx_mut().tapped = Some(tapped.clone());
         let response = self.inner.call(req);
         let layer = self.layer.clone();
         PassThrough::Own(Box::pin(async move {
@@ -298,8 +295,8 @@ impl TapRescueLayer {
     }
 }
 
-/// One tapped request, shared by the two layers as a request extension.
-struct Tapped {
+/// One tapped request, shared by the two layers through the request's context.
+pub struct Tapped {
     facts: RequestFacts,
     /// An attempt reached `TapLayer` (and was described, unless sampled out).
     attempted: AtomicBool,
@@ -379,9 +376,9 @@ struct AttemptFacts {
 
 impl AttemptFacts {
     fn of<B>(req: &Request<B>) -> Self {
-        let ext = req.extensions();
-        let target = ext.get::<EndpointTarget>();
-        let logical = ext.get::<Arc<Logical>>();
+        let ctx = req.ctx();
+        let target = ctx.target.as_ref();
+        let logical = ctx.logical.as_ref();
         let destination = target
             .map(|t| t.destination.clone())
             .or_else(|| logical.map(|l| l.authority.clone()));
@@ -390,8 +387,8 @@ impl AttemptFacts {
             meshed: target.is_some_and(|t| t.meshed),
             destination,
             service: logical.and_then(|l| l.service.clone()),
-            route: ext.get::<Arc<RouteState>>().map(|r| r.route.name().clone()),
-            attempt: ext.get::<Attempt>().map(|a| a.0.to_string()),
+            route: ctx.route.as_ref().map(|r| r.route.name().clone()),
+            attempt: ctx.attempt.map(|a| a.0.to_string()),
         }
     }
 }

@@ -17,8 +17,8 @@ use hyper_util::rt::TokioIo;
 use pylon_proxy_metrics::{Direction, Metrics};
 use pylon_proxy_policy::{Store, StoreConfig};
 
+use super::ctx::WithCtx;
 use super::request_body::RequestBody;
-use super::retry::Attempt;
 use super::{BoxFuture, ProxyError, ProxyResponse, ResponseBody};
 use crate::profiles::{Profiles, RouteState};
 
@@ -94,7 +94,7 @@ pub async fn routed(
         .body(Full::new(Bytes::from_static(body)))
         .unwrap();
     let mut req = incoming(req).await;
-    req.extensions_mut().insert(route.clone());
+    req.ctx_mut().route = Some(route.clone());
     req
 }
 
@@ -161,7 +161,7 @@ impl tower::Service<Request<RequestBody>> for Mock {
         let answer = self.next();
         let seen = self.seen.clone();
         Box::pin(async move {
-            let attempt = req.extensions().get::<Attempt>().map(|a| a.0);
+            let attempt = req.ctx().attempt.map(|a| a.0);
             let at = tokio::time::Instant::now();
             let body = req
                 .into_body()

@@ -6,7 +6,6 @@
 //! - `ResponseTimeoutLayer`: bounds each attempt's wait for an endpoint's response headers
 //!   (`--response-timeout`); 504 `response timeout` (and a retryable route may try again).
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,8 +13,8 @@ use http::Request;
 use tower::{Layer, Service};
 
 use super::body::abandon;
+use super::ctx::WithCtx;
 use super::{PassThrough, ProxyError, ProxyResponse};
-use crate::profiles::RouteState;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ResponseTimeoutLayer {
@@ -102,10 +101,13 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let route = req.extensions().get::<Arc<RouteState>>().cloned();
+        let route = req
+            .ctx()
+            .route
+            .as_ref()
+            .and_then(|r| Some((r.clone(), r.route.timeout()?)));
         let response = self.inner.call(req);
-        let Some((route, timeout)) = route.and_then(|r| Some((r.clone(), r.route.timeout()?)))
-        else {
+        let Some((route, timeout)) = route else {
             return PassThrough::Inner(response);
         };
         PassThrough::Own(Box::pin(async move {
