@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Instructions per request of one proxy hop, and where they go: valgrind's callgrind.
 
-    benches/profile.py [--requests 3000] [--hop inbound] [--out benches/results/profile-latest.md]
+    benches/profile.py [--workload http1-get|h2c-get|grpc-unary] [--requests 3000]
+                       [--concurrency 1] [--out benches/results/profile-latest.md]
 
 Why instructions: they are the same for the same binary and inputs whatever else a noisy 2-core
 machine is doing, so a change's before -> after is a fact rather than a sample. They are not time
 (a cache miss costs more than an add), so throughput is still the load bench's (`benches/run`).
 
 How: the release `pylon-proxy` (debug info on, as `[profile.release]` has it) runs under
-callgrind as one inbound hop in front of the bench's own app (`pylon-bench app`); a client sends
-plain HTTP/1.1 keep-alive GETs of `/small` on one connection. The proxy is run twice, with a few
+callgrind as one inbound hop in front of the bench's own app (`pylon-bench app`); the bench's
+client (`pylon-bench send`) sends the workload's requests on one connection (HTTP/1.1 keep-alive,
+or `--concurrency` streams of one h2 connection: more than one shows what batching saves, at the
+price of figures that vary a little with timing). The proxy is run twice, with a few
 requests and with `--requests` more, and the difference of the two totals divided by the
 difference of the counts is the cost per request, with start-up and shutdown cancelled out. The
 functions' costs are read from the longer run the same way (each minus its cost in the shorter).
@@ -19,7 +22,6 @@ cost, and the callers of memcpy) to `--out`.
 """
 
 import argparse
-import http.client
 import os
 import re
 import shutil
@@ -34,6 +36,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 WARM = 200  # requests of the short run
+WORKLOADS = {"http1-get": "HTTP/1.1 GET", "h2c-get": "h2c GET", "grpc-unary": "gRPC unary"}
 
 
 def free_port():
@@ -55,18 +58,13 @@ def wait_ready(admin, deadline_s=60):
     sys.exit(f"profile: the proxy was not ready within {deadline_s} s")
 
 
-def send(port, n):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    for _ in range(n):
-        conn.request("GET", "/small", headers={"Host": "app"})
-        rsp = conn.getresponse()
-        rsp.read()
-        if rsp.status != 200:
-            sys.exit(f"profile: the hop answered {rsp.status}")
-    conn.close()
+def send(port, n, workload, concurrency):
+    subprocess.run([os.path.join(RELEASE, "pylon-bench"), "send", "--workload", workload,
+                    "--to", f"127.0.0.1:{port}", "--requests", str(n),
+                    "--concurrency", str(concurrency)], check=True, timeout=600)
 
 
-def run(requests, out_file, app_port):
+def run(requests, out_file, app_port, workload, concurrency):
     ports = {k: free_port() for k in ("inbound", "outbound", "admin", "tap")}
     env = dict(os.environ, PYLON_LOG="warn")
     proxy = subprocess.Popen(
@@ -83,7 +81,7 @@ def run(requests, out_file, app_port):
     )
     try:
         wait_ready(ports["admin"])
-        send(ports["inbound"], requests)
+        send(ports["inbound"], requests, workload, concurrency)
     finally:
         proxy.send_signal(signal.SIGINT)
         try:
@@ -153,7 +151,9 @@ def short(name, width=110):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", default="http1-get", choices=sorted(WORKLOADS))
     ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results", "profile-latest.md"))
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args()
@@ -170,8 +170,8 @@ def main():
     try:
         time.sleep(0.5)
         short_run, long_run = os.path.join(work, "short.out"), os.path.join(work, "long.out")
-        run(WARM, short_run, app_port)
-        run(WARM + a.requests, long_run, app_port)
+        run(WARM, short_run, app_port, a.workload, a.concurrency)
+        run(WARM + a.requests, long_run, app_port, a.workload, a.concurrency)
         per_request = (total(long_run) - total(short_run)) / a.requests
 
         def per_req(inclusive):
@@ -185,9 +185,10 @@ def main():
         git = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True).stdout.strip()
         lines = [
-            "# Instructions per request, one HTTP/1.1 inbound hop (callgrind)",
+            f"# Instructions per request, one inbound hop, {WORKLOADS[a.workload]} (callgrind)",
             "",
-            f"- git {git}, {a.requests} keep-alive GETs of `/small` on one connection"
+            f"- git {git}, {a.requests} requests ({a.workload}), {a.concurrency} at a time on one"
+            " connection"
             f" (less a {WARM}-request run: start-up and shutdown cancel out)",
             "- `benches/profile.py` (see its doc for why instructions and how); user-space"
             " instructions of `pylon-proxy --threads 1`, nothing of the kernel's",
@@ -204,6 +205,12 @@ def main():
                   "| instructions | share | function |", "|---:|---:|---|"]
         lines += [f"| {c:,.0f} | {min(c / per_request, 1):.1%} | `{short(n)}` |"
                   for n, c in incl if c < per_request * 1.01][: a.top]
+        lines += ["", "## Pylon's own stages, inclusive (what each call costs with what it calls)", "",
+                  "| instructions | share | function |", "|---:|---:|---|"]
+        lines += [f"| {c:,.0f} | {min(c / per_request, 1):.1%} | `{short(n)}` |"
+                  for n, c in incl if "pylon_proxy::" in n and "serve_" not in n
+                  and "app::main" not in n and "main_with_args" not in n
+                  and "pylon_proxy::main" not in n][: a.top]
         lines += ["", "## Who calls memcpy (instructions per request)", "",
                   "| instructions | caller |", "|---:|---|"]
         lines += [f"| {c:,.0f} | `{short(n)}` |" for c, n in memcpy[:12]]

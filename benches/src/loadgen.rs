@@ -43,7 +43,7 @@ pub const POST_BYTES: usize = 64 * 1024;
 /// Upper bound on the requests of any single closed-loop run.
 pub const MAX_CLOSED_LOOP_REQUESTS: u64 = 20_000_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Workload {
     Http1Get,
@@ -424,6 +424,54 @@ pub async fn closed_loop(
     }
     total.elapsed = start.elapsed();
     (total, back)
+}
+
+/// `pylon-bench send`: a counted run rather than a timed one.
+#[derive(Debug, clap::Args)]
+pub struct SendOptions {
+    #[arg(long, value_enum)]
+    pub workload: Workload,
+    /// Where to send (a proxy's listener).
+    #[arg(long)]
+    pub to: SocketAddr,
+    /// `Host` / `:authority`.
+    #[arg(long, default_value = "app")]
+    pub authority: String,
+    #[arg(long)]
+    pub requests: u64,
+    /// Requests in flight at once: streams of one connection for h2 workloads, else
+    /// connections.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+}
+
+pub async fn send(o: SendOptions) -> Result<()> {
+    let job = Job::new(
+        o.workload,
+        Target {
+            addr: o.to,
+            authority: o.authority,
+        },
+    );
+    let slots = open_slots(&job, o.concurrency.max(1), 1).await?;
+    let left = Arc::new(AtomicU64::new(o.requests));
+    let mut tasks = Vec::with_capacity(slots.len());
+    for mut slot in slots {
+        let (job, left) = (job.clone(), left.clone());
+        tasks.push(tokio::spawn(async move {
+            while left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                slot.request(&job).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await.context("a sending task failed")??;
+    }
+    Ok(())
 }
 
 /// Open loop: `rate` requests per second for `duration`, latency from each intended send time.

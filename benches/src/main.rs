@@ -45,6 +45,9 @@ enum Command {
         #[arg(long)]
         echo: SocketAddr,
     },
+    /// Sends exactly `--requests` requests of one workload and exits (failing on the first
+    /// error): a fixed amount of work to profile a proxy by (`benches/profile.py`).
+    Send(loadgen::SendOptions),
     /// The control plane at scale: a fake Kubernetes API, a release pylon-controller and
     /// thousands of subscribed streams (writes benches/results/controller-latest.md).
     Controller(controller::Options),
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::App { http, echo }) => runtime.block_on(app::serve(http, echo)),
         Some(Command::Controller(o)) => controller::main(o, &runtime),
+        Some(Command::Send(o)) => runtime.block_on(loadgen::send(o)),
         None => bench::main(cli.run, &runtime),
     };
     match result {

@@ -7,15 +7,17 @@
 //! proxy-made error as gRPC does errors: HTTP 200 with `grpc-status` and `grpc-message`.
 
 use std::convert::Infallible;
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use pylon_proxy_metrics::Classification;
 
-use super::{BoxFuture, ProxyResponse, ResponseBody};
+use super::{ProxyResponse, ResponseBody};
 use crate::connect::TlsFailure;
 
 pub const PROXY_ERROR_HEADER: &str = "pylon-proxy-error";
@@ -407,39 +409,66 @@ pub struct RespondLayer;
 impl<S> Layer<S> for RespondLayer {
     type Service = Respond<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Respond { inner }
+        Respond {
+            inner,
+            not_ready: None,
+        }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct Respond<S> {
     inner: S,
+    /// The stack below failed to get ready: the next request is answered with this.
+    not_ready: Option<ProxyError>,
 }
 
 impl<S, B> Service<Request<B>> for Respond<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
+    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S::Future: Unpin,
 {
     type Response = ProxyResponse;
     type Error = Infallible;
-    type Future = BoxFuture<Result<ProxyResponse, Infallible>>;
+    type Future = Responded<S::Future>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Readiness errors below become responses too, so this layer is always ready.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // A readiness error below becomes a response too, so this layer never fails to get
+        // ready. (The server gets each request its own clone of the stack.)
+        if let Poll::Ready(Err(err)) = self.inner.poll_ready(cx) {
+            self.not_ready = Some(err);
+        }
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let inner = self.inner.clone();
         let grpc = is_grpc(req.headers());
-        Box::pin(async move {
-            Ok(match inner.oneshot(req).await {
-                Ok(rsp) => rsp,
-                Err(err) => err.response(grpc),
-            })
-        })
+        match self.not_ready.take() {
+            Some(err) => Responded::Failed(err, grpc),
+            None => Responded::Inner(self.inner.call(req), grpc),
+        }
+    }
+}
+
+/// `Respond`'s future: the stack's response, or the response for its error (gRPC's for a gRPC
+/// client). Not boxed: it is the outermost future, already in the server's own task.
+pub enum Responded<F> {
+    Inner(F, bool),
+    Failed(ProxyError, bool),
+}
+
+impl<F> Future for Responded<F>
+where
+    F: Future<Output = Result<ProxyResponse, ProxyError>> + Unpin,
+{
+    type Output = Result<ProxyResponse, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (result, grpc) = match self.get_mut() {
+            Self::Inner(inner, grpc) => (ready!(Pin::new(inner).poll(cx)), *grpc),
+            Self::Failed(err, grpc) => (Err(*err), *grpc),
+        };
+        Poll::Ready(Ok(result.unwrap_or_else(|err| err.response(grpc))))
     }
 }
 
@@ -629,5 +658,85 @@ mod tests {
             ProxyError::ConnectionReset.classification(),
             Classification::Failure
         );
+    }
+
+    /// A stack below that fails to get ready, or fails the call, as `Respond` sees it.
+    #[derive(Clone)]
+    struct Failing {
+        ready: Result<(), ProxyError>,
+        call: Result<(), ProxyError>,
+    }
+
+    impl Service<Request<()>> for Failing {
+        type Response = ProxyResponse;
+        type Error = ProxyError;
+        type Future = std::future::Ready<Result<ProxyResponse, ProxyError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+            Poll::Ready(self.ready)
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            std::future::ready(self.call.map(|()| Response::new(ResponseBody::empty())))
+        }
+    }
+
+    async fn respond(stack: Failing, grpc: bool) -> ProxyResponse {
+        use tower::ServiceExt;
+        let mut req = Request::new(());
+        if grpc {
+            req.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+        }
+        let Ok(rsp) = RespondLayer.layer(stack).oneshot(req).await;
+        rsp
+    }
+
+    #[tokio::test]
+    async fn errors_from_below_become_the_clients_response_readiness_ones_included() {
+        let ok = respond(
+            Failing {
+                ready: Ok(()),
+                call: Ok(()),
+            },
+            false,
+        )
+        .await;
+        assert_eq!(ok.status(), StatusCode::OK);
+
+        let refused = respond(
+            Failing {
+                ready: Ok(()),
+                call: Err(ProxyError::ConnectionRefused),
+            },
+            false,
+        )
+        .await;
+        assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
+        assert!(refused.headers().contains_key(L5D_PROXY_ERROR_HEADER));
+
+        let not_ready = respond(
+            Failing {
+                ready: Err(ProxyError::NoEndpoints),
+                call: Ok(()),
+            },
+            false,
+        )
+        .await;
+        assert_eq!(not_ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+        // A gRPC client gets its error as a gRPC status.
+        let grpc = respond(
+            Failing {
+                ready: Ok(()),
+                call: Err(ProxyError::NoEndpoints),
+            },
+            true,
+        )
+        .await;
+        assert_eq!(grpc.status(), StatusCode::OK);
+        assert_eq!(grpc.headers()["grpc-status"], "14");
     }
 }
