@@ -302,11 +302,13 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
                 c.check_running()?;
             }
 
-            let cpu0 = procstat::cpu_ticks(&pids)?;
+            let (cpu0, user0) = procstat::cpu_and_user_ticks(&pids)?;
             let load0 = procstat::own_cpu_ticks(&load_pids)?;
             let (stats, back) = loadgen::closed_loop(job.clone(), slots, plan.measure).await;
             drop(back);
-            let cpu = (procstat::cpu_ticks(&pids)? - cpu0) as f64 / hz;
+            let (cpu1, user1) = procstat::cpu_and_user_ticks(&pids)?;
+            let cpu = cpu1.saturating_sub(cpu0) as f64 / hz;
+            let user_cpu = user1.saturating_sub(user0) as f64 / hz;
             let load_cpu = (procstat::own_cpu_ticks(&load_pids)? - load0) as f64 / hz;
             let latency = must_have_latency(&stats, c.kind, workload, "closed loop")?;
             let seconds = stats.elapsed.as_secs_f64();
@@ -321,6 +323,7 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
                 vs_direct: None,
                 latency,
                 proxy_cpu_s: cpu,
+                proxy_user_cpu_s: user_cpu,
                 req_per_proxy_cpu_s: None,
                 per_cpu_vs_best_other: None,
                 proxy_cpu_s_per_100k: None,

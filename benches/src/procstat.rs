@@ -1,4 +1,4 @@
-//! What the kernel says about a process: CPU time from `/proc/PID/stat` (utime + stime) and
+//! What the kernel says about a process: CPU time from `/proc/PID/stat` (utime and stime) and
 //! resident memory from `/proc/PID/status` (VmRSS), summed over a process and its descendants
 //! (nginx's workers are children of its master).
 
@@ -13,6 +13,8 @@ pub struct Stat {
     pub ppid: u32,
     /// User plus system time, in clock ticks.
     pub cpu_ticks: u64,
+    /// User time alone (the proxy's own code, its libraries and the allocator), in clock ticks.
+    pub user_ticks: u64,
 }
 
 /// Parses one `/proc/PID/stat` line. The command name (field 2) is in parentheses and may itself
@@ -31,9 +33,11 @@ pub fn parse_stat(line: &str) -> Result<Stat> {
             .with_context(|| format!("{what} {:?} is not a number", fields[i]))
     };
     let ppid = u32::try_from(num(1, "ppid")?).context("ppid out of range")?;
+    let user_ticks = num(11, "utime")?;
     Ok(Stat {
         ppid,
-        cpu_ticks: num(11, "utime")? + num(12, "stime")?,
+        cpu_ticks: user_ticks + num(12, "stime")?,
+        user_ticks,
     })
 }
 
@@ -150,6 +154,17 @@ pub fn cpu_ticks(roots: &[u32]) -> Result<u64> {
     Ok(total)
 }
 
+/// CPU ticks used so far by `roots` and their descendants: (user + system, user).
+pub fn cpu_and_user_ticks(roots: &[u32]) -> Result<(u64, u64)> {
+    let (mut total, mut user) = (0, 0);
+    for pid in with_descendants(roots)? {
+        let s = stat(pid)?;
+        total += s.cpu_ticks;
+        user += s.user_ticks;
+    }
+    Ok((total, user))
+}
+
 /// CPU ticks used so far by exactly these processes (not their children).
 pub fn own_cpu_ticks(pids: &[u32]) -> Result<u64> {
     let mut total = 0;
@@ -179,6 +194,7 @@ mod tests {
         let s = parse_stat(line).expect("parses");
         assert_eq!(s.ppid, 4240);
         assert_eq!(s.cpu_ticks, 49);
+        assert_eq!(s.user_ticks, 37, "utime alone");
     }
 
     #[test]

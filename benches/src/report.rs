@@ -83,6 +83,8 @@ pub struct ThroughputRow {
     pub vs_direct: Option<f64>,
     pub latency: Percentiles,
     pub proxy_cpu_s: f64,
+    /// The user-space part of `proxy_cpu_s`.
+    pub proxy_user_cpu_s: f64,
     pub req_per_proxy_cpu_s: Option<f64>,
     /// req/s per proxy CPU-second over the best of nginx and HAProxy.
     pub per_cpu_vs_best_other: Option<f64>,
@@ -350,6 +352,35 @@ pub fn markdown(r: &Report) -> String {
     }
 
     md.push_str(
+        "\n## CPU per request per hop (closed loop, from the rows above)\n\n\
+         utime and stime of the path's proxy processes over the run, per request and per proxy on \
+         the path: user is the proxies' own code, their libraries and the allocator; system is \
+         the kernel's work on their behalf (socket reads and writes, epoll).\n\n\
+         | workload | path | proxies | user µs | system µs | user ÷ nginx |\n\
+         |---|---|---:|---:|---:|---:|\n",
+    );
+    for row in r.throughput.iter().filter(|t| t.path != PathKind::Direct) {
+        let Some((user, system)) = per_request_per_hop(row) else {
+            continue;
+        };
+        let nginx = r
+            .throughput
+            .iter()
+            .find(|t| t.workload == row.workload && t.path == PathKind::Nginx)
+            .and_then(per_request_per_hop);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} | {:.1} | {} |",
+            row.workload.name(),
+            row.path.name(),
+            proxies_on(&row.hops),
+            user,
+            system,
+            opt(nginx.and_then(|(n, _)| ratio(user, n)), times),
+        );
+    }
+
+    md.push_str(
         "\n## Memory (VmRSS of both proxies of the HTTP chain, MiB)\n\n\
          Idle: after setup and one request of each workload, no connections open. With N \
          connections: N HTTP/1.1 keep-alive connections to the outbound proxy, each of which \
@@ -424,6 +455,20 @@ pub fn markdown(r: &Report) -> String {
         }
     }
 
+    md.push_str(
+        "\n## Targets (performance pass 2)\n\n\
+         The targets of the performance issue, judged on this run's figures above.\n\n\
+         | target | this run | met |\n|---|---|---|\n",
+    );
+    for (target, figure, met) in targets(r) {
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "not met",
+            None => "not measured",
+        };
+        let _ = writeln!(md, "| {target} | {figure} | {verdict} |");
+    }
+
     if !r.not_run.is_empty() {
         md.push_str("\n## Not measured\n\n");
         for n in &r.not_run {
@@ -437,6 +482,92 @@ pub fn markdown(r: &Report) -> String {
         }
     }
     md
+}
+
+/// Proxies on a path described as `load -> outbound -> inbound -> app`: the hops between the
+/// first and the last.
+fn proxies_on(hops: &str) -> usize {
+    hops.matches("->").count().saturating_sub(1)
+}
+
+/// (user, system) CPU µs per request per proxy on the row's path.
+fn per_request_per_hop(row: &ThroughputRow) -> Option<(f64, f64)> {
+    let per = (row.ok as f64) * proxies_on(&row.hops) as f64;
+    let user = ratio(row.proxy_user_cpu_s * 1e6, per)?;
+    let system = ratio((row.proxy_cpu_s - row.proxy_user_cpu_s).max(0.0) * 1e6, per)?;
+    Some((user, system))
+}
+
+const MB: f64 = 1_000_000.0 / (1024.0 * 1024.0);
+
+/// Each target of the performance issue with this run's figure and whether it is met (`None`:
+/// the run did not measure it).
+fn targets(r: &Report) -> Vec<(String, String, Option<bool>)> {
+    let row =
+        |w: Workload, p: PathKind| r.throughput.iter().find(|t| t.workload == w && t.path == p);
+    let per_cpu = |w: Workload, p: PathKind| row(w, p).and_then(|t| t.req_per_proxy_cpu_s);
+    let mut out = Vec::new();
+
+    let best = [PathKind::Nginx, PathKind::Haproxy]
+        .into_iter()
+        .filter_map(|p| per_cpu(Workload::Http1Get, p))
+        .fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.max(v))));
+    let h1 = per_cpu(Workload::Http1Get, PathKind::Pylon).zip(best);
+    out.push((
+        "HTTP/1.1 GET: requests per proxy CPU-second at least 1.0× the better of nginx and HAProxy"
+            .to_owned(),
+        h1.map_or("—".to_owned(), |(p, b)| {
+            format!("{p:.0} against {b:.0}: {:.2}×", p / b)
+        }),
+        h1.map(|(p, b)| p >= b),
+    ));
+
+    let user = |p: PathKind| row(Workload::Http1Get, p).and_then(per_request_per_hop);
+    let users = user(PathKind::Pylon).zip(user(PathKind::Nginx));
+    out.push((
+        "HTTP/1.1 GET: user CPU per request per hop at or below nginx's".to_owned(),
+        users.map_or("—".to_owned(), |((p, _), (n, _))| {
+            format!("{p:.1} µs against {n:.1} µs")
+        }),
+        users.map(|((p, _), (n, _))| p <= n),
+    ));
+
+    for w in [Workload::H2cGet, Workload::GrpcUnary] {
+        let pair = per_cpu(w, PathKind::Pylon).zip(per_cpu(w, PathKind::Haproxy));
+        out.push((
+            format!(
+                "{}: requests per proxy CPU-second at least 1.0× HAProxy's",
+                w.name()
+            ),
+            pair.map_or("—".to_owned(), |(p, h)| {
+                format!("{p:.0} against {h:.0}: {:.2}×", p / h)
+            }),
+            pair.map(|(p, h)| p >= h),
+        ));
+    }
+
+    let pylon = r.memory.iter().find(|m| m.path == PathKind::Pylon);
+    let idle_mb = pylon.map(|m| m.idle_rss_mib / MB);
+    out.push((
+        "RSS of an idle proxy pair under 20 MB".to_owned(),
+        idle_mb.map_or("—".to_owned(), |v| format!("{v:.1} MB")),
+        idle_mb.map(|v| v < 20.0),
+    ));
+    let most = pylon.and_then(|m| m.with_connections.iter().max_by_key(|p| p.connections));
+    out.push((
+        "RSS with 10,000 idle connections under 60 MB (as many as the fd limit allows)".to_owned(),
+        match (pylon, most) {
+            (Some(m), Some(p)) => format!(
+                "{:.1} MB with {}; {:.1} KiB per connection over idle",
+                p.rss_mib / MB,
+                thousands(p.connections),
+                ratio((p.rss_mib - m.idle_rss_mib) * 1024.0, p.connections as f64).unwrap_or(0.0)
+            ),
+            _ => "—".to_owned(),
+        },
+        most.map(|p| p.rss_mib / MB < 60.0),
+    ));
+    out
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (proleptic Gregorian, UTC).
@@ -539,11 +670,83 @@ mod tests {
                 max_us: 4.0,
             },
             proxy_cpu_s: cpu,
+            proxy_user_cpu_s: cpu * 0.4,
             req_per_proxy_cpu_s: None,
             per_cpu_vs_best_other: None,
             proxy_cpu_s_per_100k: None,
             load_side_cpu_pct: 50.0,
         }
+    }
+
+    fn report_with(throughput: Vec<ThroughputRow>) -> Report {
+        Report {
+            date_utc: String::new(),
+            mode: String::new(),
+            machine: vec![],
+            pinning: String::new(),
+            settings: vec![],
+            notes: vec![],
+            latency: vec![],
+            throughput,
+            memory: vec![],
+            not_run: vec![],
+            tap_active_vs_idle: String::new(),
+            mtls_vs_plaintext: MtlsCost {
+                summary: String::new(),
+                figures: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn splits_cpu_per_request_per_hop_and_judges_the_targets() {
+        assert_eq!(proxies_on("load -> outbound -> inbound -> app"), 2);
+        assert_eq!(proxies_on("load -> inbound -> echo"), 1);
+        let mut pylon = thr(PathKind::Pylon, 1000.0, 1.0);
+        pylon.hops = "load -> outbound -> inbound -> app".into();
+        // 2,000 requests over 2 proxies, 0.4 s of 1 s in user space.
+        let (user, system) = per_request_per_hop(&pylon).expect("requests were made");
+        assert!((user - 100.0).abs() < 1e-9 && (system - 150.0).abs() < 1e-9);
+
+        let mut nginx = thr(PathKind::Nginx, 1000.0, 0.5);
+        nginx.hops = pylon.hops.clone();
+        let mut r = report_with(vec![pylon, nginx]);
+        fill_ratios(&mut r);
+        r.memory = vec![MemoryRow {
+            path: PathKind::Pylon,
+            idle_rss_mib: 18.0,
+            with_connections: vec![MemoryPoint {
+                connections: 1000,
+                opened: 1000,
+                errors: Errors {
+                    count: 0,
+                    first: None,
+                },
+                rss_mib: 60.0,
+            }],
+        }];
+        let judged = targets(&r);
+        let met: Vec<Option<bool>> = judged.iter().map(|t| t.2).collect();
+        // Half nginx's requests per CPU-second and twice its user time; no h2 rows; 18 MiB is
+        // 18.9 MB; 60 MiB is 62.9 MB.
+        assert_eq!(
+            met,
+            [
+                Some(false),
+                Some(false),
+                None,
+                None,
+                Some(true),
+                Some(false)
+            ]
+        );
+        assert!(judged[0].1.ends_with("0.50×"), "{}", judged[0].1);
+        let md = markdown(&r);
+        assert!(md.contains("## Targets"), "{md}");
+        assert!(
+            md.contains("| HTTP/1.1 GET (64 B body) | pylon | 2 | 100.0 | 150.0 | 2.00× |"),
+            "{md}"
+        );
     }
 
     #[test]
