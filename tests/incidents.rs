@@ -157,10 +157,20 @@ fn a_traffic_split_adding_to_110_percent() {
 fn every_50th_request_fails_with_503_from_one_pod() {
     let mut mesh = Mesh::new();
     let recommendation = mesh.pod("recommendation-service", None);
-    // Two pods; the second fails one request in 25 of its (half the) traffic: 1 in 50.
+    // Two pods; the second fails every 50th request. The balancer (P2C over PeakEWMA) sends
+    // one request at a time to the pod that has been quicker, and a pod's first answer decides
+    // that, so which pod takes the traffic must not be left to chance: the healthy pod answers
+    // in 40 ms, slower than the 30 ms a new endpoint is assumed to take, and the failing pod
+    // gets the traffic.
     let pods = mesh.serving(
         "ml-inference",
-        &[App::Ok, App::FailEvery { n: 25, status: 503 }],
+        &[
+            App::SlowEvery {
+                n: 1,
+                delay: Duration::from_millis(40),
+            },
+            App::FailEvery { n: 50, status: 503 },
+        ],
     );
     mesh.write();
     mesh.until_routed(recommendation, "ml-inference");
