@@ -16,6 +16,7 @@ use crate::report::{
     self, Errors, LatencyRow, MemoryPoint, MemoryRow, MtlsCost, MtlsFigure, NotRun, Report,
     ThroughputRow,
 };
+use crate::syscalls;
 
 /// Concurrency of every load run: connections for HTTP/1.1 and TCP, streams for h2.
 const SLOTS: usize = 64;
@@ -335,6 +336,36 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         }
     }
 
+    // Syscalls per request: each path's proxies under strace over a short run of their own.
+    let mut syscall_rows = Vec::new();
+    let have_strace = std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_strace {
+        let why = "strace is not installed (apt-get install strace)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            bail!("syscall counts: {why}");
+        }
+        eprintln!("pylon-bench: syscall counts skipped: {why}");
+    }
+    for workload in [Workload::Http1Get, Workload::H2cGet] {
+        for c in chains
+            .iter_mut()
+            .filter(|c| c.kind != PathKind::Direct && have_strace)
+        {
+            eprintln!(
+                "pylon-bench: syscalls of {} via {} (strace)",
+                workload.name(),
+                c.kind.name()
+            );
+            let proxies = report::proxies_on(c.hops(workload));
+            syscall_rows.push(syscalls::measure(c, workload, proxies).await?);
+            c.check_running()?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     // What telemetry costs: Pylon's HTTP/1.1 closed loop with no tap, then with a tap on both
     // proxies reading every event, then with taps sampling Linkerd's usual 100 requests/s.
     let mut tap_cost = "n/a: the pylon path was not run".to_owned();
@@ -491,6 +522,7 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         notes,
         latency: latency_rows,
         throughput: throughput_rows,
+        syscalls: syscall_rows,
         memory,
         not_run,
         tap_active_vs_idle: tap_cost,

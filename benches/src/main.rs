@@ -16,6 +16,7 @@ mod machine;
 mod procs;
 mod procstat;
 mod report;
+mod syscalls;
 mod tap;
 
 use std::net::SocketAddr;
