@@ -26,6 +26,8 @@ const H2_CONNECTIONS: usize = 4;
 const IDLE_SETTLE: Duration = Duration::from_secs(3);
 /// Idle connections opened at once for the memory measurement.
 const IDLE_OPEN_PARALLEL: usize = 256;
+/// Everything one traced (strace) run may take: attach, the counted run, detach.
+const TRACED_RUN_TIMEOUT: Duration = Duration::from_secs(60);
 const NOFILE: u64 = 200_000;
 
 #[derive(Debug, Clone, Args)]
@@ -172,6 +174,18 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         }
     }
     let pylon_bin = pylon_bin(o)?;
+    // Known before anything is measured, so CI fails in seconds rather than after the run.
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let mut syscalls_not_counted = Vec::new();
+    let strace = procs::find_program("strace");
+    if strace.is_none() {
+        let why = "strace not found (apt-get install strace; benches/run installs it as root)";
+        if in_ci {
+            bail!("{why}: CI=true needs the syscall counts");
+        }
+        eprintln!("pylon-bench: the syscall table is skipped: {why}");
+        syscalls_not_counted.push(format!("skipped for every path: {why}."));
+    }
     let dir = tempfile::Builder::new()
         .prefix("pylon-bench-")
         .tempdir()
@@ -303,13 +317,12 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
                 c.check_running()?;
             }
 
-            let (cpu0, user0) = procstat::cpu_and_user_ticks(&pids)?;
+            let cpu0 = procstat::cpu_split(&pids)?;
             let load0 = procstat::own_cpu_ticks(&load_pids)?;
             let (stats, back) = loadgen::closed_loop(job.clone(), slots, plan.measure).await;
             drop(back);
-            let (cpu1, user1) = procstat::cpu_and_user_ticks(&pids)?;
-            let cpu = cpu1.saturating_sub(cpu0) as f64 / hz;
-            let user_cpu = user1.saturating_sub(user0) as f64 / hz;
+            let used = procstat::cpu_split(&pids)?.since(cpu0);
+            let cpu = used.total() as f64 / hz;
             let load_cpu = (procstat::own_cpu_ticks(&load_pids)? - load0) as f64 / hz;
             let latency = must_have_latency(&stats, c.kind, workload, "closed loop")?;
             let seconds = stats.elapsed.as_secs_f64();
@@ -324,7 +337,12 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
                 vs_direct: None,
                 latency,
                 proxy_cpu_s: cpu,
-                proxy_user_cpu_s: user_cpu,
+                proxy_user_cpu_s: used.user as f64 / hz,
+                proxy_system_cpu_s: used.system as f64 / hz,
+                // Filled from `hops` with the ratios.
+                proxies: 0,
+                user_us_per_req_per_hop: None,
+                sys_us_per_req_per_hop: None,
                 req_per_proxy_cpu_s: None,
                 per_cpu_vs_best_other: None,
                 proxy_cpu_s_per_100k: None,
@@ -336,32 +354,43 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         }
     }
 
-    // Syscalls per request: each path's proxies under strace over a short run of their own.
+    // Syscalls per request: each path's proxies under strace over a short counted run of their
+    // own (strace slows them down, so never during the timed runs).
     let mut syscall_rows = Vec::new();
-    let have_strace = std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_strace {
-        let why = "strace is not installed (apt-get install strace)";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            bail!("syscall counts: {why}");
-        }
-        eprintln!("pylon-bench: syscall counts skipped: {why}");
-    }
     for workload in [Workload::Http1Get, Workload::H2cGet] {
-        for c in chains
-            .iter_mut()
-            .filter(|c| c.kind != PathKind::Direct && have_strace)
-        {
+        let Some(strace) = &strace else { break };
+        for c in chains.iter_mut().filter(|c| c.kind != PathKind::Direct) {
+            if c.target(workload).is_err() {
+                continue;
+            }
             eprintln!(
-                "pylon-bench: syscalls of {} via {} (strace)",
+                "pylon-bench: syscalls of {} via {} (strace -c)",
                 workload.name(),
                 c.kind.name()
             );
-            let proxies = report::proxies_on(c.hops(workload));
-            syscall_rows.push(syscalls::measure(c, workload, proxies).await?);
+            let traced =
+                tokio::time::timeout(TRACED_RUN_TIMEOUT, syscalls::measure(c, workload, strace))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!("not done within {TRACED_RUN_TIMEOUT:?}"))
+                    });
+            // A dead proxy is the bench's failure, not strace's.
             c.check_running()?;
+            match traced {
+                Ok(row) => syscall_rows.push(row),
+                Err(e) => {
+                    let why = format!(
+                        "{} via {}: the traced run failed: {e:#}",
+                        workload.name(),
+                        c.kind.name()
+                    );
+                    if in_ci {
+                        bail!("syscall counts: {why}");
+                    }
+                    eprintln!("pylon-bench: syscall counts: {why}");
+                    syscalls_not_counted.push(why);
+                }
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -523,6 +552,7 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         latency: latency_rows,
         throughput: throughput_rows,
         syscalls: syscall_rows,
+        syscalls_not_counted,
         memory,
         not_run,
         tap_active_vs_idle: tap_cost,

@@ -385,16 +385,32 @@ pub async fn closed_loop(
     slots: Vec<Slot>,
     duration: Duration,
 ) -> (RunStats, Vec<Slot>) {
+    closed_loop_counted(job, slots, duration, MAX_CLOSED_LOOP_REQUESTS).await
+}
+
+/// Every slot sends back-to-back until `requests` have been sent (failed ones included) or
+/// `duration` has passed, whichever comes first.
+pub async fn closed_loop_counted(
+    job: Arc<Job>,
+    slots: Vec<Slot>,
+    duration: Duration,
+    requests: u64,
+) -> (RunStats, Vec<Slot>) {
     let start = Instant::now();
     let end = start + duration;
-    let budget = Arc::new(AtomicU64::new(MAX_CLOSED_LOOP_REQUESTS));
+    let budget = Arc::new(AtomicU64::new(requests));
     let mut tasks = Vec::with_capacity(slots.len());
     for mut slot in slots {
         let job = job.clone();
         let budget = budget.clone();
         tasks.push(tokio::spawn(async move {
             let mut stats = RunStats::new();
-            while Instant::now() < end && budget.fetch_sub(1, Ordering::Relaxed) > 0 {
+            // checked_sub: a spent budget stays at zero instead of wrapping to u64::MAX.
+            while Instant::now() < end
+                && budget
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            {
                 let t0 = Instant::now();
                 let result = slot.request(&job).await;
                 stats.record(&result, t0.elapsed());
@@ -814,9 +830,12 @@ mod tests {
             assert_eq!(stats.ok, 100);
             assert_eq!(stats.unsent, 0);
             assert_eq!(slots.len(), 4);
-            let (stats, _) = closed_loop(job, slots, Duration::from_millis(100)).await;
+            let (stats, slots) = closed_loop(job.clone(), slots, Duration::from_millis(100)).await;
             assert!(stats.ok > 0);
             assert_eq!(stats.errors, 0);
+            // A counted run stops at the count, however many slots share it.
+            let (stats, _) = closed_loop_counted(job, slots, Duration::from_secs(10), 37).await;
+            assert_eq!((stats.ok, stats.errors), (37, 0), "{workload:?}");
         }
         let idle = open_idle_connections(&target, 20, 5).await;
         assert_eq!(idle.streams.len(), 20, "{:?}", idle.first_error);

@@ -15,6 +15,30 @@ pub struct Stat {
     pub cpu_ticks: u64,
     /// User time alone (the proxy's own code, its libraries and the allocator), in clock ticks.
     pub user_ticks: u64,
+    /// System time alone (the kernel working for the process: sockets, epoll), in clock ticks.
+    pub system_ticks: u64,
+}
+
+/// CPU time of a set of processes, split as the kernel accounts it, in clock ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    pub user: u64,
+    pub system: u64,
+}
+
+impl CpuTicks {
+    pub fn total(self) -> u64 {
+        self.user + self.system
+    }
+
+    /// What was used between `earlier` and `self` (a process that exited in between takes its
+    /// ticks with it, so neither part goes below zero).
+    pub fn since(self, earlier: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
 }
 
 /// Parses one `/proc/PID/stat` line. The command name (field 2) is in parentheses and may itself
@@ -34,10 +58,12 @@ pub fn parse_stat(line: &str) -> Result<Stat> {
     };
     let ppid = u32::try_from(num(1, "ppid")?).context("ppid out of range")?;
     let user_ticks = num(11, "utime")?;
+    let system_ticks = num(12, "stime")?;
     Ok(Stat {
         ppid,
-        cpu_ticks: user_ticks + num(12, "stime")?,
+        cpu_ticks: user_ticks + system_ticks,
         user_ticks,
+        system_ticks,
     })
 }
 
@@ -154,15 +180,15 @@ pub fn cpu_ticks(roots: &[u32]) -> Result<u64> {
     Ok(total)
 }
 
-/// CPU ticks used so far by `roots` and their descendants: (user + system, user).
-pub fn cpu_and_user_ticks(roots: &[u32]) -> Result<(u64, u64)> {
-    let (mut total, mut user) = (0, 0);
+/// CPU ticks used so far by `roots` and their descendants, user and system apart.
+pub fn cpu_split(roots: &[u32]) -> Result<CpuTicks> {
+    let mut sum = CpuTicks::default();
     for pid in with_descendants(roots)? {
         let s = stat(pid)?;
-        total += s.cpu_ticks;
-        user += s.user_ticks;
+        sum.user += s.user_ticks;
+        sum.system += s.system_ticks;
     }
-    Ok((total, user))
+    Ok(sum)
 }
 
 /// CPU ticks used so far by exactly these processes (not their children).
@@ -195,6 +221,35 @@ mod tests {
         assert_eq!(s.ppid, 4240);
         assert_eq!(s.cpu_ticks, 49);
         assert_eq!(s.user_ticks, 37, "utime alone");
+        assert_eq!(s.system_ticks, 12, "stime alone");
+    }
+
+    #[test]
+    fn splits_utime_and_stime_of_a_real_stat_line() {
+        // A real /proc/PID/stat (python3 reading /dev/zero a byte at a time): utime (14) 7,
+        // stime (15) 6, then cutime 5 of its exited children, which is not its own.
+        let line = "32661 (python3) R 32659 32659 4389 0 -1 4194304 2842 6548 1 0 7 6 5 0 20 0 1 \
+                    0 1035785 16977920 3349 18446744073709551615 94414744940544 94414744940885 \
+                    140722429135936 0 0 0 0 16781312 2 0 0 0 17 1 0 0 0 0 0 94414744952240 \
+                    94414744952856 94414930669568 140722429139074 140722429139241 \
+                    140722429139241 140722429140943 0\n";
+        let s = parse_stat(line).expect("parses");
+        assert_eq!((s.user_ticks, s.system_ticks, s.cpu_ticks), (7, 6, 13));
+        assert_eq!(s.ppid, 32659);
+        let before = CpuTicks {
+            user: 10,
+            system: 5,
+        };
+        let after = CpuTicks {
+            user: 15,
+            system: 4,
+        };
+        assert_eq!(
+            after.since(before),
+            CpuTicks { user: 5, system: 0 },
+            "an exited process never makes a part negative"
+        );
+        assert_eq!(after.total(), 19);
     }
 
     #[test]
@@ -232,6 +287,8 @@ mod tests {
         let me = std::process::id();
         assert!(rss_kib(me).expect("own rss") > 0);
         assert!(cpu_ticks(&[me]).is_ok());
+        let split = cpu_split(&[me]).expect("own split");
+        assert_eq!(split.total(), stat(me).expect("own stat").cpu_ticks);
         assert!(clock_ticks_per_second().expect("hz") > 0);
     }
 }

@@ -83,8 +83,16 @@ pub struct ThroughputRow {
     pub vs_direct: Option<f64>,
     pub latency: Percentiles,
     pub proxy_cpu_s: f64,
-    /// The user-space part of `proxy_cpu_s`.
+    /// The user-space part of `proxy_cpu_s` (utime).
     pub proxy_user_cpu_s: f64,
+    /// The kernel part of `proxy_cpu_s` (stime).
+    pub proxy_system_cpu_s: f64,
+    /// Proxies on the path (from `hops`): 2 for the HTTP chains, 1 for the TCP echo.
+    pub proxies: usize,
+    /// `proxy_user_cpu_s` per completed request per proxy, in µs.
+    pub user_us_per_req_per_hop: Option<f64>,
+    /// `proxy_system_cpu_s` per completed request per proxy, in µs.
+    pub sys_us_per_req_per_hop: Option<f64>,
     pub req_per_proxy_cpu_s: Option<f64>,
     /// req/s per proxy CPU-second over the best of nginx and HAProxy.
     pub per_cpu_vs_best_other: Option<f64>,
@@ -167,6 +175,9 @@ pub struct Report {
     pub latency: Vec<LatencyRow>,
     pub throughput: Vec<ThroughputRow>,
     pub syscalls: Vec<crate::syscalls::SyscallRow>,
+    /// Why syscalls were not counted for some or all paths (strace missing, or a traced run
+    /// that failed outside CI).
+    pub syscalls_not_counted: Vec<String>,
     pub memory: Vec<MemoryRow>,
     pub not_run: Vec<NotRun>,
     pub tap_active_vs_idle: String,
@@ -215,6 +226,10 @@ pub fn fill_ratios(report: &mut Report) {
         row.req_per_proxy_cpu_s = ratio(row.req_per_s * row.seconds, row.proxy_cpu_s);
         row.proxy_cpu_s_per_100k = (row.ok > 0 && row.proxy_cpu_s > 0.0)
             .then(|| row.proxy_cpu_s / row.ok as f64 * 100_000.0);
+        row.proxies = proxies_on(&row.hops);
+        let (user, system) = per_request_per_hop(row).unzip();
+        row.user_us_per_req_per_hop = user;
+        row.sys_us_per_req_per_hop = system;
     }
     let throughput = report.throughput.clone();
     for row in &mut report.throughput {
@@ -324,14 +339,16 @@ pub fn markdown(r: &Report) -> String {
          proxy CPU = utime+stime of the path's proxy processes over the run (both proxies of the \
          chain; nginx master and workers). `÷ best` = req per proxy CPU-second over the better of \
          nginx and HAProxy (above 1 = better than both). load CPU = load generator + app (the \
-         other core; near 100% means that core, not the proxy, was the limit).\n\n\
-         | workload | path | hops | req/s | × direct | p50 µs | p99 µs | proxy CPU-s | req per proxy CPU-s | ÷ best | proxy CPU-s per 100k req | load CPU | errors |\n\
-         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+         other core; near 100% means that core, not the proxy, was the limit). user and sys µs \
+         per req per hop = the proxies' utime and stime over the run, per completed request, \
+         divided by the proxies in `hops`.\n\n\
+         | workload | path | hops | req/s | × direct | p50 µs | p99 µs | proxy CPU-s | req per proxy CPU-s | ÷ best | proxy CPU-s per 100k req | user µs per req per hop | sys µs per req per hop | load CPU | errors |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for row in &r.throughput {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} |",
             row.workload.name(),
             row.path.name(),
             row.hops,
@@ -347,62 +364,14 @@ pub fn markdown(r: &Report) -> String {
             opt(row.req_per_proxy_cpu_s, |v| format!("{v:.0}")),
             opt(row.per_cpu_vs_best_other, times),
             opt(row.proxy_cpu_s_per_100k, |v| format!("{v:.2}")),
+            opt(row.user_us_per_req_per_hop, |v| format!("{v:.1}")),
+            opt(row.sys_us_per_req_per_hop, |v| format!("{v:.1}")),
             row.load_side_cpu_pct,
             errors_cell(&row.errors),
         );
     }
 
-    md.push_str(
-        "\n## CPU per request per hop (closed loop, from the rows above)\n\n\
-         utime and stime of the path's proxy processes over the run, per request and per proxy on \
-         the path: user is the proxies' own code, their libraries and the allocator; system is \
-         the kernel's work on their behalf (socket reads and writes, epoll).\n\n\
-         | workload | path | proxies | user µs | system µs | user ÷ nginx |\n\
-         |---|---|---:|---:|---:|---:|\n",
-    );
-    for row in r.throughput.iter().filter(|t| t.path != PathKind::Direct) {
-        let Some((user, system)) = per_request_per_hop(row) else {
-            continue;
-        };
-        let nginx = r
-            .throughput
-            .iter()
-            .find(|t| t.workload == row.workload && t.path == PathKind::Nginx)
-            .and_then(per_request_per_hop);
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {:.1} | {:.1} | {} |",
-            row.workload.name(),
-            row.path.name(),
-            proxies_on(&row.hops),
-            user,
-            system,
-            opt(nginx.and_then(|(n, _)| ratio(user, n)), times),
-        );
-    }
-
-    if !r.syscalls.is_empty() {
-        md.push_str(
-            "\n## Syscalls per request per hop (strace -c, a separate run)\n\n\
-             Each path's proxies under `strace -c -f` over a 2 s closed loop of 8 connections (h2c: \
-             8 streams of one connection) of their own: strace stops a proxy at every call, so \
-             this run counts calls and nothing else. Per request the load generator completed, \
-             per proxy on the path.\n\n\
-             | workload | path | requests | syscalls | most frequent |\n|---|---|---:|---:|---|\n",
-        );
-        for s in &r.syscalls {
-            let top: Vec<String> = s.top.iter().map(|(n, v)| format!("{n} {v:.2}")).collect();
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {:.2} | {} |",
-                s.workload.name(),
-                s.path.name(),
-                s.requests,
-                s.per_request_per_hop,
-                top.join(", ")
-            );
-        }
-    }
+    where_the_cpu_goes(&mut md, r);
 
     md.push_str(
         "\n## Memory (VmRSS of both proxies of the HTTP chain, MiB)\n\n\
@@ -515,12 +484,87 @@ pub fn proxies_on(hops: &str) -> usize {
     (hops.matches("->").count() + hops.matches("=>").count()).saturating_sub(1)
 }
 
-/// (user, system) CPU µs per request per proxy on the row's path.
+/// (user, system) CPU µs per request per proxy on the row's path; `None` without proxies or
+/// requests.
 fn per_request_per_hop(row: &ThroughputRow) -> Option<(f64, f64)> {
     let per = (row.ok as f64) * proxies_on(&row.hops) as f64;
     let user = ratio(row.proxy_user_cpu_s * 1e6, per)?;
-    let system = ratio((row.proxy_cpu_s - row.proxy_user_cpu_s).max(0.0) * 1e6, per)?;
+    let system = ratio(row.proxy_system_cpu_s * 1e6, per)?;
     Some((user, system))
+}
+
+/// The section putting each path's user and system time per request per hop (from the closed
+/// loop) beside its syscalls per request per hop (from the traced run): one row per path and
+/// workload of the throughput table.
+fn where_the_cpu_goes(md: &mut String, r: &Report) {
+    let _ = write!(
+        md,
+        "\n## Where the CPU goes per request (user, system, syscalls)\n\n\
+         Per completed request and per proxy on the path (2 for the HTTP chains, 1 for the TCP \
+         echo). user and sys: utime and stime (/proc/PID/stat) of the path's proxy processes \
+         (nginx: master and workers) over the closed-loop run of the throughput table; user is \
+         the proxies' own code, their libraries and the allocator, sys the kernel working for \
+         them (socket reads and writes, epoll). syscalls: a separate run of {} requests ({} \
+         connections; h2c: {} streams of one connection) with `strace -c -f` attached to every \
+         process and thread of the path's proxies after a warm-up, the calls of strace's summary \
+         divided the same way. strace stops a proxy at every syscall, so that run is slow and \
+         only its counts are used, never its times. Only HTTP/1.1 GET and h2c GET are traced.\n\n",
+        thousands(crate::syscalls::TRACED_REQUESTS as usize),
+        crate::syscalls::TRACED_SLOTS,
+        crate::syscalls::TRACED_SLOTS,
+    );
+    for why in &r.syscalls_not_counted {
+        let _ = writeln!(md, "- Syscalls not counted: {why}");
+    }
+    if !r.syscalls_not_counted.is_empty() {
+        md.push('\n');
+    }
+    md.push_str(
+        "| workload | path | proxies | user µs/req/hop | sys µs/req/hop | user ÷ nginx | syscalls/req/hop | most frequent syscalls (per req per hop) | traced requests |\n\
+         |---|---|---:|---:|---:|---:|---:|---|---:|\n",
+    );
+    for row in r.throughput.iter().filter(|t| t.path != PathKind::Direct) {
+        let nginx = r
+            .throughput
+            .iter()
+            .find(|t| t.workload == row.workload && t.path == PathKind::Nginx)
+            .and_then(|t| t.user_us_per_req_per_hop);
+        let traced = r
+            .syscalls
+            .iter()
+            .find(|s| s.workload == row.workload && s.path == row.path);
+        let top = traced.map_or_else(
+            || "—".to_owned(),
+            |s| {
+                s.top
+                    .iter()
+                    .map(|c| format!("{} {:.2}", c.name, c.per_request_per_hop))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        );
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.workload.name(),
+            row.path.name(),
+            proxies_on(&row.hops),
+            opt(row.user_us_per_req_per_hop, |v| format!("{v:.1}")),
+            opt(row.sys_us_per_req_per_hop, |v| format!("{v:.1}")),
+            opt(
+                row.user_us_per_req_per_hop
+                    .zip(nginx)
+                    .and_then(|(u, n)| ratio(u, n)),
+                times
+            ),
+            traced.map_or_else(
+                || "—".to_owned(),
+                |s| format!("{:.2}", s.per_request_per_hop)
+            ),
+            top,
+            traced.map_or_else(|| "—".to_owned(), |s| s.requests.to_string()),
+        );
+    }
 }
 
 const MB: f64 = 1_000_000.0 / (1024.0 * 1024.0);
@@ -698,6 +742,10 @@ mod tests {
             },
             proxy_cpu_s: cpu,
             proxy_user_cpu_s: cpu * 0.4,
+            proxy_system_cpu_s: cpu * 0.6,
+            proxies: 0,
+            user_us_per_req_per_hop: None,
+            sys_us_per_req_per_hop: None,
             req_per_proxy_cpu_s: None,
             per_cpu_vs_best_other: None,
             proxy_cpu_s_per_100k: None,
@@ -716,6 +764,7 @@ mod tests {
             latency: vec![],
             throughput,
             syscalls: vec![],
+            syscalls_not_counted: vec![],
             memory: vec![],
             not_run: vec![],
             tap_active_vs_idle: String::new(),
@@ -770,11 +819,65 @@ mod tests {
             ]
         );
         assert!(judged[0].1.ends_with("0.50×"), "{}", judged[0].1);
+        r.syscalls = vec![crate::syscalls::SyscallRow {
+            workload: Workload::Http1Get,
+            path: PathKind::Pylon,
+            proxies: 2,
+            traced_processes: 2,
+            requests: 3000,
+            errors: 0,
+            syscalls: 27_000,
+            per_request_per_hop: 4.5,
+            top: vec![
+                crate::syscalls::SyscallCount {
+                    name: "writev".into(),
+                    per_request_per_hop: 2.0,
+                },
+                crate::syscalls::SyscallCount {
+                    name: "recvfrom".into(),
+                    per_request_per_hop: 2.0,
+                },
+            ],
+        }];
+        r.syscalls_not_counted = vec!["strace not found".into()];
         let md = markdown(&r);
         assert!(md.contains("## Targets"), "{md}");
         assert!(
-            md.contains("| HTTP/1.1 GET (64 B body) | pylon | 2 | 100.0 | 150.0 | 2.00× |"),
+            md.contains(
+                "| HTTP/1.1 GET (64 B body) | pylon | 2 | 100.0 | 150.0 | 2.00× | 4.50 \
+                 | writev 2.00, recvfrom 2.00 | 3000 |"
+            ),
             "{md}"
+        );
+        // nginx was not traced: its row has the CPU split and no syscall figures.
+        assert!(
+            md.contains(
+                "| HTTP/1.1 GET (64 B body) | nginx | 2 | 50.0 | 75.0 | 1.00× | — | — | — |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("- Syscalls not counted: strace not found"),
+            "{md}"
+        );
+        // The two new columns of the throughput table.
+        assert!(
+            md.contains("| 0.50× | 50.00 | 100.0 | 150.0 | 50% | 0 |"),
+            "{md}"
+        );
+        let (section, memory) = (
+            md.find("## Where the CPU goes per request (user, system, syscalls)"),
+            md.find("## Memory"),
+        );
+        assert!(section.is_some() && section < memory, "{md}");
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["throughput"][0]["proxies"].as_u64(), Some(2));
+        let field = |name: &str| json["throughput"][0][name].as_f64().unwrap_or(f64::NAN);
+        assert!((field("user_us_per_req_per_hop") - 100.0).abs() < 1e-9);
+        assert!((field("sys_us_per_req_per_hop") - 150.0).abs() < 1e-9);
+        assert_eq!(
+            json["syscalls"][0]["top"][0]["name"].as_str(),
+            Some("writev")
         );
     }
 
@@ -800,6 +903,7 @@ mod tests {
                 thr(PathKind::Haproxy, 16_000.0, 2.0),
             ],
             syscalls: vec![],
+            syscalls_not_counted: vec![],
             memory: vec![],
             not_run: vec![],
             tap_active_vs_idle: String::new(),
