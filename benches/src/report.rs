@@ -826,6 +826,7 @@ mod tests {
             traced_processes: 2,
             requests: 3000,
             errors: 0,
+            seconds: 1.5,
             syscalls: 27_000,
             per_request_per_hop: 4.5,
             top: vec![
