@@ -532,7 +532,7 @@ fn where_the_cpu_goes(md: &mut String, r: &Report) {
         let traced = r
             .syscalls
             .iter()
-            .find(|s| s.workload == row.workload && s.path == row.path);
+            .find(|s| s.traced.workload == row.workload && s.traced.path == row.path);
         let top = traced.map_or_else(
             || "—".to_owned(),
             |s| {
@@ -562,7 +562,7 @@ fn where_the_cpu_goes(md: &mut String, r: &Report) {
                 |s| format!("{:.2}", s.per_request_per_hop)
             ),
             top,
-            traced.map_or_else(|| "—".to_owned(), |s| s.requests.to_string()),
+            traced.map_or_else(|| "—".to_owned(), |s| s.traced.requests.to_string()),
         );
     }
 }
@@ -820,13 +820,15 @@ mod tests {
         );
         assert!(judged[0].1.ends_with("0.50×"), "{}", judged[0].1);
         r.syscalls = vec![crate::syscalls::SyscallRow {
-            workload: Workload::Http1Get,
-            path: PathKind::Pylon,
-            proxies: 2,
-            traced_processes: 2,
-            requests: 3000,
-            errors: 0,
-            seconds: 1.5,
+            traced: crate::syscalls::Traced {
+                workload: Workload::Http1Get,
+                path: PathKind::Pylon,
+                proxies: 2,
+                traced_processes: 2,
+                requests: 3000,
+                errors: 0,
+                seconds: 1.5,
+            },
             syscalls: 27_000,
             per_request_per_hop: 4.5,
             top: vec![
@@ -884,43 +886,30 @@ mod tests {
 
     #[test]
     fn fills_ratio_columns_from_the_same_run() {
-        let mut r = Report {
-            date_utc: String::new(),
-            mode: String::new(),
-            machine: vec![],
-            pinning: String::new(),
-            settings: vec![],
-            notes: vec![],
-            latency: vec![
-                lat(PathKind::Direct, 100.0, 200.0),
-                lat(PathKind::Pylon, 150.0, 300.0),
-                lat(PathKind::Nginx, 160.0, 400.0),
-                lat(PathKind::Haproxy, 140.0, 250.0),
+        let mut r = report_with(vec![
+            thr(PathKind::Direct, 40_000.0, 0.0),
+            thr(PathKind::Pylon, 20_000.0, 2.0),
+            thr(PathKind::Nginx, 10_000.0, 2.0),
+            thr(PathKind::Haproxy, 16_000.0, 2.0),
+        ]);
+        r.latency = vec![
+            lat(PathKind::Direct, 100.0, 200.0),
+            lat(PathKind::Pylon, 150.0, 300.0),
+            lat(PathKind::Nginx, 160.0, 400.0),
+            lat(PathKind::Haproxy, 140.0, 250.0),
+        ];
+        r.mtls_vs_plaintext = MtlsCost {
+            summary: "HTTP/1.1 travels as HTTP/2 between mTLS proxies.".into(),
+            figures: vec![
+                MtlsFigure::new(
+                    Workload::Http1Get,
+                    "req per proxy CPU-s (closed loop)",
+                    20_000.0,
+                    15_000.0,
+                    (0, 2),
+                ),
+                MtlsFigure::new(Workload::Http1Get, "p99 µs", 0.0, 300.0, (0, 0)),
             ],
-            throughput: vec![
-                thr(PathKind::Direct, 40_000.0, 0.0),
-                thr(PathKind::Pylon, 20_000.0, 2.0),
-                thr(PathKind::Nginx, 10_000.0, 2.0),
-                thr(PathKind::Haproxy, 16_000.0, 2.0),
-            ],
-            syscalls: vec![],
-            syscalls_not_counted: vec![],
-            memory: vec![],
-            not_run: vec![],
-            tap_active_vs_idle: String::new(),
-            mtls_vs_plaintext: MtlsCost {
-                summary: "HTTP/1.1 travels as HTTP/2 between mTLS proxies.".into(),
-                figures: vec![
-                    MtlsFigure::new(
-                        Workload::Http1Get,
-                        "req per proxy CPU-s (closed loop)",
-                        20_000.0,
-                        15_000.0,
-                        (0, 2),
-                    ),
-                    MtlsFigure::new(Workload::Http1Get, "p99 µs", 0.0, 300.0, (0, 0)),
-                ],
-            },
         };
         fill_ratios(&mut r);
         assert_eq!(r.latency[0].added_us, None);

@@ -48,17 +48,9 @@ pub struct SyscallCount {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SyscallRow {
-    pub workload: Workload,
-    pub path: PathKind,
-    /// Proxies on the path (the per-hop divisor).
-    pub proxies: usize,
-    /// Processes strace was attached to (nginx: master and workers), with all their threads.
-    pub traced_processes: usize,
-    /// Requests that completed while strace was attached (the per-request divisor).
-    pub requests: u64,
-    pub errors: u64,
-    /// How long the traced run took (slow: strace stops the proxies at every call).
-    pub seconds: f64,
+    /// The traced run (its fields sit at the top level of the row's JSON).
+    #[serde(flatten)]
+    pub traced: Traced,
     /// Every syscall strace counted on the path's proxies (its `total` line).
     pub syscalls: u64,
     /// `syscalls` per request per proxy.
@@ -153,31 +145,27 @@ fn first_chars(text: &str, n: usize) -> String {
 }
 
 /// What a traced run did, besides the summary.
+#[derive(Debug, Clone, Serialize)]
 pub struct Traced {
     pub workload: Workload,
     pub path: PathKind,
+    /// Proxies on the path (the per-hop divisor).
     pub proxies: usize,
+    /// Processes strace was attached to (nginx: master and workers), with all their threads.
     pub traced_processes: usize,
+    /// Requests that completed while strace was attached (the per-request divisor).
     pub requests: u64,
     pub errors: u64,
+    /// How long the traced run took (slow: strace stops the proxies at every call).
     pub seconds: f64,
 }
 
 /// The row for a summary: counts divided by requests and proxies, the `TOP` most frequent kept.
-pub fn row(t: Traced, summary: Summary) -> Result<SyscallRow> {
-    let Traced {
-        workload,
-        path,
-        proxies,
-        traced_processes,
-        requests,
-        errors,
-        seconds,
-    } = t;
-    if requests == 0 {
+pub fn row(traced: Traced, summary: Summary) -> Result<SyscallRow> {
+    if traced.requests == 0 {
         bail!("no request completed under strace");
     }
-    let per = requests as f64 * proxies.max(1) as f64;
+    let per = traced.requests as f64 * traced.proxies.max(1) as f64;
     let mut calls = summary.calls;
     // Most calls first; equal counts by name, so the row is the same run to run.
     calls.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -191,13 +179,7 @@ pub fn row(t: Traced, summary: Summary) -> Result<SyscallRow> {
         .take(TOP)
         .collect();
     Ok(SyscallRow {
-        workload,
-        path,
-        proxies,
-        traced_processes,
-        requests,
-        errors,
-        seconds,
+        traced,
         syscalls: summary.total,
         per_request_per_hop: summary.total as f64 / per,
         top,
