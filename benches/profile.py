@@ -2,7 +2,7 @@
 """Instructions per request of one proxy hop, and where they go: valgrind's callgrind.
 
     benches/profile.py [--workload http1-get|h2c-get|grpc-unary] [--requests 3000]
-                       [--concurrency 1] [--out benches/results/profile-latest.md]
+                       [--concurrency 1] [--proxy pylon|nginx|haproxy] [--out FILE]
 
 Why instructions: they are the same for the same binary and inputs whatever else a noisy 2-core
 machine is doing, so a change's before -> after is a fact rather than a sample. They are not time
@@ -16,6 +16,10 @@ price of figures that vary a little with timing). The proxy is run twice, with a
 requests and with `--requests` more, and the difference of the two totals divided by the
 difference of the counts is the cost per request, with start-up and shutdown cancelled out. The
 functions' costs are read from the longer run the same way (each minus its cost in the shorter).
+
+`--proxy nginx|haproxy` measures the bench's baselines the same way (its configuration of them,
+one process or thread, in front of the same app, driven by the same client): the ratio of two
+instruction counts is the one comparison here that no other load on the machine moves.
 
 Writes a Markdown report (per-request instructions, the top functions by own and inclusive
 cost, and the callers of memcpy) to `--out`.
@@ -36,6 +40,9 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 WARM = 200  # requests of the short run
+PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
+              "nginx": "nginx (one process, the bench's configuration)",
+              "haproxy": "HAProxy (one thread, the bench's configuration)"}
 WORKLOADS = {"http1-get": "HTTP/1.1 GET", "h2c-get": "h2c GET", "grpc-unary": "gRPC unary"}
 
 
@@ -64,26 +71,111 @@ def send(port, n, workload, concurrency):
                     "--concurrency", str(concurrency)], check=True, timeout=600)
 
 
-def run(requests, out_file, app_port, workload, concurrency):
-    ports = {k: free_port() for k in ("inbound", "outbound", "admin", "tap")}
+def wait_listening(port, deadline_s=60):
+    end = time.time() + deadline_s
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    sys.exit(f"profile: nothing listened on port {port} within {deadline_s} s")
+
+
+def nginx_conf(work, listen, listen_h2, app_port):
+    """The bench's nginx (benches/src/chain.rs render_nginx), one process, in the foreground."""
+    return f"""worker_processes 1;
+daemon off;
+master_process off;
+pid {work}/nginx.pid;
+error_log {work}/nginx.error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    keepalive_timeout 300s;
+    keepalive_requests 10000000;
+    proxy_request_buffering off;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $host;
+    upstream next {{ server 127.0.0.1:{app_port}; keepalive 256; keepalive_requests 10000000; }}
+    server {{ listen 127.0.0.1:{listen}; location / {{ proxy_pass http://next; }} }}
+    server {{
+        listen 127.0.0.1:{listen_h2} http2;
+        location / {{ proxy_pass http://next; }}
+        location /bench.Bench/ {{ grpc_pass grpc://next; }}
+    }}
+}}
+"""
+
+
+def haproxy_conf(listen, listen_h2, app_port):
+    """The bench's HAProxy (benches/src/chain.rs render_haproxy), one thread."""
+    return f"""global
+    nbthread 1
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend h1
+    bind 127.0.0.1:{listen}
+    default_backend next_h1
+frontend h2
+    bind 127.0.0.1:{listen_h2} proto h2
+    default_backend next_h2
+backend next_h1
+    http-reuse always
+    server next 127.0.0.1:{app_port}
+backend next_h2
+    http-reuse always
+    server next 127.0.0.1:{app_port} proto h2
+"""
+
+
+def run(requests, out_file, app_port, workload, concurrency, proxy_kind, work):
+    """One callgrind run of `proxy_kind` as the hop in front of the app."""
+    ports = {k: free_port() for k in ("inbound", "inbound_h2", "outbound", "admin", "tap")}
     env = dict(os.environ, PYLON_LOG="warn")
-    proxy = subprocess.Popen(
-        [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
+    listen = ports["inbound"]
+    if proxy_kind == "pylon":
+        cmd = [
             os.path.join(RELEASE, "pylon-proxy"), "--threads", "1",
             "--inbound-addr", f"127.0.0.1:{ports['inbound']}",
             "--outbound-addr", f"127.0.0.1:{ports['outbound']}",
             "--admin-addr", f"127.0.0.1:{ports['admin']}",
             "--tap-addr", f"127.0.0.1:{ports['tap']}",
             "--inbound-forward", f"127.0.0.1:{app_port}",
-        ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+        ]
+    else:
+        # nginx and HAProxy take h2c on a port of its own (prior knowledge), HTTP/1.1 on another.
+        if workload != "http1-get":
+            listen = ports["inbound_h2"]
+        conf = os.path.join(work, f"{proxy_kind}.conf")
+        with open(conf, "w") as f:
+            if proxy_kind == "nginx":
+                f.write(nginx_conf(work, ports["inbound"], ports["inbound_h2"], app_port))
+            else:
+                f.write(haproxy_conf(ports["inbound"], ports["inbound_h2"], app_port))
+        cmd = ["nginx", "-c", conf] if proxy_kind == "nginx" else ["haproxy", "-db", "-f", conf]
+    proxy = subprocess.Popen(valgrind + cmd, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(ports["admin"])
-        send(ports["inbound"], requests, workload, concurrency)
+        if proxy_kind == "pylon":
+            wait_ready(ports["admin"])
+        else:
+            wait_listening(listen)
+        send(listen, requests, workload, concurrency)
     finally:
-        proxy.send_signal(signal.SIGINT)
+        # Pylon drains on SIGINT; nginx (no master) and HAProxy stop on SIGTERM.
+        proxy.send_signal(signal.SIGINT if proxy_kind == "pylon" else signal.SIGTERM)
         try:
             proxy.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -154,9 +246,19 @@ def main():
     ap.add_argument("--workload", default="http1-get", choices=sorted(WORKLOADS))
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results", "profile-latest.md"))
+    ap.add_argument("--out", help="the report (default: benches/results/profile[-PROXY]"
+                    "[-WORKLOAD]-latest.md, PROXY when not pylon, WORKLOAD when not http1-get)")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--proxy", default="pylon", choices=["pylon", "nginx", "haproxy"],
+                    help="the hop to profile: Pylon, or a baseline measured the same way")
     a = ap.parse_args()
+    if a.out is None:
+        name = "profile"
+        if a.proxy != "pylon":
+            name += f"-{a.proxy}"
+        if a.workload != "http1-get":
+            name += "-" + a.workload.split("-")[0]
+        a.out = os.path.join(ROOT, "benches", "results", f"{name}-latest.md")
     for tool in ("valgrind", "callgrind_annotate"):
         if not shutil.which(tool):
             sys.exit(f"profile: {tool} is missing (apt-get install valgrind)")
@@ -170,8 +272,8 @@ def main():
     try:
         time.sleep(0.5)
         short_run, long_run = os.path.join(work, "short.out"), os.path.join(work, "long.out")
-        run(WARM, short_run, app_port, a.workload, a.concurrency)
-        run(WARM + a.requests, long_run, app_port, a.workload, a.concurrency)
+        run(WARM, short_run, app_port, a.workload, a.concurrency, a.proxy, work)
+        run(WARM + a.requests, long_run, app_port, a.workload, a.concurrency, a.proxy, work)
         per_request = (total(long_run) - total(short_run)) / a.requests
 
         def per_req(inclusive):
@@ -185,13 +287,13 @@ def main():
         git = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True).stdout.strip()
         lines = [
-            f"# Instructions per request, one inbound hop, {WORKLOADS[a.workload]} (callgrind)",
+            f"# Instructions per request, one {a.proxy} hop, {WORKLOADS[a.workload]} (callgrind)",
             "",
             f"- git {git}, {a.requests} requests ({a.workload}), {a.concurrency} at a time on one"
             " connection"
             f" (less a {WARM}-request run: start-up and shutdown cancel out)",
             "- `benches/profile.py` (see its doc for why instructions and how); user-space"
-            " instructions of `pylon-proxy --threads 1`, nothing of the kernel's",
+            f" instructions of {PROXY_TEXT[a.proxy]}, nothing of the kernel's",
             "",
             f"**{per_request:,.0f} instructions per request.**",
             "",
@@ -205,12 +307,13 @@ def main():
                   "| instructions | share | function |", "|---:|---:|---|"]
         lines += [f"| {c:,.0f} | {min(c / per_request, 1):.1%} | `{short(n)}` |"
                   for n, c in incl if c < per_request * 1.01][: a.top]
-        lines += ["", "## Pylon's own stages, inclusive (what each call costs with what it calls)", "",
-                  "| instructions | share | function |", "|---:|---:|---|"]
-        lines += [f"| {c:,.0f} | {min(c / per_request, 1):.1%} | `{short(n)}` |"
-                  for n, c in incl if "pylon_proxy::" in n and "serve_" not in n
-                  and "app::main" not in n and "main_with_args" not in n
-                  and "pylon_proxy::main" not in n][: a.top]
+        if a.proxy == "pylon":
+            lines += ["", "## Pylon's own stages, inclusive (what each call costs with what it calls)",
+                      "", "| instructions | share | function |", "|---:|---:|---|"]
+            lines += [f"| {c:,.0f} | {min(c / per_request, 1):.1%} | `{short(n)}` |"
+                      for n, c in incl if "pylon_proxy::" in n and "serve_" not in n
+                      and "app::main" not in n and "main_with_args" not in n
+                      and "pylon_proxy::main" not in n][: a.top]
         lines += ["", "## Who calls memcpy (instructions per request)", "",
                   "| instructions | caller |", "|---:|---|"]
         lines += [f"| {c:,.0f} | `{short(n)}` |" for c, n in memcpy[:12]]

@@ -481,7 +481,10 @@ async fn two_hosts_or_a_huge_head_are_refused_in_both_directions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_costs_no_request() {
     test_body(async {
-        let live = Backend::start("live").await;
+        // Slower than the balancer's 30 ms default estimate: once the live endpoint has
+        // answered, the dead one (never used) is cheaper, so P2C tries it for certain; with a
+        // quicker live endpoint whether it ever did would be up to timing.
+        let live = Backend::with_delay("live", Duration::from_millis(40)).await;
         let dead = closed_port();
         let cfg = ConfigDir::web(&[dead, live.addr]);
         let proxy = Proxy::with_config(&cfg, &[]);
