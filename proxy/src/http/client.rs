@@ -258,8 +258,14 @@ impl ClientInner {
                 tracing::debug!(endpoint = %target.addr, endpoint_pod = target.names().pod(), endpoint_workload = target.names().workload(), "CONNECT to a meshed endpoint is tunnelled without mesh TLS");
             }
             let on_upgrade = hyper::upgrade::on(&mut req);
-            return upgrade::connect(&self.tunnels, on_upgrade, target.addr, self.connect_timeout)
-                .await;
+            // Boxed: a rare path whose connect would otherwise size every request's future.
+            return Box::pin(upgrade::connect(
+                &self.tunnels,
+                on_upgrade,
+                target.addr,
+                self.connect_timeout,
+            ))
+            .await;
         }
 
         let upgrade = shape.upgrade;
@@ -463,6 +469,12 @@ impl H2Connection {
                 return Ok((*s).clone());
             }
         }
+        // Boxed: connecting (a TLS handshake, when meshed) holds far more state than a request
+        // on the open connection, and unboxed it would size every request's future.
+        Box::pin(self.reconnect()).await
+    }
+
+    async fn reconnect(&self) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
         // One connect at a time; the others wait and reuse it.
         let _guard = self.connecting.lock().await;
         if let Some(s) = self.sender.load_full() {

@@ -93,7 +93,7 @@ impl Http1Pool {
             Ok(rsp) => rsp,
             Err(mut e) => match e.take_message() {
                 Some(req) if reused => {
-                    sender = match self.connect().await {
+                    sender = match Box::pin(self.connect()).await {
                         Ok(sender) => sender,
                         Err(error) => return Err(SendError::unsent(error, req)),
                     };
@@ -133,7 +133,7 @@ impl Http1Pool {
         if self.has_idle() {
             return Ok(());
         }
-        let sender = self.connect().await?;
+        let sender = Box::pin(self.connect()).await?;
         // A full pool closes it (dropping the sender); someone returned one meanwhile.
         let _ = self.idle.push(Idle {
             sender,
@@ -152,9 +152,12 @@ impl Http1Pool {
                 return Ok((sender, true));
             }
         }
-        Ok((self.connect().await?, false))
+        Ok((Box::pin(self.connect()).await?, false))
     }
 
+    /// Opens a connection. Boxed where it is awaited: a connect (a TLS handshake, when meshed)
+    /// holds far more state than a request on an open connection, and unboxed it would size
+    /// every request's future.
     async fn connect(&self) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
         let stream = self
             .connect

@@ -7,7 +7,9 @@
 //! - `RouteActualLayer` sits below the retries and records `route_actual_*` once per attempt,
 //!   so `actual / requested - 1` is the retry rate.
 
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use http::Request;
@@ -15,7 +17,7 @@ use tower::{Layer, Service};
 
 use super::body::{record_route_on_end, RecordIfCancelled, RouteRecord};
 use super::ctx::WithCtx;
-use super::{BoxFuture, ProxyError, ProxyResponse};
+use super::{ProxyError, ProxyResponse};
 
 /// Needs the destination's routes in the request's context: its `logical` (outbound) or
 /// `routes` (inbound); without either the request passes through unrouted.
@@ -41,7 +43,7 @@ where
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+    type Future = Recorded<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -52,7 +54,7 @@ where
         let dest = match (&ctx.logical, &ctx.routes) {
             (Some(logical), _) => &logical.routes,
             (None, Some(dest)) => dest,
-            (None, None) => return Box::pin(self.inner.call(req)),
+            (None, None) => return Recorded::unrouted(self.inner.call(req)),
         };
         let route = dest.load().route_for(&req).clone();
         route.metrics.request();
@@ -62,7 +64,7 @@ where
             route,
             start: Instant::now(),
         };
-        recorded(self.inner.call(req), record)
+        Recorded::new(self.inner.call(req), record)
     }
 }
 
@@ -89,7 +91,7 @@ where
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+    type Future = Recorded<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -98,7 +100,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let ctx = req.ctx();
         let Some(route) = ctx.route.clone() else {
-            return Box::pin(self.inner.call(req));
+            return Recorded::unrouted(self.inner.call(req));
         };
         // `dst` is the backend this attempt goes to (a split may have chosen another).
         let actual = match &ctx.logical {
@@ -111,22 +113,51 @@ where
             route,
             start: Instant::now(),
         };
-        recorded(self.inner.call(req), record)
+        Recorded::new(self.inner.call(req), record)
     }
 }
 
-/// The response, recorded under `record` when its body ends (or at once for a proxy error).
-fn recorded<F>(response: F, record: RouteRecord) -> BoxFuture<Result<ProxyResponse, ProxyError>>
+pin_project_lite::pin_project! {
+    /// The response, recorded under its route's record when its body ends (or at once for a
+    /// proxy error). A named future rather than a boxed `async` block: one allocation and one
+    /// copy fewer per request at each of the two route layers.
+    pub struct Recorded<F> {
+        #[pin]
+        response: F,
+        record: Option<RecordIfCancelled<RouteRecord>>,
+    }
+}
+
+impl<F> Recorded<F> {
+    fn new(response: F, record: RouteRecord) -> Self {
+        Self {
+            response,
+            record: Some(RecordIfCancelled::new(record)),
+        }
+    }
+
+    /// No route was chosen: nothing to record.
+    fn unrouted(response: F) -> Self {
+        Self {
+            response,
+            record: None,
+        }
+    }
+}
+
+impl<F> Future for Recorded<F>
 where
-    F: std::future::Future<Output = Result<ProxyResponse, ProxyError>> + Send + 'static,
+    F: Future<Output = Result<ProxyResponse, ProxyError>>,
 {
-    let mut pending = RecordIfCancelled::new(record);
-    Box::pin(async move {
-        let result = response.await;
-        let Some(record) = pending.answered() else {
-            return result;
+    type Output = Result<ProxyResponse, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.response.poll(cx));
+        let Some(record) = this.record.as_mut().and_then(RecordIfCancelled::answered) else {
+            return Poll::Ready(result);
         };
-        match result {
+        Poll::Ready(match result {
             Ok(mut rsp) => {
                 record_route_on_end(&mut rsp, record);
                 Ok(rsp)
@@ -135,6 +166,6 @@ where
                 record.proxy_error(err);
                 Err(err)
             }
-        }
-    })
+        })
+    }
 }
