@@ -69,19 +69,29 @@ pub fn parse_stat(line: &str) -> Result<Stat> {
 
 /// Parses `VmRSS:   1234 kB` out of `/proc/PID/status`, in KiB.
 pub fn parse_vm_rss_kib(status: &str) -> Result<u64> {
+    parse_status_kib(status, "VmRSS")
+}
+
+/// A `/proc/PID/status` field in kB (`VmRSS`, `RssAnon`, ...).
+fn parse_status_kib(status: &str, field: &str) -> Result<u64> {
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS line (a kernel thread or a zombie?)")?;
-    let mut parts = line["VmRSS:".len()..].split_whitespace();
-    let value = parts.next().context("VmRSS has no value")?;
+        .find(|l| {
+            l.strip_prefix(field)
+                .is_some_and(|rest| rest.starts_with(':'))
+        })
+        .with_context(|| format!("no {field} line (a kernel thread or a zombie?)"))?;
+    let mut parts = line[field.len() + 1..].split_whitespace();
+    let value = parts
+        .next()
+        .with_context(|| format!("{field} has no value"))?;
     match parts.next() {
         Some("kB") => {}
-        other => bail!("VmRSS unit is {other:?}, expected kB"),
+        other => bail!("{field} unit is {other:?}, expected kB"),
     }
     value
         .parse()
-        .with_context(|| format!("VmRSS value {value:?} is not a number"))
+        .with_context(|| format!("{field} value {value:?} is not a number"))
 }
 
 /// Kernel clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of utime and stime.
@@ -209,9 +219,32 @@ pub fn total_rss_kib(roots: &[u32]) -> Result<u64> {
     Ok(total)
 }
 
+/// The anonymous part of [`total_rss_kib`] (`RssAnon`: heap, stacks): what the processes
+/// allocated, without the file pages they map (their code, which processes of one binary
+/// share, and RSS counts once per process).
+pub fn total_anon_kib(roots: &[u32]) -> Result<u64> {
+    let mut total = 0;
+    for pid in with_descendants(roots)? {
+        let path = format!("/proc/{pid}/status");
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        total += parse_status_kib(&text, "RssAnon").with_context(|| format!("parsing {path}"))?;
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_status_fields_by_exact_name() {
+        let status =
+            "Name:\tpylon-proxy\nVmRSSx:\t1 kB\nVmRSS:\t   10240 kB\nRssAnon:\t    1100 kB\n";
+        assert_eq!(parse_vm_rss_kib(status).expect("VmRSS"), 10240);
+        assert_eq!(parse_status_kib(status, "RssAnon").expect("RssAnon"), 1100);
+        assert!(parse_status_kib(status, "RssFile").is_err());
+        assert!(parse_status_kib("VmRSS:\t12 MB\n", "VmRSS").is_err());
+    }
 
     #[test]
     fn parses_stat_with_a_tricky_command_name() {

@@ -113,6 +113,9 @@ pub struct MemoryPoint {
 pub struct MemoryRow {
     pub path: PathKind,
     pub idle_rss_mib: f64,
+    /// Of `idle_rss_mib`, the anonymous memory (heap, stacks); the rest is mapped files,
+    /// mostly each process's code.
+    pub idle_anon_mib: f64,
     pub with_connections: Vec<MemoryPoint>,
 }
 
@@ -378,18 +381,20 @@ pub fn markdown(r: &Report) -> String {
          Idle: after setup and one request of each workload, no connections open. With N \
          connections: N HTTP/1.1 keep-alive connections to the outbound proxy, each of which \
          completed one `GET /small` and then sits idle; read 3 s after the last one opened (the same \
-         method for every proxy).\n\n",
+         method for every proxy). Idle anon: the part of idle that is anonymous memory (heap, \
+         stacks); the rest is mapped files, mostly the proxies' own code, which RSS counts once \
+         per process although processes of one binary share it.\n\n",
     );
     let counts: Vec<usize> = r
         .memory
         .first()
         .map(|m| m.with_connections.iter().map(|p| p.connections).collect())
         .unwrap_or_default();
-    md.push_str("| path | idle |");
+    md.push_str("| path | idle | idle anon |");
     for c in &counts {
         let _ = write!(md, " {} conns |", thousands(*c));
     }
-    md.push_str(" idle ÷ best |\n|---|---:|");
+    md.push_str(" idle ÷ best |\n|---|---:|---:|");
     for _ in &counts {
         md.push_str("---:|");
     }
@@ -397,7 +402,13 @@ pub fn markdown(r: &Report) -> String {
     let idle: Vec<(PathKind, f64)> = r.memory.iter().map(|m| (m.path, m.idle_rss_mib)).collect();
     let best_idle = best_other(&idle, true);
     for m in &r.memory {
-        let _ = write!(md, "| {} | {:.1} |", m.path.name(), m.idle_rss_mib);
+        let _ = write!(
+            md,
+            "| {} | {:.1} | {:.1} |",
+            m.path.name(),
+            m.idle_rss_mib,
+            m.idle_anon_mib
+        );
         for p in &m.with_connections {
             if p.errors.count > 0 || p.opened != p.connections {
                 let _ = write!(
@@ -793,6 +804,7 @@ mod tests {
         r.memory = vec![MemoryRow {
             path: PathKind::Pylon,
             idle_rss_mib: 18.0,
+            idle_anon_mib: 2.0,
             with_connections: vec![MemoryPoint {
                 connections: 9500,
                 opened: 9500,

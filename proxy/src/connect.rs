@@ -152,6 +152,34 @@ pub enum EndpointIo {
     Counted(Box<CountingIo<EndpointIo>>),
 }
 
+impl EndpointIo {
+    /// Whether an idle connection is still open and quiet: the endpoint has neither closed it
+    /// nor sent anything (an idle HTTP/1 server has nothing to say). Only plain TCP can tell
+    /// without reading; a TLS connection is never taken for quiet.
+    pub fn is_open_and_quiet(&mut self) -> bool {
+        match self {
+            Self::Plain(stream) => {
+                // Peeked, not read: nothing is taken, and no one waits to be woken.
+                let mut byte = [0u8; 1];
+                let mut buf = ReadBuf::new(&mut byte);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                stream.poll_peek(&mut cx, &mut buf).is_pending()
+            }
+            Self::Counted(counted) => counted.get_mut().is_open_and_quiet(),
+            Self::Tls(_) => false,
+        }
+    }
+
+    /// Whether it is mesh TLS (then [`is_open_and_quiet`](Self::is_open_and_quiet) can't tell).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Self::Plain(_) => false,
+            Self::Tls(_) => true,
+            Self::Counted(counted) => counted.get_ref().is_tls(),
+        }
+    }
+}
+
 impl AsyncRead for EndpointIo {
     fn poll_read(
         self: Pin<&mut Self>,

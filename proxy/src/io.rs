@@ -84,6 +84,14 @@ impl<T> CountingIo<T> {
     pub fn new(inner: T, metrics: TcpConnMetrics) -> Self {
         Self { inner, metrics }
     }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
 }
 
 impl<T: AsyncRead> AsyncRead for CountingIo<T> {

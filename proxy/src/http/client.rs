@@ -288,8 +288,7 @@ impl ClientInner {
 
         let (mut rsp, pooled) = if transport == Transport::H1 {
             set_host(&mut req, &target.destination);
-            let (rsp, conn) = target.h1.send(req).await.map_err(blame)?;
-            (rsp, Some(conn))
+            target.h1.send(req, upgrade).await.map_err(blame)?
         } else if req.version() == Version::HTTP_2 {
             (target.h2.send(req).await.map_err(blame)?, None)
         } else {
