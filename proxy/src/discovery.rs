@@ -180,7 +180,9 @@ pub struct Discovery {
     /// Keyed by the authority exactly as clients send it.
     by_authority: ArcSwap<HashMap<Box<[u8]>, Arc<Logical>>>,
     by_target: Mutex<HashMap<TargetKey, Arc<Logical>>>,
-    dns: Option<hickory_resolver::TokioResolver>,
+    /// The system resolver, made when a name first needs it: most proxies never resolve one
+    /// (the config dir or the control plane names every destination), and it costs memory.
+    dns: std::sync::OnceLock<Option<hickory_resolver::TokioResolver>>,
     /// With `--destination-addr`, names and addresses are resolved there.
     control: Option<Arc<ControlPlane>>,
 }
@@ -207,13 +209,6 @@ impl Discovery {
             accrual,
             cluster_domain,
         } = settings;
-        let dns = match hickory_resolver::TokioResolver::builder_tokio() {
-            Ok(b) => Some(b.build()),
-            Err(e) => {
-                tracing::warn!(error = %e, "no system DNS configuration; names outside the config dir won't resolve");
-                None
-            }
-        };
         Arc::new(Self {
             store,
             metrics,
@@ -224,7 +219,7 @@ impl Discovery {
             mesh_tls,
             by_authority: ArcSwap::from_pointee(HashMap::new()),
             by_target: Mutex::new(HashMap::new()),
-            dns,
+            dns: std::sync::OnceLock::new(),
             control: control.filter(|c| c.destination.is_some()),
         })
     }
@@ -768,7 +763,16 @@ impl Discovery {
         host: &str,
         port: u16,
     ) -> Result<(Vec<SocketAddr>, Duration), ProxyError> {
-        let Some(dns) = &self.dns else {
+        let dns = self
+            .dns
+            .get_or_init(|| match hickory_resolver::TokioResolver::builder_tokio() {
+                Ok(b) => Some(b.build()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no system DNS configuration; names outside the config dir won't resolve");
+                    None
+                }
+            });
+        let Some(dns) = dns else {
             return Err(ProxyError::Unresolvable);
         };
         match dns.lookup_ip(host).await {
