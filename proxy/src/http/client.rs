@@ -16,7 +16,7 @@ use arc_swap::ArcSwapOption;
 use http::uri::{PathAndQuery, Scheme};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
+use hyper::client::conn::{http2, TrySendError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pylon_proxy_metrics::HttpTarget;
 use tokio_util::task::TaskTracker;
@@ -157,6 +157,23 @@ impl SendError {
             unsent: Some(req),
         }
     }
+
+    /// hyper could not send a request on a connection to the endpoint `connect` reaches: the
+    /// error, classified (and logged when the endpoint broke HTTP), and the request when none
+    /// of it was sent.
+    pub fn from_try_send(mut e: TrySendError<Request<RequestBody>>, connect: &Connect) -> Self {
+        let unsent = e.take_message();
+        Self {
+            error: ProxyError::from_endpoint(e.error(), connect),
+            unsent,
+        }
+    }
+}
+
+/// An endpoint connection's task ended with an error (the endpoint closed or broke it).
+pub(super) fn log_connection_closed(connect: &Connect, protocol: &str, error: &hyper::Error) {
+    let names = connect.names();
+    tracing::debug!(endpoint = %connect.addr(), endpoint_pod = names.pod(), endpoint_workload = names.workload(), %error, "{protocol} endpoint connection closed");
 }
 
 /// Where the endpoint client leaves a request it could not send at all, so the balancer
@@ -440,13 +457,10 @@ impl H2Connection {
             Ok(sender) => sender,
             Err(error) => return Err(SendError::unsent(error, req)),
         };
-        sender.try_send_request(req).await.map_err(|mut e| {
-            let error = ProxyError::from_endpoint(e.error(), &self.connect);
-            match e.take_message() {
-                Some(req) => SendError::unsent(error, req),
-                None => SendError::sent(error),
-            }
-        })
+        sender
+            .try_send_request(req)
+            .await
+            .map_err(|e| SendError::from_try_send(e, &self.connect))
     }
 
     /// Whether the connection is open.
@@ -494,11 +508,10 @@ impl H2Connection {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ProxyError::from_endpoint(&e, &self.connect))?;
-        let addr = self.connect.addr();
-        let names = self.connect.names().clone();
+        let connect = self.connect.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %addr, endpoint_pod = names.pod(), endpoint_workload = names.workload(), error = %e, "h2 endpoint connection closed");
+                log_connection_closed(&connect, "h2", &e);
             }
         });
         self.sender.store(Some(Arc::new(sender.clone())));

@@ -37,7 +37,7 @@ use super::request_body::RequestBody;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use super::client::SendError;
+use super::client::{log_connection_closed, SendError};
 use super::ProxyError;
 use crate::connect::{Connect, EndpointIo};
 use crate::mesh_tls::Alpn;
@@ -71,6 +71,14 @@ struct Hibernated {
     io: EndpointIo,
     /// When the connection last carried a request.
     since: Instant,
+}
+
+impl Hibernated {
+    /// Still fit to carry a request: not timed out, and (over plain TCP) not closed by the
+    /// endpoint. (Mesh TLS sockets are only parked fresh, by `ensure_idle`.)
+    fn is_fit(&mut self) -> bool {
+        self.since.elapsed() <= IDLE_TIMEOUT && (self.io.is_tls() || self.io.is_open_and_quiet())
+    }
 }
 
 /// A connection lent to one request; returned to its pool when the response has ended.
@@ -156,13 +164,9 @@ impl Http1Pool {
                         SendError::sent(ProxyError::from_endpoint(&e, &self.connect))
                     })?
                 }
-                Some(req) => {
+                unsent => {
                     let error = ProxyError::from_endpoint(e.error(), &self.connect);
-                    return Err(SendError::unsent(error, req));
-                }
-                None => {
-                    let error = ProxyError::from_endpoint(e.error(), &self.connect);
-                    return Err(SendError::sent(error));
+                    return Err(SendError { error, unsent });
                 }
             },
         };
@@ -194,20 +198,16 @@ impl Http1Pool {
                 return Err(SendError::unsent(error, req));
             }
         };
-        let addr = self.connect.addr();
-        let names = self.connect.names().clone();
+        let connect = self.connect.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(endpoint = %addr, endpoint_pod = names.pod(), endpoint_workload = names.workload(), error = %e, "http/1 endpoint connection closed");
+                log_connection_closed(&connect, "http/1", &e);
             }
         });
-        sender.try_send_request(req).await.map_err(|mut e| {
-            let error = ProxyError::from_endpoint(e.error(), &self.connect);
-            match e.take_message() {
-                Some(req) => SendError::unsent(error, req),
-                None => SendError::sent(error),
-            }
-        })
+        sender
+            .try_send_request(req)
+            .await
+            .map_err(|e| SendError::from_try_send(e, &self.connect))
     }
 
     /// Discovery's names for its endpoint, for the logs.
@@ -241,12 +241,11 @@ impl Http1Pool {
         Ok(())
     }
 
-    /// A parked socket still fit to carry a request: not timed out, and (over plain TCP) not
-    /// closed by the endpoint. (Mesh TLS sockets are only parked fresh, by `ensure_idle`.)
+    /// A parked socket still fit to carry a request (the unfit ones met on the way close).
     fn take_hibernated(&self) -> Option<EndpointIo> {
-        while let Some(Hibernated { mut io, since }) = self.hibernated.pop() {
-            if since.elapsed() <= IDLE_TIMEOUT && (io.is_tls() || io.is_open_and_quiet()) {
-                return Some(io);
+        while let Some(mut parked) = self.hibernated.pop() {
+            if parked.is_fit() {
+                return Some(parked.io);
             }
         }
         None
@@ -332,14 +331,11 @@ impl Http1Pool {
         let hibernate = Arc::new(AtomicBool::new(false));
         let retired = hibernate.clone();
         let pool = Arc::downgrade(self);
-        let addr = self.connect.addr();
-        let names = self.connect.names().clone();
+        let connect = self.connect.clone();
         tokio::spawn(async move {
             let result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
             match result {
-                Err(e) => {
-                    tracing::debug!(endpoint = %addr, endpoint_pod = names.pod(), endpoint_workload = names.workload(), error = %e, "http/1 endpoint connection closed");
-                }
+                Err(e) => log_connection_closed(&connect, "http/1", &e),
                 // Retired idle by the pool: the socket is kept, unless the endpoint sent
                 // something after the last response. (Otherwise the endpoint closed it.)
                 Ok(()) if retired.load(Ordering::Acquire) => {
@@ -384,9 +380,7 @@ impl Http1Pool {
             let Some(mut hibernated) = self.hibernated.pop() else {
                 break;
             };
-            let io = &mut hibernated.io;
-            if hibernated.since.elapsed() <= IDLE_TIMEOUT && (io.is_tls() || io.is_open_and_quiet())
-            {
+            if hibernated.is_fit() {
                 let _ = self.hibernated.push(hibernated);
             }
         }
