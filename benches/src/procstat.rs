@@ -67,11 +67,6 @@ pub fn parse_stat(line: &str) -> Result<Stat> {
     })
 }
 
-/// Parses `VmRSS:   1234 kB` out of `/proc/PID/status`, in KiB.
-pub fn parse_vm_rss_kib(status: &str) -> Result<u64> {
-    parse_status_kib(status, "VmRSS")
-}
-
 /// A `/proc/PID/status` field in kB (`VmRSS`, `RssAnon`, ...).
 fn parse_status_kib(status: &str, field: &str) -> Result<u64> {
     let line = status
@@ -111,9 +106,14 @@ pub fn stat(pid: u32) -> Result<Stat> {
 }
 
 pub fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// A field of `/proc/PID/status` in kB.
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_vm_rss_kib(&text).with_context(|| format!("parsing {path}"))
+    parse_status_kib(&text, field).with_context(|| format!("parsing {path}"))
 }
 
 /// Busy ticks of all CPUs from the first (`cpu `) line of `/proc/stat`: user, nice, system,
@@ -212,22 +212,20 @@ pub fn own_cpu_ticks(pids: &[u32]) -> Result<u64> {
 
 /// Resident memory of `roots` and their descendants, in KiB.
 pub fn total_rss_kib(roots: &[u32]) -> Result<u64> {
-    let mut total = 0;
-    for pid in with_descendants(roots)? {
-        total += rss_kib(pid)?;
-    }
-    Ok(total)
+    total_status_kib(roots, "VmRSS")
 }
 
 /// The anonymous part of [`total_rss_kib`] (`RssAnon`: heap, stacks): what the processes
 /// allocated, without the file pages they map (their code, which processes of one binary
 /// share, and RSS counts once per process).
 pub fn total_anon_kib(roots: &[u32]) -> Result<u64> {
+    total_status_kib(roots, "RssAnon")
+}
+
+fn total_status_kib(roots: &[u32], field: &str) -> Result<u64> {
     let mut total = 0;
     for pid in with_descendants(roots)? {
-        let path = format!("/proc/{pid}/status");
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        total += parse_status_kib(&text, "RssAnon").with_context(|| format!("parsing {path}"))?;
+        total += status_kib(pid, field)?;
     }
     Ok(total)
 }
@@ -240,7 +238,7 @@ mod tests {
     fn reads_status_fields_by_exact_name() {
         let status =
             "Name:\tpylon-proxy\nVmRSSx:\t1 kB\nVmRSS:\t   10240 kB\nRssAnon:\t    1100 kB\n";
-        assert_eq!(parse_vm_rss_kib(status).expect("VmRSS"), 10240);
+        assert_eq!(parse_status_kib(status, "VmRSS").expect("VmRSS"), 10240);
         assert_eq!(parse_status_kib(status, "RssAnon").expect("RssAnon"), 1100);
         assert!(parse_status_kib(status, "RssFile").is_err());
         assert!(parse_status_kib("VmRSS:\t12 MB\n", "VmRSS").is_err());
@@ -294,9 +292,9 @@ mod tests {
     #[test]
     fn parses_vm_rss() {
         let status = "Name:\tpylon-proxy\nVmPeak:\t  9000 kB\nVmRSS:\t    5120 kB\nThreads:\t2\n";
-        assert_eq!(parse_vm_rss_kib(status).expect("parses"), 5120);
-        assert!(parse_vm_rss_kib("Name:\tkthreadd\n").is_err());
-        assert!(parse_vm_rss_kib("VmRSS:\t12 MB\n").is_err());
+        assert_eq!(parse_status_kib(status, "VmRSS").expect("parses"), 5120);
+        assert!(parse_status_kib("Name:\tkthreadd\n", "VmRSS").is_err());
+        assert!(parse_status_kib("VmRSS:\t12 MB\n", "VmRSS").is_err());
     }
 
     #[test]
