@@ -3,6 +3,7 @@
 
     benches/profile.py [--workload http1-get|h2c-get|grpc-unary] [--requests 3000]
                        [--concurrency 1] [--proxy pylon|nginx|haproxy] [--out FILE]
+                       [--keep DIR]
 
 Why instructions: they are the same for the same binary and inputs whatever else a noisy 2-core
 machine is doing, so a change's before -> after is a fact rather than a sample. They are not time
@@ -271,6 +272,8 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--proxy", default="pylon", choices=["pylon", "nginx", "haproxy"],
                     help="the hop to profile: Pylon, or a baseline measured the same way")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="keep the two callgrind outputs in DIR (for callgrind_annotate)")
     a = ap.parse_args()
     if a.out is None:
         name = "profile"
@@ -352,6 +355,11 @@ def main():
     finally:
         app.kill()
         app.wait()
+        if a.keep:
+            os.makedirs(a.keep, exist_ok=True)
+            for run_name in ("short.out", "long.out"):
+                if os.path.exists(os.path.join(work, run_name)):
+                    shutil.copy(os.path.join(work, run_name), a.keep)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -11,6 +11,12 @@
 //! back through a [`Returned`] slot.
 //!
 //! Connections that upgraded (WebSocket, CONNECT) never hibernate: their bytes are a tunnel.
+//!
+//! The same IO is the slowloris guard: a client that has sent part of a request head gets
+//! [`HEAD_READ_TIMEOUT`] to send the rest, then the connection is closed. (hyper's own
+//! `header_read_timeout` does this by arming and dropping a timer for every request, about 3% of
+//! a hop's instructions; here the connection's one timer is touched only when a head arrives in
+//! pieces, and a connection idle between requests is hibernation's business.)
 
 use std::future::Future;
 use std::io;
@@ -27,6 +33,20 @@ use tokio::time::Sleep;
 
 /// How long a connection must be quiet between requests before it hibernates.
 pub const IDLE_BEFORE_HIBERNATE: Duration = Duration::from_secs(1);
+
+/// How long a client may take to finish a request head it has started (nginx's
+/// `client_header_timeout` is 60 s, hyper's default 30 s).
+pub const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the connection's timer is armed for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TimerFor {
+    Nothing,
+    /// Hibernation, once the connection has been quiet between requests.
+    Idle,
+    /// The end of the head that started after this many completed requests.
+    Head(u64),
+}
 
 /// What the connection's service and its IO share.
 #[derive(Default)]
@@ -62,6 +82,7 @@ pub struct HibernatingIo<I> {
     /// be a request head hyper holds in part, so the connection isn't idle.
     read_epoch: u64,
     timer: Option<Pin<Box<Sleep>>>,
+    timer_for: TimerFor,
     hibernated: bool,
     back: Arc<Mutex<Option<I>>>,
 }
@@ -88,6 +109,7 @@ impl<I> HibernatingIo<I> {
             writing: false,
             read_epoch: 0,
             timer: None,
+            timer_for: TimerFor::Nothing,
             hibernated: false,
             back: back.clone(),
         };
@@ -128,23 +150,30 @@ impl<I: AsyncRead + Unpin> AsyncRead for HibernatingIo<I> {
                 return ready;
             }
         }
-        // Nothing to read. Between requests, a quiet connection hibernates.
-        if activity.in_flight.load(Ordering::Acquire) > 0
-            || activity.upgraded.load(Ordering::Acquire)
-            || this.writing
-            || this.read_epoch >= activity.completed.load(Ordering::Acquire)
-        {
+        // Nothing to read.
+        if activity.upgraded.load(Ordering::Acquire) {
             return Poll::Pending;
         }
-        if this.timer.is_none() {
+        let in_flight = activity.in_flight.load(Ordering::Acquire) > 0 || this.writing;
+        let completed = activity.completed.load(Ordering::Acquire);
+        if !in_flight && this.read_epoch >= completed {
+            // Part of the next request head is in (bytes came after the last response).
+            return this.poll_head_timeout(cx, completed);
+        }
+        // The idle timer keeps watch while a request is in flight too: once its response is
+        // out, hyper won't read again until something wakes the task, and this timer is what
+        // will. It is armed once and re-armed only when it fires, so it costs a request nothing
+        // but this poll.
+        if this.timer_for != TimerFor::Idle {
             this.ops_at_arm = this.ops;
-            this.timer = Some(Box::pin(tokio::time::sleep(IDLE_BEFORE_HIBERNATE)));
+            this.arm(TimerFor::Idle, IDLE_BEFORE_HIBERNATE);
         }
         let Some(timer) = this.timer.as_mut() else {
             return Poll::Pending;
         };
         while timer.as_mut().poll(cx).is_ready() {
-            if this.ops == this.ops_at_arm {
+            // Between requests, a connection quiet for a whole period hibernates.
+            if !in_flight && this.ops == this.ops_at_arm {
                 this.hibernated = true;
                 return Poll::Ready(Ok(()));
             }
@@ -155,6 +184,40 @@ impl<I: AsyncRead + Unpin> AsyncRead for HibernatingIo<I> {
                 .reset(tokio::time::Instant::now() + IDLE_BEFORE_HIBERNATE);
         }
         Poll::Pending
+    }
+}
+
+impl<I> HibernatingIo<I> {
+    /// (Re)arms the connection's one timer to fire `after` from now.
+    fn arm(&mut self, timer_for: TimerFor, after: Duration) {
+        match self.timer.as_mut() {
+            Some(timer) => timer.as_mut().reset(tokio::time::Instant::now() + after),
+            None => self.timer = Some(Box::pin(tokio::time::sleep(after))),
+        }
+        self.timer_for = timer_for;
+    }
+
+    /// A head started after `completed` responses must be in within [`HEAD_READ_TIMEOUT`] of
+    /// the first wait for its rest; then reading fails, and hyper closes the connection.
+    fn poll_head_timeout(&mut self, cx: &mut Context<'_>, completed: u64) -> Poll<io::Result<()>> {
+        if self.timer_for != TimerFor::Head(completed) {
+            self.arm(TimerFor::Head(completed), HEAD_READ_TIMEOUT);
+        }
+        let Some(timer) = self.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        crate::warn_limited!(
+            "slow_request_head",
+            timeout_s = HEAD_READ_TIMEOUT.as_secs(),
+            "a client did not finish its request head in time; connection closed"
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "request head not received in time",
+        )))
     }
 }
 

@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -105,9 +104,9 @@ async fn session<I, S>(
     // Boxed so the task's own state stays small.
     let conn = Box::pin(
         http1::Builder::new()
-            .timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(Duration::from_secs(30))
+            // HibernatingIo guards the head's time, without a timer per request.
+            .header_read_timeout(None)
             .serve_connection(
                 TokioIo::new(session_io),
                 ActivityService::new(svc.clone(), activity.clone()),
@@ -199,4 +198,117 @@ where
     );
     let _ = io.write_all(rsp.as_bytes()).await;
     let _ = io.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::Instant;
+
+    use super::super::hibernate::HEAD_READ_TIMEOUT;
+    use super::*;
+
+    /// A client connection to a served HTTP/1 connection whose service answers with the
+    /// request body's length, once it has all of it.
+    fn connect() -> DuplexStream {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+            let len = match req.into_body().collect().await {
+                Ok(body) => body.to_bytes().len(),
+                Err(_) => 0,
+            };
+            Ok::<_, Infallible>(Response::new(ResponseBody::full(Bytes::from(
+                len.to_string(),
+            ))))
+        });
+        tokio::spawn(async move { serve(false, server, svc, &Shutdown::new()).await });
+        client
+    }
+
+    /// Reads one response (whose body is short and all in the read); `None` when closed.
+    async fn response(client: &mut DuplexStream) -> Option<String> {
+        let mut buf = vec![0u8; 4096];
+        match client.read(&mut buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        }
+    }
+
+    /// How long until the server closes, with the client saying nothing more.
+    async fn closed_after(client: &mut DuplexStream) -> Duration {
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(HEAD_READ_TIMEOUT * 3, client.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "still open: {read:?}");
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_left_unfinished_is_given_up_after_the_head_timeout() {
+        // The first request, and one after a completed exchange on the same connection.
+        let mut first = connect();
+        first.write_all(b"GET / HTTP/1.1\r\nHost: a").await.unwrap();
+        let waited = closed_after(&mut first).await;
+        assert!(
+            waited >= HEAD_READ_TIMEOUT && waited < HEAD_READ_TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+
+        let mut later = connect();
+        later
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let rsp = response(&mut later).await.unwrap();
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+        later.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        let waited = closed_after(&mut later).await;
+        assert!(
+            waited >= HEAD_READ_TIMEOUT && waited < HEAD_READ_TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_sent_slowly_but_within_the_timeout_is_served() {
+        let mut client = connect();
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(HEAD_READ_TIMEOUT - Duration::from_secs(5)).await;
+        client.write_all(b"Host: a\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        client.write_all(b"\r\n").await.unwrap();
+        let rsp = response(&mut client).await.unwrap();
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn neither_a_slow_body_nor_an_idle_connection_is_a_slow_head() {
+        let mut client = connect();
+        // The head is complete; the body takes longer than the head timeout.
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: a\r\ncontent-length: 4\r\n\r\nab")
+            .await
+            .unwrap();
+        tokio::time::sleep(HEAD_READ_TIMEOUT * 2).await;
+        client.write_all(b"cd").await.unwrap();
+        let rsp = response(&mut client).await.unwrap();
+        assert!(
+            rsp.starts_with("HTTP/1.1 200") && rsp.ends_with("\r\n\r\n4"),
+            "{rsp}"
+        );
+
+        // Idle between requests for longer than the head timeout (it hibernates), then asked
+        // again on the same connection.
+        tokio::time::sleep(HEAD_READ_TIMEOUT * 2).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let rsp = response(&mut client).await.unwrap();
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    }
 }
