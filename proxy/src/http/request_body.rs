@@ -83,9 +83,11 @@ fn is_malformed_body(err: &hyper::Error) -> bool {
     err.is_parse()
 }
 
+/// Boxed and behind an `Arc` as needed so that `RequestBody` (in every request, moved through
+/// every layer) is no larger than the streaming case it nearly always is.
 enum Kind {
     Streaming(Incoming),
-    Capturing(Capture),
+    Capturing(Box<Capture>),
     Replay(Replay),
 }
 
@@ -93,7 +95,7 @@ enum Kind {
 #[derive(Clone, Debug, Default)]
 pub struct Captured {
     data: Arc<[Bytes]>,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Arc<HeaderMap>>,
 }
 
 impl Captured {
@@ -176,7 +178,7 @@ impl RequestBody {
             capture.finish(None);
         }
         let body = Self {
-            kind: Kind::Capturing(capture),
+            kind: Kind::Capturing(Box::new(capture)),
             outcome: None,
         };
         (body, slot)
@@ -219,7 +221,7 @@ impl Capture {
         }
         let captured = Captured {
             data: std::mem::take(&mut self.chunks).into(),
-            trailers,
+            trailers: trailers.map(Arc::new),
         };
         // Only the first end counts; a body ends once.
         let _ = self.slot.0.set(captured);
@@ -261,7 +263,7 @@ impl Body for RequestBody {
                 if !r.trailers_sent {
                     r.trailers_sent = true;
                     if let Some(t) = &r.body.trailers {
-                        return Poll::Ready(Some(Ok(Frame::trailers(t.clone()))));
+                        return Poll::Ready(Some(Ok(Frame::trailers(HeaderMap::clone(t)))));
                     }
                 }
                 Poll::Ready(None)
@@ -306,7 +308,7 @@ mod tests {
         trailers.insert("grpc-timeout", "1S".parse().unwrap());
         let captured = Captured {
             data: vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")].into(),
-            trailers: Some(trailers.clone()),
+            trailers: Some(Arc::new(trailers.clone())),
         };
         let body = RequestBody::replay(&captured);
         assert_eq!(body.size_hint().exact(), Some(4));
