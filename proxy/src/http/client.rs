@@ -7,6 +7,7 @@
 //! To a meshed endpoint (discovery named its identity) connections are mesh TLS, and HTTP/1
 //! requests ride the endpoint's h2 connection (`orig_proto`); only upgrades keep HTTP/1.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -260,90 +261,96 @@ impl ClientInner {
     /// Sends the request to the endpoint over the connection its shape needs. An exchange that
     /// failed because the client's body did (a malformed chunk, a client gone mid-body) is the
     /// client's error, never the endpoint's.
-    async fn exchange(
-        &self,
+    ///
+    /// An `async` block rather than an `async fn`: an `async fn` keeps its arguments twice in
+    /// its future (as passed, and as moved into its body), and this future is boxed, so copied
+    /// whole, for every request.
+    fn exchange(
+        this: Arc<Self>,
         target: EndpointTarget,
         mut req: Request<RequestBody>,
-    ) -> Result<ProxyResponse, ProxyError> {
-        let client_body = req.body_mut().watch();
-        let shape = RequestShape::of(&req);
-        let transport = target.transport(shape);
-        if transport == Transport::Tunnel {
-            if target.meshed {
-                // The tunnel carries whatever the client sends (often its own TLS); it goes
-                // to the endpoint's address as asked, outside mesh TLS.
-                tracing::debug!(endpoint = %target.addr, endpoint_pod = target.names().pod(), endpoint_workload = target.names().workload(), "CONNECT to a meshed endpoint is tunnelled without mesh TLS");
+    ) -> impl Future<Output = Result<ProxyResponse, ProxyError>> + Send {
+        async move {
+            let client_body = req.body_mut().watch();
+            let shape = RequestShape::of(&req);
+            let transport = target.transport(shape);
+            if transport == Transport::Tunnel {
+                if target.meshed {
+                    // The tunnel carries whatever the client sends (often its own TLS); it goes
+                    // to the endpoint's address as asked, outside mesh TLS.
+                    tracing::debug!(endpoint = %target.addr, endpoint_pod = target.names().pod(), endpoint_workload = target.names().workload(), "CONNECT to a meshed endpoint is tunnelled without mesh TLS");
+                }
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                // Boxed: a rare path whose connect would otherwise size every request's future.
+                return Box::pin(upgrade::connect(
+                    &this.tunnels,
+                    on_upgrade,
+                    target.addr,
+                    this.connect_timeout,
+                ))
+                .await;
             }
-            let on_upgrade = hyper::upgrade::on(&mut req);
-            // Boxed: a rare path whose connect would otherwise size every request's future.
-            return Box::pin(upgrade::connect(
-                &self.tunnels,
-                on_upgrade,
-                target.addr,
-                self.connect_timeout,
-            ))
-            .await;
-        }
 
-        let upgrade = shape.upgrade;
-        headers::strip_hop_by_hop(req.headers_mut(), upgrade);
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        // A request none of which was sent goes back to the balancer (when it left a slot) for
-        // another endpoint; otherwise a failure is the client's when its body failed first.
-        // (An upgrade's client side is taken out above: it can't go anywhere else.)
-        let unsent_slot = target.unsent.as_ref().filter(|_| !upgrade);
-        let blame = |err: SendError| {
-            if let (Some(req), Some(slot)) = (err.unsent, unsent_slot) {
-                slot.put(req);
-                return err.error;
-            }
-            client_body
-                .as_ref()
-                .and_then(ClientBodyOutcome::failure)
-                .unwrap_or(err.error)
-        };
+            let upgrade = shape.upgrade;
+            headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+            let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+            // A request none of which was sent goes back to the balancer (when it left a slot) for
+            // another endpoint; otherwise a failure is the client's when its body failed first.
+            // (An upgrade's client side is taken out above: it can't go anywhere else.)
+            let unsent_slot = target.unsent.as_ref().filter(|_| !upgrade);
+            let blame = |err: SendError| {
+                if let (Some(req), Some(slot)) = (err.unsent, unsent_slot) {
+                    slot.put(req);
+                    return err.error;
+                }
+                client_body
+                    .as_ref()
+                    .and_then(ClientBodyOutcome::failure)
+                    .unwrap_or(err.error)
+            };
 
-        let (mut rsp, pooled) = if transport == Transport::H1 {
-            set_host(&mut req, &target.destination);
-            target.h1.send(req, upgrade).await.map_err(blame)?
-        } else if req.version() == Version::HTTP_2 {
-            (target.h2.send(req).await.map_err(blame)?, None)
-        } else {
-            // HTTP/1 between meshed proxies rides the endpoint's h2 connection. Rewritten for
-            // the hop, the request can't go to another endpoint as it is.
-            let orig = orig_proto::upgrade_request(&mut req, &target.destination)?;
-            let mut rsp = target
-                .h2
-                .send(req)
-                .await
-                .map_err(|e| blame(SendError::sent(e.error)))?;
-            orig_proto::downgrade_response(&mut rsp, orig);
-            (rsp, None)
-        };
+            let (mut rsp, pooled) = if transport == Transport::H1 {
+                set_host(&mut req, &target.destination);
+                target.h1.send(req, upgrade).await.map_err(blame)?
+            } else if req.version() == Version::HTTP_2 {
+                (target.h2.send(req).await.map_err(blame)?, None)
+            } else {
+                // HTTP/1 between meshed proxies rides the endpoint's h2 connection. Rewritten for
+                // the hop, the request can't go to another endpoint as it is.
+                let orig = orig_proto::upgrade_request(&mut req, &target.destination)?;
+                let mut rsp = target
+                    .h2
+                    .send(req)
+                    .await
+                    .map_err(|e| blame(SendError::sent(e.error)))?;
+                orig_proto::downgrade_response(&mut rsp, orig);
+                (rsp, None)
+            };
 
-        // One integer comparison per response; the header is looked for only on errors.
-        if rsp.status().as_u16() >= 400 {
-            if let Some(peer) = rsp.headers().get(L5D_PROXY_ERROR_HEADER) {
-                log_peer_proxy_error(&target, rsp.status(), peer);
+            // One integer comparison per response; the header is looked for only on errors.
+            if rsp.status().as_u16() >= 400 {
+                if let Some(peer) = rsp.headers().get(L5D_PROXY_ERROR_HEADER) {
+                    log_peer_proxy_error(&target, rsp.status(), peer);
+                }
             }
-        }
-        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // The connection now belongs to the tunnel, never back to the pool.
-            if let Some(client) = client_upgrade {
-                let upstream = hyper::upgrade::on(&mut rsp);
-                upgrade::splice(&self.tunnels, client, upstream, target.addr);
+            if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // The connection now belongs to the tunnel, never back to the pool.
+                if let Some(client) = client_upgrade {
+                    let upstream = hyper::upgrade::on(&mut rsp);
+                    upgrade::splice(&this.tunnels, client, upstream, target.addr);
+                }
+                return Ok(rsp.map(ResponseBody::proxied));
             }
-            return Ok(rsp.map(ResponseBody::proxied));
+            headers::strip_hop_by_hop(rsp.headers_mut(), false);
+            let mut rsp = rsp.map(ResponseBody::proxied);
+            if let Some(conn) = pooled {
+                rsp.body_mut().reuse_on_end(conn);
+            }
+            if let Some(outcome) = client_body {
+                rsp.body_mut().client_body(outcome);
+            }
+            Ok(rsp)
         }
-        headers::strip_hop_by_hop(rsp.headers_mut(), false);
-        let mut rsp = rsp.map(ResponseBody::proxied);
-        if let Some(conn) = pooled {
-            rsp.body_mut().reuse_on_end(conn);
-        }
-        if let Some(outcome) = client_body {
-            rsp.body_mut().client_body(outcome);
-        }
-        Ok(rsp)
     }
 }
 
@@ -357,13 +364,12 @@ impl<B: Into<RequestBody> + Send + 'static> Service<Request<B>> for EndpointClie
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let this = self.inner.clone();
         let req = req.map(Into::into);
-        Box::pin(async move {
-            // The layers above always choose a target; without one there is nowhere to go.
-            let target = req.ctx().target.clone().ok_or(ProxyError::NoEndpoints)?;
-            this.exchange(target, req).await
-        })
+        // The layers above always choose a target; without one there is nowhere to go.
+        let Some(target) = req.ctx().target.clone() else {
+            return Box::pin(std::future::ready(Err(ProxyError::NoEndpoints)));
+        };
+        Box::pin(ClientInner::exchange(self.inner.clone(), target, req))
     }
 }
 

@@ -21,6 +21,7 @@
 //! over mesh TLS announcing `http/1.1`. Mesh TLS connections never hibernate: whether the
 //! endpoint closed one can't be told without reading it.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -34,7 +35,7 @@ use hyper::body::Incoming;
 
 use super::hibernate::IDLE_BEFORE_HIBERNATE;
 use super::request_body::RequestBody;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, TrySendError};
 use hyper_util::rt::TokioIo;
 
 use super::client::{log_connection_closed, SendError};
@@ -125,51 +126,70 @@ impl Http1Pool {
     ///
     /// A protocol `upgrade` (WebSocket) gets a connection of its own, which after `101` carries
     /// the tunnel and is never pooled.
-    pub async fn send(
+    pub fn send(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
         upgrade: bool,
-    ) -> Result<(Response<Incoming>, Option<PooledConn>), SendError> {
+    ) -> impl Future<Output = Result<(Response<Incoming>, Option<PooledConn>), SendError>> + Send + '_
+    {
         let pq = req
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(pq);
-        if upgrade {
-            return Box::pin(self.send_upgrade(req))
-                .await
-                .map(|rsp| (rsp, None));
+        // An `async` block, not an `async fn`, so the request is held once in the future (an
+        // `async fn` holds its arguments twice); the rare paths are boxed where awaited.
+        async move {
+            if upgrade {
+                return Box::pin(self.send_upgrade(req))
+                    .await
+                    .map(|rsp| (rsp, None));
+            }
+            let Checkout {
+                mut sender,
+                hibernate,
+                reused,
+            } = match self.checkout().await {
+                Ok(checked_out) => checked_out,
+                Err(error) => return Err(SendError::unsent(error, req)),
+            };
+            match sender.try_send_request(req).await {
+                Ok(rsp) => {
+                    let conn = PooledConn {
+                        pool: self.clone(),
+                        sender,
+                        hibernate,
+                    };
+                    Ok((rsp, Some(conn)))
+                }
+                Err(e) => Box::pin(self.resend(e, reused)).await,
+            }
         }
+    }
 
-        // A pooled connection the server closed just as we sent gives the request back unsent:
-        // then it goes once more, on a fresh connection.
-        let Checkout {
-            mut sender,
-            mut hibernate,
-            reused,
-        } = match self.checkout().await {
-            Ok(checked_out) => checked_out,
+    /// A pooled connection the server closed just as we sent gives the request back unsent:
+    /// then it goes once more, on a fresh connection.
+    async fn resend(
+        self: &Arc<Self>,
+        mut e: TrySendError<Request<RequestBody>>,
+        reused: bool,
+    ) -> Result<(Response<Incoming>, Option<PooledConn>), SendError> {
+        let req = match e.take_message() {
+            Some(req) if reused => req,
+            unsent => {
+                let error = ProxyError::from_endpoint(e.error(), &self.connect);
+                return Err(SendError { error, unsent });
+            }
+        };
+        let (mut sender, hibernate) = match self.connect().await {
+            Ok(fresh) => fresh,
             Err(error) => return Err(SendError::unsent(error, req)),
         };
-        let rsp = match sender.try_send_request(req).await {
-            Ok(rsp) => rsp,
-            Err(mut e) => match e.take_message() {
-                Some(req) if reused => {
-                    (sender, hibernate) = match Box::pin(self.connect()).await {
-                        Ok(fresh) => fresh,
-                        Err(error) => return Err(SendError::unsent(error, req)),
-                    };
-                    sender.send_request(req).await.map_err(|e| {
-                        SendError::sent(ProxyError::from_endpoint(&e, &self.connect))
-                    })?
-                }
-                unsent => {
-                    let error = ProxyError::from_endpoint(e.error(), &self.connect);
-                    return Err(SendError { error, unsent });
-                }
-            },
-        };
+        let rsp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::sent(ProxyError::from_endpoint(&e, &self.connect)))?;
         let conn = PooledConn {
             pool: self.clone(),
             sender,
