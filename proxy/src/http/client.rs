@@ -265,6 +265,7 @@ impl ClientInner {
     /// An `async` block rather than an `async fn`: an `async fn` keeps its arguments twice in
     /// its future (as passed, and as moved into its body), and this future is boxed, so copied
     /// whole, for every request.
+    #[allow(clippy::manual_async_fn)]
     fn exchange(
         this: Arc<Self>,
         target: EndpointTarget,
