@@ -24,6 +24,7 @@ use crate::http::headers::request_authority;
 use crate::http::metrics::log_proxy_error;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 use crate::mesh_tls::MeshTls;
+use crate::names::AuthorityMap;
 use crate::names::EndpointNames;
 use crate::profiles::{DestinationRoutes, Profiles};
 use crate::split::{BackendTarget, Backends};
@@ -178,7 +179,7 @@ pub struct Discovery {
     /// This proxy's mesh TLS; endpoints with an identity are reached through it.
     mesh_tls: Option<Arc<MeshTls>>,
     /// Keyed by the authority exactly as clients send it.
-    by_authority: ArcSwap<HashMap<Box<[u8]>, Arc<Logical>>>,
+    by_authority: ArcSwap<AuthorityMap<Arc<Logical>>>,
     by_target: Mutex<HashMap<TargetKey, Arc<Logical>>>,
     /// The system resolver, made when a name first needs it: most proxies never resolve one
     /// (the config dir or the control plane names every destination), and it costs memory.
@@ -217,7 +218,7 @@ impl Discovery {
             accrual,
             cluster_domain: cluster_domain.into(),
             mesh_tls,
-            by_authority: ArcSwap::from_pointee(HashMap::new()),
+            by_authority: ArcSwap::from_pointee(AuthorityMap::default()),
             by_target: Mutex::new(HashMap::new()),
             dns: std::sync::OnceLock::new(),
             control: control.filter(|c| c.destination.is_some()),
@@ -294,9 +295,9 @@ impl Discovery {
         let logical = self.logical(key, &snapshot).await?;
         self.by_authority.rcu(|map| {
             let mut map = if map.len() >= MAX_CACHED_AUTHORITIES {
-                HashMap::new()
+                AuthorityMap::default()
             } else {
-                HashMap::clone(map)
+                AuthorityMap::clone(map)
             };
             map.insert(raw.into(), logical.clone());
             map
@@ -380,7 +381,7 @@ impl Discovery {
                 // control-plane subscriptions stop) rather than grow without bound. Services
                 // are bounded by the config.
                 targets.retain(|k, _| matches!(k, TargetKey::Service { .. }));
-                self.by_authority.store(Arc::new(HashMap::new()));
+                self.by_authority.store(Arc::new(AuthorityMap::default()));
             }
             // Another request may have built it meanwhile; keep the first.
             match targets.get(&key) {
@@ -751,7 +752,7 @@ impl Discovery {
             }
             drop(targets);
             self.by_authority.rcu(|map| {
-                let mut map = HashMap::clone(map);
+                let mut map = AuthorityMap::clone(map);
                 map.retain(|_, l| !stale.contains(&l.key));
                 map
             });

@@ -51,6 +51,7 @@ use crate::http::validate::ValidateRequest;
 use crate::http::{orig_proto, server, HttpStack};
 use crate::io::{CountingIo, PrefixedIo};
 use crate::mesh_tls::MeshTls;
+use crate::names::AuthorityMap;
 use crate::orig_dst::original_dst;
 use crate::profiles::{DestinationRoutes, Profiles};
 use crate::shutdown::Shutdown;
@@ -87,7 +88,7 @@ struct AppPort {
     tcp_to_app: OnceLock<TcpTarget>,
     /// Requests are recorded by the authority they name (as sent), each with a target that
     /// names it too.
-    by_authority: ArcSwap<HashMap<Box<[u8]>, AuthorityTarget>>,
+    by_authority: ArcSwap<AuthorityMap<AuthorityTarget>>,
     /// For requests that name no authority.
     unnamed: AuthorityTarget,
 }
@@ -381,7 +382,7 @@ impl Inbound {
                     tls,
                     tcp,
                     tcp_to_app: OnceLock::new(),
-                    by_authority: ArcSwap::from_pointee(HashMap::new()),
+                    by_authority: ArcSwap::from_pointee(AuthorityMap::default()),
                     unnamed,
                 })
             })
@@ -427,9 +428,9 @@ impl Inbound {
         };
         port.by_authority.rcu(|map| {
             let mut map = if map.len() >= MAX_AUTHORITIES {
-                HashMap::new()
+                AuthorityMap::default()
             } else {
-                HashMap::clone(map)
+                AuthorityMap::clone(map)
             };
             map.insert(authority.into(), target.clone());
             map
