@@ -1231,10 +1231,10 @@ async fn an_idle_keep_alive_connection_wakes_for_its_next_request() {
             tokio::time::sleep(PAST_HIBERNATION).await;
         }
         let hibernations = proxy
-            .logs()
-            .iter()
-            .filter(|l| l.contains("idle connection hibernated"))
-            .count();
+            .wait_for_log_count(Duration::from_secs(10), 3, |l| {
+                l.contains("idle connection hibernated")
+            })
+            .await;
         assert!(hibernations >= 3, "hibernated {hibernations} times");
         // One client connection throughout: hibernation never closed it.
         let opened = proxy
@@ -1403,12 +1403,18 @@ async fn a_malformed_response_is_named_in_an_error_log_line() {
                 field(line, "message").is_some_and(|m| m.contains(cause)),
                 "{line}"
             );
-            // The 502 itself is the usual proxy-error warning, with the same endpoint.
-            let warned = logs_at(&proxy, "WARN").into_iter().any(|l| {
-                field(&l, "error") == Some("endpoint protocol error")
-                    && field(&l, "endpoint_pod") == Some(AUTH_POD)
-            });
-            assert!(warned, "{}", proxy.log_tail(20));
+            // The 502 itself is the usual proxy-error warning, with the same endpoint. Waited
+            // for: it is logged after the error line, and reaches the log buffer after it.
+            let warned = proxy
+                .wait_for_log(Duration::from_secs(5), |l| {
+                    serde_json::from_str::<serde_json::Value>(l).is_ok_and(|l| {
+                        l["level"] == "WARN"
+                            && field(&l, "error") == Some("endpoint protocol error")
+                            && field(&l, "endpoint_pod") == Some(AUTH_POD)
+                    })
+                })
+                .await;
+            assert!(warned.is_some(), "{}", proxy.log_tail(20));
         }
     })
     .await

@@ -639,7 +639,11 @@ async fn assert_counted_not_flooded(proxy: &Proxy, event: &str, message: &str, n
         "{}",
         series_of(&proxy.metrics(), "proxy_warnings_total")
     );
-    let lines = proxy.logs().iter().filter(|l| l.contains(message)).count();
+    // At least one line, waited for (the log reaches the test after the metric); then at
+    // most two windows' worth.
+    let lines = proxy
+        .wait_for_log_count(OP_TIMEOUT, 1, |l| l.contains(message))
+        .await;
     // 10 a window; the run may straddle two windows.
     assert!(
         (1..=20).contains(&lines),

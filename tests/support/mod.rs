@@ -496,6 +496,25 @@ impl Proxy {
         }
     }
 
+    /// Polls the log buffer until at least `n` lines match, or `timeout` passes: how many did.
+    /// (The proxy's log reaches the buffer through a reader thread, a little after the proxy
+    /// has answered: a count taken at once can miss the latest lines.)
+    pub async fn wait_for_log_count(
+        &self,
+        timeout: Duration,
+        n: usize,
+        pred: impl Fn(&str) -> bool,
+    ) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let count = self.logs().iter().filter(|l| pred(l)).count();
+            if count >= n || Instant::now() >= deadline {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// An admin request (blocking, bounded): returns status and body.
     pub fn admin_request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         blocking_http(self.admin, method, path, body)
