@@ -2,7 +2,8 @@
 """Instructions per request of one proxy hop, and where they go: valgrind's callgrind.
 
     benches/profile.py [--workload http1-get|h2c-get|grpc-unary] [--requests 3000]
-                       [--concurrency 1] [--proxy pylon|nginx|haproxy] [--out FILE]
+                       [--concurrency 1] [--proxy pylon|nginx|haproxy|floor|floor-h2]
+                       [--out FILE]
                        [--keep DIR]
 
 Why instructions: they are the same for the same binary and inputs whatever else a noisy 2-core
@@ -42,6 +43,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 WARM = 200  # requests of the short run
 PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
+              "floor": "`pylon-floor` (hyper's server and client and nothing else: the floor under"
+                       " Pylon's own stages)",
+              "floor-h2": "`pylon-floor --h2-client h2` (as floor, h2 requests sent with the h2"
+                          " crate's client from the request's task)",
               "nginx": "nginx (one process, the bench's configuration)",
               "haproxy": "HAProxy (one thread, the bench's configuration)"}
 WORKLOADS = {"http1-get": "HTTP/1.1 GET", "h2c-get": "h2c GET", "grpc-unary": "gRPC unary"}
@@ -155,6 +160,12 @@ def run(requests, out_file, app_port, workload, concurrency, proxy_kind, work):
             "--tap-addr", f"127.0.0.1:{ports['tap']}",
             "--inbound-forward", f"127.0.0.1:{app_port}",
         ]
+    elif proxy_kind.startswith("floor"):
+        if workload != "http1-get":
+            listen = ports["inbound_h2"]
+        cmd = [os.path.join(RELEASE, "pylon-floor"), "--listen", f"127.0.0.1:{ports['inbound']}",
+               "--listen-h2", f"127.0.0.1:{ports['inbound_h2']}", "--to", f"127.0.0.1:{app_port}",
+               "--h2-client", "h2" if proxy_kind == "floor-h2" else "hyper"]
     else:
         # nginx and HAProxy take h2c on a port of its own (prior knowledge), HTTP/1.1 on another.
         if workload != "http1-get":
@@ -175,8 +186,10 @@ def run(requests, out_file, app_port, workload, concurrency, proxy_kind, work):
             wait_listening(listen)
         send(listen, requests, workload, concurrency)
     finally:
-        # Pylon drains on SIGINT; nginx (no master) and HAProxy stop on SIGTERM.
-        proxy.send_signal(signal.SIGINT if proxy_kind == "pylon" else signal.SIGTERM)
+        # Pylon and the floor stop on SIGINT (Pylon drains); nginx (no master) and HAProxy on
+        # SIGTERM.
+        proxy.send_signal(signal.SIGINT if proxy_kind in ("pylon", "floor", "floor-h2")
+                          else signal.SIGTERM)
         try:
             proxy.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -270,8 +283,10 @@ def main():
     ap.add_argument("--out", help="the report (default: benches/results/profile[-PROXY]"
                     "[-WORKLOAD]-latest.md, PROXY when not pylon, WORKLOAD when not http1-get)")
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--proxy", default="pylon", choices=["pylon", "nginx", "haproxy"],
-                    help="the hop to profile: Pylon, or a baseline measured the same way")
+    ap.add_argument("--proxy", default="pylon",
+                    choices=["pylon", "nginx", "haproxy", "floor", "floor-h2"],
+                    help="the hop to profile: Pylon, a baseline measured the same way, or the"
+                    " floor under Pylon (benches/src/floor.rs)")
     ap.add_argument("--keep", metavar="DIR",
                     help="keep the two callgrind outputs in DIR (for callgrind_annotate)")
     a = ap.parse_args()

@@ -1,0 +1,298 @@
+//! `pylon-floor`: the least a hyper-based proxy hop can do, to measure Pylon against.
+//!
+//! It forwards every request to one upstream and does nothing else: no discovery, balancing,
+//! routes, metrics, tap, header rewriting or error handling beyond giving up. What it costs per
+//! request (`benches/profile.py --proxy floor`) is the floor of hyper, h2, tokio and jemalloc
+//! under Pylon's own stages: Pylon's figure less the floor's is what Pylon's own code costs, and
+//! the floor against nginx's and HAProxy's is what no change to Pylon's code alone can win.
+//!
+//! `--h2-client h2` sends h2 requests with the `h2` crate straight from the request's task
+//! instead of through hyper's h2 client (which hands each request to its connection task and
+//! spawns a task per request to wait for the response): the two floors' difference is what
+//! such a client in Pylon could save.
+//!
+//! Same runtime and allocator as `pylon-proxy --threads 1`: a current-thread tokio runtime and
+//! jemalloc.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Empty};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1 as client1, http2 as client2};
+use hyper::server::conn::{http1 as server1, http2 as server2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pylon-floor",
+    about = "The least a hyper-based proxy hop can do"
+)]
+struct Cli {
+    /// HTTP/1.1 listener.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// h2c (prior knowledge) listener.
+    #[arg(long)]
+    listen_h2: SocketAddr,
+    /// The upstream (the bench's app: HTTP/1.1 and h2c on one port).
+    #[arg(long)]
+    to: SocketAddr,
+    /// What sends the h2 requests upstream.
+    #[arg(long, value_enum, default_value_t = H2Client::Hyper)]
+    h2_client: H2Client,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum H2Client {
+    /// hyper's `client::conn::http2`, as Pylon uses it.
+    Hyper,
+    /// The `h2` crate's client, driven from the request's own task.
+    H2,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pylon-floor: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pylon-floor: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cli: Cli) -> Result<()> {
+    let h1 = TcpListener::bind(cli.listen)
+        .await
+        .context("HTTP/1.1 listener")?;
+    let h2 = TcpListener::bind(cli.listen_h2)
+        .await
+        .context("h2c listener")?;
+    let upstream = H2Upstream::connect(cli.to, cli.h2_client).await?;
+    let to = cli.to;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = h1.accept().await {
+            tokio::spawn(serve_h1(stream, to));
+        }
+    });
+    let upstream = Arc::new(upstream);
+    loop {
+        tokio::select! {
+            accepted = h2.accept() => {
+                let (stream, _) = accepted.context("accept")?;
+                tokio::spawn(serve_h2(stream, upstream.clone()));
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// HTTP/1.1: one upstream connection per downstream connection, as its requests come one at a
+/// time. The sender is taken out while a request is being sent and put back once it is.
+async fn serve_h1(stream: TcpStream, to: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let slot: Arc<Mutex<Option<client1::SendRequest<Incoming>>>> = Arc::default();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let slot = slot.clone();
+        async move {
+            let taken = slot.lock().ok().and_then(|mut s| s.take());
+            let mut sender = match taken {
+                Some(s) => s,
+                None => match connect_h1(to).await {
+                    Ok(s) => s,
+                    Err(_) => return Ok::<_, Infallible>(bad_gateway()),
+                },
+            };
+            if sender.ready().await.is_err() {
+                return Ok(bad_gateway());
+            }
+            let response = sender.send_request(req);
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(sender);
+            }
+            Ok(match response.await {
+                Ok(rsp) => rsp.map(Either::Left),
+                Err(_) => bad_gateway(),
+            })
+        }
+    });
+    let _ = server1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+async fn connect_h1(to: SocketAddr) -> Result<client1::SendRequest<Incoming>> {
+    let stream = TcpStream::connect(to).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = client1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+type FloorBody = Either<Incoming, Either<H2Body, Empty<Bytes>>>;
+
+fn bad_gateway() -> Response<FloorBody> {
+    let mut rsp = Response::new(Either::Right(Either::Right(Empty::new())));
+    *rsp.status_mut() = StatusCode::BAD_GATEWAY;
+    rsp
+}
+
+/// h2c: every downstream connection's requests share one upstream h2 connection.
+async fn serve_h2(stream: TcpStream, upstream: Arc<H2Upstream>) {
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |req: Request<Incoming>| {
+        let upstream = upstream.clone();
+        async move { Ok::<_, Infallible>(upstream.send(req).await.unwrap_or_else(|_| bad_gateway())) }
+    });
+    let _ = server2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+enum H2Upstream {
+    Hyper(client2::SendRequest<Incoming>),
+    H2(h2::client::SendRequest<Bytes>),
+}
+
+impl H2Upstream {
+    async fn connect(to: SocketAddr, client: H2Client) -> Result<Self> {
+        let stream = TcpStream::connect(to)
+            .await
+            .context("upstream h2 connection")?;
+        stream.set_nodelay(true)?;
+        Ok(match client {
+            H2Client::Hyper => {
+                let (sender, conn) = client2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .context("h2 handshake")?;
+                tokio::spawn(conn);
+                Self::Hyper(sender)
+            }
+            H2Client::H2 => {
+                let (sender, conn) = h2::client::handshake(stream)
+                    .await
+                    .context("h2 handshake")?;
+                tokio::spawn(conn);
+                Self::H2(sender)
+            }
+        })
+    }
+
+    async fn send(&self, req: Request<Incoming>) -> Result<Response<FloorBody>> {
+        match self {
+            Self::Hyper(sender) => {
+                let mut sender = sender.clone();
+                sender.ready().await?;
+                Ok(sender.send_request(req).await?.map(Either::Left))
+            }
+            Self::H2(sender) => {
+                let mut sender = sender.clone().ready().await?;
+                let (head, body) = req.into_parts();
+                let end = body.is_end_stream();
+                let (response, send) = sender.send_request(Request::from_parts(head, ()), end)?;
+                if !end {
+                    tokio::spawn(pipe(body, send));
+                }
+                let rsp = response.await?;
+                Ok(rsp.map(|recv| {
+                    Either::Right(Either::Left(H2Body {
+                        recv,
+                        data_done: false,
+                    }))
+                }))
+            }
+        }
+    }
+}
+
+/// A request body onto its h2 stream, as the peer's window allows.
+async fn pipe(mut body: Incoming, mut send: h2::SendStream<Bytes>) {
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            send.send_reset(h2::Reason::CANCEL);
+            return;
+        };
+        match frame.into_data() {
+            Ok(mut data) => {
+                while !data.is_empty() {
+                    send.reserve_capacity(data.len());
+                    let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                        Some(Ok(n)) => n,
+                        _ => return,
+                    };
+                    let chunk = data.split_to(granted.min(data.len()));
+                    if send.send_data(chunk, false).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = send.send_trailers(trailers);
+                    return;
+                }
+            }
+        }
+    }
+    let _ = send.send_data(Bytes::new(), true);
+}
+
+/// A response body from its h2 stream; what is handed on is released to the peer's window.
+struct H2Body {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.data_done = true,
+            }
+        }
+        let trailers: Option<HeaderMap> = ready!(self.recv.poll_trailers(cx))?;
+        Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
