@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pylon_proxy_metrics::{Classification, HttpTarget, RouteTarget};
 
+use super::h2_client::H2Body;
 use super::pool::PooledConn;
 use super::request_body::ClientBodyOutcome;
 use super::{ProxyError, ProxyResponse};
@@ -298,13 +299,29 @@ struct OnEnd {
 }
 
 enum Kind {
+    /// From an HTTP/1 endpoint connection.
     Proxied(Incoming),
+    /// From the endpoint's h2 connection.
+    ProxiedH2(H2Body),
     Full(Option<Bytes>),
+}
+
+/// Why a proxied response's body broke: the endpoint's HTTP/1 connection, or its h2 stream.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Http1(#[from] hyper::Error),
+    #[error(transparent)]
+    H2(#[from] h2::Error),
 }
 
 impl ResponseBody {
     pub fn proxied(inner: Incoming) -> Self {
         Self::new(Kind::Proxied(inner))
+    }
+
+    pub fn proxied_h2(inner: H2Body) -> Self {
+        Self::new(Kind::ProxiedH2(inner))
     }
 
     pub fn full(bytes: Bytes) -> Self {
@@ -419,16 +436,17 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Proxied(inner) => Pin::new(inner).poll_frame(cx),
+            Kind::Proxied(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
+            Kind::ProxiedH2(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -474,6 +492,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Proxied(inner) => inner.is_end_stream(),
+            Kind::ProxiedH2(inner) => inner.is_end_stream(),
         }
     }
 
@@ -482,6 +501,7 @@ impl Body for ResponseBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Proxied(inner) => inner.size_hint(),
+            Kind::ProxiedH2(inner) => inner.size_hint(),
         }
     }
 }

@@ -13,23 +13,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
-use http::uri::{PathAndQuery, Scheme};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
-use hyper::client::conn::{http2, TrySendError};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::{header, HeaderValue, Method, Request, StatusCode, Version};
+use hyper::client::conn::TrySendError;
 use pylon_proxy_metrics::HttpTarget;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use super::ctx::WithCtx;
 use super::errors::{Malformed, L5D_PROXY_ERROR_HEADER};
+pub use super::h2_client::H2Connection;
 use super::pool::Http1Pool;
 use super::request_body::{ClientBodyOutcome, RequestBody};
 use super::{headers, orig_proto, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody};
 use crate::connect::Connect;
-use crate::mesh_tls::Alpn;
 use crate::names::EndpointNames;
 
 /// Where a request goes, set by the layer that chose it (the balancer outbound, the workload's
@@ -172,7 +168,11 @@ impl SendError {
 }
 
 /// An endpoint connection's task ended with an error (the endpoint closed or broke it).
-pub(super) fn log_connection_closed(connect: &Connect, protocol: &str, error: &hyper::Error) {
+pub(super) fn log_connection_closed(
+    connect: &Connect,
+    protocol: &str,
+    error: &(dyn std::error::Error + 'static),
+) {
     let names = connect.names();
     tracing::debug!(endpoint = %connect.addr(), endpoint_pod = names.pod(), endpoint_workload = names.workload(), %error, "{protocol} endpoint connection closed");
 }
@@ -312,9 +312,11 @@ impl ClientInner {
 
             let (mut rsp, pooled) = if transport == Transport::H1 {
                 set_host(&mut req, &target.destination);
-                target.h1.send(req, upgrade).await.map_err(blame)?
+                let (rsp, pooled) = target.h1.send(req, upgrade).await.map_err(blame)?;
+                (rsp.map(ResponseBody::proxied), pooled)
             } else if req.version() == Version::HTTP_2 {
-                (target.h2.send(req).await.map_err(blame)?, None)
+                let rsp = target.h2.send(req).await.map_err(blame)?;
+                (rsp.map(ResponseBody::proxied_h2), None)
             } else {
                 // HTTP/1 between meshed proxies rides the endpoint's h2 connection. Rewritten for
                 // the hop, the request can't go to another endpoint as it is.
@@ -325,7 +327,7 @@ impl ClientInner {
                     .await
                     .map_err(|e| blame(SendError::sent(e.error)))?;
                 orig_proto::downgrade_response(&mut rsp, orig);
-                (rsp, None)
+                (rsp.map(ResponseBody::proxied_h2), None)
             };
 
             // One integer comparison per response; the header is looked for only on errors.
@@ -340,10 +342,9 @@ impl ClientInner {
                     let upstream = hyper::upgrade::on(&mut rsp);
                     upgrade::splice(&this.tunnels, client, upstream, target.addr);
                 }
-                return Ok(rsp.map(ResponseBody::proxied));
+                return Ok(rsp);
             }
             headers::strip_hop_by_hop(rsp.headers_mut(), false);
-            let mut rsp = rsp.map(ResponseBody::proxied);
             if let Some(conn) = pooled {
                 rsp.body_mut().reuse_on_end(conn);
             }
@@ -428,104 +429,6 @@ fn set_host<B>(req: &mut Request<B>, destination: &str) {
     }
 }
 
-/// One multiplexed HTTP/2 connection to an endpoint, (re)established on demand; over mesh TLS
-/// (ALPN `h2`) to a meshed endpoint.
-pub struct H2Connection {
-    connect: Arc<Connect>,
-    sender: ArcSwapOption<http2::SendRequest<RequestBody>>,
-    connecting: tokio::sync::Mutex<()>,
-}
-
-impl H2Connection {
-    pub fn new(connect: Arc<Connect>) -> Self {
-        Self {
-            connect,
-            sender: ArcSwapOption::empty(),
-            connecting: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    /// Sends `req` on the connection; a request the connection could not be had (or was
-    /// closed) for comes back unsent with the error.
-    pub async fn send(
-        &self,
-        mut req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        if req.uri().scheme().is_none() {
-            let mut parts = req.uri().clone().into_parts();
-            parts.scheme = Some(Scheme::HTTP);
-            if parts.path_and_query.is_none() {
-                parts.path_and_query = Some(PathAndQuery::from_static("/"));
-            }
-            *req.uri_mut() = Uri::from_parts(parts)
-                .map_err(|_| SendError::sent(ProxyError::MissingAuthority))?;
-        }
-        let mut sender = match self.ready_sender().await {
-            Ok(sender) => sender,
-            Err(error) => return Err(SendError::unsent(error, req)),
-        };
-        sender
-            .try_send_request(req)
-            .await
-            .map_err(|e| SendError::from_try_send(e, &self.connect))
-    }
-
-    /// Whether the connection is open.
-    pub fn is_open(&self) -> bool {
-        self.sender.load().as_ref().is_some_and(|s| !s.is_closed())
-    }
-
-    /// Opens the connection unless it is open.
-    pub async fn ready(&self) -> Result<(), ProxyError> {
-        if self.is_open() {
-            return Ok(());
-        }
-        self.ready_sender().await.map(|_| ())
-    }
-
-    async fn ready_sender(&self) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
-        if let Some(s) = self.sender.load_full() {
-            if !s.is_closed() {
-                return Ok((*s).clone());
-            }
-        }
-        // Boxed: connecting (a TLS handshake, when meshed) holds far more state than a request
-        // on the open connection, and unboxed it would size every request's future.
-        Box::pin(self.reconnect()).await
-    }
-
-    async fn reconnect(&self) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
-        // One connect at a time; the others wait and reuse it.
-        let _guard = self.connecting.lock().await;
-        if let Some(s) = self.sender.load_full() {
-            if !s.is_closed() {
-                return Ok((*s).clone());
-            }
-        }
-        let stream = self
-            .connect
-            .connect(Alpn::H2)
-            .await
-            .map_err(|e| ProxyError::from_connect(&e))?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .adaptive_window(true)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ProxyError::from_endpoint(&e, &self.connect))?;
-        let connect = self.connect.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                log_connection_closed(&connect, "h2", &e);
-            }
-        });
-        self.sender.store(Some(Arc::new(sender.clone())));
-        Ok(sender)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! The client side of mesh TLS against a stand-in for a meshed inbound proxy: mesh TLS
@@ -533,9 +436,11 @@ mod tests {
 
     use std::sync::Mutex;
 
-    use http::HeaderMap;
+    use http::{HeaderMap, Response, Uri};
     use http_body_util::Full;
+    use hyper::body::Incoming;
     use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use pylon_proxy_metrics::{Direction, Metrics, TargetLabels, Tls};
     use tokio::net::TcpListener;
     use tower::ServiceExt;

@@ -9,6 +9,7 @@ pub mod client;
 pub mod ctx;
 pub mod errors;
 pub mod guard;
+pub mod h2_client;
 pub mod headers;
 pub mod hibernate;
 pub mod hops;
