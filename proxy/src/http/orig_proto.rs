@@ -70,8 +70,12 @@ pub fn downgrade_response<B>(rsp: &mut Response<B>, orig: Version) {
 }
 
 /// At the inbound proxy: a request another proxy carried over h2 goes to the app as the
-/// HTTP/1 it was (`l5d-orig-proto`, removed); other requests are left alone.
+/// HTTP/1 it was (`l5d-orig-proto`, removed); other requests are left alone. Only an h2
+/// request can carry it, as Linkerd reads it: an HTTP/1 request costs no lookup.
 pub fn downgrade_request<B>(req: &mut Request<B>) {
+    if req.version() != Version::HTTP_2 {
+        return;
+    }
     let Some(orig) = req.headers_mut().remove(L5D_ORIG_PROTO) else {
         return;
     };
@@ -156,6 +160,26 @@ mod tests {
             .unwrap();
         downgrade_response(&mut rsp, Version::HTTP_11);
         assert_eq!(rsp.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn only_h2_requests_are_downgraded() {
+        let mut h2 = Request::builder()
+            .version(Version::HTTP_2)
+            .header(L5D_ORIG_PROTO, "HTTP/1.0")
+            .body(())
+            .unwrap();
+        downgrade_request(&mut h2);
+        assert_eq!(h2.version(), Version::HTTP_10);
+        assert!(h2.headers().get(L5D_ORIG_PROTO).is_none());
+
+        let mut h1 = Request::builder()
+            .version(Version::HTTP_11)
+            .header(L5D_ORIG_PROTO, "HTTP/1.0")
+            .body(())
+            .unwrap();
+        downgrade_request(&mut h1);
+        assert_eq!(h1.version(), Version::HTTP_11);
     }
 
     #[test]
