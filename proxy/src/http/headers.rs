@@ -23,21 +23,26 @@ const HOP_BY_HOP: &[HeaderName] = &[
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Whether a header may have to go: a hop-by-hop one, or `TE` (which stays only as
-/// `TE: trailers`). Any header a message's `Connection` names comes with `Connection`.
-fn maybe_hop_by_hop(name: &HeaderName) -> bool {
+/// Whether a header has to go: a hop-by-hop one, or `TE` other than `TE: trailers` (which is
+/// end-to-end for gRPC). Any header a message's `Connection` names comes with `Connection`.
+fn is_hop_by_hop(name: &HeaderName, value: &HeaderValue) -> bool {
     HOP_BY_HOP.contains(name)
         || name == KEEP_ALIVE
         || name == PROXY_CONNECTION
-        || name == header::TE
+        || (name == header::TE && !value.as_bytes().eq_ignore_ascii_case(b"trailers"))
 }
 
 /// Removes hop-by-hop headers. When `keep_upgrade` is set (a WebSocket handshake), `Upgrade` and
 /// `Connection: upgrade` are kept so the endpoint sees the handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none: one pass over their few names costs less than a hashed
-    // lookup for each name that could be there (this runs twice per proxied request).
-    if !keep_upgrade && !headers.keys().any(maybe_hop_by_hop) {
+    // Most messages carry none (a gRPC request's `TE: trailers` stays): one pass over their
+    // few headers costs less than a hashed lookup for each name that could be there (this runs
+    // twice per proxied request).
+    if !keep_upgrade
+        && !headers
+            .iter()
+            .any(|(name, value)| is_hop_by_hop(name, value))
+    {
         return;
     }
     // Headers the sender named in `Connection` are hop-by-hop too.
@@ -147,6 +152,14 @@ mod tests {
         let mut h = map(&[("te", "trailers")]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h["te"], "trailers");
+        let mut h = map(&[("te", "Trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h["te"], "Trailers");
+        // Another value beside it makes the header hop-by-hop, all of it.
+        let mut h = map(&[("te", "trailers"), ("te", "gzip"), ("x-kept", "yes")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("te").is_none());
+        assert_eq!(h["x-kept"], "yes");
     }
 
     #[test]
