@@ -428,8 +428,16 @@ impl OnEnd {
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get(GRPC_STATUS)
+    // Read on every response head and every trailer block, which carry a few headers:
+    // comparing their names costs less than hashing this one (a miss, mostly).
+    let value = if headers.len() <= 8 {
+        headers
+            .iter()
+            .find_map(|(name, value)| (*name == GRPC_STATUS).then_some(value))
+    } else {
+        headers.get(GRPC_STATUS)
+    };
+    value
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse().ok())
 }
@@ -510,5 +518,27 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // The client went away (or the server dropped the body) before the end: still record it.
         self.finish(End::Dropped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_status_is_found_in_few_headers_and_in_many() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(grpc_status(&headers), None);
+        headers.insert("grpc-message", http::HeaderValue::from_static("no"));
+        headers.insert(GRPC_STATUS, http::HeaderValue::from_static(" 14 "));
+        assert_eq!(grpc_status(&headers), Some(14));
+        for i in 0..10 {
+            let name = http::HeaderName::try_from(format!("x-pad-{i}")).unwrap();
+            headers.insert(name, http::HeaderValue::from_static("1"));
+        }
+        assert!(headers.len() > 8);
+        assert_eq!(grpc_status(&headers), Some(14));
+        headers.insert(GRPC_STATUS, http::HeaderValue::from_static("OK"));
+        assert_eq!(grpc_status(&headers), None, "not a number");
     }
 }

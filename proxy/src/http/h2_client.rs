@@ -324,6 +324,9 @@ pub struct H2Body {
     recv: RecvStream,
     /// The data is all read; trailers (if any) are next.
     data_done: bool,
+    /// The trailers are read: nothing can follow (known without asking the stream, which
+    /// takes the connection's lock).
+    trailers_done: bool,
     /// What `content-length` said is left, for the size hint.
     remaining: Option<u64>,
 }
@@ -333,6 +336,7 @@ impl H2Body {
         Self {
             recv,
             data_done: false,
+            trailers_done: false,
             remaining,
         }
     }
@@ -362,11 +366,12 @@ impl Body for H2Body {
             }
         }
         let trailers: Option<HeaderMap> = ready!(self.recv.poll_trailers(cx))?;
+        self.trailers_done = true;
         Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
+        self.trailers_done || self.recv.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
