@@ -42,6 +42,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 WARM = 200  # requests of the short run
+ALLOC_REQUESTS = 300  # requests whose allocations' stacks perf records (16 KiB of stack each)
 PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
               "floor": "`pylon-floor` (hyper's server and client and nothing else: the floor under"
                        " Pylon's own stages)",
@@ -145,11 +146,8 @@ backend next_h2
 """
 
 
-def run(requests, out_file, app_port, workload, concurrency, proxy_kind, work):
-    """One callgrind run of `proxy_kind` as the hop in front of the app."""
-    ports = {k: free_port() for k in ("inbound", "inbound_h2", "outbound", "admin", "tap")}
-    env = dict(os.environ, PYLON_LOG="warn")
-    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
+def proxy_cmd(proxy_kind, ports, app_port, workload, work):
+    """The hop's command line, and the port the workload's client sends to."""
     listen = ports["inbound"]
     if proxy_kind == "pylon":
         cmd = [
@@ -177,7 +175,17 @@ def run(requests, out_file, app_port, workload, concurrency, proxy_kind, work):
             else:
                 f.write(haproxy_conf(ports["inbound"], ports["inbound_h2"], app_port))
         cmd = ["nginx", "-c", conf] if proxy_kind == "nginx" else ["haproxy", "-db", "-f", conf]
-    proxy = subprocess.Popen(valgrind + cmd, env=env,
+    return cmd, listen
+
+
+def run(requests, app_port, workload, concurrency, proxy_kind, work, wrap=(), measured=None):
+    """One run of `proxy_kind` as the hop in front of the app, under `wrap` (callgrind): sends
+    `requests`; with `measured` (requests, start, stop), that many more between start() and
+    stop()."""
+    ports = {k: free_port() for k in ("inbound", "inbound_h2", "outbound", "admin", "tap")}
+    env = dict(os.environ, PYLON_LOG="warn")
+    cmd, listen = proxy_cmd(proxy_kind, ports, app_port, workload, work)
+    proxy = subprocess.Popen(list(wrap) + cmd, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if proxy_kind == "pylon":
@@ -185,6 +193,13 @@ def run(requests, out_file, app_port, workload, concurrency, proxy_kind, work):
         else:
             wait_listening(listen)
         send(listen, requests, workload, concurrency)
+        if measured:
+            n, start, stop = measured
+            start(proxy.pid)
+            try:
+                send(listen, n, workload, concurrency)
+            finally:
+                stop()
     finally:
         # Pylon and the floor stop on SIGINT (Pylon drains); nginx (no master) and HAProxy on
         # SIGTERM.
@@ -195,6 +210,76 @@ def run(requests, out_file, app_port, workload, concurrency, proxy_kind, work):
         except subprocess.TimeoutExpired:
             proxy.kill()
             proxy.wait()
+
+
+# jemalloc's entry points, probed by `perf probe` for the allocations' callers.
+PERF_GROUP = "pylonprofile"
+JEMALLOC_ENTRIES = ("_rjem_malloc", "_rjem_mallocx", "_rjem_calloc", "_rjem_realloc",
+                    "_rjem_rallocx")
+# Frames of the allocator and of the collections and smart pointers that call it: the first
+# frame past them is the code that wanted the memory.
+ALLOC_PLUMBING = re.compile(
+    r"(alloc::|__rust_alloc|_rjem_|imalloc|jemalloc|RawVec|raw_vec|Box<.*>::new|Arc<.*>::new|"
+    r"::with_capacity|::reserve|::grow|exchange_malloc|Vec<.*>::push|hashbrown|<Global>|"
+    r"::from_iter|::spec_|to_vec|Allocator|RawTable|HashMap<.*>::insert|HashMap<.*>::entry|"
+    r"FnOnce::call_once|Option<T>::get_or_insert_with|slab::|Slab<|bytes::bytes_mut|BytesMut|"
+    r"Bytes::copy_from_slice|try_reserve)")
+
+
+def perf_allocations(app_port, workload, concurrency, proxy_kind, work, requests):
+    """Allocations per request by the code that asked for them: the proxy runs natively with
+    uprobes on jemalloc's entry points (`perf probe`), `perf record` takes each call's stack
+    (DWARF unwinding) over `requests` requests after a warm-up, and each allocation goes to
+    the first frame past the allocator and the collections. Callgrind can't do this: under fat
+    LTO the allocator is entered by a tail call it does not record as a call. Returns (total
+    per request, [(per request, caller)]), or a reason it could not."""
+    if proxy_kind not in ("pylon", "floor", "floor-h2"):
+        return "the baselines use the C library's malloc, not probed here"
+    if not shutil.which("perf"):
+        return "perf is missing (apt-get install linux-perf)"
+    if os.geteuid() != 0:
+        return "perf probe needs root"
+    binary = os.path.join(RELEASE, "pylon-proxy" if proxy_kind == "pylon" else "pylon-floor")
+    subprocess.run(["perf", "probe", "-q", "-d", f"{PERF_GROUP}:*"], capture_output=True)
+    probed = [f for f in JEMALLOC_ENTRIES
+              if subprocess.run(["perf", "probe", "-q", "-x", binary, "-a",
+                                 f"{PERF_GROUP}:{f.lstrip('_')}={f}"],
+                                capture_output=True).returncode == 0]
+    if not probed:
+        return "perf probe could not place a probe on jemalloc"
+    data = os.path.join(work, "allocs.data")
+    recorder = {}
+
+    def start(pid):
+        recorder["p"] = subprocess.Popen(
+            ["perf", "record", "-q", "-e", f"{PERF_GROUP}:*", "--call-graph", "dwarf,16384",
+             "-p", str(pid), "-o", data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.5)  # attached before the first measured request
+
+    def stop():
+        time.sleep(0.5)
+        recorder["p"].send_signal(signal.SIGINT)
+        recorder["p"].wait(timeout=120)
+
+    try:
+        run(WARM, app_port, workload, concurrency, proxy_kind, work,
+            measured=(requests, start, stop))
+        script = subprocess.run(["perf", "script", "-F", "event,ip,sym", "-i", data],
+                                capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["perf", "probe", "-q", "-d", f"{PERF_GROUP}:*"], capture_output=True)
+    by_caller, total = {}, 0
+    for sample in script.split("\n\n"):
+        frames = [re.sub(r"^\s*[0-9a-f]+ ", "", line.strip())
+                  for line in sample.strip().splitlines()[1:] if line.strip()]
+        if not frames:
+            continue
+        total += 1
+        caller = next((f for f in frames if not ALLOC_PLUMBING.search(f)), "?")
+        caller = re.sub(r" \(inlined\)$", "", caller)
+        by_caller[caller] = by_caller.get(caller, 0) + 1
+    rows = sorted(((n / requests, c) for c, n in by_caller.items()), reverse=True)
+    return total / requests, [r for r in rows if r[0] >= 0.05]
 
 
 def costs(path, inclusive):
@@ -310,8 +395,9 @@ def main():
     try:
         time.sleep(0.5)
         short_run, long_run = os.path.join(work, "short.out"), os.path.join(work, "long.out")
-        run(WARM, short_run, app_port, a.workload, a.concurrency, a.proxy, work)
-        run(WARM + a.requests, long_run, app_port, a.workload, a.concurrency, a.proxy, work)
+        for path, n in ((short_run, WARM), (long_run, WARM + a.requests)):
+            valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={path}"]
+            run(n, app_port, a.workload, a.concurrency, a.proxy, work, wrap=valgrind)
         per_request = (total(long_run) - total(short_run)) / a.requests
 
         def per_req(inclusive):
@@ -361,9 +447,19 @@ def main():
             lines += [f"| {c:.1f} | `{short(n)}` |" for c, n in allocs]
         else:
             # Built with fat LTO, the global allocator's shim is inlined and jumps to jemalloc
-            # (a tail call): callgrind records no call edge, so calls can't be counted here.
-            lines += ["", "## Allocations per request: not attributed (the allocator is entered"
-                      " by tail calls, which callgrind does not record as calls)"]
+            # (a tail call): callgrind records no call edge. perf's uprobes see every call.
+            n = min(a.requests, ALLOC_REQUESTS)
+            found = perf_allocations(app_port, a.workload, a.concurrency, a.proxy, work, n)
+            if isinstance(found, str):
+                lines += ["", f"## Allocations per request: not attributed ({found})"]
+            else:
+                total_allocs, rows = found
+                lines += ["", f"## Allocations per request: {total_allocs:.1f}", "",
+                          f"`perf probe` on jemalloc's entry points, {n} requests after a"
+                          " warm-up, each allocation put to the first frame past the allocator"
+                          " and the collections (the code that asked for the memory).", "",
+                          "| allocations | caller |", "|---:|---|"]
+                lines += [f"| {c:.2f} | `{short(name)}` |" for c, name in rows]
         with open(a.out, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"{per_request:,.0f} instructions per request; report in {a.out}")
