@@ -1,6 +1,6 @@
 //! `EndpointClient`: the bottom of every HTTP stack, sending a request to the endpoint chosen
 //! above it. HTTP/1 goes over the endpoint's pool of kept-alive connections (`Http1Pool`); HTTP/2
-//! keeps one multiplexed connection per endpoint. Both belong to the endpoint, so the request's
+//! keeps one multiplexed connection per endpoint (`H2Connection`, driven with the `h2` crate). Both belong to the endpoint, so the request's
 //! own `Host`/`:authority` travel unchanged. Hop-by-hop headers stop here; `Upgrade` and
 //! `CONNECT` become tunnels.
 //!
