@@ -570,6 +570,90 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_body_the_client_aborts_is_reset_not_ended() {
+        // The client sends a chunk of its chunked body and hangs up. The endpoint must see its
+        // stream reset: ending it cleanly would hand the app a truncated request as if it were
+        // whole (no content-length tells it otherwise).
+        type Seen = Result<usize, String>;
+        /// What the endpoint made of the body; hyper drops the handler of a stream the client
+        /// resets, which reports the reset.
+        struct Report(Option<tokio::sync::oneshot::Sender<Seen>>);
+        impl Drop for Report {
+            fn drop(&mut self) {
+                if let Some(tx) = self.0.take() {
+                    let _ = tx.send(Err("the stream was reset".to_owned()));
+                }
+            }
+        }
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<Seen>();
+        let seen_tx = Arc::new(std::sync::Mutex::new(Some(seen_tx)));
+        let (arrived_tx, arrived_rx) = tokio::sync::oneshot::channel::<()>();
+        let arrived_tx = Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
+        let addr = h2_server(move |req: Request<Incoming>| {
+            let mut report = Report(seen_tx.lock().unwrap().take());
+            if let Some(tx) = arrived_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            async move {
+                let seen = match req.into_body().collect().await {
+                    Ok(body) => Ok(body.to_bytes().len()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Some(tx) = report.0.take() {
+                    let _ = tx.send(seen);
+                }
+                Response::new(Full::new(Bytes::new()))
+            }
+        })
+        .await;
+        // The client's side: an HTTP/1 server handing what arrives to the h2 connection.
+        let conn = Arc::new(connection(addr));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = front.accept().await.unwrap();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let conn = conn.clone();
+                async move {
+                    let mut req = req.map(RequestBody::from);
+                    crate::http::headers::strip_hop_by_hop(req.headers_mut(), false);
+                    let status = match conn.send(req).await {
+                        Ok(_) => http::StatusCode::OK,
+                        Err(_) => http::StatusCode::BAD_GATEWAY,
+                    };
+                    let mut rsp = Response::new(Full::new(Bytes::new()));
+                    *rsp.status_mut() = status;
+                    Ok::<_, Infallible>(rsp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+        let mut client = tokio::net::TcpStream::connect(front_addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        let head = "POST http://web/upload HTTP/1.1\r\nHost: web\r\n\
+                    Transfer-Encoding: chunked\r\n\r\n32\r\n";
+        client.write_all(head.as_bytes()).await.unwrap();
+        client.write_all(&[b'x'; 50]).await.unwrap();
+        client.write_all(b"\r\n").await.unwrap();
+        let seen = async {
+            // Once the request is at the endpoint, the client hangs up: the proxy reads the
+            // end of the connection where the rest of the body should be.
+            arrived_rx.await.unwrap();
+            drop(client);
+            seen_rx.await.unwrap()
+        };
+        let seen = tokio::time::timeout(Duration::from_secs(30), seen)
+            .await
+            .expect("the endpoint hears of it");
+        assert!(
+            seen.is_err(),
+            "the endpoint took a truncated body as whole: {seen:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_connection_whose_task_ended_is_replaced_for_the_next_request() {
         let addr = h2_server(|_req: Request<Incoming>| async move {
             Response::new(Full::new(Bytes::from_static(b"ok")))
