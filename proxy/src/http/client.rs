@@ -1,8 +1,8 @@
 //! `EndpointClient`: the bottom of every HTTP stack, sending a request to the endpoint chosen
 //! above it. HTTP/1 goes over the endpoint's pool of kept-alive connections (`Http1Pool`); HTTP/2
-//! keeps one multiplexed connection per endpoint (`H2Connection`, driven with the `h2` crate). Both belong to the endpoint, so the request's
-//! own `Host`/`:authority` travel unchanged. Hop-by-hop headers stop here; `Upgrade` and
-//! `CONNECT` become tunnels.
+//! keeps one multiplexed connection per endpoint (`H2Connection`, driven with the `h2` crate).
+//! Both belong to the endpoint, so the request's own `Host`/`:authority` travel unchanged.
+//! Hop-by-hop headers stop here; `Upgrade` and `CONNECT` become tunnels.
 //!
 //! To a meshed endpoint (discovery named its identity) connections are mesh TLS, and HTTP/1
 //! requests ride the endpoint's h2 connection (`orig_proto`); only upgrades keep HTTP/1.

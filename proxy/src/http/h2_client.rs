@@ -103,7 +103,7 @@ impl H2Connection {
         if self.is_open() {
             return Ok(());
         }
-        self.sender().await.map(|_| ())
+        self.open_connection().await.map(|_| ())
     }
 
     /// Sends `req` on the connection and waits for the response's head; a request the
@@ -118,16 +118,17 @@ impl H2Connection {
             *req.uri_mut() = Uri::from_parts(parts)
                 .map_err(|_| SendError::sent(ProxyError::MissingAuthority))?;
         }
-        let sender = match self.sender().await {
-            Ok(sender) => sender,
+        let open = match self.open_connection().await {
+            Ok(open) => open,
             Err(error) => return Err(SendError::unsent(error, req)),
         };
         // Waits while the endpoint's stream limit is reached. An error here means the
-        // connection is gone (closed, or told to go away) before this request was on it.
-        let mut sender = match sender.ready().await {
+        // connection is gone (closed, or told to go away) before this request was on it:
+        // that connection, not one opened since, is marked closed.
+        let mut sender = match open.sender.clone().ready().await {
             Ok(sender) => sender,
             Err(e) => {
-                self.closed();
+                open.closed.store(true, Ordering::Release);
                 let error = ProxyError::from_endpoint(&e, &self.connect);
                 return Err(SendError::unsent(error, req));
             }
@@ -159,31 +160,21 @@ impl H2Connection {
         Ok(Response::from_parts(head, H2Body::new(recv, remaining)))
     }
 
-    /// A handle on the open connection, connecting when there is none.
-    async fn sender(&self) -> Result<SendRequest<Bytes>, ProxyError> {
-        if let Some(open) = self.open.load().as_ref() {
-            if open.is_open() {
-                return Ok(open.sender.clone());
-            }
+    /// The open connection, connecting when there is none.
+    async fn open_connection(&self) -> Result<Arc<Open>, ProxyError> {
+        if let Some(open) = self.open.load_full().filter(|o| o.is_open()) {
+            return Ok(open);
         }
         // Boxed: connecting (a TLS handshake, when meshed) holds far more state than a request
         // on the open connection, and unboxed it would size every request's future.
         Box::pin(self.reconnect()).await
     }
 
-    fn closed(&self) {
-        if let Some(open) = self.open.load().as_ref() {
-            open.closed.store(true, Ordering::Release);
-        }
-    }
-
-    async fn reconnect(&self) -> Result<SendRequest<Bytes>, ProxyError> {
+    async fn reconnect(&self) -> Result<Arc<Open>, ProxyError> {
         // One connect at a time; the others wait and reuse it.
         let _guard = self.connecting.lock().await;
-        if let Some(open) = self.open.load().as_ref() {
-            if open.is_open() {
-                return Ok(open.sender.clone());
-            }
+        if let Some(open) = self.open.load_full().filter(|o| o.is_open()) {
+            return Ok(open);
         }
         let stream = self
             .connect
@@ -213,12 +204,9 @@ impl H2Connection {
             }
             on_close.store(true, Ordering::Release);
         });
-        let open = Open {
-            sender: sender.clone(),
-            closed,
-        };
-        self.open.store(Some(Arc::new(open)));
-        Ok(sender)
+        let open = Arc::new(Open { sender, closed });
+        self.open.store(Some(open.clone()));
+        Ok(open)
     }
 }
 
@@ -405,7 +393,7 @@ impl Future for Driver {
             return Poll::Ready(done.map_err(DriverError::from));
         }
         match self.keepalive.as_mut() {
-            Some(k) => k.poll(cx),
+            Some(k) => k.poll(cx).map(Err),
             None => Poll::Pending,
         }
     }
@@ -429,7 +417,7 @@ impl KeepAlive {
     }
 
     /// Pending while the endpoint answers its pings.
-    fn poll<T>(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, DriverError>> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<DriverError> {
         loop {
             if self.awaiting_pong {
                 match self.ping_pong.poll_pong(cx) {
@@ -444,7 +432,7 @@ impl KeepAlive {
                     Poll::Pending => {}
                 }
                 ready!(self.timer.as_mut().poll(cx));
-                return Poll::Ready(Err(DriverError::KeepAliveTimeout(self.times.timeout)));
+                return Poll::Ready(DriverError::KeepAliveTimeout(self.times.timeout));
             }
             ready!(self.timer.as_mut().poll(cx));
             if self.ping_pong.send_ping(Ping::opaque()).is_err() {
@@ -663,7 +651,9 @@ mod tests {
         conn.ready().await.unwrap();
         assert!(conn.is_open());
         // The connection's task ended (as when the endpoint closes it).
-        conn.closed();
+        if let Some(open) = conn.open.load().as_ref() {
+            open.closed.store(true, Ordering::Release);
+        }
         assert!(!conn.is_open());
         let rsp = conn.send(request(Bytes::new()).await).await.ok().unwrap();
         assert_eq!(rsp.into_body().collect().await.unwrap().to_bytes(), "ok");
