@@ -23,13 +23,18 @@ const HOP_BY_HOP: &[HeaderName] = &[
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Whether a header has to go: a hop-by-hop one, or `TE` other than `TE: trailers` (which is
-/// end-to-end for gRPC). Any header a message's `Connection` names comes with `Connection`.
+/// `TE: trailers` is end-to-end for gRPC; any other TE value is hop-by-hop.
+fn is_te_trailers(value: &HeaderValue) -> bool {
+    value.as_bytes().eq_ignore_ascii_case(b"trailers")
+}
+
+/// Whether a header has to go: a hop-by-hop one, or `TE` other than `TE: trailers`. Any header
+/// a message's `Connection` names comes with `Connection`.
 fn is_hop_by_hop(name: &HeaderName, value: &HeaderValue) -> bool {
     HOP_BY_HOP.contains(name)
         || name == KEEP_ALIVE
         || name == PROXY_CONNECTION
-        || (name == header::TE && !value.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        || (name == header::TE && !is_te_trailers(value))
 }
 
 /// Removes hop-by-hop headers. When `keep_upgrade` is set (a WebSocket handshake), `Upgrade` and
@@ -71,12 +76,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    // `TE: trailers` is end-to-end for gRPC; any other TE value is hop-by-hop.
-    let te_is_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_is_trailers {
+    if !headers.get_all(header::TE).iter().all(is_te_trailers) {
         headers.remove(header::TE);
     }
 }
