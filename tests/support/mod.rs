@@ -505,14 +505,9 @@ impl Proxy {
         n: usize,
         pred: impl Fn(&str) -> bool,
     ) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let count = self.logs().iter().filter(|l| pred(l)).count();
-            if count >= n || Instant::now() >= deadline {
-                return count;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let count = || self.logs().iter().filter(|l| pred(l)).count();
+        wait_until(|| count() >= n, timeout).await;
+        count()
     }
 
     /// An admin request (blocking, bounded): returns status and body.
