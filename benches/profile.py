@@ -50,6 +50,8 @@ PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
                           " crate's client from the request's task)",
               "nginx": "nginx (one process, the bench's configuration)",
               "haproxy": "HAProxy (one thread, the bench's configuration)"}
+# Our own binaries (jemalloc, SIGINT to stop); the rest are the baselines.
+OWN = ("pylon", "floor", "floor-h2")
 WORKLOADS = {"http1-get": "HTTP/1.1 GET", "h2c-get": "h2c GET", "grpc-unary": "gRPC unary"}
 
 
@@ -203,8 +205,7 @@ def run(requests, app_port, workload, concurrency, proxy_kind, work, wrap=(), me
     finally:
         # Pylon and the floor stop on SIGINT (Pylon drains); nginx (no master) and HAProxy on
         # SIGTERM.
-        proxy.send_signal(signal.SIGINT if proxy_kind in ("pylon", "floor", "floor-h2")
-                          else signal.SIGTERM)
+        proxy.send_signal(signal.SIGINT if proxy_kind in OWN else signal.SIGTERM)
         try:
             proxy.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -233,7 +234,7 @@ def perf_allocations(app_port, workload, concurrency, proxy_kind, work, requests
     the first frame past the allocator and the collections. Callgrind can't do this: under fat
     LTO the allocator is entered by a tail call it does not record as a call. Returns (total
     per request, [(per request, caller)]), or a reason it could not."""
-    if proxy_kind not in ("pylon", "floor", "floor-h2"):
+    if proxy_kind not in OWN:
         return "the baselines use the C library's malloc, not probed here"
     if not shutil.which("perf"):
         return "perf is missing (apt-get install linux-perf)"
@@ -369,7 +370,7 @@ def main():
                     "[-WORKLOAD]-latest.md, PROXY when not pylon, WORKLOAD when not http1-get)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--proxy", default="pylon",
-                    choices=["pylon", "nginx", "haproxy", "floor", "floor-h2"],
+                    choices=[*OWN, "nginx", "haproxy"],
                     help="the hop to profile: Pylon, a baseline measured the same way, or the"
                     " floor under Pylon (benches/src/floor.rs)")
     ap.add_argument("--keep", metavar="DIR",
