@@ -22,6 +22,7 @@ use crate::http::client::EndpointTarget;
 use crate::http::ctx::WithCtx;
 use crate::http::headers::request_authority;
 use crate::http::metrics::log_proxy_error;
+use crate::http::request_body::RequestBody;
 use crate::http::{BoxFuture, ProxyError, ProxyResponse};
 use crate::mesh_tls::MeshTls;
 use crate::names::AuthorityMap;
@@ -857,14 +858,13 @@ pub struct LogicalService<S> {
     layer: LogicalLayer,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for LogicalService<S>
+impl<S> tower::Service<http::Request<RequestBody>> for LogicalService<S>
 where
-    S: tower::Service<http::Request<B>, Response = ProxyResponse, Error = ProxyError>
+    S: tower::Service<http::Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>
         + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
@@ -877,7 +877,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<RequestBody>) -> Self::Future {
         // The inner service was made ready for this call; keep that one, leave a clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -1101,7 +1101,7 @@ mod tests {
         });
         let balance = BalanceLayer::new(false).layer(client);
         for _ in 0..20 {
-            let mut req = Request::new(RequestBody::replay(&Default::default()));
+            let mut req = Request::new(RequestBody::empty());
             req.ctx_mut().logical = Some(l.clone());
             let rsp = balance.clone().oneshot(req).await.expect("answered");
             assert_eq!(rsp.status().as_u16(), 200 + alive.port() % 100);

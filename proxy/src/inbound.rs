@@ -44,6 +44,7 @@ use crate::http::errors::RespondLayer;
 use crate::http::headers::request_authority;
 use crate::http::hops::HopLimit;
 use crate::http::metrics::HttpMetricsLayer;
+use crate::http::request_body::RequestBody;
 use crate::http::route::RouteLayer;
 use crate::http::tap::{TapLayer, TapRescueLayer, Telemetry};
 use crate::http::timeout::ResponseTimeoutLayer;
@@ -290,6 +291,8 @@ impl Inbound {
         let this = self.clone();
         let client_tls = authz.client_tls();
         ServiceBuilder::new()
+            // The request's context (`RequestCtx`) rides in its body from here down.
+            .map_request(|req: Request<Incoming>| req.map(RequestBody::streaming))
             // Proxy errors from any layer below become responses with `pylon-proxy-error`
             // (gRPC errors for gRPC clients).
             .layer(RespondLayer)
@@ -314,7 +317,7 @@ impl Inbound {
             )
             // The workload's port is the target; metrics are kept by the authority requested.
             // A request another proxy carried over h2 goes to the app as the HTTP/1 it was.
-            .map_request(move |mut req: Request<Incoming>| {
+            .map_request(move |mut req: Request<RequestBody>| {
                 orig_proto::downgrade_request(&mut req);
                 let AuthorityTarget { target, routes } =
                     this.target_for(&port, request_authority(&req));

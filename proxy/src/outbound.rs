@@ -26,6 +26,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::Request;
+use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
 use pylon_proxy_metrics::{Direction, Metrics, Peer, TargetLabels, TcpConnMetrics, Tls};
 use tokio::net::TcpStream;
@@ -39,6 +41,7 @@ use crate::http::client::EndpointClient;
 use crate::http::errors::RespondLayer;
 use crate::http::hops::HopLimit;
 use crate::http::metrics::HttpMetricsLayer;
+use crate::http::request_body::RequestBody;
 use crate::http::retry::RetryLayer;
 use crate::http::route::{RouteActualLayer, RouteLayer};
 use crate::http::tap::{TapLayer, TapRescueLayer, Telemetry};
@@ -132,6 +135,8 @@ impl Outbound {
     /// The path of one outbound HTTP request, top to bottom.
     fn http_stack(&self, dialled: Option<Arc<Logical>>, client: SocketAddr) -> impl HttpStack {
         ServiceBuilder::new()
+            // The request's context (`RequestCtx`) rides in its body from here down.
+            .map_request(|req: Request<Incoming>| req.map(RequestBody::streaming))
             // Proxy errors from any layer below become responses with `pylon-proxy-error`
             // (gRPC errors for gRPC clients).
             .layer(RespondLayer)

@@ -15,6 +15,7 @@ use tower::{Layer, Service};
 
 use crate::discovery::Logical;
 use crate::http::ctx::WithCtx;
+use crate::http::request_body::RequestBody;
 use crate::http::{ProxyError, ProxyResponse};
 
 /// What a backend list was built from, so discovery can tell when the config changed.
@@ -97,9 +98,9 @@ pub struct Split<S> {
     inner: S,
 }
 
-impl<S, B> Service<Request<B>> for Split<S>
+impl<S> Service<Request<RequestBody>> for Split<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>,
     S::Future: Send + 'static,
 {
     type Response = ProxyResponse;
@@ -110,7 +111,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         // Only a split replaces the destination (most have none: no allocation then).
         let backend = req
             .ctx()

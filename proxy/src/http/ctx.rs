@@ -2,18 +2,21 @@
 //!
 //! Each stage that decides something (the logical destination, the route, the attempt, the
 //! endpoint) writes its field here, and the stages below read the field by name. It rides in
-//! the request's extensions as one value: a type map entry per fact would cost an allocation
-//! and a hash lookup each, and a reader could not see in one place what it may find.
+//! the request's body ([`RequestBody`], which every stack's top makes from hyper's): the
+//! request's extensions are a type map, whose first entry costs three allocations (the map, its
+//! table, the boxed value) and each read a hashed lookup, and a reader could not see in one
+//! place what it may find there.
 //!
 //! Which stage writes each field is said beside it; a stage that finds a field empty was
 //! built into a stack without the stage that writes it (a test, or the other direction).
 
 use std::sync::Arc;
 
-use http::{Extensions, Request};
+use http::Request;
 
 use crate::discovery::Logical;
 use crate::http::client::EndpointTarget;
+use crate::http::request_body::RequestBody;
 use crate::http::retry::Attempt;
 use crate::http::tap::{EndpointSlot, Tapped};
 use crate::profiles::{DestinationRoutes, RouteState};
@@ -39,41 +42,19 @@ pub struct RequestCtx {
     pub endpoint_slot: Option<EndpointSlot>,
 }
 
-/// A request without a context reads as one where nothing has been decided yet.
-static UNDECIDED: RequestCtx = RequestCtx {
-    logical: None,
-    routes: None,
-    route: None,
-    attempt: None,
-    target: None,
-    tapped: None,
-    endpoint_slot: None,
-};
-
-impl RequestCtx {
-    pub fn of(ext: &Extensions) -> &RequestCtx {
-        ext.get::<RequestCtx>().unwrap_or(&UNDECIDED)
-    }
-
-    /// The request's context, made the first time a stage writes to it.
-    pub fn of_mut(ext: &mut Extensions) -> &mut RequestCtx {
-        ext.get_or_insert_default::<RequestCtx>()
-    }
-}
-
 /// `req.ctx()` and `req.ctx_mut()`.
 pub trait WithCtx {
     fn ctx(&self) -> &RequestCtx;
     fn ctx_mut(&mut self) -> &mut RequestCtx;
 }
 
-impl<B> WithCtx for Request<B> {
+impl WithCtx for Request<RequestBody> {
     fn ctx(&self) -> &RequestCtx {
-        RequestCtx::of(self.extensions())
+        self.body().ctx()
     }
 
     fn ctx_mut(&mut self) -> &mut RequestCtx {
-        RequestCtx::of_mut(self.extensions_mut())
+        self.body_mut().ctx_mut()
     }
 }
 
@@ -83,11 +64,12 @@ mod tests {
 
     #[test]
     fn a_request_carries_one_context_written_by_many_stages() {
-        let mut req = Request::new(());
+        let mut req = Request::new(RequestBody::empty());
         assert!(req.ctx().attempt.is_none());
         req.ctx_mut().attempt = Some(Attempt(1));
         req.ctx_mut().attempt = Some(Attempt(2));
         assert_eq!(req.ctx().attempt, Some(Attempt(2)));
-        assert_eq!(req.extensions().len(), 1);
+        // Nothing in the extensions: they cost allocations once anything is put there.
+        assert!(req.extensions().is_empty());
     }
 }

@@ -495,7 +495,7 @@ mod tests {
         let req = Request::post("http://web.example/upload")
             .body(Full::new(body))
             .unwrap();
-        incoming(req).await.map(RequestBody::from)
+        incoming(req).await.map(RequestBody::streaming)
     }
 
     #[tokio::test]
@@ -603,7 +603,7 @@ mod tests {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let conn = conn.clone();
                 async move {
-                    let mut req = req.map(RequestBody::from);
+                    let mut req = req.map(RequestBody::streaming);
                     crate::http::headers::strip_hop_by_hop(req.headers_mut(), false);
                     let status = match conn.send(req).await {
                         Ok(_) => http::StatusCode::OK,

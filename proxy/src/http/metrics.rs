@@ -15,6 +15,7 @@ use tower::{Layer, Service};
 use super::body::{record_on_end, record_proxy_error, Pending, RecordIfCancelled, Recorder};
 use super::client::{EndpointTarget, UnsentSlot};
 use super::ctx::WithCtx;
+use super::request_body::RequestBody;
 use super::{ProxyError, ProxyResponse};
 use crate::access_log::AccessEntry;
 use crate::names::EndpointNames;
@@ -51,9 +52,9 @@ pub struct HttpMetrics<S> {
     layer: HttpMetricsLayer,
 }
 
-impl<S, B> Service<Request<B>> for HttpMetrics<S>
+impl<S> Service<Request<RequestBody>> for HttpMetrics<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
@@ -63,7 +64,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let start = Instant::now();
         let direction = self.layer.direction;
         // The target (and its metric handle) is set by the layer that chose it.

@@ -439,7 +439,6 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::*;
-    use crate::http::request_body::Captured;
 
     /// A raw HTTP/1.1 server: answers every request on a connection with `200 ok` (keep-alive),
     /// counts connections and requests, and closes every open connection when `close` fires.
@@ -489,7 +488,7 @@ mod tests {
         Request::builder()
             .uri("/")
             .header(http::header::HOST, "web")
-            .body(RequestBody::replay(&Captured::default()))
+            .body(RequestBody::empty())
             .expect("request")
     }
 

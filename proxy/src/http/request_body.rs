@@ -1,6 +1,8 @@
 //! The request body sent to an endpoint: the client's stream as is, or, on a retryable route,
 //! the client's stream with a copy kept (up to [`MAX_REPLAY_BYTES`]) so a retry can send it
-//! again.
+//! again. It also carries the request's [`RequestCtx`] down the stack (see `ctx`): one box,
+//! where the request's extensions would take three, and the request moved from stage to
+//! stage stays small.
 //!
 //! The copy is taken while the first attempt streams the body, not before: buffering first
 //! would add the body's upload time to every request and would deadlock a streaming call
@@ -21,6 +23,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::ctx::RequestCtx;
 use super::ProxyError;
 
 /// Bodies larger than this are streamed without a copy and never retried.
@@ -30,6 +33,7 @@ pub struct RequestBody {
     kind: Kind,
     /// Told when the client's stream fails; only while someone watches (see `watch`).
     outcome: Option<ClientBodyOutcome>,
+    ctx: Box<RequestCtx>,
 }
 
 /// Whether the client's side of a request body failed, and how. Shared by the body (which
@@ -130,18 +134,30 @@ struct Replay {
     trailers_sent: bool,
 }
 
-impl From<Incoming> for RequestBody {
-    fn from(inner: Incoming) -> Self {
-        Self::streaming(inner)
-    }
-}
-
 impl RequestBody {
     pub fn streaming(inner: Incoming) -> Self {
+        Self::with_kind(Kind::Streaming(inner), Box::default())
+    }
+
+    /// No body, for a request the proxy makes itself.
+    pub fn empty() -> Self {
+        Self::replay(&Captured::default(), RequestCtx::default())
+    }
+
+    fn with_kind(kind: Kind, ctx: Box<RequestCtx>) -> Self {
         Self {
-            kind: Kind::Streaming(inner),
+            kind,
             outcome: None,
+            ctx,
         }
+    }
+
+    pub fn ctx(&self) -> &RequestCtx {
+        &self.ctx
+    }
+
+    pub fn ctx_mut(&mut self) -> &mut RequestCtx {
+        &mut self.ctx
     }
 
     /// Notes from now on whether the client's stream fails (only a body still to come can).
@@ -157,10 +173,19 @@ impl RequestBody {
         Some(self.outcome.get_or_insert_with(Default::default).clone())
     }
 
-    /// Streams `inner` and keeps a copy in the returned slot when it ends within
-    /// [`MAX_REPLAY_BYTES`].
-    pub fn capturing(inner: Incoming) -> (Self, CaptureSlot) {
+    /// This body, keeping a copy in the returned slot when it ends within [`MAX_REPLAY_BYTES`].
+    /// The client's stream is what gets copied; a replay is its own copy already.
+    pub fn capturing(self) -> (Self, CaptureSlot) {
         let slot = CaptureSlot::default();
+        let inner = match self.kind {
+            Kind::Streaming(inner) => inner,
+            Kind::Replay(r) => {
+                let _ = slot.0.set(r.body.clone());
+                return (Self::with_kind(Replay::start(r.body), self.ctx), slot);
+            }
+            // Already copying for someone else: the slot stays empty, no retry.
+            Kind::Capturing(_) => return (self, slot),
+        };
         let too_large = inner
             .size_hint()
             .lower()
@@ -179,21 +204,25 @@ impl RequestBody {
         }
         let body = Self {
             kind: Kind::Capturing(Box::new(capture)),
-            outcome: None,
+            outcome: self.outcome,
+            ctx: self.ctx,
         };
         (body, slot)
     }
 
-    /// The captured body again, for a retry.
-    pub fn replay(body: &Captured) -> Self {
-        Self {
-            kind: Kind::Replay(Replay {
-                body: body.clone(),
-                next: 0,
-                trailers_sent: false,
-            }),
-            outcome: None,
-        }
+    /// The captured body again, for a retry with the context `ctx`.
+    pub fn replay(body: &Captured, ctx: RequestCtx) -> Self {
+        Self::with_kind(Replay::start(body.clone()), Box::new(ctx))
+    }
+}
+
+impl Replay {
+    fn start(body: Captured) -> Kind {
+        Kind::Replay(Replay {
+            body,
+            next: 0,
+            trailers_sent: false,
+        })
     }
 }
 
@@ -310,19 +339,22 @@ mod tests {
             data: vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")].into(),
             trailers: Some(Arc::new(trailers.clone())),
         };
-        let body = RequestBody::replay(&captured);
+        let body = RequestBody::replay(&captured, RequestCtx::default());
         assert_eq!(body.size_hint().exact(), Some(4));
         let collected = body.collect().await.expect("replay never fails");
         assert_eq!(collected.trailers(), Some(&trailers));
         assert_eq!(&collected.to_bytes()[..], b"abcd");
         // Twice: a body can be replayed for every retry.
-        let again = RequestBody::replay(&captured).collect().await.unwrap();
+        let again = RequestBody::replay(&captured, RequestCtx::default())
+            .collect()
+            .await
+            .unwrap();
         assert_eq!(&again.to_bytes()[..], b"abcd");
     }
 
     #[tokio::test]
     async fn empty_replay_ends_at_once() {
-        let body = RequestBody::replay(&Captured::default());
+        let body = RequestBody::empty();
         assert!(body.is_end_stream());
         assert!(body.collect().await.unwrap().to_bytes().is_empty());
     }

@@ -10,12 +10,11 @@
 use std::task::{Context, Poll};
 
 use http::{Method, Request};
-use hyper::body::Incoming;
 use tower::{Layer, Service, ServiceExt};
 
 use super::body::grpc_status;
 use super::ctx::{RequestCtx, WithCtx};
-use super::request_body::RequestBody;
+use super::request_body::{Captured, RequestBody};
 use super::{headers, PassThrough, ProxyError, ProxyResponse};
 use crate::profiles::RouteState;
 
@@ -41,7 +40,7 @@ pub struct Retry<S> {
     inner: S,
 }
 
-impl<S> Service<Request<Incoming>> for Retry<S>
+impl<S> Service<Request<RequestBody>> for Retry<S>
 where
     S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>
         + Clone
@@ -57,7 +56,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let route = req
             .ctx()
             .route
@@ -65,14 +64,14 @@ where
             .filter(|r| r.route.is_retryable() && can_replay(&req))
             .cloned();
         let Some(route) = route else {
-            return PassThrough::Inner(self.inner.call(req.map(RequestBody::streaming)));
+            return PassThrough::Inner(self.inner.call(req));
         };
         route.budget.deposit();
 
-        let (mut parts, body) = req.into_parts();
-        let (body, captured) = RequestBody::capturing(body);
-        RequestCtx::of_mut(&mut parts.extensions).attempt = Some(Attempt(1));
-        let head = Head::of(&parts);
+        let (parts, body) = req.into_parts();
+        let (mut body, captured) = body.capturing();
+        body.ctx_mut().attempt = Some(Attempt(1));
+        let head = Head::of(&parts, body.ctx());
         let first = self.inner.call(Request::from_parts(parts, body));
         // The inner service was made ready for the first call; retries ready their own clone.
         let mut inner = self.inner.clone();
@@ -94,7 +93,7 @@ where
                     rsp.into_body().discard();
                 }
                 attempt += 1;
-                let req = head.request(RequestBody::replay(body), Attempt(attempt));
+                let req = head.request(body, Attempt(attempt));
                 inner.ready().await?;
                 result = inner.call(req).await;
             }
@@ -124,21 +123,23 @@ struct Head {
     version: http::Version,
     headers: http::HeaderMap,
     extensions: http::Extensions,
+    ctx: RequestCtx,
 }
 
 impl Head {
-    fn of(parts: &http::request::Parts) -> Self {
+    fn of(parts: &http::request::Parts, ctx: &RequestCtx) -> Self {
         Self {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
             headers: parts.headers.clone(),
             extensions: parts.extensions.clone(),
+            ctx: ctx.clone(),
         }
     }
 
-    fn request(&self, body: RequestBody, attempt: Attempt) -> Request<RequestBody> {
-        let mut req = Request::new(body);
+    fn request(&self, body: &Captured, attempt: Attempt) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::replay(body, self.ctx.clone()));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;

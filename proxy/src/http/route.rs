@@ -17,6 +17,7 @@ use tower::{Layer, Service};
 
 use super::body::{record_route_on_end, RecordIfCancelled, RouteRecord};
 use super::ctx::WithCtx;
+use super::request_body::RequestBody;
 use super::{ProxyError, ProxyResponse};
 
 /// Needs the destination's routes in the request's context: its `logical` (outbound) or
@@ -36,9 +37,9 @@ pub struct RouteService<S> {
     inner: S,
 }
 
-impl<S, B> Service<Request<B>> for RouteService<S>
+impl<S> Service<Request<RequestBody>> for RouteService<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>,
     S::Future: Send + 'static,
 {
     type Response = ProxyResponse;
@@ -49,7 +50,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         let ctx = req.ctx();
         let dest = match (&ctx.logical, &ctx.routes) {
             (Some(logical), _) => &logical.routes,
@@ -84,9 +85,9 @@ pub struct RouteActual<S> {
     inner: S,
 }
 
-impl<S, B> Service<Request<B>> for RouteActual<S>
+impl<S> Service<Request<RequestBody>> for RouteActual<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>,
     S::Future: Send + 'static,
 {
     type Response = ProxyResponse;
@@ -97,7 +98,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let ctx = req.ctx();
         let Some(route) = ctx.route.clone() else {
             return Recorded::unrouted(self.inner.call(req));

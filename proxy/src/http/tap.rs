@@ -36,6 +36,7 @@ use super::body::abandoned_for;
 use super::ctx::WithCtx;
 use super::errors::is_grpc;
 use super::headers::request_authority;
+use super::request_body::RequestBody;
 use super::{PassThrough, ProxyError, ProxyResponse};
 use crate::access_log::trace_id;
 
@@ -90,9 +91,9 @@ pub struct TapService<S> {
     layer: TapLayer,
 }
 
-impl<S, B> Service<Request<B>> for TapService<S>
+impl<S> Service<Request<RequestBody>> for TapService<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>,
     S::Future: Send + Unpin + 'static,
 {
     type Response = ProxyResponse;
@@ -103,7 +104,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         if !self.layer.taps.is_tapping() {
             return PassThrough::Inner(self.inner.call(req));
         }
@@ -237,9 +238,9 @@ pub struct TapRescue<S> {
     layer: TapRescueLayer,
 }
 
-impl<S, B> Service<Request<B>> for TapRescue<S>
+impl<S> Service<Request<RequestBody>> for TapRescue<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>,
     S::Future: Send + Unpin + 'static,
 {
     type Response = ProxyResponse;
@@ -250,7 +251,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         if !self.layer.taps.is_tapping() {
             return PassThrough::Inner(self.inner.call(req));
         }
@@ -375,7 +376,7 @@ struct AttemptFacts {
 }
 
 impl AttemptFacts {
-    fn of<B>(req: &Request<B>) -> Self {
+    fn of(req: &Request<RequestBody>) -> Self {
         let ctx = req.ctx();
         let target = ctx.target.as_ref();
         let logical = ctx.logical.as_ref();
@@ -592,7 +593,7 @@ mod tests {
         let mut rx = taps.open(Matcher::Any, 0, 1000);
         let (rescue, _) = layers(&taps);
         // A guard above the attempts refuses it (as the inbound policy does).
-        let refuse = tower::service_fn(|_req: Request<hyper::body::Incoming>| {
+        let refuse = tower::service_fn(|_req: Request<RequestBody>| {
             Box::pin(async { Err::<ProxyResponse, _>(ProxyError::Unauthorized) })
         });
         let req = http::Request::builder()
@@ -600,7 +601,8 @@ mod tests {
             .header("host", DST)
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .unwrap();
-        let result = rescue.layer(refuse).oneshot(incoming(req).await).await;
+        let req = incoming(req).await.map(RequestBody::streaming);
+        let result = rescue.layer(refuse).oneshot(req).await;
         assert_eq!(result.err(), Some(ProxyError::Unauthorized));
         assert_eq!(
             drain(&mut rx),

@@ -86,14 +86,14 @@ pub async fn routed(
     method: &str,
     path: &str,
     body: &'static [u8],
-) -> Request<Incoming> {
+) -> Request<RequestBody> {
     let req = Request::builder()
         .method(method)
         .uri(path)
         .header("host", DST)
         .body(Full::new(Bytes::from_static(body)))
         .unwrap();
-    let mut req = incoming(req).await;
+    let mut req = incoming(req).await.map(RequestBody::streaming);
     req.ctx_mut().route = Some(route.clone());
     req
 }

@@ -14,6 +14,7 @@ use tower::{Layer, Service};
 
 use super::body::abandon;
 use super::ctx::WithCtx;
+use super::request_body::RequestBody;
 use super::{PassThrough, ProxyError, ProxyResponse};
 
 #[derive(Clone, Copy, Debug)]
@@ -87,9 +88,9 @@ pub struct RouteTimeout<S> {
     inner: S,
 }
 
-impl<S, B> Service<Request<B>> for RouteTimeout<S>
+impl<S> Service<Request<RequestBody>> for RouteTimeout<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>,
     S::Future: Send + Unpin + 'static,
 {
     type Response = ProxyResponse;
@@ -100,7 +101,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let route = req
             .ctx()
             .route
@@ -148,7 +149,6 @@ mod tests {
     use tower::{Layer, ServiceExt};
 
     use super::*;
-    use crate::http::request_body::RequestBody;
     use crate::http::retry::RetryLayer;
     use crate::http::test_support::{route, routed, Answer, Mock};
 
@@ -228,9 +228,7 @@ mod tests {
         let (route, _) = route("  routes: []\n", "GET", "/");
         let mock = Mock::new([Answer::Status(200, Duration::from_secs(3600))]);
         let start = Instant::now();
-        let req = routed(&route, "GET", "/", b"")
-            .await
-            .map(RequestBody::streaming);
+        let req = routed(&route, "GET", "/", b"").await;
         let rsp = RouteTimeoutLayer.layer(mock).oneshot(req).await.unwrap();
         assert_eq!(rsp.status(), 200);
         assert_eq!(start.elapsed(), Duration::from_secs(3600));
@@ -247,9 +245,7 @@ mod tests {
         // Alone: 504 response timeout after exactly 200 ms.
         let mock = Mock::new([Answer::Status(200, SLOW)]);
         let start = Instant::now();
-        let req = routed(&route, "POST", "/items", b"x")
-            .await
-            .map(RequestBody::streaming);
+        let req = routed(&route, "POST", "/items", b"x").await;
         let result = ResponseTimeoutLayer::new(Some(timeout))
             .layer(mock)
             .oneshot(req)
