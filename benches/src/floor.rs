@@ -11,6 +11,10 @@
 //! spawns a task per request to wait for the response): the two floors' difference is what
 //! such a client in Pylon could save.
 //!
+//! `--h2-server h2` serves h2 with the `h2` crate, each connection's streams polled in the
+//! connection's own task, instead of hyper's h2 server (which spawns a task per stream): what
+//! such a server in Pylon could save.
+//!
 //! Same runtime and allocator as `pylon-proxy --threads 1`: a current-thread tokio runtime and
 //! jemalloc.
 
@@ -53,13 +57,18 @@ struct Cli {
     /// What sends the h2 requests upstream.
     #[arg(long, value_enum, default_value_t = H2Client::Hyper)]
     h2_client: H2Client,
+    /// What serves the h2c listener's connections.
+    #[arg(long, value_enum, default_value_t = H2Client::Hyper)]
+    h2_server: H2Client,
 }
 
+/// Which h2 implementation a side uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum H2Client {
-    /// hyper's `client::conn::http2`, as Pylon uses it.
+    /// hyper's `client::conn::http2` / `server::conn::http2`, as Pylon uses them.
     Hyper,
-    /// The `h2` crate's client, driven from the request's own task.
+    /// The `h2` crate's client (driven from the request's own task) or server (streams driven
+    /// in their connection's task).
     H2,
 }
 
@@ -103,7 +112,10 @@ async fn serve(cli: Cli) -> Result<()> {
         tokio::select! {
             accepted = h2.accept() => {
                 let (stream, _) = accepted.context("accept")?;
-                tokio::spawn(serve_h2(stream, upstream.clone()));
+                match cli.h2_server {
+                    H2Client::Hyper => tokio::spawn(serve_h2(stream, upstream.clone())),
+                    H2Client::H2 => tokio::spawn(serve_h2_inline(stream, upstream.clone())),
+                };
             }
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
@@ -153,6 +165,8 @@ async fn connect_h1(to: SocketAddr) -> Result<client1::SendRequest<Incoming>> {
 }
 
 type FloorBody = Either<Incoming, Either<H2Body, Empty<Bytes>>>;
+/// A request body as either h2 server hands it over.
+type RequestBody = Either<Incoming, H2Body>;
 
 fn bad_gateway() -> Response<FloorBody> {
     let mut rsp = Response::new(Either::Right(Either::Right(Empty::new())));
@@ -165,15 +179,65 @@ async fn serve_h2(stream: TcpStream, upstream: Arc<H2Upstream>) {
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |req: Request<Incoming>| {
         let upstream = upstream.clone();
-        async move { Ok::<_, Infallible>(upstream.send(req).await.unwrap_or_else(|_| bad_gateway())) }
+        async move {
+            let rsp = upstream.send(req.map(Either::Left)).await;
+            Ok::<_, Infallible>(rsp.unwrap_or_else(|_| bad_gateway()))
+        }
     });
     let _ = server2::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(stream), service)
         .await;
 }
 
+/// h2c with the `h2` crate: the connection and its streams polled in one task, no spawn per
+/// stream.
+async fn serve_h2_inline(stream: TcpStream, upstream: Arc<H2Upstream>) {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let _ = stream.set_nodelay(true);
+    let Ok(mut conn) = h2::server::handshake(stream).await else {
+        return;
+    };
+    let mut streams = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => streams.push(answer(req, respond, upstream.clone())),
+                _ => break,
+            },
+            Some(()) = streams.next(), if !streams.is_empty() => {}
+        }
+    }
+    while streams.next().await.is_some() {}
+}
+
+/// One h2 stream: its request upstream, the response and its body back.
+async fn answer(
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    upstream: Arc<H2Upstream>,
+) {
+    let req = req.map(|recv| {
+        Either::Right(H2Body {
+            recv,
+            data_done: false,
+        })
+    });
+    let rsp = upstream
+        .send(req)
+        .await
+        .unwrap_or_else(|_| bad_gateway());
+    let (head, body) = rsp.into_parts();
+    let end = body.is_end_stream();
+    let Ok(send) = respond.send_response(Response::from_parts(head, ()), end) else {
+        return;
+    };
+    if !end {
+        pipe(body, send).await;
+    }
+}
+
 enum H2Upstream {
-    Hyper(client2::SendRequest<Incoming>),
+    Hyper(client2::SendRequest<RequestBody>),
     H2(h2::client::SendRequest<Bytes>),
 }
 
@@ -201,7 +265,7 @@ impl H2Upstream {
         })
     }
 
-    async fn send(&self, req: Request<Incoming>) -> Result<Response<FloorBody>> {
+    async fn send(&self, req: Request<RequestBody>) -> Result<Response<FloorBody>> {
         match self {
             Self::Hyper(sender) => {
                 let mut sender = sender.clone();
@@ -229,7 +293,7 @@ impl H2Upstream {
 }
 
 /// A request body onto its h2 stream, as the peer's window allows.
-async fn pipe(mut body: Incoming, mut send: h2::SendStream<Bytes>) {
+async fn pipe<B: Body<Data = Bytes> + Unpin>(mut body: B, mut send: h2::SendStream<Bytes>) {
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             send.send_reset(h2::Reason::CANCEL);
