@@ -2,7 +2,7 @@
 """Instructions per request of one proxy hop, and where they go: valgrind's callgrind.
 
     benches/profile.py [--workload http1-get|h2c-get|grpc-unary] [--requests 3000]
-                       [--concurrency 1] [--proxy pylon|nginx|haproxy|floor|floor-h2|floor-h2s]
+                       [--concurrency 1] [--proxy pylon|nginx|haproxy|floor|floor-h2|floor-h2s|floor-h1i]
                        [--out FILE]
                        [--keep DIR]
 
@@ -50,10 +50,12 @@ PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
                           " crate's client from the request's task)",
               "floor-h2s": "`pylon-floor --h2-client h2 --h2-server h2` (as floor-h2, h2 served"
                            " by the h2 crate, streams polled in their connection's task)",
+              "floor-h1i": "`pylon-floor --h1-client inline` (as floor, each upstream HTTP/1"
+                           " connection polled by the task using it, none spawned)",
               "nginx": "nginx (one process, the bench's configuration)",
               "haproxy": "HAProxy (one thread, the bench's configuration)"}
 # Our own binaries (jemalloc, SIGINT to stop); the rest are the baselines.
-OWN = ("pylon", "floor", "floor-h2", "floor-h2s")
+OWN = ("pylon", "floor", "floor-h2", "floor-h2s", "floor-h1i")
 WORKLOADS = {"http1-get": "HTTP/1.1 GET", "h2c-get": "h2c GET", "grpc-unary": "gRPC unary"}
 
 
@@ -167,8 +169,9 @@ def proxy_cmd(proxy_kind, ports, app_port, workload, work):
             listen = ports["inbound_h2"]
         cmd = [os.path.join(RELEASE, "pylon-floor"), "--listen", f"127.0.0.1:{ports['inbound']}",
                "--listen-h2", f"127.0.0.1:{ports['inbound_h2']}", "--to", f"127.0.0.1:{app_port}",
-               "--h2-client", "hyper" if proxy_kind == "floor" else "h2",
-               "--h2-server", "h2" if proxy_kind == "floor-h2s" else "hyper"]
+               "--h2-client", "h2" if proxy_kind in ("floor-h2", "floor-h2s") else "hyper",
+               "--h2-server", "h2" if proxy_kind == "floor-h2s" else "hyper",
+               "--h1-client", "inline" if proxy_kind == "floor-h1i" else "task"]
     else:
         # nginx and HAProxy take h2c on a port of its own (prior knowledge), HTTP/1.1 on another.
         if workload != "http1-get":

@@ -11,6 +11,11 @@
 //! spawns a task per request to wait for the response): the two floors' difference is what
 //! such a client in Pylon could save.
 //!
+//! `--h1-client inline` polls each upstream HTTP/1 connection from the downstream connection's
+//! own task (while a response head is awaited and while its body streams) instead of from a
+//! task of its own, which hyper's client reaches through a channel and answers through a
+//! oneshot: what such a pool in Pylon could save.
+//!
 //! `--h2-server h2` serves h2 with the `h2` crate, each connection's streams polled in the
 //! connection's own task, instead of hyper's h2 server (which spawns a task per stream): what
 //! such a server in Pylon could save.
@@ -19,6 +24,7 @@
 //! jemalloc.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -57,9 +63,20 @@ struct Cli {
     /// What sends the h2 requests upstream.
     #[arg(long, value_enum, default_value_t = H2Client::Hyper)]
     h2_client: H2Client,
+    /// What drives the upstream HTTP/1 connections.
+    #[arg(long, value_enum, default_value_t = H1Client::Task)]
+    h1_client: H1Client,
     /// What serves the h2c listener's connections.
     #[arg(long, value_enum, default_value_t = H2Client::Hyper)]
     h2_server: H2Client,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum H1Client {
+    /// hyper's connection future spawned as a task, as Pylon's pool does.
+    Task,
+    /// The connection future polled by the task that waits for its response.
+    Inline,
 }
 
 /// Which h2 implementation a side uses.
@@ -102,9 +119,13 @@ async fn serve(cli: Cli) -> Result<()> {
         .context("h2c listener")?;
     let upstream = H2Upstream::connect(cli.to, cli.h2_client).await?;
     let to = cli.to;
+    let h1_client = cli.h1_client;
     tokio::spawn(async move {
         while let Ok((stream, _)) = h1.accept().await {
-            tokio::spawn(serve_h1(stream, to));
+            match h1_client {
+                H1Client::Task => tokio::spawn(serve_h1(stream, to)),
+                H1Client::Inline => tokio::spawn(serve_h1_inline(stream, to)),
+            };
         }
     });
     let upstream = Arc::new(upstream);
@@ -162,6 +183,126 @@ async fn connect_h1(to: SocketAddr) -> Result<client1::SendRequest<Incoming>> {
     let (sender, conn) = client1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     Ok(sender)
+}
+
+/// An upstream HTTP/1 connection whose future is polled by whoever is using it.
+struct InlineH1 {
+    sender: client1::SendRequest<Incoming>,
+    conn: client1::Connection<TokioIo<TcpStream>, Incoming>,
+}
+
+type InlineSlot = Arc<Mutex<Option<InlineH1>>>;
+
+/// HTTP/1.1 with `--h1-client inline`: as `serve_h1`, but nothing is spawned per upstream
+/// connection; its future is polled while a response is awaited and while its body streams.
+async fn serve_h1_inline(stream: TcpStream, to: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let slot: InlineSlot = Arc::default();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let slot = slot.clone();
+        async move {
+            let taken = slot.lock().ok().and_then(|mut s| s.take());
+            let mut up = match taken {
+                Some(up) => up,
+                None => match connect_h1_inline(to).await {
+                    Ok(up) => up,
+                    Err(_) => return Ok::<_, Infallible>(bad_gateway_inline()),
+                },
+            };
+            let ready = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = up.sender.poll_ready(cx) {
+                    return Poll::Ready(r.is_ok());
+                }
+                match Pin::new(&mut up.conn).poll(cx) {
+                    Poll::Ready(_) => Poll::Ready(false),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            if !ready {
+                return Ok(bad_gateway_inline());
+            }
+            let mut response = std::pin::pin!(up.sender.send_request(req));
+            let rsp = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                    return Poll::Ready(r.ok());
+                }
+                match Pin::new(&mut up.conn).poll(cx) {
+                    Poll::Ready(_) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            drop(response);
+            let Some(rsp) = rsp else {
+                return Ok(bad_gateway_inline());
+            };
+            Ok(rsp.map(|body| {
+                Either::Left(InlineBody {
+                    body,
+                    up: Some(up),
+                    slot,
+                })
+            }))
+        }
+    });
+    let _ = server1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+async fn connect_h1_inline(to: SocketAddr) -> Result<InlineH1> {
+    let stream = TcpStream::connect(to).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = client1::handshake(TokioIo::new(stream)).await?;
+    Ok(InlineH1 { sender, conn })
+}
+
+fn bad_gateway_inline() -> Response<Either<InlineBody, Empty<Bytes>>> {
+    let mut rsp = Response::new(Either::Right(Empty::new()));
+    *rsp.status_mut() = StatusCode::BAD_GATEWAY;
+    rsp
+}
+
+/// A response body whose connection is polled as it is read, and goes back to the slot for the
+/// next request once the body has ended.
+struct InlineBody {
+    body: Incoming,
+    up: Option<InlineH1>,
+    slot: InlineSlot,
+}
+
+impl Body for InlineBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(up) = &mut this.up {
+            // Reads what the body is waiting for; a closed connection ends it below.
+            if Pin::new(&mut up.conn).poll(cx).is_ready() {
+                this.up = None;
+            }
+        }
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if this.body.is_end_stream() || frame.is_none() {
+            if let (Some(up), Ok(mut slot)) = (this.up.take(), this.slot.lock()) {
+                *slot = Some(up);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 type FloorBody = Either<Incoming, Either<H2Body, Empty<Bytes>>>;
@@ -222,10 +363,7 @@ async fn answer(
             data_done: false,
         })
     });
-    let rsp = upstream
-        .send(req)
-        .await
-        .unwrap_or_else(|_| bad_gateway());
+    let rsp = upstream.send(req).await.unwrap_or_else(|_| bad_gateway());
     let (head, body) = rsp.into_parts();
     let end = body.is_end_stream();
     let Ok(send) = respond.send_response(Response::from_parts(head, ()), end) else {
