@@ -233,7 +233,6 @@ async fn serve_h1_inline(stream: TcpStream, to: SocketAddr) {
                 }
             })
             .await;
-            drop(response);
             let Some(rsp) = rsp else {
                 return Ok(bad_gateway_inline());
             };
