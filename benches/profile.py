@@ -2,7 +2,7 @@
 """Instructions per request of one proxy hop, and where they go: valgrind's callgrind.
 
     benches/profile.py [--workload http1-get|h2c-get|grpc-unary] [--requests 3000]
-                       [--concurrency 1] [--proxy pylon|nginx|haproxy|floor|floor-h2|floor-h2s|floor-h1i]
+                       [--concurrency 1] [--proxy pylon|pylon-outbound|nginx|haproxy|floor|floor-h2|floor-h2s|floor-h1i]
                        [--out FILE]
                        [--keep DIR]
 
@@ -11,7 +11,9 @@ machine is doing, so a change's before -> after is a fact rather than a sample. 
 (a cache miss costs more than an add), so throughput is still the load bench's (`benches/run`).
 
 How: the release `pylon-proxy` (debug info on, as `[profile.release]` has it) runs under
-callgrind as one inbound hop in front of the bench's own app (`pylon-bench app`); the bench's
+callgrind as one inbound hop in front of the bench's own app (`pylon-bench app`), or with
+`--proxy pylon-outbound` as the client's outbound hop with the app its destination's endpoint
+(the bench's chain sends through both, outbound then inbound); the bench's
 client (`pylon-bench send`) sends the workload's requests on one connection (HTTP/1.1 keep-alive,
 or `--concurrency` streams of one h2 connection: more than one shows what batching saves, at the
 price of figures that vary a little with timing). The proxy is run twice, with a few
@@ -44,6 +46,8 @@ RELEASE = os.path.join(ROOT, "target", "release")
 WARM = 200  # requests of the short run
 ALLOC_REQUESTS = 300  # requests whose allocations' stacks perf records (16 KiB of stack each)
 PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
+              "pylon-outbound": "`pylon-proxy --threads 1` as the client's outbound hop (the bench's"
+                                " Service and EndpointSlice in its config dir, the app the endpoint)",
               "floor": "`pylon-floor` (hyper's server and client and nothing else: the floor under"
                        " Pylon's own stages)",
               "floor-h2": "`pylon-floor --h2-client h2` (as floor, h2 requests sent with the h2"
@@ -55,7 +59,7 @@ PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
               "nginx": "nginx (one process, the bench's configuration)",
               "haproxy": "HAProxy (one thread, the bench's configuration)"}
 # Our own binaries (jemalloc, SIGINT to stop); the rest are the baselines.
-OWN = ("pylon", "floor", "floor-h2", "floor-h2s", "floor-h1i")
+OWN = ("pylon", "pylon-outbound", "floor", "floor-h2", "floor-h2s", "floor-h1i")
 WORKLOADS = {"http1-get": "HTTP/1.1 GET", "h2c-get": "h2c GET", "grpc-unary": "gRPC unary"}
 
 
@@ -78,10 +82,11 @@ def wait_ready(admin, deadline_s=60):
     sys.exit(f"profile: the proxy was not ready within {deadline_s} s")
 
 
-def send(port, n, workload, concurrency):
+def send(port, n, workload, concurrency, authority):
     subprocess.run([os.path.join(RELEASE, "pylon-bench"), "send", "--workload", workload,
                     "--to", f"127.0.0.1:{port}", "--requests", str(n),
-                    "--concurrency", str(concurrency)], check=True, timeout=600)
+                    "--concurrency", str(concurrency), "--authority", authority],
+                   check=True, timeout=600)
 
 
 def wait_listening(port, deadline_s=60):
@@ -155,15 +160,23 @@ backend next_h2
 def proxy_cmd(proxy_kind, ports, app_port, workload, work):
     """The hop's command line, and the port the workload's client sends to."""
     listen = ports["inbound"]
-    if proxy_kind == "pylon":
+    if proxy_kind.startswith("pylon"):
         cmd = [
             os.path.join(RELEASE, "pylon-proxy"), "--threads", "1",
             "--inbound-addr", f"127.0.0.1:{ports['inbound']}",
             "--outbound-addr", f"127.0.0.1:{ports['outbound']}",
             "--admin-addr", f"127.0.0.1:{ports['admin']}",
             "--tap-addr", f"127.0.0.1:{ports['tap']}",
-            "--inbound-forward", f"127.0.0.1:{app_port}",
         ]
+        if proxy_kind == "pylon":
+            cmd += ["--inbound-forward", f"127.0.0.1:{app_port}"]
+        else:
+            mesh = os.path.join(work, "mesh")
+            os.makedirs(mesh, exist_ok=True)
+            with open(os.path.join(mesh, "bench.yaml"), "w") as f:
+                f.write(mesh_yaml(app_port))
+            cmd += ["--config-dir", mesh]
+            listen = ports["outbound"]
     elif proxy_kind.startswith("floor"):
         if workload != "http1-get":
             listen = ports["inbound_h2"]
@@ -186,6 +199,43 @@ def proxy_cmd(proxy_kind, ports, app_port, workload, work):
     return cmd, listen
 
 
+AUTHORITY = "bench.default.svc.cluster.local"
+
+
+def mesh_yaml(app_port):
+    """The bench's Service (benches/src/chain.rs render_pylon_mesh), its endpoint the app."""
+    return f"""apiVersion: v1
+kind: Service
+metadata:
+  name: bench
+  namespace: default
+spec:
+  ports:
+  - name: http
+    port: 80
+    protocol: TCP
+    targetPort: http
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: bench-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: bench
+addressType: IPv4
+ports:
+- name: http
+  port: {app_port}
+  protocol: TCP
+endpoints:
+- addresses:
+  - "127.0.0.1"
+  conditions:
+    ready: true
+"""
+
+
 def run(requests, app_port, workload, concurrency, proxy_kind, work, wrap=(), measured=None):
     """One run of `proxy_kind` as the hop in front of the app, under `wrap` (callgrind): sends
     `requests`; with `measured` (requests, start, stop), that many more between start() and
@@ -196,16 +246,18 @@ def run(requests, app_port, workload, concurrency, proxy_kind, work, wrap=(), me
     proxy = subprocess.Popen(list(wrap) + cmd, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        if proxy_kind == "pylon":
+        if proxy_kind.startswith("pylon"):
             wait_ready(ports["admin"])
         else:
             wait_listening(listen)
-        send(listen, requests, workload, concurrency)
+        # The outbound hop resolves the name through the Service in its config dir.
+        authority = AUTHORITY if proxy_kind == "pylon-outbound" else "app"
+        send(listen, requests, workload, concurrency, authority)
         if measured:
             n, start, stop = measured
             start(proxy.pid)
             try:
-                send(listen, n, workload, concurrency)
+                send(listen, n, workload, concurrency, authority)
             finally:
                 stop()
     finally:
@@ -246,7 +298,7 @@ def perf_allocations(app_port, workload, concurrency, proxy_kind, work, requests
         return "perf is missing (apt-get install linux-perf)"
     if os.geteuid() != 0:
         return "perf probe needs root"
-    binary = os.path.join(RELEASE, "pylon-proxy" if proxy_kind == "pylon" else "pylon-floor")
+    binary = os.path.join(RELEASE, "pylon-proxy" if proxy_kind.startswith("pylon") else "pylon-floor")
     subprocess.run(["perf", "probe", "-q", "-d", f"{PERF_GROUP}:*"], capture_output=True)
     probed = [f for f in JEMALLOC_ENTRIES
               if subprocess.run(["perf", "probe", "-q", "-x", binary, "-a",
@@ -438,7 +490,7 @@ def main():
                   "| instructions | share | function |", "|---:|---:|---|"]
         lines += [f"| {c:,.0f} | {min(c / per_request, 1):.1%} | `{short(n)}` |"
                   for n, c in incl if c < per_request * 1.01][: a.top]
-        if a.proxy == "pylon":
+        if a.proxy.startswith("pylon"):
             lines += ["", "## Pylon's own stages, inclusive (what each call costs with what it calls)",
                       "", "| instructions | share | function |", "|---:|---:|---|"]
             lines += [f"| {c:,.0f} | {min(c / per_request, 1):.1%} | `{short(n)}` |"

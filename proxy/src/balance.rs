@@ -16,6 +16,7 @@
 //!   connects before handing the request down and, when that fails, tries another endpoint.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -454,12 +455,13 @@ where
     S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>
         + Clone
         + Send
+        + Unpin
         + 'static,
-    S::Future: Send + 'static,
+    S::Future: Send + Unpin + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+    type Future = Balancing<S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -468,7 +470,7 @@ where
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         let Some(logical) = req.ctx().logical.clone() else {
             // LogicalLayer always runs first; without it there is nothing to balance over.
-            return Box::pin(std::future::ready(Err(ProxyError::NoEndpoints)));
+            return Balancing::failed(ProxyError::NoEndpoints);
         };
         let endpoint = match logical.pick() {
             Ok(e) => e,
@@ -482,7 +484,7 @@ where
                     &req,
                     e.into(),
                 );
-                return Box::pin(std::future::ready(Err(err)));
+                return Balancing::failed(err);
             }
         };
         if let Some(slot) = &req.ctx().endpoint_slot {
@@ -500,7 +502,7 @@ where
         };
         if !endpoint.target.is_connected(RequestShape::of(&req)) {
             // Connect first (to another endpoint if this one can't be reached), then send.
-            return Box::pin(delivery.deliver(endpoint, Vec::new(), req));
+            return Balancing::Own(Box::pin(delivery.deliver(endpoint, Vec::new(), req)));
         }
         // The usual case: a connection is ready, nothing to wait for before sending.
         let in_flight = endpoint
@@ -509,18 +511,80 @@ where
             .with_health(endpoint.health.clone());
         let unsent = UnsentSlot::default();
         req.ctx_mut().target = Some(endpoint.target.with_unsent(&unsent));
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            match (response.await, unsent.take()) {
-                // The connection died before the request went out (its endpoint with it, as
-                // it refused a new one): the request goes to another endpoint.
-                (Err(err), Some(req)) => {
-                    charge(in_flight, err);
-                    Box::pin(delivery.deliver_elsewhere(vec![endpoint], req, err)).await
-                }
-                (result, _) => respond(result, in_flight, delivery.route),
+        Balancing::Sending {
+            response: self.inner.call(req),
+            sent: Some(Sent {
+                endpoint,
+                in_flight,
+                unsent,
+                delivery,
+            }),
+        }
+    }
+}
+
+/// `Balance`'s future. The usual case, a request sent on a ready connection, is the inner
+/// future and what its end needs, with no box; a request its connection never sent goes on
+/// to another endpoint (boxed: that is rare).
+pub enum Balancing<S: Service<Request<RequestBody>>> {
+    Sending {
+        response: S::Future,
+        /// Taken when the response is in.
+        sent: Option<Sent<S>>,
+    },
+    Own(BoxFuture<Result<ProxyResponse, ProxyError>>),
+}
+
+/// A request sent to `endpoint`, until its response is in.
+pub struct Sent<S> {
+    endpoint: Arc<Endpoint>,
+    in_flight: InFlight,
+    unsent: UnsentSlot,
+    delivery: Delivery<S>,
+}
+
+impl<S: Service<Request<RequestBody>>> Balancing<S> {
+    fn failed(err: ProxyError) -> Self {
+        Self::Own(Box::pin(std::future::ready(Err(err))))
+    }
+}
+
+impl<S> Future for Balancing<S>
+where
+    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>
+        + Clone
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + Unpin + 'static,
+{
+    type Output = Result<ProxyResponse, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let (result, sent) = match this {
+            Self::Own(f) => return f.as_mut().poll(cx),
+            Self::Sending { response, sent } => {
+                let result = std::task::ready!(Pin::new(response).poll(cx));
+                let Some(sent) = sent.take() else {
+                    return Poll::Ready(result);
+                };
+                (result, sent)
             }
-        })
+        };
+        match (result, sent.unsent.take()) {
+            // The connection died before the request went out (its endpoint with it, as it
+            // refused a new one): the request goes to another endpoint.
+            (Err(err), Some(req)) => {
+                charge(sent.in_flight, err);
+                let elsewhere = sent
+                    .delivery
+                    .deliver_elsewhere(vec![sent.endpoint], req, err);
+                *this = Self::Own(Box::pin(elsewhere));
+                Pin::new(this).poll(cx)
+            }
+            (result, _) => Poll::Ready(respond(result, sent.in_flight, sent.delivery.route)),
+        }
     }
 }
 

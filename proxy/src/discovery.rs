@@ -23,7 +23,7 @@ use crate::http::ctx::WithCtx;
 use crate::http::headers::request_authority;
 use crate::http::metrics::log_proxy_error;
 use crate::http::request_body::RequestBody;
-use crate::http::{BoxFuture, ProxyError, ProxyResponse};
+use crate::http::{PassThrough, ProxyError, ProxyResponse};
 use crate::mesh_tls::MeshTls;
 use crate::names::AuthorityMap;
 use crate::names::EndpointNames;
@@ -254,12 +254,17 @@ impl Discovery {
 
     /// The logical destination for a request's authority (`Host`, `:authority` or an
     /// absolute-form URI).
+    /// The destination `raw` names, when a request has named it before (the usual case).
+    pub fn cached(&self, raw: &[u8]) -> Option<Arc<Logical>> {
+        self.by_authority.load().get(raw).cloned()
+    }
+
     pub async fn resolve_authority(
         self: &Arc<Self>,
         raw: &[u8],
     ) -> Result<Arc<Logical>, ProxyError> {
-        if let Some(l) = self.by_authority.load().get(raw) {
-            return Ok(l.clone());
+        if let Some(l) = self.cached(raw) {
+            return Ok(l);
         }
         let authority = Authority::try_from(raw).map_err(|_| ProxyError::MalformedRequest)?;
         let port = authority.port_u16().unwrap_or(80);
@@ -864,11 +869,12 @@ where
         + Clone
         + Send
         + 'static,
-    S::Future: Send + 'static,
+    S::Future: Send + Unpin + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+    // A destination already known (nearly every request) goes straight down: no box.
+    type Future = PassThrough<S::Future, Result<ProxyResponse, ProxyError>>;
 
     fn poll_ready(
         &mut self,
@@ -878,32 +884,34 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<RequestBody>) -> Self::Future {
+        let known = match &self.layer.dialled {
+            Some(l) => Some(l.clone()),
+            None => request_authority(&req).and_then(|a| self.layer.discovery.cached(a)),
+        };
+        if let Some(logical) = known {
+            req.ctx_mut().logical = Some(logical);
+            return PassThrough::Inner(self.inner.call(req));
+        }
         // The inner service was made ready for this call; keep that one, leave a clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
-        Box::pin(async move {
-            let logical = match layer.dialled {
-                Some(l) => l,
-                None => {
-                    let Some(authority) = request_authority(&req) else {
-                        let err = ProxyError::MissingAuthority;
-                        log_proxy_error("outbound", "", None, err);
-                        return Err(err);
-                    };
-                    layer
-                        .discovery
-                        .resolve_authority(authority)
-                        .await
-                        .inspect_err(|err| {
-                            let destination = String::from_utf8_lossy(authority);
-                            log_proxy_error("outbound", &destination, None, *err);
-                        })?
-                }
+        let discovery = self.layer.discovery.clone();
+        PassThrough::Own(Box::pin(async move {
+            let Some(authority) = request_authority(&req) else {
+                let err = ProxyError::MissingAuthority;
+                log_proxy_error("outbound", "", None, err);
+                return Err(err);
             };
+            let logical = discovery
+                .resolve_authority(authority)
+                .await
+                .inspect_err(|err| {
+                    let destination = String::from_utf8_lossy(authority);
+                    log_proxy_error("outbound", &destination, None, *err);
+                })?;
             req.ctx_mut().logical = Some(logical);
             inner.call(req).await
-        })
+        }))
     }
 }
 
@@ -1089,15 +1097,16 @@ mod tests {
                 .cloned()
                 .unwrap()
         };
-        let client = tower::service_fn(move |req: Request<RequestBody>| async move {
+        // Answers at once (a ready future, as `Balance` wants an `Unpin` one).
+        let client = tower::service_fn(move |req: Request<RequestBody>| {
             let target = req.ctx().target.clone().unwrap();
             if target.addr == gone {
                 target.unsent.expect("a slot").put(req);
-                return Err(ProxyError::ConnectionRefused);
+                return std::future::ready(Err(ProxyError::ConnectionRefused));
             }
             let mut rsp = http::Response::new(crate::http::ResponseBody::empty());
             *rsp.status_mut() = http::StatusCode::from_u16(200 + target.addr.port() % 100).unwrap();
-            Ok::<_, ProxyError>(rsp)
+            std::future::ready(Ok::<_, ProxyError>(rsp))
         });
         let balance = BalanceLayer::new(false).layer(client);
         for _ in 0..20 {
