@@ -469,6 +469,12 @@ def main():
         allocs = caller_shares(short_run, long_run, is_alloc, a.requests, 1)
         git = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True).stdout.strip()
+        # Code changed since that commit (anything but the results) makes it a different build.
+        changed = subprocess.run(["git", "status", "--porcelain", "--", ".",
+                                  ":!benches/results"], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.strip()
+        if changed:
+            git += "+changes"
         lines = [
             f"# Instructions per request, one {a.proxy} hop, {WORKLOADS[a.workload]} (callgrind)",
             "",

@@ -558,6 +558,7 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         not_run,
         tap_active_vs_idle: tap_cost,
         mtls_vs_plaintext: mtls_cost,
+        profiles: crate::profiles::read(&o.results_dir),
     };
     report::fill_ratios(&mut report);
     let md = report::markdown(&report);

@@ -15,6 +15,7 @@ mod loadgen;
 mod machine;
 mod procs;
 mod procstat;
+mod profiles;
 mod report;
 mod syscalls;
 mod tap;

@@ -185,6 +185,8 @@ pub struct Report {
     pub not_run: Vec<NotRun>,
     pub tap_active_vs_idle: String,
     pub mtls_vs_plaintext: MtlsCost,
+    /// Instructions per request per hop from the committed `benches/profile.py` reports.
+    pub profiles: Vec<crate::profiles::HopCost>,
 }
 
 /// Fills the ratio columns of every row from the other rows of the same run.
@@ -471,6 +473,17 @@ pub fn markdown(r: &Report) -> String {
             None => "not measured",
         };
         let _ = writeln!(md, "| {target} | {figure} | {verdict} |");
+    }
+    md.push_str("\n## What stands in the way\n");
+    md.push_str(&crate::profiles::markdown(&r.profiles));
+    if let Some(m) = r.memory.iter().find(|m| m.path == PathKind::Pylon) {
+        let _ = writeln!(
+            md,
+            "- Idle RSS: of the pair's {:.1} MiB, {:.1} MiB is anonymous memory (heap, stacks); \
+             the rest is mapped files, mostly the proxy's code, which RSS counts in each \
+             process although the two share it.",
+            m.idle_rss_mib, m.idle_anon_mib
+        );
     }
 
     if !r.not_run.is_empty() {
@@ -780,6 +793,7 @@ mod tests {
             memory: vec![],
             not_run: vec![],
             tap_active_vs_idle: String::new(),
+            profiles: Vec::new(),
             mtls_vs_plaintext: MtlsCost {
                 summary: String::new(),
                 figures: vec![],

@@ -1,0 +1,234 @@
+//! The instruction counts `benches/profile.py` left in the results dir
+//! (`profile*-latest.md`), read back so the bench's report can say what stands in the way of
+//! each target it misses: what one hop of Pylon, of the floor under it (`pylon-floor`: hyper
+//! and h2 alone) and of nginx and HAProxy cost per request. Instructions are exact where the
+//! load figures on a noisy 2-core machine are not, so they settle what can be won and where.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+/// One hop's cost per request, from one profile report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HopCost {
+    /// `pylon`, `pylon-outbound`, `floor`, `floor-h2`, `floor-h2s`, `floor-h1i`, `nginx` or
+    /// `haproxy` (profile.py's `--proxy`).
+    pub hop: String,
+    /// profile.py's workload title: `HTTP/1.1 GET`, `h2c GET` or `gRPC unary`.
+    pub workload: String,
+    pub instructions: f64,
+    /// The commit the report was made at.
+    pub git: String,
+}
+
+/// The hops in the order the report lists them, with what each is.
+const HOPS: [(&str, &str); 8] = [
+    ("pylon", "Pylon, inbound hop"),
+    ("pylon-outbound", "Pylon, outbound hop"),
+    ("floor", "floor: hyper's server and client alone"),
+    ("floor-h2", "floor, h2 sent with the h2 crate's client"),
+    (
+        "floor-h2s",
+        "floor, h2 served by the h2 crate too (no task per stream)",
+    ),
+    (
+        "floor-h1i",
+        "floor, HTTP/1 connections polled by the request's task",
+    ),
+    ("nginx", "nginx"),
+    ("haproxy", "HAProxy"),
+];
+const WORKLOADS: [&str; 3] = ["HTTP/1.1 GET", "h2c GET", "gRPC unary"];
+
+/// Every profile report in `dir`; one that doesn't parse is left out.
+pub fn read(dir: &Path) -> Vec<HopCost> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<HopCost> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("profile") && name.ends_with("-latest.md")
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|text| parse(&text))
+        .collect();
+    out.sort_by(|a, b| a.hop.cmp(&b.hop).then(a.workload.cmp(&b.workload)));
+    out
+}
+
+/// A report's hop, workload, commit and headline: `# Instructions per request, one HOP hop,
+/// WORKLOAD (callgrind)`, `- git COMMIT, ...` and `**N instructions per request.**`.
+fn parse(text: &str) -> Option<HopCost> {
+    let title = text.lines().next()?;
+    let rest = title.strip_prefix("# Instructions per request, one ")?;
+    let (hop, rest) = rest.split_once(" hop, ")?;
+    let workload = rest.strip_suffix(" (callgrind)")?;
+    let git = text
+        .lines()
+        .find_map(|l| l.strip_prefix("- git "))
+        .and_then(|l| l.split(',').next())?;
+    let instructions = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("**")?
+                .strip_suffix(" instructions per request.**")
+        })?
+        .replace(',', "")
+        .parse()
+        .ok()?;
+    Some(HopCost {
+        hop: hop.to_owned(),
+        workload: workload.to_owned(),
+        instructions,
+        git: git.to_owned(),
+    })
+}
+
+fn cost(costs: &[HopCost], hop: &str, workload: &str) -> Option<f64> {
+    costs
+        .iter()
+        .find(|c| c.hop == hop && c.workload == workload)
+        .map(|c| c.instructions)
+}
+
+/// For the report's "what stands in the way": the table of hop costs, then what they say about
+/// each CPU target. Empty without reports.
+pub fn markdown(costs: &[HopCost]) -> String {
+    if costs.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\nInstructions per request for one hop, from the `benches/profile.py` reports in this \
+         directory (callgrind, user space; each made at the commit shown). Re-run with `python3 benches/profile.py \
+         [--workload h2c-get|grpc-unary] [--proxy HOP]`.\n\n\
+         | hop | HTTP/1.1 GET | h2c GET | gRPC unary | at |\n|---|---:|---:|---:|---|\n",
+    );
+    for (hop, what) in HOPS {
+        let row: Vec<&HopCost> = costs.iter().filter(|c| c.hop == hop).collect();
+        if row.is_empty() {
+            continue;
+        }
+        let cells: Vec<String> = WORKLOADS
+            .iter()
+            .map(|w| cost(costs, hop, w).map_or("—".to_owned(), thousands))
+            .collect();
+        let mut commits: Vec<&str> = row.iter().map(|c| c.git.as_str()).collect();
+        commits.sort_unstable();
+        commits.dedup();
+        let _ = writeln!(
+            md,
+            "| {what} (`{hop}`) | {} | {} | {} | {} |",
+            cells[0],
+            cells[1],
+            cells[2],
+            commits.join(", ")
+        );
+    }
+    md.push('\n');
+
+    let h1 = |hop| cost(costs, hop, "HTTP/1.1 GET");
+    if let (Some(floor), Some(pylon)) = (h1("floor"), h1("pylon")) {
+        let best = [h1("nginx"), h1("haproxy")]
+            .into_iter()
+            .flatten()
+            .fold(f64::INFINITY, f64::min);
+        if best.is_finite() {
+            let _ = writeln!(
+                md,
+                "- HTTP/1.1: hyper alone costs {:.2}× the cheaper baseline's whole hop, so \
+                 while Pylon's HTTP/1 is hyper's no change to Pylon's own stages reaches \
+                 1.0×. Those stages add {} instructions to the inbound hop ({:.0}% of it).",
+                floor / best,
+                thousands(pylon - floor),
+                100.0 * (pylon - floor) / pylon
+            );
+        }
+    }
+    for workload in ["h2c GET", "gRPC unary"] {
+        let floor = ["floor", "floor-h2", "floor-h2s"]
+            .into_iter()
+            .filter_map(|hop| cost(costs, hop, workload))
+            .fold(f64::INFINITY, f64::min);
+        let (Some(haproxy), Some(pylon)) = (
+            cost(costs, "haproxy", workload),
+            cost(costs, "pylon", workload),
+        ) else {
+            continue;
+        };
+        if floor.is_finite() {
+            let _ = writeln!(
+                md,
+                "- {workload}: the cheapest floor costs {:.2}× HAProxy's hop; Pylon's own \
+                 stages add {} instructions to it ({:.0}% of Pylon's hop).",
+                floor / haproxy,
+                thousands(pylon - floor),
+                100.0 * (pylon - floor) / pylon
+            );
+        }
+    }
+    md
+}
+
+fn thousands(n: f64) -> String {
+    crate::report::thousands(n.round().max(0.0) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPORT: &str = "# Instructions per request, one floor-h2 hop, gRPC unary (callgrind)\n\n\
+        - git 979f92912345, 3000 requests (grpc-unary), 1 at a time on one connection\n\
+        - `benches/profile.py` ...\n\n**61,786 instructions per request.**\n\n## Own cost\n";
+
+    #[test]
+    fn a_report_is_read_back() {
+        assert_eq!(
+            parse(REPORT),
+            Some(HopCost {
+                hop: "floor-h2".into(),
+                workload: "gRPC unary".into(),
+                instructions: 61_786.0,
+                git: "979f92912345".into(),
+            })
+        );
+        assert_eq!(parse("# something else\n"), None);
+    }
+
+    #[test]
+    fn the_section_says_what_the_floor_leaves() {
+        let c = |hop: &str, workload: &str, n: f64| HopCost {
+            hop: hop.into(),
+            workload: workload.into(),
+            instructions: n,
+            git: "abc".into(),
+        };
+        let md = markdown(&[
+            c("pylon", "HTTP/1.1 GET", 30_000.0),
+            c("floor", "HTTP/1.1 GET", 20_000.0),
+            c("nginx", "HTTP/1.1 GET", 16_000.0),
+            c("haproxy", "HTTP/1.1 GET", 27_000.0),
+            c("pylon", "gRPC unary", 70_000.0),
+            c("floor-h2", "gRPC unary", 60_000.0),
+            c("haproxy", "gRPC unary", 40_000.0),
+        ]);
+        assert!(
+            md.contains("| Pylon, inbound hop (`pylon`) | 30,000 | — | 70,000 | abc |"),
+            "{md}"
+        );
+        assert!(md.contains("hyper alone costs 1.25×"), "{md}");
+        assert!(
+            md.contains("add 10,000 instructions to the inbound hop (33%"),
+            "{md}"
+        );
+        assert!(
+            md.contains("gRPC unary: the cheapest floor costs 1.50×"),
+            "{md}"
+        );
+        assert!(markdown(&[]).is_empty());
+    }
+}
