@@ -254,6 +254,7 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
             path: c.kind,
             idle_rss_mib: mib(procstat::total_rss_kib(&c.http_pids)?),
             idle_anon_mib: mib(procstat::total_anon_kib(&c.http_pids)?),
+            idle_pss_mib: mib(procstat::total_pss_kib(&c.http_pids)?),
             with_connections: Vec::new(),
         });
     }

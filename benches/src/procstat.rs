@@ -67,7 +67,7 @@ pub fn parse_stat(line: &str) -> Result<Stat> {
     })
 }
 
-/// A `/proc/PID/status` field in kB (`VmRSS`, `RssAnon`, ...).
+/// A `/proc/PID/status` (or `smaps_rollup`) field in kB (`VmRSS`, `RssAnon`, `Pss`, ...).
 fn parse_status_kib(status: &str, field: &str) -> Result<u64> {
     let line = status
         .lines()
@@ -222,6 +222,19 @@ pub fn total_anon_kib(roots: &[u32]) -> Result<u64> {
     total_status_kib(roots, "RssAnon")
 }
 
+/// The proportional set size of `roots` and their descendants (`Pss` of
+/// `/proc/PID/smaps_rollup`): each page counted once, split between the processes that map it.
+/// Two proxies of one binary share its code; RSS counts those pages in both, PSS once.
+pub fn total_pss_kib(roots: &[u32]) -> Result<u64> {
+    let mut total = 0;
+    for pid in with_descendants(roots)? {
+        let path = format!("/proc/{pid}/smaps_rollup");
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        total += parse_status_kib(&text, "Pss").with_context(|| format!("parsing {path}"))?;
+    }
+    Ok(total)
+}
+
 fn total_status_kib(roots: &[u32], field: &str) -> Result<u64> {
     let mut total = 0;
     for pid in with_descendants(roots)? {
@@ -242,6 +255,10 @@ mod tests {
         assert_eq!(parse_status_kib(status, "RssAnon").expect("RssAnon"), 1100);
         assert!(parse_status_kib(status, "RssFile").is_err());
         assert!(parse_status_kib("VmRSS:\t12 MB\n", "VmRSS").is_err());
+        // smaps_rollup: `Pss` is its own line, not the start of `Pss_Anon`.
+        let rollup = "55d0-7ffd ---p 00000000 00:00 0  [rollup]\nRss:  8784 kB\n\
+                      Pss_Anon:  1400 kB\nPss:  5120 kB\n";
+        assert_eq!(parse_status_kib(rollup, "Pss").expect("Pss"), 5120);
     }
 
     #[test]

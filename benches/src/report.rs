@@ -116,6 +116,8 @@ pub struct MemoryRow {
     /// Of `idle_rss_mib`, the anonymous memory (heap, stacks); the rest is mapped files,
     /// mostly each process's code.
     pub idle_anon_mib: f64,
+    /// Idle proportional set size: pages the processes share (their code) counted once.
+    pub idle_pss_mib: f64,
     pub with_connections: Vec<MemoryPoint>,
 }
 
@@ -385,18 +387,20 @@ pub fn markdown(r: &Report) -> String {
          completed one `GET /small` and then sits idle; read 3 s after the last one opened (the same \
          method for every proxy). Idle anon: the part of idle that is anonymous memory (heap, \
          stacks); the rest is mapped files, mostly the proxies' own code, which RSS counts once \
-         per process although processes of one binary share it.\n\n",
+         per process although processes of one binary share it. Idle PSS: the proportional set \
+         size, each page split between the processes that map it, so shared code counts \
+         once.\n\n",
     );
     let counts: Vec<usize> = r
         .memory
         .first()
         .map(|m| m.with_connections.iter().map(|p| p.connections).collect())
         .unwrap_or_default();
-    md.push_str("| path | idle | idle anon |");
+    md.push_str("| path | idle | idle anon | idle PSS |");
     for c in &counts {
         let _ = write!(md, " {} conns |", thousands(*c));
     }
-    md.push_str(" idle ÷ best |\n|---|---:|---:|");
+    md.push_str(" idle ÷ best |\n|---|---:|---:|---:|");
     for _ in &counts {
         md.push_str("---:|");
     }
@@ -406,10 +410,11 @@ pub fn markdown(r: &Report) -> String {
     for m in &r.memory {
         let _ = write!(
             md,
-            "| {} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} |",
             m.path.name(),
             m.idle_rss_mib,
-            m.idle_anon_mib
+            m.idle_anon_mib,
+            m.idle_pss_mib
         );
         for p in &m.with_connections {
             if p.errors.count > 0 || p.opened != p.connections {
@@ -481,8 +486,8 @@ pub fn markdown(r: &Report) -> String {
             md,
             "- Idle RSS: of the pair's {:.1} MiB, {:.1} MiB is anonymous memory (heap, stacks); \
              the rest is mapped files, mostly the proxy's code, which RSS counts in each \
-             process although the two share it.",
-            m.idle_rss_mib, m.idle_anon_mib
+             process although the two share it. Counted once (PSS), the pair takes {:.1} MiB.",
+            m.idle_rss_mib, m.idle_anon_mib, m.idle_pss_mib
         );
     }
 
@@ -820,6 +825,7 @@ mod tests {
             path: PathKind::Pylon,
             idle_rss_mib: 18.0,
             idle_anon_mib: 2.0,
+            idle_pss_mib: 10.0,
             with_connections: vec![MemoryPoint {
                 connections: 9500,
                 opened: 9500,
@@ -846,6 +852,12 @@ mod tests {
             ]
         );
         assert!(judged[0].1.ends_with("0.50×"), "{}", judged[0].1);
+        let md = markdown(&r);
+        assert!(md.contains("| pylon | 18.0 | 2.0 | 10.0 |"), "{md}");
+        assert!(
+            md.contains("Counted once (PSS), the pair takes 10.0 MiB"),
+            "{md}"
+        );
         r.syscalls = vec![crate::syscalls::SyscallRow {
             traced: crate::syscalls::Traced {
                 workload: Workload::Http1Get,
