@@ -141,10 +141,11 @@ pub fn markdown(costs: &[HopCost]) -> String {
                 md,
                 "- HTTP/1.1: hyper alone costs {:.2}× the cheaper baseline's whole hop, so \
                  while Pylon's HTTP/1 is hyper's no change to Pylon's own stages reaches \
-                 1.0×. Those stages add {} instructions to the inbound hop ({:.0}% of it).",
+                 1.0×. Those stages add {} instructions to the inbound hop ({:.0}% of it){}.",
                 floor / best,
                 thousands(pylon - floor),
-                100.0 * (pylon - floor) / pylon
+                100.0 * (pylon - floor) / pylon,
+                outbound_share(h1("pylon-outbound"), floor)
             );
         }
     }
@@ -163,14 +164,26 @@ pub fn markdown(costs: &[HopCost]) -> String {
             let _ = writeln!(
                 md,
                 "- {workload}: the cheapest floor costs {:.2}× HAProxy's hop; Pylon's own \
-                 stages add {} instructions to it ({:.0}% of Pylon's hop).",
+                 stages add {} instructions to the inbound hop ({:.0}% of it){}.",
                 floor / haproxy,
                 thousands(pylon - floor),
-                100.0 * (pylon - floor) / pylon
+                100.0 * (pylon - floor) / pylon,
+                outbound_share(cost(costs, "pylon-outbound", workload), floor)
             );
         }
     }
     md
+}
+
+/// `, and N to the outbound hop (P% of it)` when the outbound hop was profiled too.
+fn outbound_share(outbound: Option<f64>, floor: f64) -> String {
+    outbound.map_or(String::new(), |o| {
+        format!(
+            " and {} to the outbound hop ({:.0}% of it)",
+            thousands(o - floor),
+            100.0 * (o - floor) / o
+        )
+    })
 }
 
 fn thousands(n: f64) -> String {
@@ -212,6 +225,7 @@ mod tests {
             c("floor", "HTTP/1.1 GET", 20_000.0),
             c("nginx", "HTTP/1.1 GET", 16_000.0),
             c("haproxy", "HTTP/1.1 GET", 27_000.0),
+            c("pylon-outbound", "HTTP/1.1 GET", 40_000.0),
             c("pylon", "gRPC unary", 70_000.0),
             c("floor-h2", "gRPC unary", 60_000.0),
             c("haproxy", "gRPC unary", 40_000.0),
