@@ -444,21 +444,41 @@ impl<S> Layer<S> for BalanceLayer {
     }
 }
 
+/// The stack below the balancer, as `Balance` and its future use it: cloned to send a request
+/// again, its futures polled where they are (no box around them).
+pub trait BelowBalancer:
+    Service<
+        Request<RequestBody>,
+        Response = ProxyResponse,
+        Error = ProxyError,
+        Future: Send + Unpin + 'static,
+    > + Clone
+    + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<S> BelowBalancer for S where
+    S: Service<
+            Request<RequestBody>,
+            Response = ProxyResponse,
+            Error = ProxyError,
+            Future: Send + Unpin + 'static,
+        > + Clone
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
 #[derive(Clone, Debug)]
 pub struct Balance<S> {
     inner: S,
     access_log: bool,
 }
 
-impl<S> Service<Request<RequestBody>> for Balance<S>
-where
-    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + Unpin + 'static,
-{
+impl<S: BelowBalancer> Service<Request<RequestBody>> for Balance<S> {
     type Response = ProxyResponse;
     type Error = ProxyError;
     type Future = Balancing<S>;
@@ -549,15 +569,7 @@ impl<S: Service<Request<RequestBody>>> Balancing<S> {
     }
 }
 
-impl<S> Future for Balancing<S>
-where
-    S: Service<Request<RequestBody>, Response = ProxyResponse, Error = ProxyError>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + Unpin + 'static,
-{
+impl<S: BelowBalancer> Future for Balancing<S> {
     type Output = Result<ProxyResponse, ProxyError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
