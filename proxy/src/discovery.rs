@@ -252,13 +252,13 @@ impl Discovery {
         });
     }
 
-    /// The logical destination for a request's authority (`Host`, `:authority` or an
-    /// absolute-form URI).
     /// The destination `raw` names, when a request has named it before (the usual case).
     pub fn cached(&self, raw: &[u8]) -> Option<Arc<Logical>> {
         self.by_authority.load().get(raw).cloned()
     }
 
+    /// The logical destination for a request's authority (`Host`, `:authority` or an
+    /// absolute-form URI).
     pub async fn resolve_authority(
         self: &Arc<Self>,
         raw: &[u8],
