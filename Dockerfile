@@ -25,12 +25,15 @@ WORKDIR /src
 COPY . .
 # The registry and target caches need BuildKit (the default builder); the binaries are copied
 # out of the cached target dir in the same step, with their debug info stripped (the release
-# profile keeps line tables for local profiling; the image does not need them).
+# profile keeps line tables for local profiling; the image does not need them). The proxy, one
+# per pod, is built with the C library linked in (scripts/build-release-proxy says why: 1.3 MiB
+# less resident per proxy); the controller and the CLI are built as usual.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p pylon-proxy -p pylon-controller -p pylon-cli \
+    cargo build --release --locked -p pylon-controller -p pylon-cli \
+    && proxy="$(scripts/build-release-proxy --locked)" \
     && mkdir -p /out \
-    && cp target/release/pylon-proxy target/release/pylon-controller target/release/pylon /out/ \
+    && cp "$proxy" target/release/pylon-controller target/release/pylon /out/ \
     && strip --strip-debug /out/pylon-proxy /out/pylon-controller /out/pylon
 
 ##

@@ -10,7 +10,8 @@ Why instructions: they are the same for the same binary and inputs whatever else
 machine is doing, so a change's before -> after is a fact rather than a sample. They are not time
 (a cache miss costs more than an add), so throughput is still the load bench's (`benches/run`).
 
-How: the release `pylon-proxy` (debug info on, as `[profile.release]` has it) runs under
+How: the release `pylon-proxy` as the image ships it (`scripts/build-release-proxy`: the C
+library linked in; debug info on, as `[profile.release]` has it) runs under
 callgrind as one inbound hop in front of the bench's own app (`pylon-bench app`), or with
 `--proxy pylon-outbound` as the client's outbound hop with the app its destination's endpoint
 (the bench's chain sends through both, outbound then inbound); the bench's
@@ -43,6 +44,8 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
+# The release pylon-proxy as the image ships it (scripts/build-release-proxy sets it in main).
+PYLON = os.path.join(RELEASE, "pylon-proxy")
 WARM = 200  # requests of the short run
 ALLOC_REQUESTS = 300  # requests whose allocations' stacks perf records (16 KiB of stack each)
 PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
@@ -162,7 +165,7 @@ def proxy_cmd(proxy_kind, ports, app_port, workload, work):
     listen = ports["inbound"]
     if proxy_kind.startswith("pylon"):
         cmd = [
-            os.path.join(RELEASE, "pylon-proxy"), "--threads", "1",
+            PYLON, "--threads", "1",
             "--inbound-addr", f"127.0.0.1:{ports['inbound']}",
             "--outbound-addr", f"127.0.0.1:{ports['outbound']}",
             "--admin-addr", f"127.0.0.1:{ports['admin']}",
@@ -298,7 +301,7 @@ def perf_allocations(app_port, workload, concurrency, proxy_kind, work, requests
         return "perf is missing (apt-get install linux-perf)"
     if os.geteuid() != 0:
         return "perf probe needs root"
-    binary = os.path.join(RELEASE, "pylon-proxy" if proxy_kind.startswith("pylon") else "pylon-floor")
+    binary = PYLON if proxy_kind.startswith("pylon") else os.path.join(RELEASE, "pylon-floor")
     subprocess.run(["perf", "probe", "-q", "-d", f"{PERF_GROUP}:*"], capture_output=True)
     probed = [f for f in JEMALLOC_ENTRIES
               if subprocess.run(["perf", "probe", "-q", "-x", binary, "-a",
@@ -444,8 +447,11 @@ def main():
     for tool in ("valgrind", "callgrind_annotate"):
         if not shutil.which(tool):
             sys.exit(f"profile: {tool} is missing (apt-get install valgrind)")
-    subprocess.run(["cargo", "build", "--release", "-p", "pylon-proxy", "-p", "pylon-bench"],
+    subprocess.run(["cargo", "build", "--release", "-p", "pylon-bench"],
                    cwd=ROOT, check=True, stdout=sys.stderr)
+    global PYLON
+    PYLON = subprocess.run([os.path.join(ROOT, "scripts", "build-release-proxy")], cwd=ROOT,
+                           check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
     app_port, echo_port = free_port(), free_port()
     app = subprocess.Popen([os.path.join(RELEASE, "pylon-bench"), "app",
                             "--http", f"127.0.0.1:{app_port}", "--echo", f"127.0.0.1:{echo_port}"],

@@ -39,7 +39,8 @@ pub struct Options {
     /// nbthread.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// The pylon-proxy binary (default: next to this one).
+    /// The pylon-proxy binary (default: next to this one; `benches/run` passes the one the image
+    /// ships, from scripts/build-release-proxy).
     #[arg(long)]
     pylon_bin: Option<PathBuf>,
     /// Where latest.md, latest.json and the dated copies go.
@@ -146,7 +147,8 @@ fn pylon_bin(o: &Options) -> Result<PathBuf> {
     };
     if !bin.is_file() {
         bail!(
-            "{} not found: build it (cargo build --release -p pylon-proxy) or pass --pylon-bin",
+            "{} not found: build it (scripts/build-release-proxy prints where it put it) and pass \
+             --pylon-bin, or run benches/run, which does",
             bin.display()
         );
     }

@@ -94,8 +94,13 @@ fn pylon_version(pylon_bin: &Path) -> Result<String> {
     .trim()
     .is_empty();
     let version = first_line(&output_of(pylon_bin, &["--version"])?);
+    let linked = match has_interpreter(&std::fs::read(pylon_bin)?) {
+        Some(true) => ", dynamically linked",
+        Some(false) => ", C library linked in (scripts/build-release-proxy)",
+        None => "",
+    };
     Ok(format!(
-        "{version}, git {sha}{}",
+        "{version}, git {sha}{}{linked}",
         if dirty {
             "-dirty (uncommitted changes in the tree)"
         } else {
@@ -104,9 +109,54 @@ fn pylon_version(pylon_bin: &Path) -> Result<String> {
     ))
 }
 
+/// Whether a 64-bit little-endian ELF executable names a dynamic loader (a `PT_INTERP` program
+/// header): the shared C library's code then counts in its RSS. None when it isn't one.
+fn has_interpreter(elf: &[u8]) -> Option<bool> {
+    const PT_INTERP: u32 = 3;
+    if elf.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let u16_at = |at: usize| {
+        elf.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let phoff = usize::try_from(u64::from_le_bytes(elf.get(0x20..0x28)?.try_into().ok()?)).ok()?;
+    let (entry_size, entries) = (usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?));
+    let mut types = (0..entries).map(|i| {
+        let at = phoff + i * entry_size;
+        elf.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    });
+    types.try_fold(false, |found, t| Some(found || t? == PT_INTERP))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_a_dynamically_linked_executable_from_a_static_one() {
+        // This test's own executable is dynamically linked (cargo's default on Linux).
+        let me = std::fs::read(std::env::current_exe().expect("current_exe")).expect("read");
+        assert_eq!(has_interpreter(&me), Some(true));
+        // Its program headers with PT_INTERP renamed: what a static-pie executable has.
+        let phoff = u64::from_le_bytes(me[0x20..0x28].try_into().unwrap()) as usize;
+        let (size, n) = (
+            u16::from_le_bytes([me[0x36], me[0x37]]) as usize,
+            u16::from_le_bytes([me[0x38], me[0x39]]) as usize,
+        );
+        let mut stripped = me[..phoff + size * n].to_vec();
+        for i in 0..n {
+            let at = phoff + i * size;
+            if stripped[at..at + 4] == 3u32.to_le_bytes() {
+                stripped[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+            }
+        }
+        assert_eq!(has_interpreter(&stripped), Some(false));
+        // Not an ELF executable, or one cut short: no answer.
+        assert_eq!(has_interpreter(b"#!/bin/sh\n"), None);
+        assert_eq!(has_interpreter(&me[..phoff + size]), None);
+    }
 
     #[test]
     fn reads_the_cpu_model() {
