@@ -389,7 +389,9 @@ pub fn markdown(r: &Report) -> String {
          stacks); the rest is mapped files, mostly the proxies' own code, which RSS counts once \
          per process although processes of one binary share it. Idle PSS: the proportional set \
          size, each page split between the processes that map it, so shared code counts \
-         once.\n\n",
+         once, and a shared library's pages count for little where every process maps it (nginx \
+         and HAProxy map the system's C library; Pylon's is linked in, as its image ships it: the \
+         header's `pylon` row says which).\n\n",
     );
     let counts: Vec<usize> = r
         .memory
