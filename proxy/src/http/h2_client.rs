@@ -41,11 +41,12 @@ use crate::mesh_tls::Alpn;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The receive window of each stream and of the connection. Fixed: enough for a response to
-/// stream without waiting on window updates across a zone (1 MiB per round trip), and what an
-/// endpoint can have buffered here for a client that reads slowly.
-const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// The receive window of each stream and of the connection, on both sides of the proxy (the h2
+/// server uses them too). Fixed: enough for a body to stream without waiting on window updates
+/// across a zone (1 MiB per round trip), and what a peer can have buffered here for the other
+/// side reading slowly.
+pub(super) const STREAM_WINDOW: u32 = 1024 * 1024;
+pub(super) const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// hyper's limits, kept: a response head's size, and what may wait to be written.
 const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::hibernate::{Activity, ActivityService, HibernatingIo};
-use super::{ProxyError, ResponseBody};
+use super::{h2_client, ProxyError, ResponseBody};
 use crate::shutdown::Shutdown;
 
 /// The largest request head (request line and headers) the proxy takes, as nginx and HAProxy
@@ -61,7 +61,11 @@ where
         let conn = Box::pin(
             http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .adaptive_window(true)
+                // Fixed windows, the h2 client's: hyper's adaptive window would ping the client
+                // to measure each connection's bandwidth-delay product and check on that ping
+                // whenever the connection is polled (~400 instructions per gRPC request).
+                .initial_stream_window_size(h2_client::STREAM_WINDOW)
+                .initial_connection_window_size(h2_client::CONNECTION_WINDOW)
                 .max_concurrent_streams(10_000)
                 // A larger header block is refused with 431 (h2 does it for the stream).
                 .max_header_list_size(MAX_REQUEST_HEAD as u32)
