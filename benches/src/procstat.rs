@@ -106,12 +106,12 @@ pub fn stat(pid: u32) -> Result<Stat> {
 }
 
 pub fn rss_kib(pid: u32) -> Result<u64> {
-    status_kib(pid, "VmRSS")
+    proc_kib(pid, "status", "VmRSS")
 }
 
-/// A field of `/proc/PID/status` in kB.
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
+/// A kB field of `/proc/PID/FILE` (`status` or `smaps_rollup`).
+fn proc_kib(pid: u32, file: &str, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/{file}");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     parse_status_kib(&text, field).with_context(|| format!("parsing {path}"))
 }
@@ -212,33 +212,27 @@ pub fn own_cpu_ticks(pids: &[u32]) -> Result<u64> {
 
 /// Resident memory of `roots` and their descendants, in KiB.
 pub fn total_rss_kib(roots: &[u32]) -> Result<u64> {
-    total_status_kib(roots, "VmRSS")
+    total_proc_kib(roots, "status", "VmRSS")
 }
 
 /// The anonymous part of [`total_rss_kib`] (`RssAnon`: heap, stacks): what the processes
 /// allocated, without the file pages they map (their code, which processes of one binary
 /// share, and RSS counts once per process).
 pub fn total_anon_kib(roots: &[u32]) -> Result<u64> {
-    total_status_kib(roots, "RssAnon")
+    total_proc_kib(roots, "status", "RssAnon")
 }
 
 /// The proportional set size of `roots` and their descendants (`Pss` of
 /// `/proc/PID/smaps_rollup`): each page counted once, split between the processes that map it.
 /// Two proxies of one binary share its code; RSS counts those pages in both, PSS once.
 pub fn total_pss_kib(roots: &[u32]) -> Result<u64> {
-    let mut total = 0;
-    for pid in with_descendants(roots)? {
-        let path = format!("/proc/{pid}/smaps_rollup");
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        total += parse_status_kib(&text, "Pss").with_context(|| format!("parsing {path}"))?;
-    }
-    Ok(total)
+    total_proc_kib(roots, "smaps_rollup", "Pss")
 }
 
-fn total_status_kib(roots: &[u32], field: &str) -> Result<u64> {
+fn total_proc_kib(roots: &[u32], file: &str, field: &str) -> Result<u64> {
     let mut total = 0;
     for pid in with_descendants(roots)? {
-        total += status_kib(pid, field)?;
+        total += proc_kib(pid, file, field)?;
     }
     Ok(total)
 }
@@ -246,6 +240,18 @@ fn total_status_kib(roots: &[u32], field: &str) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn totals_read_this_process() {
+        let me = [std::process::id()];
+        let (rss, anon, pss) = (
+            total_rss_kib(&me).expect("VmRSS"),
+            total_anon_kib(&me).expect("RssAnon"),
+            total_pss_kib(&me).expect("Pss"),
+        );
+        assert!(anon > 0 && anon <= rss, "anon {anon} rss {rss}");
+        assert!(pss > 0 && pss <= rss, "pss {pss} rss {rss}");
+    }
 
     #[test]
     fn reads_status_fields_by_exact_name() {
