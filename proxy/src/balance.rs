@@ -34,7 +34,7 @@ use crate::http::client::{RequestShape, UnsentSlot};
 use crate::http::ctx::WithCtx;
 use crate::http::metrics::fail_unrouted;
 use crate::http::request_body::RequestBody;
-use crate::http::{BoxFuture, ProxyError, ProxyResponse};
+use crate::http::{boxed_out_of_line, BoxFuture, ProxyError, ProxyResponse};
 use crate::names::EndpointNames;
 use crate::profiles::RouteState;
 
@@ -522,7 +522,9 @@ impl<S: BelowBalancer> Service<Request<RequestBody>> for Balance<S> {
         };
         if !endpoint.target.is_connected(RequestShape::of(&req)) {
             // Connect first (to another endpoint if this one can't be reached), then send.
-            return Balancing::Own(Box::pin(delivery.deliver(endpoint, Vec::new(), req)));
+            return Balancing::Own(boxed_out_of_line(move || {
+                delivery.deliver(endpoint, Vec::new(), req)
+            }));
         }
         // The usual case: a connection is ready, nothing to wait for before sending.
         let in_flight = endpoint
@@ -589,10 +591,10 @@ impl<S: BelowBalancer> Future for Balancing<S> {
             // refused a new one): the request goes to another endpoint.
             (Err(err), Some(req)) => {
                 charge(sent.in_flight, err);
-                let elsewhere = sent
-                    .delivery
-                    .deliver_elsewhere(vec![sent.endpoint], req, err);
-                *this = Self::Own(Box::pin(elsewhere));
+                let delivery = sent.delivery;
+                *this = Self::Own(boxed_out_of_line(move || {
+                    delivery.deliver_elsewhere(vec![sent.endpoint], req, err)
+                }));
                 Pin::new(this).poll(cx)
             }
             (result, _) => Poll::Ready(respond(result, sent.in_flight, sent.delivery.route)),

@@ -23,7 +23,7 @@ use crate::http::ctx::WithCtx;
 use crate::http::headers::request_authority;
 use crate::http::metrics::log_proxy_error;
 use crate::http::request_body::RequestBody;
-use crate::http::{PassThrough, ProxyError, ProxyResponse};
+use crate::http::{boxed_out_of_line, PassThrough, ProxyError, ProxyResponse};
 use crate::mesh_tls::MeshTls;
 use crate::names::AuthorityMap;
 use crate::names::EndpointNames;
@@ -896,7 +896,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let discovery = self.layer.discovery.clone();
-        PassThrough::Own(Box::pin(async move {
+        PassThrough::Own(boxed_out_of_line(move || async move {
             let Some(authority) = request_authority(&req) else {
                 let err = ProxyError::MissingAuthority;
                 log_proxy_error("outbound", "", None, err);

@@ -275,7 +275,7 @@ impl Inbound {
                     &decision,
                 );
                 let svc = TowerToHyperService::new(self.http_stack(port, client.addr, authz));
-                server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
+                server::serve(protocol == Protocol::H2, io, svc, &self.shutdown)
             }
             Protocol::MalformedHttp1 => server::reject_malformed(io, client.addr).await,
         }

@@ -126,7 +126,7 @@ impl Outbound {
             Protocol::Http1 | Protocol::H2 => {
                 let io = CountingIo::new(io, self.accepted(dialled.as_ref(), orig_dst, local));
                 let svc = TowerToHyperService::new(self.http_stack(dialled, peer));
-                server::serve(protocol == Protocol::H2, io, svc, &self.shutdown).await
+                server::serve(protocol == Protocol::H2, io, svc, &self.shutdown)
             }
             Protocol::MalformedHttp1 => server::reject_malformed(io, peer).await,
         }

@@ -24,7 +24,10 @@ use super::errors::{Malformed, L5D_PROXY_ERROR_HEADER};
 pub use super::h2_client::H2Connection;
 use super::pool::Http1Pool;
 use super::request_body::{ClientBodyOutcome, RequestBody};
-use super::{headers, orig_proto, upgrade, BoxFuture, ProxyError, ProxyResponse, ResponseBody};
+use super::{
+    boxed_out_of_line, headers, orig_proto, upgrade, BoxFuture, ProxyError, ProxyResponse,
+    ResponseBody,
+};
 use crate::connect::Connect;
 use crate::names::EndpointNames;
 
@@ -283,12 +286,9 @@ impl ClientInner {
                 }
                 let on_upgrade = hyper::upgrade::on(&mut req);
                 // Boxed: a rare path whose connect would otherwise size every request's future.
-                return Box::pin(upgrade::connect(
-                    &this.tunnels,
-                    on_upgrade,
-                    target.addr,
-                    this.connect_timeout,
-                ))
+                return boxed_out_of_line(|| {
+                    upgrade::connect(&this.tunnels, on_upgrade, target.addr, this.connect_timeout)
+                })
                 .await;
             }
 

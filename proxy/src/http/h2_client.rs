@@ -33,7 +33,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::client::{log_connection_closed, SendError};
 use super::request_body::RequestBody;
-use super::ProxyError;
+use super::{boxed_out_of_line, ProxyError};
 use crate::connect::{Connect, EndpointIo};
 use crate::mesh_tls::Alpn;
 
@@ -168,7 +168,7 @@ impl H2Connection {
         }
         // Boxed: connecting (a TLS handshake, when meshed) holds far more state than a request
         // on the open connection, and unboxed it would size every request's future.
-        Box::pin(self.reconnect()).await
+        boxed_out_of_line(|| self.reconnect()).await
     }
 
     async fn reconnect(&self) -> Result<Arc<Open>, ProxyError> {

@@ -39,7 +39,7 @@ use hyper::client::conn::{http1, TrySendError};
 use hyper_util::rt::TokioIo;
 
 use super::client::{log_connection_closed, SendError};
-use super::ProxyError;
+use super::{boxed_out_of_line, ProxyError};
 use crate::connect::{Connect, EndpointIo};
 use crate::mesh_tls::Alpn;
 use crate::names::EndpointNames;
@@ -142,7 +142,7 @@ impl Http1Pool {
         // `async fn` holds its arguments twice); the rare paths are boxed where awaited.
         async move {
             if upgrade {
-                return Box::pin(self.send_upgrade(req))
+                return boxed_out_of_line(|| self.send_upgrade(req))
                     .await
                     .map(|rsp| (rsp, None));
             }
@@ -163,7 +163,7 @@ impl Http1Pool {
                     };
                     Ok((rsp, Some(conn)))
                 }
-                Err(e) => Box::pin(self.resend(e, reused)).await,
+                Err(e) => boxed_out_of_line(|| self.resend(e, reused)).await,
             }
         }
     }
@@ -307,7 +307,7 @@ impl Http1Pool {
         while let Some(io) = self.take_hibernated() {
             // Waking it costs a new hyper connection on the socket, not a connect. (Boxed, as
             // connects are: it would size every request's future.)
-            if let Ok((sender, hibernate)) = Box::pin(self.handshake(io)).await {
+            if let Ok((sender, hibernate)) = boxed_out_of_line(|| self.handshake(io)).await {
                 return Ok(Checkout {
                     sender,
                     hibernate,
@@ -315,7 +315,7 @@ impl Http1Pool {
                 });
             }
         }
-        let (sender, hibernate) = Box::pin(self.connect()).await?;
+        let (sender, hibernate) = boxed_out_of_line(|| self.connect()).await?;
         Ok(Checkout {
             sender,
             hibernate,

@@ -15,7 +15,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::body::grpc_status;
 use super::ctx::{RequestCtx, WithCtx};
 use super::request_body::{Captured, RequestBody};
-use super::{headers, PassThrough, ProxyError, ProxyResponse};
+use super::{boxed_out_of_line, headers, PassThrough, ProxyError, ProxyResponse};
 use crate::profiles::RouteState;
 
 /// A safety net under the budget: no request is sent more than this many times.
@@ -75,7 +75,7 @@ where
         let first = self.inner.call(Request::from_parts(parts, body));
         // The inner service was made ready for the first call; retries ready their own clone.
         let mut inner = self.inner.clone();
-        PassThrough::Own(Box::pin(async move {
+        PassThrough::Own(boxed_out_of_line(move || async move {
             let mut result = first.await;
             let mut attempt = 1;
             while attempt < MAX_ATTEMPTS && is_failure(&route, &result) {

@@ -50,50 +50,62 @@ impl<S> ConnService for S where
 {
 }
 
-/// Serves an accepted connection whose protocol detection found HTTP/1 or h2.
-pub async fn serve<I, S>(h2: bool, io: I, svc: S, shutdown: &Shutdown)
+/// Serves an accepted connection whose protocol detection found HTTP/1 or h2, in a task of its
+/// own (tracked, so drain waits for it); the accepting task ends here.
+///
+/// Why a task: every poll of a connection's requests would otherwise pass through the futures
+/// of its accept path (mesh TLS, detection, authorization). Their poll functions are sized by
+/// those rare paths: 17-18 KiB of stack each, probed a page at a time on every call, so each
+/// request touched more stack than L1 holds.
+pub fn serve<I, S>(h2: bool, io: I, svc: S, shutdown: &Shutdown)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: ConnService,
 {
+    let tracker = shutdown.tracker().clone();
     if h2 {
-        // Boxed, like each HTTP/1 session, so the connection's task stays small.
-        let conn = Box::pin(
-            http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                // Fixed windows, the h2 client's: hyper's adaptive window would ping the client
-                // to measure each connection's bandwidth-delay product and check on that ping
-                // whenever the connection is polled (~400 instructions per gRPC request).
-                .initial_stream_window_size(h2_client::STREAM_WINDOW)
-                .initial_connection_window_size(h2_client::CONNECTION_WINDOW)
-                .max_concurrent_streams(10_000)
-                // A larger header block is refused with 431 (h2 does it for the stream).
-                .max_header_list_size(MAX_REQUEST_HEAD as u32)
-                .serve_connection(TokioIo::new(io), svc),
-        );
-        drive("h2", conn, shutdown, |c| {
-            c.get_mut().as_mut().graceful_shutdown()
-        })
-        .await
+        tracker.spawn(serve_h2(io, svc, shutdown.clone()));
     } else {
-        serve_http1(io, svc, shutdown).await
+        tracker.spawn(session(
+            io,
+            None,
+            svc,
+            Arc::new(Activity::default()),
+            shutdown.clone(),
+        ));
     }
+}
+
+async fn serve_h2<I, S>(io: I, svc: S, shutdown: Shutdown)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnService,
+{
+    // Boxed, like each HTTP/1 session, so the connection's task stays small.
+    let conn = Box::pin(
+        http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Fixed windows, the h2 client's: hyper's adaptive window would ping the client
+            // to measure each connection's bandwidth-delay product and check on that ping
+            // whenever the connection is polled (~400 instructions per gRPC request).
+            .initial_stream_window_size(h2_client::STREAM_WINDOW)
+            .initial_connection_window_size(h2_client::CONNECTION_WINDOW)
+            .max_concurrent_streams(10_000)
+            // A larger header block is refused with 431 (h2 does it for the stream).
+            .max_header_list_size(MAX_REQUEST_HEAD as u32)
+            .serve_connection(TokioIo::new(io), svc),
+    );
+    drive("h2", conn, &shutdown, |c| {
+        c.get_mut().as_mut().graceful_shutdown()
+    })
+    .await
 }
 
 /// HTTP/1 in sessions: each session is one hyper connection, which ends when the client hangs
 /// up or when the connection goes quiet between requests and hibernates (see `hibernate`).
 /// A hibernating connection is parked in a task of its own that holds only the socket and the
 /// stack; the client's next byte starts the next session in a new task. (Awaiting it here would
-/// keep this task, sized for detection and hyper, alive for the whole idle time.)
-async fn serve_http1<I, S>(io: I, svc: S, shutdown: &Shutdown)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: ConnService,
-{
-    let activity = Arc::new(Activity::default());
-    session(io, None, svc, activity, shutdown.clone()).await
-}
-
+/// keep this task, sized for hyper, alive for the whole idle time.)
 async fn session<I, S>(
     io: I,
     first: Option<u8>,
@@ -105,17 +117,9 @@ async fn session<I, S>(
     S: ConnService,
 {
     let (session_io, returned) = HibernatingIo::new(io, first, activity.clone());
-    // Boxed so the task's own state stays small.
-    let conn = Box::pin(
-        http1::Builder::new()
-            .keep_alive(true)
-            // HibernatingIo guards the head's time, without a timer per request.
-            .header_read_timeout(None)
-            .serve_connection(
-                TokioIo::new(session_io),
-                ActivityService::new(svc.clone(), activity.clone()),
-            )
-            .with_upgrades(),
+    let conn = http1_connection(
+        session_io,
+        ActivityService::new(svc.clone(), activity.clone()),
     );
     drive("http/1", conn, &shutdown, |c| {
         c.get_mut().as_mut().graceful_shutdown()
@@ -127,6 +131,29 @@ async fn session<I, S>(
         let tracker = shutdown.tracker().clone();
         tracker.spawn(park(io, svc, activity, shutdown));
     }
+}
+
+/// A session's hyper connection. Boxed so the task's own state stays small, and built in a frame
+/// of its own (as `boxed_out_of_line` does) so its size is not in the frame of every poll of the
+/// session.
+#[inline(never)]
+#[allow(clippy::type_complexity)]
+fn http1_connection<I, S>(
+    io: HibernatingIo<I>,
+    svc: ActivityService<S>,
+) -> Pin<Box<http1::UpgradeableConnection<TokioIo<HibernatingIo<I>>, ActivityService<S>>>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnService,
+{
+    Box::pin(
+        http1::Builder::new()
+            .keep_alive(true)
+            // HibernatingIo guards the head's time, without a timer per request.
+            .header_read_timeout(None)
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades(),
+    )
 }
 
 /// A hibernating connection: waits for the client's next byte, then starts a session.
@@ -229,7 +256,7 @@ mod tests {
                 len.to_string(),
             ))))
         });
-        tokio::spawn(async move { serve(false, server, svc, &Shutdown::new()).await });
+        serve(false, server, svc, &Shutdown::new());
         client
     }
 

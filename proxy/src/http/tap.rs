@@ -37,7 +37,7 @@ use super::ctx::WithCtx;
 use super::errors::is_grpc;
 use super::headers::request_authority;
 use super::request_body::RequestBody;
-use super::{PassThrough, ProxyError, ProxyResponse};
+use super::{boxed_out_of_line, PassThrough, ProxyError, ProxyResponse};
 use crate::access_log::trace_id;
 
 /// What requests report besides metrics: access-log lines and tap events.
@@ -152,7 +152,7 @@ where
             handle: Some(handle),
             grpc: is_grpc(&facts.headers),
         };
-        PassThrough::Own(Box::pin(async move {
+        PassThrough::Own(boxed_out_of_line(move || async move {
             let mut result = response.await;
             if let Some(mut handle) = pending.handle.take() {
                 match &mut result {
@@ -262,7 +262,7 @@ where
         req.ctx_mut().tapped = Some(tapped.clone());
         let response = self.inner.call(req);
         let layer = self.layer.clone();
-        PassThrough::Own(Box::pin(async move {
+        PassThrough::Own(boxed_out_of_line(move || async move {
             let result = response.await;
             if let Err(err) = &result {
                 layer.describe(&tapped, *err);

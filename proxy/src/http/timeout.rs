@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 use super::body::abandon;
 use super::ctx::WithCtx;
 use super::request_body::RequestBody;
-use super::{PassThrough, ProxyError, ProxyResponse};
+use super::{boxed_out_of_line, PassThrough, ProxyError, ProxyResponse};
 
 #[derive(Clone, Copy, Debug)]
 pub struct ResponseTimeoutLayer {
@@ -62,7 +62,7 @@ where
         let response = self.inner.call(req);
         match self.timeout {
             // Dropping the inner future cancels the upstream request.
-            Some(t) => PassThrough::Own(Box::pin(async move {
+            Some(t) => PassThrough::Own(boxed_out_of_line(move || async move {
                 tokio::time::timeout(t, response)
                     .await
                     .unwrap_or(Err(ProxyError::ResponseTimeout))
@@ -111,7 +111,7 @@ where
         let Some((route, timeout)) = route else {
             return PassThrough::Inner(response);
         };
-        PassThrough::Own(Box::pin(async move {
+        PassThrough::Own(boxed_out_of_line(move || async move {
             let mut response = response;
             let expired = tokio::time::sleep(timeout);
             tokio::pin!(expired);
