@@ -32,9 +32,17 @@ use crate::connect::Connect;
 use crate::names::EndpointNames;
 
 /// Where a request goes, set by the layer that chose it (the balancer outbound, the workload's
-/// port inbound).
+/// port inbound). A handle: the endpoint's parts are shared (read through `Deref`), so a
+/// request's copy costs one reference count, not one per part.
 #[derive(Clone)]
 pub struct EndpointTarget {
+    endpoint: Arc<EndpointParts>,
+    /// Where a request that could not be sent at all goes back to (outbound: the balancer's).
+    pub unsent: Option<UnsentSlot>,
+}
+
+/// An endpoint as the client reaches it: its connections, and what its requests are recorded as.
+pub struct EndpointParts {
     pub addr: SocketAddr,
     pub h1: Arc<Http1Pool>,
     pub h2: Arc<H2Connection>,
@@ -44,8 +52,14 @@ pub struct EndpointTarget {
     pub metrics: HttpTarget,
     /// Reached over mesh TLS: HTTP/1 requests go as h2 (decided once, with the connections).
     pub meshed: bool,
-    /// Where a request that could not be sent at all goes back to (outbound: the balancer's).
-    pub unsent: Option<UnsentSlot>,
+}
+
+impl std::ops::Deref for EndpointTarget {
+    type Target = EndpointParts;
+
+    fn deref(&self) -> &EndpointParts {
+        &self.endpoint
+    }
 }
 
 impl EndpointTarget {
@@ -66,12 +80,14 @@ impl EndpointTarget {
     /// An endpoint reached as `connect` says (over mesh TLS when it is meshed).
     pub fn with_connect(connect: Arc<Connect>, destination: Arc<str>, metrics: HttpTarget) -> Self {
         Self {
-            addr: connect.addr(),
-            meshed: connect.server_id().is_some(),
-            h1: Arc::new(Http1Pool::new(connect.clone())),
-            h2: Arc::new(H2Connection::new(connect)),
-            destination,
-            metrics,
+            endpoint: Arc::new(EndpointParts {
+                addr: connect.addr(),
+                meshed: connect.server_id().is_some(),
+                h1: Arc::new(Http1Pool::new(connect.clone())),
+                h2: Arc::new(H2Connection::new(connect)),
+                destination,
+                metrics,
+            }),
             unsent: None,
         }
     }
@@ -128,10 +144,17 @@ impl EndpointTarget {
 
     /// The same endpoint and connections, named (and recorded) as another destination.
     pub fn named(&self, destination: Arc<str>, metrics: HttpTarget) -> Self {
+        let endpoint = &self.endpoint;
         Self {
-            destination,
-            metrics,
-            ..self.clone()
+            endpoint: Arc::new(EndpointParts {
+                addr: endpoint.addr,
+                h1: endpoint.h1.clone(),
+                h2: endpoint.h2.clone(),
+                destination,
+                metrics,
+                meshed: endpoint.meshed,
+            }),
+            unsent: self.unsent.clone(),
         }
     }
 }
@@ -365,9 +388,10 @@ impl Service<Request<RequestBody>> for EndpointClient {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        // The layers above always choose a target; without one there is nowhere to go.
-        let Some(target) = req.ctx().target.clone() else {
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
+        // The layers above always choose a target; without one there is nowhere to go. (Taken:
+        // nothing below the client reads it.)
+        let Some(target) = req.ctx_mut().target.take() else {
             return Box::pin(std::future::ready(Err(ProxyError::NoEndpoints)));
         };
         Box::pin(ClientInner::exchange(self.inner.clone(), target, req))

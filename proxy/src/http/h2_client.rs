@@ -109,56 +109,57 @@ impl H2Connection {
 
     /// Sends `req` on the connection and waits for the response's head; a request the
     /// connection could not be had (or was closed) for comes back unsent with the error.
-    pub async fn send(&self, mut req: Request<RequestBody>) -> Result<Response<H2Body>, SendError> {
-        if req.uri().scheme().is_none() {
-            let mut parts = req.uri().clone().into_parts();
-            parts.scheme = Some(Scheme::HTTP);
-            if parts.path_and_query.is_none() {
-                parts.path_and_query = Some(PathAndQuery::from_static("/"));
-            }
-            *req.uri_mut() = Uri::from_parts(parts)
-                .map_err(|_| SendError::sent(ProxyError::MissingAuthority))?;
-        }
-        let open = match self.open_connection().await {
-            Ok(open) => open,
-            Err(error) => return Err(SendError::unsent(error, req)),
-        };
-        // Waits while the endpoint's stream limit is reached. An error here means the
-        // connection is gone (closed, or told to go away) before this request was on it:
-        // that connection, not one opened since, is marked closed.
-        let mut sender = match open.sender.clone().ready().await {
-            Ok(sender) => sender,
-            Err(e) => {
-                open.closed.store(true, Ordering::Release);
-                let error = ProxyError::from_endpoint(&e, &self.connect);
-                return Err(SendError::unsent(error, req));
-            }
-        };
+    ///
+    /// An `async` block, not an `async fn`, so the request is held once in the future (an
+    /// `async fn` holds its arguments twice).
+    pub fn send(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> impl Future<Output = Result<Response<H2Body>, SendError>> + Send + '_ {
+        let absolute = absolute_form(&mut req);
+        async move {
+            absolute.map_err(SendError::sent)?;
+            let open = match self.open_connection().await {
+                Ok(open) => open,
+                Err(error) => return Err(SendError::unsent(error, req)),
+            };
+            // Waits while the endpoint's stream limit is reached. An error here means the
+            // connection is gone (closed, or told to go away) before this request was on it:
+            // that connection, not one opened since, is marked closed.
+            let mut sender = match open.sender.clone().ready().await {
+                Ok(sender) => sender,
+                Err(e) => {
+                    open.closed.store(true, Ordering::Release);
+                    let error = ProxyError::from_endpoint(&e, &self.connect);
+                    return Err(SendError::unsent(error, req));
+                }
+            };
 
-        let (head, body) = req.into_parts();
-        let mut head = Request::from_parts(head, ());
-        if let Some(len) = body.size_hint().exact() {
-            if len != 0 && !head.headers().contains_key(header::CONTENT_LENGTH) {
-                head.headers_mut()
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            let (head, body) = req.into_parts();
+            let mut head = Request::from_parts(head, ());
+            if let Some(len) = body.size_hint().exact() {
+                if len != 0 && !head.headers().contains_key(header::CONTENT_LENGTH) {
+                    head.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                }
             }
+            let end_of_stream = body.is_end_stream();
+            let (response, send) = sender
+                .send_request(head, end_of_stream)
+                .map_err(|e| SendError::sent(ProxyError::from_endpoint(&e, &self.connect)))?;
+            let pipe = (!end_of_stream).then(|| BodyPipe::new(body, send));
+            let rsp = respond(response, pipe)
+                .await
+                .map_err(|e| SendError::sent(ProxyError::from_endpoint(&e, &self.connect)))?;
+            let (head, recv) = rsp.into_parts();
+            // For the size hint: an HTTP/1 client's response gets its length from it.
+            let remaining = head
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            Ok(Response::from_parts(head, H2Body::new(recv, remaining)))
         }
-        let end_of_stream = body.is_end_stream();
-        let (response, send) = sender
-            .send_request(head, end_of_stream)
-            .map_err(|e| SendError::sent(ProxyError::from_endpoint(&e, &self.connect)))?;
-        let pipe = (!end_of_stream).then(|| BodyPipe::new(body, send));
-        let rsp = respond(response, pipe)
-            .await
-            .map_err(|e| SendError::sent(ProxyError::from_endpoint(&e, &self.connect)))?;
-        let (head, recv) = rsp.into_parts();
-        // For the size hint: an HTTP/1 client's response gets its length from it.
-        let remaining = head
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        Ok(Response::from_parts(head, H2Body::new(recv, remaining)))
     }
 
     /// The open connection, connecting when there is none.
@@ -209,6 +210,21 @@ impl H2Connection {
         self.open.store(Some(open.clone()));
         Ok(open)
     }
+}
+
+/// h2 needs the request's URI in absolute form (`:scheme`, `:authority`, `:path`): an origin-form
+/// URI gets `http` and, when it has no path, `/`.
+fn absolute_form(req: &mut Request<RequestBody>) -> Result<(), ProxyError> {
+    if req.uri().scheme().is_some() {
+        return Ok(());
+    }
+    let mut parts = req.uri().clone().into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::MissingAuthority)?;
+    Ok(())
 }
 
 /// Waits for the response's head while sending the request's body. Most bodies (a gRPC
