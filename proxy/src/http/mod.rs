@@ -41,10 +41,11 @@ pub type ProxyResponse = http::Response<ResponseBody>;
 /// Layers box their futures: one small allocation each keeps the stack's types readable.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// Boxes the future that `make` builds, in a stack frame of its own: for a rare path (a connect,
-/// a resend, a tunnel) awaited inside a per-request future. Built inline, the rare future's full
-/// size would join the stack frame of every poll of the future awaiting it, so every request,
-/// common case or not, would touch that much more stack (an exchange's poll took 12.6 KiB).
+/// Boxes the future that `make` builds, in a stack frame of its own: for a path that not every
+/// request takes (a connect, a resend, a tunnel, a layer's own work such as a timeout). Built
+/// inline, that future's full size would join the stack frame of the function that builds it or
+/// awaits it, so every request, taking the path or not, would touch that much more stack (an
+/// exchange's poll took 12.6 KiB).
 #[inline(never)]
 pub fn boxed_out_of_line<'a, T, F>(
     make: impl FnOnce() -> F,
