@@ -368,6 +368,14 @@ def costs(path, inclusive, event="Ir"):
     return out
 
 
+def l1_data_misses(path):
+    """function -> its own L1 data misses (on reads and on writes), from callgrind_annotate."""
+    out = costs(path, False, "D1mr")
+    for name, misses in costs(path, False, "D1mw").items():
+        out[name] = out.get(name, 0) + misses
+    return out
+
+
 def totals(path):
     """event -> the run's total (Ir, and with the cache simulation D1mr, D1mw, I1mr, ...)."""
     events = []
@@ -484,20 +492,15 @@ def main():
         per = {e: (long_totals[e] - short_totals.get(e, 0)) / a.requests for e in long_totals}
         per_request = per["Ir"]
 
-        def per_req(inclusive):
-            s, l = costs(short_run, inclusive), costs(long_run, inclusive)
+        def per_req(cost_of):
+            """function -> its cost per request (`cost_of` a run), most first."""
+            s, l = cost_of(short_run), cost_of(long_run)
             rows = [(name, (cost - s.get(name, 0)) / a.requests) for name, cost in l.items()]
             return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
 
-        own, incl = per_req(False), per_req(True)
-        # L1 data misses by function: each function's own reads and writes that missed.
-        d1_short = {k: v + costs(short_run, False, "D1mw").get(k, 0)
-                    for k, v in costs(short_run, False, "D1mr").items()}
-        d1_long = costs(long_run, False, "D1mr")
-        for k, v in costs(long_run, False, "D1mw").items():
-            d1_long[k] = d1_long.get(k, 0) + v
-        d1_own = sorted(((n, (c - d1_short.get(n, 0)) / a.requests) for n, c in d1_long.items()),
-                        key=lambda r: -r[1])
+        own = per_req(lambda run_file: costs(run_file, False))
+        incl = per_req(lambda run_file: costs(run_file, True))
+        d1_own = per_req(l1_data_misses)
         memcpy = caller_shares(short_run, long_run, is_memcpy, a.requests, 0)
         allocs = caller_shares(short_run, long_run, is_alloc, a.requests, 1)
         git = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
