@@ -9,12 +9,15 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{header, HeaderValue, Method, Request, StatusCode, Version};
 use hyper::client::conn::TrySendError;
+use hyper::upgrade::OnUpgrade;
 use pylon_proxy_metrics::HttpTarget;
 use tokio_util::task::TaskTracker;
 use tower::Service;
@@ -22,7 +25,7 @@ use tower::Service;
 use super::ctx::WithCtx;
 use super::errors::{Malformed, L5D_PROXY_ERROR_HEADER};
 pub use super::h2_client::H2Connection;
-use super::pool::Http1Pool;
+use super::pool::{Http1Pool, PooledConn};
 use super::request_body::{ClientBodyOutcome, RequestBody};
 use super::{
     boxed_out_of_line, headers, orig_proto, upgrade, BoxFuture, ProxyError, ProxyResponse,
@@ -288,94 +291,174 @@ impl ClientInner {
     /// failed because the client's body did (a malformed chunk, a client gone mid-body) is the
     /// client's error, never the endpoint's.
     ///
-    /// An `async` block rather than an `async fn`: an `async fn` keeps its arguments twice in
-    /// its future (as passed, and as moved into its body), and this future is boxed, so copied
-    /// whole, for every request.
-    #[allow(clippy::manual_async_fn)]
+    /// The request is prepared and handed to its transport here, synchronously, so that the
+    /// future (boxed, so copied whole, for every request) holds the transport's send and what
+    /// the response needs afterwards, and not the request itself as well.
+    // The transports' errors carry an unsent request back by value (`SendError`), to go to
+    // another endpoint; the closures below only pass them on.
+    #[allow(clippy::result_large_err)]
     fn exchange(
         this: Arc<Self>,
         target: EndpointTarget,
         mut req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<ProxyResponse, ProxyError>> + Send {
-        async move {
-            let client_body = req.body_mut().watch();
-            let shape = RequestShape::of(&req);
-            let transport = target.transport(shape);
-            if transport == Transport::Tunnel {
-                if target.meshed {
-                    // The tunnel carries whatever the client sends (often its own TLS); it goes
-                    // to the endpoint's address as asked, outside mesh TLS.
-                    tracing::debug!(endpoint = %target.addr, endpoint_pod = target.names().pod(), endpoint_workload = target.names().workload(), "CONNECT to a meshed endpoint is tunnelled without mesh TLS");
-                }
-                let on_upgrade = hyper::upgrade::on(&mut req);
-                // Boxed: a rare path whose connect would otherwise size every request's future.
-                return boxed_out_of_line(|| {
-                    upgrade::connect(&this.tunnels, on_upgrade, target.addr, this.connect_timeout)
-                })
-                .await;
+    ) -> BoxFuture<Result<ProxyResponse, ProxyError>> {
+        let client_body = req.body_mut().watch();
+        let shape = RequestShape::of(&req);
+        let transport = target.transport(shape);
+        if transport == Transport::Tunnel {
+            if target.meshed {
+                // The tunnel carries whatever the client sends (often its own TLS); it goes
+                // to the endpoint's address as asked, outside mesh TLS.
+                tracing::debug!(endpoint = %target.addr, endpoint_pod = target.names().pod(), endpoint_workload = target.names().workload(), "CONNECT to a meshed endpoint is tunnelled without mesh TLS");
             }
-
-            let upgrade = shape.upgrade;
-            headers::strip_hop_by_hop(req.headers_mut(), upgrade);
-            let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-            // A request none of which was sent goes back to the balancer (when it left a slot) for
-            // another endpoint; otherwise a failure is the client's when its body failed first.
-            // (An upgrade's client side is taken out above: it can't go anywhere else.)
-            let unsent_slot = target.unsent.as_ref().filter(|_| !upgrade);
-            let blame = |err: SendError| {
-                if let (Some(req), Some(slot)) = (err.unsent, unsent_slot) {
-                    slot.put(req);
-                    return err.error;
-                }
-                client_body
-                    .as_ref()
-                    .and_then(ClientBodyOutcome::failure)
-                    .unwrap_or(err.error)
-            };
-
-            let (mut rsp, pooled) = if transport == Transport::H1 {
-                set_host(&mut req, &target.destination);
-                let (rsp, pooled) = target.h1.send(req, upgrade).await.map_err(blame)?;
-                (rsp.map(ResponseBody::proxied), pooled)
-            } else if req.version() == Version::HTTP_2 {
-                let rsp = target.h2.send(req).await.map_err(blame)?;
-                (rsp.map(ResponseBody::proxied_h2), None)
-            } else {
-                // HTTP/1 between meshed proxies rides the endpoint's h2 connection. Rewritten for
-                // the hop, the request can't go to another endpoint as it is.
-                let orig = orig_proto::upgrade_request(&mut req, &target.destination)?;
-                let mut rsp = target
-                    .h2
-                    .send(req)
-                    .await
-                    .map_err(|e| blame(SendError::sent(e.error)))?;
-                orig_proto::downgrade_response(&mut rsp, orig);
-                (rsp.map(ResponseBody::proxied_h2), None)
-            };
-
-            // One integer comparison per response; the header is looked for only on errors.
-            if rsp.status().as_u16() >= 400 {
-                if let Some(peer) = rsp.headers().get(L5D_PROXY_ERROR_HEADER) {
-                    log_peer_proxy_error(&target, rsp.status(), peer);
-                }
-            }
-            if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                // The connection now belongs to the tunnel, never back to the pool.
-                if let Some(client) = client_upgrade {
-                    let upstream = hyper::upgrade::on(&mut rsp);
-                    upgrade::splice(&this.tunnels, client, upstream, target.addr);
-                }
-                return Ok(rsp);
-            }
-            headers::strip_hop_by_hop(rsp.headers_mut(), false);
-            if let Some(conn) = pooled {
-                rsp.body_mut().reuse_on_end(conn);
-            }
-            if let Some(outcome) = client_body {
-                rsp.body_mut().client_body(outcome);
-            }
-            Ok(rsp)
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            // Boxed: a rare path whose connect would otherwise size every request's future.
+            return boxed_out_of_line(move || async move {
+                upgrade::connect(&this.tunnels, on_upgrade, target.addr, this.connect_timeout).await
+            });
         }
+
+        let upgrade = shape.upgrade;
+        headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        if transport == Transport::H1 {
+            set_host(&mut req, &target.destination);
+            let sending = target
+                .h1
+                .send(req, upgrade)
+                .map(|sent| sent.map(|(rsp, pooled)| (rsp.map(ResponseBody::proxied), pooled)));
+            return Exchange::boxed(sending, this, target, client_upgrade, client_body);
+        }
+        if req.version() == Version::HTTP_2 {
+            let sending = target
+                .h2
+                .send(req)
+                .map(|sent| sent.map(|rsp| (rsp.map(ResponseBody::proxied_h2), None)));
+            return Exchange::boxed(sending, this, target, client_upgrade, client_body);
+        }
+        // HTTP/1 between meshed proxies rides the endpoint's h2 connection. Rewritten for the
+        // hop, the request can't go to another endpoint as it is.
+        let orig = match orig_proto::upgrade_request(&mut req, &target.destination) {
+            Ok(orig) => orig,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        let sending = target.h2.send(req).map(move |sent| match sent {
+            Ok(mut rsp) => {
+                orig_proto::downgrade_response(&mut rsp, orig);
+                Ok((rsp.map(ResponseBody::proxied_h2), None))
+            }
+            Err(e) => Err(SendError::sent(e.error)),
+        });
+        Exchange::boxed(sending, this, target, client_upgrade, client_body)
+    }
+}
+
+/// What a transport's send resolves to: the response, and the pooled HTTP/1 connection it came
+/// on (returned to the pool when the body ends).
+type Sent = Result<(ProxyResponse, Option<PooledConn>), SendError>;
+
+pin_project_lite::pin_project! {
+    /// A request on its way to the endpoint (`sending`, the transport's future), and what its
+    /// response needs when it comes. A named future rather than an `async` block: a block
+    /// would hold the transport's future twice (as captured, and as awaited).
+    struct Exchange<F> {
+        #[pin]
+        sending: F,
+        // Taken when the response comes.
+        then: Option<AfterSend>,
+    }
+}
+
+/// What the response (or the failure) of a sent request needs.
+struct AfterSend {
+    client: Arc<ClientInner>,
+    target: EndpointTarget,
+    /// The client's side of a protocol upgrade, spliced to the endpoint's on `101`.
+    client_upgrade: Option<OnUpgrade>,
+    /// How the client's request body went, when it has one.
+    client_body: Option<ClientBodyOutcome>,
+}
+
+impl<F> Exchange<F>
+where
+    F: Future<Output = Sent> + Send + 'static,
+{
+    fn boxed(
+        sending: F,
+        client: Arc<ClientInner>,
+        target: EndpointTarget,
+        client_upgrade: Option<OnUpgrade>,
+        client_body: Option<ClientBodyOutcome>,
+    ) -> BoxFuture<Result<ProxyResponse, ProxyError>> {
+        Box::pin(Exchange {
+            sending,
+            then: Some(AfterSend {
+                client,
+                target,
+                client_upgrade,
+                client_body,
+            }),
+        })
+    }
+}
+
+impl<F: Future<Output = Sent>> Future for Exchange<F> {
+    type Output = Result<ProxyResponse, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let sent = ready!(this.sending.poll(cx));
+        let Some(then) = this.then.take() else {
+            panic!("Exchange polled after it completed");
+        };
+        Poll::Ready(then.response(sent))
+    }
+}
+
+impl AfterSend {
+    fn response(self, sent: Sent) -> Result<ProxyResponse, ProxyError> {
+        let (mut rsp, pooled) = sent.map_err(|e| self.blame(e))?;
+        // One integer comparison per response; the header is looked for only on errors.
+        if rsp.status().as_u16() >= 400 {
+            if let Some(peer) = rsp.headers().get(L5D_PROXY_ERROR_HEADER) {
+                log_peer_proxy_error(&self.target, rsp.status(), peer);
+            }
+        }
+        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection now belongs to the tunnel, never back to the pool.
+            if let Some(client) = self.client_upgrade {
+                let upstream = hyper::upgrade::on(&mut rsp);
+                upgrade::splice(&self.client.tunnels, client, upstream, self.target.addr);
+            }
+            return Ok(rsp);
+        }
+        headers::strip_hop_by_hop(rsp.headers_mut(), false);
+        if let Some(conn) = pooled {
+            rsp.body_mut().reuse_on_end(conn);
+        }
+        if let Some(outcome) = self.client_body {
+            rsp.body_mut().client_body(outcome);
+        }
+        Ok(rsp)
+    }
+
+    /// A request none of which was sent goes back to the balancer (when it left a slot) for
+    /// another endpoint; otherwise a failure is the client's when its body failed first. (An
+    /// upgrade's client side is taken out above: it can't go anywhere else.)
+    fn blame(&self, err: SendError) -> ProxyError {
+        let unsent_slot = self
+            .target
+            .unsent
+            .as_ref()
+            .filter(|_| self.client_upgrade.is_none());
+        if let (Some(req), Some(slot)) = (err.unsent, unsent_slot) {
+            slot.put(req);
+            return err.error;
+        }
+        self.client_body
+            .as_ref()
+            .and_then(ClientBodyOutcome::failure)
+            .unwrap_or(err.error)
     }
 }
 
@@ -394,7 +477,7 @@ impl Service<Request<RequestBody>> for EndpointClient {
         let Some(target) = req.ctx_mut().target.take() else {
             return Box::pin(std::future::ready(Err(ProxyError::NoEndpoints)));
         };
-        Box::pin(ClientInner::exchange(self.inner.clone(), target, req))
+        ClientInner::exchange(self.inner.clone(), target, req)
     }
 }
 

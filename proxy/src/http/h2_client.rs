@@ -14,11 +14,11 @@
 //! hyper's limits on headers and buffered sends, and `content-length` for a body whose size is
 //! known. What it doesn't: hyper's adaptive window; the windows are fixed (see `STREAM_WINDOW`).
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -33,7 +33,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::client::{log_connection_closed, SendError};
 use super::request_body::RequestBody;
-use super::{boxed_out_of_line, ProxyError};
+use super::{boxed_out_of_line, BoxFuture, ProxyError};
 use crate::connect::{Connect, EndpointIo};
 use crate::mesh_tls::Alpn;
 
@@ -110,55 +110,68 @@ impl H2Connection {
     /// Sends `req` on the connection and waits for the response's head; a request the
     /// connection could not be had (or was closed) for comes back unsent with the error.
     ///
-    /// An `async` block, not an `async fn`, so the request is held once in the future (an
-    /// `async fn` holds its arguments twice).
-    pub fn send(
-        &self,
-        mut req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<Response<H2Body>, SendError>> + Send + '_ {
-        let absolute = absolute_form(&mut req);
-        async move {
-            absolute.map_err(SendError::sent)?;
-            let open = match self.open_connection().await {
-                Ok(open) => open,
-                Err(error) => return Err(SendError::unsent(error, req)),
+    /// On an open connection (the common case) the stream is opened here, synchronously, and
+    /// the returned future holds only what the response needs. Connecting is a future boxed
+    /// out of line.
+    pub fn send(self: &Arc<Self>, mut req: Request<RequestBody>) -> H2Send {
+        if let Err(e) = absolute_form(&mut req) {
+            return H2Send::Failed {
+                error: Some(SendError::sent(e)),
             };
-            // Waits while the endpoint's stream limit is reached. An error here means the
-            // connection is gone (closed, or told to go away) before this request was on it:
-            // that connection, not one opened since, is marked closed.
-            let mut sender = match open.sender.clone().ready().await {
-                Ok(sender) => sender,
-                Err(e) => {
-                    open.closed.store(true, Ordering::Release);
-                    let error = ProxyError::from_endpoint(&e, &self.connect);
-                    return Err(SendError::unsent(error, req));
-                }
-            };
-
-            let (head, body) = req.into_parts();
-            let mut head = Request::from_parts(head, ());
-            if let Some(len) = body.size_hint().exact() {
-                if len != 0 && !head.headers().contains_key(header::CONTENT_LENGTH) {
-                    head.headers_mut()
-                        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        let open = self.open.load();
+        match open.as_deref().filter(|o| o.is_open()) {
+            Some(open) => self.start(open, req),
+            None => {
+                let this = self.clone();
+                H2Send::Waiting {
+                    fut: boxed_out_of_line(move || async move {
+                        let open = match this.open_connection().await {
+                            Ok(open) => open,
+                            Err(error) => return Err(SendError::unsent(error, req)),
+                        };
+                        this.start(&open, req).await
+                    }),
                 }
             }
-            let end_of_stream = body.is_end_stream();
-            let (response, send) = sender
-                .send_request(head, end_of_stream)
-                .map_err(|e| SendError::sent(ProxyError::from_endpoint(&e, &self.connect)))?;
-            let pipe = (!end_of_stream).then(|| BodyPipe::new(body, send));
-            let rsp = respond(response, pipe)
-                .await
-                .map_err(|e| SendError::sent(ProxyError::from_endpoint(&e, &self.connect)))?;
-            let (head, recv) = rsp.into_parts();
-            // For the size hint: an HTTP/1 client's response gets its length from it.
-            let remaining = head
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            Ok(Response::from_parts(head, H2Body::new(recv, remaining)))
+        }
+    }
+
+    /// Opens the request's stream on `open` and starts its body.
+    fn start(self: &Arc<Self>, open: &Open, req: Request<RequestBody>) -> H2Send {
+        // A fresh handle is ready unless the connection has failed: the endpoint's stream
+        // limit is waited for by the response future, not here.
+        let mut sender = open.sender.clone();
+        if let Poll::Ready(Err(e)) = sender.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            // The connection is gone (closed, or told to go away) before this request was on
+            // it: that connection, not one opened since, is marked closed.
+            open.closed.store(true, Ordering::Release);
+            let error = ProxyError::from_endpoint(&e, &self.connect);
+            return H2Send::Failed {
+                error: Some(SendError::unsent(error, req)),
+            };
+        }
+        let (head, body) = req.into_parts();
+        let mut head = Request::from_parts(head, ());
+        if let Some(len) = body.size_hint().exact() {
+            if len != 0 && !head.headers().contains_key(header::CONTENT_LENGTH) {
+                head.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
+        }
+        let end_of_stream = body.is_end_stream();
+        match sender.send_request(head, end_of_stream) {
+            Ok((response, send)) => H2Send::Responding {
+                response,
+                pipe: (!end_of_stream).then(|| BodyPipe::new(body, send)),
+                connection: self.clone(),
+            },
+            Err(e) => H2Send::Failed {
+                error: Some(SendError::sent(ProxyError::from_endpoint(
+                    &e,
+                    &self.connect,
+                ))),
+            },
         }
     }
 
@@ -227,33 +240,68 @@ fn absolute_form(req: &mut Request<RequestBody>) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Waits for the response's head while sending the request's body. Most bodies (a gRPC
-/// request, a small upload) are sent before the response starts; one still streaming then
-/// goes on in a task of its own. Dropped before the response, both go, and h2 resets the
-/// stream.
-async fn respond(
-    mut response: ResponseFuture,
-    mut pipe: Option<BodyPipe>,
-) -> Result<Response<RecvStream>, h2::Error> {
-    let rsp = poll_fn(|cx| {
-        if let Some(p) = pipe.as_mut() {
-            if Pin::new(p).poll(cx).is_ready() {
-                pipe = None;
+/// `H2Connection::send`'s future. While `Responding` it waits for the response's head while
+/// sending the request's body. Most bodies (a gRPC request, a small upload) are sent before the
+/// response starts; one still streaming then goes on in a task of its own. Dropped before the
+/// response, both go, and h2 resets the stream.
+pub enum H2Send {
+    Responding {
+        response: ResponseFuture,
+        pipe: Option<BodyPipe>,
+        /// For the errors' endpoint.
+        connection: Arc<H2Connection>,
+    },
+    /// Connecting first (boxed out of line).
+    Waiting {
+        fut: BoxFuture<Result<Response<H2Body>, SendError>>,
+    },
+    /// Failed before a stream was opened; taken when polled.
+    Failed { error: Option<SendError> },
+}
+
+impl Future for H2Send {
+    type Output = Result<Response<H2Body>, SendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            H2Send::Responding {
+                response,
+                pipe,
+                connection,
+            } => {
+                if let Some(p) = pipe.as_mut() {
+                    if Pin::new(p).poll(cx).is_ready() {
+                        *pipe = None;
+                    }
+                }
+                let rsp = ready!(Pin::new(response).poll(cx)).map_err(|e| {
+                    SendError::sent(ProxyError::from_endpoint(&e, &connection.connect))
+                })?;
+                if let Some(pipe) = pipe.take() {
+                    tokio::spawn(pipe);
+                }
+                let (head, recv) = rsp.into_parts();
+                // For the size hint: an HTTP/1 client's response gets its length from it.
+                let remaining = head
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                Poll::Ready(Ok(Response::from_parts(head, H2Body::new(recv, remaining))))
             }
+            H2Send::Waiting { fut } => fut.as_mut().poll(cx),
+            H2Send::Failed { error } => match error.take() {
+                Some(error) => Poll::Ready(Err(error)),
+                None => panic!("H2Send polled after it completed"),
+            },
         }
-        Pin::new(&mut response).poll(cx)
-    })
-    .await?;
-    if let Some(pipe) = pipe {
-        tokio::spawn(pipe);
     }
-    Ok(rsp)
 }
 
 /// A request body onto its stream, as the endpoint's window allows. Ends when the body does,
 /// when the body fails (the client's request broke: the stream is cancelled), or when the
 /// endpoint resets the stream.
-struct BodyPipe {
+pub struct BodyPipe {
     body: RequestBody,
     send: SendStream<Bytes>,
     /// Data waiting for window.
@@ -480,8 +528,11 @@ mod tests {
 
     const MIB: usize = 1024 * 1024;
 
-    fn connection(addr: SocketAddr) -> H2Connection {
-        H2Connection::new(Arc::new(Connect::plain(addr, Duration::from_secs(5))))
+    fn connection(addr: SocketAddr) -> Arc<H2Connection> {
+        Arc::new(H2Connection::new(Arc::new(Connect::plain(
+            addr,
+            Duration::from_secs(5),
+        ))))
     }
 
     /// hyper's h2 server answering every request with `answer`.
@@ -689,11 +740,12 @@ mod tests {
             let conn = h2::server::handshake(tcp).await.unwrap();
             let _ = held_tx.send(conn);
         });
-        let mut conn = connection(addr);
+        let mut conn = H2Connection::new(Arc::new(Connect::plain(addr, Duration::from_secs(5))));
         conn.keepalive = KeepAliveTimes {
             interval: Duration::from_millis(50),
             timeout: Duration::from_millis(200),
         };
+        let conn = Arc::new(conn);
         let send = conn.send(request(Bytes::new()).await);
         let failed = tokio::time::timeout(Duration::from_secs(30), send)
             .await

@@ -22,8 +22,10 @@
 //! endpoint closed one can't be told without reading it.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -39,7 +41,7 @@ use hyper::client::conn::{http1, TrySendError};
 use hyper_util::rt::TokioIo;
 
 use super::client::{log_connection_closed, SendError};
-use super::{boxed_out_of_line, ProxyError};
+use super::{boxed_out_of_line, BoxFuture, ProxyError};
 use crate::connect::{Connect, EndpointIo};
 use crate::mesh_tls::Alpn;
 use crate::names::EndpointNames;
@@ -102,6 +104,56 @@ impl PooledConn {
     }
 }
 
+/// What `Http1Pool::send` resolves to.
+type Sent = Result<(Response<Incoming>, Option<PooledConn>), SendError>;
+
+pin_project_lite::pin_project! {
+    /// `Http1Pool::send`'s future: a named state machine rather than an `async` block, so that
+    /// the common case holds hyper's response future and the connection and nothing else.
+    #[project = Http1SendProj]
+    #[project_replace = Http1SendTaken]
+    pub enum Http1Send<F> {
+        /// The request is with an idle connection's task; waiting for the response head.
+        Sending {
+            #[pin]
+            sending: F,
+            conn: PooledConn,
+        },
+        /// The slow path, or a resend on a fresh connection after the idle one failed.
+        Waiting { fut: BoxFuture<Sent> },
+        Done,
+    }
+}
+
+impl<F> Future for Http1Send<F>
+where
+    F: Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
+{
+    type Output = Sent;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Sent> {
+        let sent = match self.as_mut().project() {
+            Http1SendProj::Sending { sending, .. } => ready!(sending.poll(cx)),
+            Http1SendProj::Waiting { fut } => return fut.as_mut().poll(cx),
+            Http1SendProj::Done => panic!("Http1Send polled after it completed"),
+        };
+        let Http1SendTaken::Sending { conn, .. } = self.as_mut().project_replace(Http1Send::Done)
+        else {
+            unreachable!("the state was Sending just above");
+        };
+        match sent {
+            Ok(rsp) => Poll::Ready(Ok((rsp, Some(conn)))),
+            // The idle connection closed as the request went: once more, on a fresh one.
+            Err(e) => {
+                let pool = conn.pool;
+                let resend = boxed_out_of_line(move || async move { pool.resend(e, true).await });
+                self.set(Http1Send::Waiting { fut: resend });
+                self.poll(cx)
+            }
+        }
+    }
+}
+
 /// A connection checked out for one request.
 struct Checkout {
     sender: http1::SendRequest<RequestBody>,
@@ -126,45 +178,80 @@ impl Http1Pool {
     ///
     /// A protocol `upgrade` (WebSocket) gets a connection of its own, which after `101` carries
     /// the tunnel and is never pooled.
+    ///
+    /// The common case, an idle connection ready for a request, is handled here, synchronously:
+    /// the request goes to the connection's task at once and the returned future holds only
+    /// hyper's wait for the response. Everything else (waiting for a connection to become
+    /// ready, waking a hibernated one, connecting, an upgrade) is a future boxed out of line.
+    /// Either way the request is held once, not in each enclosing future.
     pub fn send(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
         upgrade: bool,
-    ) -> impl Future<Output = Result<(Response<Incoming>, Option<PooledConn>), SendError>> + Send + '_
-    {
+    ) -> Http1Send<
+        impl Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
+    > {
         let pq = req
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(pq);
-        // An `async` block, not an `async fn`, so the request is held once in the future (an
-        // `async fn` holds its arguments twice); the rare paths are boxed where awaited.
-        async move {
-            if upgrade {
-                return boxed_out_of_line(|| self.send_upgrade(req))
-                    .await
-                    .map(|rsp| (rsp, None));
-            }
-            let Checkout {
+        let first = if upgrade { None } else { self.pop_open() };
+        match first {
+            Some(Idle {
                 mut sender,
                 hibernate,
-                reused,
-            } = match self.checkout().await {
-                Ok(checked_out) => checked_out,
-                Err(error) => return Err(SendError::unsent(error, req)),
-            };
-            match sender.try_send_request(req).await {
-                Ok(rsp) => {
-                    let conn = PooledConn {
+                ..
+            }) if sender.is_ready() => {
+                let sending = sender.try_send_request(req);
+                Http1Send::Sending {
+                    sending,
+                    conn: PooledConn {
                         pool: self.clone(),
                         sender,
                         hibernate,
-                    };
-                    Ok((rsp, Some(conn)))
+                    },
                 }
-                Err(e) => boxed_out_of_line(|| self.resend(e, reused)).await,
             }
+            first => {
+                let pool = self.clone();
+                Http1Send::Waiting {
+                    fut: boxed_out_of_line(move || pool.send_when_ready(req, upgrade, first)),
+                }
+            }
+        }
+    }
+
+    /// `send`'s slow path: an upgrade, or waiting for a connection (`first`, popped idle but not
+    /// ready yet, is tried first).
+    async fn send_when_ready(
+        self: Arc<Self>,
+        req: Request<RequestBody>,
+        upgrade: bool,
+        first: Option<Idle>,
+    ) -> Result<(Response<Incoming>, Option<PooledConn>), SendError> {
+        if upgrade {
+            return self.send_upgrade(req).await.map(|rsp| (rsp, None));
+        }
+        let Checkout {
+            mut sender,
+            hibernate,
+            reused,
+        } = match self.checkout(first).await {
+            Ok(checked_out) => checked_out,
+            Err(error) => return Err(SendError::unsent(error, req)),
+        };
+        match sender.try_send_request(req).await {
+            Ok(rsp) => {
+                let conn = PooledConn {
+                    pool: self.clone(),
+                    sender,
+                    hibernate,
+                };
+                Ok((rsp, Some(conn)))
+            }
+            Err(e) => self.resend(e, reused).await,
         }
     }
 
@@ -279,23 +366,32 @@ impl Http1Pool {
         self.ensure_sweeper();
     }
 
+    /// An idle connection whose endpoint has not closed it. (None idle for long: the sweeper
+    /// retires those idle for [`IDLE_BEFORE_HIBERNATE`], far short of [`IDLE_TIMEOUT`].)
+    fn pop_open(&self) -> Option<Idle> {
+        while let Some(idle) = self.idle.pop() {
+            if !idle.sender.is_closed() {
+                return Some(idle);
+            }
+        }
+        None
+    }
+
     fn ensure_sweeper(self: &Arc<Self>) {
         if !self.sweeping.swap(true, Ordering::AcqRel) {
             tokio::spawn(sweep(Arc::downgrade(self)));
         }
     }
 
-    async fn checkout(self: &Arc<Self>) -> Result<Checkout, ProxyError> {
+    async fn checkout(self: &Arc<Self>, first: Option<Idle>) -> Result<Checkout, ProxyError> {
+        let mut next = first;
         while let Some(Idle {
             mut sender,
             hibernate,
-            since,
-        }) = self.idle.pop()
+            ..
+        }) = next.take().or_else(|| self.pop_open())
         {
-            if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
-                continue;
-            }
-            // Normally ready at once: the previous response was read to its end.
+            // Ready once its task has finished with the previous response.
             if sender.ready().await.is_ok() {
                 return Ok(Checkout {
                     sender,

@@ -81,8 +81,23 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: ConnService,
 {
-    // Boxed, like each HTTP/1 session, so the connection's task stays small.
-    let conn = Box::pin(
+    let conn = h2_connection(io, svc);
+    drive("h2", conn, &shutdown, |c| {
+        c.get_mut().as_mut().graceful_shutdown()
+    })
+    .await
+}
+
+/// An h2 connection. Boxed, like each HTTP/1 session's, so the connection's task stays small,
+/// and built in a frame of its own (as `http1_connection`).
+#[inline(never)]
+#[allow(clippy::type_complexity)]
+fn h2_connection<I, S>(io: I, svc: S) -> Pin<Box<http2::Connection<TokioIo<I>, S, TokioExecutor>>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnService,
+{
+    Box::pin(
         http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Fixed windows, the h2 client's: hyper's adaptive window would ping the client
@@ -94,11 +109,7 @@ where
             // A larger header block is refused with 431 (h2 does it for the stream).
             .max_header_list_size(MAX_REQUEST_HEAD as u32)
             .serve_connection(TokioIo::new(io), svc),
-    );
-    drive("h2", conn, &shutdown, |c| {
-        c.get_mut().as_mut().graceful_shutdown()
-    })
-    .await
+    )
 }
 
 /// HTTP/1 in sessions: each session is one hyper connection, which ends when the client hangs
