@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use arc_swap::ArcSwap;
 use http::Request;
 use hyper::body::Incoming;
-use hyper_util::service::TowerToHyperService;
 use pylon_proxy_metrics::{Direction, HttpTarget, Metrics, Peer, TargetLabels, TcpTarget, Tls};
 use pylon_proxy_policy::{ProxyProtocol, Store};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -49,7 +48,7 @@ use crate::http::route::RouteLayer;
 use crate::http::tap::{TapLayer, TapRescueLayer, Telemetry};
 use crate::http::timeout::ResponseTimeoutLayer;
 use crate::http::validate::ValidateRequest;
-use crate::http::{orig_proto, server, HttpStack};
+use crate::http::{orig_proto, server, HttpStack, StackService};
 use crate::io::{CountingIo, PrefixedIo};
 use crate::mesh_tls::MeshTls;
 use crate::names::AuthorityMap;
@@ -274,7 +273,7 @@ impl Inbound {
                     port.target_label.clone(),
                     &decision,
                 );
-                let svc = TowerToHyperService::new(self.http_stack(port, client.addr, authz));
+                let svc = StackService::new(self.http_stack(port, client.addr, authz));
                 server::serve(protocol == Protocol::H2, io, svc, &self.shutdown)
             }
             Protocol::MalformedHttp1 => server::reject_malformed(io, client.addr).await,

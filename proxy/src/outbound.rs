@@ -28,7 +28,6 @@ use std::sync::Arc;
 
 use http::Request;
 use hyper::body::Incoming;
-use hyper_util::service::TowerToHyperService;
 use pylon_proxy_metrics::{Direction, Metrics, Peer, TargetLabels, TcpConnMetrics, Tls};
 use tokio::net::TcpStream;
 use tower::ServiceBuilder;
@@ -47,7 +46,7 @@ use crate::http::route::{RouteActualLayer, RouteLayer};
 use crate::http::tap::{TapLayer, TapRescueLayer, Telemetry};
 use crate::http::timeout::{ResponseTimeoutLayer, RouteTimeoutLayer};
 use crate::http::validate::ValidateRequest;
-use crate::http::{server, HttpStack, ProxyError};
+use crate::http::{server, HttpStack, ProxyError, StackService};
 use crate::io::CountingIo;
 use crate::mesh_tls::Alpn;
 use crate::orig_dst::original_dst;
@@ -125,7 +124,7 @@ impl Outbound {
             // 3b. HTTP: each request goes down the stack below.
             Protocol::Http1 | Protocol::H2 => {
                 let io = CountingIo::new(io, self.accepted(dialled.as_ref(), orig_dst, local));
-                let svc = TowerToHyperService::new(self.http_stack(dialled, peer));
+                let svc = StackService::new(self.http_stack(dialled, peer));
                 server::serve(protocol == Protocol::H2, io, svc, &self.shutdown)
             }
             Protocol::MalformedHttp1 => server::reject_malformed(io, peer).await,

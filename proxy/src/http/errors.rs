@@ -434,7 +434,7 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // A readiness error below becomes a response too, so this layer never fails to get
-        // ready. (The server gets each request its own clone of the stack.)
+        // ready. (`StackService` calls the stack right after asking.)
         if let Poll::Ready(Err(err)) = self.inner.poll_ready(cx) {
             self.not_ready = Some(err);
         }

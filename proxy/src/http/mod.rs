@@ -30,6 +30,7 @@ pub mod validate;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use hyper::body::Incoming;
 
@@ -97,4 +98,73 @@ impl<S> HttpStack for S where
         + Send
         + 'static
 {
+}
+
+/// A direction's stack as a connection's hyper service. hyper calls a connection's service from
+/// that connection's task, one request at a time, through `&self`: hyper-util's
+/// `TowerToHyperService` meets that by cloning the whole stack for every request (each layer's
+/// reference counts up, and down again when the request ends: ~480 instructions per request).
+/// Here the connection keeps one stack and calls it in place, after a readiness check that
+/// every layer answers at once. A stack that isn't ready (none is, today), or a call while
+/// another is being made (hyper makes none), falls back to a clone that waits for readiness.
+pub struct StackService<S> {
+    /// Called in place.
+    live: std::cell::RefCell<S>,
+    /// Cloned for the fallback, and for another connection or session.
+    pristine: S,
+}
+
+impl<S: HttpStack> StackService<S> {
+    pub fn new(stack: S) -> Self {
+        Self {
+            live: std::cell::RefCell::new(stack.clone()),
+            pristine: stack,
+        }
+    }
+}
+
+impl<S: HttpStack> Clone for StackService<S> {
+    fn clone(&self) -> Self {
+        Self::new(self.pristine.clone())
+    }
+}
+
+impl<S: HttpStack> hyper::service::Service<http::Request<Incoming>> for StackService<S> {
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = StackFuture<S>;
+
+    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
+        if let Ok(mut stack) = self.live.try_borrow_mut() {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(Ok(())) = tower::Service::poll_ready(&mut *stack, &mut cx) {
+                return StackFuture::Called {
+                    future: tower::Service::call(&mut *stack, req),
+                };
+            }
+        }
+        StackFuture::Waiting {
+            oneshot: tower::ServiceExt::oneshot(self.pristine.clone(), req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`StackService`]'s response future.
+    #[project = StackFutureProj]
+    pub enum StackFuture<S: HttpStack> {
+        Called { #[pin] future: S::Future },
+        Waiting { #[pin] oneshot: tower::util::Oneshot<S, http::Request<Incoming>> },
+    }
+}
+
+impl<S: HttpStack> Future for StackFuture<S> {
+    type Output = Result<ProxyResponse, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            StackFutureProj::Called { future } => future.poll(cx),
+            StackFutureProj::Waiting { oneshot } => oneshot.poll(cx),
+        }
+    }
 }
