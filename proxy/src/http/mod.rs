@@ -105,8 +105,8 @@ impl<S> HttpStack for S where
 /// `TowerToHyperService` meets that by cloning the whole stack for every request (each layer's
 /// reference counts up, and down again when the request ends: ~480 instructions per request).
 /// Here the connection keeps one stack and calls it in place, after a readiness check that
-/// every layer answers at once. A stack that isn't ready (none is, today), or a call while
-/// another is being made (hyper makes none), falls back to a clone that waits for readiness.
+/// every layer answers at once. Should a stack not be ready at once (today's always are), or a
+/// call come while another is being made (hyper makes none), a clone waits for readiness.
 pub struct StackService<S> {
     /// Called in place.
     live: std::cell::RefCell<S>,
