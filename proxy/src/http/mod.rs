@@ -105,27 +105,25 @@ impl<S> HttpStack for S where
 /// `TowerToHyperService` meets that by cloning the whole stack for every request (each layer's
 /// reference counts up, and down again when the request ends: ~480 instructions per request).
 /// Here the connection keeps one stack and calls it in place, after a readiness check that
-/// every layer answers at once. Should a stack not be ready at once (today's always are), or a
-/// call come while another is being made (hyper makes none), a clone waits for readiness.
+/// every layer answers at once. Should a stack not be ready at once (today's always are), a
+/// clone of it waits for readiness.
 pub struct StackService<S> {
-    /// Called in place.
-    live: std::cell::RefCell<S>,
-    /// Cloned for the fallback, and for another connection or session.
-    pristine: S,
+    // Borrowed only inside `call` and `clone`, neither of which the stack can re-enter, on the
+    // connection's task.
+    stack: std::cell::RefCell<S>,
 }
 
 impl<S: HttpStack> StackService<S> {
     pub fn new(stack: S) -> Self {
         Self {
-            live: std::cell::RefCell::new(stack.clone()),
-            pristine: stack,
+            stack: std::cell::RefCell::new(stack),
         }
     }
 }
 
 impl<S: HttpStack> Clone for StackService<S> {
     fn clone(&self) -> Self {
-        Self::new(self.pristine.clone())
+        Self::new(self.stack.borrow().clone())
     }
 }
 
@@ -135,16 +133,15 @@ impl<S: HttpStack> hyper::service::Service<http::Request<Incoming>> for StackSer
     type Future = StackFuture<S>;
 
     fn call(&self, req: http::Request<Incoming>) -> Self::Future {
-        if let Ok(mut stack) = self.live.try_borrow_mut() {
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            if let Poll::Ready(Ok(())) = tower::Service::poll_ready(&mut *stack, &mut cx) {
-                return StackFuture::Called {
-                    future: tower::Service::call(&mut *stack, req),
-                };
-            }
+        let mut stack = self.stack.borrow_mut();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(Ok(())) = tower::Service::poll_ready(&mut *stack, &mut cx) {
+            return StackFuture::Called {
+                future: tower::Service::call(&mut *stack, req),
+            };
         }
         StackFuture::Waiting {
-            oneshot: tower::ServiceExt::oneshot(self.pristine.clone(), req),
+            oneshot: tower::ServiceExt::oneshot(stack.clone(), req),
         }
     }
 }
