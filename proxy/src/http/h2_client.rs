@@ -104,7 +104,8 @@ impl H2Connection {
         if self.is_open() {
             return Ok(());
         }
-        self.open_connection().await.map(|_| ())
+        // Boxed: connecting (a TLS handshake, when meshed) holds far more state than the check.
+        boxed_out_of_line(|| self.reconnect()).await.map(|_| ())
     }
 
     /// Sends `req` on the connection and waits for the response's head; a request the
@@ -126,7 +127,7 @@ impl H2Connection {
                 let this = self.clone();
                 H2Send::Waiting {
                     fut: boxed_out_of_line(move || async move {
-                        let open = match this.open_connection().await {
+                        let open = match this.reconnect().await {
                             Ok(open) => open,
                             Err(error) => return Err(SendError::unsent(error, req)),
                         };
@@ -175,16 +176,8 @@ impl H2Connection {
         }
     }
 
-    /// The open connection, connecting when there is none.
-    async fn open_connection(&self) -> Result<Arc<Open>, ProxyError> {
-        if let Some(open) = self.open.load_full().filter(|o| o.is_open()) {
-            return Ok(open);
-        }
-        // Boxed: connecting (a TLS handshake, when meshed) holds far more state than a request
-        // on the open connection, and unboxed it would size every request's future.
-        boxed_out_of_line(|| self.reconnect()).await
-    }
-
+    /// The open connection, connecting when there is none (checked again here: another
+    /// request may have connected meanwhile).
     async fn reconnect(&self) -> Result<Arc<Open>, ProxyError> {
         // One connect at a time; the others wait and reuse it.
         let _guard = self.connecting.lock().await;

@@ -91,7 +91,6 @@ where
 /// An h2 connection. Boxed, like each HTTP/1 session's, so the connection's task stays small,
 /// and built in a frame of its own (as `http1_connection`).
 #[inline(never)]
-#[allow(clippy::type_complexity)]
 fn h2_connection<I, S>(io: I, svc: S) -> Pin<Box<http2::Connection<TokioIo<I>, S, TokioExecutor>>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
