@@ -2,7 +2,8 @@
 """Instructions per request of one proxy hop, and where they go: valgrind's callgrind.
 
     benches/profile.py [--workload http1-get|h2c-get|grpc-unary] [--requests 3000]
-                       [--concurrency 1] [--proxy pylon|pylon-outbound|nginx|haproxy|floor|floor-h2|floor-h2s|floor-h1i]
+                       [--concurrency 1] [--proxy pylon|pylon-outbound|nginx|haproxy|floor|floor-h2|floor-h2s|floor-h1i|floor-h1n|
+                       floor-h1ns|floor-h1nc|floor-h1u]
                        [--out FILE]
                        [--keep DIR]
 
@@ -67,10 +68,21 @@ PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
                            " by the h2 crate, streams polled in their connection's task)",
               "floor-h1i": "`pylon-floor --h1-client inline` (as floor, each upstream HTTP/1"
                            " connection polled by the task using it, none spawned)",
+              "floor-h1n": "`pylon-floor --h1-server narrow --h1-client narrow` (no hyper on"
+                           " HTTP/1.1: heads parsed with httparse into http types and written"
+                           " back, Content-Length bodies only; what a narrower path for the"
+                           " common case costs)",
+              "floor-h1ns": "`pylon-floor --h1-server narrow` (as floor-h1n on the downstream"
+                            " side, hyper's client upstream)",
+              "floor-h1nc": "`pylon-floor --h1-client narrow` (hyper's server, as floor-h1n on"
+                            " the upstream side)",
+              "floor-h1u": "`pylon-floor --h1-client ureq` (as floor-h1nc, the client's HTTP/1.1"
+                           " done by the ureq-proto crate)",
               "nginx": "nginx (one process, the bench's configuration)",
               "haproxy": "HAProxy (one thread, the bench's configuration)"}
 # Our own binaries (jemalloc, SIGINT to stop); the rest are the baselines.
-OWN = ("pylon", "pylon-outbound", "floor", "floor-h2", "floor-h2s", "floor-h1i")
+OWN = ("pylon", "pylon-outbound", "floor", "floor-h2", "floor-h2s", "floor-h1i", "floor-h1n",
+       "floor-h1ns", "floor-h1nc", "floor-h1u")
 WORKLOADS = {"http1-get": "HTTP/1.1 GET", "h2c-get": "h2c GET", "grpc-unary": "gRPC unary"}
 
 
@@ -195,7 +207,9 @@ def proxy_cmd(proxy_kind, ports, app_port, workload, work):
                "--listen-h2", f"127.0.0.1:{ports['inbound_h2']}", "--to", f"127.0.0.1:{app_port}",
                "--h2-client", "h2" if proxy_kind in ("floor-h2", "floor-h2s") else "hyper",
                "--h2-server", "h2" if proxy_kind == "floor-h2s" else "hyper",
-               "--h1-client", "inline" if proxy_kind == "floor-h1i" else "task"]
+               "--h1-client", {"floor-h1i": "inline", "floor-h1n": "narrow",
+                               "floor-h1nc": "narrow", "floor-h1u": "ureq"}.get(proxy_kind, "task"),
+               "--h1-server", "narrow" if proxy_kind in ("floor-h1n", "floor-h1ns") else "hyper"]
     else:
         # nginx and HAProxy take h2c on a port of its own (prior knowledge), HTTP/1.1 on another.
         if workload != "http1-get":

@@ -16,6 +16,11 @@
 //! task of its own, which hyper's client reaches through a channel and answers through a
 //! oneshot: what such a pool in Pylon could save.
 //!
+//! `--h1-server narrow` and `--h1-client narrow` leave hyper out of a side of HTTP/1.1
+//! (`narrow_h1.rs`): heads parsed with `httparse` into `http` types and written back from them,
+//! `Content-Length` bodies only. What a narrower path for the common case could cost, against
+//! hyper's, each side apart or both.
+//!
 //! `--h2-server h2` serves h2 with the `h2` crate, each connection's streams polled in the
 //! connection's own task, instead of hyper's h2 server (which spawns a task per stream): what
 //! such a server in Pylon could save.
@@ -42,6 +47,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
+mod narrow_h1;
+
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -66,6 +73,9 @@ struct Cli {
     /// What drives the upstream HTTP/1 connections.
     #[arg(long, value_enum, default_value_t = H1Client::Task)]
     h1_client: H1Client,
+    /// What serves the HTTP/1.1 listener's connections.
+    #[arg(long, value_enum, default_value_t = H1Server::Hyper)]
+    h1_server: H1Server,
     /// What serves the h2c listener's connections.
     #[arg(long, value_enum, default_value_t = H2Client::Hyper)]
     h2_server: H2Client,
@@ -77,6 +87,18 @@ enum H1Client {
     Task,
     /// The connection future polled by the task that waits for its response.
     Inline,
+    /// `narrow_h1`'s client, on the request's task: no hyper on the upstream side.
+    Narrow,
+    /// As `narrow`, with `ureq-proto`'s sans-IO client doing the HTTP/1.1.
+    Ureq,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum H1Server {
+    /// hyper's HTTP/1 server.
+    Hyper,
+    /// `narrow_h1`'s server: no hyper on the downstream side.
+    Narrow,
 }
 
 /// Which h2 implementation a side uses.
@@ -119,12 +141,29 @@ async fn serve(cli: Cli) -> Result<()> {
         .context("h2c listener")?;
     let upstream = H2Upstream::connect(cli.to, cli.h2_client).await?;
     let to = cli.to;
-    let h1_client = cli.h1_client;
+    let (h1_server, h1_client) = (cli.h1_server, cli.h1_client);
+    if h1_server == H1Server::Narrow && !matches!(h1_client, H1Client::Task | H1Client::Narrow) {
+        anyhow::bail!("--h1-server narrow takes --h1-client task (hyper's) or narrow");
+    }
     tokio::spawn(async move {
         while let Ok((stream, _)) = h1.accept().await {
-            match h1_client {
-                H1Client::Task => tokio::spawn(serve_h1(stream, to)),
-                H1Client::Inline => tokio::spawn(serve_h1_inline(stream, to)),
+            match (h1_server, h1_client) {
+                (H1Server::Narrow, H1Client::Narrow) => tokio::spawn(narrow_h1::serve(
+                    stream,
+                    to,
+                    narrow_h1::Client::Narrow(None),
+                )),
+                (H1Server::Narrow, _) => {
+                    tokio::spawn(narrow_h1::serve(stream, to, narrow_h1::Client::Hyper(None)))
+                }
+                (H1Server::Hyper, H1Client::Task) => tokio::spawn(serve_h1(stream, to)),
+                (H1Server::Hyper, H1Client::Inline) => tokio::spawn(serve_h1_inline(stream, to)),
+                (H1Server::Hyper, H1Client::Narrow) => {
+                    tokio::spawn(serve_h1_narrow_client(stream, to, false))
+                }
+                (H1Server::Hyper, H1Client::Ureq) => {
+                    tokio::spawn(serve_h1_narrow_client(stream, to, true))
+                }
             };
         }
     });
@@ -169,6 +208,33 @@ async fn serve_h1(stream: TcpStream, to: SocketAddr) {
             Ok(match response.await {
                 Ok(rsp) => rsp.map(Either::Left),
                 Err(_) => bad_gateway(),
+            })
+        }
+    });
+    let _ = server1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// HTTP/1.1 with `--h1-client narrow` or `ureq`: hyper's server, `narrow_h1`'s client.
+async fn serve_h1_narrow_client(stream: TcpStream, to: SocketAddr, ureq: bool) {
+    let _ = stream.set_nodelay(true);
+    let slot: Arc<Mutex<Option<narrow_h1::Upstream>>> = Arc::default();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let slot = slot.clone();
+        async move {
+            let rsp = if ureq {
+                narrow_h1::ureq_client(req, slot, to).await
+            } else {
+                narrow_h1::client(req, slot, to).await
+            };
+            Ok::<_, Infallible>(match rsp {
+                Ok(rsp) => rsp.map(Either::Left),
+                Err(_) => {
+                    let mut rsp = Response::new(Either::Right(Empty::new()));
+                    *rsp.status_mut() = StatusCode::BAD_GATEWAY;
+                    rsp
+                }
             })
         }
     });

@@ -12,8 +12,8 @@ use serde::Serialize;
 /// One hop's cost per request, from one profile report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HopCost {
-    /// `pylon`, `pylon-outbound`, `floor`, `floor-h2`, `floor-h2s`, `floor-h1i`, `nginx` or
-    /// `haproxy` (profile.py's `--proxy`).
+    /// `pylon`, `pylon-outbound`, `floor`, `floor-h2`, `floor-h2s`, `floor-h1i`, `floor-h1n`,
+    /// `floor-h1ns`, `floor-h1nc`, `floor-h1u`, `nginx` or `haproxy` (profile.py's `--proxy`).
     pub hop: String,
     /// profile.py's workload title: `HTTP/1.1 GET`, `h2c GET` or `gRPC unary`.
     pub workload: String,
@@ -23,7 +23,7 @@ pub struct HopCost {
 }
 
 /// The hops in the order the report lists them, with what each is.
-const HOPS: [(&str, &str); 8] = [
+const HOPS: [(&str, &str); 12] = [
     ("pylon", "Pylon, inbound hop"),
     ("pylon-outbound", "Pylon, outbound hop"),
     ("floor", "floor: hyper's server and client alone"),
@@ -36,6 +36,13 @@ const HOPS: [(&str, &str); 8] = [
         "floor-h1i",
         "floor, HTTP/1 connections polled by the request's task",
     ),
+    (
+        "floor-h1n",
+        "narrow HTTP/1.1 path: httparse into http types, no hyper",
+    ),
+    ("floor-h1ns", "narrow HTTP/1.1 server, hyper's client"),
+    ("floor-h1nc", "hyper's HTTP/1.1 server, narrow client"),
+    ("floor-h1u", "hyper's HTTP/1.1 server, ureq-proto's client"),
     ("nginx", "nginx"),
     ("haproxy", "HAProxy"),
 ];
@@ -147,6 +154,20 @@ pub fn markdown(costs: &[HopCost]) -> String {
                 100.0 * (pylon - floor) / pylon,
                 outbound_share(h1("pylon-outbound"), floor)
             );
+            if let Some(narrow) = h1("floor-h1n") {
+                let _ = writeln!(
+                    md,
+                    "- A narrower HTTP/1.1 path than hyper's (`floor-h1n`: heads parsed by \
+                     httparse into the http types and written back, `Content-Length` bodies) \
+                     costs {} instructions, {:.2}× the cheaper baseline's hop; with Pylon's \
+                     stages on it the inbound hop would cost about {} ({:.2}×).{}",
+                    thousands(narrow),
+                    narrow / best,
+                    thousands(narrow + pylon - floor),
+                    (narrow + pylon - floor) / best,
+                    narrow_halves(h1("floor-h1ns"), h1("floor-h1nc"), floor)
+                );
+            }
         }
     }
     for workload in ["h2c GET", "gRPC unary"] {
@@ -173,6 +194,19 @@ pub fn markdown(costs: &[HopCost]) -> String {
         }
     }
     md
+}
+
+/// What each narrow half saves alone, against hyper's both: where the cost is.
+fn narrow_halves(server: Option<f64>, client: Option<f64>, floor: f64) -> String {
+    match (server, client) {
+        (Some(server), Some(client)) => format!(
+            " Alone, the narrow server saves {} of hyper's (`floor-h1ns`) and the narrow \
+             client {} (`floor-h1nc`).",
+            thousands(floor - server),
+            thousands(floor - client)
+        ),
+        _ => String::new(),
+    }
 }
 
 /// `, and N to the outbound hop (P% of it)` when the outbound hop was profiled too.
@@ -226,6 +260,9 @@ mod tests {
             c("nginx", "HTTP/1.1 GET", 16_000.0),
             c("haproxy", "HTTP/1.1 GET", 27_000.0),
             c("pylon-outbound", "HTTP/1.1 GET", 40_000.0),
+            c("floor-h1n", "HTTP/1.1 GET", 10_000.0),
+            c("floor-h1ns", "HTTP/1.1 GET", 19_000.0),
+            c("floor-h1nc", "HTTP/1.1 GET", 13_000.0),
             c("pylon", "gRPC unary", 70_000.0),
             c("floor-h2", "gRPC unary", 60_000.0),
             c("haproxy", "gRPC unary", 40_000.0),
@@ -237,6 +274,15 @@ mod tests {
         assert!(md.contains("hyper alone costs 1.25×"), "{md}");
         assert!(
             md.contains("add 10,000 instructions to the inbound hop (33%"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "costs 10,000 instructions, 0.62× the cheaper baseline's hop; with \
+                         Pylon's stages on it the inbound hop would cost about 20,000 (1.25×). \
+                         Alone, the narrow server saves 1,000 of hyper's (`floor-h1ns`) and \
+                         the narrow client 7,000"
+            ),
             "{md}"
         );
         assert!(
