@@ -159,10 +159,10 @@ async fn serve(cli: Cli) -> Result<()> {
                 (H1Server::Hyper, H1Client::Task) => tokio::spawn(serve_h1(stream, to)),
                 (H1Server::Hyper, H1Client::Inline) => tokio::spawn(serve_h1_inline(stream, to)),
                 (H1Server::Hyper, H1Client::Narrow) => {
-                    tokio::spawn(serve_h1_narrow_client(stream, to, false))
+                    tokio::spawn(narrow_h1::serve_hyper(stream, to, false))
                 }
                 (H1Server::Hyper, H1Client::Ureq) => {
-                    tokio::spawn(serve_h1_narrow_client(stream, to, true))
+                    tokio::spawn(narrow_h1::serve_hyper(stream, to, true))
                 }
             };
         }
@@ -208,33 +208,6 @@ async fn serve_h1(stream: TcpStream, to: SocketAddr) {
             Ok(match response.await {
                 Ok(rsp) => rsp.map(Either::Left),
                 Err(_) => bad_gateway(),
-            })
-        }
-    });
-    let _ = server1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
-}
-
-/// HTTP/1.1 with `--h1-client narrow` or `ureq`: hyper's server, `narrow_h1`'s client.
-async fn serve_h1_narrow_client(stream: TcpStream, to: SocketAddr, ureq: bool) {
-    let _ = stream.set_nodelay(true);
-    let slot: Arc<Mutex<Option<narrow_h1::Upstream>>> = Arc::default();
-    let service = service_fn(move |req: Request<Incoming>| {
-        let slot = slot.clone();
-        async move {
-            let rsp = if ureq {
-                narrow_h1::ureq_client(req, slot, to).await
-            } else {
-                narrow_h1::client(req, slot, to).await
-            };
-            Ok::<_, Infallible>(match rsp {
-                Ok(rsp) => rsp.map(Either::Left),
-                Err(_) => {
-                    let mut rsp = Response::new(Either::Right(Empty::new()));
-                    *rsp.status_mut() = StatusCode::BAD_GATEWAY;
-                    rsp
-                }
             })
         }
     });

@@ -17,6 +17,7 @@
 //! leaves out that hyper does: the `Date` header (a proxy passes the origin's), pipelining,
 //! and every framing but `Content-Length`.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +28,8 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1 as client1;
+use hyper::server::conn::http1 as server1;
+use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -171,6 +174,8 @@ async fn hyper_exchange(
         }
     };
     s.ready().await?;
+    let mut req = req;
+    strip_hop_by_hop(req.headers_mut());
     let rsp = s.send_request(req.map(|()| Full::new(body))).await?;
     *sender = Some(s);
     let (head, body) = rsp.into_parts();
@@ -199,25 +204,69 @@ async fn read_body(io: &mut TcpStream, buf: &mut BytesMut, len: u64) -> Result<B
     Ok(buf.split_to(len).freeze())
 }
 
-/// The narrow client under hyper's server: the client's half alone. The upstream connection
-/// waits in `slot` between requests.
-pub async fn client(
+/// Hyper's HTTP/1 server with a narrow client (`--h1-client narrow`, or `ureq` for
+/// `ureq_client`): the client's half alone.
+pub async fn serve_hyper(stream: TcpStream, to: SocketAddr, ureq: bool) {
+    let _ = stream.set_nodelay(true);
+    let slot: Arc<Mutex<Option<Upstream>>> = Arc::default();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let slot = slot.clone();
+        async move {
+            let rsp = if ureq {
+                ureq_client(req, slot, to).await
+            } else {
+                client(req, slot, to).await
+            };
+            Ok::<_, Infallible>(rsp.unwrap_or_else(|_| {
+                let mut rsp = Response::new(Full::default());
+                *rsp.status_mut() = StatusCode::BAD_GATEWAY;
+                rsp
+            }))
+        }
+    });
+    let _ = server1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// For the clients under hyper's server: the waiting upstream connection (or a new one), and
+/// the request with its body collected and its length set.
+async fn checkout(
     req: Request<Incoming>,
-    slot: Arc<Mutex<Option<Upstream>>>,
+    slot: &Mutex<Option<Upstream>>,
     to: SocketAddr,
-) -> Result<Response<Full<Bytes>>> {
+) -> Result<(Upstream, Request<()>, Bytes)> {
     let taken = slot.lock().ok().and_then(|mut s| s.take());
-    let mut up = match taken {
+    let up = match taken {
         Some(up) => up,
         None => Upstream::connect(to).await?,
     };
     let (head, body) = req.into_parts();
     let body = body.collect().await?.to_bytes();
     let mut req = Request::from_parts(head, ());
+    strip_hop_by_hop(req.headers_mut());
     if !body.is_empty() {
         req.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
+    Ok((up, req, body))
+}
+
+/// A connection whose response has ended, back for the next request.
+fn checkin(slot: &Mutex<Option<Upstream>>, up: Upstream) {
+    if let Ok(mut s) = slot.lock() {
+        *s = Some(up);
+    }
+}
+
+/// The narrow client under hyper's server. The upstream connection waits in `slot` between
+/// requests.
+async fn client(
+    req: Request<Incoming>,
+    slot: Arc<Mutex<Option<Upstream>>>,
+    to: SocketAddr,
+) -> Result<Response<Full<Bytes>>> {
+    let (mut up, req, body) = checkout(req, &slot, to).await?;
     let mut out = Vec::with_capacity(512);
     encode_request(&mut out, &req);
     out.extend_from_slice(&body);
@@ -227,9 +276,7 @@ pub async fn client(
         .context("closed before a response")?;
     let body = read_body(&mut up.io, &mut up.buf, framing.body_len).await?;
     if !framing.close {
-        if let Ok(mut s) = slot.lock() {
-            *s = Some(up);
-        }
+        checkin(&slot, up);
     }
     Ok(rsp.map(|()| Full::new(body)))
 }
@@ -238,24 +285,13 @@ pub async fn client(
 /// request and reading the response: what a well-kept crate would cost in place of a narrow
 /// client of Pylon's own. It copies the body from the read buffer into its output, and takes
 /// buffers to write into rather than growing them.
-pub async fn ureq_client(
+async fn ureq_client(
     req: Request<Incoming>,
     slot: Arc<Mutex<Option<Upstream>>>,
     to: SocketAddr,
 ) -> Result<Response<Full<Bytes>>> {
     use ureq_proto::client::{Call, RecvBodyResult, RecvResponseResult, SendRequestResult};
-    let taken = slot.lock().ok().and_then(|mut s| s.take());
-    let mut up = match taken {
-        Some(up) => up,
-        None => Upstream::connect(to).await?,
-    };
-    let (head, body) = req.into_parts();
-    let body = body.collect().await?.to_bytes();
-    let mut req = Request::from_parts(head, ());
-    if !body.is_empty() {
-        req.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    }
+    let (mut up, req, body) = checkout(req, &slot, to).await?;
     let mut call = Call::new(req)?;
     call.allow_non_standard_methods(true);
     call.force_send_body();
@@ -312,9 +348,7 @@ pub async fn ureq_client(
         RecvResponseResult::Redirect(_) => false,
     };
     if !close {
-        if let Ok(mut s) = slot.lock() {
-            *s = Some(up);
-        }
+        checkin(&slot, up);
     }
     Ok(rsp.map(|()| Full::new(data.freeze())))
 }
@@ -474,6 +508,19 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str() == "keep-alive"
 }
 
+/// For the clients that write the request themselves (hyper's, ureq-proto's): what the narrow
+/// encoder leaves out.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for name in hop {
+        headers.remove(name);
+    }
+}
+
 fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
         if is_hop_by_hop(name) {
@@ -537,4 +584,160 @@ async fn forward_body(
         left -= take as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn a_request_head_is_read_whole_and_what_follows_stays() {
+        let mut buf = BytesMut::from(&b"GET /small?x=1 HTTP/1.1\r\nhost: app\r\n"[..]);
+        assert!(parse_request(&mut buf).unwrap().is_none(), "partial head");
+        buf.extend_from_slice(b"content-length: 3\r\nx-kept: yes\r\n\r\nabcGET");
+        let (req, framing) = parse_request(&mut buf).unwrap().unwrap();
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri(), "/small?x=1");
+        assert_eq!(req.headers()["x-kept"], "yes");
+        assert_eq!(framing.body_len, 3);
+        assert!(!framing.close);
+        assert_eq!(
+            &buf[..],
+            b"abcGET",
+            "the body and the next request stay buffered"
+        );
+    }
+
+    #[test]
+    fn what_the_narrow_path_does_not_take_is_refused() {
+        for head in [
+            &b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            b"POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET / HTTP/1.1\r\ncontent-length: x\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(head);
+            assert!(
+                parse_request(&mut buf).is_err(),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn heads_are_written_back_without_hop_by_hop_headers() {
+        let mut buf = BytesMut::from(
+            &b"GET /a HTTP/1.1\r\nhost: app\r\nconnection: keep-alive\r\nkeep-alive: 5\r\nte: gzip\r\nx-kept: 1\r\n\r\n"[..],
+        );
+        let (req, _) = parse_request(&mut buf).unwrap().unwrap();
+        let mut out = Vec::new();
+        encode_request(&mut out, &req);
+        assert_eq!(out, b"GET /a HTTP/1.1\r\nhost: app\r\nx-kept: 1\r\n\r\n");
+
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.0 404 Not Found\r\ncontent-length: 0\r\nx-kept: 2\r\n\r\n"[..],
+        );
+        let (rsp, framing) = parse_response(&mut buf).unwrap().unwrap();
+        assert!(framing.close, "an HTTP/1.0 response ends its connection");
+        let mut out = Vec::new();
+        encode_response(&mut out, &rsp);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nx-kept: 2\r\n\r\n"
+        );
+    }
+
+    /// Answers each request with its path as the body; counts connections and keeps the header
+    /// names of every request as it arrived.
+    async fn upstream() -> (SocketAddr, Arc<Mutex<(usize, Vec<String>)>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<(usize, Vec<String>)>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut io, _)) = listener.accept().await {
+                log.lock().unwrap().0 += 1;
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    while let Ok(Some((req, _))) = read_head(&mut io, &mut buf, parse_request).await
+                    {
+                        let names: Vec<&str> = req.headers().keys().map(|n| n.as_str()).collect();
+                        log.lock().unwrap().1.push(names.join(","));
+                        let body = req.uri().path().to_owned();
+                        let rsp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if io.write_all(rsp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// The hop under test, serving one downstream connection.
+    enum Hop {
+        Narrow(Client),
+        Hyper { ureq: bool },
+    }
+
+    async fn two_requests_on_one_connection(hop: Hop) {
+        let (to, seen) = upstream().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (down, _) = listener.accept().await.unwrap();
+            match hop {
+                Hop::Narrow(client) => serve(down, to, client).await,
+                Hop::Hyper { ureq } => serve_hyper(down, to, ureq).await,
+            }
+        });
+        let mut conn = TcpStream::connect(proxy).await.unwrap();
+        let mut buf = BytesMut::new();
+        for path in ["/one", "/two"] {
+            let req = format!("GET {path} HTTP/1.1\r\nhost: app\r\nconnection: keep-alive\r\n\r\n");
+            conn.write_all(req.as_bytes()).await.unwrap();
+            let (rsp, framing) = read_head(&mut conn, &mut buf, parse_response)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(rsp.status(), StatusCode::OK);
+            let body = read_body(&mut conn, &mut buf, framing.body_len)
+                .await
+                .unwrap();
+            assert_eq!(&body[..], path.as_bytes());
+        }
+        let (connections, heads) = seen.lock().unwrap().clone();
+        assert_eq!(connections, 1, "one upstream connection for both requests");
+        assert_eq!(heads.len(), 2);
+        assert!(heads[0].contains("host"), "{}", heads[0]);
+        assert!(!heads[0].contains("connection"), "{}", heads[0]);
+    }
+
+    #[tokio::test]
+    async fn the_narrow_path_forwards_keep_alive_requests() {
+        two_requests_on_one_connection(Hop::Narrow(Client::Narrow(None))).await;
+    }
+
+    #[tokio::test]
+    async fn the_narrow_server_forwards_through_hyper_client() {
+        two_requests_on_one_connection(Hop::Narrow(Client::Hyper(None))).await;
+    }
+
+    #[tokio::test]
+    async fn hyper_server_forwards_through_the_narrow_client() {
+        two_requests_on_one_connection(Hop::Hyper { ureq: false }).await;
+    }
+
+    #[tokio::test]
+    async fn hyper_server_forwards_through_ureq_proto() {
+        two_requests_on_one_connection(Hop::Hyper { ureq: true }).await;
+    }
 }
