@@ -207,11 +207,7 @@ impl Http1Pool {
                 let sending = sender.try_send_request(req);
                 Http1Send::Sending {
                     sending,
-                    conn: PooledConn {
-                        pool: self.clone(),
-                        sender,
-                        hibernate,
-                    },
+                    conn: self.lend(sender, hibernate),
                 }
             }
             first => {
@@ -230,7 +226,7 @@ impl Http1Pool {
         req: Request<RequestBody>,
         upgrade: bool,
         first: Option<Idle>,
-    ) -> Result<(Response<Incoming>, Option<PooledConn>), SendError> {
+    ) -> Sent {
         if upgrade {
             return self.send_upgrade(req).await.map(|rsp| (rsp, None));
         }
@@ -243,15 +239,21 @@ impl Http1Pool {
             Err(error) => return Err(SendError::unsent(error, req)),
         };
         match sender.try_send_request(req).await {
-            Ok(rsp) => {
-                let conn = PooledConn {
-                    pool: self.clone(),
-                    sender,
-                    hibernate,
-                };
-                Ok((rsp, Some(conn)))
-            }
+            Ok(rsp) => Ok((rsp, Some(self.lend(sender, hibernate)))),
             Err(e) => self.resend(e, reused).await,
+        }
+    }
+
+    /// `sender`, lent to the request it carries; back in the pool when its response has ended.
+    fn lend(
+        self: &Arc<Self>,
+        sender: http1::SendRequest<RequestBody>,
+        hibernate: Arc<AtomicBool>,
+    ) -> PooledConn {
+        PooledConn {
+            pool: self.clone(),
+            sender,
+            hibernate,
         }
     }
 
@@ -261,7 +263,7 @@ impl Http1Pool {
         self: &Arc<Self>,
         mut e: TrySendError<Request<RequestBody>>,
         reused: bool,
-    ) -> Result<(Response<Incoming>, Option<PooledConn>), SendError> {
+    ) -> Sent {
         let req = match e.take_message() {
             Some(req) if reused => req,
             unsent => {
@@ -277,12 +279,7 @@ impl Http1Pool {
             .send_request(req)
             .await
             .map_err(|e| SendError::sent(ProxyError::from_endpoint(&e, &self.connect)))?;
-        let conn = PooledConn {
-            pool: self.clone(),
-            sender,
-            hibernate,
-        };
-        Ok((rsp, Some(conn)))
+        Ok((rsp, Some(self.lend(sender, hibernate))))
     }
 
     /// Sends an upgrade request on a new connection that `with_upgrades` drives, so that a
