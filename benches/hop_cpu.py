@@ -19,7 +19,6 @@ proxies: read the user column. Build first (`cargo build --release -p pylon-benc
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,9 @@ import profile as P  # noqa: E402  (benches/profile.py, beside this file)
 
 WARM = 3000
 TICK = os.sysconf("SC_CLK_TCK")
+# The proxy alone on one core; the app and the client on the other.
+CORE_1 = ("taskset", "-c", "1")
+CORE_0 = ("taskset", "-c", "0")
 
 
 def cpu_seconds(pid):
@@ -40,13 +42,6 @@ def cpu_seconds(pid):
         user += int(fields[11])
         system += int(fields[12])
     return user / TICK, system / TICK
-
-
-def pinned_send(port, n, workload, concurrency, authority):
-    subprocess.run(["taskset", "-c", "0", os.path.join(P.RELEASE, "pylon-bench"), "send",
-                    "--workload", workload, "--to", f"127.0.0.1:{port}", "--requests", str(n),
-                    "--concurrency", str(concurrency), "--authority", authority],
-                   check=True, timeout=600)
 
 
 def median(values):
@@ -70,12 +65,7 @@ def main():
         if proxy not in (*P.OWN, "nginx", "haproxy"):
             sys.exit(f"hop_cpu: unknown proxy {proxy!r}")
     P.PYLON = a.pylon_bin
-    P.send = pinned_send
-    app_port, echo_port = P.free_port(), P.free_port()
-    app = subprocess.Popen(["taskset", "-c", "0", os.path.join(P.RELEASE, "pylon-bench"), "app",
-                            "--http", f"127.0.0.1:{app_port}", "--echo",
-                            f"127.0.0.1:{echo_port}"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    app, app_port = P.start_app(wrap=CORE_0)
     work = tempfile.mkdtemp(prefix="pylon-hop-cpu-")
     results = {p: [] for p in proxies}
     try:
@@ -91,7 +81,7 @@ def main():
                     state["after"] = cpu_seconds(state["pid"])
 
                 P.run(WARM, app_port, a.workload, a.concurrency, proxy, work,
-                      wrap=("taskset", "-c", "1"), measured=(a.requests, start, stop))
+                      wrap=CORE_1, measured=(a.requests, start, stop), client_wrap=CORE_0)
                 user, system = (1e6 * (after - before) / a.requests
                                 for after, before in zip(state["after"], state["before"]))
                 results[proxy].append((user, system))

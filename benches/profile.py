@@ -105,11 +105,21 @@ def wait_ready(admin, deadline_s=60):
     sys.exit(f"profile: the proxy was not ready within {deadline_s} s")
 
 
-def send(port, n, workload, concurrency, authority):
-    subprocess.run([os.path.join(RELEASE, "pylon-bench"), "send", "--workload", workload,
+def send(port, n, workload, concurrency, authority, wrap=()):
+    subprocess.run([*wrap, os.path.join(RELEASE, "pylon-bench"), "send", "--workload", workload,
                     "--to", f"127.0.0.1:{port}", "--requests", str(n),
                     "--concurrency", str(concurrency), "--authority", authority],
                    check=True, timeout=600)
+
+
+def start_app(wrap=()):
+    """The bench's app (HTTP/1.1, h2c and a TCP echo) on free ports, under `wrap`: the process
+    and its HTTP port."""
+    app_port, echo_port = free_port(), free_port()
+    app = subprocess.Popen([*wrap, os.path.join(RELEASE, "pylon-bench"), "app",
+                            "--http", f"127.0.0.1:{app_port}", "--echo", f"127.0.0.1:{echo_port}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return app, app_port
 
 
 def wait_listening(port, deadline_s=60):
@@ -261,10 +271,11 @@ endpoints:
 """
 
 
-def run(requests, app_port, workload, concurrency, proxy_kind, work, wrap=(), measured=None):
+def run(requests, app_port, workload, concurrency, proxy_kind, work, wrap=(), measured=None,
+        client_wrap=()):
     """One run of `proxy_kind` as the hop in front of the app, under `wrap` (callgrind): sends
     `requests`; with `measured` (requests, start, stop), that many more between start() and
-    stop()."""
+    stop(). The client runs under `client_wrap` (`benches/hop_cpu.py` pins it)."""
     ports = {k: free_port() for k in ("inbound", "inbound_h2", "outbound", "admin", "tap")}
     env = dict(os.environ, PYLON_LOG="warn")
     cmd, listen = proxy_cmd(proxy_kind, ports, app_port, workload, work)
@@ -277,12 +288,12 @@ def run(requests, app_port, workload, concurrency, proxy_kind, work, wrap=(), me
             wait_listening(listen)
         # The outbound hop resolves the name through the Service in its config dir.
         authority = AUTHORITY if proxy_kind == "pylon-outbound" else "app"
-        send(listen, requests, workload, concurrency, authority)
+        send(listen, requests, workload, concurrency, authority, client_wrap)
         if measured:
             n, start, stop = measured
             start(proxy.pid)
             try:
-                send(listen, n, workload, concurrency, authority)
+                send(listen, n, workload, concurrency, authority, client_wrap)
             finally:
                 stop()
     finally:
@@ -488,10 +499,7 @@ def main():
     global PYLON
     PYLON = subprocess.run([os.path.join(ROOT, "scripts", "build-release-proxy")], cwd=ROOT,
                            check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
-    app_port, echo_port = free_port(), free_port()
-    app = subprocess.Popen([os.path.join(RELEASE, "pylon-bench"), "app",
-                            "--http", f"127.0.0.1:{app_port}", "--echo", f"127.0.0.1:{echo_port}"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    app, app_port = start_app()
     work = tempfile.mkdtemp(prefix="pylon-profile-")
     try:
         time.sleep(0.5)

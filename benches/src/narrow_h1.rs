@@ -160,7 +160,7 @@ async fn hyper_exchange(
     sender: &mut Option<client1::SendRequest<Full<Bytes>>>,
     to: SocketAddr,
     out: &mut Vec<u8>,
-    req: Request<()>,
+    mut req: Request<()>,
     framing: &Framing,
 ) -> Result<bool> {
     let body = read_body(down, down_buf, framing.body_len).await?;
@@ -174,7 +174,6 @@ async fn hyper_exchange(
         }
     };
     s.ready().await?;
-    let mut req = req;
     strip_hop_by_hop(req.headers_mut());
     let rsp = s.send_request(req.map(|()| Full::new(body))).await?;
     *sender = Some(s);
@@ -192,7 +191,7 @@ async fn hyper_exchange(
     Ok(true)
 }
 
-/// A request body of `len` bytes, whole.
+/// A body of `len` bytes, whole.
 async fn read_body(io: &mut TcpStream, buf: &mut BytesMut, len: u64) -> Result<Bytes> {
     let len = usize::try_from(len)?;
     while buf.len() < len {
@@ -397,8 +396,8 @@ async fn read_head<T>(
     }
 }
 
-/// `head`'s first `len` bytes leave the read buffer as shared bytes; the spans are offsets
-/// into them.
+/// Where each header's name and value sit in `buf`, as offsets: they stay valid in the head
+/// once it leaves `buf` as shared bytes. Returns how many headers there are.
 fn offsets(buf: &[u8], headers: &[httparse::Header<'_>], spans: &mut Spans) -> usize {
     let base = buf.as_ptr() as usize;
     for (span, h) in spans.iter_mut().zip(headers) {
