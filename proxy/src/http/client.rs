@@ -25,6 +25,7 @@ use tower::Service;
 use super::ctx::WithCtx;
 use super::errors::{Malformed, L5D_PROXY_ERROR_HEADER};
 pub use super::h2_client::H2Connection;
+use super::headers::HeaderFacts;
 use super::pool::{Http1Pool, PooledConn};
 use super::request_body::{ClientBodyOutcome, RequestBody};
 use super::{
@@ -232,7 +233,7 @@ impl UnsentSlot {
     }
 }
 
-/// What of a request decides the connection it needs.
+/// What of a request decides the connection it needs (and what the client does to its head).
 #[derive(Clone, Copy, Debug)]
 pub struct RequestShape {
     version: Version,
@@ -240,14 +241,17 @@ pub struct RequestShape {
     upgrade: bool,
     /// `CONNECT`: a tunnel to the endpoint.
     connect: bool,
+    headers: HeaderFacts,
 }
 
 impl RequestShape {
     pub fn of<B>(req: &Request<B>) -> Self {
+        let headers = HeaderFacts::of(req.headers());
         Self {
             version: req.version(),
-            upgrade: req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers()),
+            upgrade: req.version() == Version::HTTP_11 && headers.upgrade,
             connect: req.method() == Method::CONNECT,
+            headers,
         }
     }
 }
@@ -319,10 +323,12 @@ impl ClientInner {
         }
 
         let upgrade = shape.upgrade;
-        headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+        if upgrade || shape.headers.hop_by_hop {
+            headers::remove_hop_by_hop(req.headers_mut(), upgrade);
+        }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         if transport == Transport::H1 {
-            set_host(&mut req, &target.destination);
+            set_host(&mut req, shape.headers.host, &target.destination);
             let sending = target
                 .h1
                 .send(req, upgrade)
@@ -522,12 +528,10 @@ fn log_peer_proxy_error(target: &EndpointTarget, status: StatusCode, message: &H
 
 /// An absolute-form request's authority replaces its `Host` (RFC 9112 §3.2.2); a request with
 /// neither (HTTP/1.0) gets the destination's, so the endpoint still learns it.
-fn set_host<B>(req: &mut Request<B>, destination: &str) {
+fn set_host<B>(req: &mut Request<B>, has_host: bool, destination: &str) {
     let host = match req.uri().authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None if !req.headers().contains_key(header::HOST) => {
-            HeaderValue::from_str(destination).ok()
-        }
+        None if !has_host => HeaderValue::from_str(destination).ok(),
         None => None,
     };
     if let Some(host) = host {

@@ -203,7 +203,9 @@ async fn drive<C>(
     C: Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(conn);
+    // Biased: polled in this order, without a random draw on every wake-up.
     let res = tokio::select! {
+        biased;
         res = conn.as_mut() => res,
         _ = shutdown.signaled() => {
             graceful_shutdown(conn.as_mut());
