@@ -440,6 +440,7 @@ impl<S> Layer<S> for BalanceLayer {
         Balance {
             inner,
             access_log: self.access_log,
+            spare: UnsentSlot::default(),
         }
     }
 }
@@ -472,10 +473,12 @@ impl<S> BelowBalancer for S where
 {
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Balance<S> {
     inner: S,
     access_log: bool,
+    /// The last request's slot, for the next (see `UnsentSlot::reuse`).
+    spare: UnsentSlot,
 }
 
 impl<S: BelowBalancer> Service<Request<RequestBody>> for Balance<S> {
@@ -531,7 +534,7 @@ impl<S: BelowBalancer> Service<Request<RequestBody>> for Balance<S> {
             .load_handle()
             .start()
             .with_health(endpoint.health.clone());
-        let unsent = UnsentSlot::default();
+        let unsent = UnsentSlot::reuse(&mut self.spare);
         req.ctx_mut().target = Some(endpoint.target.with_unsent(&unsent));
         Balancing::Sending {
             response: self.inner.call(req),

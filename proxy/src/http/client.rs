@@ -214,6 +214,18 @@ pub(super) fn log_connection_closed(
 pub struct UnsentSlot(Arc<std::sync::Mutex<Option<Request<RequestBody>>>>);
 
 impl UnsentSlot {
+    /// A slot for the next request: `spare` again when nothing else holds it (the last
+    /// request's clones are gone, the usual case on a connection's stack), else a new one that
+    /// becomes the spare. Saves an allocation per request.
+    pub fn reuse(spare: &mut UnsentSlot) -> UnsentSlot {
+        match Arc::get_mut(&mut spare.0) {
+            // A request left there by one whose future was dropped is dropped now.
+            Some(slot) => *slot.get_mut().unwrap_or_else(|p| p.into_inner()) = None,
+            None => *spare = UnsentSlot::default(),
+        }
+        spare.clone()
+    }
+
     /// The request, if it came back unsent.
     pub fn take(&self) -> Option<Request<RequestBody>> {
         self.lock().take()
@@ -639,6 +651,24 @@ mod tests {
             .unwrap();
         req.ctx_mut().target = Some(target.clone());
         req
+    }
+
+    #[test]
+    fn a_slot_is_reused_only_when_nothing_else_holds_it() {
+        let mut spare = UnsentSlot::default();
+        let first = UnsentSlot::reuse(&mut spare);
+        first.put(Request::new(RequestBody::empty()));
+        // Still held (a request in flight): the next request gets a slot of its own.
+        let second = UnsentSlot::reuse(&mut spare);
+        assert!(!Arc::ptr_eq(&first.0, &second.0));
+        assert!(first.is_filled() && !second.is_filled());
+        // Once its clones are gone the spare is lent again, emptied of anything left there.
+        second.put(Request::new(RequestBody::empty()));
+        let held = Arc::as_ptr(&second.0);
+        drop((first, second));
+        let third = UnsentSlot::reuse(&mut spare);
+        assert_eq!(Arc::as_ptr(&third.0), held);
+        assert!(!third.is_filled());
     }
 
     async fn send(req: Request<RequestBody>) -> Result<ProxyResponse, ProxyError> {
