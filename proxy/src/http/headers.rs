@@ -9,7 +9,11 @@ pub fn request_authority(req: &Request<impl Sized>) -> Option<&[u8]> {
     if let Some(a) = req.uri().authority() {
         return Some(a.as_str().as_bytes());
     }
-    req.headers().get(header::HOST).map(|h| h.as_bytes())
+    // A scan, not a hashed lookup (~100 instructions): HTTP/1 clients send `Host` first.
+    req.headers()
+        .iter()
+        .find(|(name, _)| *name == header::HOST)
+        .map(|(_, host)| host.as_bytes())
 }
 
 const HOP_BY_HOP: &[HeaderName] = &[
@@ -240,5 +244,20 @@ mod tests {
         }
         assert!(facts(&[("te", "gzip")]).hop_by_hop);
         assert_eq!(facts(&[]), HeaderFacts::default());
+    }
+
+    #[test]
+    fn the_authority_is_the_uri_s_else_the_first_host() {
+        let mut req = Request::builder()
+            .uri("/")
+            .header("accept", "*/*")
+            .header("host", "web:80")
+            .body(())
+            .unwrap();
+        assert_eq!(request_authority(&req), Some(&b"web:80"[..]));
+        *req.uri_mut() = "http://api:8080/".parse().unwrap();
+        assert_eq!(request_authority(&req), Some(&b"api:8080"[..]));
+        let bare = Request::builder().uri("/").body(()).unwrap();
+        assert_eq!(request_authority(&bare), None);
     }
 }
