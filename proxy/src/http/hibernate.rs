@@ -23,7 +23,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
@@ -81,7 +81,7 @@ pub struct HibernatingIo<I> {
     /// Completed requests when bytes were last read: bytes read after the last completion may
     /// be a request head hyper holds in part, so the connection isn't idle.
     read_epoch: u64,
-    timer: Option<Pin<Box<Sleep>>>,
+    timer: Option<ConnTimer>,
     timer_for: TimerFor,
     hibernated: bool,
     back: Arc<Mutex<Option<I>>>,
@@ -114,6 +114,52 @@ impl<I> HibernatingIo<I> {
             back: back.clone(),
         };
         (io, Returned(back))
+    }
+}
+
+/// A connection's one timer. Polled on every read that finds nothing, which is once or twice
+/// per request: a `Sleep`'s poll re-registers the waker each time (~60 instructions), so once
+/// it holds this task's waker, a poll only reads whether it fired.
+struct ConnTimer {
+    sleep: Pin<Box<Sleep>>,
+    /// The waker the sleep holds, until it fires or is reset (either lets it go).
+    registered: Option<Waker>,
+}
+
+impl ConnTimer {
+    fn new(after: Duration) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep(after)),
+            registered: None,
+        }
+    }
+
+    fn reset(&mut self, after: Duration) {
+        self.sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + after);
+        self.registered = None;
+    }
+
+    /// Whether the timer has fired; if not, this task is woken when it does.
+    fn poll_fired(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(waker) = &self.registered {
+            if waker.will_wake(cx.waker()) && !self.sleep.is_elapsed() {
+                return false;
+            }
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.registered = None;
+            return true;
+        }
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.registered = Some(cx.waker().clone());
+        }
+        false
     }
 }
 
@@ -171,7 +217,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for HibernatingIo<I> {
         let Some(timer) = this.timer.as_mut() else {
             return Poll::Pending;
         };
-        while timer.as_mut().poll(cx).is_ready() {
+        while timer.poll_fired(cx) {
             // Between requests, a connection quiet for a whole period hibernates.
             if !in_flight && this.ops == this.ops_at_arm {
                 this.hibernated = true;
@@ -179,9 +225,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for HibernatingIo<I> {
             }
             // Busy since it was armed: look again one period from now.
             this.ops_at_arm = this.ops;
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + IDLE_BEFORE_HIBERNATE);
+            timer.reset(IDLE_BEFORE_HIBERNATE);
         }
         Poll::Pending
     }
@@ -191,8 +235,8 @@ impl<I> HibernatingIo<I> {
     /// (Re)arms the connection's one timer to fire `after` from now.
     fn arm(&mut self, timer_for: TimerFor, after: Duration) {
         match self.timer.as_mut() {
-            Some(timer) => timer.as_mut().reset(tokio::time::Instant::now() + after),
-            None => self.timer = Some(Box::pin(tokio::time::sleep(after))),
+            Some(timer) => timer.reset(after),
+            None => self.timer = Some(ConnTimer::new(after)),
         }
         self.timer_for = timer_for;
     }
@@ -206,7 +250,7 @@ impl<I> HibernatingIo<I> {
         let Some(timer) = self.timer.as_mut() else {
             return Poll::Pending;
         };
-        if timer.as_mut().poll(cx).is_pending() {
+        if !timer.poll_fired(cx) {
             return Poll::Pending;
         }
         crate::warn_limited!(
@@ -384,5 +428,62 @@ impl<B: Body> Body for ActiveBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_connection_timer_fires_once_per_arming_and_wakes_its_task() {
+        let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut timer = ConnTimer::new(Duration::from_secs(1));
+        assert!(!timer.poll_fired(&mut cx));
+        // Polled again by the same task before it fires: nothing has happened.
+        assert!(!timer.poll_fired(&mut cx));
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!timer.poll_fired(&mut cx));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(timer.poll_fired(&mut cx));
+
+        // Re-armed, it waits its whole period again and wakes the task again.
+        timer.reset(Duration::from_secs(2));
+        assert!(!timer.poll_fired(&mut cx));
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(!timer.poll_fired(&mut cx));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert!(timer.poll_fired(&mut cx));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_connection_timer_follows_a_new_waker() {
+        let first = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let second = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let (first_waker, second_waker) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        let mut timer = ConnTimer::new(Duration::from_secs(1));
+        assert!(!timer.poll_fired(&mut Context::from_waker(&first_waker)));
+        assert!(!timer.poll_fired(&mut Context::from_waker(&second_waker)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert!(timer.poll_fired(&mut Context::from_waker(&second_waker)));
     }
 }
