@@ -40,6 +40,7 @@ mod retry_budget;
 mod shutdown;
 mod split;
 mod tcp;
+mod timer;
 mod warnings;
 
 use std::ffi::OsString;

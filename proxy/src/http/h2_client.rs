@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
+use crate::timer::TaskTimer;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use h2::client::{Connection, ResponseFuture, SendRequest};
@@ -29,7 +30,6 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
 
 use super::client::{log_connection_closed, SendError};
 use super::request_body::RequestBody;
@@ -460,7 +460,7 @@ impl Future for Driver {
 struct KeepAlive {
     ping_pong: PingPong,
     times: KeepAliveTimes,
-    timer: Pin<Box<Sleep>>,
+    timer: TaskTimer,
     awaiting_pong: bool,
 }
 
@@ -469,7 +469,7 @@ impl KeepAlive {
         Self {
             ping_pong,
             times,
-            timer: Box::pin(tokio::time::sleep(times.interval)),
+            timer: TaskTimer::new(times.interval),
             awaiting_pong: false,
         }
     }
@@ -481,24 +481,26 @@ impl KeepAlive {
                 match self.ping_pong.poll_pong(cx) {
                     Poll::Ready(Ok(_)) => {
                         self.awaiting_pong = false;
-                        let next = Instant::now() + self.times.interval;
-                        self.timer.as_mut().reset(next);
+                        self.timer.reset(self.times.interval);
                         continue;
                     }
                     // The connection failed; its own poll reports why.
                     Poll::Ready(Err(_)) => return Poll::Pending,
                     Poll::Pending => {}
                 }
-                ready!(self.timer.as_mut().poll(cx));
+                if !self.timer.poll_fired(cx) {
+                    return Poll::Pending;
+                }
                 return Poll::Ready(DriverError::KeepAliveTimeout(self.times.timeout));
             }
-            ready!(self.timer.as_mut().poll(cx));
+            if !self.timer.poll_fired(cx) {
+                return Poll::Pending;
+            }
             if self.ping_pong.send_ping(Ping::opaque()).is_err() {
                 return Poll::Pending;
             }
             self.awaiting_pong = true;
-            let deadline = Instant::now() + self.times.timeout;
-            self.timer.as_mut().reset(deadline);
+            self.timer.reset(self.times.timeout);
         }
     }
 }

@@ -23,13 +23,14 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+
+use crate::timer::TaskTimer;
 
 /// How long a connection must be quiet between requests before it hibernates.
 pub const IDLE_BEFORE_HIBERNATE: Duration = Duration::from_secs(1);
@@ -81,7 +82,7 @@ pub struct HibernatingIo<I> {
     /// Completed requests when bytes were last read: bytes read after the last completion may
     /// be a request head hyper holds in part, so the connection isn't idle.
     read_epoch: u64,
-    timer: Option<ConnTimer>,
+    timer: Option<TaskTimer>,
     timer_for: TimerFor,
     hibernated: bool,
     back: Arc<Mutex<Option<I>>>,
@@ -114,52 +115,6 @@ impl<I> HibernatingIo<I> {
             back: back.clone(),
         };
         (io, Returned(back))
-    }
-}
-
-/// A connection's one timer. Polled on every read that finds nothing, which is once or twice
-/// per request: a `Sleep`'s poll re-registers the waker each time (~60 instructions), so once
-/// it holds this task's waker, a poll only reads whether it fired.
-struct ConnTimer {
-    sleep: Pin<Box<Sleep>>,
-    /// The waker the sleep holds, until it fires or is reset (either lets it go).
-    registered: Option<Waker>,
-}
-
-impl ConnTimer {
-    fn new(after: Duration) -> Self {
-        Self {
-            sleep: Box::pin(tokio::time::sleep(after)),
-            registered: None,
-        }
-    }
-
-    fn reset(&mut self, after: Duration) {
-        self.sleep
-            .as_mut()
-            .reset(tokio::time::Instant::now() + after);
-        self.registered = None;
-    }
-
-    /// Whether the timer has fired; if not, this task is woken when it does.
-    fn poll_fired(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(waker) = &self.registered {
-            if waker.will_wake(cx.waker()) && !self.sleep.is_elapsed() {
-                return false;
-            }
-        }
-        if self.sleep.as_mut().poll(cx).is_ready() {
-            self.registered = None;
-            return true;
-        }
-        if !self
-            .registered
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            self.registered = Some(cx.waker().clone());
-        }
-        false
     }
 }
 
@@ -236,7 +191,7 @@ impl<I> HibernatingIo<I> {
     fn arm(&mut self, timer_for: TimerFor, after: Duration) {
         match self.timer.as_mut() {
             Some(timer) => timer.reset(after),
-            None => self.timer = Some(ConnTimer::new(after)),
+            None => self.timer = Some(TaskTimer::new(after)),
         }
         self.timer_for = timer_for;
     }
@@ -428,62 +383,5 @@ impl<B: Body> Body for ActiveBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::task::Wake;
-
-    struct CountingWaker(AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_connection_timer_fires_once_per_arming_and_wakes_its_task() {
-        let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let waker = Waker::from(wakes.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut timer = ConnTimer::new(Duration::from_secs(1));
-        assert!(!timer.poll_fired(&mut cx));
-        // Polled again by the same task before it fires: nothing has happened.
-        assert!(!timer.poll_fired(&mut cx));
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert!(!timer.poll_fired(&mut cx));
-        tokio::time::advance(Duration::from_millis(1)).await;
-        tokio::task::yield_now().await;
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
-        assert!(timer.poll_fired(&mut cx));
-
-        // Re-armed, it waits its whole period again and wakes the task again.
-        timer.reset(Duration::from_secs(2));
-        assert!(!timer.poll_fired(&mut cx));
-        tokio::time::advance(Duration::from_millis(1999)).await;
-        assert!(!timer.poll_fired(&mut cx));
-        tokio::time::advance(Duration::from_millis(1)).await;
-        tokio::task::yield_now().await;
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
-        assert!(timer.poll_fired(&mut cx));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_connection_timer_follows_a_new_waker() {
-        let first = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let second = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let (first_waker, second_waker) = (Waker::from(first.clone()), Waker::from(second.clone()));
-        let mut timer = ConnTimer::new(Duration::from_secs(1));
-        assert!(!timer.poll_fired(&mut Context::from_waker(&first_waker)));
-        assert!(!timer.poll_fired(&mut Context::from_waker(&second_waker)));
-        tokio::time::advance(Duration::from_secs(1)).await;
-        tokio::task::yield_now().await;
-        assert_eq!(second.0.load(Ordering::SeqCst), 1);
-        assert_eq!(first.0.load(Ordering::SeqCst), 0);
-        assert!(timer.poll_fired(&mut Context::from_waker(&second_waker)));
     }
 }

@@ -1,0 +1,113 @@
+//! `TaskTimer`: a timer that one task polls on every wake-up, beside the work it watches (an
+//! HTTP/1 connection's idle and head timer, an h2 connection's keep-alive). A `Sleep`'s poll
+//! registers the task's waker again each time (~60 instructions, once or twice per request);
+//! once the sleep holds this task's waker, a poll here only reads whether it fired.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Waker};
+use std::time::Duration;
+
+use tokio::time::Sleep;
+
+pub struct TaskTimer {
+    sleep: Pin<Box<Sleep>>,
+    /// The waker the sleep holds, until it fires or is reset (either lets it go).
+    registered: Option<Waker>,
+}
+
+impl TaskTimer {
+    pub fn new(after: Duration) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep(after)),
+            registered: None,
+        }
+    }
+
+    /// Re-arms the timer to fire `after` from now.
+    pub fn reset(&mut self, after: Duration) {
+        self.sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + after);
+        self.registered = None;
+    }
+
+    /// Whether the timer has fired; if not, this task is woken when it does.
+    pub fn poll_fired(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(waker) = &self.registered {
+            if waker.will_wake(cx.waker()) && !self.sleep.is_elapsed() {
+                return false;
+            }
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.registered = None;
+            return true;
+        }
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.registered = Some(cx.waker().clone());
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fires_once_per_arming_and_wakes_its_task() {
+        let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut timer = TaskTimer::new(Duration::from_secs(1));
+        assert!(!timer.poll_fired(&mut cx));
+        // Polled again by the same task before it fires: nothing has happened.
+        assert!(!timer.poll_fired(&mut cx));
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!timer.poll_fired(&mut cx));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(timer.poll_fired(&mut cx));
+
+        // Re-armed, it waits its whole period again and wakes the task again.
+        timer.reset(Duration::from_secs(2));
+        assert!(!timer.poll_fired(&mut cx));
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(!timer.poll_fired(&mut cx));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert!(timer.poll_fired(&mut cx));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follows_a_new_waker() {
+        let first = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let second = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let (first_waker, second_waker) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        let mut timer = TaskTimer::new(Duration::from_secs(1));
+        assert!(!timer.poll_fired(&mut Context::from_waker(&first_waker)));
+        assert!(!timer.poll_fired(&mut Context::from_waker(&second_waker)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert!(timer.poll_fired(&mut Context::from_waker(&second_waker)));
+    }
+}
