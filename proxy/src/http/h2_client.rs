@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
-use crate::timer::TaskTimer;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use h2::client::{Connection, ResponseFuture, SendRequest};
@@ -36,6 +35,7 @@ use super::request_body::RequestBody;
 use super::{boxed_out_of_line, BoxFuture, ProxyError};
 use crate::connect::{Connect, EndpointIo};
 use crate::mesh_tls::Alpn;
+use crate::timer::TaskTimer;
 
 /// How long a connection may go without a ping, and how long the endpoint has to answer one.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
