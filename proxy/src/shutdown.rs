@@ -89,41 +89,28 @@ impl Future for Signaled<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::task::Wake;
-
-    struct CountingWaker(AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::timer::CountingWaker;
 
     #[test]
     fn signaled_wakes_the_registered_task_once_draining_begins() {
         let shutdown = Shutdown::new();
-        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let waker = Waker::from(counter.clone());
+        let (counter, waker) = CountingWaker::new();
         let mut cx = Context::from_waker(&waker);
         let mut signaled = Box::pin(shutdown.signaled());
         assert!(signaled.as_mut().poll(&mut cx).is_pending());
         // Polled again by the same task: still pending, nothing woken.
         assert!(signaled.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+        assert_eq!(counter.count(), 0);
         shutdown.begin();
-        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        assert_eq!(counter.count(), 1);
         assert!(signaled.as_mut().poll(&mut cx).is_ready());
     }
 
     #[test]
     fn signaled_follows_a_move_to_another_task() {
         let shutdown = Shutdown::new();
-        let first = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let second = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let first_waker = Waker::from(first.clone());
-        let second_waker = Waker::from(second.clone());
+        let (_first, first_waker) = CountingWaker::new();
+        let (second, second_waker) = CountingWaker::new();
         let mut signaled = Box::pin(shutdown.signaled());
         assert!(signaled
             .as_mut()
@@ -134,7 +121,7 @@ mod tests {
             .poll(&mut Context::from_waker(&second_waker))
             .is_pending());
         shutdown.begin();
-        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert_eq!(second.count(), 1);
         assert!(signaled
             .as_mut()
             .poll(&mut Context::from_waker(&second_waker))

@@ -54,25 +54,37 @@ impl TaskTimer {
     }
 }
 
+/// A waker that counts its wake-ups, for tests of futures that keep a task's waker.
+#[cfg(test)]
+pub(crate) struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl CountingWaker {
+    /// The counter, and a waker that bumps it.
+    pub(crate) fn new() -> (std::sync::Arc<Self>, Waker) {
+        let counter = std::sync::Arc::new(Self(Default::default()));
+        (counter.clone(), Waker::from(counter))
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+impl std::task::Wake for CountingWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::task::Wake;
-
-    struct CountingWaker(AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
 
     #[tokio::test(start_paused = true)]
     async fn fires_once_per_arming_and_wakes_its_task() {
-        let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let waker = Waker::from(wakes.clone());
+        let (wakes, waker) = CountingWaker::new();
         let mut cx = Context::from_waker(&waker);
         let mut timer = TaskTimer::new(Duration::from_secs(1));
         assert!(!timer.poll_fired(&mut cx));
@@ -82,7 +94,7 @@ mod tests {
         assert!(!timer.poll_fired(&mut cx));
         tokio::time::advance(Duration::from_millis(1)).await;
         tokio::task::yield_now().await;
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert_eq!(wakes.count(), 1);
         assert!(timer.poll_fired(&mut cx));
 
         // Re-armed, it waits its whole period again and wakes the task again.
@@ -92,22 +104,21 @@ mod tests {
         assert!(!timer.poll_fired(&mut cx));
         tokio::time::advance(Duration::from_millis(1)).await;
         tokio::task::yield_now().await;
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert_eq!(wakes.count(), 2);
         assert!(timer.poll_fired(&mut cx));
     }
 
     #[tokio::test(start_paused = true)]
     async fn follows_a_new_waker() {
-        let first = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let second = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let (first_waker, second_waker) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        let (first, first_waker) = CountingWaker::new();
+        let (second, second_waker) = CountingWaker::new();
         let mut timer = TaskTimer::new(Duration::from_secs(1));
         assert!(!timer.poll_fired(&mut Context::from_waker(&first_waker)));
         assert!(!timer.poll_fired(&mut Context::from_waker(&second_waker)));
         tokio::time::advance(Duration::from_secs(1)).await;
         tokio::task::yield_now().await;
-        assert_eq!(second.0.load(Ordering::SeqCst), 1);
-        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.count(), 1);
+        assert_eq!(first.count(), 0);
         assert!(timer.poll_fired(&mut Context::from_waker(&second_waker)));
     }
 }
