@@ -133,7 +133,7 @@ async fn proxies_forwarding_to_each_other_stop_at_the_hop_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_forward_to_the_proxy_itself_is_refused_at_start() {
     test_body(async {
-        let port = closed_port();
+        let port = free_port();
         let (status, logs) = run_to_exit(
             Proxy::builder().args([
                 "--inbound-addr",

@@ -1775,12 +1775,24 @@ impl Drop for WsServer {
     }
 }
 
-/// A loopback port that refuses connections (bound, then released).
+/// A loopback port that refuses connections: a socket bound to it that never listens, held
+/// for the rest of the test process. A port found free and then let go could be taken by the
+/// next listener (a proxy's admin listener once took one, and the test's "refused" endpoint
+/// answered 508, the proxy's own loop guard); no listener can take a port still bound here.
 pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = l.local_addr().unwrap();
-    drop(l);
-    a
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let addr = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("bound address");
+    // Held until the test process exits.
+    std::mem::forget(socket);
+    addr
 }
 
 // ---------------------------------------------------------------------------------------------
