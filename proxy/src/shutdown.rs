@@ -3,11 +3,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
+
+use crate::timer::RegisteredWaker;
 
 #[derive(Clone, Default)]
 pub struct Shutdown {
@@ -35,7 +37,7 @@ impl Shutdown {
         Signaled {
             wait: self.signal.cancelled(),
             token: &self.signal,
-            registered: None,
+            registered: RegisteredWaker::default(),
         }
     }
 
@@ -60,7 +62,7 @@ pin_project_lite::pin_project! {
         #[pin]
         wait: WaitForCancellationFuture<'a>,
         token: &'a CancellationToken,
-        registered: Option<Waker>,
+        registered: RegisteredWaker,
     }
 }
 
@@ -69,18 +71,16 @@ impl Future for Signaled<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
-        if let Some(waker) = this.registered {
-            if waker.will_wake(cx.waker()) {
-                return if this.token.is_cancelled() {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                };
-            }
+        if this.registered.holds(cx) {
+            return if this.token.is_cancelled() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            };
         }
         let poll = this.wait.poll(cx);
         if poll.is_pending() {
-            *this.registered = Some(cx.waker().clone());
+            this.registered.remember(cx);
         }
         poll
     }
@@ -132,7 +132,7 @@ mod tests {
     fn signaled_after_draining_began_is_ready_at_once() {
         let shutdown = Shutdown::new();
         shutdown.begin();
-        let mut cx = Context::from_waker(Waker::noop());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
         assert!(Box::pin(shutdown.signaled())
             .as_mut()
             .poll(&mut cx)

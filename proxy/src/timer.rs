@@ -13,14 +13,39 @@ use tokio::time::Sleep;
 pub struct TaskTimer {
     sleep: Pin<Box<Sleep>>,
     /// The waker the sleep holds, until it fires or is reset (either lets it go).
-    registered: Option<Waker>,
+    registered: RegisteredWaker,
+}
+
+/// The waker a future inside was last polled with (and so holds), for a wrapper that skips
+/// polling it again while the same task asks and a cheap check says nothing has happened: a
+/// `TaskTimer`'s sleep, the shutdown signal's token.
+#[derive(Default)]
+pub struct RegisteredWaker(Option<Waker>);
+
+impl RegisteredWaker {
+    /// Whether the future inside holds a waker that wakes `cx`'s task.
+    pub fn holds(&self, cx: &Context<'_>) -> bool {
+        self.0.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+    }
+
+    /// The future inside was polled with `cx` and is pending: it holds `cx`'s waker now.
+    pub fn remember(&mut self, cx: &Context<'_>) {
+        if !self.holds(cx) {
+            self.0 = Some(cx.waker().clone());
+        }
+    }
+
+    /// The future inside let its waker go (it fired, or was reset).
+    pub fn forget(&mut self) {
+        self.0 = None;
+    }
 }
 
 impl TaskTimer {
     pub fn new(after: Duration) -> Self {
         Self {
             sleep: Box::pin(tokio::time::sleep(after)),
-            registered: None,
+            registered: RegisteredWaker::default(),
         }
     }
 
@@ -29,27 +54,19 @@ impl TaskTimer {
         self.sleep
             .as_mut()
             .reset(tokio::time::Instant::now() + after);
-        self.registered = None;
+        self.registered.forget();
     }
 
     /// Whether the timer has fired; if not, this task is woken when it does.
     pub fn poll_fired(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(waker) = &self.registered {
-            if waker.will_wake(cx.waker()) && !self.sleep.is_elapsed() {
-                return false;
-            }
+        if self.registered.holds(cx) && !self.sleep.is_elapsed() {
+            return false;
         }
         if self.sleep.as_mut().poll(cx).is_ready() {
-            self.registered = None;
+            self.registered.forget();
             return true;
         }
-        if !self
-            .registered
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            self.registered = Some(cx.waker().clone());
-        }
+        self.registered.remember(cx);
         false
     }
 }
