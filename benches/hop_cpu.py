@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU time per request of one proxy hop, proxies alternated in rounds: user and system.
 
-    benches/hop_cpu.py [--proxies floor,floor-h1nc,nginx,pylon] [--rounds 5] [--requests 60000]
+    benches/hop_cpu.py [--proxies floor,floor-h1nc,nginx,pylon,pylon@OTHER-BUILD] [--rounds 5] [--requests 60000]
                        [--concurrency 8] [--workload http1-get]
 
 Where `benches/profile.py` counts instructions (exact, but not time), this measures time on the
@@ -61,10 +61,14 @@ def main():
         help="the release pylon-proxy (scripts/build-release-proxy prints where it is)")
     a = ap.parse_args()
     proxies = a.proxies.split(",")
+    # `pylon@PATH` (or `pylon-outbound@PATH`): that hop run from another build, to compare two
+    # builds of Pylon in the same rounds.
+    binaries = {}
     for proxy in proxies:
-        if proxy not in (*P.OWN, "nginx", "haproxy"):
+        kind, _, binary = proxy.partition("@")
+        if kind not in (*P.OWN, "nginx", "haproxy"):
             sys.exit(f"hop_cpu: unknown proxy {proxy!r}")
-    P.PYLON = a.pylon_bin
+        binaries[proxy] = (kind, binary or a.pylon_bin)
     app, app_port = P.start_app(wrap=CORE_0)
     work = tempfile.mkdtemp(prefix="pylon-hop-cpu-")
     results = {p: [] for p in proxies}
@@ -72,6 +76,7 @@ def main():
         time.sleep(0.5)
         for r in range(a.rounds):
             for proxy in proxies:
+                kind, P.PYLON = binaries[proxy]
                 state = {}
 
                 def start(pid):
@@ -80,7 +85,7 @@ def main():
                 def stop():
                     state["after"] = cpu_seconds(state["pid"])
 
-                P.run(WARM, app_port, a.workload, a.concurrency, proxy, work,
+                P.run(WARM, app_port, a.workload, a.concurrency, kind, work,
                       wrap=CORE_1, measured=(a.requests, start, stop), client_wrap=CORE_0)
                 user, system = (1e6 * (after - before) / a.requests
                                 for after, before in zip(state["after"], state["before"]))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per request of one proxy hop, and where they go: valgrind's callgrind.
 
-    benches/profile.py [--workload http1-get|h2c-get|grpc-unary] [--requests 3000]
+    benches/profile.py [--workload http1-get|http1-post64k|h2c-get|grpc-unary] [--requests 3000]
                        [--concurrency 1] [--proxy pylon|pylon-outbound|nginx|haproxy|floor|floor-h2|floor-h2s|floor-h1i|floor-h1n|
                        floor-h1ns|floor-h1nc|floor-h1u]
                        [--out FILE]
@@ -83,7 +83,14 @@ PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
 # Our own binaries (jemalloc, SIGINT to stop); the rest are the baselines.
 OWN = ("pylon", "pylon-outbound", "floor", "floor-h2", "floor-h2s", "floor-h1i", "floor-h1n",
        "floor-h1ns", "floor-h1nc", "floor-h1u")
-WORKLOADS = {"http1-get": "HTTP/1.1 GET", "h2c-get": "h2c GET", "grpc-unary": "gRPC unary"}
+WORKLOADS = {"http1-get": "HTTP/1.1 GET", "http1-post64k": "HTTP/1.1 POST 64 KiB",
+             "h2c-get": "h2c GET", "grpc-unary": "gRPC unary"}
+# The report's file name for each workload but the default one.
+REPORT_SUFFIX = {"http1-post64k": "post", "h2c-get": "h2c", "grpc-unary": "grpc"}
+
+
+def over_h2(workload):
+    return not workload.startswith("http1")
 
 
 def free_port():
@@ -211,7 +218,7 @@ def proxy_cmd(proxy_kind, ports, app_port, workload, work):
             cmd += ["--config-dir", mesh]
             listen = ports["outbound"]
     elif proxy_kind.startswith("floor"):
-        if workload != "http1-get":
+        if over_h2(workload):
             listen = ports["inbound_h2"]
         cmd = [os.path.join(RELEASE, "pylon-floor"), "--listen", f"127.0.0.1:{ports['inbound']}",
                "--listen-h2", f"127.0.0.1:{ports['inbound_h2']}", "--to", f"127.0.0.1:{app_port}",
@@ -222,7 +229,7 @@ def proxy_cmd(proxy_kind, ports, app_port, workload, work):
                "--h1-server", "narrow" if proxy_kind in ("floor-h1n", "floor-h1ns") else "hyper"]
     else:
         # nginx and HAProxy take h2c on a port of its own (prior knowledge), HTTP/1.1 on another.
-        if workload != "http1-get":
+        if over_h2(workload):
             listen = ports["inbound_h2"]
         conf = os.path.join(work, f"{proxy_kind}.conf")
         with open(conf, "w") as f:
@@ -469,6 +476,20 @@ def short(name, width=110):
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
+def build_text(a):
+    """Which build of Pylon was measured."""
+    if a.proxy not in ("pylon", "pylon-outbound"):
+        return "build: " + ("an ordinary release build" if a.proxy in OWN
+                            else "the Debian package")
+    if a.proxy_binary:
+        return f"build: the one given (`--proxy-binary {a.proxy_binary}`)"
+    if os.environ.get("PYLON_PGO") == "off":
+        return "build: not profile-guided (`scripts/build-release-proxy` with `PYLON_PGO=off`)"
+    # benches/src/profiles.rs reads this line back ("- build: profile-guided").
+    return ("build: profile-guided, as the image ships it (`scripts/build-release-proxy`, its"
+            " counts from `pylon-bench train`)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="http1-get", choices=sorted(WORKLOADS))
@@ -481,6 +502,9 @@ def main():
                     choices=[*OWN, "nginx", "haproxy"],
                     help="the hop to profile: Pylon, a baseline measured the same way, or the"
                     " floor under Pylon (benches/src/floor.rs)")
+    ap.add_argument("--proxy-binary", metavar="PATH",
+                    help="profile this build of pylon-proxy rather than building one from the"
+                    " working tree (another build's before -> after)")
     ap.add_argument("--keep", metavar="DIR",
                     help="keep the two callgrind outputs in DIR (for callgrind_annotate)")
     a = ap.parse_args()
@@ -488,8 +512,8 @@ def main():
         name = "profile"
         if a.proxy != "pylon":
             name += f"-{a.proxy}"
-        if a.workload != "http1-get":
-            name += "-" + a.workload.split("-")[0]
+        if a.workload in REPORT_SUFFIX:
+            name += "-" + REPORT_SUFFIX[a.workload]
         a.out = os.path.join(ROOT, "benches", "results", f"{name}-latest.md")
     for tool in ("valgrind", "callgrind_annotate"):
         if not shutil.which(tool):
@@ -497,8 +521,9 @@ def main():
     subprocess.run(["cargo", "build", "--release", "-p", "pylon-bench"],
                    cwd=ROOT, check=True, stdout=sys.stderr)
     global PYLON
-    PYLON = subprocess.run([os.path.join(ROOT, "scripts", "build-release-proxy")], cwd=ROOT,
-                           check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+    PYLON = a.proxy_binary or subprocess.run(
+        [os.path.join(ROOT, "scripts", "build-release-proxy")], cwd=ROOT, check=True,
+        stdout=subprocess.PIPE, text=True).stdout.strip()
     app, app_port = start_app()
     work = tempfile.mkdtemp(prefix="pylon-profile-")
     try:
@@ -541,6 +566,7 @@ def main():
             f" (less a {WARM}-request run: start-up and shutdown cancel out)",
             "- `benches/profile.py` (see its doc for why instructions and how); user-space"
             f" instructions of {PROXY_TEXT[a.proxy]}, nothing of the kernel's",
+            f"- {build_text(a)}",
             "",
             f"**{per_request:,.0f} instructions per request.**",
             "",

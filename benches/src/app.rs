@@ -103,6 +103,8 @@ async fn handle(req: Request<Incoming>) -> Result<Response<AppBody>, Infallible>
     let response = match (method.as_str(), path.as_str()) {
         ("GET", "/small") => Response::new(AppBody::full(Bytes::from_static(SMALL_BODY))),
         ("POST", "/upload") => Response::new(AppBody::full(body.len().to_string().into())),
+        // A failing endpoint, for `pylon-bench train` (failure classification and retries).
+        ("GET", "/fail") => status(StatusCode::INTERNAL_SERVER_ERROR),
         ("POST", GRPC_PATH) => {
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", HeaderValue::from_static("0"));

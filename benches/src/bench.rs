@@ -8,9 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
 
-use crate::chain::{self, AppAddrs, Chain, PathKind, Setup};
+use crate::chain::{self, Chain, PathKind, Setup};
 use crate::loadgen::{self, Job, RunStats, Workload};
-use crate::procs::{self, Managed};
+use crate::procs;
 use crate::procstat;
 use crate::report::{
     self, Errors, LatencyRow, MemoryPoint, MemoryRow, MtlsCost, MtlsFigure, NotRun, Report,
@@ -196,25 +196,7 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
     eprintln!("pylon-bench: configs and logs in {}", dir.path().display());
 
     // The app, on the load core.
-    let app = AppAddrs {
-        http: procs::free_addr()?,
-        echo: procs::free_addr()?,
-    };
-    let exe = std::env::current_exe().context("locating this binary")?;
-    let app_proc = Managed::spawn(
-        "app",
-        &exe,
-        &[
-            "app".into(),
-            "--http".into(),
-            app.http.to_string(),
-            "--echo".into(),
-            app.echo.to_string(),
-        ],
-        &[],
-        pin.load.as_deref(),
-        dir.path(),
-    )?;
+    let (app, app_proc) = chain::start_app(pin.load.as_deref(), dir.path())?;
     let load_pids = [std::process::id(), app_proc.pid()];
 
     let setup = Setup {

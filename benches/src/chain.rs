@@ -122,6 +122,8 @@ pub struct Chain {
     pub identities: Option<MeshIdentities>,
     /// The proxy carrying the TCP echo.
     pub tcp_pids: Vec<u32>,
+    /// The outbound Pylon's config dir, which it watches (Pylon only).
+    pub mesh_dir: Option<PathBuf>,
     procs: Vec<Managed>,
 }
 
@@ -216,6 +218,7 @@ pub fn direct(app: AppAddrs) -> Chain {
         admin_addrs: Vec::new(),
         identities: None,
         tcp_pids: Vec::new(),
+        mesh_dir: None,
         procs: Vec::new(),
     }
 }
@@ -224,25 +227,57 @@ pub fn direct(app: AppAddrs) -> Chain {
 /// the slice carries `pylon.io/identity: <identity>`: the outbound proxy speaks mesh TLS to the
 /// endpoint and requires it to prove that identity.
 pub fn render_pylon_mesh(inbound: SocketAddr, identity: Option<&str>) -> String {
-    let ip = inbound.ip();
-    let port = inbound.port();
-    let annotations = identity
-        .map(|id| format!("  annotations:\n    {IDENTITY_ANNOTATION}: {id}\n"))
-        .unwrap_or_default();
     format!(
         "apiVersion: v1\n\
          kind: Service\n\
          metadata:\n  name: bench\n  namespace: default\n\
          spec:\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    targetPort: http\n\
-         ---\n\
-         apiVersion: discovery.k8s.io/v1\n\
+         ---\n{}",
+        render_endpoint_slice("bench-1", inbound, identity)
+    )
+}
+
+/// An EndpointSlice `name` of the `bench` Service with one endpoint, `addr`; with `identity`,
+/// annotated with the mesh identity the endpoint must prove.
+pub fn render_endpoint_slice(name: &str, addr: SocketAddr, identity: Option<&str>) -> String {
+    let ip = addr.ip();
+    let port = addr.port();
+    let annotations = identity
+        .map(|id| format!("  annotations:\n    {IDENTITY_ANNOTATION}: {id}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\n\
          kind: EndpointSlice\n\
-         metadata:\n  name: bench-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: bench\n\
+         metadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: bench\n\
          {annotations}\
          addressType: IPv4\n\
          ports:\n- name: http\n  port: {port}\n  protocol: TCP\n\
          endpoints:\n- addresses:\n  - \"{ip}\"\n  conditions:\n    ready: true\n"
     )
+}
+
+/// Starts the bench's app (this binary's `app` command) on two free loopback ports.
+pub fn start_app(cpus: Option<&str>, dir: &Path) -> Result<(AppAddrs, Managed)> {
+    let app = AppAddrs {
+        http: free_addr()?,
+        echo: free_addr()?,
+    };
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let process = Managed::spawn(
+        "app",
+        &exe,
+        &[
+            "app".into(),
+            "--http".into(),
+            app.http.to_string(),
+            "--echo".into(),
+            app.echo.to_string(),
+        ],
+        &[],
+        cpus,
+        dir,
+    )?;
+    Ok((app, process))
 }
 
 /// The mTLS chain's workload identities and where their identity dirs are.
@@ -404,6 +439,7 @@ fn pylon_chain(s: &Setup, ids: Option<MeshIdentities>) -> Result<Chain> {
         admin_addrs: vec![out_admin, in_admin],
         identities: ids,
         tcp_pids,
+        mesh_dir: Some(mesh),
         procs,
     })
 }
@@ -776,6 +812,7 @@ pub fn nginx(s: &Setup) -> Result<Chain> {
         admin_addrs: Vec::new(),
         identities: None,
         tcp_pids: vec![inbound],
+        mesh_dir: None,
         procs,
     })
 }
@@ -817,6 +854,7 @@ pub fn haproxy(s: &Setup) -> Result<Chain> {
         admin_addrs: Vec::new(),
         identities: None,
         tcp_pids: vec![inbound],
+        mesh_dir: None,
         procs,
     })
 }

@@ -99,8 +99,15 @@ fn pylon_version(pylon_bin: &Path) -> Result<String> {
         Some(false) => ", C library linked in (scripts/build-release-proxy)",
         None => "",
     };
+    // scripts/build-release-proxy leaves a line beside the binary saying whether it was
+    // profile-guided.
+    let mut build_note = std::path::PathBuf::from(pylon_bin).into_os_string();
+    build_note.push(".build");
+    let guided = std::fs::read_to_string(build_note)
+        .map(|s| format!(", {}", s.trim()))
+        .unwrap_or_default();
     Ok(format!(
-        "{version}, git {sha}{}{linked}",
+        "{version}, git {sha}{}{linked}{guided}",
         if dirty {
             "-dirty (uncommitted changes in the tree)"
         } else {

@@ -6,6 +6,9 @@
 //! latency at fixed rates and maximum throughput with its own load generator ([`loadgen`]),
 //! proxy CPU and memory from `/proc` ([`procstat`]), and writes the tables ([`report`]) to
 //! `benches/results/`. Every process it starts is killed when it ends ([`procs`]).
+//!
+//! `pylon-bench train` drives an instrumented proxy through every kind of traffic, for the
+//! profile-guided release build ([`train`], run by `scripts/build-release-proxy`).
 
 mod app;
 mod bench;
@@ -19,6 +22,7 @@ mod profiles;
 mod report;
 mod syscalls;
 mod tap;
+mod train;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +57,9 @@ enum Command {
     /// The control plane at scale: a fake Kubernetes API, a release pylon-controller and
     /// thousands of subscribed streams (writes benches/results/controller-latest.md).
     Controller(controller::Options),
+    /// The traffic a profile-guided build of pylon-proxy learns from: every workload through
+    /// an instrumented proxy chain (`scripts/build-release-proxy` runs it).
+    Train(train::Options),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +77,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::App { http, echo }) => runtime.block_on(app::serve(http, echo)),
         Some(Command::Controller(o)) => controller::main(o, &runtime),
+        Some(Command::Train(o)) => runtime.block_on(train::main(o)),
         Some(Command::Send(o)) => runtime.block_on(loadgen::send(o)),
         None => bench::main(cli.run, &runtime),
     };
