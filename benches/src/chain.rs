@@ -170,6 +170,15 @@ impl Chain {
         Ok(())
     }
 
+    /// Stops every process of the path with SIGTERM, failing if one does not exit within
+    /// `grace` ([`Managed::stop`]).
+    pub fn stop(self, grace: Duration) -> Result<()> {
+        for p in self.procs {
+            p.stop(grace)?;
+        }
+        Ok(())
+    }
+
     fn logs(&self) -> String {
         let mut out = String::new();
         for p in &self.procs {

@@ -18,6 +18,8 @@ pub struct Managed {
     pub name: String,
     child: Child,
     log: PathBuf,
+    /// Waited for already: its process group may be another's by now.
+    reaped: bool,
 }
 
 impl Managed {
@@ -70,6 +72,7 @@ impl Managed {
             name: name.to_owned(),
             child,
             log,
+            reaped: false,
         })
     }
 
@@ -101,28 +104,56 @@ impl Managed {
     }
 }
 
-impl Drop for Managed {
-    fn drop(&mut self) {
+impl Managed {
+    /// SIGTERM to its group, up to `grace` for it to exit, then SIGKILL to what is left (nginx
+    /// workers, a stuck process). Whether it exited on its own.
+    fn terminate(&mut self, grace: Duration) -> bool {
+        if self.reaped {
+            return true;
+        }
+        self.reaped = true;
         let Ok(pgid) = i32::try_from(self.child.id()) else {
-            return;
+            return false;
         };
         // SAFETY: killpg only sends a signal to the group we created for this child.
         unsafe {
             libc::killpg(pgid, libc::SIGTERM);
         }
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + grace;
+        let mut exited = false;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                exited = true;
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // Whatever is left of the group (nginx workers, a stuck process) goes now.
         // SAFETY: as above.
         unsafe {
             libc::killpg(pgid, libc::SIGKILL);
         }
         let _ = self.child.wait();
+        exited
+    }
+
+    /// Stops it with SIGTERM and fails, with the tail of its log, if it did not exit within
+    /// `grace` (a process that must finish its work on the way out: an instrumented proxy writes
+    /// its counts as it exits).
+    pub fn stop(mut self, grace: Duration) -> Result<()> {
+        if !self.terminate(grace) {
+            bail!(
+                "{} did not exit within {grace:?} of SIGTERM; its log ends:\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(2));
     }
 }
 

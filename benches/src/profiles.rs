@@ -274,6 +274,16 @@ mod tests {
         - git 979f92912345, 3000 requests (grpc-unary), 1 at a time on one connection\n\
         - `benches/profile.py` ...\n\n**61,786 instructions per request.**\n\n## Own cost\n";
 
+    fn hop_cost(hop: &str, workload: &str, instructions: f64, guided: bool) -> HopCost {
+        HopCost {
+            hop: hop.into(),
+            workload: workload.into(),
+            instructions,
+            git: "abc".into(),
+            guided,
+        }
+    }
+
     #[test]
     fn a_report_is_read_back() {
         assert_eq!(
@@ -291,13 +301,7 @@ mod tests {
 
     #[test]
     fn the_section_says_what_the_floor_leaves() {
-        let c = |hop: &str, workload: &str, n: f64| HopCost {
-            hop: hop.into(),
-            workload: workload.into(),
-            instructions: n,
-            git: "abc".into(),
-            guided: false,
-        };
+        let c = |hop: &str, workload: &str, n: f64| hop_cost(hop, workload, n, false);
         let md = markdown(&[
             c("pylon", "HTTP/1.1 GET", 30_000.0),
             c("floor", "HTTP/1.1 GET", 20_000.0),
@@ -343,13 +347,7 @@ mod tests {
             "- `benches/profile.py` ...\n- build: profile-guided, as the image ships it",
         );
         assert!(parse(&guided_report).is_some_and(|c| c.guided));
-        let c = |hop: &str, workload: &str, n: f64, guided: bool| HopCost {
-            hop: hop.into(),
-            workload: workload.into(),
-            instructions: n,
-            git: "abc".into(),
-            guided,
-        };
+        let c = hop_cost;
         let md = markdown(&[
             c("pylon", "HTTP/1.1 GET", 20_000.0, true),
             c("pylon-outbound", "HTTP/1.1 GET", 24_000.0, true),

@@ -45,6 +45,8 @@ pub struct Options {
 /// Longest any one run may take (an instrumented proxy is slower, but not this slow).
 const RUN_LIMIT: Duration = Duration::from_secs(120);
 const NOFILE: u64 = 4096;
+/// How long a proxy may take to drain (its grace is 1 s) and write its counts.
+const STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// Routes for every path the bench's app serves, the GET's retryable under a budget.
 const SERVICE_PROFILE: &str = "apiVersion: linkerd.io/v1alpha2
@@ -128,9 +130,9 @@ pub async fn main(o: Options) -> Result<()> {
             bail!("the tap on {name} saw no request");
         }
         errors_and_unrouted(&c, o.requests).await?;
-        // Dropping the chain stops its proxies with SIGTERM: they drain and exit, which is
-        // when an instrumented binary writes its counts.
-        drop(c);
+        // SIGTERM: the proxies drain and exit, which is when an instrumented binary writes its
+        // counts; one killed instead would leave them out, so that fails the training.
+        c.stop(STOP_GRACE)?;
     }
     Ok(())
 }
@@ -166,20 +168,31 @@ async fn wait_for_routes(c: &Chain) -> Result<()> {
         .admin_addrs
         .first()
         .context("the chain has no admin address")?;
-    let target = c.target(Workload::Http1Get).map_err(anyhow::Error::msg)?;
-    let job = Job::new(Workload::Http1Get, target);
+    let job = Job::new(
+        Workload::Http1Get,
+        c.target(Workload::Http1Get).map_err(anyhow::Error::msg)?,
+    );
+    wait_until(
+        "the outbound proxy never routed by the training's ServiceProfile",
+        async || {
+            loadgen::verify(&job).await?;
+            let metrics = chain::fetch_metrics(outbound_admin).await?;
+            Ok(metrics.contains("rt_route=\"GET /small\""))
+        },
+    )
+    .await
+}
+
+/// Probes until `ready` says so, every 200 ms, for at most [`RUN_LIMIT`]; then fails with `what`.
+async fn wait_until(what: &str, mut ready: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
     let deadline = tokio::time::Instant::now() + RUN_LIMIT;
-    loop {
-        loadgen::verify(&job).await?;
-        let metrics = chain::fetch_metrics(outbound_admin).await?;
-        if metrics.contains("rt_route=\"GET /small\"") {
-            return Ok(());
-        }
+    while !ready().await? {
         if tokio::time::Instant::now() >= deadline {
-            bail!("the outbound proxy never routed by the training's ServiceProfile");
+            bail!("{what}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
 }
 
 /// A second EndpointSlice of the bench's Service: the app itself, without a proxy in front (and
@@ -196,23 +209,21 @@ async fn wait_for_two_endpoints(c: &Chain) -> Result<()> {
         .admin_addrs
         .last()
         .context("the chain has no admin address")?;
-    let target = c.target(Workload::Http1Get).map_err(anyhow::Error::msg)?;
-    let job = Job::new(Workload::Http1Get, target);
-    let deadline = tokio::time::Instant::now() + RUN_LIMIT;
-    loop {
-        let before = inbound_requests(inbound_admin).await?;
-        for _ in 0..BATCH {
-            loadgen::verify(&job).await?;
-        }
-        let reached = inbound_requests(inbound_admin).await? - before;
-        if reached < BATCH {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("the outbound proxy never balanced over the training's second endpoint");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let job = Job::new(
+        Workload::Http1Get,
+        c.target(Workload::Http1Get).map_err(anyhow::Error::msg)?,
+    );
+    wait_until(
+        "the outbound proxy never balanced over the training's second endpoint",
+        async || {
+            let before = inbound_requests(inbound_admin).await?;
+            for _ in 0..BATCH {
+                loadgen::verify(&job).await?;
+            }
+            Ok(inbound_requests(inbound_admin).await? - before < BATCH)
+        },
+    )
+    .await
 }
 
 /// The inbound proxy's `request_total`, every series summed.
