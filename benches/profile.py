@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Instructions per request of one proxy hop, and where they go: valgrind's callgrind.
 
-    benches/profile.py [--workload http1-get|http1-post64k|h2c-get|grpc-unary] [--requests 3000]
+    benches/profile.py [--workload http1-get|http1-get-headers|http1-post64k|h2c-get|grpc-unary]
+                       [--requests 3000]
                        [--concurrency 1] [--proxy pylon|pylon-outbound|nginx|haproxy|floor|floor-h2|floor-h2s|floor-h1i|floor-h1n|
                        floor-h1ns|floor-h1nc|floor-h1u]
                        [--out FILE]
@@ -84,9 +85,11 @@ PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
 OWN = ("pylon", "pylon-outbound", "floor", "floor-h2", "floor-h2s", "floor-h1i", "floor-h1n",
        "floor-h1ns", "floor-h1nc", "floor-h1u")
 WORKLOADS = {"http1-get": "HTTP/1.1 GET", "http1-post64k": "HTTP/1.1 POST 64 KiB",
-             "h2c-get": "h2c GET", "grpc-unary": "gRPC unary"}
+             "h2c-get": "h2c GET", "grpc-unary": "gRPC unary",
+             "http1-get-headers": "HTTP/1.1 GET with 10 response headers"}
 # The report's file name for each workload but the default one.
-REPORT_SUFFIX = {"http1-post64k": "post", "h2c-get": "h2c", "grpc-unary": "grpc"}
+REPORT_SUFFIX = {"http1-post64k": "post", "h2c-get": "h2c", "grpc-unary": "grpc",
+                 "http1-get-headers": "headers"}
 
 
 def over_h2(workload):

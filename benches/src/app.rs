@@ -2,7 +2,8 @@
 //! (hyper-util's auto server) and a TCP echo port. It runs as its own process so it can be pinned
 //! beside the load generator, away from the proxies.
 //!
-//! Routes: `GET /small` answers [`SMALL_BODY`]; `POST /upload` reads the whole body and answers
+//! Routes: `GET /small` answers [`SMALL_BODY`]; `GET /headers` answers it with
+//! [`TYPICAL_HEADERS`] as well; `POST /upload` reads the whole body and answers
 //! its length in decimal; `POST /bench.Bench/Unary` (gRPC) reads the framed request and answers
 //! one framed message with `grpc-status: 0` in the trailers.
 
@@ -24,6 +25,20 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// The small body of `GET /small`.
 pub const SMALL_BODY: &[u8] = b"pylon-bench: a small response body of 64 bytes, for the GET!!!!\n";
+/// What a web service's response head typically carries besides its length and date, for
+/// `GET /headers`: a hop's cost grows with the headers it parses and writes again, and a change
+/// measured on `GET /small` alone (two headers) can pass for a gain and cost more on real
+/// responses (`benches/profile.py --workload http1-get-headers`).
+pub const TYPICAL_HEADERS: [(&str, &str); 8] = [
+    ("content-type", "text/plain; charset=utf-8"),
+    ("cache-control", "no-cache"),
+    ("server", "app/1.2"),
+    ("x-request-id", "4f2a9c1e-7b3d-4e8a-9f1c-2d5e6a7b8c9d"),
+    ("vary", "accept-encoding"),
+    ("x-frame-options", "DENY"),
+    ("strict-transport-security", "max-age=31536000"),
+    ("x-content-type-options", "nosniff"),
+];
 /// The gRPC method the app serves.
 pub const GRPC_PATH: &str = "/bench.Bench/Unary";
 /// The message (unframed) the gRPC method answers with.
@@ -102,6 +117,14 @@ async fn handle(req: Request<Incoming>) -> Result<Response<AppBody>, Infallible>
     };
     let response = match (method.as_str(), path.as_str()) {
         ("GET", "/small") => Response::new(AppBody::full(Bytes::from_static(SMALL_BODY))),
+        ("GET", "/headers") => {
+            let mut r = Response::new(AppBody::full(Bytes::from_static(SMALL_BODY)));
+            for (name, value) in TYPICAL_HEADERS {
+                r.headers_mut()
+                    .insert(name, HeaderValue::from_static(value));
+            }
+            r
+        }
         ("POST", "/upload") => Response::new(AppBody::full(body.len().to_string().into())),
         // A failing endpoint, for `pylon-bench train` (failure classification and retries).
         ("GET", "/fail") => status(StatusCode::INTERNAL_SERVER_ERROR),

@@ -51,6 +51,9 @@ pub enum Workload {
     GrpcUnary,
     Http1Post64k,
     TcpEcho,
+    /// As `Http1Get`, the response with a typical head (`app::TYPICAL_HEADERS`): for
+    /// `benches/profile.py`, not in [`Workload::ALL`] (the load bench's workloads).
+    Http1GetHeaders,
 }
 
 impl Workload {
@@ -69,6 +72,7 @@ impl Workload {
             Workload::GrpcUnary => "gRPC unary (h2c)",
             Workload::Http1Post64k => "HTTP/1.1 POST 64 KiB",
             Workload::TcpEcho => "opaque TCP echo (128 B)",
+            Workload::Http1GetHeaders => "HTTP/1.1 GET (64 B body, 10 response headers)",
         }
     }
 
@@ -112,6 +116,7 @@ impl Job {
         let authority = &self.target.authority;
         let (method, path, body) = match self.workload {
             Workload::Http1Get | Workload::H2cGet => (Method::GET, "/small", Bytes::new()),
+            Workload::Http1GetHeaders => (Method::GET, "/headers", Bytes::new()),
             Workload::Http1Post64k => (Method::POST, "/upload", self.post_body.clone()),
             Workload::GrpcUnary => (Method::POST, GRPC_PATH, self.grpc_body.clone()),
             Workload::TcpEcho => bail!("TCP echo has no HTTP request"),
@@ -150,7 +155,7 @@ impl Job {
             bail!("status {status} (body {proxy_error:?})");
         }
         match self.workload {
-            Workload::Http1Get | Workload::H2cGet => {
+            Workload::Http1Get | Workload::H2cGet | Workload::Http1GetHeaders => {
                 if body != SMALL_BODY {
                     bail!("body of {} bytes is not the app's", body.len());
                 }
@@ -774,6 +779,10 @@ mod tests {
         let req = get.http_request().expect("request");
         assert_eq!(req.uri(), "/small");
         assert_eq!(req.headers()[http::header::HOST], "bench");
+        let headers = Job::new(Workload::Http1GetHeaders, job.target.clone());
+        assert_eq!(headers.http_request().expect("request").uri(), "/headers");
+        assert!(headers.check(StatusCode::OK, SMALL_BODY, None).is_ok());
+        assert!(!Workload::ALL.contains(&Workload::Http1GetHeaders));
         let h2 = Job::new(Workload::H2cGet, job.target.clone());
         assert_eq!(
             h2.http_request().expect("request").uri(),

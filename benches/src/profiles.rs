@@ -198,6 +198,24 @@ pub fn markdown(costs: &[HopCost]) -> String {
             }
         }
     }
+    let heads = |hop| cost(costs, hop, "HTTP/1.1 GET with 10 response headers");
+    if let (Some(pylon), Some(nginx)) = (heads("pylon"), heads("nginx")) {
+        let _ = writeln!(
+            md,
+            "- HTTP/1.1 GET with a typical response head (10 headers, `--workload \
+             http1-get-headers`): Pylon's inbound hop costs {} instructions, {:.2}× nginx's \
+             ({}){}. Each header is parsed and written again at every hop, so the ratios on \
+             `GET /small` (2 headers) are not the whole story.",
+            thousands(pylon),
+            pylon / nginx,
+            thousands(nginx),
+            heads("haproxy").map_or(String::new(), |h| format!(
+                " and {:.2}× HAProxy's ({})",
+                pylon / h,
+                thousands(h)
+            )),
+        );
+    }
     for workload in ["h2c GET", "gRPC unary"] {
         let floor = ["floor", "floor-h2", "floor-h2s"]
             .into_iter()
@@ -311,6 +329,9 @@ mod tests {
             c("floor-h1n", "HTTP/1.1 GET", 10_000.0),
             c("floor-h1ns", "HTTP/1.1 GET", 19_000.0),
             c("floor-h1nc", "HTTP/1.1 GET", 13_000.0),
+            c("pylon", "HTTP/1.1 GET with 10 response headers", 27_000.0),
+            c("nginx", "HTTP/1.1 GET with 10 response headers", 24_000.0),
+            c("haproxy", "HTTP/1.1 GET with 10 response headers", 36_000.0),
             c("pylon", "gRPC unary", 70_000.0),
             c("floor-h2", "gRPC unary", 60_000.0),
             c("haproxy", "gRPC unary", 40_000.0),
@@ -335,6 +356,13 @@ mod tests {
         );
         assert!(
             md.contains("gRPC unary: the cheapest floor costs 1.50×"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "Pylon's inbound hop costs 27,000 instructions, 1.12× nginx's (24,000) and \
+                 0.75× HAProxy's (36,000)"
+            ),
             "{md}"
         );
         assert!(markdown(&[]).is_empty());
