@@ -579,29 +579,32 @@ impl<S: BelowBalancer> Future for Balancing<S> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let (result, sent) = match this {
+        let (response, sent) = match this {
             Self::Own(f) => return f.as_mut().poll(cx),
-            Self::Sending { response, sent } => {
-                let result = std::task::ready!(Pin::new(response).poll(cx));
-                let Some(sent) = sent.take() else {
-                    return Poll::Ready(result);
-                };
-                (result, sent)
-            }
+            Self::Sending { response, sent } => (response, sent),
         };
-        match (result, sent.unsent.take()) {
+        // Handed on as polled, the response seen where it lies (see `respond_in_place`).
+        let mut polled = Pin::new(response).poll(cx);
+        let Poll::Ready(result) = &mut polled else {
+            return Poll::Pending;
+        };
+        let Some(sent) = sent.take() else {
+            return polled;
+        };
+        if let Err(err) = *result {
             // The connection died before the request went out (its endpoint with it, as it
             // refused a new one): the request goes to another endpoint.
-            (Err(err), Some(req)) => {
+            if let Some(req) = sent.unsent.take() {
                 charge(sent.in_flight, err);
                 let delivery = sent.delivery;
                 *this = Self::Own(boxed_out_of_line(move || {
                     delivery.deliver_elsewhere(vec![sent.endpoint], req, err)
                 }));
-                Pin::new(this).poll(cx)
+                return Pin::new(this).poll(cx);
             }
-            (result, _) => Poll::Ready(respond(result, sent.in_flight, sent.delivery.route)),
         }
+        respond_in_place(result, sent.in_flight, sent.delivery.route);
+        polled
     }
 }
 
@@ -686,23 +689,30 @@ fn charge(mut in_flight: InFlight, err: ProxyError) {
 }
 
 /// The endpoint's answer: its load and failure accrual learn how it went (when the response
-/// body ends, or at once for an error). Inlined: a response is large to pass by value.
-#[inline(always)]
+/// body ends, or at once for an error).
 fn respond(
-    response: Result<ProxyResponse, ProxyError>,
-    mut in_flight: InFlight,
+    mut response: Result<ProxyResponse, ProxyError>,
+    in_flight: InFlight,
     route: Option<Arc<RouteState>>,
 ) -> Result<ProxyResponse, ProxyError> {
-    let mut rsp = match response {
-        Ok(rsp) => rsp,
-        Err(err) => {
-            charge(in_flight, err);
-            return Err(err);
+    respond_in_place(&mut response, in_flight, route);
+    response
+}
+
+/// `respond`, on a response left where it lies: a response (~180 bytes) moved out of a
+/// result and into another is two copies per request.
+fn respond_in_place(
+    response: &mut Result<ProxyResponse, ProxyError>,
+    mut in_flight: InFlight,
+    route: Option<Arc<RouteState>>,
+) {
+    match response {
+        Ok(rsp) => {
+            in_flight.response_received();
+            release_on_end(rsp, in_flight, route);
         }
-    };
-    in_flight.response_received();
-    release_on_end(&mut rsp, in_flight, route);
-    Ok(rsp)
+        Err(err) => charge(in_flight, *err),
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use super::ctx::WithCtx;
 use super::errors::{Malformed, L5D_PROXY_ERROR_HEADER};
 pub use super::h2_client::H2Connection;
 use super::headers::HeaderFacts;
-use super::pool::{Http1Pool, PooledConn};
+use super::pool::Http1Pool;
 use super::request_body::{ClientBodyOutcome, RequestBody};
 use super::{
     boxed_out_of_line, headers, orig_proto, upgrade, BoxFuture, ProxyError, ProxyResponse,
@@ -341,17 +341,25 @@ impl ClientInner {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         if transport == Transport::H1 {
             set_host(&mut req, shape.headers.host, &target.destination);
-            let sending = target
-                .h1
-                .send(req, upgrade)
-                .map(|sent| sent.map(|(rsp, pooled)| (rsp.map(ResponseBody::proxied), pooled)));
+            let sending = target.h1.send(req, upgrade).map(|sent| {
+                sent.map(|(rsp, pooled)| {
+                    let mut rsp = rsp.map(ResponseBody::proxied);
+                    // After `101` the connection belongs to the tunnel, never to the pool.
+                    if let Some(conn) = pooled {
+                        if rsp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                            rsp.body_mut().reuse_on_end(conn);
+                        }
+                    }
+                    rsp
+                })
+            });
             return Exchange::boxed(sending, this, target, client_upgrade, client_body);
         }
         if req.version() == Version::HTTP_2 {
             let sending = target
                 .h2
                 .send(req)
-                .map(|sent| sent.map(|rsp| (rsp.map(ResponseBody::proxied_h2), None)));
+                .map(|sent| sent.map(|rsp| rsp.map(ResponseBody::proxied_h2)));
             return Exchange::boxed(sending, this, target, client_upgrade, client_body);
         }
         // HTTP/1 between meshed proxies rides the endpoint's h2 connection. Rewritten for the
@@ -363,7 +371,7 @@ impl ClientInner {
         let sending = target.h2.send(req).map(move |sent| match sent {
             Ok(mut rsp) => {
                 orig_proto::downgrade_response(&mut rsp, orig);
-                Ok((rsp.map(ResponseBody::proxied_h2), None))
+                Ok(rsp.map(ResponseBody::proxied_h2))
             }
             Err(e) => Err(SendError::sent(e.error)),
         });
@@ -371,9 +379,9 @@ impl ClientInner {
     }
 }
 
-/// What a transport's send resolves to: the response, and the pooled HTTP/1 connection it came
-/// on (returned to the pool when the body ends).
-type Sent = Result<(ProxyResponse, Option<PooledConn>), SendError>;
+/// What a transport's send resolves to: the response (its body returns a pooled HTTP/1
+/// connection to the pool when it ends).
+type Sent = Result<ProxyResponse, SendError>;
 
 pin_project_lite::pin_project! {
     /// A request on its way to the endpoint (`sending`, the transport's future), and what its
@@ -429,13 +437,20 @@ impl<F: Future<Output = Sent>> Future for Exchange<F> {
         let Some(then) = this.then.take() else {
             panic!("Exchange polled after it completed");
         };
-        Poll::Ready(then.response(sent))
+        // `response` finishes the response by reference: passed through it by value, the
+        // response (~180 bytes) would be copied in and out again.
+        Poll::Ready(match sent {
+            Ok(mut rsp) => {
+                then.response(&mut rsp);
+                Ok(rsp)
+            }
+            Err(e) => Err(then.blame(e)),
+        })
     }
 }
 
 impl AfterSend {
-    fn response(self, sent: Sent) -> Result<ProxyResponse, ProxyError> {
-        let (mut rsp, pooled) = sent.map_err(|e| self.blame(e))?;
+    fn response(self, rsp: &mut ProxyResponse) {
         // One integer comparison per response; the header is looked for only on errors.
         if rsp.status().as_u16() >= 400 {
             if let Some(peer) = rsp.headers().get(L5D_PROXY_ERROR_HEADER) {
@@ -445,19 +460,15 @@ impl AfterSend {
         if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // The connection now belongs to the tunnel, never back to the pool.
             if let Some(client) = self.client_upgrade {
-                let upstream = hyper::upgrade::on(&mut rsp);
+                let upstream = hyper::upgrade::on(&mut *rsp);
                 upgrade::splice(&self.client.tunnels, client, upstream, self.target.addr);
             }
-            return Ok(rsp);
+            return;
         }
         headers::strip_hop_by_hop(rsp.headers_mut(), false);
-        if let Some(conn) = pooled {
-            rsp.body_mut().reuse_on_end(conn);
-        }
         if let Some(outcome) = self.client_body {
             rsp.body_mut().client_body(outcome);
         }
-        Ok(rsp)
     }
 
     /// A request none of which was sent goes back to the balancer (when it left a slot) for

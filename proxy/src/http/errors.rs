@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -464,11 +464,16 @@ where
     type Output = Result<ProxyResponse, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (result, grpc) = match self.get_mut() {
-            Self::Inner(inner, grpc) => (ready!(Pin::new(inner).poll(cx)), *grpc),
-            Self::Failed(err, grpc) => (Err(*err), *grpc),
-        };
-        Poll::Ready(Ok(result.unwrap_or_else(|err| err.response(grpc))))
+        // Matched straight out of the inner poll: a response is moved once on its way through
+        // here, not into a tuple and out of it again.
+        match self.get_mut() {
+            Self::Inner(inner, grpc) => match Pin::new(inner).poll(cx) {
+                Poll::Ready(Ok(rsp)) => Poll::Ready(Ok(rsp)),
+                Poll::Ready(Err(err)) => Poll::Ready(Ok(err.response(*grpc))),
+                Poll::Pending => Poll::Pending,
+            },
+            Self::Failed(err, grpc) => Poll::Ready(Ok(err.response(*grpc))),
+        }
     }
 }
 

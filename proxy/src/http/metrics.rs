@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::Request;
@@ -126,10 +126,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.response.poll(cx));
+        // Recorded in place and handed on as polled (see `route::Recorded`).
+        let mut polled = this.response.poll(cx);
+        let Poll::Ready(result) = &mut polled else {
+            return Poll::Pending;
+        };
         let answered = this.pending.as_mut().and_then(RecordIfCancelled::answered);
-        Poll::Ready(match result {
-            Ok(mut rsp) => {
+        match result {
+            Ok(rsp) => {
                 if let Some(Pending {
                     metrics, access, ..
                 }) = answered
@@ -140,11 +144,10 @@ where
                         route: this.route.take(),
                         access,
                     };
-                    record_on_end(&mut rsp, recorder);
+                    record_on_end(rsp, recorder);
                 }
-                Ok(rsp)
             }
-            Err(err) => {
+            &mut Err(err) => {
                 let direction = *this.direction;
                 let target = this.target.as_ref();
                 let destination = target.map_or("", |t| &*t.destination);
@@ -162,9 +165,9 @@ where
                 if let Some(p) = answered {
                     record_proxy_error(&p.metrics, err, *this.start, p.access);
                 }
-                Err(err)
             }
-        })
+        }
+        polled
     }
 }
 
