@@ -24,7 +24,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
 use pylon_proxy_policy::{ApiChange, ApiObject, Store};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::identity::{ReviewError, TokenReviewer};
 
@@ -77,12 +77,17 @@ const CUSTOM_KINDS: &[WatchedKind] = &[
     },
 ];
 
-/// What the watches have done, for `/metrics` and `/ready`.
+/// What the watches have done, for `/metrics` and `/ready`, and for the servers to wait on
+/// (`applied`).
 #[derive(Debug, Default)]
 pub struct WatchStatus {
     kinds: Mutex<BTreeMap<&'static str, KindStatus>>,
     /// Every watched kind has been listed once (a CRD that is not installed counts as listed).
     synced: AtomicBool,
+    /// Told when `synced` turns true.
+    synced_now: Notify,
+    /// The queue into the Store, for `applied`'s barrier.
+    queue: Option<mpsc::Sender<Queued>>,
     /// How many kinds are watched.
     watched: usize,
     pub events_total: AtomicU64,
@@ -104,6 +109,29 @@ impl WatchStatus {
         self.synced.load(Ordering::Acquire)
     }
 
+    /// Waits until every watched kind's first listing is in the Store, not only received: a
+    /// proxy answered before that would be told of a half-listed cluster (a Service whose
+    /// EndpointSlices are not in yet: no endpoints, and its requests failed with 503).
+    pub async fn applied(&self) {
+        loop {
+            // Made before the check: it hears a `notify_waiters` from then on.
+            let synced_now = self.synced_now.notified();
+            if self.is_synced() {
+                break;
+            }
+            synced_now.await;
+        }
+        // A kind's listing is queued before the kind counts as listed (`watch_kind`), so all
+        // of them are ahead of a barrier queued now.
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        let (done, applied) = oneshot::channel();
+        if queue.send(Queued::Barrier(done)).await.is_ok() {
+            let _ = applied.await;
+        }
+    }
+
     pub fn kinds(&self) -> BTreeMap<&'static str, KindStatus> {
         self.lock().clone()
     }
@@ -118,6 +146,7 @@ impl WatchStatus {
         let all_listed = kinds.len() == self.watched && kinds.values().all(|k| k.listed);
         if all_listed && !self.synced.swap(true, Ordering::AcqRel) {
             tracing::info!("every watched kind listed; serving the cluster's state");
+            self.synced_now.notify_waiters();
         }
     }
 }
@@ -125,7 +154,7 @@ impl WatchStatus {
 /// Starts the watches and the task that applies their changes to `store`; runs until the
 /// runtime stops.
 pub fn spawn_watches(client: Client, store: Arc<Store>) -> Arc<WatchStatus> {
-    let (tx, rx) = mpsc::channel::<ApiChange>(4 * MAX_BATCH);
+    let (tx, rx) = mpsc::channel::<Queued>(4 * MAX_BATCH);
     tokio::spawn(apply_changes(rx, store));
 
     // The built-in kinds, at their one stable version (no discovery needed).
@@ -137,6 +166,7 @@ pub fn spawn_watches(client: Client, store: Arc<Store>) -> Arc<WatchStatus> {
     ];
     let status = Arc::new(WatchStatus {
         watched: core.len() + CUSTOM_KINDS.len(),
+        queue: Some(tx.clone()),
         ..WatchStatus::default()
     });
     for (kind, resource) in core {
@@ -216,7 +246,7 @@ async fn watch_kind(
     client: Client,
     kind: &'static str,
     resource: ApiResource,
-    tx: mpsc::Sender<ApiChange>,
+    tx: mpsc::Sender<Queued>,
     status: Arc<WatchStatus>,
 ) {
     let collection: Arc<str> = format!("{}/{}", resource.api_version, resource.plural).into();
@@ -247,15 +277,20 @@ async fn watch_kind(
                     status.relists_total.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(kind, objects, "relisted");
                 }
+                let listed = ApiChange::Replace {
+                    collection: collection.clone(),
+                    objects: objects_listed,
+                };
+                // Queued before the kind counts as listed: see `WatchStatus::applied`.
+                if tx.send(Queued::Change(listed)).await.is_err() {
+                    return;
+                }
                 status.update(kind, |s| {
                     s.listed = true;
                     s.objects = objects;
                     s.last_error = None;
                 });
-                Some(ApiChange::Replace {
-                    collection: collection.clone(),
-                    objects: objects_listed,
-                })
+                None
             }
             Ok(Event::Apply(object)) => {
                 status.events_total.fetch_add(1, Ordering::Relaxed);
@@ -280,25 +315,45 @@ async fn watch_kind(
             }
         };
         if let Some(change) = change {
-            if tx.send(change).await.is_err() {
+            if tx.send(Queued::Change(change)).await.is_err() {
                 return;
             }
         }
     }
 }
 
+/// What the watches queue for the Store: a change, or a barrier told once everything queued
+/// before it is applied.
+#[derive(Debug)]
+enum Queued {
+    Change(ApiChange),
+    Barrier(oneshot::Sender<()>),
+}
+
 /// Applies changes in batches: everything queued when the Store is free goes into one
 /// snapshot, so a burst of events costs one rebuild, not one each.
-async fn apply_changes(mut rx: mpsc::Receiver<ApiChange>, store: Arc<Store>) {
+async fn apply_changes(mut rx: mpsc::Receiver<Queued>, store: Arc<Store>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let changes = std::mem::take(&mut batch);
-        let store = store.clone();
-        // Parsing and building a snapshot is CPU work: keep it off the async workers.
-        if let Err(error) =
-            tokio::task::spawn_blocking(move || store.apply_api_changes(changes)).await
-        {
-            tracing::error!(%error, "applying API changes failed");
+        let mut changes = Vec::with_capacity(batch.len());
+        let mut barriers = Vec::new();
+        for queued in batch.drain(..) {
+            match queued {
+                Queued::Change(change) => changes.push(change),
+                Queued::Barrier(done) => barriers.push(done),
+            }
+        }
+        if !changes.is_empty() {
+            let store = store.clone();
+            // Parsing and building a snapshot is CPU work: keep it off the async workers.
+            if let Err(error) =
+                tokio::task::spawn_blocking(move || store.apply_api_changes(changes)).await
+            {
+                tracing::error!(%error, "applying API changes failed");
+            }
+        }
+        for done in barriers {
+            let _ = done.send(());
         }
     }
 }
@@ -368,5 +423,58 @@ impl TokenReviewer for KubeTokenReviewer {
             .user
             .and_then(|u| u.username)
             .ok_or_else(|| ReviewError::NotAuthenticated("no username in the review".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pylon_proxy_policy::StoreConfig;
+
+    #[tokio::test]
+    async fn servers_wait_until_every_listing_is_in_the_store() {
+        let store = Store::empty(StoreConfig {
+            default_namespace: "default".into(),
+            cluster_domain: "cluster.local".into(),
+        });
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(apply_changes(rx, store.clone()));
+        let status = Arc::new(WatchStatus {
+            watched: 2,
+            queue: Some(tx.clone()),
+            ..WatchStatus::default()
+        });
+        let waiting = tokio::spawn({
+            let status = status.clone();
+            async move { status.applied().await }
+        });
+        let before = store.snapshot().generation();
+
+        // One kind of two listed: the servers still wait.
+        status.update("EndpointSlice", |s| s.listed = true);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+
+        // The last kind's listing is queued, then the kind counts as listed (as `watch_kind`
+        // does): once the wait ends, that listing is in the Store.
+        let listing = ApiChange::Replace {
+            collection: "v1/services".into(),
+            objects: vec![ApiObject {
+                path: "/api/v1/namespaces/default/services/web".into(),
+                value: serde_json::json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "web", "namespace": "default"},
+                    "spec": {"ports": [{"port": 80}]}
+                }),
+            }],
+        };
+        assert!(tx.send(Queued::Change(listing)).await.is_ok());
+        status.update("Service", |s| s.listed = true);
+        assert!(status.is_synced());
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the wait ends once synced and applied")
+            .expect("the waiting task");
+        assert!(store.snapshot().generation() > before);
     }
 }

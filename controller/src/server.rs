@@ -155,7 +155,14 @@ impl Controller {
         let destination =
             DestinationService::new(store.clone(), mesh.clone(), metrics.destination.clone());
         let mut tasks = Vec::new();
+        // Proxies are answered once the cluster's first listing is in the Store (they queue on
+        // the bound listeners meanwhile, and keep what they had): a half-listed cluster would
+        // tell a restarted controller's proxies that a Service has no endpoints.
+        let listed = watches.clone();
         tasks.push(tokio::spawn(async move {
+            if let Some(watches) = &listed {
+                watches.applied().await;
+            }
             let served = tonic::transport::Server::builder()
                 .add_service(DestinationServer::new(destination))
                 .serve_with_incoming(TcpListenerStream::new(destination_listener))
@@ -166,7 +173,11 @@ impl Controller {
         }));
         let policy =
             PolicyService::new(store.clone(), mesh.clone(), Arc::new(config.policy.clone()));
+        let listed = watches.clone();
         tasks.push(tokio::spawn(async move {
+            if let Some(watches) = &listed {
+                watches.applied().await;
+            }
             let served = tonic::transport::Server::builder()
                 .add_service(InboundServerPoliciesServer::new(policy))
                 .serve_with_incoming(TcpListenerStream::new(policy_listener))
