@@ -662,9 +662,8 @@ def main():
                       f"`perf probe` on `{variant}` with its length, {n} requests after a"
                       " warm-up, each call put to the first frame past the copy: the code that"
                       " moved the value. The compiler copies a value of up to 128 bytes inline"
-                      " and calls memcpy for a larger one: a response (184 bytes here) or a"
-                      " request (288) moved by value from one stage to the next is a call each"
-                      " time.", "",
+                      " and calls memcpy for a larger one: a response or a request moved by"
+                      " value from one stage to the next is a call each time.", "",
                       "| calls | bytes | caller |", "|---:|---:|---|"]
             lines += [f"| {c:.2f} | {size} | `{short(name)}` |" for c, size, name in rows[:25]]
         if allocs:

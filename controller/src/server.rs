@@ -155,14 +155,9 @@ impl Controller {
         let destination =
             DestinationService::new(store.clone(), mesh.clone(), metrics.destination.clone());
         let mut tasks = Vec::new();
-        // Proxies are answered once the cluster's first listing is in the Store (they queue on
-        // the bound listeners meanwhile, and keep what they had): a half-listed cluster would
-        // tell a restarted controller's proxies that a Service has no endpoints.
-        let listed = watches.clone();
+        let listed = cluster_listed(watches.clone());
         tasks.push(tokio::spawn(async move {
-            if let Some(watches) = &listed {
-                watches.applied().await;
-            }
+            listed.await;
             let served = tonic::transport::Server::builder()
                 .add_service(DestinationServer::new(destination))
                 .serve_with_incoming(TcpListenerStream::new(destination_listener))
@@ -173,11 +168,9 @@ impl Controller {
         }));
         let policy =
             PolicyService::new(store.clone(), mesh.clone(), Arc::new(config.policy.clone()));
-        let listed = watches.clone();
+        let listed = cluster_listed(watches.clone());
         tasks.push(tokio::spawn(async move {
-            if let Some(watches) = &listed {
-                watches.applied().await;
-            }
+            listed.await;
             let served = tonic::transport::Server::builder()
                 .add_service(InboundServerPoliciesServer::new(policy))
                 .serve_with_incoming(TcpListenerStream::new(policy_listener))
@@ -226,6 +219,16 @@ impl Controller {
             _config_watch: config_watch,
             tasks,
         })
+    }
+}
+
+/// What the servers that answer proxies wait for: the cluster's first listing in the Store
+/// (`WatchStatus::applied`); at once from a config dir. Proxies queue on the bound listeners
+/// meanwhile and keep what they had: a half-listed cluster would tell a restarted controller's
+/// proxies that a Service has no endpoints.
+async fn cluster_listed(watches: Option<Arc<WatchStatus>>) {
+    if let Some(watches) = watches {
+        watches.applied().await;
     }
 }
 
