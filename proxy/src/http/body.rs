@@ -248,12 +248,12 @@ pub fn release_on_end(
 
 /// The response's status and grpc-status, read from its head once.
 fn observe_head(rsp: &mut ProxyResponse) -> (u16, Option<u32>) {
-    if let Some(head) = rsp.body().head {
+    if let Some(head) = rsp.body().0.head {
         return head;
     }
     // A trailers-only gRPC response carries its status in the headers.
     let head = (rsp.status().as_u16(), grpc_status(rsp.headers()));
-    rsp.body_mut().head = Some(head);
+    rsp.body_mut().0.head = Some(head);
     head
 }
 
@@ -270,13 +270,18 @@ enum End {
     Discarded,
 }
 
-pub struct ResponseBody {
+/// A response's body: everything it carries sits behind one pointer. A response is moved by
+/// value through every layer on its way out, and a response of 120 bytes is copied inline where
+/// one of 184 (this body inline) took a call to `memcpy` at every move. The box is the one a
+/// proxied response needed anyway for the work its end does.
+pub struct ResponseBody(Box<Inner>);
+
+#[derive(Default)]
+struct Inner {
     kind: Kind,
     /// Status and grpc-status (headers, then trailers) once something records this response.
     head: Option<(u16, Option<u32>)>,
-    /// The work its end does, boxed once a layer gives it some: a response is moved through
-    /// every layer on its way out, and 64 bytes move faster than the 264 this was inline.
-    on_end: Option<Box<OnEnd>>,
+    on_end: OnEnd,
 }
 
 /// What a response's end does, attached by the layers it passes on its way out.
@@ -306,6 +311,12 @@ enum Kind {
     Full(Option<Bytes>),
 }
 
+impl Default for Kind {
+    fn default() -> Self {
+        Self::Full(None)
+    }
+}
+
 /// Why a proxied response's body broke: the endpoint's HTTP/1 connection, or its h2 stream.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -333,15 +344,14 @@ impl ResponseBody {
     }
 
     fn new(kind: Kind) -> Self {
-        Self {
-            kind,
-            head: None,
-            on_end: None,
-        }
+        // Made where it lies: the whole is ~0.5 KiB, its kind 48 bytes.
+        let mut inner = Box::<Inner>::default();
+        inner.kind = kind;
+        Self(inner)
     }
 
     fn on_end(&mut self) -> &mut OnEnd {
-        self.on_end.get_or_insert_with(Box::default)
+        &mut self.0.on_end
     }
 
     /// Watches the request body that streams alongside this response (see `client_body`).
@@ -378,9 +388,7 @@ impl ResponseBody {
     }
 
     fn finish(&mut self, end: End) {
-        if let Some(on_end) = self.on_end.as_deref_mut() {
-            on_end.finish(self.head, end);
-        }
+        self.0.finish(end);
     }
 }
 
@@ -450,7 +458,7 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.get_mut();
+        let this = &mut *self.get_mut().0;
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Proxied(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
@@ -458,10 +466,7 @@ impl Body for ResponseBody {
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(tap)) = (
-                    frame.data_ref(),
-                    this.on_end.as_mut().and_then(|w| w.tap.as_mut()),
-                ) {
+                if let (Some(data), Some(tap)) = (frame.data_ref(), this.on_end.tap.as_mut()) {
                     tap.add_bytes(data.len() as u64);
                 }
                 if let (Some(trailers), Some(head)) = (frame.trailers_ref(), this.head.as_mut()) {
@@ -469,7 +474,7 @@ impl Body for ResponseBody {
                         head.1 = Some(code);
                     }
                 }
-                if this.is_end_stream() {
+                if this.kind.is_end_stream() {
                     this.finish(End::Clean);
                 }
             }
@@ -477,8 +482,8 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Err(_))) => {
                 if this
                     .on_end
+                    .client_body
                     .as_ref()
-                    .and_then(|w| w.client_body.as_ref())
                     .is_some_and(|c| c.failure().is_some())
                 {
                     // The client's request broke first: the exchange ended on its account.
@@ -497,20 +502,32 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(b) => b.is_none(),
-            Kind::Proxied(inner) => inner.is_end_stream(),
-            Kind::ProxiedH2(inner) => inner.is_end_stream(),
-        }
+        self.0.kind.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
+        match &self.0.kind {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Proxied(inner) => inner.size_hint(),
             Kind::ProxiedH2(inner) => inner.size_hint(),
         }
+    }
+}
+
+impl Kind {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Kind::Full(b) => b.is_none(),
+            Kind::Proxied(inner) => inner.is_end_stream(),
+            Kind::ProxiedH2(inner) => inner.is_end_stream(),
+        }
+    }
+}
+
+impl Inner {
+    fn finish(&mut self, end: End) {
+        self.on_end.finish(self.head, end);
     }
 }
 
@@ -524,6 +541,13 @@ impl Drop for ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values over 128 bytes are moved with a call to `memcpy`; a response moves at every layer.
+    #[test]
+    fn a_response_is_copied_inline() {
+        assert!(std::mem::size_of::<ProxyResponse>() <= 128);
+        assert!(std::mem::size_of::<Poll<Result<ProxyResponse, ProxyError>>>() <= 128);
+    }
 
     #[test]
     fn grpc_status_is_found_in_few_headers_and_in_many() {
