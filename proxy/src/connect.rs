@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use pylon_identity::rustls::{self, AlertDescription, CertificateError};
 use pylon_identity::tokio_rustls::client::TlsStream;
-use pylon_proxy_metrics::TcpTarget;
+use pylon_proxy_metrics::{TcpConnMetrics, TcpTarget};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -98,11 +98,11 @@ impl Connect {
     /// counted when this `Connect` is.
     pub async fn connect(&self, alpn: Alpn) -> Result<EndpointIo, ConnectError> {
         let Some(tcp) = &self.tcp else {
-            return self.open(alpn).await;
+            return Ok(EndpointIo::new(self.open(alpn).await?, None));
         };
         let conn = tcp.open();
         match self.open(alpn).await {
-            Ok(io) => Ok(EndpointIo::Counted(Box::new(CountingIo::new(io, conn)))),
+            Ok(io) => Ok(EndpointIo::new(io, Some(conn))),
             Err(e) => {
                 conn.close(Some(e.errno()));
                 Err(e)
@@ -110,13 +110,13 @@ impl Connect {
         }
     }
 
-    async fn open(&self, alpn: Alpn) -> Result<EndpointIo, ConnectError> {
+    async fn open(&self, alpn: Alpn) -> Result<Transport, ConnectError> {
         let stream = tcp::connect(self.addr, self.timeout).await?;
         let Some(tls) = &self.tls else {
-            return Ok(EndpointIo::Plain(stream));
+            return Ok(Transport::Plain(stream));
         };
         match tls.mesh.connect(stream, &tls.server_id, alpn).await {
-            Ok(stream) => Ok(EndpointIo::Tls(Box::new(stream))),
+            Ok(stream) => Ok(Transport::Tls(Box::new(stream))),
             Err(error) => {
                 let failure = TlsFailure::of_io(&error).unwrap_or(TlsFailure::Other);
                 crate::warn_limited!(
@@ -142,14 +142,17 @@ impl Connect {
     }
 }
 
-/// A connection to an endpoint: plain, or mesh TLS. One type, so the h1 pool and the h2
-/// connection need no generics or boxed trait objects. The TLS stream is boxed: it is large
-/// and most endpoints aren't meshed.
-pub enum EndpointIo {
+/// A connection to an endpoint, counted into its `tcp_*` metrics when its [`Connect`] is. One
+/// type, so the h1 pool and the h2 connection need no generics or boxed trait objects; flat, so
+/// a read is one match and not a call through a box per layer (it is read and written on every
+/// request).
+pub type EndpointIo = CountingIo<Transport, Option<TcpConnMetrics>>;
+
+/// Plain TCP, or mesh TLS. The TLS stream is boxed: it is large and most endpoints aren't
+/// meshed.
+pub enum Transport {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-    /// Either of the above, counted into its endpoint's `tcp_*` metrics.
-    Counted(Box<CountingIo<EndpointIo>>),
 }
 
 impl EndpointIo {
@@ -157,30 +160,25 @@ impl EndpointIo {
     /// nor sent anything (an idle HTTP/1 server has nothing to say). Only plain TCP can tell
     /// without reading; a TLS connection is never taken for quiet.
     pub fn is_open_and_quiet(&mut self) -> bool {
-        match self {
-            Self::Plain(stream) => {
+        match self.get_mut() {
+            Transport::Plain(stream) => {
                 // Peeked, not read: nothing is taken, and no one waits to be woken.
                 let mut byte = [0u8; 1];
                 let mut buf = ReadBuf::new(&mut byte);
                 let mut cx = Context::from_waker(std::task::Waker::noop());
                 stream.poll_peek(&mut cx, &mut buf).is_pending()
             }
-            Self::Counted(counted) => counted.get_mut().is_open_and_quiet(),
-            Self::Tls(_) => false,
+            Transport::Tls(_) => false,
         }
     }
 
     /// Whether it is mesh TLS (then [`is_open_and_quiet`](Self::is_open_and_quiet) can't tell).
     pub fn is_tls(&self) -> bool {
-        match self {
-            Self::Plain(_) => false,
-            Self::Tls(_) => true,
-            Self::Counted(counted) => counted.get_ref().is_tls(),
-        }
+        matches!(self.get_ref(), Transport::Tls(_))
     }
 }
 
-impl AsyncRead for EndpointIo {
+impl AsyncRead for Transport {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -189,12 +187,11 @@ impl AsyncRead for EndpointIo {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Self::Counted(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for EndpointIo {
+impl AsyncWrite for Transport {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -203,7 +200,6 @@ impl AsyncWrite for EndpointIo {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Self::Counted(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -215,7 +211,6 @@ impl AsyncWrite for EndpointIo {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            Self::Counted(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -223,7 +218,6 @@ impl AsyncWrite for EndpointIo {
         match self {
             Self::Plain(s) => s.is_write_vectored(),
             Self::Tls(s) => s.is_write_vectored(),
-            Self::Counted(s) => s.is_write_vectored(),
         }
     }
 
@@ -231,7 +225,6 @@ impl AsyncWrite for EndpointIo {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_flush(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Self::Counted(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -239,7 +232,6 @@ impl AsyncWrite for EndpointIo {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Self::Counted(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

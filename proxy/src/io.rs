@@ -71,17 +71,46 @@ impl<T: AsyncWrite> AsyncWrite for PrefixedIo<T> {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// Counts bytes read from and written to a connection into its `tcp_*` metrics.
-    pub struct CountingIo<T> {
-        #[pin]
-        inner: T,
-        metrics: TcpConnMetrics,
+/// Where a [`CountingIo`] counts its bytes: a connection's `tcp_*` metrics, or (`None`)
+/// nowhere, for a connection that is counted only sometimes and should cost nothing more then.
+pub trait CountBytes {
+    fn read_bytes(&self, n: u64);
+    fn write_bytes(&self, n: u64);
+}
+
+impl CountBytes for TcpConnMetrics {
+    fn read_bytes(&self, n: u64) {
+        TcpConnMetrics::read_bytes(self, n);
+    }
+    fn write_bytes(&self, n: u64) {
+        TcpConnMetrics::write_bytes(self, n);
     }
 }
 
-impl<T> CountingIo<T> {
-    pub fn new(inner: T, metrics: TcpConnMetrics) -> Self {
+impl<C: CountBytes> CountBytes for Option<C> {
+    fn read_bytes(&self, n: u64) {
+        if let Some(c) = self {
+            c.read_bytes(n);
+        }
+    }
+    fn write_bytes(&self, n: u64) {
+        if let Some(c) = self {
+            c.write_bytes(n);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts bytes read from and written to a connection into its `tcp_*` metrics.
+    pub struct CountingIo<T, C = TcpConnMetrics> {
+        #[pin]
+        inner: T,
+        metrics: C,
+    }
+}
+
+impl<T, C> CountingIo<T, C> {
+    pub fn new(inner: T, metrics: C) -> Self {
         Self { inner, metrics }
     }
 
@@ -94,7 +123,7 @@ impl<T> CountingIo<T> {
     }
 }
 
-impl<T: AsyncRead> AsyncRead for CountingIo<T> {
+impl<T: AsyncRead, C: CountBytes> AsyncRead for CountingIo<T, C> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -111,7 +140,7 @@ impl<T: AsyncRead> AsyncRead for CountingIo<T> {
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
+impl<T: AsyncWrite, C: CountBytes> AsyncWrite for CountingIo<T, C> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
