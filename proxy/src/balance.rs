@@ -109,19 +109,24 @@ impl PeakEwma {
 
     /// Marks a request as in flight until the returned guard drops.
     pub fn start(self: &Arc<Self>) -> InFlight {
+        self.start_at(now_ns())
+    }
+
+    /// [`start`](Self::start) at a `now_ns()` reading (the pick's).
+    pub fn start_at(self: &Arc<Self>, now_ns: u64) -> InFlight {
         self.pending.fetch_add(1, Ordering::Relaxed);
         InFlight {
             load: self.clone(),
             health: None,
-            start: Instant::now(),
+            start_ns: now_ns,
             observed: false,
         }
     }
 
-    fn observe(&self, rtt: Duration) {
-        let now_ns = now_ns();
+    /// An RTT of `rtt_ns` observed at `now_ns`.
+    fn observe_at(&self, now_ns: u64, rtt_ns: u64) {
         let last_ns = self.updated_ns.swap(now_ns, Ordering::Relaxed);
-        let sample = rtt.as_nanos() as f64;
+        let sample = rtt_ns as f64;
         let elapsed = now_ns.saturating_sub(last_ns) as f64;
         let w = (-elapsed / DECAY.as_nanos() as f64).exp();
         let prev = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed)) * w;
@@ -136,6 +141,11 @@ impl PeakEwma {
     }
 
     #[cfg(test)]
+    fn observe(&self, rtt: Duration) {
+        self.observe_at(now_ns(), rtt.as_nanos() as u64);
+    }
+
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
     }
@@ -147,7 +157,9 @@ pub struct InFlight {
     load: Arc<PeakEwma>,
     /// Told how the request ended, for failure accrual.
     health: Option<Arc<EndpointHealth>>,
-    start: Instant,
+    /// When it started, in `now_ns()` time: one clock reading gives both the RTT and the
+    /// observation's time.
+    start_ns: u64,
     observed: bool,
 }
 
@@ -171,7 +183,8 @@ impl InFlight {
     pub fn response_received(&mut self) {
         if !self.observed {
             self.observed = true;
-            self.load.observe(self.start.elapsed());
+            let now = now_ns();
+            self.load.observe_at(now, now.saturating_sub(self.start_ns));
         }
     }
 
@@ -181,7 +194,10 @@ impl InFlight {
     pub fn failed(&mut self, unreachable: bool) {
         if unreachable && !self.observed {
             self.observed = true;
-            self.load.observe(self.start.elapsed().max(FAILURE_PENALTY));
+            let now = now_ns();
+            let rtt = now.saturating_sub(self.start_ns);
+            self.load
+                .observe_at(now, rtt.max(FAILURE_PENALTY.as_nanos() as u64));
         }
         self.finished(false);
     }
@@ -276,7 +292,12 @@ impl<E: Balanced> EndpointSet<E> {
     /// P2C: two distinct endpoints at random, the one with the lower cost wins. Ejected
     /// endpoints are passed over, unless too few are left in (then all are used).
     pub fn pick(&self) -> Result<Arc<E>, PickError> {
-        self.p2c(&self.current.load())
+        self.pick_at(now_ns())
+    }
+
+    /// [`pick`](Self::pick) at a `now_ns()` reading (shared with the request's `InFlight`).
+    pub fn pick_at(&self, now: u64) -> Result<Arc<E>, PickError> {
+        self.p2c(&self.current.load(), now)
     }
 
     /// [`pick`](Self::pick) among the endpoints not in `tried`.
@@ -288,11 +309,10 @@ impl<E: Balanced> EndpointSet<E> {
             .filter(|e| !tried.iter().any(|t| Arc::ptr_eq(t, e)))
             .cloned()
             .collect();
-        self.p2c(&rest)
+        self.p2c(&rest, now_ns())
     }
 
-    fn p2c(&self, set: &[Arc<E>]) -> Result<Arc<E>, PickError> {
-        let now = now_ns();
+    fn p2c(&self, set: &[Arc<E>], now: u64) -> Result<Arc<E>, PickError> {
         let cheaper = |a: &Arc<E>, b: &Arc<E>| {
             if b.load().cost_at(now) < a.load().cost_at(now) {
                 b.clone()
@@ -495,7 +515,9 @@ impl<S: BelowBalancer> Service<Request<RequestBody>> for Balance<S> {
             // LogicalLayer always runs first; without it there is nothing to balance over.
             return Balancing::failed(ProxyError::NoEndpoints);
         };
-        let endpoint = match logical.pick() {
+        // One clock reading for the pick and the request's start on the endpoint picked.
+        let now = now_ns();
+        let endpoint = match logical.pick_at(now) {
             Ok(e) => e,
             Err(e) => {
                 let err = fail_unrouted(
@@ -532,7 +554,7 @@ impl<S: BelowBalancer> Service<Request<RequestBody>> for Balance<S> {
         // The usual case: a connection is ready, nothing to wait for before sending.
         let in_flight = endpoint
             .load_handle()
-            .start()
+            .start_at(now)
             .with_health(endpoint.health.clone());
         let unsent = UnsentSlot::reuse(&mut self.spare);
         req.ctx_mut().target = Some(endpoint.target.with_unsent(&unsent));

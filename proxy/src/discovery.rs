@@ -164,6 +164,11 @@ impl Logical {
         self.endpoints.pick()
     }
 
+    /// [`pick`](Self::pick) at a `now_ns()` reading.
+    pub fn pick_at(&self, now_ns: u64) -> Result<Arc<Endpoint>, PickError> {
+        self.endpoints.pick_at(now_ns)
+    }
+
     pub fn no_endpoint_metrics(&self) -> &HttpTarget {
         self.no_endpoint.get(Metrics::http_target)
     }
