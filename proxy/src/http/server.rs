@@ -159,6 +159,7 @@ where
     Box::pin(
         http1::Builder::new()
             .keep_alive(true)
+            .writev(super::H1_WRITEV)
             // HibernatingIo guards the head's time, without a timer per request.
             .header_read_timeout(None)
             .serve_connection(TokioIo::new(io), svc)
