@@ -42,17 +42,6 @@ pub type ProxyResponse = http::Response<ResponseBody>;
 /// Layers box their futures: one small allocation each keeps the stack's types readable.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// hyper's HTTP/1 write strategy, for the server and the client side alike: `false` copies a
-/// message's body into the buffer its head is encoded in and writes it with one `write`, where
-/// vectored writes queue the body's chunks and write them with `writev`. Each vectored flush
-/// first fills a 64-entry `IoSlice` array (1 KiB of stack) and walks a queue: ~190 instructions
-/// per flush, two flushes per request per hop, 2.5-2.7% of an HTTP/1.1 GET's instructions
-/// (benches/profile.py). The copy costs a large body one more pass in user space, against
-/// the kernel's two; `benches/hop_cpu.py --workload http1-post64k` measured user time alike
-/// (19.0 against 19.5 µs per request, within the rounds' spread) and less system time (46.0
-/// against 42.5 µs: fewer, larger writes).
-pub const H1_WRITEV: bool = false;
-
 /// Boxes the future that `make` builds, in a stack frame of its own: for a path that not every
 /// request takes (a connect, a resend, a tunnel, a layer's own work such as a timeout). Built
 /// inline, that future's full size would join the stack frame of the function that builds it or

@@ -295,10 +295,7 @@ impl Http1Pool {
                 Err(e) => return Err(SendError::unsent(ProxyError::from_connect(&e), req)),
             },
         };
-        let handshake = http1::Builder::new()
-            .writev(super::H1_WRITEV)
-            .handshake(TokioIo::new(stream));
-        let (mut sender, conn) = match handshake.await {
+        let (mut sender, conn) = match http1::Builder::new().handshake(TokioIo::new(stream)).await {
             Ok(handshaken) => handshaken,
             Err(e) => {
                 let error = ProxyError::from_endpoint(&e, &self.connect);
@@ -441,7 +438,6 @@ impl Http1Pool {
         io: EndpointIo,
     ) -> Result<(http1::SendRequest<RequestBody>, Arc<AtomicBool>), ProxyError> {
         let (sender, mut conn) = http1::Builder::new()
-            .writev(super::H1_WRITEV)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::from_endpoint(&e, &self.connect))?;
