@@ -362,9 +362,7 @@ impl ResponseBody {
     /// Sends the tap's response-end event when the stream ends (counting its bytes till then).
     pub fn tap_on_end(&mut self, handle: TapHandle) {
         self.on_end().tap = Some(handle);
-        if self.is_end_stream() {
-            self.finish(End::Clean);
-        }
+        self.finish_if_ended();
     }
 
     /// A response the proxy won't send on (a retry replaces it): record it as it is.
