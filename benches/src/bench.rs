@@ -16,6 +16,7 @@ use crate::report::{
     self, Errors, LatencyRow, MemoryPoint, MemoryRow, MtlsCost, MtlsFigure, NotRun, Report,
     ThroughputRow,
 };
+use crate::rounds::{self, RoundSample, Rounds};
 use crate::syscalls;
 
 /// Concurrency of every load run: connections for HTTP/1.1 and TCP, streams for h2.
@@ -61,6 +62,13 @@ pub struct Options {
     /// Seconds per measurement (default 5, or 1.5 with --quick).
     #[arg(long)]
     seconds: Option<f64>,
+    /// Alternated rounds of the target workloads, for their run-to-run spread (default 5, or 2
+    /// with --quick; 0 skips them).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds per run within a round (default 3, or 1 with --quick).
+    #[arg(long)]
+    round_seconds: Option<f64>,
 }
 
 struct Plan {
@@ -68,18 +76,27 @@ struct Plan {
     warmup: Duration,
     rates: Vec<u64>,
     idle_connections: Vec<usize>,
+    /// Alternated rounds of the target workloads (`rounds.rs`).
+    rounds: usize,
+    round_measure: Duration,
 }
 
 impl Plan {
     fn new(o: &Options) -> Plan {
         let default = if o.quick { 1.5 } else { 5.0 };
         let measure = Duration::from_secs_f64(o.seconds.unwrap_or(default).max(0.5));
+        let (rounds, round_seconds) = if o.quick { (2, 1.0) } else { (5, 3.0) };
+        let rounds = o.rounds.unwrap_or(rounds);
+        let round_measure =
+            Duration::from_secs_f64(o.round_seconds.unwrap_or(round_seconds).max(0.5));
         if o.quick {
             Plan {
                 measure,
                 warmup: Duration::from_millis(300),
                 rates: vec![1_000],
                 idle_connections: vec![1_000],
+                rounds,
+                round_measure,
             }
         } else {
             Plan {
@@ -87,6 +104,8 @@ impl Plan {
                 warmup: Duration::from_secs(1),
                 rates: vec![1_000, 5_000],
                 idle_connections: vec![1_000, 10_000],
+                rounds,
+                round_measure,
             }
         }
     }
@@ -340,6 +359,13 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         }
     }
 
+    // The target workloads again, in alternated rounds: their run-to-run spread.
+    let rounds = if plan.rounds > 0 {
+        Some(alternated_rounds(&mut chains, &plan, hz).await?)
+    } else {
+        None
+    };
+
     // Syscalls per request: each path's proxies under strace over a short counted run of their
     // own (strace slows them down, so never during the timed runs).
     let mut syscall_rows = Vec::new();
@@ -544,6 +570,7 @@ async fn run(o: &Options, pin: &Pinning, nofile: u64) -> Result<()> {
         tap_active_vs_idle: tap_cost,
         mtls_vs_plaintext: mtls_cost,
         profiles: crate::profiles::read(&o.results_dir),
+        rounds,
     };
     report::fill_ratios(&mut report);
     let md = report::markdown(&report);
@@ -595,6 +622,99 @@ async fn tap_cost_row(c: &mut Chain, plan: &Plan, hz: f64) -> Result<String> {
         sampled / idle,
         stalled / idle,
     ))
+}
+
+/// The target workloads in `plan.rounds` rounds, each round every path once per workload, the
+/// paths' order rotated by one from round to round (`rounds.rs` says why).
+async fn alternated_rounds(chains: &mut [Chain], plan: &Plan, hz: f64) -> Result<Rounds> {
+    let rate = plan.rates.first().copied().unwrap_or(1_000);
+    let mut samples = Vec::new();
+    let n = chains.len();
+    for round in 0..plan.rounds {
+        for workload in rounds::WORKLOADS {
+            for i in 0..n {
+                let c = &mut chains[(i + round) % n];
+                if c.target(workload).is_err() {
+                    continue;
+                }
+                eprintln!(
+                    "pylon-bench: round {}/{}, {} via {}",
+                    round + 1,
+                    plan.rounds,
+                    workload.name(),
+                    c.kind.name()
+                );
+                samples.push(round_sample(c, workload, round, rate, plan, hz).await?);
+                c.check_running()?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    Ok(Rounds {
+        rounds: plan.rounds,
+        seconds: plan.round_measure.as_secs_f64(),
+        warmup_seconds: plan.warmup.as_secs_f64(),
+        rate_per_s: rate,
+        samples,
+    })
+}
+
+/// One path's sample of a round: fresh connections, a closed-loop warm-up, the fixed rate (for
+/// the p99), then (through a proxy) the closed loop with the proxies' CPU read around it.
+async fn round_sample(
+    c: &Chain,
+    workload: Workload,
+    round: usize,
+    rate: u64,
+    plan: &Plan,
+    hz: f64,
+) -> Result<RoundSample> {
+    let target = c.target(workload).map_err(anyhow::Error::msg)?;
+    let job = Job::new(workload, target);
+    let slots = loadgen::open_slots(&job, SLOTS, H2_CONNECTIONS)
+        .await
+        .with_context(|| format!("opening connections to {}", c.kind.name()))?;
+    let (_, slots) = loadgen::closed_loop(job.clone(), slots, plan.warmup).await;
+    let label = format!(
+        "round {}, {} req/s",
+        round + 1,
+        report::thousands(rate as usize)
+    );
+    let (fixed, slots) = loadgen::fixed_rate(job.clone(), slots, rate, plan.round_measure).await;
+    let p99_us = must_have_latency(&fixed, c.kind, workload, &label)?.p99_us;
+    let mut sample = RoundSample {
+        round,
+        workload,
+        path: c.kind,
+        p99_us,
+        req_per_proxy_cpu_s: None,
+        user_us_per_req_per_hop: None,
+        ok: fixed.ok,
+        errors: errors(&fixed),
+    };
+    if c.kind == PathKind::Direct {
+        return Ok(sample);
+    }
+    let pids = c.pids(workload);
+    let cpu0 = procstat::cpu_split(pids)?;
+    let (closed, _) = loadgen::closed_loop(job, slots, plan.round_measure).await;
+    let used = procstat::cpu_split(pids)?.since(cpu0);
+    must_have_latency(
+        &closed,
+        c.kind,
+        workload,
+        &format!("round {}, closed loop", round + 1),
+    )?;
+    let hops = report::proxies_on(c.hops(workload)) as f64;
+    sample.req_per_proxy_cpu_s = report::ratio(closed.ok as f64, used.total() as f64 / hz);
+    sample.user_us_per_req_per_hop =
+        report::ratio(used.user as f64 / hz * 1e6, closed.ok as f64 * hops);
+    sample.ok += closed.ok;
+    sample.errors.count += closed.errors;
+    if sample.errors.first.is_none() {
+        sample.errors.first = closed.first_error;
+    }
+    Ok(sample)
 }
 
 /// How one mTLS-cost sample drives its chain.

@@ -20,6 +20,7 @@ mod procs;
 mod procstat;
 mod profiles;
 mod report;
+mod rounds;
 mod syscalls;
 mod tap;
 mod train;

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::chain::PathKind;
 use crate::loadgen::Workload;
+use crate::rounds::{spread, Rounds, Spread};
 
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -189,6 +190,8 @@ pub struct Report {
     pub mtls_vs_plaintext: MtlsCost,
     /// Instructions per request per hop from the committed `benches/profile.py` reports.
     pub profiles: Vec<crate::profiles::HopCost>,
+    /// The target workloads again in alternated rounds (`None`: not run).
+    pub rounds: Option<Rounds>,
 }
 
 /// Fills the ratio columns of every row from the other rows of the same run.
@@ -252,7 +255,7 @@ pub fn fill_ratios(report: &mut Report) {
     }
 }
 
-fn num(v: f64) -> String {
+pub(crate) fn num(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
@@ -262,7 +265,7 @@ fn num(v: f64) -> String {
     }
 }
 
-fn signed(v: f64) -> String {
+pub(crate) fn signed(v: f64) -> String {
     if v >= 0.0 {
         format!("+{}", num(v))
     } else {
@@ -468,9 +471,13 @@ pub fn markdown(r: &Report) -> String {
         }
     }
 
+    if let Some(rounds) = &r.rounds {
+        rounds.markdown(&mut md);
+    }
     md.push_str(
         "\n## Targets (performance pass 2)\n\n\
-         The targets of the performance issue, judged on this run's figures above.\n\n\
+         The targets of the performance issue, judged on the medians of the run-to-run spread \
+         above where the rounds measured them, else on this run's single figures.\n\n\
          | target | this run | met |\n|---|---|---|\n",
     );
     for (target, figure, met) in targets(r) {
@@ -613,11 +620,19 @@ const MB: f64 = 1_000_000.0 / (1024.0 * 1024.0);
 /// the mTLS chain over the plaintext one, alternated): both are same-run ratios, their product
 /// is not one measurement.
 fn as_deployed(r: &Report) -> Option<String> {
-    let plain = r
-        .throughput
-        .iter()
-        .find(|t| t.workload == Workload::Http1Get && t.path == PathKind::Pylon)?
-        .per_cpu_vs_best_other?;
+    // The rounds' median where there is one, as the targets use.
+    let in_rounds = r.rounds.as_ref().and_then(|x| {
+        spread(&x.per_cpu_ratio(Workload::Http1Get, &[PathKind::Nginx, PathKind::Haproxy]))
+    });
+    let plain = match in_rounds {
+        Some(s) => s.median,
+        None => {
+            r.throughput
+                .iter()
+                .find(|t| t.workload == Workload::Http1Get && t.path == PathKind::Pylon)?
+                .per_cpu_vs_best_other?
+        }
+    };
     let mtls = r
         .mtls_vs_plaintext
         .figures
@@ -634,49 +649,113 @@ fn as_deployed(r: &Report) -> Option<String> {
     ))
 }
 
+/// A target's figure and verdict: judged on the median of the ratios taken within each round
+/// when the rounds measured it (`at_least`: the ratio must be at least 1, else at most 1), with
+/// the single run's figure beside it; on the single run's ratio otherwise.
+fn judge(
+    single: Option<(String, f64)>,
+    rounds: Option<Spread>,
+    at_least: bool,
+) -> (String, Option<bool>) {
+    let met = |v: f64| if at_least { v >= 1.0 } else { v <= 1.0 };
+    match (rounds, single) {
+        (Some(s), single) => (
+            format!(
+                "median {} over {} rounds (lowest {}, highest {}){}",
+                times(s.median),
+                s.n,
+                times(s.min),
+                times(s.max),
+                single.map_or_else(String::new, |(text, _)| format!(
+                    "; the single run above: {text}"
+                ))
+            ),
+            Some(met(s.median)),
+        ),
+        (None, Some((text, v))) => (text, Some(met(v))),
+        (None, None) => ("—".to_owned(), None),
+    }
+}
+
 fn targets(r: &Report) -> Vec<(String, String, Option<bool>)> {
     let row =
         |w: Workload, p: PathKind| r.throughput.iter().find(|t| t.workload == w && t.path == p);
     let per_cpu = |w: Workload, p: PathKind| row(w, p).and_then(|t| t.req_per_proxy_cpu_s);
+    let rounds = r.rounds.as_ref();
     let mut out = Vec::new();
 
-    let best = [PathKind::Nginx, PathKind::Haproxy]
+    let both = [PathKind::Nginx, PathKind::Haproxy];
+    let best = both
         .into_iter()
         .filter_map(|p| per_cpu(Workload::Http1Get, p))
         .fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.max(v))));
     let h1 = per_cpu(Workload::Http1Get, PathKind::Pylon).zip(best);
+    let (figure, met) = judge(
+        h1.map(|(p, b)| (format!("{p:.0} against {b:.0}: {:.2}×", p / b), p / b)),
+        rounds.and_then(|x| spread(&x.per_cpu_ratio(Workload::Http1Get, &both))),
+        true,
+    );
     out.push((
         "HTTP/1.1 GET: requests per proxy CPU-second at least 1.0× the better of nginx and HAProxy"
             .to_owned(),
-        h1.map_or("—".to_owned(), |(p, b)| {
-            format!("{p:.0} against {b:.0}: {:.2}×", p / b)
-        }),
-        h1.map(|(p, b)| p >= b),
+        figure,
+        met,
     ));
 
     let user = |p: PathKind| row(Workload::Http1Get, p).and_then(per_request_per_hop);
     let users = user(PathKind::Pylon).zip(user(PathKind::Nginx));
+    let (figure, met) = judge(
+        users.map(|((p, _), (n, _))| (format!("{p:.1} µs against {n:.1} µs"), p / n)),
+        rounds.and_then(|x| spread(&x.user_ratio(Workload::Http1Get))),
+        false,
+    );
     out.push((
         "HTTP/1.1 GET: user CPU per request per hop at or below nginx's".to_owned(),
-        users.map_or("—".to_owned(), |((p, _), (n, _))| {
-            format!("{p:.1} µs against {n:.1} µs")
-        }),
-        users.map(|((p, _), (n, _))| p <= n),
+        figure,
+        met,
     ));
 
     for w in [Workload::H2cGet, Workload::GrpcUnary] {
         let pair = per_cpu(w, PathKind::Pylon).zip(per_cpu(w, PathKind::Haproxy));
+        let (figure, met) = judge(
+            pair.map(|(p, h)| (format!("{p:.0} against {h:.0}: {:.2}×", p / h), p / h)),
+            rounds.and_then(|x| spread(&x.per_cpu_ratio(w, &[PathKind::Haproxy]))),
+            true,
+        );
         out.push((
             format!(
                 "{}: requests per proxy CPU-second at least 1.0× HAProxy's",
                 w.name()
             ),
-            pair.map_or("—".to_owned(), |(p, h)| {
-                format!("{p:.0} against {h:.0}: {:.2}×", p / h)
-            }),
-            pair.map(|(p, h)| p >= h),
+            figure,
+            met,
         ));
     }
+
+    // Reported, not judged: met when the rounds gave it a spread.
+    let added: Vec<(Workload, Spread)> = crate::rounds::WORKLOADS
+        .into_iter()
+        .filter_map(|w| Some((w, spread(&rounds?.added_p99(w, PathKind::Pylon))?)))
+        .collect();
+    out.push((
+        format!(
+            "p99 added at {} req/s reported with its run-to-run spread",
+            thousands(rounds.map_or(1_000, |x| x.rate_per_s) as usize)
+        ),
+        if added.is_empty() {
+            "—".to_owned()
+        } else {
+            added
+                .iter()
+                .map(|(w, s)| format!("{}: {} µs", w.name(), s.text(signed)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+        added
+            .iter()
+            .find(|(w, _)| *w == Workload::Http1Get)
+            .map(|(_, s)| s.n >= 2),
+    ));
 
     let pylon = r.memory.iter().find(|m| m.path == PathKind::Pylon);
     let idle_mb = pylon.map(|m| m.idle_rss_mib / MB);
@@ -833,6 +912,7 @@ mod tests {
             not_run: vec![],
             tap_active_vs_idle: String::new(),
             profiles: Vec::new(),
+            rounds: None,
             mtls_vs_plaintext: MtlsCost {
                 summary: String::new(),
                 figures: vec![],
@@ -872,13 +952,14 @@ mod tests {
         }];
         let judged = targets(&r);
         let met: Vec<Option<bool>> = judged.iter().map(|t| t.2).collect();
-        // Half nginx's requests per CPU-second and twice its user time; no h2 rows; 18 MiB is
-        // 18.9 MB; 60 MiB is 62.9 MB.
+        // Half nginx's requests per CPU-second and twice its user time; no h2 rows; no rounds,
+        // so no p99 spread; 18 MiB is 18.9 MB; 60 MiB is 62.9 MB.
         assert_eq!(
             met,
             [
                 Some(false),
                 Some(false),
+                None,
                 None,
                 None,
                 Some(true),
@@ -974,6 +1055,50 @@ mod tests {
             json["syscalls"][0]["top"][0]["name"].as_str(),
             Some("writev")
         );
+    }
+
+    #[test]
+    fn targets_are_judged_on_the_medians_of_the_rounds() {
+        let mut pylon = thr(PathKind::Pylon, 1000.0, 0.5);
+        let mut nginx = thr(PathKind::Nginx, 1000.0, 1.0);
+        pylon.hops = "load -> outbound -> inbound -> app".into();
+        nginx.hops = pylon.hops.clone();
+        let mut r = report_with(vec![pylon, nginx]);
+        fill_ratios(&mut r);
+        // The single run alone: twice nginx's requests per CPU-second, half its user time.
+        let alone = targets(&r);
+        assert_eq!((alone[0].2, alone[1].2), (Some(true), Some(true)));
+        assert_eq!(alone[0].1, "4000 against 2000: 2.00×");
+
+        // The rounds (0.90×, 0.90×, 1.12×; user 1.12× nginx's twice) overrule it.
+        r.rounds = Some(crate::rounds::tests::drifting());
+        let judged = targets(&r);
+        assert_eq!(
+            judged[0].1,
+            "median 0.90× over 3 rounds (lowest 0.90×, highest 1.12×); the single run above: \
+             4000 against 2000: 2.00×"
+        );
+        assert_eq!((judged[0].2, judged[1].2), (Some(false), Some(false)));
+        assert!(
+            judged[1].1.starts_with("median 1.12× over 2 rounds"),
+            "{}",
+            judged[1].1
+        );
+        // No h2 rounds and no h2 rows: not measured.
+        assert_eq!((judged[2].2, judged[3].2), (None, None));
+        assert_eq!(
+            judged[4],
+            (
+                "p99 added at 1,000 req/s reported with its run-to-run spread".to_owned(),
+                "HTTP/1.1 GET (64 B body): +300 (+200–+400) µs".to_owned(),
+                Some(true)
+            )
+        );
+        let md = markdown(&r);
+        let (spread_at, targets_at) = (md.find("## Run-to-run spread"), md.find("## Targets"));
+        assert!(spread_at.is_some() && spread_at < targets_at, "{md}");
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["rounds"]["samples"][1]["path"].as_str(), Some("pylon"));
     }
 
     #[test]
