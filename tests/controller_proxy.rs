@@ -92,7 +92,13 @@ async fn a_proxy_routes_on_the_controllers_answers_and_keeps_them_when_it_goes()
             "{}",
             series_of(&proxy.metrics(), "control_plane_streams")
         );
-        assert!(proxy.logs_joined().contains("control plane stream failed"));
+        // Logged before the gauge moved, but read from the pipe by a thread of its own.
+        let logged = proxy
+            .wait_for_log(Duration::from_secs(10), |l| {
+                l.contains("control plane stream failed")
+            })
+            .await;
+        assert!(logged.is_some(), "{}", proxy.log_tail(20));
         assert_eq!(proxy.backend_for(WEB).await, "b");
 
         // Changes made while it was away arrive when it is back.
@@ -146,13 +152,14 @@ async fn ready_waits_for_the_inbound_policy_of_the_declared_ports() {
         )
         .await;
         assert!(ready, "{}", proxy.log_tail(20));
-        assert!(
-            proxy
-                .logs_joined()
-                .contains("inbound policy from the control plane"),
-            "{}",
-            proxy.log_tail(20)
-        );
+        // The log line reaches the buffer through a reader thread, which may not have read it by
+        // the time `/ready` answers 200 (a loaded machine delays it).
+        let logged = proxy
+            .wait_for_log(Duration::from_secs(10), |l| {
+                l.contains("inbound policy from the control plane")
+            })
+            .await;
+        assert!(logged.is_some(), "{}", proxy.log_tail(20));
     })
     .await
 }
