@@ -2,6 +2,7 @@
 //! paths side by side, then write the report.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -9,7 +10,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 
 use crate::chain::{self, Chain, PathKind, Setup};
-use crate::loadgen::{self, Job, RunStats, Workload};
+use crate::loadgen::{self, Job, RunStats, Slot, Workload};
 use crate::procs;
 use crate::procstat;
 use crate::report::{
@@ -659,6 +660,21 @@ async fn alternated_rounds(chains: &mut [Chain], plan: &Plan, hz: f64) -> Result
     })
 }
 
+/// Fresh connections to `c` for `workload`, warmed up with a closed loop of `warmup`.
+async fn warmed_slots(
+    c: &Chain,
+    workload: Workload,
+    warmup: Duration,
+) -> Result<(Arc<Job>, Vec<Slot>)> {
+    let target = c.target(workload).map_err(anyhow::Error::msg)?;
+    let job = Job::new(workload, target);
+    let slots = loadgen::open_slots(&job, SLOTS, H2_CONNECTIONS)
+        .await
+        .with_context(|| format!("opening connections to {}", c.kind.name()))?;
+    let (_, slots) = loadgen::closed_loop(job.clone(), slots, warmup).await;
+    Ok((job, slots))
+}
+
 /// One path's sample of a round: fresh connections, a closed-loop warm-up, the fixed rate (for
 /// the p99), then (through a proxy) the closed loop with the proxies' CPU read around it.
 async fn round_sample(
@@ -669,12 +685,7 @@ async fn round_sample(
     plan: &Plan,
     hz: f64,
 ) -> Result<RoundSample> {
-    let target = c.target(workload).map_err(anyhow::Error::msg)?;
-    let job = Job::new(workload, target);
-    let slots = loadgen::open_slots(&job, SLOTS, H2_CONNECTIONS)
-        .await
-        .with_context(|| format!("opening connections to {}", c.kind.name()))?;
-    let (_, slots) = loadgen::closed_loop(job.clone(), slots, plan.warmup).await;
+    let (job, slots) = warmed_slots(c, workload, plan.warmup).await?;
     let label = format!(
         "round {}, {} req/s",
         round + 1,
@@ -792,12 +803,7 @@ async fn sample(
     plan: &Plan,
     hz: f64,
 ) -> Result<Sample> {
-    let target = c.target(workload).map_err(anyhow::Error::msg)?;
-    let job = Job::new(workload, target);
-    let slots = loadgen::open_slots(&job, SLOTS, H2_CONNECTIONS)
-        .await
-        .with_context(|| format!("opening connections to {}", c.kind.name()))?;
-    let (_, slots) = loadgen::closed_loop(job.clone(), slots, plan.warmup).await;
+    let (job, slots) = warmed_slots(c, workload, plan.warmup).await?;
     let pids = c.pids(workload);
     let cpu0 = procstat::cpu_ticks(pids)?;
     let (stats, _) = match drive {
