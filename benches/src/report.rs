@@ -277,11 +277,11 @@ fn opt(v: Option<f64>, f: fn(f64) -> String) -> String {
     v.map_or_else(|| "—".to_owned(), f)
 }
 
-fn times(v: f64) -> String {
+pub(crate) fn times(v: f64) -> String {
     format!("{v:.2}×")
 }
 
-fn errors_cell(e: &Errors) -> String {
+pub(crate) fn errors_cell(e: &Errors) -> String {
     match &e.first {
         Some(first) if e.count > 0 => {
             let short: String = first.chars().take(80).collect();

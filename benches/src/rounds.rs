@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::chain::PathKind;
 use crate::loadgen::Workload;
-use crate::report::{num, ratio, signed, thousands, Errors};
+use crate::report::{errors_cell, num, ratio, signed, thousands, times, Errors};
 
 /// The workloads the performance targets name.
 pub const WORKLOADS: [Workload; 3] = [Workload::Http1Get, Workload::H2cGet, Workload::GrpcUnary];
@@ -87,10 +87,6 @@ impl Spread {
     pub fn text(&self, f: fn(f64) -> String) -> String {
         format!("{} ({}–{})", f(self.median), f(self.min), f(self.max))
     }
-}
-
-fn times(v: f64) -> String {
-    format!("{v:.2}×")
 }
 
 fn whole(v: f64) -> String {
@@ -203,19 +199,24 @@ impl Rounds {
         };
         for workload in WORKLOADS {
             for path in self.paths(workload) {
-                let of = |s: &RoundSample| s.path == path && s.workload == workload;
-                let ok: u64 = self.samples.iter().filter(|s| of(s)).map(|s| s.ok).sum();
-                let errors: u64 = self
+                let (mut ok, mut errors) = (
+                    0,
+                    Errors {
+                        count: 0,
+                        first: None,
+                    },
+                );
+                for s in self
                     .samples
                     .iter()
-                    .filter(|s| of(s))
-                    .map(|s| s.errors.count)
-                    .sum();
-                let first = self
-                    .samples
-                    .iter()
-                    .filter(|s| of(s))
-                    .find_map(|s| s.errors.first.as_deref());
+                    .filter(|s| s.path == path && s.workload == workload)
+                {
+                    ok += s.ok;
+                    errors.count += s.errors.count;
+                    if errors.first.is_none() {
+                        errors.first.clone_from(&s.errors.first);
+                    }
+                }
                 let added = if path == PathKind::Direct {
                     "—".to_owned()
                 } else {
@@ -235,13 +236,7 @@ impl Rounds {
                         one_decimal
                     ),
                     cell(&self.values(workload, path, |s| Some(s.p99_us)), num),
-                    match first {
-                        Some(e) if errors > 0 => {
-                            let short: String = e.chars().take(80).collect();
-                            format!("{errors} ({})", short.replace('|', "/"))
-                        }
-                        _ => errors.to_string(),
-                    },
+                    errors_cell(&errors),
                 );
             }
         }
