@@ -317,6 +317,9 @@ async fn env_twin_is_honoured_and_flag_wins() {
     .await
 }
 
+/// Every line the proxy writes to stderr is a JSON log line: jq-able, and nothing else is said
+/// there (jemalloc reports an option of the proxy's `malloc_conf` it can't take as a line of its
+/// own, which fails this too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn log_lines_are_json_with_level_target_message() {
     test_body(async {

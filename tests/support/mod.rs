@@ -262,9 +262,10 @@ impl ProxyBuilder {
 
     fn command(&self) -> Command {
         let mut cmd = Command::new(&*PROXY_BIN);
-        // Hermetic: no PYLON_* from the developer's environment leaks into the child.
+        // Hermetic: no PYLON_* (or jemalloc options) from the developer's environment leaks
+        // into the child.
         for (k, _) in std::env::vars() {
-            if k.starts_with("PYLON_") {
+            if k.starts_with("PYLON_") || k == "_RJEM_MALLOC_CONF" {
                 cmd.env_remove(&k);
             }
         }
