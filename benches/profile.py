@@ -18,8 +18,10 @@ callgrind as one inbound hop in front of the bench's own app (`pylon-bench app`)
 `--proxy pylon-outbound` as the client's outbound hop with the app its destination's endpoint
 (the bench's chain sends through both, outbound then inbound); the bench's
 client (`pylon-bench send`) sends the workload's requests on one connection (HTTP/1.1 keep-alive,
-or `--concurrency` streams of one h2 connection: more than one shows what batching saves, at the
-price of figures that vary a little with timing). The proxy is run twice, with a few
+or h2). `--concurrency N` keeps N in flight: N streams of the one h2 connection, or N HTTP/1.1
+connections. More than one shows what batching saves and what grows with the connections in
+flight (the load bench runs 64: jemalloc's slab churn showed only there), at the price of
+figures that vary a little with timing. The proxy is run twice, with a few
 requests and with `--requests` more, and the difference of the two totals divided by the
 difference of the counts is the cost per request, with start-up and shutdown cancelled out. The
 functions' costs are read from the longer run the same way (each minus its cost in the shorter).
@@ -539,13 +541,23 @@ def build_text(a):
             " counts from `pylon-bench train`)")
 
 
+def in_flight(a):
+    """How the report's requests were sent, as its first line says it."""
+    if a.concurrency == 1:
+        return "1 at a time on one connection"
+    if a.workload in ("h2c-get", "grpc-unary"):
+        return f"{a.concurrency} at a time, streams of one connection"
+    return f"{a.concurrency} at a time, on as many connections"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="http1-get", choices=sorted(WORKLOADS))
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--out", help="the report (default: benches/results/profile[-PROXY]"
-                    "[-WORKLOAD]-latest.md, PROXY when not pylon, WORKLOAD when not http1-get)")
+                    "[-WORKLOAD][-cN]-latest.md, PROXY when not pylon, WORKLOAD when not http1-get,"
+                    " N the concurrency when not 1)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--proxy", default="pylon",
                     choices=[*OWN, "nginx", "haproxy"],
@@ -563,6 +575,8 @@ def main():
             name += f"-{a.proxy}"
         if a.workload in REPORT_SUFFIX:
             name += "-" + REPORT_SUFFIX[a.workload]
+        if a.concurrency != 1:
+            name += f"-c{a.concurrency}"
         a.out = os.path.join(ROOT, "benches", "results", f"{name}-latest.md")
     for tool in ("valgrind", "callgrind_annotate"):
         if not shutil.which(tool):
@@ -610,8 +624,7 @@ def main():
         lines = [
             f"# Instructions per request, one {a.proxy} hop, {WORKLOADS[a.workload]} (callgrind)",
             "",
-            f"- git {git}, {a.requests} requests ({a.workload}), {a.concurrency} at a time on one"
-            " connection"
+            f"- git {git}, {a.requests} requests ({a.workload}), {in_flight(a)}"
             f" (less a {WARM}-request run: start-up and shutdown cancel out)",
             "- `benches/profile.py` (see its doc for why instructions and how); user-space"
             f" instructions of {PROXY_TEXT[a.proxy]}, nothing of the kernel's",

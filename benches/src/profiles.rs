@@ -50,7 +50,9 @@ const HOPS: [(&str, &str); 12] = [
 ];
 const WORKLOADS: [&str; 3] = ["HTTP/1.1 GET", "h2c GET", "gRPC unary"];
 
-/// Every profile report in `dir`; one that doesn't parse is left out.
+/// Every profile report in `dir` of requests sent one at a time (the costs this section
+/// compares); one that doesn't parse is left out, and so is one of many in flight
+/// (`profile.py --concurrency`).
 pub fn read(dir: &Path) -> Vec<HopCost> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -76,10 +78,11 @@ fn parse(text: &str) -> Option<HopCost> {
     let rest = title.strip_prefix("# Instructions per request, one ")?;
     let (hop, rest) = rest.split_once(" hop, ")?;
     let workload = rest.strip_suffix(" (callgrind)")?;
-    let git = text
-        .lines()
-        .find_map(|l| l.strip_prefix("- git "))
-        .and_then(|l| l.split(',').next())?;
+    let run = text.lines().find_map(|l| l.strip_prefix("- git "))?;
+    if !run.contains(", 1 at a time") {
+        return None;
+    }
+    let git = run.split(',').next()?;
     let guided = text
         .lines()
         .any(|l| l.starts_with("- build: profile-guided"));
@@ -315,6 +318,13 @@ mod tests {
             })
         );
         assert_eq!(parse("# something else\n"), None);
+        // Requests sent 64 at a time cost what batching and 64 connections' working set make
+        // them: not one hop's cost to set beside the others.
+        let many = REPORT.replace(
+            "1 at a time on one connection",
+            "64 at a time, on as many connections",
+        );
+        assert_eq!(parse(&many), None);
     }
 
     #[test]
