@@ -13,8 +13,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// 64 busy connections nearly every one came from (and went back to) the arena, creating and
 /// destroying a slab each time: 3,414 of 21,325 instructions per request went to the allocator,
 /// against 851 with one connection (`benches/profile.py --concurrency 64`). Slabs of 8 buffers
-/// (`slab_sizes`) and 64 cached per size class (`tcache_nslots_small_min`, for the classes of
-/// 1 KiB and more, whose slabs hold few) keep the burst in the thread's cache.
+/// (`slab_sizes`) and at least 64 cached per size class (`tcache_nslots_small_min`; by default
+/// twice a slab's count, from 20 to 200) keep the burst in the thread's cache.
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
