@@ -22,6 +22,9 @@ pub struct HopCost {
     pub git: String,
     /// A profile-guided build (`scripts/build-release-proxy`'s default), not an ordinary one.
     pub guided: bool,
+    /// Requests in flight at once (`profile.py --concurrency`): 1, or as many connections
+    /// (HTTP/1.1) or streams (h2) as the load bench keeps busy.
+    pub in_flight: u32,
 }
 
 /// The hops in the order the report lists them, with what each is.
@@ -50,9 +53,7 @@ const HOPS: [(&str, &str); 12] = [
 ];
 const WORKLOADS: [&str; 3] = ["HTTP/1.1 GET", "h2c GET", "gRPC unary"];
 
-/// Every profile report in `dir` of requests sent one at a time (the costs this section
-/// compares); one that doesn't parse is left out, and so is one of many in flight
-/// (`profile.py --concurrency`).
+/// Every profile report in `dir`; one that doesn't parse is left out.
 pub fn read(dir: &Path) -> Vec<HopCost> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -78,11 +79,11 @@ fn parse(text: &str) -> Option<HopCost> {
     let rest = title.strip_prefix("# Instructions per request, one ")?;
     let (hop, rest) = rest.split_once(" hop, ")?;
     let workload = rest.strip_suffix(" (callgrind)")?;
+    // `- git COMMIT, N requests (WORKLOAD), M at a time ...`
     let run = text.lines().find_map(|l| l.strip_prefix("- git "))?;
-    if !run.contains(", 1 at a time") {
-        return None;
-    }
-    let git = run.split(',').next()?;
+    let mut fields = run.split(", ");
+    let git = fields.next()?;
+    let in_flight = fields.nth(1)?.split_once(" at a time")?.0.parse().ok()?;
     let guided = text
         .lines()
         .any(|l| l.starts_with("- build: profile-guided"));
@@ -101,13 +102,19 @@ fn parse(text: &str) -> Option<HopCost> {
         instructions,
         git: git.to_owned(),
         guided,
+        in_flight,
     })
 }
 
+/// One hop's cost with requests sent one at a time: the costs the table compares.
 fn cost(costs: &[HopCost], hop: &str, workload: &str) -> Option<f64> {
+    cost_at(costs, hop, workload, 1)
+}
+
+fn cost_at(costs: &[HopCost], hop: &str, workload: &str, in_flight: u32) -> Option<f64> {
     costs
         .iter()
-        .find(|c| c.hop == hop && c.workload == workload)
+        .find(|c| c.hop == hop && c.workload == workload && c.in_flight == in_flight)
         .map(|c| c.instructions)
 }
 
@@ -124,7 +131,10 @@ pub fn markdown(costs: &[HopCost]) -> String {
          | hop | HTTP/1.1 GET | h2c GET | gRPC unary | at |\n|---|---:|---:|---:|---|\n",
     );
     for (hop, what) in HOPS {
-        let row: Vec<&HopCost> = costs.iter().filter(|c| c.hop == hop).collect();
+        let row: Vec<&HopCost> = costs
+            .iter()
+            .filter(|c| c.hop == hop && c.in_flight == 1)
+            .collect();
         if row.is_empty() {
             continue;
         }
@@ -201,6 +211,7 @@ pub fn markdown(costs: &[HopCost]) -> String {
             }
         }
     }
+    md.push_str(&under_load(costs));
     let heads = |hop| cost(costs, hop, "HTTP/1.1 GET with 10 response headers");
     if let (Some(pylon), Some(nginx)) = (heads("pylon"), heads("nginx")) {
         let _ = writeln!(
@@ -249,6 +260,43 @@ pub fn markdown(costs: &[HopCost]) -> String {
                 outbound_share(cost(costs, "pylon-outbound", workload), floor)
             );
         }
+    }
+    md
+}
+
+/// HTTP/1.1 with as many connections in flight as the load bench keeps busy, where each
+/// connection's state and the allocator's bursts cost what one request at a time never shows.
+fn under_load(costs: &[HopCost]) -> String {
+    let workload = "HTTP/1.1 GET";
+    let mut shapes: Vec<u32> = costs
+        .iter()
+        .filter(|c| c.workload == workload && c.in_flight > 1)
+        .map(|c| c.in_flight)
+        .collect();
+    shapes.sort_unstable();
+    shapes.dedup();
+    let mut md = String::new();
+    for n in shapes {
+        let at = |hop| cost_at(costs, hop, workload, n);
+        let (Some(pylon), Some(nginx)) = (at("pylon"), at("nginx")) else {
+            continue;
+        };
+        let chain = at("pylon-outbound").map_or(String::new(), |o| {
+            format!(
+                ", its outbound hop {} ({:.2}×): the chain {:.2}× nginx's",
+                thousands(o),
+                o / nginx,
+                (pylon + o) / (2.0 * nginx)
+            )
+        });
+        let _ = writeln!(
+            md,
+            "- HTTP/1.1 with {n} connections in flight (`--concurrency {n}`; the load bench \
+             keeps 64 busy): Pylon's inbound hop costs {} instructions, {:.2}× nginx's ({}){chain}.",
+            thousands(pylon),
+            pylon / nginx,
+            thousands(nginx),
+        );
     }
     md
 }
@@ -302,6 +350,7 @@ mod tests {
             instructions,
             git: "abc".into(),
             guided,
+            in_flight: 1,
         }
     }
 
@@ -315,16 +364,45 @@ mod tests {
                 instructions: 61_786.0,
                 git: "979f92912345".into(),
                 guided: false,
+                in_flight: 1,
             })
         );
         assert_eq!(parse("# something else\n"), None);
-        // Requests sent 64 at a time cost what batching and 64 connections' working set make
-        // them: not one hop's cost to set beside the others.
         let many = REPORT.replace(
             "1 at a time on one connection",
             "64 at a time, on as many connections",
         );
-        assert_eq!(parse(&many), None);
+        assert_eq!(parse(&many).map(|c| c.in_flight), Some(64));
+    }
+
+    #[test]
+    fn costs_under_load_get_a_line_of_their_own() {
+        let c = |hop: &str, n: f64, in_flight: u32| HopCost {
+            in_flight,
+            ..hop_cost(hop, "HTTP/1.1 GET", n, true)
+        };
+        let md = markdown(&[
+            c("pylon", 20_000.0, 1),
+            c("nginx", 16_000.0, 1),
+            c("pylon", 18_000.0, 64),
+            c("pylon-outbound", 21_000.0, 64),
+            c("nginx", 15_000.0, 64),
+        ]);
+        // The table and its ratios are the one-at-a-time costs...
+        assert!(
+            md.contains("| Pylon, inbound hop (`pylon`) | 20,000 | — | — | abc, profile-guided |"),
+            "{md}"
+        );
+        assert!(!md.contains("| 18,000 |"), "{md}");
+        // ...and the 64-connection ones are set beside nginx's under the same load.
+        assert!(
+            md.contains(
+                "- HTTP/1.1 with 64 connections in flight (`--concurrency 64`; the load bench \
+                 keeps 64 busy): Pylon's inbound hop costs 18,000 instructions, 1.20× nginx's \
+                 (15,000), its outbound hop 21,000 (1.40×): the chain 1.30× nginx's."
+            ),
+            "{md}"
+        );
     }
 
     #[test]
