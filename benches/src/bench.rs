@@ -21,7 +21,7 @@ use crate::rounds::{self, RoundSample, Rounds};
 use crate::syscalls;
 
 /// Concurrency of every load run: connections for HTTP/1.1 and TCP, streams for h2.
-const SLOTS: usize = 64;
+pub(crate) const SLOTS: usize = 64;
 /// Connections the h2 streams share.
 const H2_CONNECTIONS: usize = 4;
 /// Quiet time between opening the idle connections and reading memory.

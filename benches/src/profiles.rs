@@ -9,6 +9,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::report::whole;
+
 /// One hop's cost per request, from one profile report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HopCost {
@@ -22,8 +24,8 @@ pub struct HopCost {
     pub git: String,
     /// A profile-guided build (`scripts/build-release-proxy`'s default), not an ordinary one.
     pub guided: bool,
-    /// Requests in flight at once (`profile.py --concurrency`): 1, or as many connections
-    /// (HTTP/1.1) or streams (h2) as the load bench keeps busy.
+    /// Requests in flight at once (`profile.py --concurrency N`): N connections (HTTP/1.1) or
+    /// streams of one connection (h2); 1 for the costs the table compares.
     pub in_flight: u32,
 }
 
@@ -140,7 +142,7 @@ pub fn markdown(costs: &[HopCost]) -> String {
         }
         let cells: Vec<String> = WORKLOADS
             .iter()
-            .map(|w| cost(costs, hop, w).map_or("—".to_owned(), thousands))
+            .map(|w| cost(costs, hop, w).map_or("—".to_owned(), whole))
             .collect();
         let mut commits: Vec<&str> = row.iter().map(|c| c.git.as_str()).collect();
         commits.sort_unstable();
@@ -191,7 +193,7 @@ pub fn markdown(costs: &[HopCost]) -> String {
                  while Pylon's HTTP/1 is hyper's no change to Pylon's own stages reaches \
                  1.0×. Those stages add {} instructions to the inbound hop ({:.0}% of it){}.",
                 floor / best,
-                thousands(pylon - floor),
+                whole(pylon - floor),
                 100.0 * (pylon - floor) / pylon,
                 outbound_share(h1("pylon-outbound"), floor)
             );
@@ -202,9 +204,9 @@ pub fn markdown(costs: &[HopCost]) -> String {
                      httparse into the http types and written back, `Content-Length` bodies) \
                      costs {} instructions, {:.2}× the cheaper baseline's hop; with Pylon's \
                      stages on it the inbound hop would cost about {} ({:.2}×).{}",
-                    thousands(narrow),
+                    whole(narrow),
                     narrow / best,
-                    thousands(narrow + pylon - floor),
+                    whole(narrow + pylon - floor),
                     (narrow + pylon - floor) / best,
                     narrow_halves(h1("floor-h1ns"), h1("floor-h1nc"), floor)
                 );
@@ -220,13 +222,13 @@ pub fn markdown(costs: &[HopCost]) -> String {
              http1-get-headers`): Pylon's inbound hop costs {} instructions, {:.2}× nginx's \
              ({}){}. Each header is parsed and written again at every hop, so the ratios on \
              `GET /small` (2 headers) are not the whole story.",
-            thousands(pylon),
+            whole(pylon),
             pylon / nginx,
-            thousands(nginx),
+            whole(nginx),
             heads("haproxy").map_or(String::new(), |h| format!(
                 " and {:.2}× HAProxy's ({})",
                 pylon / h,
-                thousands(h)
+                whole(h)
             )),
         );
     }
@@ -255,7 +257,7 @@ pub fn markdown(costs: &[HopCost]) -> String {
                 "- {workload}: the cheapest floor costs {:.2}× HAProxy's hop; Pylon's own \
                  stages add {} instructions to the inbound hop ({:.0}% of it){}.",
                 floor / haproxy,
-                thousands(pylon - floor),
+                whole(pylon - floor),
                 100.0 * (pylon - floor) / pylon,
                 outbound_share(cost(costs, "pylon-outbound", workload), floor)
             );
@@ -284,7 +286,7 @@ fn under_load(costs: &[HopCost]) -> String {
         let chain = at("pylon-outbound").map_or(String::new(), |o| {
             format!(
                 ", its outbound hop {} ({:.2}×): the chain {:.2}× nginx's",
-                thousands(o),
+                whole(o),
                 o / nginx,
                 (pylon + o) / (2.0 * nginx)
             )
@@ -292,10 +294,11 @@ fn under_load(costs: &[HopCost]) -> String {
         let _ = writeln!(
             md,
             "- HTTP/1.1 with {n} connections in flight (`--concurrency {n}`; the load bench \
-             keeps 64 busy): Pylon's inbound hop costs {} instructions, {:.2}× nginx's ({}){chain}.",
-            thousands(pylon),
+             keeps {} busy): Pylon's inbound hop costs {} instructions, {:.2}× nginx's ({}){chain}.",
+            crate::bench::SLOTS,
+            whole(pylon),
             pylon / nginx,
-            thousands(nginx),
+            whole(nginx),
         );
     }
     md
@@ -313,8 +316,8 @@ fn narrow_halves(server: Option<f64>, client: Option<f64>, floor: f64) -> String
         (Some(server), Some(client)) => format!(
             " Alone, the narrow server saves {} of hyper's (`floor-h1ns`) and the narrow \
              client {} (`floor-h1nc`).",
-            thousands(floor - server),
-            thousands(floor - client)
+            whole(floor - server),
+            whole(floor - client)
         ),
         _ => String::new(),
     }
@@ -325,14 +328,10 @@ fn outbound_share(outbound: Option<f64>, floor: f64) -> String {
     outbound.map_or(String::new(), |o| {
         format!(
             " and {} to the outbound hop ({:.0}% of it)",
-            thousands(o - floor),
+            whole(o - floor),
             100.0 * (o - floor) / o
         )
     })
-}
-
-fn thousands(n: f64) -> String {
-    crate::report::thousands(n.round().max(0.0) as usize)
 }
 
 #[cfg(test)]

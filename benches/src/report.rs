@@ -291,6 +291,11 @@ pub(crate) fn errors_cell(e: &Errors) -> String {
     }
 }
 
+/// A non-negative figure rounded to a whole number, with thousands separators.
+pub fn whole(v: f64) -> String {
+    thousands(v.round().max(0.0) as usize)
+}
+
 pub fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();

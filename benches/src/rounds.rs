@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::chain::PathKind;
 use crate::loadgen::Workload;
-use crate::report::{errors_cell, num, ratio, signed, thousands, times, Errors};
+use crate::report::{errors_cell, num, ratio, signed, thousands, times, whole, Errors};
 
 /// The workloads the performance targets name.
 pub const WORKLOADS: [Workload; 3] = [Workload::Http1Get, Workload::H2cGet, Workload::GrpcUnary];
@@ -87,10 +87,6 @@ impl Spread {
     pub fn text(&self, f: fn(f64) -> String) -> String {
         format!("{} ({}–{})", f(self.median), f(self.min), f(self.max))
     }
-}
-
-fn whole(v: f64) -> String {
-    thousands(v.round().max(0.0) as usize)
 }
 
 fn one_decimal(v: f64) -> String {
