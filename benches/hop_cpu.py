@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """CPU time per request of one proxy hop, proxies alternated in rounds: user and system.
 
-    benches/hop_cpu.py [--proxies floor,floor-h1nc,nginx,pylon,pylon@OTHER-BUILD] [--rounds 5] [--requests 60000]
+    benches/hop_cpu.py [--proxies floor,floor-h1nc,nginx,pylon,pylon@OTHER-BUILD,floor@OTHER-BUILD]
+                       [--rounds 5] [--requests 60000]
                        [--concurrency 8] [--workload http1-get]
 
 Where `benches/profile.py` counts instructions (exact, but not time), this measures time on the
@@ -61,14 +62,15 @@ def main():
         help="the release pylon-proxy (scripts/build-release-proxy prints where it is)")
     a = ap.parse_args()
     proxies = a.proxies.split(",")
-    # `pylon@PATH` (or `pylon-outbound@PATH`): that hop run from another build, to compare two
-    # builds of Pylon in the same rounds.
+    # `pylon@PATH` (or `pylon-outbound@PATH`, `floor@PATH`...): that hop run from another build,
+    # to compare two builds in the same rounds.
     binaries = {}
     for proxy in proxies:
         kind, _, binary = proxy.partition("@")
         if kind not in (*P.OWN, "nginx", "haproxy"):
             sys.exit(f"hop_cpu: unknown proxy {proxy!r}")
-        binaries[proxy] = (kind, binary or a.pylon_bin)
+        floor = kind.startswith("floor")
+        binaries[proxy] = (kind, binary or (P.FLOOR if floor else a.pylon_bin))
     app, app_port = P.start_app(wrap=CORE_0)
     work = tempfile.mkdtemp(prefix="pylon-hop-cpu-")
     results = {p: [] for p in proxies}
@@ -76,7 +78,11 @@ def main():
         time.sleep(0.5)
         for r in range(a.rounds):
             for proxy in proxies:
-                kind, P.PYLON = binaries[proxy]
+                kind, binary = binaries[proxy]
+                if kind.startswith("floor"):
+                    P.FLOOR = binary
+                else:
+                    P.PYLON = binary
                 state = {}
 
                 def start(pid):

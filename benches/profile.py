@@ -64,6 +64,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 # The release pylon-proxy as the image ships it (scripts/build-release-proxy sets it in main).
 PYLON = os.path.join(RELEASE, "pylon-proxy")
+# The floor's binary: the workspace's ordinary release build, or (`--proxy-binary` with a floor)
+# another, such as scripts/build-release-floor's profile-guided one.
+FLOOR = os.path.join(RELEASE, "pylon-floor")
 WARM = 200  # requests of the short run
 ALLOC_REQUESTS = 300  # requests whose allocations' stacks perf records (16 KiB of stack each)
 PROXY_TEXT = {"pylon": "`pylon-proxy --threads 1`",
@@ -231,7 +234,7 @@ def proxy_cmd(proxy_kind, ports, app_port, workload, work):
     elif proxy_kind.startswith("floor"):
         if over_h2(workload):
             listen = ports["inbound_h2"]
-        cmd = [os.path.join(RELEASE, "pylon-floor"), "--listen", f"127.0.0.1:{ports['inbound']}",
+        cmd = [FLOOR, "--listen", f"127.0.0.1:{ports['inbound']}",
                "--listen-h2", f"127.0.0.1:{ports['inbound_h2']}", "--to", f"127.0.0.1:{app_port}",
                "--h2-client", "h2" if proxy_kind in ("floor-h2", "floor-h2s") else "hyper",
                "--h2-server", "h2" if proxy_kind == "floor-h2s" else "hyper",
@@ -351,7 +354,7 @@ def perf_samples(app_port, workload, concurrency, proxy_kind, work, requests, pr
         return "perf is missing (apt-get install linux-perf)"
     if os.geteuid() != 0:
         return "perf probe needs root"
-    binary = PYLON if proxy_kind.startswith("pylon") else os.path.join(RELEASE, "pylon-floor")
+    binary = PYLON if proxy_kind.startswith("pylon") else FLOOR
     subprocess.run(["perf", "probe", "-q", "-d", f"{PERF_GROUP}:*"], capture_output=True)
     probed = [name for name, spec in probes.items()
               if subprocess.run(["perf", "probe", "-q", "-x", binary, "-a",
@@ -528,12 +531,18 @@ def short(name, width=110):
 
 
 def build_text(a):
-    """Which build of Pylon was measured."""
+    """Which build of Pylon (or of the floor) was measured."""
+    if a.proxy_binary and a.proxy in OWN:
+        # The build scripts write how they built a binary beside it.
+        try:
+            with open(a.proxy_binary + ".build") as f:
+                how = f.read().strip()
+        except OSError:
+            how = "the one given"
+        return f"build: {how} (`--proxy-binary {a.proxy_binary}`)"
     if a.proxy not in ("pylon", "pylon-outbound"):
         return "build: " + ("an ordinary release build" if a.proxy in OWN
                             else "the Debian package")
-    if a.proxy_binary:
-        return f"build: the one given (`--proxy-binary {a.proxy_binary}`)"
     if os.environ.get("PYLON_PGO") == "off":
         return "build: not profile-guided (`scripts/build-release-proxy` with `PYLON_PGO=off`)"
     # benches/src/profiles.rs reads this line back ("- build: profile-guided").
@@ -564,8 +573,9 @@ def main():
                     help="the hop to profile: Pylon, a baseline measured the same way, or the"
                     " floor under Pylon (benches/src/floor.rs)")
     ap.add_argument("--proxy-binary", metavar="PATH",
-                    help="profile this build of pylon-proxy rather than building one from the"
-                    " working tree (another build's before -> after)")
+                    help="profile this build of pylon-proxy (or, with a floor, of pylon-floor)"
+                    " rather than building one from the working tree (another build's before ->"
+                    " after)")
     ap.add_argument("--keep", metavar="DIR",
                     help="keep the two callgrind outputs in DIR (for callgrind_annotate)")
     a = ap.parse_args()
@@ -583,10 +593,13 @@ def main():
             sys.exit(f"profile: {tool} is missing (apt-get install valgrind)")
     subprocess.run(["cargo", "build", "--release", "-p", "pylon-bench"],
                    cwd=ROOT, check=True, stdout=sys.stderr)
-    global PYLON
-    PYLON = a.proxy_binary or subprocess.run(
-        [os.path.join(ROOT, "scripts", "build-release-proxy")], cwd=ROOT, check=True,
-        stdout=subprocess.PIPE, text=True).stdout.strip()
+    global PYLON, FLOOR
+    if a.proxy.startswith("floor"):
+        FLOOR = a.proxy_binary or FLOOR
+    elif a.proxy.startswith("pylon"):
+        PYLON = a.proxy_binary or subprocess.run(
+            [os.path.join(ROOT, "scripts", "build-release-proxy")], cwd=ROOT, check=True,
+            stdout=subprocess.PIPE, text=True).stdout.strip()
     app, app_port = start_app()
     work = tempfile.mkdtemp(prefix="pylon-profile-")
     try:

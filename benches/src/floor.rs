@@ -26,7 +26,7 @@
 //! such a server in Pylon could save.
 //!
 //! Same runtime and allocator as `pylon-proxy --threads 1`: a current-thread tokio runtime and
-//! jemalloc.
+//! jemalloc, with the proxy's options.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -51,6 +51,14 @@ mod narrow_h1;
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// `pylon-proxy`'s jemalloc options (proxy/src/main.rs says why each): with jemalloc's defaults
+/// the floor's 8 KiB read buffers churn slabs under many connections, as Pylon's did, and the
+/// floor would no longer be what Pylon's own stages sit on.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
+slab_sizes:8192-8192:16,tcache_nslots_small_min:64\0";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -534,5 +542,27 @@ impl Body for H2Body {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The options as `pylon-proxy` sets them: the floor is only a floor while it allocates as
+    /// the proxy does.
+    #[test]
+    fn the_floor_sets_the_proxys_jemalloc_options() {
+        let proxy_main = include_str!("../../proxy/src/main.rs");
+        let start = proxy_main
+            .find("malloc_conf: &[u8] = b\"")
+            .map(|i| i + "malloc_conf: &[u8] = b\"".len())
+            .expect("proxy/src/main.rs sets malloc_conf");
+        let len = proxy_main[start..]
+            .find("\";")
+            .expect("malloc_conf's literal ends");
+        // The literal as the compiler reads it: a line continuation drops the break.
+        let proxys = proxy_main[start..start + len]
+            .replace("\\\n", "")
+            .replace("\\0", "\0");
+        assert_eq!(proxys.as_bytes(), super::malloc_conf);
     }
 }

@@ -291,10 +291,14 @@ fn under_load(costs: &[HopCost]) -> String {
                 (pylon + o) / (2.0 * nginx)
             )
         });
+        let floor = costs
+            .iter()
+            .find(|c| c.hop == "floor" && c.workload == workload && c.in_flight == n)
+            .map_or(String::new(), |f| floor_under_load(f, pylon, nginx));
         let _ = writeln!(
             md,
             "- HTTP/1.1 with {n} connections in flight (`--concurrency {n}`; the load bench \
-             keeps {} busy): Pylon's inbound hop costs {} instructions, {:.2}× nginx's ({}){chain}.",
+             keeps {} busy): Pylon's inbound hop costs {} instructions, {:.2}× nginx's ({}){chain}.{floor}",
             crate::bench::SLOTS,
             whole(pylon),
             pylon / nginx,
@@ -302,6 +306,33 @@ fn under_load(costs: &[HopCost]) -> String {
         );
     }
     md
+}
+
+/// What hyper's floor under the same load leaves Pylon's stages: only a floor built as Pylon
+/// is (profile-guided, `scripts/build-release-floor`) can be subtracted from Pylon's hop.
+fn floor_under_load(floor: &HopCost, pylon: f64, nginx: f64) -> String {
+    let f = floor.instructions;
+    if !floor.guided {
+        return format!(
+            " hyper's floor alone (`floor`) costs {}, {:.2}× nginx's, in an ordinary build: \
+             not comparable with the profile-guided hops (`scripts/build-release-floor` builds \
+             it as they are).",
+            whole(f),
+            f / nginx
+        );
+    }
+    let room = if nginx > f {
+        format!("nginx's hop leaves them {}", whole(nginx - f))
+    } else {
+        "nginx's hop costs less than the floor alone".to_string()
+    };
+    format!(
+        " hyper's floor alone (`floor`, profile-guided as Pylon is) costs {}, {:.2}× nginx's: \
+         Pylon's own stages add {} to the inbound hop, and {room}.",
+        whole(f),
+        f / nginx,
+        whole(pylon - f),
+    )
 }
 
 fn guided(costs: &[HopCost], hop: &str, workload: &str) -> bool {
@@ -402,6 +433,34 @@ mod tests {
             ),
             "{md}"
         );
+    }
+
+    #[test]
+    fn under_load_the_floor_says_what_pylons_stages_cost() {
+        let c = |hop: &str, n: f64, guided: bool| HopCost {
+            in_flight: 64,
+            ..hop_cost(hop, "HTTP/1.1 GET", n, guided)
+        };
+        let line = |floor_guided: bool| {
+            markdown(&[
+                c("pylon", 19_000.0, true),
+                c("nginx", 15_500.0, false),
+                c("floor", 14_000.0, floor_guided),
+            ])
+        };
+        let md = line(true);
+        assert!(
+            md.contains(
+                "nginx's (15,500). hyper's floor alone (`floor`, profile-guided as Pylon is) \
+                 costs 14,000, 0.90× nginx's: Pylon's own stages add 5,000 to the inbound hop, \
+                 and nginx's hop leaves them 1,500."
+            ),
+            "{md}"
+        );
+        // An ordinary floor is not subtracted from a profile-guided hop.
+        let md = line(false);
+        assert!(md.contains("in an ordinary build: not comparable"), "{md}");
+        assert!(!md.contains("stages add"), "{md}");
     }
 
     #[test]
