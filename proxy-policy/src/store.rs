@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -447,6 +447,7 @@ impl Store {
             return Ok(WatchHandle {
                 _watcher: None,
                 task: None,
+                stopped: Arc::default(),
             });
         };
         let kick = Arc::new(Notify::new());
@@ -455,10 +456,12 @@ impl Store {
         } else {
             None
         };
-        let task = runtime.spawn(watch_loop(Arc::downgrade(self), kick));
+        let stopped = Arc::new(Mutex::new(false));
+        let task = runtime.spawn(watch_loop(Arc::downgrade(self), kick, stopped.clone()));
         Ok(WatchHandle {
             _watcher: watcher,
             task: Some(task),
+            stopped,
         })
     }
 }
@@ -469,6 +472,11 @@ impl Store {
 pub struct WatchHandle {
     _watcher: Option<notify::RecommendedWatcher>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Set when the handle drops; each reload checks it while holding it. Aborting the task
+    /// can't stop a reload already handed to the blocking pool, which may not have started
+    /// yet (a loaded machine): without this it could still pick up a change made after the
+    /// handle was dropped.
+    stopped: Arc<Mutex<bool>>,
 }
 
 impl Drop for WatchHandle {
@@ -476,6 +484,8 @@ impl Drop for WatchHandle {
         if let Some(task) = &self.task {
             task.abort();
         }
+        // Waits out a reload in progress, so none runs once the handle is gone.
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
     }
 }
 
@@ -506,7 +516,7 @@ fn start_fs_watcher(dir: &Path, kick: Arc<Notify>) -> Option<notify::Recommended
     }
 }
 
-async fn watch_loop(store: Weak<Store>, kick: Arc<Notify>) {
+async fn watch_loop(store: Weak<Store>, kick: Arc<Notify>, stopped: Arc<Mutex<bool>>) {
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -519,7 +529,12 @@ async fn watch_loop(store: Weak<Store>, kick: Arc<Notify>) {
         };
         let Some(store) = store.upgrade() else { return };
         // File IO stays off the async workers.
+        let stopped = stopped.clone();
         let reload = tokio::task::spawn_blocking(move || {
+            let stopped = stopped.lock().unwrap_or_else(PoisonError::into_inner);
+            if *stopped {
+                return;
+            }
             if event {
                 store.reload();
             } else {
