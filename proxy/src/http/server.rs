@@ -92,7 +92,8 @@ where
 /// stack's future goes into the task boxed. Unboxed, the whole future (the stack's every stage)
 /// was copied as hyper built the stream's future and spawned it, and again as the finished task
 /// swapped it for its output (h2c GET, 64 streams: memcpy 6,521 of 31,752 instructions per
-/// request). HTTP/1 keeps it unboxed: hyper holds an HTTP/1 connection's one future in place.
+/// request; boxed, 5,383 of 30,930, the box's allocation included). HTTP/1 keeps it unboxed:
+/// hyper holds an HTTP/1 connection's one future in place.
 #[derive(Clone)]
 struct BoxedStreams<S>(S);
 
