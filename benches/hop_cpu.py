@@ -69,8 +69,9 @@ def main():
         kind, _, binary = proxy.partition("@")
         if kind not in (*P.OWN, "nginx", "haproxy"):
             sys.exit(f"hop_cpu: unknown proxy {proxy!r}")
-        floor = kind.startswith("floor")
-        binaries[proxy] = (kind, binary or (P.FLOOR if floor else a.pylon_bin))
+        # Which of profile.py's binaries the run takes from here.
+        which = "FLOOR" if kind.startswith("floor") else "PYLON"
+        binaries[proxy] = (kind, which, binary or (P.FLOOR if which == "FLOOR" else a.pylon_bin))
     app, app_port = P.start_app(wrap=CORE_0)
     work = tempfile.mkdtemp(prefix="pylon-hop-cpu-")
     results = {p: [] for p in proxies}
@@ -78,11 +79,8 @@ def main():
         time.sleep(0.5)
         for r in range(a.rounds):
             for proxy in proxies:
-                kind, binary = binaries[proxy]
-                if kind.startswith("floor"):
-                    P.FLOOR = binary
-                else:
-                    P.PYLON = binary
+                kind, which, binary = binaries[proxy]
+                setattr(P, which, binary)
                 state = {}
 
                 def start(pid):

@@ -114,10 +114,19 @@ fn cost(costs: &[HopCost], hop: &str, workload: &str) -> Option<f64> {
 }
 
 fn cost_at(costs: &[HopCost], hop: &str, workload: &str, in_flight: u32) -> Option<f64> {
+    hop_at(costs, hop, workload, in_flight).map(|c| c.instructions)
+}
+
+/// `hop`'s report for `workload` with `in_flight` requests at once.
+fn hop_at<'a>(
+    costs: &'a [HopCost],
+    hop: &str,
+    workload: &str,
+    in_flight: u32,
+) -> Option<&'a HopCost> {
     costs
         .iter()
         .find(|c| c.hop == hop && c.workload == workload && c.in_flight == in_flight)
-        .map(|c| c.instructions)
 }
 
 /// For the report's "what stands in the way": the table of hop costs, then what they say about
@@ -291,9 +300,7 @@ fn under_load(costs: &[HopCost]) -> String {
                 (pylon + o) / (2.0 * nginx)
             )
         });
-        let floor = costs
-            .iter()
-            .find(|c| c.hop == "floor" && c.workload == workload && c.in_flight == n)
+        let floor = hop_at(costs, "floor", workload, n)
             .map_or(String::new(), |f| floor_under_load(f, pylon, nginx));
         let _ = writeln!(
             md,
