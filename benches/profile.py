@@ -416,13 +416,30 @@ MEMCPY_PLUMBING = re.compile(
     r"mem::take|mem::swap)")
 
 
-def perf_memcpy(app_port, workload, concurrency, proxy_kind, work, requests, symbol):
+def memcpy_variants(binary):
+    """The C library's memcpy variants linked into `binary`, one name per address (memmove's
+    share them). The C library picks one by the CPU when the process starts: under callgrind
+    the one for valgrind's model of the CPU (AVX2 here), natively another (AVX-512 here), so
+    all of them are probed."""
+    nm = subprocess.run(["nm", binary], capture_output=True, text=True).stdout
+    by_address = {}
+    for line in nm.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and re.fullmatch(r"__memcpy_\w+_unaligned(_erms)?(_rtm)?", fields[2]):
+            by_address.setdefault(fields[0], fields[2])
+    return sorted(by_address.values())
+
+
+def perf_memcpy(app_port, workload, concurrency, proxy_kind, work, requests):
     """memcpy's calls per request by size and by the code that moved the value: `perf_samples`
-    of the C library's memcpy (`symbol`, the variant this machine runs) with its length
-    argument. Returns (calls, bytes per request, [(calls per request, size, caller)]), or a
-    reason it could not."""
+    of every variant of the C library's memcpy with its length argument. Returns (calls, bytes
+    per request, [(calls per request, size, caller)]), or a reason it could not."""
+    binary = PYLON if proxy_kind.startswith("pylon") else FLOOR
+    variants = memcpy_variants(binary) if proxy_kind in OWN else []
+    if proxy_kind in OWN and not variants:
+        return "no memcpy variant in the binary's symbols"
     samples = perf_samples(app_port, workload, concurrency, proxy_kind, work, requests,
-                           {"memcpy": f"{symbol} len=%dx:u64"})
+                           {f"memcpy{i}": f"{v} len=%dx:u64" for i, v in enumerate(variants)})
     if isinstance(samples, str):
         return samples
     by_site, copied = {}, 0
@@ -674,18 +691,16 @@ def main():
         lines += ["", "## Who calls memcpy (instructions per request)", "",
                   "| instructions | caller |", "|---:|---|"]
         lines += [f"| {c:,.0f} | `{short(n)}` |" for c, n in memcpy[:12]]
-        # The variant of memcpy the C library chose for this machine, as callgrind saw it.
-        variant = next((n.split(":")[-1] for n, _ in own if is_memcpy(n)), None)
         n = min(a.requests, ALLOC_REQUESTS)
-        found = (perf_memcpy(app_port, a.workload, a.concurrency, a.proxy, work, n, variant)
-                 if variant else "callgrind saw no memcpy")
+        found = perf_memcpy(app_port, a.workload, a.concurrency, a.proxy, work, n)
         if isinstance(found, str):
             lines += ["", f"## memcpy by size: not probed ({found})"]
         else:
             calls, copied, rows = found
             lines += ["", f"## memcpy by size: {calls:.1f} calls and {copied:,.0f} bytes per"
                       " request", "",
-                      f"`perf probe` on `{variant}` with its length, {n} requests after a"
+                      f"`perf probe` on every variant of the C library's memcpy with its length"
+                      f" (the one run natively is not the one callgrind sees), {n} requests after a"
                       " warm-up, each call put to the first frame past the copy: the code that"
                       " moved the value. The compiler copies a value of up to 128 bytes inline"
                       " and calls memcpy for a larger one: a response or a request moved by"
