@@ -1,5 +1,9 @@
 //! Structured logs: JSON lines on stderr (jq-able), level from `PYLON_LOG`, changeable at runtime
 //! through the admin server.
+//!
+//! Release builds compile `trace!` out (the workspace's `release_max_level_debug`): a filter of
+//! `trace` logs what `debug` does there. The dependencies' trace callsites (h2's, per frame) cost
+//! an h2 hop 5% of its instructions while no one was logging them.
 
 use std::sync::Mutex;
 
