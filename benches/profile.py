@@ -699,7 +699,7 @@ def main():
             calls, copied, rows = found
             lines += ["", f"## memcpy by size: {calls:.1f} calls and {copied:,.0f} bytes per"
                       " request", "",
-                      f"`perf probe` on every variant of the C library's memcpy with its length"
+                      "`perf probe` on every variant of the C library's memcpy with its length"
                       f" (the one run natively is not the one callgrind sees), {n} requests after a"
                       " warm-up, each call put to the first frame past the copy: the code that"
                       " moved the value. The compiler copies a value of up to 128 bytes inline"
