@@ -342,6 +342,11 @@ ALLOC_PLUMBING = re.compile(
     r"Bytes::copy_from_slice|try_reserve)")
 
 
+def own_binary(proxy_kind):
+    """The binary a run of one of Pylon's own hops (`OWN`) starts: the proxy's or the floor's."""
+    return PYLON if proxy_kind.startswith("pylon") else FLOOR
+
+
 def perf_samples(app_port, workload, concurrency, proxy_kind, work, requests, probes):
     """Every call of the functions `probes` names ({probe name: `perf probe` spec}) in the
     proxy, over `requests` requests after a warm-up: the proxy runs natively with uprobes on
@@ -354,7 +359,7 @@ def perf_samples(app_port, workload, concurrency, proxy_kind, work, requests, pr
         return "perf is missing (apt-get install linux-perf)"
     if os.geteuid() != 0:
         return "perf probe needs root"
-    binary = PYLON if proxy_kind.startswith("pylon") else FLOOR
+    binary = own_binary(proxy_kind)
     subprocess.run(["perf", "probe", "-q", "-d", f"{PERF_GROUP}:*"], capture_output=True)
     probed = [name for name, spec in probes.items()
               if subprocess.run(["perf", "probe", "-q", "-x", binary, "-a",
@@ -434,12 +439,13 @@ def perf_memcpy(app_port, workload, concurrency, proxy_kind, work, requests):
     """memcpy's calls per request by size and by the code that moved the value: `perf_samples`
     of every variant of the C library's memcpy with its length argument. Returns (calls, bytes
     per request, [(calls per request, size, caller)]), or a reason it could not."""
-    binary = PYLON if proxy_kind.startswith("pylon") else FLOOR
-    variants = memcpy_variants(binary) if proxy_kind in OWN else []
-    if proxy_kind in OWN and not variants:
-        return "no memcpy variant in the binary's symbols"
-    samples = perf_samples(app_port, workload, concurrency, proxy_kind, work, requests,
-                           {f"memcpy{i}": f"{v} len=%dx:u64" for i, v in enumerate(variants)})
+    probes = {}
+    if proxy_kind in OWN:  # perf_samples says why a baseline isn't probed
+        variants = memcpy_variants(own_binary(proxy_kind))
+        if not variants:
+            return "no memcpy variant in the binary's symbols"
+        probes = {f"memcpy{i}": f"{v} len=%dx:u64" for i, v in enumerate(variants)}
+    samples = perf_samples(app_port, workload, concurrency, proxy_kind, work, requests, probes)
     if isinstance(samples, str):
         return samples
     by_site, copied = {}, 0
