@@ -24,12 +24,9 @@ pgo_profdata_tool() {
 # names the caller in errors.
 pgo_merge() {
   local who=$1 tool=$2 raw_dir=$3 out=$4
-  local raw=()
-  local f
-  for f in "$raw_dir"/*.profraw; do
-    [[ -e $f ]] && raw+=("$f")
-  done
-  ((${#raw[@]})) || {
+  # Without a match the glob stays as written, and names no file.
+  local raw=("$raw_dir"/*.profraw)
+  [[ -e ${raw[0]} ]] || {
     echo "$who: the training wrote no profile" >&2
     return 1
   }
